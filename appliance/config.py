@@ -1,0 +1,716 @@
+"""The appliance configuration: declared once, validated up front, frozen.
+
+Layers, lowest first: the defaults declared on the models below < ``appliance.yaml`` (or
+``--config FILE``) < ``--set key.path=value`` (Helm style, values parsed as YAML scalars,
+repeatable) < ``--provider X``. Unknown keys are errors. Every problem in every layer is
+reported in one ``ConfigError``, each naming its source, key path, value and what is allowed.
+
+A setting is declared exactly once, as a field here. Its description is the reference text
+(``docs/configuration.md`` is generated from it), and ``json_schema_extra={"env": NAME}``
+marks the settings the provisioning scripts receive as environment variables.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import shlex
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from appliance.errors import ConfigError, ConfigProblem
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_FILE = "appliance.yaml"
+
+# CSGHub's published sizing (OpenCSG docs): minimum 4 cores / 8 GiB, recommended 8 / 16.
+CSGHUB_MIN_CPUS = 4
+CSGHUB_MIN_MEMORY_MB = 8192
+# Below this a Debian guest with sshd cannot boot usefully at all.
+ABSOLUTE_MIN_MEMORY_MB = 512
+# The steps that need CSGHub's sizing; skipping both (a test or base VM) lifts the minimum.
+STACK_STEPS = ("k3s", "csghub")
+
+
+def _env(name: str) -> dict[str, Any]:
+    return {"env": name}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ForwardedPort(_Section):
+    """One NAT port forward from the host to the guest."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,30}$", description="Identifier of the forward (Vagrant id).")
+    guest: int = Field(ge=1, le=65535, description="Port inside the guest.")
+    host: int = Field(ge=1, le=65535, description="Port on the host.")
+    host_ip: str = Field("127.0.0.1", description="Host address the forward listens on.")
+    protocol: Literal["tcp", "udp"] = Field("tcp", description="Transport protocol.")
+
+    @field_validator("host_ip")
+    @classmethod
+    def _ip(cls, v: str) -> str:
+        ipaddress.ip_address(v)
+        return v
+
+
+class VMSettings(_Section):
+    name: str = Field(
+        "csghub-appliance",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$",
+        description="VM name in the hypervisor and in Vagrant.",
+    )
+    hostname: str = Field(
+        "csghub",
+        pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+        description="Guest hostname.",
+        json_schema_extra=_env("APPLIANCE_HOSTNAME"),
+    )
+    cpus: int = Field(8, ge=1, le=64, description="Virtual CPUs (CSGHub: 4 minimum, 8 recommended).")
+    memory_mb: int = Field(
+        16384, ge=ABSOLUTE_MIN_MEMORY_MB, le=1048576, description="Memory in MiB (CSGHub: 8192 minimum, 16384 recommended)."
+    )
+    disk_gb: int = Field(200, ge=8, le=4096, description="Virtual disk size in GB (sparse; CSGHub publishes 200 GB).")
+    box: str = Field(
+        "csghub/debian12",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$",
+        description="Vagrant base box (`invoke base-box` builds `csghub/debian12` locally).",
+    )
+    box_version: str = Field(
+        "", pattern=r"^([0-9][0-9A-Za-z.+-]*|[<>=~ ,0-9A-Za-z.]*)$", description="Box version constraint (empty: any)."
+    )
+    boot_timeout: int = Field(900, ge=30, le=7200, description="Seconds Vagrant waits for the guest to boot.")
+
+
+class LibvirtSettings(_Section):
+    driver: Literal["auto", "kvm", "qemu"] = Field(
+        "auto", description="`kvm` (hardware), `qemu` (TCG emulation), or `auto`: KVM if it really runs a guest."
+    )
+    uri: str = Field("qemu:///system", pattern=r"^qemu\+?[a-z]*://[^\s'\"]*$", description="libvirt connection URI.")
+    storage_pool: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$", description="libvirt storage pool for disks.")
+    management_network_name: str = Field(
+        "csghub-mgmt", pattern=r"^[A-Za-z0-9_.-]+$", description="Name of the management network Vagrant uses."
+    )
+    management_network_address: str = Field(
+        "192.168.121.0/24", description="CIDR of the management network (must not overlap the cluster's)."
+    )
+    cpu_mode: Literal["auto", "host-passthrough", "host-model", "custom"] = Field(
+        "auto", description="CPU model: `auto` is host-passthrough with KVM and a generic model with TCG."
+    )
+    machine_type: str = Field("pc", pattern=r"^[a-z0-9.-]+$", description="QEMU machine type.")
+
+    @field_validator("management_network_address")
+    @classmethod
+    def _cidr(cls, v: str) -> str:
+        ipaddress.ip_network(v, strict=False)
+        return v
+
+
+class VirtualBoxSettings(_Section):
+    nic_type: Literal["82540EM", "82543GC", "82545EM", "virtio"] = Field(
+        "82540EM", description="NIC model (Intel PRO/1000 MT Desktop by default: every guest has the driver)."
+    )
+    graphics_controller: Literal["vmsvga", "vboxsvga", "vboxvga", "none"] = Field(
+        "vmsvga", description="Graphics controller (VMSVGA is VirtualBox's choice for Linux guests)."
+    )
+    nat_localhost_reachable: bool = Field(
+        True, description="VirtualBox 7: let the guest reach the host's 127.0.0.1 through NAT (`--nat-localhostreachable1`)."
+    )
+    gui: bool = Field(False, description="Show the VM window while building.")
+
+
+class HostOnlyAdapter(_Section):
+    enabled: bool = Field(False, description="Add a host-only adapter.")
+    address: str = Field(
+        "192.168.56.10", description="Static guest address (VirtualBox allows 192.168.56.0/21 by default)."
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _ipv4(cls, v: str) -> str:
+        ipaddress.IPv4Address(v)
+        return v
+
+
+class BridgedAdapter(_Section):
+    enabled: bool = Field(False, description="Add a bridged adapter.")
+    interface: str = Field("", pattern=r"^[^'\"\\]*$", description="Host interface to bridge (empty: Vagrant asks).")
+    address: str = Field("dhcp", description="`dhcp` or a static IPv4 address.")
+
+    @field_validator("address")
+    @classmethod
+    def _addr(cls, v: str) -> str:
+        if v != "dhcp":
+            ipaddress.IPv4Address(v)
+        return v
+
+
+def _default_ports() -> list[ForwardedPort]:
+    # Host port == NodePort: the chart writes the NodePort into every external URL it renders,
+    # so the browser must reach the gateway on the same number.
+    return [
+        ForwardedPort(name="http", guest=30080, host=30080),
+        ForwardedPort(name="git-ssh", guest=30022, host=30022),
+    ]
+
+
+class NetworkSettings(_Section):
+    forwarded_ports: list[ForwardedPort] = Field(
+        default_factory=_default_ports, description="NAT port forwards (host 127.0.0.1 by default)."
+    )
+    hostonly: HostOnlyAdapter = Field(default_factory=HostOnlyAdapter, description="Optional host-only adapter.")
+    bridged: BridgedAdapter = Field(default_factory=BridgedAdapter, description="Optional bridged adapter.")
+
+
+class SSHSettings(_Section):
+    user: str = Field("vagrant", pattern=r"^[a-z_][a-z0-9_-]{0,31}$", description="Login user in the guest.")
+    private_key: str = Field(
+        "", description="Private key file (empty: the key Vagrant reports in `vagrant ssh-config`)."
+    )
+    connect_timeout: int = Field(30, ge=1, le=600, description="Seconds for one SSH connection attempt.")
+    connect_retries: int = Field(20, ge=0, le=1000, description="Attempts while the guest boots or reboots.")
+    keepalive: int = Field(15, ge=0, le=600, description="Seconds between SSH keepalives (0: off).")
+
+
+class K3sSettings(_Section):
+    version: str = Field(
+        "v1.33.5+k3s1",
+        pattern=r"^v[0-9]+\.[0-9]+\.[0-9]+\+k3s[0-9]+$",
+        description="k3s release (pinned in the version lock).",
+        json_schema_extra=_env("K3S_VERSION"),
+    )
+    node_ip: str = Field(
+        "10.254.254.1",
+        description="Address the appliance owns (dummy interface) that k3s binds to, so an IP change cannot break it.",
+        json_schema_extra=_env("K3S_NODE_IP"),
+    )
+    extra_args: list[str] = Field(
+        default_factory=list, description="Extra `k3s server` arguments.", json_schema_extra=_env("K3S_EXTRA_ARGS")
+    )
+
+    @field_validator("node_ip")
+    @classmethod
+    def _ipv4(cls, v: str) -> str:
+        ipaddress.IPv4Address(v)
+        return v
+
+
+class CSGHubSettings(_Section):
+    chart_version: str = Field(
+        "2.4.0",
+        pattern=r"^[0-9]+\.[0-9]+\.[0-9]+$",
+        description="CSGHub Helm chart version (pinned in the version lock).",
+        json_schema_extra=_env("CSGHUB_CHART_VERSION"),
+    )
+    edition: Literal["ce", "ee"] = Field(
+        "ce", description="`ce` (Community) or `ee` (Enterprise).", json_schema_extra=_env("CSGHUB_EDITION")
+    )
+    domain: str = Field(
+        "csghub.localhost",
+        max_length=253,
+        pattern=r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)+$",
+        description=(
+            "External domain. The default `csghub.localhost` needs no DNS: browsers resolve `*.localhost` to the "
+            "host's loopback, where the NAT forwards listen."
+        ),
+        json_schema_extra=_env("CSGHUB_DOMAIN"),
+    )
+    values: dict[str, Any] = Field(
+        default_factory=dict, description="Free-form Helm values, merged last over the generated ones."
+    )
+
+
+class ProvisionSettings(_Section):
+    skip: list[str] = Field(
+        default_factory=list, description="Provisioning steps to skip, by name (e.g. `[k3s, csghub]`)."
+    )
+    step_timeout: int = Field(3600, ge=10, le=86400, description="Seconds one provisioning step may run.")
+    timeouts: dict[str, int] = Field(default_factory=dict, description="Per-step timeouts overriding `step_timeout`.")
+    reconnect_attempts: int = Field(
+        3, ge=0, le=20, description="Times a step is re-run after the connection drops mid-step."
+    )
+
+    @field_validator("skip")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name):
+                raise ValueError(f"step name {name!r} is not a valid step name (lowercase letters, digits, '-')")
+        return v
+
+
+class OutputSettings(_Section):
+    dir: str = Field("dist", description="Where finished artifacts are published.")
+    build_dir: str = Field("build", description="Work directory: Vagrantfile, state, logs, staging.")
+    name: str = Field(
+        "csghub",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$",
+        description="Appliance file name stem.",
+        json_schema_extra=_env("APPLIANCE_NAME"),
+    )
+    version: str = Field(
+        "",
+        pattern=r"^([0-9A-Za-z][0-9A-Za-z_.+-]{0,62})?$",
+        description="Appliance version (empty: the CSGHub chart version).",
+        json_schema_extra=_env("APPLIANCE_VERSION"),
+    )
+    ovf_format: Literal["ovf10", "ovf20"] = Field(
+        "ovf10", description="OVF 1.0 (VirtualBox and VMware import it) or OVF 2.0."
+    )
+    product: str = Field("CSGHub", max_length=200, description="OVF product name.")
+    vendor: str = Field("OpenCSG", max_length=200, description="OVF vendor.")
+    vendor_url: str = Field("https://opencsg.com", pattern=r"^https?://\S+$", description="OVF vendor URL.")
+    product_url: str = Field(
+        "https://github.com/OpenCSGs/csghub", pattern=r"^https?://\S+$", description="OVF product URL."
+    )
+    description: str = Field(
+        "CSGHub, an open-source platform for managing LLM assets (models, datasets, code), on k3s.",
+        max_length=2000,
+        description="OVF annotation shown at import.",
+    )
+    eula_file: str = Field("", description="Text file shown as the licence at import (empty: none).")
+
+
+class ApplianceConfig(_Section):
+    """The whole, validated configuration. Frozen: build state lives in ``BuildState``."""
+
+    provider: Literal["auto", "virtualbox", "libvirt"] = Field(
+        "auto", description="`virtualbox`, `libvirt`, or `auto`: VirtualBox where installed, else libvirt."
+    )
+    vm: VMSettings = Field(default_factory=VMSettings, description="The virtual machine.")
+    libvirt: LibvirtSettings = Field(default_factory=LibvirtSettings, description="libvirt/QEMU provider settings.")
+    virtualbox: VirtualBoxSettings = Field(default_factory=VirtualBoxSettings, description="VirtualBox settings.")
+    network: NetworkSettings = Field(default_factory=NetworkSettings, description="How the host reaches the guest.")
+    ssh: SSHSettings = Field(default_factory=SSHSettings, description="SSH access used by the build.")
+    k3s: K3sSettings = Field(default_factory=K3sSettings, description="k3s.")
+    csghub: CSGHubSettings = Field(default_factory=CSGHubSettings, description="CSGHub Helm release.")
+    provision: ProvisionSettings = Field(default_factory=ProvisionSettings, description="Provisioning steps.")
+    output: OutputSettings = Field(default_factory=OutputSettings, description="Artifacts.")
+
+    # -- derived values (never stored) -------------------------------------------------
+    @property
+    def appliance_version(self) -> str:
+        return self.output.version or self.csghub.chart_version
+
+    @property
+    def stack_enabled(self) -> bool:
+        return not any(s in self.provision.skip for s in STACK_STEPS)
+
+    def path(self, relative: str) -> Path:
+        """Resolve a configured path against the project directory."""
+        p = Path(relative).expanduser()
+        return p if p.is_absolute() else PROJECT_ROOT / p
+
+    @property
+    def build_dir(self) -> Path:
+        return self.path(self.output.build_dir)
+
+    @property
+    def dist_dir(self) -> Path:
+        return self.path(self.output.dir)
+
+    def http_port(self) -> ForwardedPort | None:
+        return next((p for p in self.network.forwarded_ports if p.name == "http"), None)
+
+
+# -- layering -------------------------------------------------------------------------------
+
+
+class _Sources:
+    """Remembers which layer set which key, so a problem names the file or the --set that caused it."""
+
+    def __init__(self) -> None:
+        self.file: str | None = None
+        self.file_keys: set[str] = set()
+        self.set_keys: set[str] = set()
+        self.provider_flag = False
+
+    def of(self, key: str) -> str:
+        def covered(keys: set[str]) -> bool:
+            return any(key == k or key.startswith(k + ".") or key.startswith(k + "[") for k in keys)
+
+        if key == "provider" and self.provider_flag:
+            return "--provider"
+        if covered(self.set_keys):
+            return "--set"
+        if self.file and covered(self.file_keys):
+            return self.file
+        return "defaults"
+
+
+def _flat_keys(data: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        yield key
+        if isinstance(v, Mapping) and key != "csghub.values":
+            yield from _flat_keys(v, key)
+
+
+_SEGMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_-]*)((?:\[[0-9]+\])*)$")
+
+
+def parse_set(expr: str) -> tuple[list[str | int], Any]:
+    """Parse one ``--set a.b[0].c=value`` into a path and a YAML-scalar value.
+
+    ``{a,b}`` is a list, as in Helm; an empty value is the empty string.
+    Raises ``ValueError`` describing what is malformed.
+    """
+    if "=" not in expr:
+        raise ValueError("expected KEY=VALUE (for example vm.cpus=4)")
+    key, _, raw = expr.partition("=")
+    key = key.strip()
+    if not key:
+        raise ValueError("the key before '=' is empty")
+    path: list[str | int] = []
+    for seg in key.split("."):
+        m = _SEGMENT.match(seg)
+        if not m:
+            raise ValueError(f"bad key segment {seg!r} in {key!r} (letters, digits, '_', '-', optional [N])")
+        path.append(m.group(1))
+        path.extend(int(i) for i in re.findall(r"\[([0-9]+)\]", m.group(2)))
+    value: Any
+    stripped = raw.strip()
+    if stripped.startswith("{") and stripped.endswith("}") and ":" not in stripped:
+        inner = stripped[1:-1].strip()
+        value = [_scalar(x.strip()) for x in inner.split(",")] if inner else []
+    else:
+        value = _scalar(raw)
+    return path, value
+
+
+def _scalar(raw: str) -> Any:
+    if raw == "":
+        return ""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    return raw if value is None and raw not in ("null", "~") else value
+
+
+def _dotted(path: Sequence[str | int]) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else p)
+    return out
+
+
+def _assign(data: dict[str, Any], path: Sequence[str | int], value: Any) -> None:
+    node: Any = data
+    for i, seg in enumerate(path[:-1]):
+        nxt = path[i + 1]
+        if isinstance(seg, int):
+            if not isinstance(node, list) or seg >= len(node):
+                raise ValueError(f"{_dotted(path[: i + 1])}: no list element {seg}")
+            if not isinstance(node[seg], (dict, list)):
+                node[seg] = [] if isinstance(nxt, int) else {}
+            node = node[seg]
+        else:
+            if not isinstance(node, dict):
+                raise ValueError(f"{_dotted(path[:i])} is not a mapping")
+            child = node.get(seg)
+            if not isinstance(child, (dict, list)):
+                child = [] if isinstance(nxt, int) else {}
+                node[seg] = child
+            node = child
+    last = path[-1]
+    if isinstance(last, int):
+        if not isinstance(node, list) or last > len(node):
+            raise ValueError(f"{_dotted(path)}: no list element {last}")
+        if last == len(node):
+            node.append(value)
+        else:
+            node[last] = value
+    else:
+        if not isinstance(node, dict):
+            raise ValueError(f"{_dotted(path[:-1])} is not a mapping")
+        node[last] = value
+
+
+def deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge ``over`` into a copy of ``base``: mappings merge, everything else (lists too) replaces."""
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _defaults_as_dict() -> dict[str, Any]:
+    return ApplianceConfig().model_dump(mode="python")
+
+
+def load_config(
+    config_file: str | Path | None = None,
+    sets: Sequence[str] = (),
+    provider: str | None = None,
+    *,
+    cwd: Path | None = None,
+) -> ApplianceConfig:
+    """Build the configuration from its layers. Raises ``ConfigError`` listing every problem.
+
+    ``config_file=None`` reads ``appliance.yaml`` from ``cwd`` when it exists. The provider
+    stays as configured (possibly ``auto``); see :func:`resolve_provider`.
+    """
+    problems: list[ConfigProblem] = []
+    sources = _Sources()
+    data: dict[str, Any] = {}
+
+    path: Path | None
+    if config_file is not None:
+        path = Path(config_file)
+    else:
+        candidate = (cwd or Path.cwd()) / DEFAULT_CONFIG_FILE
+        path = candidate if candidate.exists() else None
+    if path is not None:
+        sources.file = str(path)
+        loaded = _read_yaml(path, problems)
+        if loaded is not None:
+            data = loaded
+            sources.file_keys = set(_flat_keys(loaded))
+
+    merged = deep_merge(_defaults_as_dict(), data)
+    for expr in sets:
+        try:
+            key_path, value = parse_set(expr)
+            _assign(merged, key_path, value)
+        except ValueError as exc:
+            problems.append(ConfigProblem("--set", expr, f"malformed override: {exc}"))
+            continue
+        sources.set_keys.add(_dotted(key_path))
+    if provider is not None:
+        merged["provider"] = provider
+        sources.provider_flag = True
+
+    cfg: ApplianceConfig | None = None
+    try:
+        cfg = ApplianceConfig.model_validate(merged)
+    except ValidationError as exc:
+        problems.extend(_translate(exc, sources))
+    problems.extend(_cross_checks(merged, sources))
+    if problems:
+        raise ConfigError(problems)
+    assert cfg is not None
+    return cfg
+
+
+def _read_yaml(path: Path, problems: list[ConfigProblem]) -> dict[str, Any] | None:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        problems.append(ConfigProblem(str(path), "", f"cannot read the config file: {exc.strerror or exc}"))
+        return None
+    except UnicodeDecodeError as exc:
+        problems.append(ConfigProblem(str(path), "", f"not UTF-8 text: {exc.reason} at byte {exc.start}"))
+        return None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        problems.append(ConfigProblem(str(path), "", f"YAML syntax error{where}: {problem}"))
+        return None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        problems.append(
+            ConfigProblem(str(path), "", f"the file must hold a mapping of settings, not a {type(loaded).__name__}")
+        )
+        return None
+    return loaded
+
+
+def _model_at(loc: Sequence[str | int]) -> type[BaseModel] | None:
+    """The model class that owns the location ``loc`` (to list the keys allowed there)."""
+    model: Any = ApplianceConfig
+    for seg in loc:
+        if isinstance(seg, int):
+            continue
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        field = model.model_fields.get(seg)
+        if field is None:
+            return None
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        model = args[0] if args and isinstance(args[0], type) and issubclass(args[0], BaseModel) else ann
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _translate(exc: ValidationError, sources: _Sources) -> list[ConfigProblem]:
+    out: list[ConfigProblem] = []
+    for err in exc.errors(include_url=False):
+        loc = [p for p in err["loc"] if isinstance(p, (str, int))]
+        key = _dotted(loc)
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            owner = _model_at(loc[:-1])
+            allowed = ", ".join(owner.model_fields) if owner is not None else ""
+            msg = "unknown key" + (f"; allowed here: {allowed}" if allowed else "")
+            out.append(ConfigProblem(sources.of(key), key, msg))
+            continue
+        msg = err["msg"]
+        if kind == "value_error":
+            msg = msg.removeprefix("Value error, ")
+        elif kind == "string_pattern_mismatch":
+            msg = f"does not match the allowed form {err.get('ctx', {}).get('pattern', '')}"
+        out.append(ConfigProblem(sources.of(key), key, msg, err.get("input"), has_value=True))
+    return out
+
+
+def _cross_checks(data: Mapping[str, Any], sources: _Sources) -> list[ConfigProblem]:
+    """Rules between settings. Runs on the merged data, tolerating wrong types (reported elsewhere)."""
+    problems: list[ConfigProblem] = []
+    vm = data.get("vm") if isinstance(data.get("vm"), Mapping) else {}
+    prov = data.get("provision") if isinstance(data.get("provision"), Mapping) else {}
+    assert isinstance(vm, Mapping) and isinstance(prov, Mapping)
+    skip = prov.get("skip") if isinstance(prov.get("skip"), list) else []
+    assert isinstance(skip, list)
+    stack = not any(s in skip for s in STACK_STEPS)
+    hint = "skip the k3s and csghub steps (provision.skip=[k3s, csghub]) for a VM without CSGHub"
+    mem = vm.get("memory_mb")
+    if stack and isinstance(mem, int) and not isinstance(mem, bool) and ABSOLUTE_MIN_MEMORY_MB <= mem < CSGHUB_MIN_MEMORY_MB:
+        problems.append(
+            ConfigProblem(
+                sources.of("vm.memory_mb"), "vm.memory_mb",
+                f"below CSGHub's minimum of {CSGHUB_MIN_MEMORY_MB} MiB (16384 recommended); or {hint}",
+                mem, has_value=True,
+            )
+        )
+    cpus = vm.get("cpus")
+    if stack and isinstance(cpus, int) and not isinstance(cpus, bool) and 1 <= cpus < CSGHUB_MIN_CPUS:
+        problems.append(
+            ConfigProblem(
+                sources.of("vm.cpus"), "vm.cpus",
+                f"below CSGHub's minimum of {CSGHUB_MIN_CPUS} CPUs (8 recommended); or {hint}",
+                cpus, has_value=True,
+            )
+        )
+    net = data.get("network") if isinstance(data.get("network"), Mapping) else {}
+    assert isinstance(net, Mapping)
+    ports = net.get("forwarded_ports")
+    if isinstance(ports, list):
+        seen_host: dict[tuple[Any, Any, Any], int] = {}
+        seen_guest: dict[tuple[Any, Any], int] = {}
+        seen_name: dict[Any, int] = {}
+        for i, p in enumerate(ports):
+            if not isinstance(p, Mapping):
+                continue
+            proto = p.get("protocol", "tcp")
+            hkey = (p.get("host_ip", "127.0.0.1"), p.get("host"), proto)
+            key = f"network.forwarded_ports[{i}]"
+            if hkey[1] is not None and hkey in seen_host:
+                problems.append(ConfigProblem(
+                    sources.of(key + ".host"), key + ".host",
+                    f"port clash: host port {hkey[1]}/{proto} on {hkey[0]} is already forwarded by "
+                    f"network.forwarded_ports[{seen_host[hkey]}]; every forward needs its own host port",
+                    p.get("host"), has_value=True,
+                ))
+            seen_host.setdefault(hkey, i)
+            gkey = (p.get("guest"), proto)
+            if gkey[0] is not None and gkey in seen_guest:
+                problems.append(ConfigProblem(
+                    sources.of(key + ".guest"), key + ".guest",
+                    f"port clash: guest port {gkey[0]}/{proto} is already forwarded by "
+                    f"network.forwarded_ports[{seen_guest[gkey]}]",
+                    p.get("guest"), has_value=True,
+                ))
+            seen_guest.setdefault(gkey, i)
+            name = p.get("name")
+            if name is not None and name in seen_name:
+                problems.append(ConfigProblem(
+                    sources.of(key + ".name"), key + ".name",
+                    f"duplicate forward name (also network.forwarded_ports[{seen_name[name]}])",
+                    name, has_value=True,
+                ))
+            seen_name.setdefault(name, i)
+    out = data.get("output") if isinstance(data.get("output"), Mapping) else {}
+    assert isinstance(out, Mapping)
+    eula = out.get("eula_file")
+    if isinstance(eula, str) and eula:
+        ep = Path(eula).expanduser()
+        ep = ep if ep.is_absolute() else PROJECT_ROOT / ep
+        if not ep.is_file():
+            problems.append(ConfigProblem(
+                sources.of("output.eula_file"), "output.eula_file",
+                "no such file (give a readable text file, or leave empty for no licence)", eula, has_value=True,
+            ))
+    ssh = data.get("ssh") if isinstance(data.get("ssh"), Mapping) else {}
+    assert isinstance(ssh, Mapping)
+    key_file = ssh.get("private_key")
+    if isinstance(key_file, str) and key_file and not Path(key_file).expanduser().is_file():
+        problems.append(ConfigProblem(
+            sources.of("ssh.private_key"), "ssh.private_key",
+            "no such file (give a private key file, or leave empty to use Vagrant's)", key_file, has_value=True,
+        ))
+    timeouts = prov.get("timeouts")
+    if isinstance(timeouts, Mapping):
+        for name, value in timeouts.items():
+            if not isinstance(value, int) or isinstance(value, bool) or not 10 <= value <= 86400:
+                problems.append(ConfigProblem(
+                    sources.of(f"provision.timeouts.{name}"), f"provision.timeouts.{name}",
+                    "must be a whole number of seconds between 10 and 86400", value, has_value=True,
+                ))
+    return problems
+
+
+# -- provider resolution and derived views ---------------------------------------------------
+
+
+def detect_provider() -> tuple[Literal["virtualbox", "libvirt"], str]:
+    """``auto``: VirtualBox where VBoxManage is installed, else libvirt. Returns the choice and why."""
+    found = shutil.which("VBoxManage") or shutil.which("vboxmanage")
+    if found:
+        return "virtualbox", f"VBoxManage found at {found}"
+    return "libvirt", "VBoxManage not found on PATH"
+
+
+def resolve_provider(cfg: ApplianceConfig) -> tuple[ApplianceConfig, str | None]:
+    """Replace ``provider: auto`` by the detected provider. Returns the config and the reason (or None)."""
+    if cfg.provider != "auto":
+        return cfg, None
+    chosen, why = detect_provider()
+    return cfg.model_copy(update={"provider": chosen}), f"provider auto -> {chosen} ({why})"
+
+
+def guest_environment(cfg: ApplianceConfig) -> dict[str, str]:
+    """The environment variables the provisioning scripts receive, from fields marked ``env``."""
+    env: dict[str, str] = {}
+
+    def walk(model: BaseModel) -> None:
+        for name, field in type(model).model_fields.items():
+            value = getattr(model, name)
+            extra = field.json_schema_extra
+            if isinstance(extra, dict) and "env" in extra:
+                env[str(extra["env"])] = _env_value(value)
+            elif isinstance(value, BaseModel):
+                walk(value)
+
+    walk(cfg)
+    env["APPLIANCE_VERSION"] = cfg.appliance_version
+    http = cfg.http_port()
+    env["CSGHUB_HTTP_PORT"] = str(http.guest if http else 30080)
+    return dict(sorted(env.items()))
+
+
+def _env_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return shlex.join(str(v) for v in value)
+    return str(value)
+
+
+def public_dump(cfg: ApplianceConfig) -> dict[str, Any]:
+    """The configuration as plain data for reports and ``invoke config`` (holds no secrets by design)."""
+    return cfg.model_dump(mode="json")

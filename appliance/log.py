@@ -1,0 +1,105 @@
+"""All user-facing output goes through here.
+
+``log`` prints messages on stderr through rich; ``log.step(title)`` is a context manager
+that announces a stage, indents what happens inside it, times it and records the timing
+(``log.timings``) for the build report. ``--debug`` turns on command echo and tracebacks.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from rich.console import Console
+from rich.markup import escape
+
+
+@dataclass
+class StepTiming:
+    """One timed step, as it goes into ``build-report.json``."""
+
+    name: str
+    started: str
+    ended: str = ""
+    seconds: float = 0.0
+    outcome: str = "running"
+
+
+@dataclass
+class Logger:
+    console: Console = field(default_factory=lambda: Console(stderr=True, highlight=False, soft_wrap=True))
+    debug_enabled: bool = False
+    depth: int = 0
+    timings: list[StepTiming] = field(default_factory=list)
+
+    def _emit(self, text: str, style: str | None = None) -> None:
+        pad = "  " * self.depth
+        self.console.print(pad + text, style=style, markup=False)
+
+    def info(self, msg: str, *args: object) -> None:
+        self._emit(msg % args if args else msg)
+
+    def success(self, msg: str, *args: object) -> None:
+        self._emit(msg % args if args else msg, style="green")
+
+    def warning(self, msg: str, *args: object) -> None:
+        self._emit("warning: " + (msg % args if args else msg), style="yellow")
+
+    def error(self, msg: str, *args: object) -> None:
+        self._emit("error: " + (msg % args if args else msg), style="bold red")
+
+    def debug(self, msg: str, *args: object) -> None:
+        if self.debug_enabled:
+            self._emit(msg % args if args else msg, style="dim")
+
+    def output(self, line: str, *, stderr: bool = False) -> None:
+        """A line of a command's streamed output, indented under the current step."""
+        self._emit(("│ " if not stderr else "┆ ") + line, style="dim" if not stderr else None)
+
+    @contextmanager
+    def step(self, title: str, *, record: bool = True) -> Iterator[StepTiming]:
+        """Announce, indent, time and record one step; the outcome is ``ok``, ``failed`` or ``cancelled``."""
+        timing = StepTiming(name=title, started=_now())
+        if record:
+            self.timings.append(timing)
+        self.console.print("  " * self.depth + f"[bold cyan]▶ {escape(title)}[/]")
+        self.depth += 1
+        start = time.monotonic()
+        try:
+            yield timing
+        except KeyboardInterrupt:
+            timing.outcome = "cancelled"
+            raise
+        except BaseException:
+            timing.outcome = "failed"
+            raise
+        else:
+            if timing.outcome == "running":
+                timing.outcome = "ok"
+        finally:
+            self.depth -= 1
+            timing.seconds = round(time.monotonic() - start, 3)
+            timing.ended = _now()
+            mark = {"ok": "[green]✔[/]", "skipped": "[dim]–[/]"}.get(timing.outcome, "[red]✘[/]")
+            self.console.print(
+                "  " * self.depth + f"{mark} {escape(title)} [dim]({timing.outcome}, {timing.seconds:.1f} s)[/]"
+            )
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+log = Logger()
+
+
+def set_debug(enabled: bool) -> None:
+    log.debug_enabled = enabled
+
+
+def is_interactive() -> bool:
+    return sys.stderr.isatty()

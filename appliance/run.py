@@ -1,0 +1,196 @@
+"""Run host commands (vagrant, VBoxManage, qemu-img, ...) through one helper.
+
+Argument lists only, never shell strings; a small explicit environment with a fixed
+locale; stdin closed; output streamed and captured at once; every command logged
+(shell-quoted) so a user can paste it; a failure raises ``CommandFailed`` carrying the
+evidence, with hints for the common kinds of failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.errors import CommandFailed, CommandTimedOut
+from appliance.log import log
+
+TAIL_LINES = 30
+
+# Variables passed through from the caller's environment: what the tools need to find
+# their config, state and display, nothing else.
+_PASSTHROUGH = (
+    "PATH", "HOME", "USER", "LOGNAME", "TMPDIR", "TERM",
+    "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_RUNTIME_DIR",
+    "VAGRANT_HOME", "VAGRANT_DEFAULT_PROVIDER", "VAGRANT_LOG", "LIBVIRT_DEFAULT_URI",
+    "VBOX_USER_HOME", "VBOX_INSTALL_PATH", "VBOX_MSI_INSTALL_PATH",
+    "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
+)
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What a finished command did: its argv, exit status, output and duration."""
+
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+    duration: float
+    streamed: bool = False
+    timed_out: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.timed_out
+
+    @property
+    def command_line(self) -> str:
+        return shlex.join(self.argv)
+
+    def tail(self, stream: str = "stderr", lines: int = TAIL_LINES) -> list[str]:
+        text = self.stderr if stream == "stderr" else self.stdout
+        return text.splitlines()[-lines:]
+
+    def describe_failure(self, reason: str | None = None) -> str:
+        rc = self.returncode
+        if self.timed_out:
+            what = f"timed out after {self.duration:.0f} s"
+        elif rc == 127:
+            what = "exit 127: program not found"
+        elif rc < 0:
+            try:
+                name = signal.Signals(-rc).name
+            except ValueError:
+                name = f"signal {-rc}"
+            what = f"killed by {name}"
+        else:
+            what = f"exit status {rc}"
+        text = f"command failed ({what}): {self.command_line}"
+        if reason:
+            text += f"\n  {reason}"
+        # Output the user already saw scrolling by is not repeated; hidden output is shown once.
+        if not self.streamed:
+            for stream in ("stderr", "stdout"):
+                tail = self.tail(stream)
+                if tail:
+                    text += f"\n  last {len(tail)} lines of {stream}:\n" + "\n".join(f"    {ln}" for ln in tail)
+        return text
+
+
+def command_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment a host command gets: a fixed locale plus the few variables tools need."""
+    env = {k: os.environ[k] for k in _PASSTHROUGH if k in os.environ}
+    env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    env["LANG"] = "C.UTF-8"
+    env["LC_ALL"] = "C.UTF-8"
+    if extra:
+        env.update(extra)
+    return env
+
+
+def run(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    check: bool = True,
+    stream: bool = False,
+    env: Mapping[str, str] | None = None,
+    cwd: str | Path | None = None,
+    timeout: float | None = None,
+    on_line: Callable[[str, str], None] | None = None,
+    hint: str | None = None,
+    input_text: str | None = None,
+) -> CommandResult:
+    """Run ``argv`` and return its result; raise ``CommandFailed`` on failure unless ``check=False``.
+
+    ``stream=True`` prints each output line as it arrives (and still captures it);
+    ``on_line(stream_name, line)`` sees every line either way. ``env`` adds to the
+    minimal environment from :func:`command_env`.
+    """
+    args = tuple(os.fspath(a) for a in argv)
+    log.debug("$ %s", shlex.join(args))
+    started = time.monotonic()
+    try:
+        proc = subprocess.Popen(  # noqa: S603 - argv list, no shell
+            args,
+            stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=command_env(env),
+            cwd=cwd,
+            text=True,
+            errors="replace",
+        )
+    except FileNotFoundError:
+        result = CommandResult(args, 127, "", f"{args[0]}: command not found", 0.0)
+        if check:
+            raise CommandFailed(result, hint=hint or f"install {args[0]!r} (see `invoke doctor`)") from None
+        return result
+
+    chunks: dict[str, list[str]] = {"stdout": [], "stderr": []}
+
+    def pump(name: str) -> None:
+        pipe = proc.stdout if name == "stdout" else proc.stderr
+        assert pipe is not None
+        for line in pipe:
+            chunks[name].append(line)
+            stripped = line.rstrip("\n")
+            if stream:
+                log.output(stripped, stderr=(name == "stderr"))
+            if on_line is not None:
+                on_line(name, stripped)
+        pipe.close()
+
+    readers = [threading.Thread(target=pump, args=(n,), daemon=True) for n in ("stdout", "stderr")]
+    for t in readers:
+        t.start()
+    if input_text is not None:
+        assert proc.stdin is not None
+        proc.stdin.write(input_text)
+        proc.stdin.close()
+    timed_out = False
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        proc.kill()
+        proc.wait()
+    except KeyboardInterrupt:
+        # Give the child the same interrupt, let it finish cleanly, then pass the interrupt on.
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+    for t in readers:
+        t.join()
+    result = CommandResult(
+        args,
+        proc.returncode,
+        "".join(chunks["stdout"]),
+        "".join(chunks["stderr"]),
+        time.monotonic() - started,
+        streamed=stream,
+        timed_out=timed_out,
+    )
+    if timed_out and check:
+        raise CommandTimedOut(result, hint=hint)
+    if not result.ok and check:
+        raise CommandFailed(result, hint=hint)
+    return result
+
+
+def which(program: str) -> str | None:
+    """Where ``program`` is on PATH (including the sbin directories tools like libvirtd live in)."""
+    import shutil
+
+    path = os.environ.get("PATH", "") + ":/usr/local/sbin:/usr/sbin:/sbin"
+    return shutil.which(program, path=path)

@@ -1,0 +1,96 @@
+"""Invoke tasks: flags in, one call into ``appliance`` out.
+
+Each task turns its flags into arguments, makes one call into the ``appliance`` package and
+lets ``cli_task`` turn an ``ApplianceError`` into a clean exit (message, status; traceback
+only with ``--debug``). Nothing here runs commands, opens connections or renders templates.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from invoke import task
+from invoke.context import Context
+from invoke.exceptions import Exit
+
+from appliance.config import ApplianceConfig, load_config, resolve_provider
+from appliance.errors import ApplianceError
+from appliance.log import log, set_debug
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Flags every config-reading task accepts (help text shown by `invoke --help TASK`).
+CONFIG_HELP = {
+    "config": "Config file (default: ./appliance.yaml when present).",
+    "set": "Override a setting, Helm style: --set vm.cpus=4 (repeatable).",
+    "provider": "Shorthand for --set provider=X (virtualbox, libvirt or auto).",
+    "debug": "Show every command run and full tracebacks.",
+}
+
+
+def cli_task(*args: Any, **kwargs: Any) -> Callable[[F], F]:
+    """``@task`` plus error handling: ``ApplianceError`` becomes ``invoke.Exit`` with its exit status."""
+
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def inner(c: Context, *a: Any, **kw: Any) -> Any:
+            set_debug(bool(kw.get("debug")))
+            try:
+                return fn(c, *a, **kw)
+            except ApplianceError as exc:
+                if kw.get("debug"):
+                    log.console.print_exception()
+                log.error(str(exc))
+                raise Exit(code=exc.exit_code) from None
+            except KeyboardInterrupt:
+                log.error("interrupted")
+                raise Exit(code=130) from None
+
+        help_ = {**CONFIG_HELP, **kwargs.pop("help", {})}
+        iterable = list(kwargs.pop("iterable", [])) + ["set_"]
+        return task(*args, help=help_, iterable=iterable, **kwargs)(inner)  # type: ignore[no-any-return]
+
+    return wrap
+
+
+def config_from_flags(
+    config: str | None, set_: list[str] | None, provider: str | None, *, resolve: bool = True
+) -> ApplianceConfig:
+    cfg = load_config(config, set_ or [], provider)
+    if resolve:
+        cfg, why = resolve_provider(cfg)
+        if why:
+            log.info(why)
+    return cfg
+
+
+@cli_task()
+def config(c: Context, config: str | None = None, set_: list[str] | None = None, provider: str | None = None,
+           debug: bool = False) -> None:
+    """Validate the configuration and print it fully resolved (YAML)."""
+    from appliance.config import public_dump
+    from appliance.render import dump_yaml
+
+    print(dump_yaml(public_dump(config_from_flags(config, set_, provider))), end="")
+
+
+@cli_task(help={"output": "Where to write the Vagrantfile (default: ./Vagrantfile)."})
+def render(c: Context, config: str | None = None, set_: list[str] | None = None, provider: str | None = None,
+           output: str = "Vagrantfile", debug: bool = False) -> None:
+    """Render Vagrantfile.j2 into a Vagrantfile for the configured provider."""
+    from appliance.render import render_vagrantfile
+
+    cfg = config_from_flags(config, set_, provider)
+    path = render_vagrantfile(cfg, output)
+    log.success(f"wrote {path}")
+
+
+@cli_task()
+def doctor(c: Context, config: str | None = None, set_: list[str] | None = None, provider: str | None = None,
+           debug: bool = False) -> None:
+    """Check this host for everything the configured provider needs; exit non-zero if a build cannot run."""
+    from appliance.doctor import run_doctor
+
+    run_doctor(config_from_flags(config, set_, provider))
