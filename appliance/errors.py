@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
     from appliance.run import CommandResult
+    from appliance.ssh import RemoteResult
 
 
 class ApplianceError(Exception):
@@ -91,6 +92,29 @@ class VagrantError(ApplianceError):
 
 class RemoteError(ApplianceError):
     """Connecting to the guest, or running something on it, failed."""
+
+
+class RemoteCommandFailed(RemoteError):
+    """A command on the guest exited non-zero or timed out. ``result`` is its ``RemoteResult``."""
+
+    def __init__(self, result: RemoteResult, *, hint: str | None = None) -> None:
+        self.result = result
+        super().__init__(result.describe_failure(), hint=hint)
+
+
+class ConnectionLost(RemoteError):
+    """The SSH connection dropped while a command was running; whether it finished is unknown."""
+
+
+class StepFailed(ApplianceError):
+    """A provisioning step failed: names the step, its exit status, its last lines and its log file."""
+
+    def __init__(
+        self, step: str, message: str, *, log_path: str | None = None, hint: str | None = None
+    ) -> None:
+        self.step = step
+        self.log_path = log_path
+        super().__init__(message, hint=hint)
 
 
 class ArtifactError(ApplianceError):
