@@ -41,6 +41,14 @@ def _env(name: str) -> dict[str, Any]:
     return {"env": name}
 
 
+def _check_ipv4(value: str) -> str:
+    try:
+        ipaddress.IPv4Address(value)
+    except ValueError as exc:
+        raise ValueError(f"must be an IPv4 address like 192.168.56.10 ({exc})") from None
+    return value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
@@ -57,7 +65,10 @@ class ForwardedPort(_Section):
     @field_validator("host_ip")
     @classmethod
     def _ip(cls, v: str) -> str:
-        ipaddress.ip_address(v)
+        try:
+            ipaddress.ip_address(v)
+        except ValueError as exc:
+            raise ValueError(f"must be an IP address like 127.0.0.1 ({exc})") from None
         return v
 
 
@@ -101,6 +112,9 @@ class LibvirtSettings(_Section):
     management_network_address: str = Field(
         "192.168.121.0/24", description="CIDR of the management network (must not overlap the cluster's)."
     )
+    management_network_mode: Literal["nat", "none"] = Field(
+        "nat", description="`nat` gives the guest a default route out; `none` isolates it (tests)."
+    )
     cpu_mode: Literal["auto", "host-passthrough", "host-model", "custom"] = Field(
         "auto", description="CPU model: `auto` is host-passthrough with KVM and a generic model with TCG."
     )
@@ -109,7 +123,10 @@ class LibvirtSettings(_Section):
     @field_validator("management_network_address")
     @classmethod
     def _cidr(cls, v: str) -> str:
-        ipaddress.ip_network(v, strict=False)
+        try:
+            ipaddress.ip_network(v, strict=False)
+        except ValueError as exc:
+            raise ValueError(f"must be a network like 192.168.121.0/24 ({exc})") from None
         return v
 
 
@@ -135,8 +152,7 @@ class HostOnlyAdapter(_Section):
     @field_validator("address")
     @classmethod
     def _ipv4(cls, v: str) -> str:
-        ipaddress.IPv4Address(v)
-        return v
+        return _check_ipv4(v)
 
 
 class BridgedAdapter(_Section):
@@ -147,9 +163,7 @@ class BridgedAdapter(_Section):
     @field_validator("address")
     @classmethod
     def _addr(cls, v: str) -> str:
-        if v != "dhcp":
-            ipaddress.IPv4Address(v)
-        return v
+        return v if v == "dhcp" else _check_ipv4(v)
 
 
 def _default_ports() -> list[ForwardedPort]:
@@ -181,9 +195,12 @@ class SSHSettings(_Section):
 
 class K3sSettings(_Section):
     version: str = Field(
-        "v1.33.5+k3s1",
+        "v1.34.3+k3s1",
         pattern=r"^v[0-9]+\.[0-9]+\.[0-9]+\+k3s[0-9]+$",
-        description="k3s release (pinned in the version lock).",
+        description=(
+            "k3s release (pinned in the version lock). v1.34.3+k3s1 is what CSGHub 2.4.0's own installer pins, "
+            "and Kubernetes 1.34 is within the range Envoy Gateway 1.7 (bundled by the chart) supports."
+        ),
         json_schema_extra=_env("K3S_VERSION"),
     )
     node_ip: str = Field(
@@ -198,8 +215,7 @@ class K3sSettings(_Section):
     @field_validator("node_ip")
     @classmethod
     def _ipv4(cls, v: str) -> str:
-        ipaddress.IPv4Address(v)
-        return v
+        return _check_ipv4(v)
 
 
 class CSGHubSettings(_Section):
@@ -222,8 +238,36 @@ class CSGHubSettings(_Section):
         ),
         json_schema_extra=_env("CSGHUB_DOMAIN"),
     )
+    image_registry: str = Field(
+        "",
+        pattern=r"^([a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?)?$",
+        description=(
+            "Registry CSGHub's images are pulled from at build time (empty: the chart's docker.io). Users in "
+            "mainland China: `opencsg-registry.cn-beijing.cr.aliyuncs.com` (OpenCSG's documented mirror)."
+        ),
+        json_schema_extra=_env("CSGHUB_IMAGE_REGISTRY"),
+    )
     values: dict[str, Any] = Field(
         default_factory=dict, description="Free-form Helm values, merged last over the generated ones."
+    )
+
+
+class ArtifactsSettings(_Section):
+    k3s_mirror: str = Field(
+        "https://github.com/k3s-io/k3s/releases/download",
+        pattern=r"^(https?|file)://\S+[^/]$",
+        description=(
+            "Base URL of k3s release folders (`<base>/<version>/k3s`, `sha256sum-amd64.txt` beside it); "
+            "point it at a mirror with the same layout."
+        ),
+    )
+    chart_repo: str = Field(
+        "https://charts.opencsg.com/csghub",
+        pattern=r"^(https?|file)://\S+[^/]$",
+        description="Helm chart repository holding `index.yaml` and `csghub-<version>.tgz` (OpenCSG's, or a mirror).",
+    )
+    cache_dir: str = Field(
+        "", description="Download cache (empty: `$XDG_CACHE_HOME/csghub-appliance`, else `~/.cache/csghub-appliance`)."
     )
 
 
@@ -291,6 +335,9 @@ class ApplianceConfig(_Section):
     ssh: SSHSettings = Field(default_factory=SSHSettings, description="SSH access used by the build.")
     k3s: K3sSettings = Field(default_factory=K3sSettings, description="k3s.")
     csghub: CSGHubSettings = Field(default_factory=CSGHubSettings, description="CSGHub Helm release.")
+    artifacts: ArtifactsSettings = Field(
+        default_factory=ArtifactsSettings, description="Where pinned artifacts are downloaded from and cached."
+    )
     provision: ProvisionSettings = Field(default_factory=ProvisionSettings, description="Provisioning steps.")
     output: OutputSettings = Field(default_factory=OutputSettings, description="Artifacts.")
 

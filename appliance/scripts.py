@@ -1,0 +1,68 @@
+"""The provisioning scripts in ``provision/``: discovery and their declared properties.
+
+A script is ``provision/NN-<name>.sh``; ``<name>`` is the step name used by ``--skip``,
+``--only`` and ``provision.skip``. Header comments of the form ``# appliance: KEY[=VALUE]``
+declare properties the runners honour:
+
+- ``# appliance: reboot-after`` - the guest is rebooted after the script succeeds (the
+  Paramiko runner waits for it to come back; the Vagrantfile uses ``reboot: true``).
+- ``# appliance: timeout=SECONDS`` - default timeout for this step (config may override).
+- ``# appliance: files=DIR`` - a directory under ``provision/files/`` the script needs; it
+  is uploaded to ``$PROVISION_DIR/files/DIR`` before the script runs.
+
+Scripts find their support files under ``$PROVISION_DIR`` (``/var/tmp/csghub-provision``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from appliance.config import PROJECT_ROOT
+
+PROVISION_DIR = PROJECT_ROOT / "provision"
+GUEST_PROVISION_DIR = "/var/tmp/csghub-provision"
+_NAME = re.compile(r"^(\d{2})-([a-z0-9][a-z0-9-]*)\.sh$")
+_HEADER = re.compile(r"^#\s*appliance:\s*([a-z-]+)(?:=(\S+))?\s*$")
+
+
+@dataclass(frozen=True)
+class ProvisionScript:
+    number: int
+    name: str
+    path: Path
+    reboot_after: bool = False
+    timeout: int | None = None
+    files: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def filename(self) -> str:
+        return self.path.name
+
+
+def discover_scripts(directory: Path = PROVISION_DIR) -> list[ProvisionScript]:
+    """Every ``NN-name.sh`` in ``directory``, in order, with its header properties."""
+    scripts = []
+    for path in sorted(directory.glob("*.sh")):
+        m = _NAME.match(path.name)
+        if not m:
+            continue
+        reboot, timeout, files = False, None, []
+        for line in path.read_text(encoding="utf-8").splitlines()[:40]:
+            h = _HEADER.match(line.strip())
+            if not h:
+                continue
+            key, value = h.group(1), h.group(2)
+            if key == "reboot-after":
+                reboot = True
+            elif key == "timeout" and value and value.isdigit():
+                timeout = int(value)
+            elif key == "files" and value:
+                files.append(value)
+        scripts.append(ProvisionScript(int(m.group(1)), m.group(2), path, reboot, timeout, tuple(files)))
+    return scripts
+
+
+def selected_scripts(skip: list[str], directory: Path = PROVISION_DIR) -> list[ProvisionScript]:
+    return [s for s in discover_scripts(directory) if s.name not in skip]

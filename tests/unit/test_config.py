@@ -1,0 +1,147 @@
+"""Configuration layering and validation, driven by tests/data/config_cases.yaml."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from appliance.config import ApplianceConfig, guest_environment, load_config, parse_set
+from appliance.errors import ConfigError
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+CASES = yaml.safe_load((DATA / "config_cases.yaml").read_text())
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _get(cfg: ApplianceConfig, dotted: str) -> Any:
+    node: Any = cfg.model_dump(mode="python")
+    for part in dotted.replace("[", ".[").split("."):
+        node = node[int(part[1:-1])] if part.startswith("[") else node[part]
+    return node
+
+
+def _load(case: dict[str, Any], tmp_path: Path) -> ApplianceConfig:
+    config_file = None
+    if "file" in case:
+        config_file = tmp_path / "appliance.yaml"
+        config_file.write_text(case["file"])
+    return load_config(config_file, case.get("sets", []), case.get("provider"), cwd=tmp_path)
+
+
+@pytest.mark.parametrize("case", CASES["good"], ids=[c["name"] for c in CASES["good"]])
+def test_good_config(case: dict[str, Any], tmp_path: Path) -> None:
+    cfg = _load(case, tmp_path)
+    for key, expected in case["expect"].items():
+        assert _get(cfg, key) == expected, key
+
+
+@pytest.mark.parametrize("case", CASES["bad"], ids=[c["name"] for c in CASES["bad"]])
+def test_bad_config_reports_every_problem(case: dict[str, Any], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        _load(case, tmp_path)
+    problems = info.value.problems
+    assert len(problems) == len(case["errors"]), "\n".join(map(str, problems))
+    text = str(info.value)
+    for key, fragment in case["errors"]:
+        matching = [p for p in problems if p.key == key]
+        assert matching, f"no problem for key {key!r} in:\n{text}"
+        assert any(fragment in p.message for p in matching), f"{fragment!r} not in {matching}"
+    assert info.value.exit_code == 2
+
+
+def test_problem_names_its_source(tmp_path: Path) -> None:
+    f = tmp_path / "mine.yaml"
+    f.write_text("vm: {cpus: 0}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(f, ["libvirt.driver=xen"])
+    by_key = {p.key: p for p in info.value.problems}
+    assert by_key["vm.cpus"].source == str(f)
+    assert by_key["libvirt.driver"].source == "--set"
+    assert "vm.cpus = 0" in str(by_key["vm.cpus"])
+
+
+def test_unreadable_file_is_a_problem_not_a_traceback(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "missing.yaml", ["vm.cpus=x"])
+    messages = [str(p) for p in info.value.problems]
+    assert any("cannot read the config file" in m for m in messages)
+    assert any("vm.cpus" in m for m in messages), "other layers are still checked"
+
+
+def test_appliance_yaml_in_cwd_is_read(tmp_path: Path) -> None:
+    (tmp_path / "appliance.yaml").write_text("vm: {cpus: 5}\n")
+    assert load_config(None, [], cwd=tmp_path).vm.cpus == 5
+
+
+def test_config_is_frozen() -> None:
+    cfg = load_config(None, [], cwd=Path("/"))
+    with pytest.raises(Exception):
+        cfg.vm.cpus = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("expr", "path", "value"),
+    [
+        ("a.b=1", ["a", "b"], 1),
+        ("a=true", ["a"], True),
+        ("a=", ["a"], ""),
+        ("a={x,y}", ["a"], ["x", "y"]),
+        ("a={}", ["a"], []),
+        ("a=[1, 2]", ["a"], [1, 2]),
+        ("a.b[2].c=on", ["a", "b", 2, "c"], True),
+        ("a=x=y", ["a"], "x=y"),
+        ("a=null", ["a"], None),
+    ],
+)
+def test_parse_set(expr: str, path: list[Any], value: Any) -> None:
+    assert parse_set(expr) == (path, value)
+
+
+def test_guest_environment_holds_marked_settings_quoted() -> None:
+    cfg = load_config(None, ["k3s.extra_args=[--a=1, 'b c']"], cwd=Path("/"))
+    env = guest_environment(cfg)
+    assert env["K3S_EXTRA_ARGS"] == "--a=1 'b c'"
+    assert env["CSGHUB_EDITION"] == "ce"
+    assert env["APPLIANCE_VERSION"] == cfg.csghub.chart_version
+    assert list(env) == sorted(env)
+
+
+def _invoke(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(  # noqa: S603
+        [sys.executable, "-m", "invoke", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cli_bad_config_exits_2_with_all_problems() -> None:
+    proc = _invoke("config", "--set", "vm.cpus=0", "--set", "vm.bogus=1", "--set", "oops")
+    assert proc.returncode == 2, proc.stderr
+    assert "invalid configuration (3 problems)" in proc.stderr
+    assert "vm.cpus = 0" in proc.stderr and "vm.bogus: unknown key" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_render_bad_config_creates_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "Vagrantfile"
+    proc = _invoke("render", "--provider", "libvirt", "--set", "vm.memory_mb=100", "--output", str(out))
+    assert proc.returncode == 2
+    assert not out.exists()
+
+
+def test_cli_config_prints_resolved_yaml() -> None:
+    proc = _invoke("config", "--provider", "libvirt", "--set", "vm.cpus=6")
+    assert proc.returncode == 0, proc.stderr
+    data = yaml.safe_load(proc.stdout)
+    assert data["provider"] == "libvirt" and data["vm"]["cpus"] == 6
+
+
+def test_cli_list_shows_tasks_with_help() -> None:
+    proc = _invoke("--list")
+    assert proc.returncode == 0, proc.stderr
+    for name in ("config", "render", "doctor"):
+        line = next((ln for ln in proc.stdout.splitlines() if ln.strip().startswith(name + " ")), "")
+        assert line.split(maxsplit=1)[1:], f"task {name} has no one-line help in:\n{proc.stdout}"
