@@ -8,6 +8,7 @@ only with ``--debug``). Nothing here runs commands, opens connections or renders
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -48,8 +49,10 @@ def cli_task(*args: Any, **kwargs: Any) -> Callable[[F], F]:
                 log.error("interrupted")
                 raise Exit(code=130) from None
 
-        help_ = {**CONFIG_HELP, **kwargs.pop("help", {})}
-        iterable = list(kwargs.pop("iterable", [])) + ["set_"]
+        params = set(inspect.signature(fn).parameters)
+        shared = {k: v for k, v in CONFIG_HELP.items() if k in params or f"{k}_" in params}
+        help_ = {**shared, **kwargs.pop("help", {})}
+        iterable = list(kwargs.pop("iterable", [])) + (["set_"] if "set_" in params else [])
         return task(*args, help=help_, iterable=iterable, **kwargs)(inner)  # type: ignore[no-any-return]
 
     return wrap
@@ -94,3 +97,11 @@ def doctor(c: Context, config: str | None = None, set_: list[str] | None = None,
     from appliance.doctor import run_doctor
 
     run_doctor(config_from_flags(config, set_, provider))
+
+
+@cli_task()
+def docs(c: Context, debug: bool = False) -> None:
+    """Regenerate docs/configuration.md from the config models."""
+    from appliance.reference import write_reference
+
+    log.success(f"wrote {write_reference()}")

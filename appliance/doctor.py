@@ -1,0 +1,185 @@
+"""``invoke doctor``: is this host able to build with the chosen provider?
+
+Each check is a probe with a verdict (ok / warn / fail), what it found, and, when it
+fails, the command that fixes it. The build cannot run if any check fails.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.table import Table
+
+from appliance.config import ApplianceConfig
+from appliance.errors import PrerequisiteMissing
+from appliance.log import log
+from appliance.run import run, which
+
+MIN_VAGRANT = (2, 2, 19)
+# Rough working space a build needs on the host besides the VM disk's real use: the box,
+# the exported VMDK and the OVA (the stack adds its images and artifacts).
+WORKSPACE_GB_BASE = 6
+WORKSPACE_GB_STACK = 40
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    verdict: str  # "ok", "warn" or "fail"
+    found: str
+    fix: str = ""
+
+
+def _version(text: str) -> tuple[int, ...]:
+    m = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
+    return tuple(int(g) for g in m.groups() if g is not None) if m else ()
+
+
+def _tool(name: str, program: str, fix: str, version_args: tuple[str, ...] = ("--version",)) -> Check:
+    path = which(program)
+    if path is None:
+        return Check(name, "fail", f"{program} not found on PATH", fix)
+    result = run([path, *version_args], check=False, timeout=60)
+    first = (result.stdout or result.stderr).strip().splitlines()
+    return Check(name, "ok" if result.ok else "warn", f"{path}: {first[0] if first else 'no version output'}", "")
+
+
+def check_vagrant() -> list[Check]:
+    path = which("vagrant")
+    if path is None:
+        return [Check("vagrant", "fail", "not found", "apt-get install --no-install-recommends vagrant "
+                      "(or HashiCorp's package: https://developer.hashicorp.com/vagrant/install)")]
+    res = run([path, "--version"], check=False, timeout=120)
+    ver = _version(res.stdout)
+    if not ver or ver < MIN_VAGRANT:
+        return [Check("vagrant", "fail", res.stdout.strip() or res.stderr.strip(),
+                      f"Vagrant >= {'.'.join(map(str, MIN_VAGRANT))} is needed")]
+    return [Check("vagrant", "ok", res.stdout.strip())]
+
+
+def check_virtualbox() -> list[Check]:
+    checks = [_tool("VBoxManage", "VBoxManage", "install VirtualBox 7: https://www.virtualbox.org/wiki/Downloads")]
+    if checks[0].verdict == "ok":
+        res = run(["VBoxManage", "list", "hostinfo"], check=False, timeout=60)
+        checks.append(Check("VirtualBox kernel driver", "ok" if res.ok else "fail",
+                            "VBoxManage list hostinfo " + ("works" if res.ok else "failed: " + res.stderr.strip()[:200]),
+                            "" if res.ok else "load the vboxdrv module (sudo /sbin/vboxconfig) and check Secure Boot"))
+    return checks
+
+
+def check_libvirt(cfg: ApplianceConfig) -> list[Check]:
+    apt = "apt-get install --no-install-recommends "
+    checks = [
+        _tool("qemu-system-x86_64", "qemu-system-x86_64", apt + "qemu-system-x86"),
+        _tool("qemu-img", "qemu-img", apt + "qemu-utils"),
+        _tool("virsh", "virsh", apt + "libvirt-clients", ("--version",)),
+    ]
+    libvirtd = which("libvirtd")
+    checks.append(Check("libvirtd", "ok" if libvirtd else "fail", libvirtd or "not installed",
+                        "" if libvirtd else apt + "libvirt-daemon libvirt-daemon-driver-qemu dnsmasq-base"))
+    if which("virsh"):
+        res = run(["virsh", "-c", cfg.libvirt.uri, "version"], check=False, timeout=30)
+        checks.append(Check(f"libvirt reachable ({cfg.libvirt.uri})", "ok" if res.ok else "fail",
+                            "connected" if res.ok else (res.stderr.strip().splitlines() or ["no answer"])[-1],
+                            "" if res.ok else "start it: `systemctl start libvirtd` (or without systemd: "
+                            "`virtlogd -d && libvirtd -d`)"))
+    if which("vagrant"):
+        res = run(["vagrant", "plugin", "list"], check=False, timeout=120)
+        has = "vagrant-libvirt" in res.stdout
+        checks.append(Check("vagrant-libvirt plugin", "ok" if has else "fail",
+                            next((ln.strip() for ln in res.stdout.splitlines() if "vagrant-libvirt" in ln), "missing"),
+                            "" if has else apt + "vagrant-libvirt (or `vagrant plugin install vagrant-libvirt`)"))
+    checks.append(_check_accel(cfg))
+    return checks
+
+
+def _check_accel(cfg: ApplianceConfig) -> Check:
+    if cfg.libvirt.driver == "qemu":
+        return Check("acceleration", "ok", "driver qemu (TCG emulation) chosen in config")
+    from appliance.hostprobe import detect_libvirt_driver
+
+    driver, why = detect_libvirt_driver()
+    if driver == "kvm":
+        return Check("acceleration", "ok", f"KVM works ({why})")
+    verdict = "fail" if cfg.libvirt.driver == "kvm" else "warn"
+    return Check("acceleration", verdict, f"KVM unusable, TCG emulation (slow) will be used: {why}",
+                 "enable virtualization in firmware / nested virtualization, or set libvirt.driver=qemu")
+
+
+def check_base_box_tools(cfg: ApplianceConfig) -> list[Check]:
+    if cfg.provider != "libvirt" or cfg.vm.box != "csghub/debian12":
+        return []
+    apt = "apt-get install --no-install-recommends "
+    return [
+        _tool("mmdebstrap (for invoke base-box)", "mmdebstrap", apt + "mmdebstrap"),
+        Check("extlinux (for invoke base-box)", "ok" if which("extlinux") else "fail",
+              which("extlinux") or "not found", "" if which("extlinux") else apt + "extlinux syslinux-common"),
+    ]
+
+
+def _available_memory_mb() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_resources(cfg: ApplianceConfig) -> list[Check]:
+    checks = []
+    avail = _available_memory_mb()
+    if avail is not None:
+        ok = avail >= cfg.vm.memory_mb + 512
+        checks.append(Check("memory", "ok" if ok else "fail", f"{avail} MiB available, VM needs {cfg.vm.memory_mb} MiB",
+                            "" if ok else "free memory or lower vm.memory_mb"))
+    need = WORKSPACE_GB_STACK if cfg.stack_enabled else WORKSPACE_GB_BASE
+    probe = cfg.build_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free_gb = shutil.disk_usage(probe).free / 1e9
+    ok = free_gb >= need
+    checks.append(Check("disk space", "ok" if ok else "fail", f"{free_gb:.0f} GB free at {probe}, build needs ~{need} GB",
+                        "" if ok else "free space or point output.build_dir elsewhere"))
+    cpus = os.cpu_count() or 1
+    checks.append(Check("host CPUs", "ok" if cpus >= cfg.vm.cpus else "warn", f"{cpus} host CPUs, VM has {cfg.vm.cpus}",
+                        "" if cpus >= cfg.vm.cpus else "more vCPUs than host CPUs slows the guest; lower vm.cpus"))
+    return checks
+
+
+def collect_checks(cfg: ApplianceConfig) -> list[Check]:
+    """Every check for ``cfg.provider`` (already resolved from ``auto``)."""
+    probes: list[Callable[[], list[Check]]] = [check_vagrant]
+    if cfg.provider == "virtualbox":
+        probes.append(check_virtualbox)
+    else:
+        probes.append(lambda: check_libvirt(cfg))
+        probes.append(lambda: check_base_box_tools(cfg))
+    probes.append(lambda: check_resources(cfg))
+    return [c for probe in probes for c in probe()]
+
+
+def run_doctor(cfg: ApplianceConfig) -> list[Check]:
+    """Print the checks as a table; raise ``PrerequisiteMissing`` if the build cannot run."""
+    checks = collect_checks(cfg)
+    table = Table(title=f"csghub-appliance doctor (provider {cfg.provider})")
+    for col in ("check", "", "found", "fix"):
+        table.add_column(col)
+    style = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"}
+    for c in checks:
+        table.add_row(c.name, style[c.verdict], c.found, c.fix)
+    log.console.print(table)
+    failed = [c for c in checks if c.verdict == "fail"]
+    if failed:
+        raise PrerequisiteMissing(
+            f"{len(failed)} check(s) failed: " + ", ".join(c.name for c in failed),
+            hint="run the commands in the fix column, then `invoke doctor` again",
+        )
+    log.success("this host can build the appliance")
+    return checks
