@@ -1,0 +1,263 @@
+"""Write an OVA from a VM disk: streamOptimized VMDK, OVF descriptor, SHA256 manifest, tar.
+
+``write_ova(disk_image, cfg, dest)`` converts the disk (qcow2 or raw) with ``qemu-img``, writes
+the descriptor (``appliance.export.ovf``) and a manifest of ``SHA256(name)= hex`` lines, and
+packs them into ``dest`` in the order OVF readers need: the ``.ovf`` first, the ``.mf`` right
+after it, then the files in ``References`` order.
+
+The tar headers are plain POSIX ustar. A member of 8 GiB or more does not fit ustar's 11-digit
+octal size field; POSIX's answer (a PAX extended header) is refused by VirtualBox's tar reader
+(IPRT returns VERR_TAR_UNSUPPORTED_PAX_TYPE), while the base-256 size encoding (first byte
+0x80, big-endian binary) is read by VirtualBox, GNU tar, bsdtar and Python's tarfile alike. So
+exactly that one field switches to base-256 when, and only when, a member needs it.
+
+The archive is written under a temporary name in the destination folder, hashed while it is
+written (no second read), and renamed into place only when complete; ``<ova>.sha256`` follows
+in ``sha256sum`` format. On any failure the partial files are removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+from appliance.errors import CommandFailed, ExportError
+from appliance.export.ovf import DiskFacts, OvfFormat, ovf_descriptor
+from appliance.log import log
+from appliance.run import run
+
+if TYPE_CHECKING:  # pragma: no cover
+    from appliance.config import ApplianceConfig
+
+BLOCK = 512
+USTAR_MAX_SIZE = 8**11 - 1  # what 11 octal digits hold: 8 GiB - 1
+CHUNK = 4 << 20
+SUPPORTED_INPUT_FORMATS = ("qcow2", "raw")
+
+
+@dataclass(frozen=True)
+class OvaResult:
+    """The finished OVA: where it is, its digest and size, and what it holds."""
+
+    path: Path
+    sha256: str
+    size: int
+    sha256_file: Path
+    members: tuple[str, ...]
+    disk: DiskFacts
+    ovf_format: OvfFormat
+
+
+# -- tar headers ---------------------------------------------------------------------------------
+
+
+def _octal(value: int, width: int) -> bytes:
+    """``width``-byte numeric field: octal digits, NUL-terminated (ustar)."""
+    digits = f"{value:o}".encode()
+    if len(digits) > width - 1:
+        raise ValueError(f"{value} does not fit a {width}-byte octal field")
+    return digits.rjust(width - 1, b"0") + b"\0"
+
+
+def _base256(value: int, width: int) -> bytes:
+    """``width``-byte numeric field in base-256 (GNU/star extension): 0x80 flag, then big-endian."""
+    if value < 0 or value >= 1 << (8 * (width - 1)):
+        raise ValueError(f"{value} does not fit a {width}-byte base-256 field")
+    return b"\x80" + value.to_bytes(width - 1, "big")
+
+
+def ustar_header(name: str, size: int, *, mtime: int = 0, mode: int = 0o644) -> bytes:
+    """One 512-byte POSIX ustar header for a regular file; base-256 size only above 8 GiB - 1."""
+    raw_name = name.encode("ascii")
+    if not raw_name or len(raw_name) > 100 or "/" in name:
+        raise ValueError(f"member name {name!r} must be 1-100 ASCII characters without '/'")
+    size_field = _octal(size, 12) if size <= USTAR_MAX_SIZE else _base256(size, 12)
+    header = bytearray(BLOCK)
+    fields: list[tuple[int, bytes]] = [
+        (0, raw_name),                 # name
+        (100, _octal(mode, 8)),        # mode
+        (108, _octal(0, 8)),           # uid
+        (116, _octal(0, 8)),           # gid
+        (124, size_field),             # size
+        (136, _octal(mtime, 12)),      # mtime
+        (148, b" " * 8),               # chksum, counted as spaces while summing
+        (156, b"0"),                   # typeflag: regular file
+        (257, b"ustar\0"),             # magic
+        (263, b"00"),                  # version
+    ]
+    for offset, value in fields:
+        header[offset:offset + len(value)] = value
+    checksum = sum(header)
+    header[148:156] = f"{checksum:06o}".encode() + b"\0 "
+    return bytes(header)
+
+
+def _padding(size: int) -> bytes:
+    return b"\0" * (-size % BLOCK)
+
+
+class _HashingWriter:
+    """Writes through to a file while hashing and counting every byte."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.out.write(data)
+        self.digest.update(data)
+        self.size += len(data)
+
+
+def _write_bytes_member(w: _HashingWriter, name: str, data: bytes, mtime: int) -> None:
+    w.write(ustar_header(name, len(data), mtime=mtime))
+    w.write(data)
+    w.write(_padding(len(data)))
+
+
+def _write_file_member(w: _HashingWriter, name: str, path: Path, size: int, mtime: int) -> None:
+    w.write(ustar_header(name, size, mtime=mtime))
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    copied = 0
+    with path.open("rb") as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            w.write(view[:n])
+            copied += n
+    if copied != size:
+        raise ExportError(f"{path} changed size while it was being packed ({size} -> {copied} bytes)")
+    w.write(_padding(size))
+
+
+# -- disk conversion ---------------------------------------------------------------------------
+
+
+def disk_info(path: Path) -> dict[str, object]:
+    """``qemu-img info --output=json`` of ``path`` (parsed)."""
+    result = run(["qemu-img", "info", "--output=json", str(path)], hint="is this a disk image qemu-img can read?")
+    try:
+        info = json.loads(result.stdout)
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"qemu-img info printed something that is not JSON for {path}: {exc}") from None
+    if not isinstance(info, dict):
+        raise ExportError(f"qemu-img info gave no object for {path}")
+    return info
+
+
+def convert_to_stream_vmdk(source: Path, source_format: str, target: Path) -> None:
+    """qemu-img: ``source`` (format given, never guessed) -> streamOptimized VMDK ``target``."""
+    run(
+        ["qemu-img", "convert", "-f", source_format, "-O", "vmdk", "-o", "subformat=streamOptimized",
+         str(source), str(target)],
+        hint="the source disk must not be in use by a running VM",
+    )
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    with path.open("rb") as f:
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def manifest_text(entries: Iterable[tuple[str, str]]) -> bytes:
+    """Manifest lines ``SHA256(name)= hex`` (the form VirtualBox and ovftool write), LF-terminated."""
+    return "".join(f"SHA256({name})= {hexdigest}\n" for name, hexdigest in entries).encode("ascii")
+
+
+def _source_date_epoch() -> int:
+    value = os.environ.get("SOURCE_DATE_EPOCH", "")
+    return int(value) if value.isdigit() else 0
+
+
+# -- the entry -----------------------------------------------------------------------------------
+
+
+def write_ova(
+    disk_image: Path,
+    cfg: ApplianceConfig,
+    dest: Path,
+    *,
+    ovf_format: OvfFormat | None = None,
+    include_vbox_machine: bool = True,
+    mtime: int | None = None,
+) -> OvaResult:
+    """Turn ``disk_image`` (qcow2 or raw) into the OVA ``dest`` plus ``dest.sha256``.
+
+    ``mtime`` stamps the tar members (default: ``$SOURCE_DATE_EPOCH`` or 0), so the archive
+    layout does not depend on when it was built.
+    """
+    disk_image, dest = Path(disk_image), Path(dest)
+    if dest.suffix != ".ova":
+        raise ExportError(f"OVA destination {str(dest)!r} must end in .ova")
+    if not disk_image.is_file():
+        raise ExportError(f"disk image {str(disk_image)!r} does not exist or is not a file")
+    fmt: OvfFormat = ovf_format or cfg.output.ovf_format
+    stamp = _source_date_epoch() if mtime is None else mtime
+
+    try:
+        info = disk_info(disk_image)
+    except CommandFailed as exc:
+        raise ExportError(f"cannot read disk image {str(disk_image)!r}: {exc.message}") from None
+    source_format = str(info.get("format", ""))
+    if source_format not in SUPPORTED_INPUT_FORMATS:
+        raise ExportError(
+            f"disk image {str(disk_image)!r} is {source_format or 'of unknown format'}; "
+            f"allowed: {', '.join(SUPPORTED_INPUT_FORMATS)}"
+        )
+    if info.get("backing-filename"):
+        # qemu-img convert flattens the chain, which is what we want; say so, it is slower.
+        log.info(f"disk has a backing file ({info['backing-filename']}); the OVA gets the flattened image")
+    capacity = int(str(info.get("virtual-size", 0)))
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    stem = dest.stem
+    ovf_name, mf_name, disk_name = f"{stem}.ovf", f"{stem}.mf", f"{stem}-disk001.vmdk"
+    partial = dest.parent / f".{dest.name}.partial"
+    sha_file = dest.parent / f"{dest.name}.sha256"
+    sha_partial = dest.parent / f".{sha_file.name}.partial"
+
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.work-") as work:
+        vmdk = Path(work) / disk_name
+        with log.step(f"convert {disk_image.name} ({source_format}) to a streamOptimized VMDK"):
+            convert_to_stream_vmdk(disk_image, source_format, vmdk)
+        vmdk_size = vmdk.stat().st_size
+        disk = DiskFacts(href=disk_name, file_size=vmdk_size, capacity=capacity, sha256=sha256_file(vmdk))
+        ovf = ovf_descriptor(cfg, disk, ovf_format=fmt, include_vbox_machine=include_vbox_machine)
+        manifest = manifest_text([(ovf_name, hashlib.sha256(ovf).hexdigest()), (disk_name, disk.sha256)])
+        try:
+            with log.step(f"pack {dest.name}"):
+                with partial.open("wb") as raw:
+                    w = _HashingWriter(raw)
+                    _write_bytes_member(w, ovf_name, ovf, stamp)
+                    _write_bytes_member(w, mf_name, manifest, stamp)
+                    _write_file_member(w, disk_name, vmdk, vmdk_size, stamp)
+                    w.write(b"\0" * (2 * BLOCK))  # end-of-archive marker
+                    raw.flush()
+                    os.fsync(raw.fileno())
+                digest = w.digest.hexdigest()
+                sha_partial.write_text(f"{digest}  {dest.name}\n", encoding="ascii")
+                os.replace(partial, dest)
+                os.replace(sha_partial, sha_file)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            sha_partial.unlink(missing_ok=True)
+            raise
+    log.success(f"wrote {dest} ({w.size / 2**20:.1f} MiB, sha256 {digest[:16]}...)")
+    return OvaResult(
+        path=dest, sha256=digest, size=w.size, sha256_file=sha_file,
+        members=(ovf_name, mf_name, disk_name), disk=disk, ovf_format=fmt,
+    )

@@ -1,0 +1,449 @@
+"""The OVF descriptor for the libvirt export path, written the way VirtualBox writes its own.
+
+``ovf_descriptor(cfg, disk)`` returns the bytes of an ``.ovf`` file describing one virtual
+system: CPUs and memory from ``cfg.vm``, a SATA (AHCI) controller holding the disk, one Intel
+PRO/1000 NIC on NAT, and the product, annotation and licence sections from ``cfg.output``.
+The layout follows what ``VBoxManage export`` produces (element and section order, namespace
+prefixes, the Item fields and their alphabetical order, the Info texts), so VirtualBox imports
+it as if it had written it, and VMware reads the standard part.
+
+NAT port forwards have no place in standard OVF: VirtualBox keeps them only in its own
+``vbox:Machine`` section (a copy of its settings-file format). Without that section an
+imported appliance has no forwards and the evaluator cannot reach the web UI, so we write a
+small ``vbox:Machine`` (settings format 1.15, as in VirtualBox 5.x exports, which every later
+VirtualBox imports) holding the hardware, the NAT forwards and the disk attachment. Other OVF
+readers skip it (``ovf:required="false"``). ``include_vbox_machine=False`` leaves it out.
+
+The output is deterministic: no timestamps, and the UUIDs are derived from the disk's
+digest, so the same inputs give the same bytes.
+
+``ovf_schema`` / ``schema_errors`` validate a descriptor against the DMTF schemas (found via
+``find_schema_dir``), accepting ``vbox:Machine`` through a small extension schema.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+from xml.etree import ElementTree as ET
+from xml.sax.saxutils import escape
+
+from appliance.config import PROJECT_ROOT
+from appliance.errors import ExportError, PrerequisiteMissing
+
+if TYPE_CHECKING:  # pragma: no cover
+    from appliance.config import ApplianceConfig
+
+OvfFormat = Literal["ovf10", "ovf20"]
+
+NS_OVF = {"ovf10": "http://schemas.dmtf.org/ovf/envelope/1", "ovf20": "http://schemas.dmtf.org/ovf/envelope/2"}
+NS_RASD = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData"
+NS_VSSD = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_VirtualSystemSettingData"
+# OVF 2.0 only. VirtualBox writes these two with a ".xsd" suffix, which no schema knows; we use
+# the real namespace names so the descriptor validates (see docs/export.md).
+NS_SASD = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_StorageAllocationSettingData"
+NS_EPASD = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_EthernetPortAllocationSettingData"
+NS_XSI = "http://www.w3.org/2001/XMLSchema-instance"
+NS_VBOX = "http://www.virtualbox.org/ovf/machine"
+
+STREAM_OPTIMIZED = "http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized"
+DISK_ID = "vmdisk1"
+FILE_ID = "file1"
+NETWORK_NAME = "NAT"
+# CIM operating system id 96 is "Debian 64-Bit"; VirtualBox maps it to its own type Debian_64.
+CIM_OS_DEBIAN_64 = "96"
+VBOX_OS_TYPE = "Debian_64"
+VBOX_SETTINGS_VERSION = "1.15-linux"
+# Names the deterministic UUIDs (disk, machine) are derived from.
+_UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/OpenCSGs/csghub/appliance")
+
+_NIC_SUBTYPE = {"82540EM": "E1000", "82543GC": "E1000", "82545EM": "E1000", "virtio": ""}
+_GRAPHICS = {"vmsvga": "VMSVGA", "vboxsvga": "VBoxSVGA", "vboxvga": "VBoxVGA", "none": "Null"}
+# XML 1.0 forbids these characters outright (even escaped).
+_XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+@dataclass(frozen=True)
+class DiskFacts:
+    """What the descriptor says about the disk: its name in the OVA, sizes and digest."""
+
+    href: str
+    file_size: int
+    capacity: int
+    sha256: str
+
+    @property
+    def uuid(self) -> str:
+        return str(uuid.uuid5(_UUID_NAMESPACE, f"disk:{self.sha256}"))
+
+
+# -- a tiny XML tree that keeps prefixes and attribute order exactly as written ---------------
+
+
+@dataclass
+class _Node:
+    tag: str
+    attrs: list[tuple[str, str]] = field(default_factory=list)
+    text: str | None = None
+    children: list[_Node] = field(default_factory=list)
+
+    def add(self, tag: str, text: str | int | None = None, **attrs: str) -> _Node:
+        # Attribute names arrive as keyword arguments: "ovf_id" stands for "ovf:id".
+        child = _Node(tag, [(k.replace("_", ":", 1) if ":" not in k else k, v) for k, v in attrs.items()],
+                      None if text is None else str(text))
+        self.children.append(child)
+        return child
+
+    def serialize(self, depth: int = 0) -> Iterator[str]:
+        pad = "  " * depth
+        attrs = "".join(f" {k}={_quote(v)}" for k, v in self.attrs)
+        if self.children:
+            yield f"{pad}<{self.tag}{attrs}>"
+            for child in self.children:
+                yield from child.serialize(depth + 1)
+            yield f"{pad}</{self.tag}>"
+        elif self.text is not None:
+            yield f"{pad}<{self.tag}{attrs}>{escape(self.text)}</{self.tag}>"
+        else:
+            yield f"{pad}<{self.tag}{attrs}/>"
+
+
+def _quote(value: str) -> str:
+    return '"' + escape(value, {'"': "&quot;", "\n": "&#10;", "\r": "&#13;", "\t": "&#9;"}) + '"'
+
+
+def _check_text(what: str, text: str) -> str:
+    bad = _XML_FORBIDDEN.search(text)
+    if bad:
+        raise ExportError(
+            f"{what} contains the control character U+{ord(bad.group()):04X}, which XML cannot carry",
+            hint="remove control characters (tabs and newlines are fine)",
+        )
+    return text
+
+
+# -- the descriptor --------------------------------------------------------------------------
+
+
+def ovf_descriptor(
+    cfg: ApplianceConfig,
+    disk: DiskFacts,
+    *,
+    ovf_format: OvfFormat | None = None,
+    include_vbox_machine: bool = True,
+) -> bytes:
+    """The ``.ovf`` for ``cfg`` and ``disk``: UTF-8 bytes, identical for identical inputs."""
+    fmt: OvfFormat = ovf_format or cfg.output.ovf_format
+    if fmt not in NS_OVF:
+        raise ExportError(f"unknown OVF format {fmt!r}", hint="use ovf10 or ovf20")
+    ovf2 = fmt == "ovf20"
+    eula = _eula_text(cfg)
+
+    env = _Node("Envelope", [
+        ("ovf:version", "2.0" if ovf2 else "1.0"),
+        ("xml:lang", "en-US"),
+        ("xmlns", NS_OVF[fmt]),
+        ("xmlns:ovf", NS_OVF[fmt]),
+        ("xmlns:rasd", NS_RASD),
+        ("xmlns:vssd", NS_VSSD),
+        ("xmlns:xsi", NS_XSI),
+        ("xmlns:vbox", NS_VBOX),
+    ])
+    if ovf2:
+        env.attrs += [("xmlns:epasd", NS_EPASD), ("xmlns:sasd", NS_SASD)]
+
+    refs = env.add("References")
+    refs.add("File", ovf_id=FILE_ID, ovf_href=disk.href, ovf_size=str(disk.file_size))
+
+    disks = env.add("DiskSection")
+    disks.add("Info", "List of the virtual disks used in the package")
+    disks.add("Disk", **{
+        "ovf:capacity": str(disk.capacity),
+        "ovf:diskId": DISK_ID,
+        "ovf:fileRef": FILE_ID,
+        "ovf:format": STREAM_OPTIMIZED,
+        "vbox:uuid": disk.uuid,
+    })
+
+    nets = env.add("NetworkSection")
+    nets.add("Info", "Logical networks used in the package")
+    net = nets.add("Network", ovf_name=NETWORK_NAME)
+    net.add("Description", "Logical network used by this appliance.")
+
+    name = cfg.vm.name
+    vs = env.add("VirtualSystem", ovf_id=name)
+    vs.add("Info", "A virtual machine")
+
+    out = cfg.output
+    product = vs.add("ProductSection")
+    product.add("Info", "Meta-information about the installed software")
+    product.add("Product", _check_text("output.product", out.product))
+    product.add("Vendor", _check_text("output.vendor", out.vendor))
+    product.add("Version", cfg.appliance_version)
+    product.add("ProductUrl", out.product_url)
+    product.add("VendorUrl", out.vendor_url)
+
+    if out.description:
+        annotation = vs.add("AnnotationSection")
+        annotation.add("Info", "A human-readable annotation")
+        annotation.add("Annotation", _check_text("output.description", out.description))
+
+    if eula is not None:
+        eula_section = vs.add("EulaSection")
+        eula_section.add("Info", "License agreement for the virtual system")
+        eula_section.add("License", eula)
+
+    os_section = vs.add("OperatingSystemSection", ovf_id=CIM_OS_DEBIAN_64)
+    os_section.add("Info", "The kind of installed guest operating system")
+    os_section.add("Description", VBOX_OS_TYPE)
+    os_section.add("vbox:OSType", VBOX_OS_TYPE, ovf_required="false")
+
+    _virtual_hardware(vs.add("VirtualHardwareSection"), cfg, ovf2=ovf2)
+
+    if include_vbox_machine:
+        _vbox_machine(vs, cfg, disk)
+
+    text = '<?xml version="1.0"?>\n' + "\n".join(env.serialize()) + "\n"
+    return text.encode("utf-8")
+
+
+def _eula_text(cfg: ApplianceConfig) -> str | None:
+    if not cfg.output.eula_file:
+        return None
+    path = cfg.path(cfg.output.eula_file)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ExportError(f"output.eula_file {str(path)!r} does not exist",
+                          hint="give a readable UTF-8 text file, or leave output.eula_file empty") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ExportError(f"output.eula_file {str(path)!r} cannot be read as UTF-8 text: {exc}") from None
+    text = text.replace("\r\n", "\n")
+    if not text.strip():
+        raise ExportError(f"output.eula_file {str(path)!r} is empty",
+                          hint="write the licence text into it, or leave output.eula_file empty")
+    return _check_text("output.eula_file", text)
+
+
+def _virtual_hardware(hw: _Node, cfg: ApplianceConfig, *, ovf2: bool) -> None:
+    """Items as VirtualBox writes them: rasd fields in alphabetical order, InstanceIDs from 1."""
+    hw.add("Info", "Virtual hardware requirements for a virtual machine")
+    system = hw.add("System")
+    system.add("vssd:ElementName", "Virtual Hardware Family")
+    system.add("vssd:InstanceID", "0")
+    system.add("vssd:VirtualSystemIdentifier", cfg.vm.name)
+    system.add("vssd:VirtualSystemType", "virtualbox-2.2")
+
+    def item(element: str, prefix: str, fields: dict[str, str | int]) -> None:
+        node = hw.add(element)
+        for key in sorted(fields):
+            node.add(f"{prefix}:{key}", fields[key])
+
+    cpus, mem = cfg.vm.cpus, cfg.vm.memory_mb
+    cpu_caption = f"{cpus} virtual CPU"
+    item("Item", "rasd", {"Caption": cpu_caption, "Description": "Number of virtual CPUs",
+                          "ElementName": cpu_caption, "InstanceID": 1, "ResourceType": 3, "VirtualQuantity": cpus})
+    mem_caption = f"{mem} MB of memory"
+    item("Item", "rasd", {"AllocationUnits": "MegaBytes", "Caption": mem_caption, "Description": "Memory Size",
+                          "ElementName": mem_caption, "InstanceID": 2, "ResourceType": 4, "VirtualQuantity": mem})
+    item("Item", "rasd", {"Address": 0, "Caption": "sataController0", "Description": "SATA Controller",
+                          "ElementName": "sataController0", "InstanceID": 3, "ResourceSubType": "AHCI",
+                          "ResourceType": 20})
+    disk_fields: dict[str, str | int] = {
+        "AddressOnParent": 0, "Caption": "disk1", "Description": "Disk Image", "ElementName": "disk1",
+        "HostResource": f"/disk/{DISK_ID}", "InstanceID": 4, "Parent": 3, "ResourceType": 17,
+    }
+    nic_caption = f"Ethernet adapter on '{NETWORK_NAME}'"
+    nic_fields: dict[str, str | int] = {
+        "AutomaticAllocation": "true", "Caption": nic_caption, "Connection": NETWORK_NAME,
+        "ElementName": nic_caption, "InstanceID": 5, "ResourceType": 10,
+    }
+    subtype = _NIC_SUBTYPE[cfg.virtualbox.nic_type]
+    if subtype:
+        nic_fields["ResourceSubType"] = subtype
+    if ovf2:
+        # OVF 2.0 moves disks and NICs into their own item kinds; the schema wants the
+        # EthernetPortItems before the StorageItems.
+        item("EthernetPortItem", "epasd", nic_fields)
+        item("StorageItem", "sasd", disk_fields)
+    else:
+        item("Item", "rasd", disk_fields)
+        item("Item", "rasd", nic_fields)
+
+
+def _vbox_machine(vs: _Node, cfg: ApplianceConfig, disk: DiskFacts) -> None:
+    """VirtualBox's own settings for the VM: the only place NAT port forwards survive an import."""
+    machine_uuid = uuid.uuid5(_UUID_NAMESPACE, f"machine:{cfg.vm.name}:{cfg.appliance_version}:{disk.sha256}")
+    m = vs.add("vbox:Machine", **{
+        "ovf:required": "false",
+        "version": VBOX_SETTINGS_VERSION,
+        "uuid": "{" + str(machine_uuid) + "}",
+        "name": cfg.vm.name,
+        "OSType": VBOX_OS_TYPE,
+        "snapshotFolder": "Snapshots",
+    })
+    m.add("ovf:Info", "Complete VirtualBox machine configuration in VirtualBox format")
+    hw = m.add("Hardware", version="2")
+    cpu = hw.add("CPU", count=str(cfg.vm.cpus), hotplug="false")
+    cpu.add("PAE", enabled="true")
+    cpu.add("LongMode", enabled="true")
+    hw.add("Memory", RAMSize=str(cfg.vm.memory_mb), PageFusion="false")
+    hw.add("HID", Pointing="PS2Mouse", Keyboard="PS2Keyboard")
+    hw.add("Chipset", type="PIIX3")
+    boot = hw.add("Boot")
+    boot.add("Order", position="1", device="HardDisk")
+    for pos in (2, 3, 4):
+        boot.add("Order", position=str(pos), device="None")
+    hw.add("Display", controller=_GRAPHICS[cfg.virtualbox.graphics_controller], VRAMSize="16",
+           monitorCount="1", accelerate3D="false", accelerate2DVideo="false")
+    bios = hw.add("BIOS")
+    bios.add("ACPI", enabled="true")
+    bios.add("IOAPIC", enabled="true")
+    network = hw.add("Network")
+    # No MACAddress: VirtualBox generates one on import (what `--options nomacs` exports).
+    adapter = network.add("Adapter", slot="0", enabled="true", cable="true", speed="0",
+                          type=cfg.virtualbox.nic_type)
+    adapter.add("DisabledModes")
+    nat = adapter.add("NAT")
+    if not cfg.virtualbox.nat_localhost_reachable:
+        # Settings before 1.19 default to "reachable"; only the opposite needs saying.
+        nat.attrs.append(("localhost-reachable", "false"))
+    nat.add("DNS", **{"pass-domain": "true", "use-proxy": "false", "use-host-resolver": "false"})
+    nat.add("Alias", logging="false", **{"proxy-only": "false", "use-same-ports": "false"})
+    # VirtualBox keeps rules in a map keyed by name and writes them sorted; proto 1 = TCP, 0 = UDP.
+    for rule in sorted(cfg.network.forwarded_ports, key=lambda p: p.name):
+        nat.add("Forwarding", name=rule.name, proto="1" if rule.protocol == "tcp" else "0",
+                hostip=rule.host_ip, hostport=str(rule.host), guestport=str(rule.guest))
+    hw.add("RTC", localOrUTC="UTC")
+    controllers = m.add("StorageControllers")
+    sata = controllers.add("StorageController", name="SATA", type="AHCI", PortCount="1",
+                           useHostIOCache="false", Bootable="true")
+    attached = sata.add("AttachedDevice", type="HardDisk", hotpluggable="false", port="0", device="0")
+    attached.add("Image", uuid="{" + disk.uuid + "}")
+
+
+# -- reading descriptors back ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DescriptorFacts:
+    """What verification needs from a descriptor: its format, file list and disks."""
+
+    ovf_format: OvfFormat
+    files: tuple[tuple[str, str, int | None], ...]  # (id, href, size or None)
+    disks: tuple[tuple[str, str, int, str], ...]  # (diskId, fileRef, capacity in bytes, format URL)
+
+
+_UNITS = {"byte": 1, "kilobytes": 1 << 10, "megabytes": 1 << 20, "gigabytes": 1 << 30}
+
+
+def _capacity_bytes(value: str, units: str | None) -> int:
+    n = int(value)
+    if not units:
+        return n
+    u = units.replace(" ", "").lower()
+    m = re.fullmatch(r"byte\*2\^(\d+)", u)
+    if m:
+        return n << int(m.group(1))
+    if u in _UNITS:
+        return n * _UNITS[u]
+    raise ValueError(f"unknown capacityAllocationUnits {units!r}")
+
+
+def read_descriptor(data: bytes) -> DescriptorFacts:
+    """Parse an ``.ovf``; raises ``ValueError`` naming what is missing or malformed."""
+    try:
+        root = ET.fromstring(data)
+    except ET.ParseError as exc:
+        raise ValueError(f"not well-formed XML: {exc}") from None
+    fmt = next((k for k, ns in NS_OVF.items() if root.tag == f"{{{ns}}}Envelope"), None)
+    if fmt is None:
+        raise ValueError(f"root element is {root.tag}, not an OVF 1.x or 2.x Envelope")
+    ns = NS_OVF[fmt]
+    files = []
+    for f in root.findall(f"{{{ns}}}References/{{{ns}}}File"):
+        size = f.get(f"{{{ns}}}size")
+        files.append((f.get(f"{{{ns}}}id", ""), f.get(f"{{{ns}}}href", ""), int(size) if size else None))
+    disks = []
+    for d in root.findall(f"{{{ns}}}DiskSection/{{{ns}}}Disk"):
+        cap = _capacity_bytes(d.get(f"{{{ns}}}capacity", "0"), d.get(f"{{{ns}}}capacityAllocationUnits"))
+        disks.append((d.get(f"{{{ns}}}diskId", ""), d.get(f"{{{ns}}}fileRef", ""), cap,
+                      d.get(f"{{{ns}}}format", "")))
+    return DescriptorFacts(fmt, tuple(files), tuple(disks))  # type: ignore[arg-type]
+
+
+# -- schema validation ---------------------------------------------------------------------------
+
+SCHEMA_DIR_ENV = "APPLIANCE_OVF_SCHEMAS"
+_SCHEMA_SUBDIR = {"ovf10": "ovf1", "ovf20": "ovf2"}
+
+# Declares vbox:Machine as one more OVF Section whose content after Info is not checked: the
+# DMTF schema has no wildcard where VirtualBox puts it (see ../shared/ovf/README.md).
+_VBOX_EXTENSION = """<?xml version="1.0"?>
+<xs:schema xmlns:xs="http://www.w3.org/2001/XMLSchema" xmlns:ovf="{ovf}"
+    targetNamespace="http://www.virtualbox.org/ovf/machine" elementFormDefault="qualified">
+  <xs:import namespace="{ovf}"/>
+  <xs:element name="Machine" substitutionGroup="ovf:Section">
+    <xs:complexType>
+      <xs:complexContent>
+        <xs:extension base="ovf:Section_Type">
+          <xs:sequence>
+            <xs:any namespace="##any" processContents="skip" minOccurs="0" maxOccurs="unbounded"/>
+          </xs:sequence>
+        </xs:extension>
+      </xs:complexContent>
+    </xs:complexType>
+  </xs:element>
+</xs:schema>
+"""
+
+
+def find_schema_dir() -> Path | None:
+    """Where the DMTF OVF schemas are: ``$APPLIANCE_OVF_SCHEMAS``, else ``../shared/ovf/schemas``."""
+    candidates = []
+    if os.environ.get(SCHEMA_DIR_ENV):
+        candidates.append(Path(os.environ[SCHEMA_DIR_ENV]))
+    candidates.append(PROJECT_ROOT.parent / "shared" / "ovf" / "schemas")
+    for c in candidates:
+        if (c / "ovf1").is_dir() and (c / "ovf2").is_dir():
+            return c.resolve()
+    return None
+
+
+@lru_cache(maxsize=None)
+def ovf_schema(ovf_format: OvfFormat, schema_dir: Path | None = None) -> Any:
+    """The compiled schema for ``ovf10``/``ovf20`` (plus the vbox:Machine extension); cached."""
+    import xmlschema
+
+    base = schema_dir or find_schema_dir()
+    if base is None:
+        raise PrerequisiteMissing(
+            "the DMTF OVF schemas were not found",
+            hint=f"set {SCHEMA_DIR_ENV} to a folder holding ovf1/ and ovf2/ (the repository's ../shared/ovf/schemas)",
+        )
+    folder = (base / _SCHEMA_SUBDIR[ovf_format]).resolve()
+    main = next(folder.glob("dsp8023_*.xsd"))
+
+    def to_local(uri: str) -> str:
+        local = folder / uri.rsplit("/", 1)[-1]
+        return local.as_uri() if uri.startswith("http") and local.exists() else uri
+
+    ext = _VBOX_EXTENSION.format(ovf=NS_OVF[ovf_format])
+    return xmlschema.XMLSchema10([str(main), ext], allow="local", uri_mapper=to_local, base_url=str(folder))
+
+
+def schema_errors(data: bytes, schema_dir: Path | None = None) -> list[str]:
+    """Every schema violation in the descriptor ``data`` (empty list: valid)."""
+    try:
+        facts_format = read_descriptor(data).ovf_format
+    except ValueError as exc:
+        return [str(exc)]
+    schema = ovf_schema(facts_format, schema_dir)
+    root = ET.fromstring(data)
+    return [f"{e.path}: {e.reason}" for e in schema.iter_errors(root)]
