@@ -1,0 +1,454 @@
+"""Pinned artifacts: the host-side download cache (``invoke fetch``, ``invoke lock``).
+
+The appliance is built from three downloads: the k3s binary, k3s's air-gap image bundle and
+the CSGHub chart archive. Each has a URL built from the configured mirror, a file in the
+user's cache directory, and a sha256 that comes from the version lock
+(``appliance/data/versions.lock.yaml``) or, when the lock has none yet, from the checksum its
+publisher ships beside it (``sha256sum-amd64.txt``; the ``digest`` in the chart repository's
+``index.yaml``). Downloads resume from a ``.part`` file with an HTTP Range request, show a
+progress bar, and only reach their final name once verified; a mismatch deletes the partial
+file. A cached file is re-hashed, not re-downloaded: a second build makes no request at all.
+
+:func:`fetch_artifacts` is the stage entry; :func:`guest_uploads` tells the provisioning
+runner which cached file goes where in the guest.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import http.client
+import os
+import shutil
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import yaml
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from appliance.config import ApplianceConfig
+from appliance.errors import ArtifactError
+from appliance.log import is_interactive, log
+
+LOCK_FILE = Path(__file__).resolve().parent / "data" / "versions.lock.yaml"
+GUEST_ARTIFACT_DIR = "/var/cache/csghub-appliance/artifacts"
+K3S_CHECKSUM_FILE = "sha256sum-amd64.txt"
+CHUNK = 1024 * 1024
+TIMEOUT = 60  # seconds without progress before a connection is given up
+USER_AGENT = "csghub-appliance"
+
+# The lock file's header is kept verbatim when `invoke lock` rewrites the data below it.
+_HEADER_END = "lock_version:"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One pinned download."""
+
+    name: str  # the publisher's file name, also the key in the lock
+    group: str  # "k3s" or "csghub_chart": the lock section
+    version: str
+    url: str
+    checksum_url: str  # the publisher's checksum file or chart index
+    setting: str  # the config key that moves the download to a mirror
+    cache_path: Path
+    guest_path: str
+
+    @property
+    def part_path(self) -> Path:
+        return self.cache_path.with_name(self.cache_path.name + ".part")
+
+    @property
+    def verified_path(self) -> Path:
+        """Sidecar holding the digest the file was verified against (for unpinned artifacts)."""
+        return self.cache_path.with_name(self.cache_path.name + ".sha256")
+
+
+@dataclass(frozen=True)
+class FetchedArtifact:
+    artifact: Artifact
+    sha256: str
+    source: str  # where the expected digest came from
+    downloaded: bool  # False: served from the cache
+
+
+# -- the plan -----------------------------------------------------------------------------
+
+
+def cache_dir(cfg: ApplianceConfig) -> Path:
+    """``artifacts.cache_dir``, else ``$XDG_CACHE_HOME/csghub-appliance``, else ``~/.cache/...``."""
+    if cfg.artifacts.cache_dir:
+        return cfg.path(cfg.artifacts.cache_dir)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "csghub-appliance"
+
+
+def planned_artifacts(cfg: ApplianceConfig) -> list[Artifact]:
+    """The artifacts this configuration needs, with their URLs and cache paths."""
+    root = cache_dir(cfg)
+    k3s_version = cfg.k3s.version
+    # GitHub release tags contain '+', which must travel as %2B in a URL path.
+    k3s_folder = f"{cfg.artifacts.k3s_mirror}/{urllib.parse.quote(k3s_version, safe='')}"
+    chart_version = cfg.csghub.chart_version
+    chart_name = f"csghub-{chart_version}.tgz"
+    out = [
+        Artifact(
+            name=name,
+            group="k3s",
+            version=k3s_version,
+            url=f"{k3s_folder}/{name}",
+            checksum_url=f"{k3s_folder}/{K3S_CHECKSUM_FILE}",
+            setting="artifacts.k3s_mirror",
+            cache_path=root / "k3s" / k3s_version / name,
+            guest_path=f"{GUEST_ARTIFACT_DIR}/{name}",
+        )
+        for name in ("k3s", "k3s-airgap-images-amd64.tar.zst")
+    ]
+    out.append(
+        Artifact(
+            name=chart_name,
+            group="csghub_chart",
+            version=chart_version,
+            url=f"{cfg.artifacts.chart_repo}/{chart_name}",
+            checksum_url=f"{cfg.artifacts.chart_repo}/index.yaml",
+            setting="artifacts.chart_repo",
+            cache_path=root / "charts" / chart_name,
+            guest_path=f"{GUEST_ARTIFACT_DIR}/{chart_name}",
+        )
+    )
+    return out
+
+
+def guest_uploads(cfg: ApplianceConfig) -> list[tuple[Path, str]]:
+    """(host cache path, guest path) for every artifact the k3s and csghub steps read.
+
+    The files must have been fetched first (:func:`fetch_artifacts`); the guest paths are the
+    ones ``provision/20-k3s.sh`` and ``provision/30-csghub.sh`` look in.
+    """
+    return [(a.cache_path, a.guest_path) for a in planned_artifacts(cfg)]
+
+
+# -- the lock -------------------------------------------------------------------------------
+
+
+def read_lock(path: Path = LOCK_FILE) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ArtifactError(f"cannot read the version lock {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ArtifactError(f"the version lock {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict) or data.get("lock_version") != 1:
+        raise ArtifactError(f"the version lock {path} is not a lock_version 1 file")
+    for group in ("k3s", "csghub_chart"):
+        section = data.setdefault(group, {})
+        if not isinstance(section, dict):
+            raise ArtifactError(f"the version lock {path}: `{group}` must be a mapping of versions")
+    return data
+
+
+def locked_digest(lock: dict[str, Any], artifact: Artifact) -> str | None:
+    release = lock.get(artifact.group, {}).get(artifact.version) or {}
+    digest = release.get(artifact.name) if isinstance(release, dict) else None
+    if digest is None:
+        return None
+    digest = str(digest).lower()
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ArtifactError(
+            f"the version lock holds a malformed sha256 for {artifact.name} {artifact.version}: {digest!r}",
+            hint="a digest is 64 hex digits; set it to null and run `invoke lock` to record it again",
+        )
+    return digest
+
+
+def write_lock(lock: dict[str, Any], path: Path = LOCK_FILE) -> None:
+    """Rewrite the lock's data, keeping its comment header; atomically (temp file + rename)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        text = ""
+    header = text.split(_HEADER_END, 1)[0] if _HEADER_END in text else ""
+    body = yaml.safe_dump(lock, sort_keys=False, default_flow_style=False)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(header + body, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# -- fetching ---------------------------------------------------------------------------------
+
+
+def fetch_artifacts(
+    cfg: ApplianceConfig, *, update_lock: bool = False, lock_path: Path = LOCK_FILE
+) -> list[FetchedArtifact]:
+    """Make every planned artifact present and verified in the cache; optionally pin the digests.
+
+    Raises ``ArtifactError`` naming the artifact, the URL and the setting to change.
+    """
+    lock = read_lock(lock_path)
+    results: list[FetchedArtifact] = []
+    with log.step("fetch artifacts"):
+        for artifact in planned_artifacts(cfg):
+            results.append(_fetch_one(artifact, locked_digest(lock, artifact)))
+        if update_lock:
+            changed = False
+            for r in results:
+                release = lock[r.artifact.group].setdefault(r.artifact.version, {})
+                if release.get(r.artifact.name) != r.sha256:
+                    release[r.artifact.name] = r.sha256
+                    changed = True
+            if changed:
+                write_lock(lock, lock_path)
+                log.success(f"pinned {len(results)} digests in {lock_path}")
+            else:
+                log.info(f"{lock_path} already pins these digests")
+    return results
+
+
+def _fetch_one(artifact: Artifact, pinned: str | None) -> FetchedArtifact:
+    cached = artifact.cache_path
+    if cached.is_file():
+        expected, source = _cached_expectation(artifact, pinned)
+        if expected is not None:
+            actual = _sha256_file(cached)
+            if actual == expected:
+                log.info(f"{artifact.name} {artifact.version}: cached, sha256 verified ({source})")
+                return FetchedArtifact(artifact, actual, source, downloaded=False)
+            log.warning(
+                f"{artifact.name}: cached file {cached} does not match its digest "
+                f"(expected {expected}, actual {actual}); downloading it again"
+            )
+        cached.unlink()
+        artifact.verified_path.unlink(missing_ok=True)
+
+    if pinned is not None:
+        expected, source = pinned, "version lock"
+    else:
+        expected, source = _publisher_digest(artifact)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    _download(artifact, artifact.url)
+    actual = _sha256_file(artifact.part_path)
+    if actual != expected:
+        artifact.part_path.unlink(missing_ok=True)
+        raise ArtifactError(
+            f"sha256 mismatch for {artifact.name} {artifact.version} from {artifact.url}:\n"
+            f"  expected {expected} ({source})\n"
+            f"  actual   {actual}\n"
+            f"  the downloaded file was deleted",
+            hint=f"a mirror serving different bytes? check {artifact.setting}; if the publisher re-released "
+            f"the file on purpose, clear its digest in {LOCK_FILE.name} and run `invoke lock`",
+        )
+    os.replace(artifact.part_path, cached)
+    if pinned is None:
+        artifact.verified_path.write_text(f"{actual}  {artifact.name}  # {source}\n", encoding="utf-8")
+    log.success(f"{artifact.name} {artifact.version}: downloaded, sha256 verified ({source})")
+    return FetchedArtifact(artifact, actual, source, downloaded=True)
+
+
+def _cached_expectation(artifact: Artifact, pinned: str | None) -> tuple[str | None, str]:
+    if pinned is not None:
+        return pinned, "version lock"
+    try:
+        recorded = artifact.verified_path.read_text(encoding="utf-8").split()[0].lower()
+    except (OSError, IndexError):
+        return None, ""
+    return recorded, "publisher checksum recorded at download"
+
+
+def _publisher_digest(artifact: Artifact) -> tuple[str, str]:
+    """The sha256 the publisher ships beside the artifact."""
+    text = _get_text(artifact, artifact.checksum_url)
+    where = artifact.checksum_url
+    if artifact.group == "k3s":
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[1].lstrip("*") == artifact.name:
+                return parts[0].lower(), f"publisher's {K3S_CHECKSUM_FILE}"
+        raise ArtifactError(
+            f"{where} lists no checksum for {artifact.name}",
+            hint=f"is {artifact.version} a k3s release, and is {artifact.setting} right?",
+        )
+    try:
+        index = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ArtifactError(f"the chart index {where} is not valid YAML: {exc}") from None
+    entries = (index or {}).get("entries", {}).get("csghub", []) if isinstance(index, dict) else []
+    for entry in entries or []:
+        if isinstance(entry, dict) and str(entry.get("version")) == artifact.version:
+            digest = entry.get("digest")
+            if not digest:
+                break
+            return str(digest).lower(), "digest in the chart repository's index.yaml"
+    raise ArtifactError(
+        f"the chart index {where} has no csghub {artifact.version} with a digest",
+        hint="check csghub.chart_version and artifacts.chart_repo",
+    )
+
+
+# -- HTTP -----------------------------------------------------------------------------------
+
+
+def _open(artifact: Artifact, url: str, headers: dict[str, str]) -> Any:
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, **headers})
+    try:
+        return urllib.request.urlopen(request, timeout=TIMEOUT)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416:
+            return exc  # the caller handles "range not satisfiable"
+        raise ArtifactError(
+            f"download of {artifact.name} failed: the server answered {exc.code} {exc.reason} for {url}",
+            hint=f"is the version right, and does {artifact.setting} point at the right place?",
+        ) from None
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+        reason = getattr(exc, "reason", exc)
+        host = urllib.parse.urlsplit(url).netloc or url
+        raise ArtifactError(
+            f"cannot reach {host} to download {artifact.name} ({reason}); URL: {url}",
+            hint=f"check the network or proxy, or set {artifact.setting} to a mirror you can reach "
+            f"(e.g. --set {artifact.setting}=https://mirror.example/...), or place the verified file at "
+            f"{artifact.cache_path}",
+        ) from None
+
+
+def _get_text(artifact: Artifact, url: str) -> str:
+    response = _open(artifact, url, {})
+    with response:
+        data: bytes = response.read()
+    return data.decode("utf-8", errors="replace")
+
+
+def _download(artifact: Artifact, url: str) -> None:
+    """Download into ``artifact.part_path``, resuming what is already there."""
+    part = artifact.part_path
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    response = _open(artifact, url, headers)
+    with response:
+        status = getattr(response, "status", None) or response.getcode()
+        if status == 416:
+            # The .part already holds every byte the server has: let verification decide.
+            log.info(f"{artifact.name}: partial download is already complete")
+            return
+        if status == 206 and have:
+            start = _range_start(response.headers.get("Content-Range", ""))
+            if start != have:
+                raise ArtifactError(
+                    f"download of {artifact.name}: the server resumed at byte {start}, not {have} ({url})",
+                    hint=f"delete {part} to start over",
+                )
+            mode = "ab"
+            log.info(f"{artifact.name}: resuming at {_size(have)}")
+        else:
+            mode, have = "wb", 0
+        length = response.headers.get("Content-Length")
+        remaining = int(length) if length and length.isdigit() else None
+        total = have + remaining if remaining is not None else None
+        if remaining is not None:
+            _check_space(artifact, part.parent, remaining, total)
+        # Unbuffered, so a full disk surfaces at the write that hit it, not at close.
+        with open(part, mode, buffering=0) as out, _progress(artifact.name, total, have) as advance:
+            _copy(artifact, response, out, advance, total)
+
+
+def _copy(
+    artifact: Artifact, response: BinaryIO, out: Any, advance: Callable[[int], None], total: int | None
+) -> None:
+    while True:
+        try:
+            chunk = response.read(CHUNK)
+        except (TimeoutError, ConnectionError, urllib.error.URLError, http.client.HTTPException) as exc:
+            raise ArtifactError(
+                f"download of {artifact.name} was interrupted ({exc}); {artifact.part_path} is kept",
+                hint="run the same command again: it resumes where it stopped",
+            ) from None
+        if not chunk:
+            # http.client returns a short body silently when the peer hangs up early.
+            if total is not None and out.tell() < total:
+                raise ArtifactError(
+                    f"download of {artifact.name} was interrupted after {_size(out.tell())} of "
+                    f"{_size(total)}; {artifact.part_path} is kept",
+                    hint="run the same command again: it resumes where it stopped",
+                )
+            return
+        try:
+            view = memoryview(chunk)
+            while view:
+                view = view[out.write(view) or 0 :]
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                written = artifact.part_path.stat().st_size
+                free = shutil.disk_usage(artifact.part_path.parent).free
+                need = f"{_size(total - written)} more" if total is not None else "more"
+                raise ArtifactError(
+                    f"disk full while downloading {artifact.name} into {artifact.part_path}: "
+                    f"it needs {need} ({_size(total) if total else 'size unknown'} in all), "
+                    f"{_size(free)} free on that file system",
+                    hint="free some space or set artifacts.cache_dir to a larger disk, then run the same "
+                    "command again: it resumes",
+                ) from None
+            raise
+        advance(len(chunk))
+
+
+def _check_space(artifact: Artifact, directory: Path, remaining: int, total: int | None) -> None:
+    free = shutil.disk_usage(directory).free
+    if remaining > free:
+        raise ArtifactError(
+            f"not enough disk space for {artifact.name} in {directory}: it needs {_size(remaining)} more "
+            f"({_size(total or remaining)} in all), {_size(free)} free",
+            hint="free some space or set artifacts.cache_dir to a larger disk",
+        )
+
+
+def _range_start(content_range: str) -> int:
+    # "bytes 100-999/1000"
+    try:
+        return int(content_range.split()[1].split("-")[0])
+    except (IndexError, ValueError):
+        return -1
+
+
+@contextmanager
+def _progress(name: str, total: int | None, done: int) -> Iterator[Callable[[int], None]]:
+    progress = Progress(
+        TextColumn("  {task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=log.console,
+        transient=True,
+        disable=not is_interactive(),
+    )
+    with progress:
+        task = progress.add_task(name, total=total, completed=done)
+        yield lambda n: progress.advance(task, n)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
+        value /= 1024
+    return f"{n} B"
