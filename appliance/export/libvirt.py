@@ -51,7 +51,9 @@ def find_domain_disk(uri: str, domain: str, *, pool: str | None = None) -> Path:
     disks = [d for d in parse_domblklist(result.stdout) if d.device == "disk"]
     if len(disks) != 1:
         listed = ", ".join(f"{d.target}={d.source}" for d in disks) or "none"
-        raise ExportError(f"domain {domain!r} has {len(disks)} hard disks ({listed}); the export expects exactly one")
+        raise ExportError(
+            f"domain {domain!r} has {len(disks)} hard disks ({listed}); the export expects exactly one"
+        )
     source = disks[0].source
     if source.startswith("/"):
         return Path(source)

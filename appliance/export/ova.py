@@ -144,7 +144,8 @@ def _write_file_member(w: _HashingWriter, name: str, path: Path, size: int, mtim
 
 def disk_info(path: Path) -> dict[str, object]:
     """``qemu-img info --output=json`` of ``path`` (parsed)."""
-    result = run(["qemu-img", "info", "--output=json", str(path)], hint="is this a disk image qemu-img can read?")
+    result = run(["qemu-img", "info", "--output=json", str(path)],
+                 hint="is this a disk image qemu-img can read?")
     try:
         info = json.loads(result.stdout)
     except json.JSONDecodeError as exc:

@@ -28,7 +28,7 @@ import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from xml.etree import ElementTree as ET
@@ -248,10 +248,12 @@ def _virtual_hardware(hw: _Node, cfg: ApplianceConfig, *, ovf2: bool) -> None:
     cpus, mem = cfg.vm.cpus, cfg.vm.memory_mb
     cpu_caption = f"{cpus} virtual CPU"
     item("Item", "rasd", {"Caption": cpu_caption, "Description": "Number of virtual CPUs",
-                          "ElementName": cpu_caption, "InstanceID": 1, "ResourceType": 3, "VirtualQuantity": cpus})
+                          "ElementName": cpu_caption, "InstanceID": 1, "ResourceType": 3,
+                          "VirtualQuantity": cpus})
     mem_caption = f"{mem} MB of memory"
-    item("Item", "rasd", {"AllocationUnits": "MegaBytes", "Caption": mem_caption, "Description": "Memory Size",
-                          "ElementName": mem_caption, "InstanceID": 2, "ResourceType": 4, "VirtualQuantity": mem})
+    item("Item", "rasd", {"AllocationUnits": "MegaBytes", "Caption": mem_caption,
+                          "Description": "Memory Size", "ElementName": mem_caption, "InstanceID": 2,
+                          "ResourceType": 4, "VirtualQuantity": mem})
     item("Item", "rasd", {"Address": 0, "Caption": "sataController0", "Description": "SATA Controller",
                           "ElementName": "sataController0", "InstanceID": 3, "ResourceSubType": "AHCI",
                           "ResourceType": 20})
@@ -416,7 +418,7 @@ def find_schema_dir() -> Path | None:
     return None
 
 
-@lru_cache(maxsize=None)
+@cache
 def ovf_schema(ovf_format: OvfFormat, schema_dir: Path | None = None) -> Any:
     """The compiled schema for ``ovf10``/``ovf20`` (plus the vbox:Machine extension); cached."""
     import xmlschema
@@ -425,7 +427,8 @@ def ovf_schema(ovf_format: OvfFormat, schema_dir: Path | None = None) -> Any:
     if base is None:
         raise PrerequisiteMissing(
             "the DMTF OVF schemas were not found",
-            hint=f"set {SCHEMA_DIR_ENV} to a folder holding ovf1/ and ovf2/ (the repository's ../shared/ovf/schemas)",
+            hint=f"set {SCHEMA_DIR_ENV} to a folder holding ovf1/ and ovf2/ "
+            "(the repository's ../shared/ovf/schemas)",
         )
     folder = (base / _SCHEMA_SUBDIR[ovf_format]).resolve()
     main = next(folder.glob("dsp8023_*.xsd"))
