@@ -105,3 +105,27 @@ def docs(c: Context, debug: bool = False) -> None:
     from appliance.reference import write_reference
 
     log.success(f"wrote {write_reference()}")
+
+
+@cli_task(help={
+    "skip": "Comma-separated stages or provisioning steps to skip (e.g. k3s,csghub or verify).",
+    "only": "Comma-separated stages or steps to run alone (the others are skipped).",
+    "force": "Replace an existing OVA in the output directory.",
+    "on_error": "On failure: keep (default: keep the VM and build/ to resume) or destroy (remove the VM).",
+    "no_boot_check": "Verify the OVA's structure only, without booting a copy.",
+})
+def build_ova(c: Context, config: str | None = None, set_: list[str] | None = None, provider: str | None = None,
+              skip: str = "", only: str = "", force: bool = False, on_error: str = "keep",
+              no_boot_check: bool = False, debug: bool = False) -> None:
+    """Build the OVA: fetch, render, up, provision, seal, halt, export, verify, publish (resumable)."""
+    from appliance.errors import UsageError
+    from appliance.pipeline import BuildOptions
+    from appliance.pipeline import build_ova as run_build
+
+    if on_error not in ("keep", "destroy"):
+        raise UsageError(f"--on-error={on_error!r}: allowed values are keep and destroy")
+    options = BuildOptions(
+        skip=tuple(n for n in skip.split(",") if n), only=tuple(n for n in only.split(",") if n),
+        force=force, on_error=on_error, boot_check=not no_boot_check,  # type: ignore[arg-type]
+    )
+    run_build(config_from_flags(config, set_, provider), options)

@@ -86,7 +86,10 @@ class VMSettings(_Section):
     )
     cpus: int = Field(8, ge=1, le=64, description="Virtual CPUs (CSGHub: 4 minimum, 8 recommended).")
     memory_mb: int = Field(
-        16384, ge=ABSOLUTE_MIN_MEMORY_MB, le=1048576, description="Memory in MiB (CSGHub: 8192 minimum, 16384 recommended)."
+        16384,
+        ge=ABSOLUTE_MIN_MEMORY_MB,
+        le=1048576,
+        description="Memory in MiB (CSGHub: 8192 minimum, 16384 recommended).",
     )
     disk_gb: int = Field(200, ge=8, le=4096, description="Virtual disk size in GB (sparse; CSGHub publishes 200 GB).")
     box: str = Field(
@@ -138,7 +141,8 @@ class VirtualBoxSettings(_Section):
         "vmsvga", description="Graphics controller (VMSVGA is VirtualBox's choice for Linux guests)."
     )
     nat_localhost_reachable: bool = Field(
-        True, description="VirtualBox 7: let the guest reach the host's 127.0.0.1 through NAT (`--nat-localhostreachable1`)."
+        True,
+        description="VirtualBox 7: let the guest reach the host's 127.0.0.1 through NAT (`--nat-localhostreachable1`).",
     )
     gui: bool = Field(False, description="Show the VM window while building.")
 
@@ -626,7 +630,8 @@ def _cross_checks(data: Mapping[str, Any], sources: _Sources) -> list[ConfigProb
     stack = not any(s in skip for s in STACK_STEPS)
     hint = "skip the k3s and csghub steps (provision.skip=[k3s, csghub]) for a VM without CSGHub"
     mem = vm.get("memory_mb")
-    if stack and isinstance(mem, int) and not isinstance(mem, bool) and ABSOLUTE_MIN_MEMORY_MB <= mem < CSGHUB_MIN_MEMORY_MB:
+    mem_ok = isinstance(mem, int) and not isinstance(mem, bool)
+    if stack and mem_ok and ABSOLUTE_MIN_MEMORY_MB <= mem < CSGHUB_MIN_MEMORY_MB:  # type: ignore[operator]
         problems.append(
             ConfigProblem(
                 sources.of("vm.memory_mb"), "vm.memory_mb",

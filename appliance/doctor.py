@@ -66,8 +66,8 @@ def check_virtualbox() -> list[Check]:
     checks = [_tool("VBoxManage", "VBoxManage", "install VirtualBox 7: https://www.virtualbox.org/wiki/Downloads")]
     if checks[0].verdict == "ok":
         res = run(["VBoxManage", "list", "hostinfo"], check=False, timeout=60)
-        checks.append(Check("VirtualBox kernel driver", "ok" if res.ok else "fail",
-                            "VBoxManage list hostinfo " + ("works" if res.ok else "failed: " + res.stderr.strip()[:200]),
+        found = "VBoxManage list hostinfo " + ("works" if res.ok else "failed: " + res.stderr.strip()[:200])
+        checks.append(Check("VirtualBox kernel driver", "ok" if res.ok else "fail", found,
                             "" if res.ok else "load the vboxdrv module (sudo /sbin/vboxconfig) and check Secure Boot"))
     return checks
 
@@ -145,7 +145,8 @@ def check_resources(cfg: ApplianceConfig) -> list[Check]:
         probe = probe.parent
     free_gb = shutil.disk_usage(probe).free / 1e9
     ok = free_gb >= need
-    checks.append(Check("disk space", "ok" if ok else "fail", f"{free_gb:.0f} GB free at {probe}, build needs ~{need} GB",
+    found = f"{free_gb:.0f} GB free at {probe}, build needs ~{need} GB"
+    checks.append(Check("disk space", "ok" if ok else "fail", found,
                         "" if ok else "free space or point output.build_dir elsewhere"))
     cpus = os.cpu_count() or 1
     checks.append(Check("host CPUs", "ok" if cpus >= cfg.vm.cpus else "warn", f"{cpus} host CPUs, VM has {cfg.vm.cpus}",

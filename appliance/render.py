@@ -57,7 +57,7 @@ def _environment() -> jinja2.Environment:
         loader=jinja2.FileSystemLoader(str(TEMPLATE.parent)),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
-        autoescape=False,  # noqa: S701 - output is Ruby, escaped by the rb filters
+        autoescape=False,  # output is Ruby, escaped by the rb filters
     )
     env.filters["rb"] = ruby_literal
     env.filters["rb_shell_env"] = vagrant_shell_env_literal
