@@ -1,0 +1,114 @@
+#!/bin/bash
+# Install the first-boot machinery: the service that gives each imported copy its own SSH
+# host keys, machine-id, login password and cluster token and detects its network; the
+# console banner (/etc/issue, motd) with its timer; csghub-status and csghub-reconfigure;
+# and the login user `csghub` (no password until a copy's first boot makes one).
+#
+# The build VM itself is marked as done, so rebooting it during the build does not run the
+# first-boot service; 90-seal.sh removes that mark.
+# appliance: files=firstboot
+set -euo pipefail
+
+SRC="${PROVISION_DIR:-/var/tmp/csghub-provision}/files/firstboot"
+LOGIN_USER=csghub
+STATE=/var/lib/csghub-appliance
+ETC=/etc/csghub-appliance
+units_changed=no
+
+if [[ ! -f "$SRC/lib.sh" ]]; then
+    echo "error: support files missing: $SRC/lib.sh (the runner uploads provision/files/firstboot)" >&2
+    exit 1
+fi
+
+# install_file SRC DEST MODE: copy when missing or different; say which.
+install_file() {
+    local src=$1 dest=$2 mode=$3
+    if [[ -f "$dest" ]] && cmp -s "$src" "$dest" && [[ "$(stat -c %a "$dest")" == "${mode#0}" ]]; then
+        echo "ok: $dest up to date"
+        return 1
+    fi
+    install -D -m "$mode" -o root -g root "$src" "$dest"
+    echo "changed: installed $dest"
+    return 0
+}
+
+install_file "$SRC/lib.sh" /usr/local/lib/csghub-appliance/lib.sh 0644 || true
+install_file "$SRC/csghub-firstboot" /usr/local/sbin/csghub-firstboot 0755 || true
+install_file "$SRC/csghub-banner" /usr/local/sbin/csghub-banner 0755 || true
+install_file "$SRC/csghub-reconfigure" /usr/local/sbin/csghub-reconfigure 0755 || true
+install_file "$SRC/csghub-status" /usr/local/bin/csghub-status 0755 || true
+for unit in csghub-firstboot.service csghub-banner.service csghub-banner.timer; do
+    if install_file "$SRC/$unit" "/etc/systemd/system/$unit" 0644; then
+        units_changed=yes
+    fi
+done
+
+# Build-time facts the guest tools read (values quoted for bash).
+env_tmp=$(mktemp)
+{
+    echo "# Written by provision/40-firstboot.sh at build time."
+    printf 'APPLIANCE_PRODUCT=%q\n' "CSGHub appliance"
+    printf 'APPLIANCE_NAME=%q\n' "${APPLIANCE_NAME:-csghub}"
+    printf 'APPLIANCE_VERSION=%q\n' "${APPLIANCE_VERSION:-unknown}"
+    printf 'CSGHUB_DOMAIN=%q\n' "${CSGHUB_DOMAIN:-csghub.localhost}"
+    printf 'CSGHUB_HTTP_PORT=%q\n' "${CSGHUB_HTTP_PORT:-30080}"
+    printf 'CSGHUB_NAMESPACE=%q\n' "${CSGHUB_NAMESPACE:-csghub}"
+    printf 'CSGHUB_HELMCHART_NAME=%q\n' "${CSGHUB_HELMCHART_NAME:-csghub}"
+    printf 'CSGHUB_HELMCHART_NAMESPACE=%q\n' "${CSGHUB_HELMCHART_NAMESPACE:-kube-system}"
+    printf 'K3S_NODE_IP=%q\n' "${K3S_NODE_IP:-}"
+} >"$env_tmp"
+if install_file "$env_tmp" "$ETC/appliance.env" 0644; then :; fi
+rm -f "$env_tmp"
+
+# sshd: password logins for the copy's owner (keys are never baked in); root stays out.
+if [[ -d /etc/ssh/sshd_config.d ]]; then
+    if install_file "$SRC/sshd-csghub-appliance.conf" /etc/ssh/sshd_config.d/10-csghub-appliance.conf 0644; then
+        # Validate now rather than find out on a copy that cannot be logged in to.
+        if compgen -G '/etc/ssh/ssh_host_*_key' >/dev/null; then
+            sshd -t
+        fi
+    fi
+else
+    echo "ok: no /etc/ssh/sshd_config.d (OpenSSH server not installed); no sshd settings to add"
+fi
+
+# The owner's login: exists in the image with a locked password; first boot sets one.
+if getent passwd "$LOGIN_USER" >/dev/null; then
+    echo "ok: user $LOGIN_USER exists"
+else
+    useradd --create-home --shell /bin/bash --comment "CSGHub appliance owner" "$LOGIN_USER"
+    echo "changed: created user $LOGIN_USER (password locked until first boot)"
+fi
+if getent group sudo >/dev/null; then
+    if id -nG "$LOGIN_USER" | tr ' ' '\n' | grep -qx sudo; then
+        echo "ok: $LOGIN_USER may use sudo"
+    else
+        usermod -aG sudo "$LOGIN_USER"
+        echo "changed: $LOGIN_USER may use sudo (with its password)"
+    fi
+else
+    echo "ok: no sudo group in this image; $LOGIN_USER gets no sudo"
+fi
+
+# Units.
+if [[ "$units_changed" == yes ]]; then
+    systemctl daemon-reload
+    echo "changed: systemd reloaded its units"
+fi
+for unit in csghub-firstboot.service csghub-banner.service csghub-banner.timer; do
+    if systemctl -q is-enabled "$unit" 2>/dev/null; then
+        echo "ok: $unit enabled"
+    else
+        systemctl enable "$unit" 2>&1 | sed 's/^/  /'
+        echo "changed: enabled $unit"
+    fi
+done
+
+# This VM is the build, not a copy: keep the first-boot service from running on its reboots.
+mkdir -p "$STATE"
+if [[ -e "$STATE/firstboot.done" ]]; then
+    echo "ok: build VM marked as not a copy ($STATE/firstboot.done)"
+else
+    echo "build VM (removed by 90-seal.sh)" >"$STATE/firstboot.done"
+    echo "changed: marked the build VM as not a copy ($STATE/firstboot.done)"
+fi

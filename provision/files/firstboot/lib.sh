@@ -1,0 +1,347 @@
+# shellcheck shell=bash
+# Functions shared by csghub-firstboot, csghub-status, csghub-banner and csghub-reconfigure.
+# Installed as /usr/local/lib/csghub-appliance/lib.sh. Sourced, never executed.
+#
+# The pure functions (no side effects, inputs as arguments or stdin) carry the decisions:
+# which access mode and address, which domain, what the banner says. The unit tests run
+# them on the build host with canned inputs (tests/unit/test_firstboot.py).
+
+CSGHUB_ETC=${CSGHUB_ETC:-/etc/csghub-appliance}
+CSGHUB_STATE=${CSGHUB_STATE:-/var/lib/csghub-appliance}
+CSGHUB_LOGIN_USER=${CSGHUB_LOGIN_USER:-csghub}
+# The default domain needs no DNS: browsers resolve *.localhost to the host's loopback,
+# where the VirtualBox NAT forwards listen.
+CSGHUB_DEFAULT_DOMAIN=csghub.localhost
+
+# Build-time facts written by 40-firstboot.sh (product, version, ports, k3s node address).
+load_appliance_env() {
+    if [[ -r "$CSGHUB_ETC/appliance.env" ]]; then
+        # shellcheck source=/dev/null
+        . "$CSGHUB_ETC/appliance.env"
+    fi
+    APPLIANCE_PRODUCT=${APPLIANCE_PRODUCT:-CSGHub appliance}
+    APPLIANCE_VERSION=${APPLIANCE_VERSION:-unknown}
+    CSGHUB_HTTP_PORT=${CSGHUB_HTTP_PORT:-30080}
+    CSGHUB_DOMAIN=${CSGHUB_DOMAIN:-$CSGHUB_DEFAULT_DOMAIN}
+    CSGHUB_NAMESPACE=${CSGHUB_NAMESPACE:-csghub}
+    K3S_NODE_IP=${K3S_NODE_IP:-}
+}
+
+# The owner's choice (csghub-reconfigure writes it): ACCESS_MODE=auto|nat|address, ACCESS_ADDRESS=IP.
+# shellcheck disable=SC2034  # read by the callers
+load_access_conf() {
+    ACCESS_MODE=auto
+    ACCESS_ADDRESS=
+    if [[ -r "$CSGHUB_ETC/access.conf" ]]; then
+        # shellcheck source=/dev/null
+        . "$CSGHUB_ETC/access.conf"
+    fi
+}
+
+stack_installed() {
+    [[ -x /usr/local/bin/k3s ]]
+}
+
+# detect_access NODE_IP < `ip -o -4 addr show` output
+# Prints "MODE ADDRESS": "nat 10.0.2.15" when a VirtualBox/QEMU user-mode NAT address is
+# present (the host reaches the guest through port forwards on 127.0.0.1), else
+# "address IP" for the first other global IPv4 address (host-only or bridged adapter,
+# reachable from the host directly), else "none -". Interfaces the cluster owns (the k3s
+# node address, CNI bridges, veths, flannel) are never candidates.
+detect_access() {
+    local node_ip=${1:-} nat="" other="" _n ifname family cidr addr
+    while read -r _n ifname family cidr _; do
+        [[ "$family" == inet ]] || continue
+        addr=${cidr%%/*}
+        case "$ifname" in
+            lo | cni* | flannel* | veth* | docker* | kube* | cali* | tunl* | dummy*) continue ;;
+        esac
+        [[ -n "$node_ip" && "$addr" == "$node_ip" ]] && continue
+        case "$addr" in
+            127.* | 169.254.*) continue ;;
+            10.0.2.*) [[ -z "$nat" ]] && nat=$addr ;;
+            *) [[ -z "$other" ]] && other=$addr ;;
+        esac
+    done
+    if [[ -n "$nat" ]]; then
+        echo "nat $nat"
+    elif [[ -n "$other" ]]; then
+        echo "address $other"
+    else
+        echo "none -"
+    fi
+}
+
+# choose_access CONF_MODE CONF_ADDRESS DETECTED_MODE DETECTED_ADDRESS -> "MODE ADDRESS"
+# The owner's pinned choice wins over detection; "auto" follows detection.
+choose_access() {
+    local conf_mode=$1 conf_addr=$2 det_mode=$3 det_addr=$4
+    case "$conf_mode" in
+        nat) echo "nat ${det_addr/#-/10.0.2.15}" ;;
+        address)
+            if [[ -n "$conf_addr" ]]; then
+                echo "address $conf_addr"
+            else
+                echo "$det_mode $det_addr"
+            fi
+            ;;
+        *) echo "$det_mode $det_addr" ;;
+    esac
+}
+
+# domain_for MODE ADDRESS CONFIGURED_DOMAIN -> domain
+# A domain chosen at build time (anything but the default) is the owner's DNS name and is
+# kept whatever the network. Otherwise NAT (and no network) -> csghub.localhost; a direct
+# address -> csghub.<IP>.nip.io (resolves to IP with public DNS; the chart derives
+# casdoor.<IP>.nip.io etc. from it).
+domain_for() {
+    local mode=$1 address=$2 configured=${3:-$CSGHUB_DEFAULT_DOMAIN}
+    if [[ "$configured" != "$CSGHUB_DEFAULT_DOMAIN" ]]; then
+        echo "$configured"
+    elif [[ "$mode" == address && "$address" =~ ^[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+$ ]]; then
+        echo "csghub.$address.nip.io"
+    else
+        echo "$CSGHUB_DEFAULT_DOMAIN"
+    fi
+}
+
+# url_for DOMAIN PORT
+url_for() {
+    echo "http://$1:$2"
+}
+
+# new_password: 20 characters in 4 groups, from an alphabet without look-alikes
+# (no 0/O, 1/l/I); about 100 bits. Read from the kernel CSPRNG.
+new_password() {
+    local alphabet=abcdefghijkmnpqrstuvwxyz23456789 raw out="" i
+    raw=$(od -An -N20 -tu1 /dev/urandom)
+    i=0
+    for b in $raw; do
+        out+=${alphabet:$((b % 32)):1}
+        i=$((i + 1))
+        ((i % 5 == 0 && i < 20)) && out+=-
+    done
+    echo "$out"
+}
+
+# new_token: 32 random bytes, hex (k3s cluster token).
+new_token() {
+    od -An -N32 -tx1 /dev/urandom | tr -d ' \n'
+    echo
+}
+
+# count_ready < "READY DESIRED" lines (one per Deployment/StatefulSet) -> "N M"
+# N workloads have all their desired replicas ready, out of M.
+count_ready() {
+    local ready desired n=0 m=0
+    while read -r ready desired; do
+        [[ -z "$desired" ]] && continue
+        m=$((m + 1))
+        [[ "${ready:-0}" =~ ^[0-9]+$ ]] || ready=0
+        ((ready >= desired)) && n=$((n + 1))
+    done
+    echo "$n $m"
+}
+
+# The state line of the banner, from STACK (installed|absent), the API answer and the counts.
+# status_line STACK API(up|down) N M
+status_line() {
+    local stack=$1 api=$2 n=$3 m=$4
+    if [[ "$stack" != installed ]]; then
+        echo "CSGHub stack not installed in this image (built with the k3s/csghub steps skipped)."
+    elif [[ "$api" != up ]]; then
+        echo "CSGHub is starting: cluster starting (0/${m:-?} services ready)"
+    elif ((m == 0)); then
+        echo "CSGHub is starting: installing the Helm release (0/? services ready)"
+    elif ((n < m)); then
+        echo "CSGHub is starting: $n/$m services ready"
+    else
+        echo "CSGHub is ready: $n/$m services ready"
+    fi
+}
+
+# render_banner: the text of /etc/issue, /etc/motd and `csghub-status`, from variables:
+# PRODUCT VERSION STATUS MODE ADDRESS URL STACK ADMIN_USER LOGIN_USER LOGIN_PASSWORD
+# (LOGIN_PASSWORD empty: the owner changed it, or the reader may not see it).
+render_banner() {
+    echo "$PRODUCT $VERSION"
+    echo
+    echo "  $STATUS"
+    echo
+    if [[ "$STACK" == installed ]]; then
+        case "$MODE" in
+            nat)
+                echo "  Open from the host:   $URL"
+                echo "  (VirtualBox NAT: the VM forwards host port ${URL##*:} on 127.0.0.1; *.localhost needs no DNS)"
+                ;;
+            address)
+                echo "  Open from the host:   $URL"
+                echo "  (VM address $ADDRESS; run 'sudo csghub-reconfigure' after changing network adapters)"
+                ;;
+            *)
+                echo "  No network address yet: attach a NAT, host-only or bridged adapter,"
+                echo "  then run 'sudo csghub-reconfigure'."
+                ;;
+        esac
+        echo "  CSGHub admin user:    $ADMIN_USER"
+        echo "  Admin password:       sudo csghub-status --admin-password"
+        echo
+    fi
+    echo "  Log in to this VM:    user $LOGIN_USER (console, or SSH where a port reaches guest port 22)"
+    if [[ -n "$LOGIN_PASSWORD" ]]; then
+        echo "  One-time password:    $LOGIN_PASSWORD"
+        echo "  (made for this copy at first boot; shown until you change it with 'passwd')"
+    else
+        echo "  Password:             the one you set (first-boot password: sudo csghub-status)"
+    fi
+}
+
+# issue_escape: agetty interprets backslash escapes in /etc/issue; keep text literal.
+issue_escape() {
+    sed 's/\\/\\\\/g'
+}
+
+# write_if_changed PATH MODE < content: atomic replace, only when the content differs.
+# Returns 0 when it wrote, 1 when the file was already up to date.
+write_if_changed() {
+    local path=$1 mode=$2 tmp
+    tmp=$(mktemp "$path.XXXXXX")
+    cat >"$tmp"
+    if [[ -f "$path" ]] && cmp -s "$tmp" "$path"; then
+        rm -f "$tmp"
+        return 1
+    fi
+    chmod "$mode" "$tmp"
+    mv -f "$tmp" "$path"
+    return 0
+}
+
+# login_password_current: the first-boot password, if the owner has not changed it yet
+# (root only: reads /etc/shadow and the state file). Prints nothing otherwise.
+login_password_current() {
+    local pw_file="$CSGHUB_STATE/login-password" hash_file="$CSGHUB_STATE/login-password.hash" now
+    [[ -r "$pw_file" && -r "$hash_file" && -r /etc/shadow ]] || return 0
+    now=$(getent shadow "$CSGHUB_LOGIN_USER" | cut -d: -f2)
+    if [[ -n "$now" && "$now" == "$(cat "$hash_file")" ]]; then
+        cat "$pw_file"
+    fi
+}
+
+# cluster_counts: "API N M" for the CSGHub namespace, read from the live cluster.
+cluster_counts() {
+    local out
+    if ! out=$(k3s kubectl --request-timeout=5s -n "$CSGHUB_NAMESPACE" get deployments,statefulsets \
+        -o 'custom-columns=READY:.status.readyReplicas,DESIRED:.spec.replicas' --no-headers 2>/dev/null); then
+        echo "down 0 0"
+        return 0
+    fi
+    echo "up $(count_ready <<<"${out//<none>/0}")"
+}
+
+# gather_banner: fill the render_banner variables from this machine.
+gather_banner() {
+    load_appliance_env
+    PRODUCT=$APPLIANCE_PRODUCT
+    VERSION=$APPLIANCE_VERSION
+    LOGIN_USER=$CSGHUB_LOGIN_USER
+    ADMIN_USER=root
+    MODE=none ADDRESS=- DOMAIN=$CSGHUB_DOMAIN
+    if [[ -r "$CSGHUB_STATE/access.env" ]]; then
+        # shellcheck source=/dev/null
+        . "$CSGHUB_STATE/access.env"
+    fi
+    URL=$(url_for "$DOMAIN" "$CSGHUB_HTTP_PORT")
+    LOGIN_PASSWORD=$(login_password_current)
+    local api n m
+    if stack_installed; then
+        STACK=installed
+        read -r api n m < <(cluster_counts)
+    else
+        STACK=absent api=down n=0 m=0
+    fi
+    STATUS=$(status_line "$STACK" "$api" "$n" "$m")
+}
+
+# --- side effects shared by csghub-firstboot and csghub-reconfigure ------------------------
+
+K3S_MANIFESTS=${K3S_MANIFESTS:-/var/lib/rancher/k3s/server/manifests}
+K3S_REGISTRIES=${K3S_REGISTRIES:-/etc/rancher/k3s/registries.yaml}
+INSTANCE_MANIFEST_NAME=csghub-appliance-instance.yaml
+
+# wait_for_address SECONDS: DHCP may still be running when first boot starts.
+wait_for_address() {
+    local deadline=$((SECONDS + $1)) found
+    while :; do
+        found=$(ip -o -4 addr show scope global | detect_access "$K3S_NODE_IP")
+        [[ "$found" != "none -" ]] && break
+        ((SECONDS >= deadline)) && break
+        sleep 2
+    done
+    echo "$found"
+}
+
+# instance_manifest DOMAIN: the per-copy Helm values. A HelmChartConfig is merged by k3s's
+# helm-controller over the HelmChart that 30-csghub.sh installed, so the build's chart
+# manifest stays untouched and only what belongs to this copy lives here.
+instance_manifest() {
+    cat <<YAML
+# Written by csghub-firstboot / csghub-reconfigure for this copy. Do not edit: run
+# 'sudo csghub-reconfigure' to change the access mode or address.
+apiVersion: helm.cattle.io/v1
+kind: HelmChartConfig
+metadata:
+  name: ${CSGHUB_HELMCHART_NAME:-csghub}
+  namespace: ${CSGHUB_HELMCHART_NAMESPACE:-kube-system}
+spec:
+  valuesContent: |-
+    global:
+      gateway:
+        external:
+          domain: "$1"
+YAML
+}
+
+# apply_access MODE ADDRESS: record the access mode, and make everything the domain touches
+# follow it. Prints "changed:"/"ok:" lines. Restarts k3s only when it was running and
+# something it reads at start changed.
+apply_access() {
+    local mode=$1 address=$2 domain old_domain="" registries_changed=no
+    domain=$(domain_for "$mode" "$address" "$CSGHUB_DOMAIN")
+    if [[ -r "$CSGHUB_STATE/access.env" ]]; then
+        old_domain=$(sed -n 's/^DOMAIN=//p' "$CSGHUB_STATE/access.env")
+    fi
+    [[ -n "$old_domain" ]] || old_domain=$CSGHUB_DOMAIN
+    if printf 'MODE=%s\nADDRESS=%s\nDOMAIN=%s\n' "$mode" "$address" "$domain" |
+        write_if_changed "$CSGHUB_STATE/access.env" 0644; then
+        echo "changed: access mode $mode, address $address, domain $domain"
+    else
+        echo "ok: access mode $mode, address $address, domain $domain (unchanged)"
+    fi
+    if ! stack_installed; then
+        echo "ok: CSGHub stack not installed; no Helm values or registry entries to update"
+        return 0
+    fi
+    # The chart creates this Secret only when absent: delete it before the values change,
+    # so the release upgrade that follows writes it again with the new registry host.
+    if [[ "$old_domain" != "$domain" ]] && systemctl -q is-active k3s.service &&
+        k3s kubectl --request-timeout=20s -n spaces get secret csghub-docker-credential >/dev/null 2>&1; then
+        k3s kubectl --request-timeout=20s -n spaces delete secret csghub-docker-credential >/dev/null
+        echo "changed: deleted Secret spaces/csghub-docker-credential (the chart recreates it for $domain)"
+    fi
+    mkdir -p "$K3S_MANIFESTS"
+    if instance_manifest "$domain" | write_if_changed "$K3S_MANIFESTS/$INSTANCE_MANIFEST_NAME" 0600; then
+        echo "changed: Helm values for this copy: domain $domain ($K3S_MANIFESTS/$INSTANCE_MANIFEST_NAME)"
+    else
+        echo "ok: Helm values already name domain $domain"
+    fi
+    # registries.yaml is read by k3s only at start and is not part of the chart.
+    if [[ "$old_domain" != "$domain" && -f "$K3S_REGISTRIES" ]] && grep -qF "$old_domain" "$K3S_REGISTRIES"; then
+        sed "s/${old_domain//./\\.}/$domain/g" "$K3S_REGISTRIES" | write_if_changed "$K3S_REGISTRIES" 0600 || true
+        registries_changed=yes
+        echo "changed: $K3S_REGISTRIES now names $domain instead of $old_domain"
+    fi
+    if [[ "$registries_changed" == yes ]] && systemctl -q is-active k3s.service; then
+        systemctl restart k3s.service
+        echo "changed: restarted k3s to read $K3S_REGISTRIES"
+    fi
+}
