@@ -443,7 +443,12 @@ def _scalar(raw: str) -> Any:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         return raw
-    return raw if value is None and raw not in ("null", "~") else value
+    if value is None and raw not in ("null", "~"):
+        return raw
+    # No setting is a float, but versions look like one (1.10): keep such text as it was typed.
+    if isinstance(value, float):
+        return raw
+    return value
 
 
 def _dotted(path: Sequence[str | int]) -> str:

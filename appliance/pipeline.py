@@ -283,8 +283,13 @@ def plan_config(cfg: ApplianceConfig, options: BuildOptions) -> tuple[ApplianceC
     return cfg, stages
 
 
-def build_ova(cfg: ApplianceConfig, options: BuildOptions = BuildOptions()) -> BuildContext:
-    """Run the pipeline. Resumes from ``build/state.json``; raises ``ApplianceError`` on failure."""
+def build_ova(
+    cfg: ApplianceConfig, options: BuildOptions = BuildOptions(), *, stages: Sequence[Stage] = tuple(STAGES)
+) -> BuildContext:
+    """Run the pipeline. Resumes from ``build/state.json``; raises ``ApplianceError`` on failure.
+
+    ``stages`` is the pipeline itself; tests pass recording stand-ins with the same names.
+    """
     cfg, selected = plan_config(cfg, options)
     state = BuildState.load(cfg.build_dir)
     digest = config_digest(cfg)
@@ -301,7 +306,7 @@ def build_ova(cfg: ApplianceConfig, options: BuildOptions = BuildOptions()) -> B
         log.info(f"resuming: done before: {', '.join(state.completed)}")
     current = ""
     try:
-        for stage in STAGES:
+        for stage in stages:
             current = stage.name
             with log.step(f"{stage.name}: {stage.help}") as timing:
                 if stage.name not in selected:

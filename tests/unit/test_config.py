@@ -95,6 +95,7 @@ def test_config_is_frozen() -> None:
         ("a=[1, 2]", ["a"], [1, 2]),
         ("a.b[2].c=on", ["a", "b", 2, "c"], True),
         ("a=x=y", ["a"], "x=y"),
+        ("a=1.10", ["a"], "1.10"),
         ("a=null", ["a"], None),
     ],
 )
