@@ -1,0 +1,290 @@
+"""The first-boot decisions, run for real: the guest's bash functions with canned inputs.
+
+``provision/files/firstboot/lib.sh`` holds the pure functions (network detection, domain,
+banner, readiness counts, passwords); these tests source it with bash on the build host.
+The scripts' argument handling runs here too; everything that needs a real guest is in
+tests/vm/test_seal_firstboot.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from appliance.scripts import discover_scripts
+
+ROOT = Path(__file__).resolve().parents[2]
+FILES = ROOT / "provision" / "files" / "firstboot"
+LIB = FILES / "lib.sh"
+CHART_SCHEMA = ROOT.parent / "shared" / "csghub-chart" / "2.4.0" / "values.schema.json"
+SCRIPTS = ["csghub-firstboot", "csghub-banner", "csghub-status", "csghub-reconfigure", "lib.sh"]
+
+
+def bash(snippet: str, stdin: str = "", env: dict[str, str] | None = None, check: bool = True,
+         ) -> subprocess.CompletedProcess[str]:
+    """Run ``snippet`` in bash after sourcing lib.sh (with its state paths in a temp dir)."""
+    full_env = {"PATH": os.environ["PATH"], "LANG": "C.UTF-8", **(env or {})}
+    return subprocess.run(
+        ["bash", "-c", f"set -euo pipefail; . {LIB}; {snippet}"],
+        input=stdin, capture_output=True, text=True, env=full_env, check=check, timeout=30,
+    )
+
+
+NAT_ONLY = """\
+1: lo    inet 127.0.0.1/8 scope host lo\\       valid_lft forever preferred_lft forever
+2: enp0s3    inet 10.0.2.15/24 brd 10.0.2.255 scope global dynamic enp0s3\\       valid_lft 86391sec preferred_lft 86391sec
+"""
+NAT_AND_HOSTONLY = NAT_ONLY + """\
+3: enp0s8    inet 192.168.56.10/24 brd 192.168.56.255 scope global enp0s8\\       valid_lft forever preferred_lft forever
+"""
+BRIDGED_WITH_CLUSTER = """\
+2: ens3    inet 192.168.1.77/24 brd 192.168.1.255 scope global dynamic ens3\\       valid_lft 3600sec preferred_lft 3600sec
+4: csghub0    inet 10.254.254.1/32 scope global csghub0\\       valid_lft forever preferred_lft forever
+5: cni0    inet 10.42.0.1/24 brd 10.42.0.255 scope global cni0\\       valid_lft forever preferred_lft forever
+6: flannel.1    inet 10.42.0.0/32 scope global flannel.1\\       valid_lft forever preferred_lft forever
+"""
+ONLY_CLUSTER = """\
+4: csghub0    inet 10.254.254.1/32 scope global csghub0\\       valid_lft forever preferred_lft forever
+7: eth0    inet 169.254.3.4/16 scope global eth0\\       valid_lft forever preferred_lft forever
+"""
+
+
+@pytest.mark.parametrize(
+    ("ip_output", "expected"),
+    [
+        (NAT_ONLY, "nat 10.0.2.15"),
+        # VirtualBox NAT + host-only: NAT stays the default (it always works from the host).
+        (NAT_AND_HOSTONLY, "nat 10.0.2.15"),
+        # The node address, CNI bridge and flannel are the cluster's, never an access address.
+        (BRIDGED_WITH_CLUSTER, "address 192.168.1.77"),
+        (ONLY_CLUSTER, "none -"),
+        ("", "none -"),
+    ],
+    ids=["nat", "nat+hostonly", "bridged+cluster", "cluster-only", "nothing"],
+)
+def test_detect_access(ip_output: str, expected: str) -> None:
+    assert bash("detect_access 10.254.254.1", stdin=ip_output).stdout.strip() == expected
+
+
+@pytest.mark.parametrize(
+    ("conf", "detected", "expected"),
+    [
+        ("auto ''", "nat 10.0.2.15", "nat 10.0.2.15"),
+        ("auto ''", "address 192.168.56.10", "address 192.168.56.10"),
+        ("address 192.168.56.10", "nat 10.0.2.15", "address 192.168.56.10"),
+        ("address ''", "address 192.168.1.5", "address 192.168.1.5"),
+        ("nat ''", "address 192.168.1.5", "nat 192.168.1.5"),
+        ("nat ''", "none -", "nat 10.0.2.15"),
+    ],
+)
+def test_choose_access_pinned_mode_wins(conf: str, detected: str, expected: str) -> None:
+    assert bash(f"choose_access {conf} {detected}").stdout.strip() == expected
+
+
+@pytest.mark.parametrize(
+    ("mode", "address", "configured", "domain"),
+    [
+        ("nat", "10.0.2.15", "csghub.localhost", "csghub.localhost"),
+        ("none", "-", "csghub.localhost", "csghub.localhost"),
+        ("address", "192.168.56.10", "csghub.localhost", "csghub.192.168.56.10.nip.io"),
+        # A domain chosen at build time is the owner's DNS name: kept in every mode.
+        ("address", "192.168.56.10", "hub.example.org", "hub.example.org"),
+        ("nat", "10.0.2.15", "hub.example.org", "hub.example.org"),
+        ("address", "not-an-ip", "csghub.localhost", "csghub.localhost"),
+    ],
+)
+def test_domain_for(mode: str, address: str, configured: str, domain: str) -> None:
+    assert bash(f"domain_for {mode} {address} {configured}").stdout.strip() == domain
+
+
+@pytest.mark.parametrize(
+    ("rows", "counts"),
+    [
+        ("1 1\n0 1\n2 2\n", "2 3"),
+        ("0 0\n", "1 1"),  # scaled to zero: nothing to wait for
+        ("<none> 1\n1 1\n".replace("<none>", "0"), "1 2"),
+        ("", "0 0"),
+    ],
+)
+def test_count_ready(rows: str, counts: str) -> None:
+    assert bash("count_ready", stdin=rows).stdout.strip() == counts
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        ("absent down 0 0", "CSGHub stack not installed in this image"),
+        ("installed down 0 0", "CSGHub is starting: cluster starting"),
+        ("installed up 0 0", "CSGHub is starting: installing the Helm release"),
+        ("installed up 3 11", "CSGHub is starting: 3/11 services ready"),
+        ("installed up 11 11", "CSGHub is ready: 11/11 services ready"),
+    ],
+)
+def test_status_line(args: str, line: str) -> None:
+    assert bash(f"status_line {args}").stdout.startswith(line)
+
+
+BANNER_VARS = {
+    "PRODUCT": "CSGHub appliance", "VERSION": "2.4.0", "STATUS": "CSGHub is starting: 3/11 services ready",
+    "MODE": "nat", "ADDRESS": "10.0.2.15", "URL": "http://csghub.localhost:30080", "STACK": "installed",
+    "ADMIN_USER": "root", "LOGIN_USER": "csghub", "LOGIN_PASSWORD": "abcde-fghij-kmnpq-rstuv",
+}
+
+
+def test_banner_shows_url_status_admin_and_login() -> None:
+    text = bash("render_banner", env=BANNER_VARS).stdout
+    assert text.startswith("CSGHub appliance 2.4.0\n")
+    assert "CSGHub is starting: 3/11 services ready" in text
+    assert "http://csghub.localhost:30080" in text
+    assert "CSGHub admin user:    root" in text
+    assert "sudo csghub-status --admin-password" in text
+    assert "user csghub" in text and "abcde-fghij-kmnpq-rstuv" in text
+
+
+def test_banner_without_stack_is_honest_and_keeps_login() -> None:
+    env = {**BANNER_VARS, "STACK": "absent", "STATUS": "CSGHub stack not installed in this image (...)"}
+    text = bash("render_banner", env=env).stdout
+    assert "CSGHub stack not installed in this image" in text
+    assert "http://" not in text and "admin" not in text
+    assert "user csghub" in text and "abcde-fghij-kmnpq-rstuv" in text
+
+
+def test_banner_after_password_change_hides_it() -> None:
+    text = bash("render_banner", env={**BANNER_VARS, "LOGIN_PASSWORD": ""}).stdout
+    assert "One-time password" not in text and "the one you set" in text
+
+
+def test_banner_address_mode_names_reconfigure() -> None:
+    env = {**BANNER_VARS, "MODE": "address", "ADDRESS": "192.168.56.10",
+           "URL": "http://csghub.192.168.56.10.nip.io:30080"}
+    text = bash("render_banner", env=env).stdout
+    assert "http://csghub.192.168.56.10.nip.io:30080" in text and "csghub-reconfigure" in text
+
+
+def test_issue_escape_keeps_backslashes_literal() -> None:
+    # agetty would expand "\n" in /etc/issue into the hostname.
+    assert bash("issue_escape", stdin="a\\nb\n").stdout == "a\\\\nb\n"
+
+
+def test_passwords_are_random_and_readable() -> None:
+    out = bash("for i in 1 2 3 4 5 6 7 8; do new_password; done").stdout.split()
+    assert len(set(out)) == 8
+    for pw in out:
+        assert re.fullmatch(r"[a-km-np-z2-9]{5}(-[a-km-np-z2-9]{5}){3}", pw), pw
+
+
+def test_tokens_are_random_hex() -> None:
+    out = bash("new_token; new_token").stdout.split()
+    assert len(out) == 2 and out[0] != out[1]
+    assert all(re.fullmatch(r"[0-9a-f]{64}", t) for t in out)
+
+
+def test_write_if_changed_is_atomic_and_reports(tmp_path: Path) -> None:
+    target = tmp_path / "issue"
+    first = bash(f"echo one | write_if_changed {target} 0600 && echo wrote", check=False)
+    again = bash(f"echo one | write_if_changed {target} 0600 && echo wrote || echo same", check=False)
+    assert first.stdout.strip() == "wrote" and again.stdout.strip() == "same"
+    assert target.read_text() == "one\n" and oct(target.stat().st_mode & 0o777) == "0o600"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["issue"]
+
+
+def test_instance_manifest_is_a_helmchartconfig_the_chart_accepts() -> None:
+    out = bash("instance_manifest csghub.192.168.56.10.nip.io",
+               env={"CSGHUB_HELMCHART_NAME": "csghub", "CSGHUB_HELMCHART_NAMESPACE": "kube-system"}).stdout
+    doc = yaml.safe_load(out)
+    assert doc["kind"] == "HelmChartConfig" and doc["apiVersion"] == "helm.cattle.io/v1"
+    assert doc["metadata"] == {"name": "csghub", "namespace": "kube-system"}
+    values = yaml.safe_load(doc["spec"]["valuesContent"])
+    assert values["global"]["gateway"]["external"]["domain"] == "csghub.192.168.56.10.nip.io"
+    if CHART_SCHEMA.is_file():
+        import jsonschema
+
+        jsonschema.Draft7Validator(json.loads(CHART_SCHEMA.read_text())).validate(values)
+
+
+def test_apply_access_without_stack_records_mode_only(tmp_path: Path) -> None:
+    env = {"CSGHUB_STATE": str(tmp_path), "CSGHUB_DOMAIN": "csghub.localhost",
+           "K3S_MANIFESTS": str(tmp_path / "manifests")}
+    first = bash("stack_installed() { false; }; apply_access nat 10.0.2.15", env=env).stdout
+    second = bash("stack_installed() { false; }; apply_access nat 10.0.2.15", env=env).stdout
+    assert "changed: access mode nat, address 10.0.2.15, domain csghub.localhost" in first
+    assert "ok: access mode nat" in second and "changed:" not in second
+    assert "ok: CSGHub stack not installed" in second
+    assert (tmp_path / "access.env").read_text() == "MODE=nat\nADDRESS=10.0.2.15\nDOMAIN=csghub.localhost\n"
+    assert not (tmp_path / "manifests").exists()
+
+
+def test_apply_access_domain_change_rewrites_values_and_registries(tmp_path: Path) -> None:
+    registries = tmp_path / "registries.yaml"
+    registries.write_text('mirrors:\n  "csghub.localhost:30080":\n    endpoint: ["http://csghub.localhost:30080"]\n')
+    env = {"CSGHUB_STATE": str(tmp_path), "CSGHUB_DOMAIN": "csghub.localhost",
+           "K3S_MANIFESTS": str(tmp_path / "manifests"), "K3S_REGISTRIES": str(registries)}
+    # k3s "installed" but not running (as at first boot, before k3s starts).
+    fake = "stack_installed() { true; }; systemctl() { return 3; };"
+    out = bash(f"{fake} apply_access address 192.168.56.10", env=env).stdout
+    assert "domain csghub.192.168.56.10.nip.io" in out
+    assert "changed: Helm values for this copy" in out
+    assert "now names csghub.192.168.56.10.nip.io" in out
+    assert "csghub.localhost" not in registries.read_text()
+    manifest = (tmp_path / "manifests" / "csghub-appliance-instance.yaml").read_text()
+    assert '"csghub.192.168.56.10.nip.io"' in manifest
+    again = bash(f"{fake} apply_access address 192.168.56.10", env=env).stdout
+    assert "changed:" not in again
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--mode", "wifi"], "--mode 'wifi' is not one of auto, nat, address"),
+        (["--address", "300.1.2"], "--address '300.1.2' is not an IPv4 address"),
+        (["--mode", "nat", "--address", "192.168.56.10"], "--address goes with --mode address"),
+        (["--bogus"], "unknown argument '--bogus'"),
+    ],
+)
+def test_reconfigure_rejects_bad_arguments(args: list[str], message: str) -> None:
+    proc = subprocess.run(
+        ["bash", str(FILES / "csghub-reconfigure"), *args], capture_output=True, text=True, timeout=30,
+        env={"PATH": os.environ["PATH"], "CSGHUB_LIB": str(LIB)},
+    )
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_status_rejects_unknown_argument() -> None:
+    proc = subprocess.run(
+        ["bash", str(FILES / "csghub-status"), "--frobnicate"], capture_output=True, text=True, timeout=30,
+        env={"PATH": os.environ["PATH"], "CSGHUB_LIB": str(LIB)},
+    )
+    assert proc.returncode == 2 and "unknown argument '--frobnicate'" in proc.stderr
+
+
+def test_step_headers() -> None:
+    """firstboot uploads its files; seal is the last step and declares itself final."""
+    scripts = {s.name: s for s in discover_scripts()}
+    assert scripts["firstboot"].files == ("firstboot",)
+    assert max(scripts.values(), key=lambda s: s.number).name == "seal"
+    assert "# appliance: final" in scripts["seal"].path.read_text().splitlines()[:20]
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (required in CI)")
+def test_guest_scripts_pass_shellcheck() -> None:
+    paths = [str(FILES / s) for s in SCRIPTS] + [
+        str(ROOT / "provision" / "40-firstboot.sh"), str(ROOT / "provision" / "90-seal.sh")]
+    proc = subprocess.run(["shellcheck", "-x", *paths], capture_output=True, text=True, cwd=FILES, timeout=120)
+    assert proc.returncode == 0, proc.stdout
+
+
+@pytest.mark.parametrize("unit", ["csghub-firstboot.service", "csghub-banner.service", "csghub-banner.timer"])
+def test_units_are_enabled_and_ordered(unit: str) -> None:
+    text = (FILES / unit).read_text()
+    assert re.search(r"^\[Install\]\nWantedBy=", text, re.M)
+    if unit == "csghub-firstboot.service":
+        assert "ConditionPathExists=!/var/lib/csghub-appliance/firstboot.done" in text
+        before = re.search(r"^Before=(.*)$", text, re.M)
+        assert before and {"ssh.service", "k3s.service"} <= set(before.group(1).split())
