@@ -31,28 +31,28 @@ def bash(snippet: str, stdin: str = "", env: dict[str, str] | None = None, check
          ) -> subprocess.CompletedProcess[str]:
     """Run ``snippet`` in bash after sourcing lib.sh (with its state paths in a temp dir)."""
     full_env = {"PATH": os.environ["PATH"], "LANG": "C.UTF-8", **(env or {})}
-    return subprocess.run(
+    return subprocess.run(  # noqa: S603 - our own snippets
         ["bash", "-c", f"set -euo pipefail; . {LIB}; {snippet}"],
         input=stdin, capture_output=True, text=True, env=full_env, check=check, timeout=30,
     )
 
 
 NAT_ONLY = """\
-1: lo    inet 127.0.0.1/8 scope host lo\\       valid_lft forever preferred_lft forever
-2: enp0s3    inet 10.0.2.15/24 brd 10.0.2.255 scope global dynamic enp0s3\\       valid_lft 86391sec preferred_lft 86391sec
+1: lo    inet 127.0.0.1/8 scope host lo\\ valid_lft forever preferred_lft forever
+2: enp0s3    inet 10.0.2.15/24 brd 10.0.2.255 scope global dynamic enp0s3\\ valid_lft 86391sec preferred_lft 86391sec
 """
 NAT_AND_HOSTONLY = NAT_ONLY + """\
-3: enp0s8    inet 192.168.56.10/24 brd 192.168.56.255 scope global enp0s8\\       valid_lft forever preferred_lft forever
+3: enp0s8    inet 192.168.56.10/24 brd 192.168.56.255 scope global enp0s8\\ valid_lft forever preferred_lft forever
 """
 BRIDGED_WITH_CLUSTER = """\
-2: ens3    inet 192.168.1.77/24 brd 192.168.1.255 scope global dynamic ens3\\       valid_lft 3600sec preferred_lft 3600sec
-4: csghub0    inet 10.254.254.1/32 scope global csghub0\\       valid_lft forever preferred_lft forever
-5: cni0    inet 10.42.0.1/24 brd 10.42.0.255 scope global cni0\\       valid_lft forever preferred_lft forever
-6: flannel.1    inet 10.42.0.0/32 scope global flannel.1\\       valid_lft forever preferred_lft forever
+2: ens3    inet 192.168.1.77/24 brd 192.168.1.255 scope global dynamic ens3\\ valid_lft 3600sec preferred_lft 3600sec
+4: csghub0    inet 10.254.254.1/32 scope global csghub0\\ valid_lft forever preferred_lft forever
+5: cni0    inet 10.42.0.1/24 brd 10.42.0.255 scope global cni0\\ valid_lft forever preferred_lft forever
+6: flannel.1    inet 10.42.0.0/32 scope global flannel.1\\ valid_lft forever preferred_lft forever
 """
 ONLY_CLUSTER = """\
-4: csghub0    inet 10.254.254.1/32 scope global csghub0\\       valid_lft forever preferred_lft forever
-7: eth0    inet 169.254.3.4/16 scope global eth0\\       valid_lft forever preferred_lft forever
+4: csghub0    inet 10.254.254.1/32 scope global csghub0\\ valid_lft forever preferred_lft forever
+7: eth0    inet 169.254.3.4/16 scope global eth0\\ valid_lft forever preferred_lft forever
 """
 
 
@@ -249,7 +249,7 @@ def test_apply_access_domain_change_rewrites_values_and_registries(tmp_path: Pat
     ],
 )
 def test_reconfigure_rejects_bad_arguments(args: list[str], message: str) -> None:
-    proc = subprocess.run(
+    proc = subprocess.run(  # noqa: S603 - fixed argv
         ["bash", str(FILES / "csghub-reconfigure"), *args], capture_output=True, text=True, timeout=30,
         env={"PATH": os.environ["PATH"], "CSGHUB_LIB": str(LIB)},
     )
@@ -257,7 +257,7 @@ def test_reconfigure_rejects_bad_arguments(args: list[str], message: str) -> Non
 
 
 def test_status_rejects_unknown_argument() -> None:
-    proc = subprocess.run(
+    proc = subprocess.run(  # noqa: S603 - fixed argv
         ["bash", str(FILES / "csghub-status"), "--frobnicate"], capture_output=True, text=True, timeout=30,
         env={"PATH": os.environ["PATH"], "CSGHUB_LIB": str(LIB)},
     )
@@ -276,7 +276,8 @@ def test_step_headers() -> None:
 def test_guest_scripts_pass_shellcheck() -> None:
     paths = [str(FILES / s) for s in SCRIPTS] + [
         str(ROOT / "provision" / "40-firstboot.sh"), str(ROOT / "provision" / "90-seal.sh")]
-    proc = subprocess.run(["shellcheck", "-x", *paths], capture_output=True, text=True, cwd=FILES, timeout=120)
+    proc = subprocess.run(["shellcheck", "-x", *paths],  # noqa: S603 - fixed argv
+                          capture_output=True, text=True, cwd=FILES, timeout=120)
     assert proc.returncode == 0, proc.stdout
 
 
