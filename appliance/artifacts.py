@@ -133,12 +133,17 @@ def planned_artifacts(cfg: ApplianceConfig) -> list[Artifact]:
 
 
 def guest_uploads(cfg: ApplianceConfig) -> list[tuple[Path, str]]:
-    """(host cache path, guest path) for every artifact the k3s and csghub steps read.
+    """(host path, guest path) for every file the k3s and csghub steps read.
 
-    The files must have been fetched first (:func:`fetch_artifacts`); the guest paths are the
-    ones ``provision/20-k3s.sh`` and ``provision/30-csghub.sh`` look in.
+    The cached artifacts (fetch them first: :func:`fetch_artifacts`) plus the Kubernetes
+    manifests generated from the config, written here under ``build/manifests/``. The guest
+    paths are the ones ``provision/20-k3s.sh`` and ``provision/30-csghub.sh`` look in. A step
+    marker must hash these files too: a changed value changes a manifest, not the environment.
     """
-    return [(a.cache_path, a.guest_path) for a in planned_artifacts(cfg)]
+    from appliance.manifests import write_manifests  # the manifests need the values, not the reverse
+
+    uploads = [(a.cache_path, a.guest_path) for a in planned_artifacts(cfg)]
+    return uploads + write_manifests(cfg)
 
 
 # -- the lock -------------------------------------------------------------------------------

@@ -283,12 +283,15 @@ def test_update_lock_pins_digests_and_keeps_header(publisher: Publisher, tmp_pat
     assert {r.source for r in results} == {"version lock"}
 
 
-def test_guest_uploads_name_the_cached_files() -> None:
-    cfg = load_config(None, ["artifacts.cache_dir=/var/cache/x"])
+def test_guest_uploads_name_the_cached_files_and_manifests(tmp_path: Path) -> None:
+    cfg = load_config(None, ["artifacts.cache_dir=/var/cache/x", f"output.build_dir={tmp_path / 'build'}"])
     uploads = dict(guest_uploads(cfg))
     assert uploads[Path(f"/var/cache/x/k3s/{K3S_VERSION}/k3s")] == "/var/cache/csghub-appliance/artifacts/k3s"
-    assert uploads[Path("/var/cache/x/charts/csghub-2.4.0.tgz")].endswith("/csghub-2.4.0.tgz")
-    assert len(uploads) == 3
+    assert uploads[Path("/var/cache/x/charts/csghub-2.4.0.tgz")].endswith("/artifacts/csghub-2.4.0.tgz")
+    manifest = tmp_path / "build" / "manifests" / "csghub.yaml"
+    assert uploads[manifest] == "/var/cache/csghub-appliance/manifests/csghub.yaml"
+    assert yaml.safe_load(manifest.read_text())["kind"] == "HelmChart"
+    assert len(uploads) == 5
 
 
 def test_default_lock_names_the_default_versions() -> None:

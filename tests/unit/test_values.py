@@ -1,0 +1,145 @@
+"""Helm values: validated against chart 2.4.0's own values.schema.json, names as documented.
+
+The schema and default values are byte-identical copies of the chart's files in
+``../shared/csghub-chart/2.4.0`` (see its README); without them these tests skip and say so.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from appliance.config import PROJECT_ROOT, deep_merge, load_config
+from appliance.errors import ConfigError
+from appliance.values import chart_hostnames, emit_values, generate_values, persistence_plan
+
+CHART_DIR = PROJECT_ROOT.parent / "shared" / "csghub-chart" / "2.4.0"
+CASES = yaml.safe_load((PROJECT_ROOT / "tests" / "data" / "values_cases.yaml").read_text())
+NETWORKING_DOC = PROJECT_ROOT / "docs" / "networking.md"
+
+
+@pytest.fixture(scope="module")
+def validator() -> jsonschema.Draft7Validator:
+    schema_file = CHART_DIR / "values.schema.json"
+    if not schema_file.is_file():
+        pytest.skip(f"chart schema not found at {schema_file} (the shared/ copy of csghub-charts v2.4.0)")
+    schema = json.loads(schema_file.read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
+@pytest.fixture(scope="module")
+def chart_defaults() -> dict[str, Any]:
+    values_file = CHART_DIR / "values.yaml"
+    if not values_file.is_file():
+        pytest.skip(f"chart values not found at {values_file}")
+    data: dict[str, Any] = yaml.safe_load(values_file.read_text())
+    return data
+
+
+def dig(data: dict[str, Any], dotted: str) -> Any:
+    node: Any = data
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_values_case(case: dict[str, Any], validator: jsonschema.Draft7Validator,
+                     chart_defaults: dict[str, Any]) -> None:
+    if "error" in case:
+        with pytest.raises(ConfigError) as err:
+            generate_values(load_config(None, case["set"]))
+        assert case["error"] in str(err.value)
+        return
+    values = generate_values(load_config(None, case["set"]))
+    errors = [f"{'.'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(values)]
+    assert errors == []
+    # What Helm will actually render from: the chart's defaults with ours merged over them.
+    effective = deep_merge(chart_defaults, values)
+    assert [e.message for e in validator.iter_errors(effective)] == []
+    assert effective["global"]["gateway"]["service"]["type"] == "NodePort"
+    if "node_ports" in case:
+        assert values["global"]["gateway"]["service"]["nodePorts"] == case["node_ports"]
+    if "edition" in case:
+        assert values["global"]["edition"] == case["edition"]
+    names = chart_hostnames(effective)
+    for key, expected in case.get("hostnames", {}).items():
+        assert names[key] == expected, key
+    for key, expected in case.get("expect", {}).items():
+        assert dig(values, key) == expected, key
+
+
+def test_node_ports_are_integers_the_schema_insists(validator: jsonschema.Draft7Validator) -> None:
+    values = generate_values(load_config(None, []))
+    ports = values["global"]["gateway"]["service"]["nodePorts"]
+    assert all(type(p) is int for p in ports.values())
+    # The schema really checks it: a string port is an error (so the test above can fail).
+    broken = deep_merge(values, {"global": {"gateway": {"service": {"nodePorts": {"http": "30080"}}}}})
+    assert any("is not of type 'integer'" in e.message for e in validator.iter_errors(broken))
+
+
+def test_no_admin_password_anywhere() -> None:
+    text = yaml.safe_dump(generate_values(load_config(None, [])))
+    assert "password" not in text.lower()
+
+
+def test_every_volume_is_read_write_once_on_local_path() -> None:
+    values = generate_values(load_config(None, []))
+    found = []
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            if "accessModes" in node:
+                found.append(path)
+                assert node["accessModes"] == ["ReadWriteOnce"], path
+                assert node["storageClass"] == "local-path", path
+            for k, v in node.items():
+                walk(v, f"{path}.{k}" if path else k)
+
+    walk(values, "")
+    assert "dataflow.dataflow.persistence" in found  # the one CSGHub's docs want RWX for
+
+
+@pytest.mark.parametrize("disk_gb", [148, 200, 500, 2000])
+def test_volumes_fit_the_disk(disk_gb: int) -> None:
+    cfg = load_config(None, [f"vm.disk_gb={disk_gb}"])
+    plan = persistence_plan(cfg)
+    disk_gib = disk_gb * 10**9 / 2**30
+    # The named volumes plus 5Gi defaults for the few unnamed ones, plus the system reserve.
+    assert sum(plan.values()) + 50 <= disk_gib
+    assert plan["minio"] > plan["gitaly"] > plan["postgresql"] >= 5
+
+
+def test_hostnames_match_the_networking_doc() -> None:
+    """docs/networking.md's table of names is what the generator and the chart produce."""
+    text = NETWORKING_DOC.read_text()
+    block = text.split("<!-- names-table -->", 2)[1]
+    rows = [
+        [cell.strip().strip("`") for cell in line.strip().strip("|").split("|")]
+        for line in block.splitlines()
+        if line.startswith("|") and not re.match(r"^\|\s*-", line) and "csghub.domain" not in line
+    ]
+    assert len(rows) >= 2
+    for domain, portal_url, login_host, wildcard in rows:
+        values = generate_values(load_config(None, [f"csghub.domain={domain}"]))
+        names = chart_hostnames(values)
+        assert names["url"] == portal_url
+        assert names["casdoor"] == login_host
+        assert names["public_wildcard"] == wildcard
+
+
+def test_values_written_atomically(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = load_config(None, [])
+    assert emit_values(cfg) is None
+    printed = capsys.readouterr().out
+    assert yaml.safe_load(printed) == generate_values(cfg)
+    out = emit_values(cfg, str(tmp_path / "values.yaml"))
+    assert out is not None and out.read_text() == printed
+    assert [p.name for p in tmp_path.iterdir()] == ["values.yaml"]
