@@ -1,0 +1,222 @@
+"""verify_ova, structural part: a sound OVA passes; each kind of damage is refused with its reason.
+
+Every damaged OVA is a copy of the session's real OVA, altered the way things go wrong in
+practice: a flipped byte, a missing member, members out of order, a truncated download, a PAX
+header, a manifest that lies, a disk that is not streamOptimized.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from appliance.config import ApplianceConfig
+from appliance.errors import UsageError, VerifyError
+from appliance.export.ova import manifest_text, ustar_header, write_ova
+from appliance.run import run
+from appliance.verify import parse_manifest, verify_ova
+
+OVF, MF, VMDK = "csghub-test.ovf", "csghub-test.mf", "csghub-test-disk001.vmdk"
+
+
+def members_of(ova: Path) -> dict[str, bytes]:
+    with tarfile.open(ova) as tar:
+        out = {}
+        for m in tar.getmembers():
+            f = tar.extractfile(m)
+            assert f is not None
+            out[m.name] = f.read()
+        return out
+
+
+def pack(dest: Path, members: list[tuple[str, bytes]]) -> Path:
+    with dest.open("wb") as f:
+        for name, data in members:
+            f.write(ustar_header(name, len(data)))
+            f.write(data + b"\0" * (-len(data) % 512))
+        f.write(b"\0" * 1024)
+    return dest
+
+
+def remanifest(members: dict[str, bytes], *names: str) -> bytes:
+    return manifest_text([(n, hashlib.sha256(members[n]).hexdigest()) for n in names])
+
+
+def reasons_for(path: Path, schema_dir: Path) -> list[str]:
+    with pytest.raises(VerifyError) as err:
+        verify_ova(path, boot=False, schema_dir=schema_dir)
+    assert str(path) in err.value.message
+    return err.value.reasons
+
+
+def offset_of(ova: Path, needle: bytes) -> int:
+    data = ova.read_bytes()
+    at = data.find(needle)
+    assert at > 0
+    return at
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    with path.open("r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+@pytest.fixture
+def copy(built_ova: Path, tmp_path: Path) -> Path:
+    target = tmp_path / built_ova.name
+    shutil.copyfile(built_ova, target)
+    return target
+
+
+def test_a_sound_ova_passes_every_check(built_ova: Path, ovf_schema_dir: Path) -> None:
+    report = verify_ova(built_ova, boot=False, schema_dir=ovf_schema_dir)
+    assert report.members == [OVF, MF, VMDK]
+    assert report.ovf_format == "ovf10"
+    assert report.disks == {VMDK: 64 * 2**20}
+    assert dict(report.checks) == {
+        "tar format": "checked", "member order": "checked", "OVF schema": "checked",
+        "manifest digests": "checked", "disk format and size": "checked",
+    }
+    assert report.boot is None
+
+
+def test_an_ovf20_ova_passes(tmp_path: Path, small_disk: Path, make_cfg: Callable[..., ApplianceConfig],
+                             ovf_schema_dir: Path) -> None:
+    result = write_ova(small_disk, make_cfg("output.ovf_format=ovf20"), tmp_path / "two.ova")
+    assert verify_ova(result.path, boot=False, schema_dir=ovf_schema_dir).ovf_format == "ovf20"
+
+
+def test_one_flipped_byte_in_the_disk_is_refused(copy: Path, ovf_schema_dir: Path) -> None:
+    with tarfile.open(copy) as tar:
+        disk = tar.getmember(VMDK)
+    flip_byte(copy, disk.offset_data + disk.size // 2)
+    reasons = reasons_for(copy, ovf_schema_dir)
+    assert f"{VMDK}: SHA256 digest differs from the manifest (damaged or altered)" in reasons
+
+
+def test_one_flipped_byte_in_the_descriptor_is_refused(copy: Path, ovf_schema_dir: Path) -> None:
+    flip_byte(copy, offset_of(copy, b"Meta-information"))
+    reasons = reasons_for(copy, ovf_schema_dir)
+    assert f"{OVF}: SHA256 digest differs from the manifest (damaged or altered)" in reasons
+
+
+def test_one_flipped_byte_in_a_header_is_refused(copy: Path, ovf_schema_dir: Path) -> None:
+    with tarfile.open(copy) as tar:
+        disk = tar.getmember(VMDK)
+    flip_byte(copy, disk.offset + 10)  # inside the member's name field
+    reasons = reasons_for(copy, ovf_schema_dir)
+    assert any("checksum mismatch" in r for r in reasons)
+    assert any(f"{VMDK!r} is listed in References but missing" in r for r in reasons)
+
+
+def test_missing_member_is_refused(copy: Path, ovf_schema_dir: Path) -> None:
+    m = members_of(copy)
+    pack(copy, [(OVF, m[OVF]), (MF, m[MF])])
+    reasons = reasons_for(copy, ovf_schema_dir)
+    assert f"{VMDK!r} is listed in References but missing from the archive" in reasons
+    assert f"manifest lists {VMDK!r}, which is not in the archive" in reasons
+
+
+def test_wrong_order_is_refused(copy: Path, ovf_schema_dir: Path) -> None:
+    m = members_of(copy)
+    pack(copy, [(MF, m[MF]), (OVF, m[OVF]), (VMDK, m[VMDK])])
+    reasons = reasons_for(copy, ovf_schema_dir)
+    assert f"first member is {MF!r}; an OVA must start with its .ovf descriptor" in reasons
+    assert any(r.startswith("members are out of order") for r in reasons)
+    pack(copy, [(OVF, m[OVF]), (VMDK, m[VMDK]), (MF, m[MF])])
+    reasons = reasons_for(copy, ovf_schema_dir)
+    assert f"second member is {VMDK!r}; expected the manifest {MF!r} after the .ovf" in reasons
+
+
+def test_truncated_download_is_refused(copy: Path, ovf_schema_dir: Path) -> None:
+    with copy.open("r+b") as f:
+        f.truncate(copy.stat().st_size - 4096)
+    reasons = reasons_for(copy, ovf_schema_dir)
+    assert any("run past the archive's end (truncated)" in r for r in reasons)
+
+
+def test_pax_headers_are_refused_because_virtualbox_cannot_read_them(
+    copy: Path, tmp_path: Path, ovf_schema_dir: Path
+) -> None:
+    m = members_of(copy)
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, data in m.items():
+        (src / name).write_bytes(data)
+    with tarfile.open(copy, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name in (OVF, MF, VMDK):
+            info = tar.gettarinfo(str(src / name), arcname=name)
+            info.pax_headers = {"comment": "written by a PAX tar"}
+            with (src / name).open("rb") as f:
+                tar.addfile(info, f)
+    reasons = reasons_for(copy, ovf_schema_dir)
+    assert any("PAX extended header, which VirtualBox cannot import" in r for r in reasons)
+
+
+def test_unlisted_extra_member_and_unlisted_digest_are_refused(copy: Path, ovf_schema_dir: Path) -> None:
+    m = members_of(copy)
+    pack(copy, [(OVF, m[OVF]), (MF, m[MF]), (VMDK, m[VMDK]), ("notes.txt", b"hello\n")])
+    reasons = reasons_for(copy, ovf_schema_dir)
+    assert "tar member 'notes.txt' is not listed in the descriptor's References" in reasons
+    assert "tar member 'notes.txt' has no digest in the manifest" in reasons
+
+
+def test_malformed_manifest_is_refused(copy: Path, ovf_schema_dir: Path) -> None:
+    m = members_of(copy)
+    bad_mf = m[MF].replace(b"SHA256(", b"SHA256 (", 1)
+    pack(copy, [(OVF, m[OVF]), (MF, bad_mf), (VMDK, m[VMDK])])
+    reasons = reasons_for(copy, ovf_schema_dir)
+    assert any(r.startswith("manifest line 1 is not 'SHA256(name)= hex'") for r in reasons)
+    assert f"tar member {OVF!r} has no digest in the manifest" in reasons
+
+
+def test_disk_that_is_not_stream_optimized_and_wrong_capacity_are_refused(
+    copy: Path, tmp_path: Path, small_disk: Path, ovf_schema_dir: Path
+) -> None:
+    m = members_of(copy)
+    sparse = tmp_path / "sparse.vmdk"
+    run(["qemu-img", "convert", "-f", "qcow2", "-O", "vmdk", str(small_disk), str(sparse)])
+    m[VMDK] = sparse.read_bytes()
+    m[OVF] = m[OVF].replace(f'ovf:capacity="{64 * 2**20}"'.encode(), f'ovf:capacity="{65 * 2**20}"'.encode())
+    m[OVF] = re.sub(rb'ovf:size="\d+"', f'ovf:size="{len(m[VMDK])}"'.encode(), m[OVF])
+    m[MF] = remanifest(m, OVF, VMDK)
+    pack(copy, [(OVF, m[OVF]), (MF, m[MF]), (VMDK, m[VMDK])])
+    reasons = reasons_for(copy, ovf_schema_dir)
+    assert f"{VMDK}: VMDK subformat is 'monolithicSparse', not streamOptimized" in reasons
+    assert any(r.startswith(f"{VMDK}: virtual size {64 * 2**20} differs from the descriptor's capacity") for r in reasons)
+
+
+def test_every_problem_is_reported_at_once(copy: Path, ovf_schema_dir: Path) -> None:
+    m = members_of(copy)
+    broken_ovf = m[OVF].replace(b"<System>", b"<Sys>").replace(b"</System>", b"</Sys>")
+    pack(copy, [(OVF, broken_ovf), (MF, m[MF]), (VMDK, m[VMDK][:-1] + b"\x01"), ("extra", b"")])
+    reasons = reasons_for(copy, ovf_schema_dir)
+    assert any("breaks the OVF schema" in r for r in reasons)
+    assert f"{OVF}: SHA256 digest differs from the manifest (damaged or altered)" in reasons
+    assert f"{VMDK}: SHA256 digest differs from the manifest (damaged or altered)" in reasons
+    assert "tar member 'extra' is not listed in the descriptor's References" in reasons
+
+
+def test_boot_needs_a_login_and_a_missing_file_is_a_usage_error(built_ova: Path, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="needs a login"):
+        verify_ova(built_ova, boot=True)
+    with pytest.raises(UsageError, match="no OVA at"):
+        verify_ova(tmp_path / "nope.ova", boot=False)
+
+
+def test_parse_manifest_accepts_what_virtualbox_and_ovftool_write() -> None:
+    reasons: list[str] = []
+    text = f"SHA1(a.ovf)= {'a' * 40}\nSHA256(b.vmdk)= {'B' * 64}\n\n"
+    assert parse_manifest(text, reasons) == {"a.ovf": ("SHA1", "a" * 40), "b.vmdk": ("SHA256", "b" * 64)}
+    assert reasons == []
+    parse_manifest(f"SHA256(c)= {'0' * 10}\n", reasons)
+    assert reasons == ["manifest line 1: SHA256 digest of 'c' has the wrong length"]
