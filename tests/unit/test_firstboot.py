@@ -289,3 +289,38 @@ def test_units_are_enabled_and_ordered(unit: str) -> None:
         assert "ConditionPathExists=!/var/lib/csghub-appliance/firstboot.done" in text
         before = re.search(r"^Before=(.*)$", text, re.M)
         assert before and {"ssh.service", "k3s.service"} <= set(before.group(1).split())
+
+
+@pytest.mark.parametrize(
+    "domain", ["csghub.localhost", "csghub.192.168.56.10.nip.io", "hub.my-lab.example.com", "example.com"]
+)
+def test_coredns_manifest_matches_the_build_renderer(domain: str) -> None:
+    """The guest re-renders coredns-custom for a new domain; it must equal what the build writes."""
+    from appliance.config import load_config
+    from appliance.manifests import manifest_yaml, render_manifests
+
+    cfg = load_config(None, [f"csghub.domain={domain}"], cwd=Path("/nonexistent"))
+    expected = manifest_yaml(render_manifests(cfg)["coredns-custom.yaml"])
+    got = bash(f"coredns_manifest {domain} {cfg.k3s.node_ip}").stdout
+    assert got == expected
+
+
+def test_apply_access_rewrites_coredns_and_is_finished_after_a_cut(tmp_path: Path) -> None:
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    (manifests / "coredns-custom.yaml").write_text(bash("coredns_manifest csghub.localhost 10.254.254.1").stdout)
+    env = {"CSGHUB_STATE": str(tmp_path), "CSGHUB_DOMAIN": "csghub.localhost", "K3S_NODE_IP": "10.254.254.1",
+           "K3S_MANIFESTS": str(manifests), "K3S_REGISTRIES": str(tmp_path / "none.yaml")}
+    fake = "stack_installed() { true; }; systemctl() { return 3; };"
+    # Same domain as the build: nothing in the cluster changes.
+    nat = bash(f"{fake} apply_access nat 10.0.2.15", env=env).stdout
+    assert "ok: in-cluster DNS already answers for csghub.localhost" in nat
+    # A cut after the DNS rewrite but before access.env: the rerun still sees the old domain
+    # recorded and finishes (writes access.env), and nothing is written twice.
+    cut = bash(f"{fake} write_if_changed() {{ [[ $1 == */access.env ]] && kill -KILL $$ $BASHPID; cat >\"$1\"; }};"
+               f" apply_access address 192.168.56.10", env=env, check=False)
+    assert cut.returncode == -9  # killed, like a power cut
+    assert "192\\.168\\.56\\.10\\.nip\\.io" in (manifests / "coredns-custom.yaml").read_text()
+    again = bash(f"{fake} apply_access address 192.168.56.10", env=env).stdout
+    assert "ok: in-cluster DNS already answers for csghub.192.168.56.10.nip.io" in again
+    assert "changed: access mode address, address 192.168.56.10, domain csghub.192.168.56.10.nip.io" in again

@@ -301,6 +301,68 @@ spec:
 YAML
 }
 
+# chart_base DOMAIN: chart 2.4.0's <base> for sub-hosts (casdoor., minio.): the domain minus
+# its first label, or the whole domain when it has two labels (appliance/values.py, same rule).
+chart_base() {
+    local labels
+    IFS=. read -ra labels <<<"$1"
+    if ((${#labels[@]} <= 2)); then
+        echo "$1"
+    else
+        echo "${1#*.}"
+    fi
+}
+
+# regex_escape NAME: what Python's re.escape does to a host name ('.' and '-').
+regex_escape() {
+    local escaped=${1//./\\.}
+    echo "${escaped//-/\\-}"
+}
+
+# coredns_manifest DOMAIN NODE_IP: the ConfigMap that makes CSGHub's external names resolve
+# inside the cluster to the node address (the same text appliance/manifests.py renders for
+# the build's domain; tests/unit/test_firstboot.py holds them equal).
+coredns_manifest() {
+    local domain=$1 ip=$2 base zones match m
+    local -a matches
+    base=$(chart_base "$domain")
+    if [[ "$base" == "$domain" ]]; then
+        zones="$domain:53"
+        matches=("(^|\\.)$(regex_escape "$domain")\\.\$")
+    else
+        zones="$base:53"
+        matches=("^[^.]+\\.$(regex_escape "$base")\\.\$" "(^|\\.)$(regex_escape "$domain")\\.\$")
+    fi
+    match=""
+    for m in "${matches[@]}"; do
+        match+="            match $m"$'\n'
+    done
+    cat <<YAML
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: coredns-custom
+  namespace: kube-system
+  labels:
+    app.kubernetes.io/managed-by: csghub-appliance
+data:
+  csghub.server: |
+    $zones {
+        errors
+        template IN A {
+${match}            answer "{{ .Name }} 60 IN A $ip"
+            fallthrough
+        }
+        template IN AAAA {
+${match}            rcode NOERROR
+            fallthrough
+        }
+        forward . /etc/resolv.conf
+        cache 30
+    }
+YAML
+}
+
 # apply_access MODE ADDRESS: record the access mode, and make everything the domain touches
 # follow it. Prints "changed:"/"ok:" lines. Restarts k3s only when it was running and
 # something it reads at start changed.
@@ -311,37 +373,49 @@ apply_access() {
         old_domain=$(sed -n 's/^DOMAIN=//p' "$CSGHUB_STATE/access.env")
     fi
     [[ -n "$old_domain" ]] || old_domain=$CSGHUB_DOMAIN
+    # Everything below is written by content (write_if_changed), and access.env, which names
+    # the previous domain, only at the end: a run cut short is finished by the next one.
+    if stack_installed; then
+        # The chart creates this Secret only when absent: delete it before the values change,
+        # so the release upgrade that follows writes it again with the new registry host.
+        if [[ "$old_domain" != "$domain" ]] && systemctl -q is-active k3s.service &&
+            k3s kubectl --request-timeout=20s -n spaces get secret csghub-docker-credential >/dev/null 2>&1; then
+            k3s kubectl --request-timeout=20s -n spaces delete secret csghub-docker-credential >/dev/null
+            echo "changed: deleted Secret spaces/csghub-docker-credential (the chart recreates it for $domain)"
+        fi
+        mkdir -p "$K3S_MANIFESTS"
+        if instance_manifest "$domain" | write_if_changed "$K3S_MANIFESTS/$INSTANCE_MANIFEST_NAME" 0600; then
+            echo "changed: Helm values for this copy: domain $domain ($K3S_MANIFESTS/$INSTANCE_MANIFEST_NAME)"
+        else
+            echo "ok: Helm values already name domain $domain"
+        fi
+        # In-cluster DNS for the external names (installed by the csghub step, not by the chart).
+        if [[ -f "$K3S_MANIFESTS/coredns-custom.yaml" && -n "$K3S_NODE_IP" ]]; then
+            if coredns_manifest "$domain" "$K3S_NODE_IP" | write_if_changed "$K3S_MANIFESTS/coredns-custom.yaml" 0600; then
+                echo "changed: in-cluster DNS answers for $domain (coredns-custom.yaml)"
+            else
+                echo "ok: in-cluster DNS already answers for $domain"
+            fi
+        else
+            echo "ok: no coredns-custom manifest in this image; nothing to point at $domain"
+        fi
+        # registries.yaml is read by k3s only at start and is not part of the chart.
+        if [[ "$old_domain" != "$domain" && -f "$K3S_REGISTRIES" ]] && grep -qF "$old_domain" "$K3S_REGISTRIES"; then
+            sed "s/${old_domain//./\\.}/$domain/g" "$K3S_REGISTRIES" | write_if_changed "$K3S_REGISTRIES" 0600 || true
+            registries_changed=yes
+            echo "changed: $K3S_REGISTRIES now names $domain instead of $old_domain"
+        fi
+        if [[ "$registries_changed" == yes ]] && systemctl -q is-active k3s.service; then
+            systemctl restart k3s.service
+            echo "changed: restarted k3s to read $K3S_REGISTRIES"
+        fi
+    else
+        echo "ok: CSGHub stack not installed; no Helm values, DNS or registry entries to update"
+    fi
     if printf 'MODE=%s\nADDRESS=%s\nDOMAIN=%s\n' "$mode" "$address" "$domain" |
         write_if_changed "$CSGHUB_STATE/access.env" 0644; then
         echo "changed: access mode $mode, address $address, domain $domain"
     else
         echo "ok: access mode $mode, address $address, domain $domain (unchanged)"
-    fi
-    if ! stack_installed; then
-        echo "ok: CSGHub stack not installed; no Helm values or registry entries to update"
-        return 0
-    fi
-    # The chart creates this Secret only when absent: delete it before the values change,
-    # so the release upgrade that follows writes it again with the new registry host.
-    if [[ "$old_domain" != "$domain" ]] && systemctl -q is-active k3s.service &&
-        k3s kubectl --request-timeout=20s -n spaces get secret csghub-docker-credential >/dev/null 2>&1; then
-        k3s kubectl --request-timeout=20s -n spaces delete secret csghub-docker-credential >/dev/null
-        echo "changed: deleted Secret spaces/csghub-docker-credential (the chart recreates it for $domain)"
-    fi
-    mkdir -p "$K3S_MANIFESTS"
-    if instance_manifest "$domain" | write_if_changed "$K3S_MANIFESTS/$INSTANCE_MANIFEST_NAME" 0600; then
-        echo "changed: Helm values for this copy: domain $domain ($K3S_MANIFESTS/$INSTANCE_MANIFEST_NAME)"
-    else
-        echo "ok: Helm values already name domain $domain"
-    fi
-    # registries.yaml is read by k3s only at start and is not part of the chart.
-    if [[ "$old_domain" != "$domain" && -f "$K3S_REGISTRIES" ]] && grep -qF "$old_domain" "$K3S_REGISTRIES"; then
-        sed "s/${old_domain//./\\.}/$domain/g" "$K3S_REGISTRIES" | write_if_changed "$K3S_REGISTRIES" 0600 || true
-        registries_changed=yes
-        echo "changed: $K3S_REGISTRIES now names $domain instead of $old_domain"
-    fi
-    if [[ "$registries_changed" == yes ]] && systemctl -q is-active k3s.service; then
-        systemctl restart k3s.service
-        echo "changed: restarted k3s to read $K3S_REGISTRIES"
     fi
 }
