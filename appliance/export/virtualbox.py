@@ -1,0 +1,288 @@
+"""Export, VirtualBox provider: VirtualBox writes the OVA itself, from the halted VM.
+
+``export_virtualbox(cfg, vm, dest_dir)`` checks the VM's state (``VBoxManage showvminfo
+--machinereadable``, parsed), makes its NAT forwards match the configuration (Vagrant adds an
+``ssh`` forward the appliance should not ship), then exports through VirtualBox's Python API
+(pyvbox) when ``import virtualbox`` works, else through ``VBoxManage export``: OVF 1.0 by default
+or 2.0, manifest on, MAC addresses stripped except on NAT adapters, product, vendor, URLs,
+version, description and licence from ``cfg.output``. The OVA lands under a temporary folder in
+``dest_dir`` and is moved to its final name when complete, with its ``.sha256`` next to it.
+
+This only runs for real where VirtualBox is installed; the tests drive it through a small
+fake ``VBoxManage`` on PATH. VirtualBox chooses the manifest digest itself: SHA1 for OVF 1.0,
+SHA256 for OVF 2.0 (see docs/export.md for what that means for vSphere).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from appliance.errors import ExportError, PrerequisiteMissing
+from appliance.export.ova import OvaResult, sha256_file
+from appliance.export.ovf import DiskFacts, OvfFormat, read_descriptor
+from appliance.log import log
+from appliance.run import run, which
+
+if TYPE_CHECKING:  # pragma: no cover
+    from appliance.config import ApplianceConfig
+
+# States in which VirtualBox can export a machine (its disks are not in use).
+EXPORTABLE_STATES = ("poweroff", "aborted")
+_FORMAT_FLAG = {"ovf10": "--ovf10", "ovf20": "--ovf20"}
+_API_FORMAT = {"ovf10": "ovf-1.0", "ovf20": "ovf-2.0"}
+# VirtualBox API enum values (VirtualBox.xidl): VirtualSystemDescriptionType and ExportOptions.
+_VSD_PRODUCT, _VSD_VENDOR, _VSD_VERSION, _VSD_PRODUCT_URL, _VSD_VENDOR_URL = 4, 5, 6, 7, 8
+_VSD_DESCRIPTION, _VSD_LICENSE = 9, 10
+_EXPORT_CREATE_MANIFEST, _EXPORT_STRIP_ALL_NON_NAT_MACS = 1, 4
+
+
+# -- VBoxManage showvminfo --machinereadable --------------------------------------------------------
+
+
+def _read_quoted(text: str, i: int) -> tuple[str, int]:
+    """The quoted string starting at ``text[i] == '"'``; VBoxManage escapes only ``"`` and ``\\``."""
+    out = []
+    i += 1
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text):
+            out.append(text[i + 1])
+            i += 2
+        elif ch == '"':
+            return "".join(out), i + 1
+        else:
+            out.append(ch)  # newlines included: VBoxManage prints them raw (descriptions)
+            i += 1
+    raise ValueError("unterminated quoted value")
+
+
+def parse_machinereadable(text: str) -> dict[str, str]:
+    """``key="value"`` / ``"key"="value"`` / ``key=value`` lines into a dict (values unescaped)."""
+    info: dict[str, str] = {}
+    i = 0
+    while i < len(text):
+        if text[i] in "\r\n":
+            i += 1
+            continue
+        if text[i] == '"':
+            key, i = _read_quoted(text, i)
+        else:
+            eq = text.find("=", i)
+            nl = text.find("\n", i)
+            if eq < 0 or (0 <= nl < eq):
+                raise ValueError(f"line without '=': {text[i:nl if nl >= 0 else None]!r}")
+            key, i = text[i:eq], eq
+        if i >= len(text) or text[i] != "=":
+            raise ValueError(f"expected '=' after {key!r}")
+        i += 1
+        if i < len(text) and text[i] == '"':
+            value, i = _read_quoted(text, i)
+        else:
+            nl = text.find("\n", i)
+            value, i = (text[i:], len(text)) if nl < 0 else (text[i:nl], nl)
+        info[key] = value
+    return info
+
+
+@dataclass(frozen=True)
+class NatRule:
+    """One ``ForwardingN`` entry: ``name,proto,hostip,hostport,guestip,guestport``."""
+
+    name: str
+    protocol: str
+    host_ip: str
+    host_port: int
+    guest_ip: str
+    guest_port: int
+
+
+def nat_rules(info: dict[str, str], adapter: int = 1) -> list[NatRule]:
+    """The NAT forwards of ``adapter`` (VBoxManage lists adapter 1's as ``Forwarding(N)``)."""
+    prefix = "Forwarding(" if adapter == 1 else f"Forwarding{adapter}("  # newer VBoxManage: per NIC
+    rules = []
+    for key, value in info.items():
+        if key.startswith(prefix) and key.endswith(")"):
+            name, proto, host_ip, host_port, guest_ip, guest_port = value.split(",")
+            rules.append(NatRule(name, proto, host_ip, int(host_port or 0), guest_ip, int(guest_port or 0)))
+    return rules
+
+
+def vboxmanage() -> str:
+    found = which("VBoxManage") or which("vboxmanage")
+    if found is None:
+        raise PrerequisiteMissing("VBoxManage is not installed",
+                                  hint="install VirtualBox, or build with --provider libvirt")
+    return found
+
+
+def vm_info(vm: str) -> dict[str, str]:
+    """``VBoxManage showvminfo VM --machinereadable``, parsed."""
+    result = run([vboxmanage(), "showvminfo", vm, "--machinereadable"],
+                 hint=f"is {vm!r} a VirtualBox VM? (VBoxManage list vms)")
+    try:
+        return parse_machinereadable(result.stdout)
+    except ValueError as exc:
+        raise ExportError(f"cannot parse `VBoxManage showvminfo {vm} --machinereadable`: {exc}") from None
+
+
+# -- export ---------------------------------------------------------------------------------------
+
+
+def export_argv(cfg: ApplianceConfig, vm: str, output: Path, ovf_format: OvfFormat | None = None) -> list[str]:
+    """The ``VBoxManage export`` command line for ``vm`` -> ``output`` (flags per VBoxManage's manual)."""
+    fmt = ovf_format or cfg.output.ovf_format
+    out = cfg.output
+    argv = [
+        vboxmanage(), "export", vm, f"--output={output}", _FORMAT_FLAG[fmt],
+        "--manifest", "--options=nomacsbutnat",
+        "--vsys=0",
+        f"--product={out.product}", f"--producturl={out.product_url}",
+        f"--vendor={out.vendor}", f"--vendorurl={out.vendor_url}",
+        f"--version={cfg.appliance_version}",
+    ]
+    if out.description:
+        argv.append(f"--description={out.description}")
+    if out.eula_file:
+        argv.append(f"--eulafile={cfg.path(out.eula_file)}")
+    return argv
+
+
+def _pyvbox() -> Any | None:
+    """VirtualBox's Python API (pyvbox), or None when it cannot be imported."""
+    try:
+        import virtualbox
+    except Exception:  # any import failure (missing module, missing VirtualBox SDK) means "not usable"
+        return None
+    return virtualbox
+
+
+def _export_with_api(api: Any, cfg: ApplianceConfig, vm: str, output: Path, fmt: OvfFormat) -> None:
+    """The same export through the Main API: IMachine.exportTo, IAppliance.write."""
+    lib = api.library
+    vbox = api.VirtualBox()
+    machine = vbox.find_machine(vm)
+    appliance = vbox.create_appliance()
+    desc = machine.export_to(appliance, str(output))
+    out = cfg.output
+    values = [(_VSD_PRODUCT, out.product), (_VSD_VENDOR, out.vendor), (_VSD_VERSION, cfg.appliance_version),
+              (_VSD_PRODUCT_URL, out.product_url), (_VSD_VENDOR_URL, out.vendor_url)]
+    if out.description:
+        values.append((_VSD_DESCRIPTION, out.description))
+    if out.eula_file:
+        values.append((_VSD_LICENSE, cfg.path(out.eula_file).read_text(encoding="utf-8")))
+    for kind, value in values:
+        desc.add_description(lib.VirtualSystemDescriptionType(kind), value, value)
+    options = [lib.ExportOptions(_EXPORT_CREATE_MANIFEST), lib.ExportOptions(_EXPORT_STRIP_ALL_NON_NAT_MACS)]
+    progress = appliance.write(_API_FORMAT[fmt], options, str(output))
+    progress.wait_for_completion(-1)
+    if progress.result_code != 0:
+        raise ExportError(f"VirtualBox could not export {vm!r}: {progress.error_info.text}")
+
+
+def sync_nat_forwards(cfg: ApplianceConfig, vm: str, info: dict[str, str]) -> list[str]:
+    """Remove NAT forwards the configuration does not list (e.g. Vagrant's ``ssh``); add missing ones.
+
+    Returns the ``VBoxManage modifyvm`` changes made, for the log.
+    """
+    wanted = {p.name: p for p in cfg.network.forwarded_ports}
+    have = {r.name: r for r in nat_rules(info)}
+    changes = []
+    for name, existing in sorted(have.items()):
+        p = wanted.get(name)
+        if p is None or (existing.protocol, existing.host_ip, existing.host_port, existing.guest_port) != (
+            p.protocol, p.host_ip, p.host, p.guest
+        ):
+            run([vboxmanage(), "modifyvm", vm, "--natpf1", "delete", name])
+            changes.append(f"deleted forward {name}")
+    for name, p in sorted(wanted.items()):
+        rule = have.get(name)
+        if rule is None or (rule.protocol, rule.host_ip, rule.host_port, rule.guest_port) != (
+            p.protocol, p.host_ip, p.host, p.guest
+        ):
+            run([vboxmanage(), "modifyvm", vm, "--natpf1", f"{name},{p.protocol},{p.host_ip},{p.host},,{p.guest}"])
+            changes.append(f"added forward {name}")
+    return changes
+
+
+def _ova_members(path: Path) -> Iterator[tuple[str, int, int]]:
+    """(name, data offset, size) of each member, via Python's tarfile (reads headers only)."""
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            yield m.name, m.offset_data, m.size
+
+
+def _describe(path: Path, fmt: OvfFormat) -> OvaResult:
+    members = list(_ova_members(path))
+    by_name = {n: (off, size) for n, off, size in members}
+    ovf_name = next((n for n, _, _ in members if n.endswith(".ovf")), None)
+    if ovf_name is None:
+        raise ExportError(f"VirtualBox wrote {path} without an .ovf descriptor")
+    with path.open("rb") as f:
+        off, size = by_name[ovf_name]
+        f.seek(off)
+        facts = read_descriptor(f.read(size))
+        if not facts.disks:
+            raise ExportError(f"VirtualBox's descriptor in {path} lists no disk")
+        _, file_ref, capacity, _ = facts.disks[0]
+        href = next(h for fid, h, _ in facts.files if fid == file_ref)
+        off, size = by_name[href]
+        f.seek(off)
+        digest = hashlib.sha256()
+        remaining = size
+        while remaining:
+            chunk = f.read(min(4 << 20, remaining))
+            if not chunk:
+                break
+            digest.update(chunk)
+            remaining -= len(chunk)
+    disk = DiskFacts(href=href, file_size=size, capacity=capacity, sha256=digest.hexdigest())
+    ova_digest = sha256_file(path)
+    sha_file = path.with_name(path.name + ".sha256")
+    return OvaResult(path=path, sha256=ova_digest, size=path.stat().st_size, sha256_file=sha_file,
+                     members=tuple(n for n, _, _ in members), disk=disk, ovf_format=fmt)
+
+
+def export_virtualbox(
+    cfg: ApplianceConfig, vm: str, dest_dir: Path, *, ovf_format: OvfFormat | None = None
+) -> OvaResult:
+    """Export the halted VirtualBox VM ``vm`` to ``dest_dir/<name>-<version>.ova`` (+ ``.sha256``)."""
+    fmt: OvfFormat = ovf_format or cfg.output.ovf_format
+    info = vm_info(vm)
+    state = info.get("VMState", "unknown")
+    if state not in EXPORTABLE_STATES:
+        raise ExportError(f"VM {vm!r} is {state!r}; export needs it powered off",
+                          hint="halt it first (vagrant halt)")
+    for change in sync_nat_forwards(cfg, vm, info):
+        log.info(f"NAT: {change}")
+    dest_dir = Path(dest_dir)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    final = dest_dir / f"{cfg.output.name}-{cfg.appliance_version}.ova"
+    # VirtualBox names the members after the output file, so the temporary OVA keeps the final
+    # name inside a temporary folder, and is moved out when complete.
+    with tempfile.TemporaryDirectory(dir=dest_dir, prefix=f".{final.name}.work-") as work:
+        staged = Path(work) / final.name
+        api = _pyvbox()
+        with log.step(f"export {vm} with {'the VirtualBox API' if api else 'VBoxManage'} ({fmt})"):
+            if api is not None:
+                _export_with_api(api, cfg, vm, staged, fmt)
+            else:
+                run(export_argv(cfg, vm, staged, fmt), stream=True, hint="is the VM halted and its disk readable?")
+        if not staged.is_file():
+            raise ExportError(f"VirtualBox reported success but wrote no {staged.name}")
+        result = _describe(staged, fmt)
+        sha_staged = Path(work) / (final.name + ".sha256")
+        sha_staged.write_text(f"{result.sha256}  {final.name}\n", encoding="ascii")
+        os.replace(staged, final)
+        os.replace(sha_staged, final.with_name(final.name + ".sha256"))
+    log.success(f"wrote {final} ({result.size / 2**20:.1f} MiB)")
+    return OvaResult(path=final, sha256=result.sha256, size=result.size,
+                     sha256_file=final.with_name(final.name + ".sha256"), members=result.members,
+                     disk=result.disk, ovf_format=fmt)
