@@ -186,6 +186,13 @@ render_banner() {
         echo "  CSGHub admin user:    $ADMIN_USER"
         echo "  Admin password:       sudo csghub-status --admin-password"
         echo
+    else
+        # Still say what the network detection found: the address CSGHub would have here.
+        case "$MODE" in
+            nat | address) echo "  Network: $MODE, VM address $ADDRESS; CSGHub's URL here would be $URL" ;;
+            *) echo "  Network: no address yet" ;;
+        esac
+        echo
     fi
     echo "  Log in to this VM:    user $LOGIN_USER (console, or SSH where a port reaches guest port 22)"
     if [[ -n "$LOGIN_PASSWORD" ]]; then
