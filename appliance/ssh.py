@@ -46,8 +46,12 @@ MAX_PACKET_SIZE = 256 * 1024
 TIMEOUT_GRACE = 15
 # `timeout` on the guest sends TERM, then KILL this many seconds later.
 KILL_AFTER = 10
+# AES-GCM first: one pass for encryption and integrity (AES-NI through `cryptography`),
+# where Paramiko's default (aes128-ctr + HMAC) costs a second pass per packet.
+PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+REBOOT_COMMAND = "systemctl reboot || reboot"
 
 LineHandler = Callable[[str, str], None]
 
@@ -220,6 +224,8 @@ class RemoteSession:
         keepalive: int = 15,
         retry_delay: tuple[float, float] = (1.0, 3.0),
         boot_id_path: str = BOOT_ID_PATH,
+        ciphers: tuple[str, ...] = PREFERRED_CIPHERS,
+        reboot_command: str = REBOOT_COMMAND,
     ) -> None:
         self.endpoint = endpoint
         self.known_hosts = known_hosts
@@ -228,6 +234,8 @@ class RemoteSession:
         self.keepalive = keepalive
         self.retry_delay = retry_delay
         self.boot_id_path = boot_id_path
+        self.ciphers = ciphers
+        self.reboot_command = reboot_command
         self._client: paramiko.SSHClient | None = None
         self._sftp: paramiko.SFTPClient | None = None
 
@@ -332,9 +340,14 @@ class RemoteSession:
         client.set_missing_host_key_policy(_RecordNewHostKey(self.known_hosts))
 
         def transport_factory(sock: socket.socket, **kwargs: Any) -> paramiko.Transport:
-            return paramiko.Transport(
+            transport = paramiko.Transport(
                 sock, default_window_size=WINDOW_SIZE, default_max_packet_size=MAX_PACKET_SIZE, **kwargs
             )
+            options = transport.get_security_options()
+            supported = tuple(options.ciphers)
+            preferred = tuple(c for c in self.ciphers if c in supported)
+            options.ciphers = preferred + tuple(c for c in supported if c not in preferred)
+            return transport
 
         files = [str(p) for p in self.endpoint.identity_files]
         try:
@@ -470,7 +483,10 @@ class RemoteSession:
             raise
         except (OSError, EOFError, paramiko.SSHException):
             pass  # judged below: a channel without an exit status means a lost connection
-        if not host_timed_out and not channel.exit_status_ready():
+        # Paramiko marks a channel "status ready" when it closes for any reason. A real ending
+        # brings an exit status, or (killed by a signal) at least the server's EOF first.
+        lost = channel.exit_status == -1 and (not channel.eof_received or not transport.is_active())
+        if not host_timed_out and (lost or not channel.exit_status_ready()):
             channel.close()
             self.close()
             raise ConnectionLost(
@@ -503,9 +519,10 @@ class RemoteSession:
         """The guest kernel's boot id: changes on every boot, so a reboot is observable."""
         return self.run(f"cat {shlex.quote(self.boot_id_path)}", sudo=False, timeout=30).stdout.strip()
 
-    def reboot(self, *, timeout: float = 600, command: str = "systemctl reboot || reboot") -> None:
+    def reboot(self, *, timeout: float = 600) -> None:
         """Reboot the guest and wait until it is back (its boot id changed), then reconnect."""
         before = self.boot_id()
+        command = self.reboot_command
         # Detached and delayed, so this command returns before sshd goes away.
         self.run(f"nohup sh -c {shlex.quote('sleep 1; ' + command)} >/dev/null 2>&1 </dev/null &", timeout=30)
         self.close()

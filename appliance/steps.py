@@ -1,0 +1,487 @@
+"""The provision stage: run ``provision/NN-name.sh`` on the guest, in order, and remember them.
+
+Think ``make``, not Packer's start-over:
+
+- After a step succeeds, a marker on the guest (``<state dir>/<name>.done``, JSON) records
+  the sha256 of its inputs: the script, its support files, and each environment variable
+  it receives (hashed, so values never land on disk). Like mkosi's cache manifest, the
+  list of inputs is explicit and sorted.
+- A rerun skips steps that are done and unchanged, re-runs a changed step (saying which
+  inputs changed) and every step after it, and resumes at the step that failed (its marker
+  was removed before it started, together with the markers of every later step).
+- Each step: upload the script and its files, run it with sudo and its inputs as
+  environment variables, stream each line to the console and to ``build/logs/<name>.log``,
+  under a timeout, exit status checked. Outcomes: changed, no changes (no ``changed:`` line),
+  skipped (marker or config), failed, failed after partial changes.
+- A step that declares ``# appliance: reboot-after`` reboots the guest; the runner waits
+  for a new boot id and carries on. A connection lost mid-step is re-established and the
+  step (idempotent by contract) re-run, ``provision.reconnect_attempts`` times at most.
+
+Entry points: :func:`provision` and :func:`plan` (for ``invoke provision --list``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO
+
+from appliance.config import ApplianceConfig, guest_environment
+from appliance.errors import ConnectionLost, RemoteCommandFailed, StepFailed, UsageError
+from appliance.log import log
+from appliance.scripts import GUEST_PROVISION_DIR, PROVISION_DIR, ProvisionScript, discover_scripts
+from appliance.ssh import RemoteSession, SSHEndpoint
+from appliance.upload import upload_files
+
+DEFAULT_STATE_DIR = "/var/lib/csghub-appliance/steps"
+# Where markers live on the guest; tests against a loopback sshd point it somewhere harmless.
+STATE_DIR_ENV = "APPLIANCE_STATE_DIR"
+TAIL_LINES = 30
+REBOOT_TIMEOUT = 900
+MARKER_FORMAT = 1
+SKIPPED_BY_CONFIG = "skipped by configuration (provision.skip, --skip)"
+
+
+# -- what a step depends on -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """The explicit, sorted inputs of one step: ``script``, ``file:<path>``, ``env:<NAME>`` -> sha256."""
+
+    step: str
+    inputs: dict[str, str]
+
+    @property
+    def digest(self) -> str:
+        return _sha256_text(json.dumps(self.inputs, sort_keys=True))
+
+    def marker(self, seconds: float) -> str:
+        return json.dumps(
+            {
+                "format": MARKER_FORMAT,
+                "step": self.step,
+                "digest": self.digest,
+                "inputs": dict(sorted(self.inputs.items())),
+                "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+                "seconds": round(seconds, 1),
+            },
+            sort_keys=True,
+        )
+
+    def changes_from(self, recorded: dict[str, str]) -> list[str]:
+        """Which inputs differ from a marker's, by name (``script``, ``file:...``, ``env:NAME``)."""
+        names = sorted(set(self.inputs) | set(recorded))
+        out = []
+        for name in names:
+            if name not in recorded:
+                out.append(f"{name} (new)")
+            elif name not in self.inputs:
+                out.append(f"{name} (gone)")
+            elif recorded[name] != self.inputs[name]:
+                out.append(name)
+        return out
+
+
+def _sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _sha256_path(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def support_files(script: ProvisionScript, directory: Path) -> list[tuple[Path, str]]:
+    """``(local file, path relative to the guest provision dir)`` for every ``files=DIR`` of a script."""
+    out: list[tuple[Path, str]] = []
+    for name in script.files:
+        base = directory / "files" / name
+        if not base.is_dir():
+            raise UsageError(
+                f"{script.filename} declares files={name}, but {base} is not a directory",
+                hint=f"create {base} or remove the `# appliance: files={name}` line",
+            )
+        for path in sorted(p for p in base.rglob("*") if p.is_file()):
+            out.append((path, f"files/{name}/{path.relative_to(base).as_posix()}"))
+    return out
+
+
+def step_inputs(script: ProvisionScript, env: dict[str, str], directory: Path) -> StepInputs:
+    inputs = {"script": _sha256_path(script.path)}
+    for local, relative in support_files(script, directory):
+        inputs[f"file:{relative}"] = _sha256_path(local)
+    for name, value in env.items():
+        inputs[f"env:{name}"] = _sha256_text(value)
+    return StepInputs(script.name, dict(sorted(inputs.items())))
+
+
+# -- the plan ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    script: ProvisionScript
+    run: bool
+    reason: str
+    inputs: StepInputs | None = None
+
+    @property
+    def name(self) -> str:
+        return self.script.name
+
+
+@dataclass
+class StepReport:
+    name: str
+    outcome: str  # changed | no changes | skipped | failed | failed after partial changes
+    reason: str
+    seconds: float = 0.0
+    changes: list[str] = field(default_factory=list)
+    log_path: str | None = None
+    attempts: int = 0
+
+
+@dataclass
+class ProvisionReport:
+    steps: list[StepReport]
+    seconds: float
+
+    @property
+    def ran(self) -> list[str]:
+        return [s.name for s in self.steps if s.outcome in ("changed", "no changes")]
+
+    @property
+    def skipped(self) -> list[str]:
+        return [s.name for s in self.steps if s.outcome == "skipped"]
+
+    def outcome_of(self, name: str) -> str:
+        return next(s.outcome for s in self.steps if s.name == name)
+
+
+@dataclass(frozen=True)
+class Options:
+    only: str | None = None
+    from_step: str | None = None
+    force: bool = False
+    skip: tuple[str, ...] = ()
+
+
+def _resolve_state_dir(state_dir: str | None) -> str:
+    chosen = state_dir or os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR
+    if not chosen.startswith("/"):
+        raise UsageError(f"the marker directory must be an absolute guest path, not {chosen!r}")
+    return chosen.rstrip("/") or "/"
+
+
+class Provisioner:
+    """Runs the steps of one provisioning over one session. ``provision()``/``plan()`` wrap it."""
+
+    def __init__(
+        self,
+        cfg: ApplianceConfig,
+        session: RemoteSession,
+        *,
+        directory: Path = PROVISION_DIR,
+        state_dir: str | None = None,
+        reboot_timeout: float = REBOOT_TIMEOUT,
+        guest_dir: str = GUEST_PROVISION_DIR,
+    ) -> None:
+        self.cfg = cfg
+        self.session = session
+        self.directory = directory
+        self.state_dir = _resolve_state_dir(state_dir)
+        self.reboot_timeout = reboot_timeout
+        self.log_dir = cfg.build_dir / "logs"
+        self.guest_dir = guest_dir
+        self.env = {**guest_environment(cfg), "PROVISION_DIR": guest_dir}
+
+    # -- planning -----------------------------------------------------------------------
+
+    def scripts(self) -> list[ProvisionScript]:
+        scripts = discover_scripts(self.directory)
+        if not scripts:
+            raise UsageError(f"no provisioning scripts (NN-name.sh) in {self.directory}")
+        return scripts
+
+    def read_markers(self) -> dict[str, dict[str, object]]:
+        """Every marker on the guest, by step name (unreadable ones are treated as absent)."""
+        state = shlex.quote(self.state_dir)
+        result = self.session.run(
+            f"for f in {state}/*.done; do [ -f \"$f\" ] && cat \"$f\" && echo; done; true", timeout=60
+        )
+        markers: dict[str, dict[str, object]] = {}
+        for line in result.stdout.splitlines():
+            try:
+                data = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(data, dict) and isinstance(data.get("step"), str):
+                markers[data["step"]] = data
+        return markers
+
+    def plan(self, options: Options) -> list[PlannedStep]:
+        scripts = self.scripts()
+        names = [s.name for s in scripts]
+        skip = set(self.cfg.provision.skip) | set(options.skip)
+        for flag, value in (("--only", options.only), ("--from", options.from_step)):
+            if value is not None and value not in names:
+                raise UsageError(f"{flag} {value!r}: no such step; steps are: {', '.join(names)}")
+        for name in options.skip:
+            if name not in names:
+                raise UsageError(f"--skip {name!r}: no such step; steps are: {', '.join(names)}")
+        if options.only and options.from_step:
+            raise UsageError(
+                "--only and --from cannot be combined: --only runs one step, --from a tail of them"
+            )
+        if options.only and options.only in skip:
+            raise UsageError(f"--only {options.only!r}, but that step is skipped (provision.skip or --skip)")
+        markers = self.read_markers()
+        planned: list[PlannedStep] = []
+        dirty: str | None = None  # the earliest step that runs: everything after it runs too
+        reached_from = options.from_step is None
+        for script in scripts:
+            name = script.name
+            if name in skip:
+                planned.append(PlannedStep(script, False, SKIPPED_BY_CONFIG))
+                continue
+            inputs = step_inputs(script, self.env, self.directory)
+            if options.only is not None:
+                if name == options.only:
+                    planned.append(PlannedStep(script, True, "requested with --only", inputs))
+                else:
+                    planned.append(PlannedStep(script, False, f"not selected (--only {options.only})"))
+                continue
+            if name == options.from_step:
+                reached_from = True
+                dirty = name
+                planned.append(PlannedStep(script, True, "requested with --from", inputs))
+                continue
+            if not reached_from:
+                planned.append(PlannedStep(script, False, f"before --from {options.from_step}"))
+                continue
+            if options.force:
+                planned.append(PlannedStep(script, True, "--force", inputs))
+                continue
+            if dirty is not None:
+                planned.append(PlannedStep(script, True, f"follows {dirty}, which runs", inputs))
+                continue
+            marker = markers.get(name)
+            if marker is None:
+                reason = "not done yet (no marker)"
+            else:
+                recorded = marker.get("inputs")
+                changed = inputs.changes_from(recorded if isinstance(recorded, dict) else {})
+                if not changed and marker.get("digest") == inputs.digest:
+                    planned.append(PlannedStep(script, False, "done, inputs unchanged", inputs))
+                    continue
+                reason = "inputs changed: " + (", ".join(changed) or "marker format")
+            dirty = name
+            planned.append(PlannedStep(script, True, reason, inputs))
+        return planned
+
+    # -- running ------------------------------------------------------------------------
+
+    def run(self, options: Options) -> ProvisionReport:
+        started = time.monotonic()
+        steps = self.plan(options)
+        reports: list[StepReport] = []
+        ordered = [p.script.name for p in steps]
+        for index, planned in enumerate(steps):
+            if not planned.run:
+                log.info(f"– {planned.script.filename}: skipped ({planned.reason})")
+                reports.append(StepReport(planned.name, "skipped", planned.reason))
+                continue
+            later = ordered[index + 1:]
+            reports.append(self._run_with_reconnects(planned, later))
+        return ProvisionReport(reports, time.monotonic() - started)
+
+    def _run_with_reconnects(self, planned: PlannedStep, later: Sequence[str]) -> StepReport:
+        attempts = self.cfg.provision.reconnect_attempts + 1
+        report = StepReport(planned.name, "failed", planned.reason, log_path=str(self._log_path(planned)))
+        for attempt in range(1, attempts + 1):
+            report.attempts = attempt
+            try:
+                self._run_step(planned, later, report, attempt)
+                return report
+            except ConnectionLost as exc:
+                log.warning(f"{planned.script.filename}: {exc.message}")
+                if attempt == attempts:
+                    raise StepFailed(
+                        planned.name,
+                        f"step {planned.script.filename} lost its connection {attempts} time"
+                        f"{'s' if attempts != 1 else ''}; giving up. Log: {report.log_path}",
+                        log_path=report.log_path,
+                        hint="check the guest's network and sshd; raise provision.reconnect_attempts "
+                        "if the link is known to be flaky. A rerun resumes at this step.",
+                    ) from None
+                log.info(f"reconnecting to re-run {planned.script.filename} "
+                         f"(attempt {attempt + 1} of {attempts})")
+                self.session.reconnect()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _log_path(self, planned: PlannedStep) -> Path:
+        return self.log_dir / f"{planned.script.path.stem}.log"
+
+    def _timeout(self, script: ProvisionScript) -> int:
+        configured = self.cfg.provision.timeouts.get(script.name)
+        return configured or script.timeout or self.cfg.provision.step_timeout
+
+    def _run_step(self, planned: PlannedStep, later: Sequence[str], report: StepReport, attempt: int) -> None:
+        script, inputs = planned.script, planned.inputs
+        assert inputs is not None
+        timeout = self._timeout(script)
+        log_path = self._log_path(planned)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        report.changes = []
+        with log.step(f"{script.filename} ({planned.reason})", record=attempt == 1) as timing, \
+                log_path.open("w" if attempt == 1 else "a", encoding="utf-8") as log_file:
+            log_file.write(f"# {script.filename} attempt {attempt}, "
+                           f"{datetime.now(UTC).isoformat(timespec='seconds')}, timeout {timeout} s\n")
+            self._prepare(script, later)
+            started = time.monotonic()
+
+            def on_line(stream: str, line: str) -> None:
+                elapsed = time.monotonic() - started
+                log.output(f"{script.name} {elapsed:6.1f}s  {line}", stderr=(stream == "stderr"))
+                _log_line(log_file, elapsed, stream, line)
+                if stream == "stdout" and line.startswith("changed:"):
+                    report.changes.append(line.removeprefix("changed:").strip())
+
+            command = f"bash {shlex.quote(f'{self.guest_dir}/{script.filename}')}"
+            try:
+                result = self.session.run(command, env=self.env, timeout=timeout, on_line=on_line)
+            except RemoteCommandFailed as exc:
+                report.seconds = time.monotonic() - started
+                report.outcome = "failed after partial changes" if report.changes else "failed"
+                timing.outcome = "failed"
+                raise self._failure(script, exc, report, timeout) from None
+            report.seconds = result.duration
+            self._write_marker(script, inputs, result.duration)
+            report.outcome = "changed" if report.changes else "no changes"
+            timing.outcome = "ok"
+            summary = f"{len(report.changes)} change(s)" if report.changes else "no changes"
+            log.info(f"{script.name}: {summary} in {result.duration:.1f} s; log: {log_path}")
+        if script.reboot_after:
+            with log.step(f"reboot after {script.filename}"):
+                self.session.reboot(timeout=self.reboot_timeout)
+
+    def _prepare(self, script: ProvisionScript, later: Sequence[str]) -> None:
+        """Invalidate this and later markers, make the upload directories, upload script and files."""
+        files = support_files(script, self.directory)
+        dirs = sorted({self.guest_dir} | {
+            f"{self.guest_dir}/{rel.rsplit('/', 1)[0]}" for _, rel in files
+        })
+        # Parents before children, each made and owned by the login user so SFTP can write.
+        all_dirs: set[str] = set()
+        for d in dirs:
+            parts = d.split("/")
+            for i in range(len(self.guest_dir.split("/")), len(parts) + 1):
+                all_dirs.add("/".join(parts[:i]))
+        user = shlex.quote(self.session.endpoint.user)
+        stale = " ".join(shlex.quote(f"{self.state_dir}/{n}.done") for n in [script.name, *later])
+        self.session.run(
+            f"rm -f -- {stale} && install -d -m 0755 -o {user} "
+            + " ".join(shlex.quote(d) for d in sorted(all_dirs)),
+            timeout=60,
+        )
+        pairs = [(script.path, f"{self.guest_dir}/{script.filename}")]
+        pairs += [(local, f"{self.guest_dir}/{rel}") for local, rel in files]
+        upload_files(self.session, pairs)
+
+    def _write_marker(self, script: ProvisionScript, inputs: StepInputs, seconds: float) -> None:
+        path = f"{self.state_dir}/{script.name}.done"
+        self.session.run(
+            'install -d -m 0755 "$STATE_DIR" && printf "%s\\n" "$MARKER" > "$MARKER_PATH.tmp" '
+            '&& mv -f "$MARKER_PATH.tmp" "$MARKER_PATH"',
+            env={"STATE_DIR": self.state_dir, "MARKER": inputs.marker(seconds), "MARKER_PATH": path},
+            timeout=60,
+        )
+
+    def _failure(
+        self, script: ProvisionScript, exc: RemoteCommandFailed, report: StepReport, timeout: int
+    ) -> StepFailed:
+        result = exc.result
+        if result.timed_out:
+            what = f"timed out after {timeout} s"
+            hint = f"raise provision.timeouts.{script.name} (or provision.step_timeout) if it needs longer"
+        else:
+            what = f"failed with exit status {result.exit_status}"
+            hint = "fix the cause and run `invoke provision` again: it resumes at this step"
+        partial = f" after {len(report.changes)} change(s)" if report.changes else ""
+        tail = result.tail(TAIL_LINES)
+        lines = "\n".join(f"    {line}" for line in tail) or "    (no output)"
+        message = (
+            f"provisioning step {script.filename} {what}{partial}.\n"
+            f"  last {len(tail)} lines:\n{lines}\n"
+            f"  full log: {report.log_path}"
+        )
+        return StepFailed(script.name, message, log_path=report.log_path, hint=hint)
+
+
+def _log_line(log_file: IO[str], elapsed: float, stream: str, line: str) -> None:
+    log_file.write(f"[{elapsed:7.1f}s {'err' if stream == 'stderr' else 'out'}] {line}\n")
+    log_file.flush()
+
+
+# -- entry points ---------------------------------------------------------------------------------
+
+
+def _session(cfg: ApplianceConfig, endpoint: SSHEndpoint) -> RemoteSession:
+    return RemoteSession.from_config(cfg, endpoint)
+
+
+def provision(
+    cfg: ApplianceConfig,
+    endpoint: SSHEndpoint,
+    *,
+    only: str | None = None,
+    from_step: str | None = None,
+    force: bool = False,
+    skip: Sequence[str] = (),
+    directory: Path = PROVISION_DIR,
+    state_dir: str | None = None,
+) -> ProvisionReport:
+    """Run the steps that need running on the guest at ``endpoint``; stop at the first failure."""
+    options = Options(only=only, from_step=from_step, force=force, skip=tuple(skip))
+    with log.step("provision"), _session(cfg, endpoint) as session:
+        report = Provisioner(cfg, session, directory=directory, state_dir=state_dir).run(options)
+    _summarize(report)
+    return report
+
+
+def plan(
+    cfg: ApplianceConfig,
+    endpoint: SSHEndpoint,
+    *,
+    only: str | None = None,
+    from_step: str | None = None,
+    force: bool = False,
+    skip: Sequence[str] = (),
+    directory: Path = PROVISION_DIR,
+    state_dir: str | None = None,
+) -> list[PlannedStep]:
+    """What ``provision`` would do: each step, run or skip, and why. Reads the markers; changes nothing."""
+    options = Options(only=only, from_step=from_step, force=force, skip=tuple(skip))
+    with _session(cfg, endpoint) as session:
+        return Provisioner(cfg, session, directory=directory, state_dir=state_dir).plan(options)
+
+
+def describe_plan(steps: Sequence[PlannedStep]) -> Iterator[str]:
+    width = max((len(p.script.filename) for p in steps), default=0)
+    for p in steps:
+        yield f"{p.script.filename:<{width}}  {'run ' if p.run else 'skip'}  {p.reason}"
+
+
+def _summarize(report: ProvisionReport) -> None:
+    counts: dict[str, int] = {}
+    for step in report.steps:
+        counts[step.outcome] = counts.get(step.outcome, 0) + 1
+    parts = ", ".join(f"{n} {outcome}" for outcome, n in counts.items())
+    log.success(f"provisioned in {report.seconds:.1f} s: {parts or 'nothing to do'}")
