@@ -129,3 +129,22 @@ def build_ova(c: Context, config: str | None = None, set_: list[str] | None = No
         force=force, on_error=on_error, boot_check=not no_boot_check,  # type: ignore[arg-type]
     )
     run_build(config_from_flags(config, set_, provider), options)
+
+
+@cli_task(help={
+    "path": "The OVA to verify.",
+    "no_boot": "Structural checks only (tar, order, manifest, schema, disk); no boot.",
+    "ssh_key": "Private key for the boot check's login (default: ssh.private_key, else the base box's key).",
+    "http": "Check HTTP on the forwarded port (default: only when the k3s and csghub steps are built).",
+    "no_http": "Never check HTTP.",
+}, auto_shortflags=False)
+def verify_ova(c: Context, path: str, config: str | None = None, set_: list[str] | None = None,
+               provider: str | None = None, no_boot: bool = False, ssh_key: str | None = None,
+               http: bool = False, no_http: bool = False, debug: bool = False) -> None:
+    """Verify an OVA: structure, manifest digests, OVF schema and disk, then boot a fresh copy."""
+    from pathlib import Path
+
+    from appliance.verify import verify_from_config
+
+    verify_from_config(config_from_flags(config, set_, provider, resolve=False), Path(path), boot=not no_boot,
+                       ssh_key=ssh_key, http=True if http else (False if no_http else None))
