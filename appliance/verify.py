@@ -36,6 +36,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from appliance.config import ApplianceConfig
 from appliance.errors import PrerequisiteMissing, UsageError, VerifyError
 from appliance.export.ovf import STREAM_OPTIMIZED, find_schema_dir, read_descriptor, schema_errors
 from appliance.log import log
@@ -338,7 +339,8 @@ def verify_ova(
                 _check_disk(href, vmdk, report.disks[href], reasons)
             report.checks.append(("disk format and size", "checked"))
         if reasons:
-            raise VerifyError(f"{path} failed verification ({len(reasons)} problems)", reasons)
+            count = f"{len(reasons)} problem" + ("s" if len(reasons) != 1 else "")
+            raise VerifyError(f"{path} failed verification ({count})", reasons)
         log.success(f"{path.name}: structure, manifest, schema and disks are sound")
         if boot:
             assert login is not None
@@ -489,3 +491,36 @@ def _wait_http(url: str, deadline: float) -> int:
             last = str(exc)
         time.sleep(5)
     raise VerifyError(f"no HTTP answer from {url} before the deadline", [f"last error: {last}"])
+
+
+# -- from the command line -------------------------------------------------------------------------
+
+
+def verify_from_config(
+    cfg: ApplianceConfig, path: Path, *, boot: bool = True, ssh_key: str | None = None, http: bool | None = None
+) -> VerifyReport:
+    """``invoke verify-ova``: the login and HTTP port come from the configuration.
+
+    Login: ``cfg.ssh.user`` with ``ssh_key``, else ``ssh.private_key``, else the base box's build
+    key. HTTP is checked on the ``http`` forward's guest port when the stack is part of the
+    build (``http=None``), or as forced by ``http``.
+    """
+    login = None
+    if boot:
+        key = ssh_key or cfg.ssh.private_key
+        if not key:
+            from appliance.basebox import KEY_NAME, cache_dir
+
+            key = str(cache_dir() / "keys" / KEY_NAME)
+        login = SSHLogin(user=cfg.ssh.user, key_file=Path(key).expanduser())
+    check_http = cfg.stack_enabled if http is None else http
+    forward = cfg.http_port()
+    http_port = forward.guest if (check_http and forward is not None) else None
+    report = verify_ova(path, boot=boot, login=login, http_port=http_port, boot_timeout=cfg.vm.boot_timeout)
+    for name, outcome in report.checks:
+        log.info(f"{name}: {outcome}")
+    if report.boot:
+        log.info(f"boot: SSH after {report.boot.seconds_to_ssh:.0f} s; ready: {report.boot.ready_output or '-'}"
+                 + (f"; HTTP {report.boot.http_status}" if report.boot.http_status is not None else ""))
+    log.success(f"{path} verified")
+    return report
