@@ -208,6 +208,15 @@ issue_escape() {
     sed 's/\\/\\\\/g'
 }
 
+# to_serial LINE: one line for whoever reads the first serial port (a verifier's log file).
+# Best effort: a VM without a serial port, or with nothing attached, must not hold us up.
+to_serial() {
+    local port=${CSGHUB_SERIAL:-/dev/ttyS0}
+    [[ -c "$port" ]] || return 0
+    # shellcheck disable=SC2016  # expanded by the inner shell
+    timeout 3 bash -c 'printf "%s\n" "$1" >"$2"' _ "$1" "$port" 2>/dev/null || true
+}
+
 # write_if_changed PATH MODE < content: atomic replace, only when the content differs.
 # Returns 0 when it wrote, 1 when the file was already up to date.
 write_if_changed() {
