@@ -148,3 +148,32 @@ def verify_ova(c: Context, path: str, config: str | None = None, set_: list[str]
 
     verify_from_config(config_from_flags(config, set_, provider, resolve=False), Path(path), boot=not no_boot,
                        ssh_key=ssh_key, http=True if http else (False if no_http else None))
+
+
+@cli_task(help={"update_lock": "Also record the verified digests in the version lock (same as `invoke lock`)."})
+def fetch(c: Context, config: str | None = None, set_: list[str] | None = None, provider: str | None = None,
+          update_lock: bool = False, debug: bool = False) -> None:
+    """Download k3s, its air-gap images and the CSGHub chart into the cache, verified (resumes)."""
+    from appliance.artifacts import fetch_artifacts
+
+    fetch_artifacts(config_from_flags(config, set_, provider, resolve=False), update_lock=update_lock)
+
+
+@cli_task()
+def lock(c: Context, config: str | None = None, set_: list[str] | None = None, provider: str | None = None,
+         debug: bool = False) -> None:
+    """Fetch and verify the artifacts, then pin their sha256 digests in appliance/data/versions.lock.yaml."""
+    from appliance.artifacts import fetch_artifacts
+
+    fetch_artifacts(config_from_flags(config, set_, provider, resolve=False), update_lock=True)
+
+
+@cli_task(help={"output": "Write the values to this file instead of printing them."})
+def values(c: Context, config: str | None = None, set_: list[str] | None = None, provider: str | None = None,
+           output: str | None = None, debug: bool = False) -> None:
+    """Print the Helm values CSGHub is installed with (usable with `helm install -f` anywhere)."""
+    from appliance.values import emit_values
+
+    path = emit_values(config_from_flags(config, set_, provider, resolve=False), output)
+    if path is not None:
+        log.success(f"wrote {path}")

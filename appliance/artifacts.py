@@ -224,24 +224,30 @@ def fetch_artifacts(
 
 def _fetch_one(artifact: Artifact, pinned: str | None) -> FetchedArtifact:
     cached = artifact.cache_path
+    publisher: tuple[str, str] | None = None
     if cached.is_file():
         expected, source = _cached_expectation(artifact, pinned)
-        if expected is not None:
-            actual = _sha256_file(cached)
-            if actual == expected:
-                log.info(f"{artifact.name} {artifact.version}: cached, sha256 verified ({source})")
-                return FetchedArtifact(artifact, actual, source, downloaded=False)
-            log.warning(
-                f"{artifact.name}: cached file {cached} does not match its digest "
-                f"(expected {expected}, actual {actual}); downloading it again"
-            )
+        if expected is None:
+            # A file placed by hand (or an old cache): check it against the publisher's checksum.
+            publisher = _publisher_digest(artifact)
+            expected, source = publisher
+        actual = _sha256_file(cached)
+        if actual == expected:
+            if pinned is None:
+                _record_verified(artifact, actual, source)
+            log.info(f"{artifact.name} {artifact.version}: cached, sha256 verified ({source})")
+            return FetchedArtifact(artifact, actual, source, downloaded=False)
+        log.warning(
+            f"{artifact.name}: cached file {cached} does not match its digest "
+            f"(expected {expected}, actual {actual}); downloading it again"
+        )
         cached.unlink()
         artifact.verified_path.unlink(missing_ok=True)
 
     if pinned is not None:
         expected, source = pinned, "version lock"
     else:
-        expected, source = _publisher_digest(artifact)
+        expected, source = publisher or _publisher_digest(artifact)
     cached.parent.mkdir(parents=True, exist_ok=True)
     _download(artifact, artifact.url)
     actual = _sha256_file(artifact.part_path)
@@ -257,9 +263,13 @@ def _fetch_one(artifact: Artifact, pinned: str | None) -> FetchedArtifact:
         )
     os.replace(artifact.part_path, cached)
     if pinned is None:
-        artifact.verified_path.write_text(f"{actual}  {artifact.name}  # {source}\n", encoding="utf-8")
+        _record_verified(artifact, actual, source)
     log.success(f"{artifact.name} {artifact.version}: downloaded, sha256 verified ({source})")
     return FetchedArtifact(artifact, actual, source, downloaded=True)
+
+
+def _record_verified(artifact: Artifact, digest: str, source: str) -> None:
+    artifact.verified_path.write_text(f"{digest}  {artifact.name}  # {source}\n", encoding="utf-8")
 
 
 def _cached_expectation(artifact: Artifact, pinned: str | None) -> tuple[str | None, str]:

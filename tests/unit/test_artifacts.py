@@ -337,3 +337,15 @@ def test_disk_full_while_writing(publisher: Publisher, tiny_disk: Path, lock: Pa
     assert "disk full while downloading k3s-airgap-images-amd64.tar.zst" in msg
     assert "free on that file system" in msg
     assert "resumes" in msg
+
+
+def test_file_placed_by_hand_is_verified_not_downloaded(publisher: Publisher, tmp_path: Path, lock: Path) -> None:
+    cfg = config(publisher, tmp_path / "cache")
+    for artifact in planned_artifacts(cfg):
+        source = publisher.root / urllib.parse.unquote(urllib.parse.urlsplit(artifact.url).path).lstrip("/")
+        artifact.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, artifact.cache_path)
+    results = fetch_artifacts(cfg, lock_path=lock)
+    assert not any(r.downloaded for r in results)
+    # Only the publisher's checksum files were read, no artifact.
+    assert sorted(set(publisher.paths())) == ["/csghub/index.yaml", f"{K3S_DIR}/sha256sum-amd64.txt"]
