@@ -136,8 +136,8 @@ disable:
   - servicelb
 write-kubeconfig-mode: "0600"
 EOF
-if printf '# Written by provision/20-k3s.sh from k3s.extra_args.\nK3S_EXTRA_ARGS=%s\n' "${K3S_EXTRA_ARGS:-}" |
-    write_if_changed /etc/default/k3s 0600; then restart_needed=yes; fi
+if printf '# Written by provision/20-k3s.sh (k3s.node_ip, k3s.extra_args).\nK3S_NODE_IP=%s\nK3S_EXTRA_ARGS=%s\n' \
+    "$K3S_NODE_IP" "${K3S_EXTRA_ARGS:-}" | write_if_changed /etc/default/k3s 0600; then restart_needed=yes; fi
 if install_if_changed "$SRC/k3s.service" /etc/systemd/system/k3s.service 0644; then
     systemctl daemon-reload
     restart_needed=yes
