@@ -17,7 +17,8 @@ set -euo pipefail
 ARTIFACT_DIR=${ARTIFACT_DIR:-/var/cache/csghub-appliance/artifacts}
 MANIFEST_DIR=${MANIFEST_DIR:-/var/cache/csghub-appliance/manifests}
 K3S_DATA=/var/lib/rancher/k3s
-STATE_DIR=/var/lib/csghub-appliance
+# Kept in the sealed image (first-boot state under /var/lib/csghub-appliance is not).
+IMAGES_LIST=/usr/local/share/csghub-appliance/images.txt
 NAMESPACE=csghub
 READY_TIMEOUT=${CSGHUB_READY_TIMEOUT:-3600}
 export KUBECONFIG=/etc/rancher/k3s/k3s.yaml
@@ -58,6 +59,10 @@ install_if_changed() {
 
 deadline=$((SECONDS + READY_TIMEOUT))
 expired() { ((SECONDS >= deadline)); }
+
+# The guest-side helpers (chart_base, coredns_custom_manifest) stay installed for
+# csghub-reconfigure, which must redo the in-cluster DNS when a copy's domain changes.
+install_if_changed "$LIB" /usr/local/lib/csghub-appliance/csghub.sh 0644 || true
 
 # --- chart, DNS, release ---------------------------------------------------------------------
 # k3s serves server/static/ at https://<api>/static/, which the HelmChart's chart URL names.
@@ -177,7 +182,7 @@ referenced_images() {
 stored_images() {
     /usr/local/bin/k3s ctr -n k8s.io images ls -q
 }
-mkdir -p "$STATE_DIR"
+mkdir -p "${IMAGES_LIST%/*}"
 mapfile -t wanted < <(referenced_images 2>/dev/null | grep -v '^$' | while read -r ref; do normalize_image "$ref"; done | sort -u)
 ((${#wanted[@]} > 0)) || die "found no image references in the cluster; is the release installed?"
 have=$(stored_images | sort -u)
@@ -202,14 +207,14 @@ for ref in "${wanted[@]}"; do
         missing+=("$ref")
     fi
 done
-printf '%s\n' "${wanted[@]}" >"$STATE_DIR/images.txt.tmp"
-mv "$STATE_DIR/images.txt.tmp" "$STATE_DIR/images.txt"
+printf '%s\n' "${wanted[@]}" >"$IMAGES_LIST.tmp"
+mv "$IMAGES_LIST.tmp" "$IMAGES_LIST"
 if ((${#missing[@]} > 0)); then
     echo "missing images (the appliance would need the internet to start them):" >&2
     printf '  %s\n' "${missing[@]}" >&2
     die "${#missing[@]} of ${#wanted[@]} referenced images are not in the image store"
 fi
-echo "ok: all ${#wanted[@]} images the release references are stored and pinned (list: $STATE_DIR/images.txt)"
+echo "ok: all ${#wanted[@]} images the release references are stored and pinned (list: $IMAGES_LIST)"
 
 # --- where to go --------------------------------------------------------------------------------
 echo "CSGHub: http://$CSGHUB_DOMAIN:$CSGHUB_HTTP_PORT/  (login service: http://$login_host:$CSGHUB_HTTP_PORT/)"

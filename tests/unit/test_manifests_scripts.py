@@ -17,6 +17,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import yaml
 
 from appliance.config import PROJECT_ROOT, load_config
 from appliance.manifests import manifest_yaml, render_manifests
@@ -118,3 +119,20 @@ def test_csghub_step_refuses_mismatched_manifests(tmp_path: Path) -> None:
     code, err = step(CSGHUB_STEP, env)
     assert code != 0 and "disagree" not in err
     assert "k3s is not installed" in err or "API server is not ready" in err
+
+
+@pytest.mark.parametrize(
+    ("domain", "use_top"),
+    [("csghub.localhost", False), ("csghub.192.168.56.10.nip.io", False), ("hub.example.com", False),
+     ("hub.example.com", True), ("a.b.example.org", False)],
+)
+def test_guest_coredns_manifest_equals_the_build_time_one(domain: str, use_top: bool) -> None:
+    """csghub-reconfigure can regenerate coredns-custom in the guest (no Python there)."""
+    sets = [f"csghub.domain={domain}", "k3s.node_ip=10.254.254.1"]
+    if use_top:
+        sets.append("csghub.values={global: {gateway: {external: {useTop: true}}}}")
+    cfg = load_config(None, sets)
+    expected = render_manifests(cfg)["coredns-custom.yaml"]
+    base = bash(f"chart_base {shlex.quote(domain)} {'true' if use_top else 'false'}").strip()
+    text = bash(f"coredns_custom_manifest {shlex.quote(domain)} {shlex.quote(base)} 10.254.254.1")
+    assert yaml.safe_load(text) == expected

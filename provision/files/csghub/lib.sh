@@ -30,3 +30,56 @@ workload_states() {
 release_images() {
     grep -oE 'image: *(\\")?[A-Za-z0-9][A-Za-z0-9._/:@-]*' | sed -E 's/^image: *(\\")?//'
 }
+
+# chart_base DOMAIN [USE_TOP]: the base chart 2.4.0 puts sub-hosts under (casdoor.<base>):
+# the domain minus its first label, or the whole domain when it has two labels or USE_TOP=true.
+chart_base() {
+    local domain=$1 use_top=${2:-false} dots=${1//[^.]/}
+    if [[ "$use_top" == true || ${#dots} -le 1 ]]; then
+        echo "$domain"
+    else
+        echo "${domain#*.}"
+    fi
+}
+
+# coredns_custom_manifest DOMAIN BASE NODE_IP: the coredns-custom ConfigMap that makes CSGHub's
+# external names resolve to the node inside the cluster. The same object as
+# appliance/manifests.py generates at build time, for when a copy's domain changes
+# (csghub-reconfigure); tests/unit/test_manifests_scripts.py compares the two.
+coredns_custom_manifest() {
+    local domain=$1 base=$2 ip=$3 zone matches
+    if [[ "$base" == "$domain" ]]; then
+        zone=$domain
+        matches="match (^|\\.)${domain//./\\.}\\.\$"
+    else
+        zone=$base
+        matches="match ^[^.]+\\.${base//./\\.}\\.\$
+            match (^|\\.)${domain//./\\.}\\.\$"
+    fi
+    cat <<YAML
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: coredns-custom
+  namespace: kube-system
+  labels:
+    app.kubernetes.io/managed-by: csghub-appliance
+data:
+  csghub.server: |
+    $zone:53 {
+        errors
+        template IN A {
+            $matches
+            answer "{{ .Name }} 60 IN A $ip"
+            fallthrough
+        }
+        template IN AAAA {
+            $matches
+            rcode NOERROR
+            fallthrough
+        }
+        forward . /etc/resolv.conf
+        cache 30
+    }
+YAML
+}
