@@ -95,14 +95,19 @@ if [[ "$units_changed" == yes ]]; then
     systemctl daemon-reload
     echo "changed: systemd reloaded its units"
 fi
+to_enable=()
 for unit in csghub-firstboot.service csghub-banner.service csghub-banner.timer; do
     if systemctl -q is-enabled "$unit" 2>/dev/null; then
         echo "ok: $unit enabled"
     else
-        systemctl enable "$unit" 2>&1 | sed 's/^/  /'
-        echo "changed: enabled $unit"
+        to_enable+=("$unit")
     fi
 done
+if ((${#to_enable[@]})); then
+    # One call: each systemctl run reloads the unit files (seconds each under emulation).
+    systemctl enable "${to_enable[@]}" 2>&1 | sed 's/^/  /'
+    echo "changed: enabled ${to_enable[*]}"
+fi
 
 # This VM is the build, not a copy: keep the first-boot service from running on its reboots.
 mkdir -p "$STATE"
