@@ -9,7 +9,8 @@
 # listing any that is missing; print the URL and where the credentials are.
 #
 # Inputs (environment): CSGHUB_CHART_VERSION, CSGHUB_DOMAIN, CSGHUB_HTTP_PORT, K3S_NODE_IP,
-# optional CSGHUB_READY_TIMEOUT (seconds, default 3600), ARTIFACT_DIR, MANIFEST_DIR.
+# optional CSGHUB_READY_TIMEOUT (seconds, default 3600), CSGHUB_POLL_SECONDS (default 10),
+# ARTIFACT_DIR, MANIFEST_DIR.
 # appliance: files=csghub
 # appliance: timeout=5400
 set -euo pipefail
@@ -21,6 +22,7 @@ K3S_DATA=/var/lib/rancher/k3s
 IMAGES_LIST=/usr/local/share/csghub-appliance/images.txt
 NAMESPACE=csghub
 READY_TIMEOUT=${CSGHUB_READY_TIMEOUT:-3600}
+POLL_SECONDS=${CSGHUB_POLL_SECONDS:-10}
 export KUBECONFIG=/etc/rancher/k3s/k3s.yaml
 LIB="${PROVISION_DIR:-/var/tmp/csghub-provision}/files/csghub/lib.sh"
 
@@ -143,7 +145,7 @@ while :; do
         kc get pods -A --field-selector=status.phase!=Running,status.phase!=Succeeded >&2 || true
         die "not every workload was ready within ${READY_TIMEOUT} s"
     fi
-    sleep 10
+    sleep "$POLL_SECONDS"
 done
 echo "ok: all $total workloads ready"
 

@@ -14,6 +14,10 @@ import gzip
 import json
 import os
 import shlex
+import shutil
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -136,3 +140,128 @@ def test_guest_coredns_manifest_equals_the_build_time_one(domain: str, use_top: 
     base = bash(f"chart_base {shlex.quote(domain)} {'true' if use_top else 'false'}").strip()
     text = bash(f"coredns_custom_manifest {shlex.quote(domain)} {shlex.quote(base)} 10.254.254.1")
     assert yaml.safe_load(text) == expected
+
+
+# -- the csghub step end to end, against a stand-in for k3s -------------------------------------
+#
+# k3s cannot run here, so tests/data/fake_k3s.py answers the script's kubectl/ctr/crictl
+# queries from state files. The step runs for real otherwise: in a private mount namespace
+# (tmpfs over /usr/local and /var/lib, invisible to the host) it installs the chart and the
+# manifests, waits with progress, checks HTTP against a real server on loopback, pulls, pins
+# and lists images, and a second run must change nothing.
+
+FAKE_K3S = PROJECT_ROOT / "tests" / "data" / "fake_k3s.py"
+
+
+@pytest.fixture
+def gateway() -> Iterator[int]:
+    """A loopback HTTP server standing in for the gateway's NodePort."""
+    hosts: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            host = self.headers.get("Host", "")
+            hosts.append(host)
+            self.send_response(200 if host.startswith("csghub.localhost:") else 302)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def csghub_step_in_namespace(tmp_path: Path, port: int, runs: int) -> list[tuple[int, str, str]]:
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("the csghub step run needs root and unshare(1) for a private mount namespace")
+    art = tmp_path / "artifacts"
+    art.mkdir()
+    (art / "csghub-2.4.0.tgz").write_bytes(b"chart archive")
+    for name, obj in render_manifests(load_config(None, [])).items():
+        (art / name).write_text(manifest_yaml(obj))
+    out = tmp_path / "out"
+    out.mkdir()
+    wrapper = f"""
+set -u
+mount -t tmpfs tmpfs /usr/local
+mount -t tmpfs tmpfs /var/lib
+mkdir -p /usr/local/bin
+install -m 0755 {shlex.quote(str(FAKE_K3S))} /usr/local/bin/k3s
+for i in $(seq {runs}); do
+    bash {shlex.quote(str(CSGHUB_STEP))} >{out}/$i.out 2>{out}/$i.err
+    echo $? >{out}/$i.rc
+done
+"""
+    env = {
+        "PATH": os.environ["PATH"], "LANG": "C.UTF-8", "FAKE_K3S_STATE": str(tmp_path / "state"),
+        "PROVISION_DIR": str(PROJECT_ROOT / "provision"), "ARTIFACT_DIR": str(art), "MANIFEST_DIR": str(art),
+        "CSGHUB_CHART_VERSION": "2.4.0", "CSGHUB_DOMAIN": "csghub.localhost", "CSGHUB_HTTP_PORT": str(port),
+        "K3S_NODE_IP": "127.0.0.1", "CSGHUB_POLL_SECONDS": "1",
+    }
+    run(["unshare", "--mount", "--propagation", "private", "bash", "-c", wrapper], env=env, timeout=300)
+    return [
+        (int((out / f"{i}.rc").read_text()), (out / f"{i}.out").read_text(), (out / f"{i}.err").read_text())
+        for i in range(1, runs + 1)
+    ]
+
+
+def fake_state(tmp_path: Path, **files: list[str]) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    for name, content in files.items():
+        (state / name).write_text("".join(f"{line}\n" for line in content))
+
+
+def test_csghub_step_runs_and_second_run_changes_nothing(tmp_path: Path, gateway: int) -> None:
+    fake_state(
+        tmp_path,
+        workloads=["Deployment csghub/csghub-portal 1 1", "StatefulSet csghub/csghub-postgresql 1 2"],
+        httproutes=["csghub.localhost", "casdoor.csghub.localhost", "*.csghub.csghub.localhost"],
+        pod_images=["opencsghq/csghub-portal:v2.4.0-ce", "opencsghq/postgres:15.18"],
+        template_images=["opencsghq/postgres:15.18"],
+        release_images=["opencsghq/csghub-portal:v2.4.0-ce", "opencsghq/psql:latest"],
+        store=["docker.io/opencsghq/csghub-portal:v2.4.0-ce", "docker.io/opencsghq/postgres:15.18"],
+        pullable=["docker.io/opencsghq/psql:latest"],
+    )
+    (rc1, out1, err1), (rc2, out2, err2) = csghub_step_in_namespace(tmp_path, gateway, runs=2)
+    assert rc1 == 0, out1 + err1
+    assert "changed: installed /var/lib/rancher/k3s/server/static/charts/csghub-2.4.0.tgz" in out1
+    assert "changed: CoreDNS resolves csghub.localhost names to 127.0.0.1" in out1
+    assert "progress: 1/2 workloads ready" in out1 and "ok: all 2 workloads ready" in out1
+    assert f"ok: http://csghub.localhost:{gateway}/ answers 200" in out1
+    assert f"ok: http://casdoor.csghub.localhost:{gateway}/ answers 302" in out1
+    # The hook image only the release manifest names was pulled; every image got pinned.
+    assert "changed: pulled docker.io/opencsghq/psql:latest" in out1
+    assert out1.count("changed: pinned ") == 3
+    assert "ok: all 3 images the release references are stored and pinned" in out1
+    assert f"CSGHub: http://csghub.localhost:{gateway}/" in out1
+    assert "get secret csghub-casdoor-init" in out1
+    assert rc2 == 0, out2 + err2
+    assert [line for line in out2.splitlines() if line.startswith("changed:")] == []
+    assert "ok: /var/lib/rancher/k3s/server/manifests/csghub.yaml up to date" in out2
+
+
+def test_csghub_step_fails_listing_missing_images(tmp_path: Path, gateway: int) -> None:
+    fake_state(
+        tmp_path,
+        workloads=["Deployment csghub/csghub-portal 1 1"],
+        httproutes=["csghub.localhost", "casdoor.csghub.localhost"],
+        pod_images=["opencsghq/csghub-portal:v2.4.0-ce"],
+        release_images=["opencsghq/never-pulled:1.0", "registry.example:5000/team/tool"],
+        store=["docker.io/opencsghq/csghub-portal:v2.4.0-ce"],
+    )
+    ((rc, _out, err),) = csghub_step_in_namespace(tmp_path, gateway, runs=1)
+    assert rc != 0
+    assert "missing images" in err
+    assert "  docker.io/opencsghq/never-pulled:1.0" in err
+    assert "  registry.example:5000/team/tool:latest" in err
+    assert "2 of 3 referenced images are not in the image store" in err
