@@ -1,0 +1,315 @@
+"""Base-box stage: a minimal Debian box built from the Debian archive, added to Vagrant.
+
+``build_base_box(cfg)`` makes a bootable raw disk (``appliance.image``), packages it in the
+vagrant-libvirt box format and adds it to Vagrant as ``cfg.vm.box``. It is cached: the box
+file is kept under ``$XDG_CACHE_HOME/csghub-appliance/basebox`` keyed by a hash of every
+input (suite, mirrors, package list, the customize hook and the files it installs, the
+build's SSH key, disk size, this module's format version); a second call with nothing
+changed checks ``vagrant box list`` and does nothing else.
+
+The box carries an SSH key made for this build (ed25519, kept in the cache directory and
+inside the box), never Vagrant's world-known insecure key. Its embedded Vagrantfile points
+Vagrant at that key, so a plain ``vagrant up`` logs in with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from appliance.config import ApplianceConfig
+from appliance.errors import PrerequisiteMissing, VagrantError
+from appliance.image import CUSTOMIZE_FILES, ImageSpec, build_raw_disk
+from appliance.log import log
+from appliance.run import run, which
+
+# Bump when the packaging below changes in a way the inputs do not show.
+BOX_FORMAT_VERSION = 1
+DEFAULT_SUITE = "bookworm"
+# The archive this machine's own apt uses (see /etc/apt/sources.list.d); `--mirror` overrides it.
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+DEFAULT_SECURITY_MIRROR = "http://deb.debian.org/debian-security"
+# Small on purpose: the guest grows its root filesystem to the disk vagrant-libvirt gives it
+# (vm.disk_gb) on boot.
+BOX_DISK_GB = 4
+BOX_HOSTNAME = "debian12"
+KEY_NAME = "vagrant_ed25519"
+PROVIDER = "libvirt"
+
+_BOX_VAGRANTFILE = """\
+# Embedded in the csghub base box: log in with the key made for this box's build.
+Vagrant.configure('2') do |config|
+  config.ssh.private_key_path = [File.join(File.dirname(__FILE__), '{key}')]
+  config.ssh.insert_key = false
+  config.vm.provider :libvirt do |lv|
+    lv.disk_bus = 'virtio'
+    lv.nic_model_type = 'virtio'
+  end
+end
+"""
+
+
+@dataclass(frozen=True)
+class BaseBox:
+    """The result of ``build_base_box``: where the box is, what it is, and what work was done."""
+
+    name: str
+    version: str
+    provider: str
+    box_file: Path
+    private_key: Path
+    size_bytes: int
+    inputs_sha256: str
+    built: bool
+    added: bool
+
+
+def cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/csghub-appliance/basebox`` (``~/.cache`` when the variable is unset)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "csghub-appliance" / "basebox"
+
+
+def _ensure_key(directory: Path) -> Path:
+    """The build's SSH key pair, made once and reused (it is an input of the box)."""
+    key = directory / KEY_NAME
+    if key.exists() and key.with_suffix(".pub").exists():
+        return key
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in (key, key.with_suffix(".pub")):
+        stale.unlink(missing_ok=True)
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "csghub-basebox", "-f", str(key)])
+    key.chmod(0o600)
+    log.info(f"changed: made the base box's SSH key {key}")
+    return key
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1024 * 1024), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def inputs_digest(spec_identity: dict[str, object]) -> str:
+    """The cache key: every input of the box, as sorted JSON, plus the bytes of the hook files."""
+    manifest = {
+        "format": BOX_FORMAT_VERSION,
+        "image": spec_identity,
+        "files": {p.name: _file_digest(p) for p in CUSTOMIZE_FILES},
+    }
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+def make_spec(
+    *, user: str, authorized_key: str, suite: str, mirror: str, security_mirror: str
+) -> tuple[ImageSpec, str]:
+    """The image spec and its inputs digest. The root UUID is derived from the inputs, so it is stable."""
+    draft = ImageSpec(
+        suite=suite,
+        mirror=mirror,
+        security_mirror=security_mirror,
+        user=user,
+        authorized_key=authorized_key,
+        hostname=BOX_HOSTNAME,
+        root_uuid="",
+        disk_bytes=BOX_DISK_GB * 1024**3,
+    )
+    root_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, "csghub-basebox:" + inputs_digest(draft.identity())))
+    spec = ImageSpec(**{**draft.__dict__, "root_uuid": root_uuid})
+    return spec, inputs_digest(spec.identity())
+
+
+def box_version(built_at: datetime) -> str:
+    """A Vagrant box version that grows with each build (12.YYYYMMDD.HHMMSS).
+
+    Every build gets a new version so vagrant-libvirt never reuses a storage-pool volume
+    uploaded from an older box with the same name.
+    """
+    return f"12.{built_at:%Y%m%d}.{int(built_at.strftime('%H%M%S'))}"
+
+
+def package_libvirt_box(raw_disk: Path, box_file: Path, *, key: Path, info: dict[str, object]) -> None:
+    """Package ``raw_disk`` as a vagrant-libvirt box (box.img qcow2 + metadata.json + Vagrantfile).
+
+    Written next to ``box_file`` and renamed into place, so a failed run leaves no half box.
+    """
+    work = raw_disk.parent
+    qcow2 = work / "box.img"
+    run(["qemu-img", "convert", "-q", "-c", "-f", "raw", "-O", "qcow2", str(raw_disk), str(qcow2)])
+    metadata = {"provider": PROVIDER, "format": "qcow2", "virtual_size": BOX_DISK_GB}
+    members: list[tuple[str, bytes | Path, int]] = [
+        ("metadata.json", json.dumps(metadata, indent=2).encode() + b"\n", 0o644),
+        ("Vagrantfile", _BOX_VAGRANTFILE.format(key=KEY_NAME).encode(), 0o644),
+        ("info.json", json.dumps(info, indent=2, sort_keys=True).encode() + b"\n", 0o644),
+        (KEY_NAME, key, 0o600),
+        ("box.img", qcow2, 0o644),
+    ]
+    partial = box_file.with_name(box_file.name + ".partial")
+    with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, content, mode in members:
+            if isinstance(content, Path):
+                ti = tar.gettarinfo(str(content), arcname=name)
+                ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = mode, 0, 0, "root", "root"
+                with content.open("rb") as f:
+                    tar.addfile(ti, f)
+            else:
+                ti = tarfile.TarInfo(name)
+                ti.size, ti.mode, ti.mtime = len(content), mode, int(time.time())
+                tar.addfile(ti, io.BytesIO(content))
+    os.replace(partial, box_file)
+    qcow2.unlink()
+
+
+def installed_versions(name: str, provider: str = PROVIDER) -> list[str]:
+    """Versions of box ``name`` for ``provider`` that Vagrant has, from ``vagrant box list``."""
+    out = run(["vagrant", "box", "list", "--machine-readable"], env=_vagrant_env()).stdout
+    return boxes_from_list(out).get((name, provider), [])
+
+
+def boxes_from_list(machine_readable: str) -> dict[tuple[str, str], list[str]]:
+    """Parse ``vagrant box list --machine-readable`` into {(name, provider): [versions]}."""
+    found: dict[tuple[str, str], list[str]] = {}
+    name = provider = ""
+    for line in machine_readable.splitlines():
+        parts = line.split(",", 3)
+        if len(parts) < 4:
+            continue
+        kind, data = parts[2], parts[3]
+        if kind == "box-name":
+            name, provider = data, ""
+        elif kind == "box-provider":
+            provider = data
+        elif kind == "box-version" and name:
+            found.setdefault((name, provider), []).append(data)
+    return found
+
+
+def _vagrant_env() -> dict[str, str]:
+    return {"VAGRANT_CHECKPOINT_DISABLE": "1", "VAGRANT_BOX_UPDATE_CHECK_DISABLE": "1"}
+
+
+def add_box(box_file: Path, *, name: str, version: str, workdir: Path) -> None:
+    """Add the box to Vagrant through a local catalog, so it carries ``version``."""
+    catalog = workdir / "catalog.json"
+    catalog.write_text(
+        json.dumps(
+            {
+                "name": name,
+                "description": "Minimal Debian 12 built by csghub-appliance (invoke base-box)",
+                "versions": [
+                    {
+                        "version": version,
+                        "providers": [
+                            {
+                                "name": PROVIDER,
+                                "url": box_file.resolve().as_uri(),
+                                "checksum_type": "sha256",
+                                "checksum": _file_digest(box_file),
+                            }
+                        ],
+                    }
+                ],
+            },
+            indent=2,
+        )
+    )
+    run(["vagrant", "box", "add", "--force", "--provider", PROVIDER, str(catalog)], stream=True,
+        env=_vagrant_env(), hint="is there room in ~/.vagrant.d (VAGRANT_HOME)?")
+
+
+def build_base_box(
+    cfg: ApplianceConfig,
+    *,
+    force: bool = False,
+    mirror: str = DEFAULT_MIRROR,
+    security_mirror: str = DEFAULT_SECURITY_MIRROR,
+    suite: str = DEFAULT_SUITE,
+    cache: Path | None = None,
+) -> BaseBox:
+    """Build (or reuse) the base box ``cfg.vm.box`` and make sure Vagrant has it.
+
+    ``force`` rebuilds even when a box for the same inputs is cached.
+    """
+    if which("vagrant") is None:
+        raise PrerequisiteMissing("vagrant is not installed", hint="apt-get install -y --no-install-recommends vagrant")
+    if which("qemu-img") is None:
+        raise PrerequisiteMissing(
+            "qemu-img is not installed", hint="apt-get install -y --no-install-recommends qemu-utils"
+        )
+    root = cache or cache_dir()
+    name = cfg.vm.box
+    with log.step("base box: check the cache"):
+        key = _ensure_key(root / "keys")
+        spec, digest = make_spec(
+            user=cfg.ssh.user,
+            authorized_key=key.with_suffix(".pub").read_text().strip(),
+            suite=suite,
+            mirror=mirror,
+            security_mirror=security_mirror,
+        )
+        box_dir = root / "libvirt"
+        box_file = box_dir / f"{digest[:16]}.box"
+        info_file = box_dir / f"{digest[:16]}.json"
+        cached = box_file.exists() and info_file.exists() and not force
+        if cached:
+            info = json.loads(info_file.read_text())
+            log.info(f"ok: {box_file} already built from these inputs ({digest[:16]})")
+        else:
+            log.info(f"building: no cached box for inputs {digest[:16]}" + (" (--force)" if force else ""))
+
+    built = False
+    if not cached:
+        box_dir.mkdir(parents=True, exist_ok=True)
+        workdir = root / f"work-{os.getpid()}"
+        if workdir.exists():
+            shutil.rmtree(workdir)
+        workdir.mkdir(parents=True)
+        try:
+            image = build_raw_disk(spec, workdir, apt_archives=root / "apt-archives")
+            built_at = datetime.now(UTC)
+            info = {
+                "built_by": "csghub-appliance invoke base-box",
+                "built_at": built_at.isoformat(timespec="seconds"),
+                "version": box_version(built_at),
+                "inputs_sha256": digest,
+                "debian_suite": suite,
+                "user": cfg.ssh.user,
+            }
+            with log.step("package the vagrant-libvirt box"):
+                package_libvirt_box(image.raw_disk, box_file, key=key, info=info)
+                info_file.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+            for old in box_dir.iterdir():
+                if old.suffix in (".box", ".json") and old.stem != box_file.stem:
+                    old.unlink()
+            built = True
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    version = str(info["version"])
+    with log.step(f"add {name} {version} to Vagrant"):
+        if version in installed_versions(name):
+            log.info(f"ok: Vagrant already has {name} {version} ({PROVIDER})")
+            added = False
+        else:
+            add_box(box_file, name=name, version=version, workdir=box_dir)
+            log.info(f"changed: added {name} {version} ({PROVIDER})")
+            added = True
+    if added and version not in installed_versions(name):
+        raise VagrantError(f"box {name} {version} is not listed by `vagrant box list` after adding it")
+    size = box_file.stat().st_size
+    log.success(f"base box {name} {version}: {box_file} ({size / 1024**2:.0f} MiB)")
+    return BaseBox(
+        name=name, version=version, provider=PROVIDER, box_file=box_file, private_key=key,
+        size_bytes=size, inputs_sha256=digest, built=built, added=added,
+    )

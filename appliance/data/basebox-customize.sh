@@ -1,0 +1,79 @@
+#!/bin/bash
+# mmdebstrap customize hook for the csghub/debian12 base box.
+# Usage (by mmdebstrap): basebox-customize.sh ROOT_DIR
+# Inputs (environment): BASEBOX_USER, BASEBOX_AUTHORIZED_KEY, BASEBOX_ROOT_UUID, BASEBOX_HOSTNAME.
+# Runs on the build host against a fresh tree, so every step writes its result unconditionally.
+set -euo pipefail
+
+root=${1:?usage: basebox-customize.sh ROOT_DIR}
+data_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+user=${BASEBOX_USER:?}
+authorized_key=${BASEBOX_AUTHORIZED_KEY:?}
+root_uuid=${BASEBOX_ROOT_UUID:?}
+hostname=${BASEBOX_HOSTNAME:?}
+
+in_root() { chroot "$root" "$@"; }
+
+echo "changed: hostname $hostname"
+printf '%s\n' "$hostname" >"$root/etc/hostname"
+cat >"$root/etc/hosts" <<HOSTS
+127.0.0.1	localhost
+127.0.1.1	$hostname
+::1	localhost ip6-localhost ip6-loopback
+HOSTS
+
+echo "changed: fstab mounts UUID=$root_uuid on /"
+printf 'UUID=%s\t/\text4\terrors=remount-ro\t0\t1\n' "$root_uuid" >"$root/etc/fstab"
+
+echo "changed: user $user with passwordless sudo and the build's SSH key"
+in_root useradd --create-home --shell /bin/bash --user-group "$user"
+# No password at all (locked): the only way in is the key.
+in_root passwd --lock "$user" >/dev/null
+install -d -m 0700 "$root/home/$user/.ssh"
+printf '%s\n' "$authorized_key" >"$root/home/$user/.ssh/authorized_keys"
+chmod 0600 "$root/home/$user/.ssh/authorized_keys"
+in_root chown -R "$user:$user" "/home/$user/.ssh"
+printf '%s ALL=(ALL) NOPASSWD: ALL\n' "$user" >"$root/etc/sudoers.d/$user"
+chmod 0440 "$root/etc/sudoers.d/$user"
+in_root visudo -c -q -f "/etc/sudoers.d/$user"
+
+echo "changed: systemd-networkd DHCP on en*/eth*"
+install -m 0644 "$data_dir/basebox-wired.network" "$root/etc/systemd/network/20-wired.network"
+install -d "$root/etc/systemd/system/systemd-networkd-wait-online.service.d"
+cat >"$root/etc/systemd/system/systemd-networkd-wait-online.service.d/any.conf" <<'UNIT'
+# One configured link being online is enough; a second NIC without DHCP must not stall boot.
+[Service]
+ExecStart=
+ExecStart=/lib/systemd/systemd-networkd-wait-online --any --timeout=60
+UNIT
+in_root systemctl enable systemd-networkd.service systemd-resolved.service systemd-timesyncd.service
+ln -sf ../run/systemd/resolve/stub-resolv.conf "$root/etc/resolv.conf"
+
+echo "changed: root filesystem grows to the disk on every boot"
+install -m 0755 "$data_dir/basebox-growroot.sh" "$root/usr/local/sbin/csghub-growroot"
+install -m 0644 "$data_dir/basebox-growroot.service" "$root/etc/systemd/system/csghub-growroot.service"
+in_root systemctl enable csghub-growroot.service
+
+echo "changed: SSH host keys are made on first boot, not shipped"
+rm -f "$root"/etc/ssh/ssh_host_*
+install -m 0644 "$data_dir/basebox-ssh-hostkeys.service" "$root/etc/systemd/system/ssh-hostkeys.service"
+in_root systemctl enable ssh-hostkeys.service ssh.service
+# UseDNS is off by default; a reverse lookup on login would stall on an offline appliance otherwise.
+printf 'UseDNS no\n' >"$root/etc/ssh/sshd_config.d/10-csghub-box.conf"
+
+echo "changed: extlinux menu boots /vmlinuz (the symlink follows kernel upgrades)"
+install -d "$root/boot/extlinux"
+cat >"$root/boot/extlinux/extlinux.conf" <<CONF
+DEFAULT debian
+PROMPT 0
+TIMEOUT 1
+LABEL debian
+  LINUX /vmlinuz
+  INITRD /initrd.img
+  APPEND root=UUID=$root_uuid ro console=ttyS0,115200n8 console=tty0 quiet
+CONF
+
+echo "changed: machine-id emptied, so each machine makes its own on first boot"
+: >"$root/etc/machine-id"
+rm -f "$root/var/lib/dbus/machine-id"
+rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/log/*.log "$root"/tmp/*
