@@ -132,6 +132,58 @@ def build_ova(c: Context, config: str | None = None, set_: list[str] | None = No
 
 
 @cli_task(help={
+    "force": "Rebuild even when a box for the same inputs is cached.",
+    "mirror": "Debian archive URL (default: http://deb.debian.org/debian).",
+    "security_mirror": "Debian security archive URL ('' leaves security updates out).",
+})
+def base_box(c: Context, config: str | None = None, set_: list[str] | None = None, provider: str | None = None,
+             force: bool = False, mirror: str = "http://deb.debian.org/debian",
+             security_mirror: str = "http://deb.debian.org/debian-security", debug: bool = False) -> None:
+    """Build the minimal Debian 12 base box (vm.box) from the Debian archive and add it to Vagrant (cached)."""
+    from appliance.basebox import build_base_box
+
+    build_base_box(config_from_flags(config, set_, provider, resolve=False), force=force, mirror=mirror,
+                   security_mirror=security_mirror)
+
+
+@cli_task(help={"provision": "Also run Vagrant's shell provisioners (default: boot only)."})
+def up(c: Context, config: str | None = None, set_: list[str] | None = None, provider: str | None = None,
+       provision: bool = False, debug: bool = False) -> None:
+    """Render the Vagrantfile into build/vm and boot the VM with Vagrant."""
+    from appliance.vagrant import up as vagrant_up
+
+    vagrant_up(config_from_flags(config, set_, provider), provision=provision, render_first=True)
+
+
+@cli_task(help={"force": "Power the VM off instead of shutting it down cleanly."})
+def halt(c: Context, config: str | None = None, set_: list[str] | None = None, provider: str | None = None,
+         force: bool = False, debug: bool = False) -> None:
+    """Shut the build VM down (vagrant halt)."""
+    from appliance.vagrant import halt as vagrant_halt
+
+    vagrant_halt(config_from_flags(config, set_, provider), force=force)
+
+
+@cli_task()
+def destroy(c: Context, config: str | None = None, set_: list[str] | None = None, provider: str | None = None,
+            debug: bool = False) -> None:
+    """Remove the build VM and its disks (vagrant destroy)."""
+    from appliance.vagrant import destroy as vagrant_destroy
+
+    vagrant_destroy(config_from_flags(config, set_, provider))
+
+
+@cli_task()
+def status(c: Context, config: str | None = None, set_: list[str] | None = None, provider: str | None = None,
+           debug: bool = False) -> None:
+    """Print the build VM's state (vagrant status --machine-readable)."""
+    from appliance.vagrant import status as vagrant_status
+
+    st = vagrant_status(config_from_flags(config, set_, provider))
+    print(f"{st.name}\t{st.state}\t{st.provider}")
+
+
+@cli_task(help={
     "path": "The OVA to verify.",
     "no_boot": "Structural checks only (tar, order, manifest, schema, disk); no boot.",
     "ssh_key": "Private key for the boot check's login (default: ssh.private_key, else the base box's key).",
