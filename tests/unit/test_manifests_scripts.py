@@ -265,3 +265,99 @@ def test_csghub_step_fails_listing_missing_images(tmp_path: Path, gateway: int) 
     assert "  docker.io/opencsghq/never-pulled:1.0" in err
     assert "  registry.example:5000/team/tool:latest" in err
     assert "2 of 3 referenced images are not in the image store" in err
+
+
+# -- the k3s step, against stand-ins for k3s, systemd and ip ------------------------------------
+#
+# Same approach for provision/20-k3s.sh: overlays on /etc, /usr/local and /var/lib in a private
+# mount namespace take its writes; tests/data/fake_k3s_host.py answers for k3s (the uploaded
+# "binary" is the stand-in), systemctl and ip.
+
+FAKE_HOST = PROJECT_ROOT / "tests" / "data" / "fake_k3s_host.py"
+K3S_FILES = ["/etc/rancher/k3s/config.yaml", "/etc/default/k3s", "/etc/systemd/network/10-dummy-csghub.netdev",
+             "/etc/systemd/network/10-dummy-csghub.network", "/etc/systemd/system/k3s.service"]
+
+
+def k3s_step_in_namespace(tmp_path: Path, runs: list[dict[str, str]]) -> tuple[list[tuple[int, str, str]], Path]:
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("the k3s step run needs root and unshare(1) for a private mount namespace")
+    art = tmp_path / "artifacts"
+    art.mkdir()
+    shutil.copyfile(FAKE_HOST, art / "k3s")
+    (art / "k3s-airgap-images-amd64.tar.zst").write_bytes(b"image bundle")
+    fakebin = tmp_path / "fakebin"
+    fakebin.mkdir()
+    for tool in ("systemctl", "ip"):
+        (fakebin / tool).symlink_to(FAKE_HOST)
+    state, out = tmp_path / "state", tmp_path / "out"
+    state.mkdir()
+    out.mkdir()
+    steps = []
+    for i, overrides in enumerate(runs, 1):
+        exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in overrides.items())
+        steps.append(f"env {exports} bash {shlex.quote(str(K3S_STEP))} >{out}/{i}.out 2>{out}/{i}.err; "
+                     f"echo $? >{out}/{i}.rc")
+    overlays = "\n".join(
+        f"mkdir -p {tmp_path}/ovl/{n}/up {tmp_path}/ovl/{n}/work && "
+        f"mount -t overlay overlay -o lowerdir={d},upperdir={tmp_path}/ovl/{n}/up,workdir={tmp_path}/ovl/{n}/work {d}"
+        for n, d in (("etc", "/etc"), ("usrlocal", "/usr/local"), ("varlib", "/var/lib"))
+    )
+    wrapper = f"""
+set -eu
+mkdir -p {tmp_path}/ovl && mount -t tmpfs tmpfs {tmp_path}/ovl
+{overlays}
+set +e
+{chr(10).join(steps)}
+for f in {' '.join(K3S_FILES)}; do cp "$f" {out}/ 2>/dev/null; done
+readlink /usr/local/bin/kubectl >{out}/kubectl.link || true
+"""
+    env = {
+        "PATH": f"{fakebin}:{os.environ['PATH']}", "LANG": "C.UTF-8", "FAKE_HOST_STATE": str(state),
+        "FAKE_K3S_VERSION": "v1.34.3+k3s1", "PROVISION_DIR": str(PROJECT_ROOT / "provision"),
+        "ARTIFACT_DIR": str(art), "K3S_VERSION": "v1.34.3+k3s1", "K3S_NODE_IP": "10.254.254.1",
+        "K3S_EXTRA_ARGS": "",
+    }
+    run(["unshare", "--mount", "--propagation", "private", "bash", "-c", wrapper], env=env, timeout=300)
+    results = [
+        (int((out / f"{i}.rc").read_text()), (out / f"{i}.out").read_text(), (out / f"{i}.err").read_text())
+        for i in range(1, len(runs) + 1)
+    ]
+    return results, out
+
+
+def test_k3s_step_installs_binds_and_is_idempotent(tmp_path: Path) -> None:
+    results, out = k3s_step_in_namespace(
+        tmp_path, [{}, {}, {"K3S_EXTRA_ARGS": "--kubelet-arg=max-pods=200"}]
+    )
+    (rc1, out1, err1), (rc2, out2, err2), (rc3, out3, err3) = results
+    assert rc1 == 0, out1 + err1
+    assert "changed: installed /usr/local/bin/k3s" in out1
+    assert "changed: installed /var/lib/rancher/k3s/agent/images/k3s-airgap-images-amd64.tar.zst" in out1
+    assert "changed: enabled systemd-networkd" in out1
+    assert "ok: dummy-csghub has 10.254.254.1" in out1
+    assert "changed: starting k3s v1.34.3+k3s1" in out1
+    assert "ok: node csghub Ready at 10.254.254.1" in out1
+    assert "ok: kube-system/local-path-provisioner available" in out1
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["node-ip"] == config["advertise-address"] == "10.254.254.1"
+    assert config["flannel-iface"] == "dummy-csghub"
+    assert sorted(config["disable"]) == ["servicelb", "traefik"]
+    network = (out / "10-dummy-csghub.network").read_text()
+    assert "Address=10.254.254.1/24" in network and "Metric=4096" in network
+    assert "Kind=dummy" in (out / "10-dummy-csghub.netdev").read_text()
+    assert (out / "kubectl.link").read_text().strip() == "k3s"
+    # Second run: nothing to do.
+    assert rc2 == 0, out2 + err2
+    assert [line for line in out2.splitlines() if line.startswith("changed:")] == []
+    assert "ok: k3s.service running, nothing changed" in out2
+    # Third run: a changed input restarts k3s and lands in /etc/default/k3s.
+    assert rc3 == 0, out3 + err3
+    assert "changed: restarting k3s" in out3
+    assert "K3S_EXTRA_ARGS=--kubelet-arg=max-pods=200" in (out / "k3s").read_text()
+
+
+def test_k3s_step_refuses_a_binary_of_another_version(tmp_path: Path) -> None:
+    results, _ = k3s_step_in_namespace(tmp_path, [{"FAKE_K3S_VERSION": "v1.33.5+k3s1"}])
+    ((rc, _out, err),) = results
+    assert rc != 0
+    assert "the uploaded k3s binary is v1.33.5+k3s1, the config asks for v1.34.3+k3s1" in err
