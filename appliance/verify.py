@@ -489,7 +489,7 @@ def _wait_http(url: str, deadline: float) -> int:
             last = f"HTTP {exc.code}"
         except (urllib.error.URLError, OSError) as exc:
             last = str(exc)
-        time.sleep(5)
+        time.sleep(max(0.0, min(5.0, deadline - time.monotonic())))
     raise VerifyError(f"no HTTP answer from {url} before the deadline", [f"last error: {last}"])
 
 

@@ -192,7 +192,8 @@ def test_disk_that_is_not_stream_optimized_and_wrong_capacity_are_refused(
     pack(copy, [(OVF, m[OVF]), (MF, m[MF]), (VMDK, m[VMDK])])
     reasons = reasons_for(copy, ovf_schema_dir)
     assert f"{VMDK}: VMDK subformat is 'monolithicSparse', not streamOptimized" in reasons
-    assert any(r.startswith(f"{VMDK}: virtual size {64 * 2**20} differs from the descriptor's capacity") for r in reasons)
+    wrong_size = f"{VMDK}: virtual size {64 * 2**20} differs from the descriptor's capacity"
+    assert any(r.startswith(wrong_size) for r in reasons)
 
 
 def test_every_problem_is_reported_at_once(copy: Path, ovf_schema_dir: Path) -> None:
@@ -220,3 +221,44 @@ def test_parse_manifest_accepts_what_virtualbox_and_ovftool_write() -> None:
     assert reasons == []
     parse_manifest(f"SHA256(c)= {'0' * 10}\n", reasons)
     assert reasons == ["manifest line 1: SHA256 digest of 'c' has the wrong length"]
+
+
+def test_http_wait_sees_a_loopback_server_and_gives_up_on_a_closed_port() -> None:
+    import http.server
+    import threading
+    import time
+
+    from appliance.verify import _free_loopback_port, _wait_http
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(302 if self.path == "/login" else 200)
+            self.send_header("Location", "/")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        assert _wait_http(f"http://127.0.0.1:{port}/", time.monotonic() + 10) == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+    closed = _free_loopback_port()
+    with pytest.raises(VerifyError, match="no HTTP answer"):
+        _wait_http(f"http://127.0.0.1:{closed}/", time.monotonic() + 1)
+
+
+def test_verify_from_config_boot_needs_an_existing_key(
+    built_ova: Path, make_cfg: Callable[..., ApplianceConfig], tmp_path: Path
+) -> None:
+    from appliance.verify import verify_from_config
+
+    report = verify_from_config(make_cfg(), built_ova, boot=False)
+    assert report.boot is None and ("OVF schema", "checked") in report.checks
+    with pytest.raises(UsageError, match="does not exist"):
+        verify_from_config(make_cfg(), built_ova, boot=True, ssh_key=str(tmp_path / "no-key"))
