@@ -66,6 +66,7 @@ class Artifact:
     setting: str  # the config key that moves the download to a mirror
     cache_path: Path
     guest_path: str
+    step: str  # the provisioning step that reads it ("k3s" or "csghub")
 
     @property
     def part_path(self) -> Path:
@@ -114,6 +115,7 @@ def planned_artifacts(cfg: ApplianceConfig) -> list[Artifact]:
             setting="artifacts.k3s_mirror",
             cache_path=root / "k3s" / k3s_version / name,
             guest_path=f"{GUEST_ARTIFACT_DIR}/{name}",
+            step="k3s",
         )
         for name in ("k3s", "k3s-airgap-images-amd64.tar.zst")
     ]
@@ -127,13 +129,19 @@ def planned_artifacts(cfg: ApplianceConfig) -> list[Artifact]:
             setting="artifacts.chart_repo",
             cache_path=root / "charts" / chart_name,
             guest_path=f"{GUEST_ARTIFACT_DIR}/{chart_name}",
+            step="csghub",
         )
     )
     return out
 
 
+def _needed(cfg: ApplianceConfig) -> list[Artifact]:
+    """The artifacts of the steps the build runs (``provision.skip`` drops the others)."""
+    return [a for a in planned_artifacts(cfg) if a.step not in cfg.provision.skip]
+
+
 def guest_uploads(cfg: ApplianceConfig) -> list[tuple[Path, str]]:
-    """(host path, guest path) for every file the k3s and csghub steps read.
+    """(host path, guest path) for every file the k3s and csghub steps read (skipped steps: none).
 
     The cached artifacts (fetch them first: :func:`fetch_artifacts`) plus the Kubernetes
     manifests generated from the config, written here under ``build/manifests/``. The guest
@@ -142,8 +150,10 @@ def guest_uploads(cfg: ApplianceConfig) -> list[tuple[Path, str]]:
     """
     from appliance.manifests import write_manifests  # the manifests need the values, not the reverse
 
-    uploads = [(a.cache_path, a.guest_path) for a in planned_artifacts(cfg)]
-    return uploads + write_manifests(cfg)
+    uploads = [(a.cache_path, a.guest_path) for a in _needed(cfg)]
+    if "csghub" not in cfg.provision.skip:
+        uploads += write_manifests(cfg)
+    return uploads
 
 
 # -- the lock -------------------------------------------------------------------------------
@@ -196,16 +206,20 @@ def write_lock(lock: dict[str, Any], path: Path = LOCK_FILE) -> None:
 
 
 def fetch_artifacts(
-    cfg: ApplianceConfig, *, update_lock: bool = False, lock_path: Path = LOCK_FILE
+    cfg: ApplianceConfig, *, update_lock: bool = False, lock_path: Path = LOCK_FILE, needed_only: bool = False
 ) -> list[FetchedArtifact]:
     """Make every planned artifact present and verified in the cache; optionally pin the digests.
 
+    ``needed_only`` (what ``build-ova`` wants) leaves out the artifacts of skipped steps.
     Raises ``ArtifactError`` naming the artifact, the URL and the setting to change.
     """
     lock = read_lock(lock_path)
     results: list[FetchedArtifact] = []
     with log.step("fetch artifacts"):
-        for artifact in planned_artifacts(cfg):
+        artifacts = _needed(cfg) if needed_only else planned_artifacts(cfg)
+        if not artifacts:
+            log.info("nothing to fetch: the k3s and csghub steps are skipped")
+        for artifact in artifacts:
             results.append(_fetch_one(artifact, locked_digest(lock, artifact)))
         if update_lock:
             changed = False

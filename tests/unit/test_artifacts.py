@@ -349,3 +349,12 @@ def test_file_placed_by_hand_is_verified_not_downloaded(publisher: Publisher, tm
     assert not any(r.downloaded for r in results)
     # Only the publisher's checksum files were read, no artifact.
     assert sorted(set(publisher.paths())) == ["/csghub/index.yaml", f"{K3S_DIR}/sha256sum-amd64.txt"]
+
+
+def test_skipped_steps_need_no_artifacts(tmp_path: Path, lock: Path) -> None:
+    cfg = load_config(None, ["provision.skip=[k3s, csghub]", f"output.build_dir={tmp_path / 'build'}",
+                             "artifacts.k3s_mirror=http://127.0.0.1:9", f"artifacts.cache_dir={tmp_path}"])
+    assert guest_uploads(cfg) == []
+    assert fetch_artifacts(cfg, lock_path=lock, needed_only=True) == []  # no request: port 9 is closed
+    only_k3s = load_config(None, ["provision.skip=[csghub]", f"output.build_dir={tmp_path / 'build'}"])
+    assert [Path(g).name for _, g in guest_uploads(only_k3s)] == ["k3s", "k3s-airgap-images-amd64.tar.zst"]
