@@ -288,6 +288,8 @@ def _check_structure(path: Path, work: Path, report: VerifyReport, reasons: list
         for m in members:
             algos = {manifest[m.name][0]} if m.name in manifest else set()
             out = work / m.name if m.name in disk_hrefs else None
+            if not algos and out is None:
+                continue  # nothing to hash or keep (already reported as unlisted)
             digests = _copy_and_hash(f, m, algos, out)
             if out is not None:
                 extracted[m.name] = out

@@ -181,13 +181,17 @@ def ovf_descriptor(
     vs.add("Info", "A virtual machine")
 
     out = cfg.output
-    product = vs.add("ProductSection")
-    product.add("Info", "Meta-information about the installed software")
-    product.add("Product", _check_text("output.product", out.product))
-    product.add("Vendor", _check_text("output.vendor", out.vendor))
-    product.add("Version", cfg.appliance_version)
-    product.add("ProductUrl", out.product_url)
-    product.add("VendorUrl", out.vendor_url)
+    # Like VirtualBox: the section only when something is set, and only the fields that are.
+    product_fields = [("Product", _check_text("output.product", out.product)),
+                      ("Vendor", _check_text("output.vendor", out.vendor)),
+                      ("Version", cfg.appliance_version), ("ProductUrl", out.product_url),
+                      ("VendorUrl", out.vendor_url)]
+    if any(value for _, value in product_fields):
+        product = vs.add("ProductSection")
+        product.add("Info", "Meta-information about the installed software")
+        for tag, value in product_fields:
+            if value:
+                product.add(tag, value)
 
     if out.description:
         annotation = vs.add("AnnotationSection")

@@ -354,3 +354,10 @@ def test_samples_link_image_and_disk_the_same_way(ovf_samples_dir: Path) -> None
 def test_without_vbox_machine_there_is_no_virtualbox_section(make_cfg: Callable[..., ApplianceConfig]) -> None:
     data = ovf_descriptor(make_cfg(), DISK, include_vbox_machine=False)
     assert b"vbox:Machine" not in data and b"Forwarding" not in data
+
+
+def test_empty_product_fields_are_left_out_as_virtualbox_does(make_cfg: Callable[..., ApplianceConfig]) -> None:
+    data = ovf_descriptor(make_cfg('output.product=""', 'output.vendor=""'), DISK)
+    product = virtual_system(ET.fromstring(data)).find(f"{{{OVF1}}}ProductSection")
+    assert product is not None
+    assert [local(c.tag) for c in product] == ["Info", "Version", "ProductUrl", "VendorUrl"]
