@@ -75,7 +75,7 @@ def stage_fetch(ctx: BuildContext) -> str | None:
         return "skipped: the k3s and CSGHub steps are skipped, no artifacts needed"
     from appliance.artifacts import fetch_artifacts
 
-    fetch_artifacts(ctx.cfg)
+    fetch_artifacts(ctx.cfg, needed_only=True)
     return None
 
 
@@ -103,7 +103,10 @@ def _uploads(cfg: ApplianceConfig) -> list[Any]:
     from appliance.artifacts import guest_uploads
     from appliance.render import Upload
 
-    return [Upload(name=Path(src).name, source=str(src), destination=dst) for src, dst in guest_uploads(cfg)]
+    return [
+        Upload(name=f"{i:02d}-{Path(src).name}", source=str(src), destination=dst)
+        for i, (src, dst) in enumerate(guest_uploads(cfg))
+    ]
 
 
 def stage_up(ctx: BuildContext) -> str | None:

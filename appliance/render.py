@@ -9,6 +9,7 @@ them in on the guest (``rb_shell_env``), so no value can inject shell code eithe
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ TEMPLATE = PROJECT_ROOT / "Vagrantfile.j2"
 class Upload:
     """A host file the Vagrant path uploads before provisioning (pinned artifacts)."""
 
-    name: str
+    name: str  # unique file name in the guest's staging folder
     source: str
     destination: str
 
@@ -96,8 +97,17 @@ def render_text(
         "scripts": selected_scripts(list(cfg.provision.skip), provision_dir),
         "env": dict(sorted(env.items())),
         "uploads": list(uploads),
+        "install_uploads": _install_uploads_command(uploads),
     }
     return _environment().get_template(TEMPLATE.name).render(context)
+
+
+def _install_uploads_command(uploads: Sequence[Upload]) -> str:
+    """The guest command that moves staged uploads to their root-owned destinations (quoted)."""
+    staged = f"{GUEST_PROVISION_DIR}/uploads"
+    return " && ".join(
+        f"install -D -m 0644 {shlex.quote(staged + '/' + up.name)} {shlex.quote(up.destination)}" for up in uploads
+    )
 
 
 def render_vagrantfile(

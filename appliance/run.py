@@ -117,7 +117,7 @@ def run(
     log.debug("$ %s", shlex.join(args))
     started = time.monotonic()
     try:
-        proc = subprocess.Popen(  # noqa: S603 - argv list, no shell
+        proc = subprocess.Popen(
             args,
             stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE,

@@ -113,7 +113,7 @@ def test_guest_environment_holds_marked_settings_quoted() -> None:
 
 
 def _invoke(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(  # noqa: S603
+    return subprocess.run(
         [sys.executable, "-m", "invoke", *args], cwd=cwd, capture_output=True, text=True, timeout=120
     )
 

@@ -27,7 +27,7 @@ def _require(tool: str) -> str:
 
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)  # noqa: S603
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
 def test_ruff_clean() -> None:

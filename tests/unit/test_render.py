@@ -105,7 +105,7 @@ def test_injection_through_config_is_inert(tmp_path: Path) -> None:
     vf.write_text(render_text(cfg, output_dir=tmp_path, provision_dir=FIXTURE_STEPS))
     probe = tmp_path / "probe.rb"
     probe.write_text(RUBY_PROBE)
-    out = subprocess.run(["ruby", str(probe), str(vf)], capture_output=True, text=True, timeout=60)  # noqa: S603,S607
+    out = subprocess.run(["ruby", str(probe), str(vf)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     import json
     import shlex
@@ -117,7 +117,7 @@ def test_injection_through_config_is_inert(tmp_path: Path) -> None:
     # turning each " into "\"". Run exactly that through bash and read the value back.
     value = envs[0]["K3S_EXTRA_ARGS"]
     quoted = '"' + value.replace('"', '"\\""') + '"'
-    sh = subprocess.run(["bash", "-c", f'K3S_EXTRA_ARGS={quoted}; printf %s "$K3S_EXTRA_ARGS"'],  # noqa: S603,S607
+    sh = subprocess.run(["bash", "-c", f'K3S_EXTRA_ARGS={quoted}; printf %s "$K3S_EXTRA_ARGS"'],
                         capture_output=True, text=True, timeout=30)
     assert not Path("/tmp/pwned-sh").exists(), "shell code in a config value ran"
     assert sh.stdout == shlex.join([HOSTILE])
@@ -144,7 +144,7 @@ def test_vagrant_validate_accepts_render(provider: str, tmp_path: Path) -> None:
         (fake / "VBoxManage").write_text("#!/bin/sh\necho 7.0.20r163906\n")
         (fake / "VBoxManage").chmod(0o755)
         env["PATH"] = f"{fake}:{env['PATH']}"
-    proc = subprocess.run(["vagrant", "validate"], cwd=tmp_path, env=env, capture_output=True,  # noqa: S603,S607
+    proc = subprocess.run(["vagrant", "validate"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "validated successfully" in proc.stdout
@@ -157,6 +157,20 @@ def test_vagrant_validate_rejects_broken_render(tmp_path: Path) -> None:
     vf = tmp_path / "Vagrantfile"
     vf.write_text(vf.read_text().replace("lv.video_type = 'none'", "lv.no_such_setting = 1"))
     env = {**os.environ, "VAGRANT_HOME": str(tmp_path / "vagrant.d"), "VAGRANT_CHECKPOINT_DISABLE": "1"}
-    proc = subprocess.run(["vagrant", "validate"], cwd=tmp_path, env=env, capture_output=True,  # noqa: S603,S607
+    proc = subprocess.run(["vagrant", "validate"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode != 0
+
+
+def test_uploads_are_staged_then_installed_with_quoting() -> None:
+    from appliance.render import Upload
+
+    ups = [Upload("00-k3s", "/cache/k3s", "/var/cache/csghub-appliance/artifacts/k3s"),
+           Upload("01-odd", "/cache/odd", "/var/cache/a b;$(id)")]
+    text = render_text(_cfg("libvirt"), output_dir=PROJECT_ROOT, provision_dir=FIXTURE_STEPS, uploads=ups)
+    assert "destination: '/var/tmp/csghub-provision/uploads/00-k3s'" in text
+    line = next(ln for ln in text.splitlines() if "'uploads-install'" in ln)
+    staged = "/var/tmp/csghub-provision/uploads/00-k3s"
+    assert f"install -D -m 0644 {staged} /var/cache/csghub-appliance/artifacts/k3s" in line
+    assert "\\'/var/cache/a b;$(id)\\'" in line  # shell-quoted, inside a Ruby literal
+    assert text.index("'uploads-install'") < text.index("config.vm.provision 'base'")
