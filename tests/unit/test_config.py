@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from appliance.config import ApplianceConfig, guest_environment, load_config, parse_set
 from appliance.errors import ConfigError
@@ -80,7 +81,7 @@ def test_appliance_yaml_in_cwd_is_read(tmp_path: Path) -> None:
 
 def test_config_is_frozen() -> None:
     cfg = load_config(None, [], cwd=Path("/"))
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.vm.cpus = 3  # type: ignore[misc]
 
 
