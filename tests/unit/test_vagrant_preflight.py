@@ -1,0 +1,50 @@
+"""Preflight errors that need the real tools but no running service: libvirt unreachable, box missing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from appliance import vagrant
+from appliance.config import load_config
+from appliance.errors import PrerequisiteMissing, VagrantError
+from appliance.run import which
+
+
+@pytest.mark.skipif(which("virsh") is None, reason="virsh (libvirt-clients) is not installed")
+def test_unreachable_libvirt_says_how_to_start_it(tmp_path: Path) -> None:
+    cfg = load_config(None, [f"libvirt.uri=qemu+unix:///system?socket={tmp_path}/no-libvirt-sock"], "libvirt",
+                      cwd=tmp_path)
+    with pytest.raises(PrerequisiteMissing) as err:
+        vagrant.check_libvirt(cfg)
+    assert "libvirt is not reachable at qemu+unix:///system" in err.value.message
+    assert err.value.hint is not None
+    assert "libvirtd -d" in err.value.hint and "systemctl start libvirtd" in err.value.hint
+
+
+@pytest.mark.skipif(which("vagrant") is None, reason="vagrant is not installed")
+def test_a_missing_box_names_the_box_and_how_to_get_it(tmp_path: Path) -> None:
+    cfg = load_config(None, ["vm.box=csghub/no-such-box", f"output.build_dir={tmp_path}"], "libvirt", cwd=tmp_path)
+    client = vagrant._client(cfg)
+    with pytest.raises(VagrantError) as err:
+        vagrant.check_box(cfg, client, "libvirt")
+    assert "Vagrant has no box 'csghub/no-such-box' for provider libvirt" in err.value.message
+    assert err.value.hint == "get it with `vagrant box add csghub/no-such-box`"
+
+
+@pytest.mark.skipif(which("vagrant") is None, reason="vagrant is not installed")
+def test_the_default_box_points_at_invoke_base_box(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An empty Vagrant home: no boxes at all, as on a fresh machine.
+    monkeypatch.setenv("VAGRANT_HOME", str(tmp_path / "vagrant.d"))
+    cfg = load_config(None, [f"output.build_dir={tmp_path}"], "libvirt", cwd=tmp_path)
+    with pytest.raises(VagrantError) as err:
+        vagrant.check_box(cfg, vagrant._client(cfg), "libvirt")
+    assert "(boxes here: none)" in err.value.message
+    assert err.value.hint == "get it with `invoke base-box`"
+
+
+def test_the_domain_name_follows_the_vagrantfile_prefix(tmp_path: Path) -> None:
+    cfg = load_config(None, ["vm.name=my-vm"], "libvirt", cwd=tmp_path)
+    assert vagrant.domain_name(cfg) == "my-vm_default"
+    assert vagrant.project_dir(cfg) == cfg.build_dir / "vm"

@@ -1,0 +1,109 @@
+"""The VM lifecycle on a real VM: base box -> render -> up -> SSH -> halt -> destroy, nothing left.
+
+One boot (TCG, ~40-60 s plus the box upload into the pool). While the VM runs, the
+"VM exists in another state" error is checked by pausing it with virsh, and the missing-box
+error by a second config naming a box Vagrant does not have (no boot needed for either).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from appliance import vagrant
+from appliance.config import ApplianceConfig
+from appliance.errors import VagrantError
+from appliance.ssh import RemoteSession
+
+from .conftest import LibvirtEnv
+
+pytestmark = pytest.mark.vm
+
+UP_TIMEOUT = 900  # seconds for `vagrant up`, box upload included; TCG boots take ~40-60 s
+
+
+def test_up_ssh_halt_destroy_leaves_nothing_behind(
+    libvirt_env: LibvirtEnv, base_box: object, vm_config: Callable[..., ApplianceConfig]
+) -> None:
+    cfg = vm_config("lifecycle")
+    domain = vagrant.domain_name(cfg)
+    vagrantfile = vagrant.render(cfg)
+    assert vagrantfile == cfg.build_dir / "vm" / "Vagrantfile"
+    text = vagrantfile.read_text()
+    assert "config.vm.box = 'csghub/debian12'" in text
+    assert f"lv.storage_pool_name = '{libvirt_env.pool}'" in text
+    assert vagrant.status(cfg).state == "not_created"
+
+    try:
+        state = vagrant.up(cfg, timeout=UP_TIMEOUT)
+        assert state.running and state.provider == "libvirt"
+        assert domain in libvirt_env.domains()
+
+        endpoint = vagrant.ssh_config(cfg)
+        assert endpoint.user == "vagrant"
+        assert endpoint.host in _network_hosts(libvirt_env.network_cidr)
+        assert endpoint.identity_files, "vagrant ssh-config listed no IdentityFile"
+        assert all(p.name == "vagrant_ed25519" for p in endpoint.identity_files)
+        with RemoteSession.from_config(cfg, endpoint) as session:
+            result = session.run(
+                ". /etc/os-release && echo codename=$VERSION_CODENAME && echo user=$(id -un) "
+                "&& echo rootfs=$(findmnt -bno SIZE /) && systemctl is-active csghub-growroot ssh",
+                sudo=False,
+                timeout=120,
+            )
+            fields = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+            assert fields["codename"] == "bookworm"
+            assert fields["user"] == "vagrant"
+            # The box's 4 GB root grew to the 8 GB disk vagrant-libvirt gave the VM.
+            assert int(fields["rootfs"]) > 7 * 1000**3
+            assert result.stdout.splitlines()[-2:] == ["active", "active"]
+            assert session.run("id -u", timeout=60).stdout.strip() == "0"  # passwordless sudo
+
+        # A VM in a state `up` does not handle is refused with advice, not "resumed" blindly.
+        libvirt_env.virsh("suspend", domain)
+        try:
+            with pytest.raises(VagrantError, match="state 'paused'") as err:
+                vagrant.up(cfg, timeout=UP_TIMEOUT)
+            assert "invoke destroy" in str(err.value)
+        finally:
+            libvirt_env.virsh("resume", domain)
+
+        assert vagrant.halt(cfg).stopped
+        assert vagrant.status(cfg).state == "shutoff"
+    finally:
+        vagrant.destroy(cfg)
+
+    assert vagrant.status(cfg).state == "not_created"
+    assert domain not in libvirt_env.domains()
+    assert not [v for v in libvirt_env.volumes() if v.startswith(domain)], libvirt_env.volumes()
+    assert libvirt_env.network not in libvirt_env.networks()
+    # Only the base box's image stays in the pool (vagrant-libvirt shares it between VMs).
+    assert all("vagrant_box_image" in v for v in libvirt_env.volumes())
+
+
+def test_up_without_the_box_says_how_to_get_it(
+    libvirt_env: LibvirtEnv, vm_config: Callable[..., ApplianceConfig]
+) -> None:
+    cfg = vm_config("nobox", "vm.box=csghub/no-such-box")
+    with pytest.raises(VagrantError) as err:
+        vagrant.up(cfg, timeout=UP_TIMEOUT, render_first=True)
+    assert "no box 'csghub/no-such-box'" in err.value.message
+    assert err.value.hint is not None and "vagrant box add csghub/no-such-box" in err.value.hint
+    assert vagrant.domain_name(cfg) not in libvirt_env.domains()
+
+
+def _network_hosts(cidr: str) -> set[str]:
+    import ipaddress
+
+    return {str(h) for h in ipaddress.ip_network(cidr).hosts()}
+
+
+def test_halt_and_destroy_of_a_vm_that_does_not_exist_change_nothing(
+    libvirt_env: LibvirtEnv, vm_config: Callable[..., ApplianceConfig], tmp_path: Path
+) -> None:
+    cfg = vm_config("absent")
+    assert vagrant.halt(cfg).state == "not_created"
+    vagrant.destroy(cfg)
+    assert vagrant.status(cfg).state == "not_created"
