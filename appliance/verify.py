@@ -319,14 +319,23 @@ def verify_ova(
     path: Path,
     *,
     boot: bool = True,
+    cfg: ApplianceConfig | None = None,
     schema_dir: Path | None = None,
     work_dir: Path | None = None,
     login: SSHLogin | None = None,
     http_port: int | None = None,
     boot_timeout: float = 900,
 ) -> VerifyReport:
-    """Check ``path`` structurally (all failures at once), then boot a copy unless ``boot=False``."""
+    """Check ``path`` structurally (all failures at once), then boot a copy unless ``boot=False``.
+
+    With ``cfg`` and no ``login``, the boot check's login and HTTP port come from the
+    configuration (see :func:`boot_access`).
+    """
     path = Path(path)
+    if boot and cfg is not None and login is None:
+        login, cfg_http = boot_access(cfg)
+        http_port = http_port if http_port is not None else cfg_http
+        boot_timeout = cfg.vm.boot_timeout
     if not path.is_file():
         raise UsageError(f"no OVA at {str(path)!r}")
     if boot and login is None:
@@ -498,26 +507,31 @@ def _wait_http(url: str, deadline: float) -> int:
 # -- from the command line -------------------------------------------------------------------------
 
 
-def verify_from_config(
-    cfg: ApplianceConfig, path: Path, *, boot: bool = True, ssh_key: str | None = None, http: bool | None = None
-) -> VerifyReport:
-    """``invoke verify-ova``: the login and HTTP port come from the configuration.
+def boot_access(
+    cfg: ApplianceConfig, *, ssh_key: str | None = None, http: bool | None = None
+) -> tuple[SSHLogin, int | None]:
+    """Login and guest HTTP port for the boot check, from the configuration.
 
     Login: ``cfg.ssh.user`` with ``ssh_key``, else ``ssh.private_key``, else the base box's build
-    key. HTTP is checked on the ``http`` forward's guest port when the stack is part of the
-    build (``http=None``), or as forced by ``http``.
+    key. HTTP: the ``http`` forward's guest port when the stack is part of the build
+    (``http=None``), or as forced by ``http``.
     """
-    login = None
-    if boot:
-        key = ssh_key or cfg.ssh.private_key
-        if not key:
-            from appliance.basebox import KEY_NAME, cache_dir
+    key = ssh_key or cfg.ssh.private_key
+    if not key:
+        from appliance.basebox import KEY_NAME, cache_dir
 
-            key = str(cache_dir() / "keys" / KEY_NAME)
-        login = SSHLogin(user=cfg.ssh.user, key_file=Path(key).expanduser())
+        key = str(cache_dir() / "keys" / KEY_NAME)
     check_http = cfg.stack_enabled if http is None else http
     forward = cfg.http_port()
     http_port = forward.guest if (check_http and forward is not None) else None
+    return SSHLogin(user=cfg.ssh.user, key_file=Path(key).expanduser()), http_port
+
+
+def verify_from_config(
+    cfg: ApplianceConfig, path: Path, *, boot: bool = True, ssh_key: str | None = None, http: bool | None = None
+) -> VerifyReport:
+    """``invoke verify-ova``: :func:`verify_ova` with the access from the configuration, then a summary."""
+    login, http_port = boot_access(cfg, ssh_key=ssh_key, http=http) if boot else (None, None)
     report = verify_ova(path, boot=boot, login=login, http_port=http_port, boot_timeout=cfg.vm.boot_timeout)
     for name, outcome in report.checks:
         log.info(f"{name}: {outcome}")

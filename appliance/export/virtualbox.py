@@ -251,9 +251,13 @@ def _describe(path: Path, fmt: OvfFormat) -> OvaResult:
 
 
 def export_virtualbox(
-    cfg: ApplianceConfig, vm: str, dest_dir: Path, *, ovf_format: OvfFormat | None = None
+    cfg: ApplianceConfig, dest_dir: Path, *, vm: str | None = None, ovf_format: OvfFormat | None = None
 ) -> OvaResult:
-    """Export the halted VirtualBox VM ``vm`` to ``dest_dir/<name>-<version>.ova`` (+ ``.sha256``)."""
+    """Export the halted VirtualBox VM to ``dest_dir/<name>-<version>.ova`` (+ ``.sha256``).
+
+    ``vm`` defaults to ``cfg.vm.name``, the name Vagrantfile.j2 gives the VirtualBox VM.
+    """
+    vm = vm or cfg.vm.name
     fmt: OvfFormat = ovf_format or cfg.output.ovf_format
     info = vm_info(vm)
     state = info.get("VMState", "unknown")

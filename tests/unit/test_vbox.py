@@ -89,7 +89,7 @@ def test_export_runs_vboxmanage_and_publishes_atomically(
     fake_vboxmanage: Path, make_cfg: Callable[..., ApplianceConfig], tmp_path: Path, built_ova: Path
 ) -> None:
     dist = tmp_path / "dist"
-    result = export_virtualbox(make_cfg("output.version=5.0.0"), "csghub-appliance", dist)
+    result = export_virtualbox(make_cfg("output.version=5.0.0"), dist)
     assert result.path == dist / "csghub-5.0.0.ova"
     assert result.path.read_bytes() == built_ova.read_bytes()
     assert (dist / "csghub-5.0.0.ova.sha256").read_text() == f"{result.sha256}  csghub-5.0.0.ova\n"
@@ -108,7 +108,7 @@ def test_running_vm_is_refused(fake_vboxmanage: Path, make_cfg: Callable[..., Ap
                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_VBOX_STATE", "running")
     with pytest.raises(ExportError, match="is 'running'; export needs it powered off"):
-        export_virtualbox(make_cfg(), "csghub-appliance", tmp_path / "dist")
+        export_virtualbox(make_cfg(), tmp_path / "dist")
     assert [c[0] for c in calls_of(fake_vboxmanage)] == ["showvminfo"]
 
 
@@ -116,7 +116,7 @@ def test_unknown_vm_is_reported_with_vboxmanage_message(
     fake_vboxmanage: Path, make_cfg: Callable[..., ApplianceConfig], tmp_path: Path
 ) -> None:
     with pytest.raises(CommandFailed) as err:
-        export_virtualbox(make_cfg(), "no-such-vm", tmp_path / "dist")
+        export_virtualbox(make_cfg(), tmp_path / "dist", vm="no-such-vm")
     assert "Could not find a registered machine named 'no-such-vm'" in str(err.value)
     assert "VBoxManage list vms" in str(err.value)
 
@@ -128,7 +128,7 @@ def test_failed_export_leaves_nothing_behind(
     monkeypatch.setenv("FAKE_VBOX_FAIL", "export")
     dist = tmp_path / "dist"
     with pytest.raises(CommandFailed) as err:
-        export_virtualbox(make_cfg(), "csghub-appliance", dist)
+        export_virtualbox(make_cfg(), dist)
     # The output was streamed to the terminal, so the error carries it in its result.
     assert "simulated failure" in err.value.result.stderr and err.value.result.returncode == 1
     assert list(dist.iterdir()) == []
@@ -140,4 +140,4 @@ def test_missing_vboxmanage_is_a_prerequisite_error(
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setattr(vbox, "which", lambda _name: None)
     with pytest.raises(PrerequisiteMissing, match="VBoxManage is not installed"):
-        export_virtualbox(make_cfg(), "csghub-appliance", tmp_path / "dist")
+        export_virtualbox(make_cfg(), tmp_path / "dist")

@@ -262,3 +262,15 @@ def test_verify_from_config_boot_needs_an_existing_key(
     assert report.boot is None and ("OVF schema", "checked") in report.checks
     with pytest.raises(UsageError, match="does not exist"):
         verify_from_config(make_cfg(), built_ova, boot=True, ssh_key=str(tmp_path / "no-key"))
+
+
+def test_boot_access_from_the_configuration(make_cfg: Callable[..., ApplianceConfig], tmp_path: Path) -> None:
+    from appliance.verify import boot_access
+
+    login, http_port = boot_access(make_cfg())
+    assert login.user == "vagrant" and login.key_file.name == "vagrant_ed25519"
+    assert http_port is None  # the stack is skipped in this config: nothing serves HTTP
+    key = tmp_path / "id"
+    key.write_text("k")
+    login, http_port = boot_access(make_cfg("ssh.user=admin"), ssh_key=str(key), http=True)
+    assert (login.user, login.key_file, http_port) == ("admin", key, 30080)
