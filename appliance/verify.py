@@ -325,17 +325,20 @@ def verify_ova(
     login: SSHLogin | None = None,
     http_port: int | None = None,
     boot_timeout: float = 900,
+    cpus: int = 2,
+    memory_mb: int = 2048,
 ) -> VerifyReport:
     """Check ``path`` structurally (all failures at once), then boot a copy unless ``boot=False``.
 
     With ``cfg`` and no ``login``, the boot check's login and HTTP port come from the
-    configuration (see :func:`boot_access`).
+    configuration (see :func:`boot_access`), and so do its CPUs (at most the host's) and memory.
     """
     path = Path(path)
     if boot and cfg is not None and login is None:
         login, cfg_http = boot_access(cfg)
         http_port = http_port if http_port is not None else cfg_http
         boot_timeout = cfg.vm.boot_timeout
+        cpus, memory_mb = min(cfg.vm.cpus, os.cpu_count() or 1), cfg.vm.memory_mb
     if not path.is_file():
         raise UsageError(f"no OVA at {str(path)!r}")
     if boot and login is None:
@@ -359,7 +362,7 @@ def verify_ova(
                 raise VerifyError(f"{path}: boot check expects one disk, found {len(disks)}")
             with log.step("boot a fresh copy"):
                 report.boot = boot_check(next(iter(disks.values())), login=login, http_port=http_port,
-                                         timeout=boot_timeout, work_dir=work)
+                                         timeout=boot_timeout, work_dir=work, cpus=cpus, memory_mb=memory_mb)
             report.checks.append(("boot", "checked"))
     return report
 
@@ -532,7 +535,8 @@ def verify_from_config(
 ) -> VerifyReport:
     """``invoke verify-ova``: :func:`verify_ova` with the access from the configuration, then a summary."""
     login, http_port = boot_access(cfg, ssh_key=ssh_key, http=http) if boot else (None, None)
-    report = verify_ova(path, boot=boot, login=login, http_port=http_port, boot_timeout=cfg.vm.boot_timeout)
+    report = verify_ova(path, boot=boot, login=login, http_port=http_port, boot_timeout=cfg.vm.boot_timeout,
+                        cpus=min(cfg.vm.cpus, os.cpu_count() or 1), memory_mb=cfg.vm.memory_mb)
     for name, outcome in report.checks:
         log.info(f"{name}: {outcome}")
     if report.boot:
