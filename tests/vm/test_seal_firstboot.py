@@ -1,0 +1,466 @@
+"""Seal and first boot on real VMs: every copy of a sealed image gets its own secrets.
+
+One build VM (the base box's disk under a qcow2 overlay, QEMU TCG) runs the provisioning
+steps through the real runner (``appliance.steps.provision``) with the k3s/CSGHub steps
+skipped; its disk is exported (streamOptimized VMDK, as in the OVA) once before and once
+after the ``seal`` step. Two copies of the sealed export then boot, each through its own
+qcow2 overlay, with VirtualBox-like hardware (AHCI disk, e1000 NIC, user-mode NAT giving
+10.0.2.15):
+
+- copy A boots twice: first boot, then a reboot on which the first-boot service must not run;
+- copy B has its power cut in the middle of first boot (test-only SMBIOS hook, see
+  ``test_hook_poweroff_at`` in csghub-firstboot), then boots again and must finish.
+
+Five QEMU boots in all, one after the other (2 cores here), each bounded by a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import tarfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from appliance.config import ApplianceConfig, load_config
+from appliance.run import run
+from appliance.ssh import SSHEndpoint
+from appliance.steps import ProvisionReport
+
+pytestmark = pytest.mark.vm
+
+ROOT = Path(__file__).resolve().parents[2]
+BOOT_TIMEOUT = 420  # seconds from QEMU start to the first-boot login line (TCG: ~60-120 s)
+POWEROFF_TIMEOUT = 300
+MEMORY_MB = 1024
+LOGIN_LINE = re.compile(r"CSGHUB-APPLIANCE-LOGIN user=(\S+) password=(\S+)")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Qemu:
+    """One QEMU TCG guest, started and stopped by its PID; serial console captured to a file."""
+
+    def __init__(self, disk: Path, serial_log: Path, *, virtio: bool, smbios: str | None = None) -> None:
+        self.disk, self.serial_log = disk, serial_log
+        self.ssh_port = _free_port()
+        self.monitor = serial_log.with_suffix(".monitor")
+        if virtio:  # the build VM: vagrant-libvirt's hardware, with discard so fstrim reaches the image
+            drive = ["-drive", f"file={disk},format=qcow2,if=virtio,discard=unmap"]
+            nic = "virtio-net-pci"
+        else:  # copies: what VirtualBox gives an imported OVA (SATA disk, Intel PRO/1000)
+            drive = ["-device", "ahci,id=ahci", "-drive", f"if=none,id=d0,file={disk},format=qcow2",
+                     "-device", "ide-hd,drive=d0,bus=ahci.0"]
+            nic = "e1000"
+        self.argv = [
+            "qemu-system-x86_64", "-machine", "pc,accel=tcg", "-cpu", "max", "-smp", "2", "-m", str(MEMORY_MB),
+            "-display", "none", "-serial", f"file:{serial_log}", "-monitor", f"unix:{self.monitor},server,nowait",
+            *drive,
+            "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22", "-device", f"{nic},netdev=n0",
+        ]
+        if smbios:
+            self.argv += ["-smbios", f"type=11,value={smbios}"]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Qemu:
+        with self.serial_log.with_suffix(".qemu.err").open("wb") as err:
+            self.proc = subprocess.Popen(  # noqa: S603 - fixed argv
+                self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+        self.started = time.monotonic()
+        return self
+
+    def console(self) -> str:
+        return self.serial_log.read_text(errors="replace") if self.serial_log.exists() else ""
+
+    def wait_console(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = pattern.search(self.console())
+            if m:
+                return m
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                break
+            time.sleep(2)
+        raise AssertionError(f"no {pattern.pattern!r} on the serial console within {timeout:.0f} s; "
+                             f"tail:\n{self.console()[-3000:]}")
+
+    def wait_exit(self, timeout: float) -> float:
+        assert self.proc is not None
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the VM did not power off within {timeout:.0f} s; "
+                                 f"tail:\n{self.console()[-3000:]}") from None
+        return time.monotonic() - self.started
+
+    def hmp(self, command: str) -> None:
+        """A human-monitor command (stop, cont) over the monitor socket."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(str(self.monitor))
+            s.recv(4096)
+            s.sendall(command.encode() + b"\n")
+            time.sleep(1)
+            s.recv(4096)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def booted(qemu: Qemu) -> Iterator[Qemu]:
+    qemu.start()
+    try:
+        yield qemu
+    finally:
+        qemu.kill()
+
+
+class _Record(paramiko.MissingHostKeyPolicy):
+    """Accept (a fresh copy's key is new by design) and remember the key offered."""
+
+    def __init__(self) -> None:
+        self.key: paramiko.PKey | None = None
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        self.key = key
+
+
+@dataclass
+class Login:
+    client: paramiko.SSHClient
+    host_key: str
+    password: str
+
+    def run(self, command: str, *, sudo: bool = False, check: bool = True) -> str:
+        # sudo -S reads the one-time password from stdin: no TTY, as a verifier would do it.
+        wire = f"sudo -S -p '' -- sh -c {shlex.quote(command)}" if sudo else command
+        stdin, stdout, stderr = self.client.exec_command(wire, timeout=120)
+        if sudo:
+            stdin.write(self.password + "\n")
+            stdin.flush()
+        stdin.channel.shutdown_write()
+        out = stdout.read().decode(errors="replace")
+        err = stderr.read().decode(errors="replace")
+        status = stdout.channel.recv_exit_status()
+        if check and status != 0:
+            raise AssertionError(f"{command!r} failed ({status}): {err or out}")
+        return out
+
+
+def password_login(port: int, user: str, password: str, timeout: float = 120) -> Login:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        policy = _Record()
+        client = paramiko.SSHClient()
+        client.set_missing_host_key_policy(policy)
+        try:
+            client.connect("127.0.0.1", port=port, username=user, password=password, look_for_keys=False,
+                           allow_agent=False, timeout=15, banner_timeout=30, auth_timeout=30)
+        except (paramiko.SSHException, OSError) as exc:
+            last = exc
+            client.close()
+            time.sleep(3)
+            continue
+        assert policy.key is not None
+        return Login(client, f"{policy.key.get_name()} {policy.key.get_base64()}", password)
+    raise AssertionError(f"no SSH login as {user} within {timeout:.0f} s: {last}")
+
+
+def key_login_refused(port: int, user: str, key_file: Path) -> str:
+    """Try the build's key; return how the copy refused it (raises if it let us in)."""
+    client = paramiko.SSHClient()
+    client.set_missing_host_key_policy(_Record())
+    try:
+        client.connect("127.0.0.1", port=port, username=user, key_filename=str(key_file), look_for_keys=False,
+                       allow_agent=False, timeout=15, banner_timeout=30, auth_timeout=30)
+    except paramiko.AuthenticationException as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        client.close()
+    raise AssertionError(f"the build's key still logs in as {user}")
+
+
+# -- the build -----------------------------------------------------------------------------------
+
+
+@dataclass
+class SealedBuild:
+    work: Path
+    sealed_vmdk: Path
+    unsealed_bytes: int
+    sealed_bytes: int
+    key: Path
+    build_user: str
+    build_machine_id: str
+    build_host_key: str
+    firstboot_rerun_outcome: str
+    seal_log: str
+
+
+@dataclass
+class CopyFacts:
+    boots: list[str] = field(default_factory=list)  # serial console of each boot
+    password: str = ""
+    host_key: str = ""
+    machine_id: str = ""
+    issue: str = ""
+    motd: str = ""
+    status: str = ""
+    shadow_vagrant: str = ""
+    leftovers: str = ""
+    key_refusals: list[str] = field(default_factory=list)
+    second_boot: dict[str, str] = field(default_factory=dict)
+    power_cut_exit_seconds: float = 0.0
+
+
+def _test_config(build_dir: Path, key: Path) -> ApplianceConfig:
+    return load_config(None, [
+        "provision.skip={k3s,csghub}", "vm.cpus=2", f"vm.memory_mb={MEMORY_MB}",
+        f"ssh.private_key={key}", f"output.build_dir={build_dir}", "provision.step_timeout=1800",
+    ], "libvirt", cwd=build_dir)
+
+
+def _base_disk(work: Path) -> tuple[Path, Path, str]:
+    """The base box's disk (qcow2) and the build's key, from A's cached base-box builder."""
+    from appliance.basebox import build_base_box
+
+    cfg = load_config(None, [], "libvirt", cwd=work)
+    box = build_base_box(cfg)
+    disk = work / "base.qcow2"
+    with tarfile.open(box.box_file) as tar:
+        member = tar.getmember("box.img")
+        src = tar.extractfile(member)
+        assert src is not None
+        with src, disk.open("wb") as dst:
+            shutil.copyfileobj(src, dst, 4 * 1024 * 1024)
+    return disk, box.private_key, cfg.ssh.user
+
+
+def _stream_vmdk(source: Path, target: Path, *, force_share: bool) -> int:
+    argv = ["qemu-img", "convert", "-f", "qcow2", "-O", "vmdk", "-o", "subformat=streamOptimized"]
+    if force_share:  # the VM is paused, not stopped: QEMU still holds the image's lock
+        argv.append("-U")
+    run([*argv, str(source), str(target)], timeout=900)
+    return target.stat().st_size
+
+
+@pytest.fixture(scope="module")
+def sealed(tmp_path_factory: pytest.TempPathFactory) -> SealedBuild:
+    if shutil.which("qemu-system-x86_64") is None or shutil.which("qemu-img") is None:
+        pytest.skip("QEMU (qemu-system-x86, qemu-utils) is not installed")
+    from appliance.steps import provision
+
+    work = tmp_path_factory.mktemp("seal-firstboot")
+    base, key, user = _base_disk(work)
+    build_disk = work / "build.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(build_disk)])
+    cfg = _test_config(work / "build", key)
+    vm = Qemu(build_disk, work / "build-serial.log", virtio=True)
+    with booted(vm):
+        endpoint = SSHEndpoint("127.0.0.1", vm.ssh_port, user, (key,))
+        # Everything but the seal, through the real runner (00-base if present, firstboot).
+        report = provision(cfg, endpoint, skip=["seal"])
+        assert _outcome(report, "firstboot") == "changed"
+        # Idempotent: forced again, the step changes nothing.
+        again = provision(cfg, endpoint, only="firstboot", force=True)
+        login = _key_login(vm.ssh_port, user, key)
+        build_machine_id = login.run("cat /etc/machine-id").strip()
+        build_host_key = login.host_key
+        login.run("sync")
+        login.client.close()
+        # The same VM, unsealed: export its disk while it is paused.
+        vm.hmp("stop")
+        unsealed = _stream_vmdk(build_disk, work / "unsealed.vmdk", force_share=True)
+        vm.hmp("cont")
+        report = provision(cfg, endpoint, only="seal")
+        assert _outcome(report, "seal") == "changed"
+        # The seal powers the VM off by itself; nobody can log in to do it.
+        vm.wait_exit(POWEROFF_TIMEOUT)
+    sealed_vmdk = work / "sealed.vmdk"
+    sealed_bytes = _stream_vmdk(build_disk, sealed_vmdk, force_share=False)
+    seal_log = (work / "build" / "logs" / "90-seal.log")
+    return SealedBuild(
+        work=work, sealed_vmdk=sealed_vmdk, unsealed_bytes=unsealed, sealed_bytes=sealed_bytes, key=key,
+        build_user=user, build_machine_id=build_machine_id, build_host_key=build_host_key,
+        firstboot_rerun_outcome=_outcome(again, "firstboot"),
+        seal_log=seal_log.read_text() if seal_log.exists() else "",
+    )
+
+
+def _outcome(report: ProvisionReport, step: str) -> str:
+    return next(s.outcome for s in report.steps if s.name == step)
+
+
+def _key_login(port: int, user: str, key: Path) -> Login:
+    policy = _Record()
+    client = paramiko.SSHClient()
+    client.set_missing_host_key_policy(policy)
+    client.connect("127.0.0.1", port=port, username=user, key_filename=str(key), look_for_keys=False,
+                   allow_agent=False, timeout=30)
+    assert policy.key is not None
+    return Login(client, f"{policy.key.get_name()} {policy.key.get_base64()}", "")
+
+
+def _overlay(build: SealedBuild, name: str) -> Path:
+    disk = build.work / f"{name}.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "vmdk", "-b", str(build.sealed_vmdk), str(disk)])
+    return disk
+
+
+def _first_boot_facts(build: SealedBuild, vm: Qemu, facts: CopyFacts) -> None:
+    m = vm.wait_console(LOGIN_LINE, BOOT_TIMEOUT)
+    user, facts.password = m.group(1), m.group(2)
+    assert user == "csghub"
+    login = password_login(vm.ssh_port, user, facts.password)
+    with contextlib.closing(login.client):
+        facts.host_key = login.host_key
+        facts.machine_id = login.run("cat /etc/machine-id").strip()
+        facts.issue = login.run("cat /etc/issue", sudo=True)
+        facts.motd = login.run("cat /etc/motd")
+        facts.status = login.run("csghub-status", sudo=True)
+        facts.shadow_vagrant = login.run(f"passwd -S {build.build_user}", sudo=True)
+        facts.leftovers = login.run(
+            "ls -d /home/*/.ssh/authorized_keys /root/.ssh/authorized_keys /var/tmp/csghub-provision "
+            "/etc/ssh/sshd_config.d/*vagrant* 2>/dev/null; true", sudo=True)
+        for user_ in (build.build_user, "csghub"):
+            facts.key_refusals.append(key_login_refused(vm.ssh_port, user_, build.key))
+        login.run("systemctl poweroff", sudo=True, check=False)
+    vm.wait_exit(POWEROFF_TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def copy_a(sealed: SealedBuild) -> CopyFacts:
+    facts = CopyFacts()
+    disk = _overlay(sealed, "copy-a")
+    first = Qemu(disk, sealed.work / "copy-a-boot1.log", virtio=False)
+    with booted(first):
+        _first_boot_facts(sealed, first, facts)
+    facts.boots.append(first.console())
+    second = Qemu(disk, sealed.work / "copy-a-boot2.log", virtio=False)
+    with booted(second):
+        m = second.wait_console(LOGIN_LINE, BOOT_TIMEOUT)
+        login = password_login(second.ssh_port, m.group(1), m.group(2))
+        with contextlib.closing(login.client):
+            facts.second_boot = {
+                "password": m.group(2),
+                "host_key": login.host_key,
+                "machine_id": login.run("cat /etc/machine-id").strip(),
+                "condition": login.run("systemctl show -p ConditionResult -p ExecMainStartTimestamp "
+                                       "csghub-firstboot.service", sudo=True),
+                "journal": login.run("journalctl -b -u csghub-firstboot.service --no-pager -o cat", sudo=True),
+            }
+            login.run("systemctl poweroff", sudo=True, check=False)
+        second.wait_exit(POWEROFF_TIMEOUT)
+    facts.boots.append(second.console())
+    return facts
+
+
+@pytest.fixture(scope="module")
+def copy_b(sealed: SealedBuild, copy_a: CopyFacts) -> CopyFacts:
+    facts = CopyFacts()
+    disk = _overlay(sealed, "copy-b")
+    # TEST-ONLY: the SMBIOS OEM string makes csghub-firstboot cut the power after the secrets.
+    cut = Qemu(disk, sealed.work / "copy-b-boot1.log", virtio=False,
+               smbios="csghub-appliance-test-poweroff-at=after-secrets")
+    with booted(cut):
+        facts.power_cut_exit_seconds = cut.wait_exit(BOOT_TIMEOUT)
+    facts.boots.append(cut.console())
+    second = Qemu(disk, sealed.work / "copy-b-boot2.log", virtio=False)
+    with booted(second):
+        _first_boot_facts(sealed, second, facts)
+    facts.boots.append(second.console())
+    return facts
+
+
+# -- what must hold ------------------------------------------------------------------------------
+
+
+def test_firstboot_step_is_idempotent(sealed: SealedBuild) -> None:
+    assert sealed.firstboot_rerun_outcome == "no changes"
+
+
+def test_sealed_export_is_smaller(sealed: SealedBuild, record_property: pytest.RecordProperty) -> None:
+    record_property("unsealed_vmdk_bytes", sealed.unsealed_bytes)
+    record_property("sealed_vmdk_bytes", sealed.sealed_bytes)
+    print(f"\nexported disk (streamOptimized VMDK): unsealed {sealed.unsealed_bytes / 2**20:.1f} MiB, "
+          f"sealed {sealed.sealed_bytes / 2**20:.1f} MiB")
+    assert sealed.sealed_bytes < sealed.unsealed_bytes
+
+
+def test_seal_reports_what_it_did(sealed: SealedBuild) -> None:
+    log = sealed.seal_log
+    assert "ok: k3s not installed (stack steps skipped); no cluster state to reset" in log
+    assert "changed: removed /etc/ssh/ssh_host_ed25519_key" in log
+    assert "changed: emptied /etc/machine-id" in log
+    assert re.search(r"changed: removed /home/\S+/\.ssh/authorized_keys", log)
+    assert "powers off" in log
+
+
+def test_copies_have_their_own_secrets(sealed: SealedBuild, copy_a: CopyFacts, copy_b: CopyFacts) -> None:
+    assert copy_a.host_key != copy_b.host_key
+    assert sealed.build_host_key not in (copy_a.host_key, copy_b.host_key)
+    assert re.fullmatch(r"[0-9a-f]{32}", copy_a.machine_id) and re.fullmatch(r"[0-9a-f]{32}", copy_b.machine_id)
+    assert len({copy_a.machine_id, copy_b.machine_id, sealed.build_machine_id}) == 3
+    assert copy_a.password and copy_b.password and copy_a.password != copy_b.password
+
+
+def test_build_key_no_longer_works(copy_a: CopyFacts) -> None:
+    assert len(copy_a.key_refusals) == 2  # the build user and csghub both refuse the key
+    assert copy_a.leftovers.strip() == ""
+    # The build user's password is locked ("L"), csghub is the way in.
+    assert copy_a.shadow_vagrant.split()[1] == "L"
+
+
+def test_banner_shows_url_status_and_login(copy_a: CopyFacts) -> None:
+    for text in (copy_a.issue, copy_a.status):
+        assert "CSGHub appliance" in text
+        assert "CSGHub stack not installed in this image" in text
+        assert "Network: nat, VM address 10.0.2.15" in text
+        assert "http://csghub.localhost:30080" in text
+        assert "user csghub" in text and copy_a.password in text
+    # The motd is world-readable: no password there.
+    assert "http://csghub.localhost:30080" in copy_a.motd and copy_a.password not in copy_a.motd
+    assert "CSGHUB-APPLIANCE-STATUS stack=absent mode=nat url=http://csghub.localhost:30080" in copy_a.boots[0]
+
+
+def test_first_boot_runs_once(copy_a: CopyFacts) -> None:
+    first, second = copy_a.boots
+    assert "CSGHUB-APPLIANCE-FIRSTBOOT started" in first and "CSGHUB-APPLIANCE-FIRSTBOOT finished" in first
+    assert "CSGHUB-APPLIANCE-FIRSTBOOT" not in second
+    facts = copy_a.second_boot
+    assert "ConditionResult=no" in facts["condition"]
+    assert "making this copy's own keys" not in facts["journal"]
+    assert (facts["password"], facts["host_key"], facts["machine_id"]) == (
+        copy_a.password, copy_a.host_key, copy_a.machine_id)
+
+
+def test_power_cut_mid_first_boot_is_finished_next_boot(copy_b: CopyFacts) -> None:
+    cut, resumed = copy_b.boots
+    assert "CSGHUB-APPLIANCE-FIRSTBOOT test-poweroff at=after-secrets" in cut
+    assert "CSGHUB-APPLIANCE-FIRSTBOOT finished" not in cut and "CSGHUB-APPLIANCE-LOGIN" not in cut
+    assert "CSGHUB-APPLIANCE-FIRSTBOOT started" in resumed and "CSGHUB-APPLIANCE-FIRSTBOOT finished" in resumed
+    assert copy_b.password and "http://csghub.localhost:30080" in copy_b.issue
