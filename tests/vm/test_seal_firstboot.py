@@ -79,7 +79,7 @@ class Qemu:
 
     def start(self) -> Qemu:
         with self.serial_log.with_suffix(".qemu.err").open("wb") as err:
-            self.proc = subprocess.Popen(  # noqa: S603 - fixed argv
+            self.proc = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
         self.started = time.monotonic()
         return self

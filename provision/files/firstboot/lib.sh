@@ -283,6 +283,9 @@ gather_banner() {
 K3S_MANIFESTS=${K3S_MANIFESTS:-/var/lib/rancher/k3s/server/manifests}
 K3S_REGISTRIES=${K3S_REGISTRIES:-/etc/rancher/k3s/registries.yaml}
 INSTANCE_MANIFEST_NAME=csghub-appliance-instance.yaml
+# The csghub step's guest library: coredns_custom_manifest and chart_base, the same rules as
+# appliance/manifests.py (tests/unit/test_manifests_scripts.py holds them equal).
+CSGHUB_STACK_LIB=${CSGHUB_STACK_LIB:-/usr/local/lib/csghub-appliance/csghub.sh}
 
 # wait_for_address SECONDS: DHCP may still be running when first boot starts.
 wait_for_address() {
@@ -317,68 +320,6 @@ spec:
 YAML
 }
 
-# chart_base DOMAIN: chart 2.4.0's <base> for sub-hosts (casdoor., minio.): the domain minus
-# its first label, or the whole domain when it has two labels (appliance/values.py, same rule).
-chart_base() {
-    local labels
-    IFS=. read -ra labels <<<"$1"
-    if ((${#labels[@]} <= 2)); then
-        echo "$1"
-    else
-        echo "${1#*.}"
-    fi
-}
-
-# regex_escape NAME: what Python's re.escape does to a host name ('.' and '-').
-regex_escape() {
-    local escaped=${1//./\\.}
-    echo "${escaped//-/\\-}"
-}
-
-# coredns_manifest DOMAIN NODE_IP: the ConfigMap that makes CSGHub's external names resolve
-# inside the cluster to the node address (the same text appliance/manifests.py renders for
-# the build's domain; tests/unit/test_firstboot.py holds them equal).
-coredns_manifest() {
-    local domain=$1 ip=$2 base zones match m
-    local -a matches
-    base=$(chart_base "$domain")
-    if [[ "$base" == "$domain" ]]; then
-        zones="$domain:53"
-        matches=("(^|\\.)$(regex_escape "$domain")\\.\$")
-    else
-        zones="$base:53"
-        matches=("^[^.]+\\.$(regex_escape "$base")\\.\$" "(^|\\.)$(regex_escape "$domain")\\.\$")
-    fi
-    match=""
-    for m in "${matches[@]}"; do
-        match+="            match $m"$'\n'
-    done
-    cat <<YAML
-apiVersion: v1
-kind: ConfigMap
-metadata:
-  name: coredns-custom
-  namespace: kube-system
-  labels:
-    app.kubernetes.io/managed-by: csghub-appliance
-data:
-  csghub.server: |
-    $zones {
-        errors
-        template IN A {
-${match}            answer "{{ .Name }} 60 IN A $ip"
-            fallthrough
-        }
-        template IN AAAA {
-${match}            rcode NOERROR
-            fallthrough
-        }
-        forward . /etc/resolv.conf
-        cache 30
-    }
-YAML
-}
-
 # apply_access MODE ADDRESS: record the access mode, and make everything the domain touches
 # follow it. Prints "changed:"/"ok:" lines. Restarts k3s only when it was running and
 # something it reads at start changed.
@@ -406,8 +347,12 @@ apply_access() {
             echo "ok: Helm values already name domain $domain"
         fi
         # In-cluster DNS for the external names (installed by the csghub step, not by the chart).
-        if [[ -f "$K3S_MANIFESTS/coredns-custom.yaml" && -n "$K3S_NODE_IP" ]]; then
-            if coredns_manifest "$domain" "$K3S_NODE_IP" | write_if_changed "$K3S_MANIFESTS/coredns-custom.yaml" 0600; then
+        if [[ -f "$K3S_MANIFESTS/coredns-custom.yaml" && -n "$K3S_NODE_IP" && -r "$CSGHUB_STACK_LIB" ]]; then
+            if (
+                # shellcheck source=/dev/null
+                . "$CSGHUB_STACK_LIB"
+                coredns_custom_manifest "$domain" "$(chart_base "$domain")" "$K3S_NODE_IP"
+            ) | write_if_changed "$K3S_MANIFESTS/coredns-custom.yaml" 0600; then
                 echo "changed: in-cluster DNS answers for $domain (coredns-custom.yaml)"
             else
                 echo "ok: in-cluster DNS already answers for $domain"
