@@ -64,7 +64,7 @@ VBOX_SETTINGS_VERSION = "1.15-linux"
 _UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/OpenCSGs/csghub/appliance")
 
 _NIC_SUBTYPE = {"82540EM": "E1000", "82543GC": "E1000", "82545EM": "E1000", "virtio": ""}
-_GRAPHICS = {"vmsvga": "VMSVGA", "vboxsvga": "VBoxSVGA", "vboxvga": "VBoxVGA", "none": "Null"}
+_GRAPHICS = {"vmsvga": "VMSVGA", "vboxsvga": "VBoxSVGA", "vboxvga": "VBoxVGA", "none": "None"}
 # XML 1.0 forbids these characters outright (even escaped).
 _XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 

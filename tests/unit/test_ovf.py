@@ -361,3 +361,14 @@ def test_empty_product_fields_are_left_out_as_virtualbox_does(make_cfg: Callable
     product = virtual_system(ET.fromstring(data)).find(f"{{{OVF1}}}ProductSection")
     assert product is not None
     assert [local(c.tag) for c in product] == ["Info", "Version", "ProductUrl", "VendorUrl"]
+
+
+@pytest.mark.parametrize("controller", ["vmsvga", "vboxsvga", "vboxvga", "none"])
+def test_display_controller_is_a_value_virtualbox_reads(
+    controller: str, make_cfg: Callable[..., ApplianceConfig]
+) -> None:
+    # VirtualBox's settings reader upper-cases Display/@controller and accepts exactly these
+    # (MachineConfigFile::readHardware); anything else fails the whole import.
+    root = ours(make_cfg(f"virtualbox.graphics_controller={controller}"))
+    display = next(root.iter(f"{{{OVF1}}}Display"))
+    assert str(display.get("controller")).upper() in {"VBOXVGA", "VMSVGA", "VBOXSVGA", "NONE"}
