@@ -82,9 +82,9 @@ def stage_fetch(ctx: BuildContext) -> str | None:
 def stage_render(ctx: BuildContext) -> str | None:
     from appliance.render import render_vagrantfile
 
-    driver = None
+    driver: str | None = None
     if ctx.cfg.provider == "libvirt":
-        driver = ctx.cfg.libvirt.driver
+        driver = str(ctx.cfg.libvirt.driver)
         if driver == "auto":
             from appliance.hostprobe import detect_libvirt_driver
 
@@ -165,7 +165,7 @@ def stage_export(ctx: BuildContext) -> str | None:
     if ctx.cfg.provider == "virtualbox":
         from appliance.export.virtualbox import export_virtualbox
 
-        result = export_virtualbox(ctx.cfg, ctx.staging_dir / ctx.ova_name)
+        result = export_virtualbox(ctx.cfg, ctx.staging_dir)
     else:
         from appliance import vagrant
         from appliance.export.libvirt import export_libvirt, find_domain_disk
