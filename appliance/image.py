@@ -80,8 +80,9 @@ BASE_PACKAGES = (
     "curl",
     "procps",
     "e2fsprogs",
+    # sfdisk and partx grow the root partition on boot (basebox-growroot.sh); cloud-guest-utils
+    # would do it too but pulls in Python (~50 MB).
     "fdisk",
-    "cloud-guest-utils",
 )
 
 REQUIRED_TOOLS = {

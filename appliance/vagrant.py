@@ -193,20 +193,53 @@ class _RoutedVagrant(python_vagrant.Vagrant):
         self.timeout = timeout
         self.last: CommandResult | None = None
 
-    def _exec(self, args: Sequence[str | None], *, stream: bool) -> CommandResult:
+    def _exec(self, args: Sequence[str | None], *, show: bool) -> CommandResult:
         command = self._make_vagrant_command(list(args))  # type: ignore[no-untyped-call]
-        self.last = run(command, cwd=self.root, env=self.extra_env, stream=stream, on_line=self.on_line,
-                        timeout=self.timeout)
+        progress = ProgressThrottle()
+
+        def each_line(stream: str, line: str) -> None:
+            text = strip_ansi(line)
+            if show and progress.wants(text):
+                log.output(text, stderr=(stream == "stderr"))
+            if self.on_line is not None:
+                self.on_line(stream, text)
+
+        self.last = run(command, cwd=self.root, env=self.extra_env, on_line=each_line, timeout=self.timeout)
         return self.last
 
     def _call_vagrant_command(self, args: Sequence[str | None]) -> None:
-        self._exec(args, stream=True)
+        self._exec(args, show=True)
 
     def _run_vagrant_command(self, args: Sequence[str | None]) -> str:
-        return self._exec(args, stream=False).stdout
+        return self._exec(args, show=False).stdout
 
     def _stream_vagrant_command(self, args: Sequence[str | None]) -> Iterator[str]:
-        yield from self._exec(args, stream=True).stdout.splitlines(keepends=True)
+        yield from self._exec(args, show=True).stdout.splitlines(keepends=True)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_PROGRESS = re.compile(r"Progress:\s*(\d+)%")
+
+
+def strip_ansi(line: str) -> str:
+    return _ANSI.sub("", line).replace("\r", "")
+
+
+class ProgressThrottle:
+    """Lets through every line except repeated ``Progress: N%`` updates: one per 10 % step."""
+
+    def __init__(self) -> None:
+        self.shown = -1
+
+    def wants(self, line: str) -> bool:
+        m = _PROGRESS.search(line)
+        if not m:
+            return True
+        step = int(m.group(1)) // 10
+        if step == self.shown:
+            return False
+        self.shown = step
+        return True
 
 
 def project_dir(cfg: ApplianceConfig) -> Path:
@@ -260,7 +293,9 @@ def _client(cfg: ApplianceConfig, *, on_line: Callable[[str, str], None] | None 
             timeout: float | None = None) -> _RoutedVagrant:
     if which("vagrant") is None:
         raise PrerequisiteMissing("vagrant is not installed", hint="apt-get install -y --no-install-recommends vagrant")
-    return _RoutedVagrant(project_dir(cfg), _env(cfg), on_line=on_line, timeout=timeout)
+    root = project_dir(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    return _RoutedVagrant(root, _env(cfg), on_line=on_line, timeout=timeout)
 
 
 def _vagrant(subcommand: str, call: Callable[[], Any], *, phase: Callable[[], str] | None = None) -> Any:

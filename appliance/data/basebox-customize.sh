@@ -58,8 +58,15 @@ echo "changed: SSH host keys are made on first boot, not shipped"
 rm -f "$root"/etc/ssh/ssh_host_*
 install -m 0644 "$data_dir/basebox-ssh-hostkeys.service" "$root/etc/systemd/system/ssh-hostkeys.service"
 in_root systemctl enable ssh-hostkeys.service ssh.service
-# UseDNS is off by default; a reverse lookup on login would stall on an offline appliance otherwise.
-printf 'UseDNS no\n' >"$root/etc/ssh/sshd_config.d/10-csghub-box.conf"
+# UseDNS no is the default, stated here so a reverse lookup can never stall logins on an offline appliance.
+cat >"$root/etc/ssh/sshd_config.d/10-csghub-box.conf" <<'SSHD'
+UseDNS no
+HostKey /etc/ssh/ssh_host_ed25519_key
+HostKey /etc/ssh/ssh_host_ecdsa_key
+SSHD
+
+echo "changed: e2scrub timers off (no LVM snapshots to scrub; saves seconds per boot)"
+in_root systemctl disable e2scrub_reap.service e2scrub_all.timer
 
 echo "changed: extlinux menu boots /vmlinuz (the symlink follows kernel upgrades)"
 install -d "$root/boot/extlinux"

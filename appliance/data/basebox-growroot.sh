@@ -1,6 +1,9 @@
 #!/bin/bash
 # Grow the root partition and its ext4 filesystem to the size of the disk.
 # Runs on every boot (csghub-growroot.service): when the disk has not grown it changes nothing.
+# Does what cloud-guest-utils' growpart does for our one-partition MBR disk, without the
+# Python that package pulls in: move the partition's end to the disk's end (sfdisk), tell the
+# kernel (partx), grow the mounted filesystem (resize2fs, online).
 set -euo pipefail
 
 root_dev=$(findmnt --noheadings --output SOURCE --target /)
@@ -11,18 +14,19 @@ if [[ ! -r $sys_dir/partition ]]; then
     exit 0
 fi
 part_number=$(<"$sys_dir/partition")
-disk=/dev/$(basename "$(readlink -f "$sys_dir/..")")
+disk_name=$(basename "$(readlink -f "$sys_dir/..")")
+disk=/dev/$disk_name
+part_end=$(( $(<"$sys_dir/start") + $(<"$sys_dir/size") ))
+disk_sectors=$(<"/sys/block/$disk_name/size")
 
-# growpart exits 0 when it grew the partition, 1 when there was no room to grow, 2+ on error.
-set +e
-grow_out=$(growpart "$disk" "$part_number" 2>&1)
-grow_rc=$?
-set -e
-case $grow_rc in
-    0) echo "changed: $grow_out" ;;
-    1) echo "ok: partition $part_number already fills $disk" ;;
-    *) echo "$grow_out" >&2; exit "$grow_rc" ;;
-esac
+# Less than 1 MiB (2048 sectors) to gain is not worth a partition-table write.
+if (( disk_sectors - part_end < 2048 )); then
+    echo "ok: partition $part_number already fills $disk"
+else
+    sfdisk --quiet --no-reread --no-tell-kernel --force -N "$part_number" "$disk" <<<", +"
+    partx --update --nr "$part_number" "$disk"
+    echo "changed: partition $part_number of $disk now ends at the disk's end ($disk_sectors sectors)"
+fi
 
 resize_out=$(resize2fs "$root_dev" 2>&1)
 if grep -q "Nothing to do" <<<"$resize_out"; then

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -17,7 +18,8 @@ from appliance.config import ApplianceConfig
 from appliance.errors import VagrantError
 from appliance.ssh import RemoteSession
 
-from .conftest import LibvirtEnv
+if TYPE_CHECKING:
+    from tests.vm.conftest import LibvirtEnv
 
 pytestmark = pytest.mark.vm
 
