@@ -70,6 +70,10 @@ seal_stack() {
     fi
     # CSGHub's data (PostgreSQL, MinIO, Gitaly, registry...) lives in PVCs: this copy starts empty.
     remove "PVC data" "$K3S_DATA"/storage/* /var/lib/kubelet/pods/* /var/lib/cni/*
+    remove "pod logs" /var/log/pods/* /var/log/containers/*
+    # The runner's uploads (k3s binary, image bundle, chart, generated manifests) were copied
+    # into place by the k3s and csghub steps: these are second copies, build-only.
+    remove "uploaded build artifacts" /var/cache/csghub-appliance/artifacts /var/cache/csghub-appliance/manifests
 }
 
 # --- per-copy appliance state -------------------------------------------------------------
@@ -97,9 +101,9 @@ seal_logins() {
         fi
     done </etc/shadow
     echo "ok: no account has a usable password"
-    local homes=(/root)
+    local homes=()
     while IFS=: read -r _ _ _ _ _ home _; do
-        [[ -d "$home/.ssh" ]] && homes+=("$home")
+        [[ -d "$home/.ssh" && " ${homes[*]} " != *" $home "* ]] && homes+=("$home")
     done < <(getent passwd)
     for home in "${homes[@]}"; do
         # The build's key and Vagrant's (insecure or replaced) key both live here.
@@ -155,9 +159,11 @@ seal_network() {
 
 # --- caches, logs, history, temporary files ----------------------------------------------------
 seal_clutter() {
-    if command -v apt-get >/dev/null; then
+    if compgen -G '/var/cache/apt/archives/*.deb' >/dev/null || compgen -G '/var/cache/apt/*.bin' >/dev/null; then
         apt-get clean
-        echo "changed: apt-get clean"
+        echo "changed: emptied the package cache (apt-get clean)"
+    else
+        echo "ok: package cache already empty"
     fi
     remove "apt lists" /var/lib/apt/lists/*_Packages /var/lib/apt/lists/*_Release /var/lib/apt/lists/*_InRelease \
         /var/lib/apt/lists/*_Sources /var/lib/apt/lists/*Translation-* /var/lib/apt/lists/*.lz4
@@ -171,12 +177,17 @@ seal_clutter() {
     done
     remove "temporary files" "${tmp_files[@]}"
     remove "rotated logs" /var/log/*.gz /var/log/*.[0-9] /var/log/*/*.gz /var/log/*/*.[0-9] /var/log/installer
-    local f
+    local f emptied=0
     while IFS= read -r -d '' f; do
         : >"$f"
+        emptied=$((emptied + 1))
     done < <(find /var/log -type f \( -name '*.log' -o -name 'syslog' -o -name 'messages' -o -name 'wtmp' \
         -o -name 'btmp' -o -name 'lastlog' -o -name 'faillog' \) -size +0 -print0)
-    echo "changed: emptied the log files under /var/log"
+    if ((emptied)); then
+        echo "changed: emptied $emptied log file(s) under /var/log"
+    else
+        echo "ok: log files under /var/log already empty"
+    fi
     if [[ -d /var/log/journal ]]; then
         journalctl --rotate >/dev/null 2>&1 || true
         journalctl --vacuum-time=1s >/dev/null 2>&1 || true
