@@ -320,7 +320,8 @@ def check_libvirt(cfg: ApplianceConfig) -> None:
     if not probe.ok:
         raise PrerequisiteMissing(
             f"libvirt is not reachable at {uri}: {' '.join(probe.tail('stderr', 2)) or 'no answer'}",
-            hint="start it: `systemctl start libvirtd` (without systemd: `virtlogd -d && libvirtd -d`)",
+            hint="start it: `systemctl start libvirtd` (without systemd: `virtlogd -d && libvirtd -d`; "
+            "docs/vm-lifecycle.md lists what libvirtd needs on a host without libvirt-daemon-system)",
         )
     pool = cfg.libvirt.storage_pool
     info = run(["virsh", "-c", uri, "pool-info", pool], check=False, timeout=30)
@@ -466,9 +467,9 @@ def up(
 
 
 def halt(cfg: ApplianceConfig, *, force: bool = False) -> MachineState:
-    """Shut the VM down (clean ACPI shutdown unless ``force``); nothing to do when it is not running."""
+    """Shut the VM down (clean ACPI shutdown unless ``force``); nothing to do when it is off or absent."""
     current = status(cfg)
-    if not current.running:
+    if current.stopped or not current.exists:
         log.info(f"ok: {cfg.vm.name} is {current.state}, nothing to halt")
         return current
     client = _client(cfg, timeout=cfg.vm.boot_timeout)

@@ -96,6 +96,31 @@ def test_up_without_the_box_says_how_to_get_it(
     assert vagrant.domain_name(cfg) not in libvirt_env.domains()
 
 
+def test_up_that_runs_out_of_time_names_its_phase(
+    libvirt_env: LibvirtEnv, base_box: object, vm_config: Callable[..., ApplianceConfig]
+) -> None:
+    # 25 s is past creating the domain but well before SSH answers under TCG.
+    cfg = vm_config("timeout")
+    domain = vagrant.domain_name(cfg)
+    try:
+        with pytest.raises(VagrantError) as err:
+            vagrant.up(cfg, timeout=25, render_first=True)
+        message = err.value.message
+        assert message.startswith("`vagrant up` failed (timed out after 25 s while ")
+        phase = message.split(" while ", 1)[1].split(")", 1)[0]
+        assert phase in {"uploading the box image", "creating the disk", "creating domain", "starting domain",
+                         "waiting for IP", "waiting for SSH"}, message
+        assert err.value.hint is not None and "vm.boot_timeout" in err.value.hint
+    finally:
+        if vagrant.status(cfg).exists:
+            vagrant.destroy(cfg)
+        # Killed mid-way, Vagrant may not have recorded the domain yet: remove it by name.
+        if domain in libvirt_env.domains():
+            libvirt_env.virsh("destroy", domain, check=False)
+            libvirt_env.virsh("undefine", domain, "--remove-all-storage", check=False)
+    assert domain not in libvirt_env.domains()
+
+
 def _network_hosts(cidr: str) -> set[str]:
     import ipaddress
 
