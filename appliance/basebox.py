@@ -18,7 +18,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import tarfile
 import time
 import uuid
@@ -28,7 +27,7 @@ from pathlib import Path
 
 from appliance.config import ApplianceConfig
 from appliance.errors import PrerequisiteMissing, VagrantError
-from appliance.image import CUSTOMIZE_FILES, ImageSpec, build_raw_disk
+from appliance.image import CUSTOMIZE_FILES, ImageSpec, build_raw_disk, remove_tree
 from appliance.log import log
 from appliance.run import run, which
 
@@ -228,6 +227,15 @@ def add_box(box_file: Path, *, name: str, version: str, workdir: Path) -> None:
         env=_vagrant_env(), hint="is there room in ~/.vagrant.d (VAGRANT_HOME)?")
 
 
+def _remove_stale_workdirs(root: Path) -> None:
+    """Work trees left by builds that were killed (their process is gone)."""
+    for stale in root.glob("work-*"):
+        pid = stale.name.removeprefix("work-")
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            log.info(f"changed: removing {stale}, left by an interrupted build")
+            remove_tree(stale)
+
+
 def build_base_box(
     cfg: ApplianceConfig,
     *,
@@ -271,9 +279,9 @@ def build_base_box(
     built = False
     if not cached:
         box_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_workdirs(root)
         workdir = root / f"work-{os.getpid()}"
-        if workdir.exists():
-            shutil.rmtree(workdir)
+        remove_tree(workdir)
         workdir.mkdir(parents=True)
         try:
             image = build_raw_disk(spec, workdir, apt_archives=root / "apt-archives")
@@ -294,7 +302,7 @@ def build_base_box(
                     old.unlink()
             built = True
         finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+            remove_tree(workdir)
 
     version = str(info["version"])
     with log.step(f"add {name} {version} to Vagrant"):

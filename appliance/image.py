@@ -299,13 +299,29 @@ def build_raw_disk(spec: ImageSpec, workdir: Path, *, apt_archives: Path) -> Bui
         bootstrap_tree(spec, tree, apt_archives=apt_archives, env=env)
     with log.step("make the ext4 root filesystem"):
         make_filesystem(tree, fs_image, size_bytes=spec.disk_bytes - PARTITION_OFFSET, uuid=spec.root_uuid)
-        run(["rm", "-rf", "--one-file-system", str(tree)])
+        remove_tree(tree)
     with log.step("install the extlinux boot loader"):
         install_boot_loader(fs_image)
     with log.step("partition the disk and copy the filesystem in"):
         assemble_disk(fs_image, raw, disk_bytes=spec.disk_bytes)
         fs_image.unlink()
     return BuiltImage(raw_disk=raw, spec=spec)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a work tree that may still have mounts in it (an interrupted mmdebstrap mounts /proc,
+    /sys, /dev into its tree): unmount those first, and never cross into another filesystem."""
+    if not path.exists():
+        return
+    prefix = str(path.resolve()) + "/"
+    try:
+        mountinfo = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        mountinfo = []
+    mounts = [fields[4] for fields in (ln.split() for ln in mountinfo) if len(fields) > 4]
+    for mount_point in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
+        run(["umount", "--lazy", mount_point], check=False)
+    run(["rm", "-rf", "--one-file-system", str(path)], check=False)
 
 
 def tree_size(paths: Sequence[Path]) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 import tarfile
 from datetime import UTC, datetime
@@ -155,3 +156,22 @@ def test_box_list_parsing_finds_installed_versions() -> None:
         ("csghub/debian12", "libvirt"): ["12.1.1", "12.1.2"],
         ("other/box", "virtualbox"): ["0"],
     }
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or which("mount") is None, reason="needs root to bind-mount")
+def test_removing_a_work_tree_never_deletes_through_a_leftover_mount(tmp_path: Path) -> None:
+    # An interrupted mmdebstrap can leave the host's /dev bind-mounted in its tree.
+    outside = tmp_path / "host-dev"
+    outside.mkdir()
+    (outside / "sentinel").write_text("keep me")
+    tree = tmp_path / "work" / "tree"
+    (tree / "dev").mkdir(parents=True)
+    (tree / "etc").mkdir()
+    (tree / "etc" / "hostname").write_text("x")
+    run(["mount", "--bind", str(outside), str(tree / "dev")])
+    try:
+        image.remove_tree(tmp_path / "work")
+    finally:
+        run(["umount", str(tree / "dev")], check=False)
+    assert (outside / "sentinel").read_text() == "keep me"
+    assert not (tmp_path / "work").exists()

@@ -1,10 +1,9 @@
 """Parsing Vagrant's output: machine-readable status, ssh-config (repeated keys), `up` phases, errors.
 
 Inputs are captured from Vagrant 2.3.4 + vagrant-libvirt 0.11.2 on this host
-(tests/data/vagrant/): ``status-not-created.txt``, ``status-error-exit.txt``,
-``box-list.txt`` and ``up-libvirt.txt`` (a real `vagrant up`, progress lines thinned out).
-``status-running.txt`` follows the same capture with the running state, and
-``ssh-config-two-keys.txt`` is a real ``vagrant ssh-config`` with a second, quoted
+(tests/data/vagrant/): ``status-not-created.txt``, ``status-running.txt``,
+``status-error-exit.txt``, ``box-list.txt`` and ``up-libvirt.txt`` (a real `vagrant up`,
+progress lines thinned out). ``ssh-config-two-keys.txt`` is a real ``vagrant ssh-config`` with a second, quoted
 IdentityFile added (what Vagrant prints when ``config.ssh.private_key_path`` lists two keys).
 """
 
