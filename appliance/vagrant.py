@@ -283,7 +283,7 @@ def _hint_for(output: str, phase: str | None, *, timed_out: bool) -> str | None:
         where = {
             "creating domain": "libvirt did not finish creating the domain (check `virsh list --all`)",
             "waiting for IP": "the guest got no DHCP lease on the management network (is dnsmasq installed?)",
-            "waiting for SSH": "the guest has an address but SSH does not answer (see its serial console)",
+            "waiting for SSH": "the guest has an address but SSH does not answer (watch it: `virsh console DOMAIN`)",
         }.get(phase or "", "")
         return (where + "; " if where else "") + "raise vm.boot_timeout, or `invoke destroy` and retry"
     return None
@@ -308,8 +308,9 @@ def _vagrant(subcommand: str, call: Callable[[], Any], *, phase: Callable[[], st
 # -- preflight ------------------------------------------------------------------------------------
 
 
-def check_libvirt(cfg: ApplianceConfig) -> None:
-    """libvirtd answers at ``cfg.libvirt.uri`` and the storage pool exists (``default`` is made if missing)."""
+def check_libvirt(cfg: ApplianceConfig, *, ensure_pool: bool = True) -> None:
+    """libvirtd answers at ``cfg.libvirt.uri``; with ``ensure_pool`` the storage pool exists and runs
+    (``default`` is made in /var/lib/libvirt/images if missing)."""
     if which("virsh") is None:
         raise PrerequisiteMissing(
             "virsh (libvirt's client) is not installed",
@@ -323,6 +324,8 @@ def check_libvirt(cfg: ApplianceConfig) -> None:
             hint="start it: `systemctl start libvirtd` (without systemd: `virtlogd -d && libvirtd -d`; "
             "docs/vm-lifecycle.md lists what libvirtd needs on a host without libvirt-daemon-system)",
         )
+    if not ensure_pool:
+        return
     pool = cfg.libvirt.storage_pool
     info = run(["virsh", "-c", uri, "pool-info", pool], check=False, timeout=30)
     if info.ok and re.search(r"^State:\s+running", info.stdout, re.M):
@@ -385,7 +388,7 @@ def _ensure_project(cfg: ApplianceConfig) -> None:
 def status(cfg: ApplianceConfig) -> MachineState:
     """The build VM's state, from ``vagrant status --machine-readable``."""
     if cfg.provider == "libvirt":
-        check_libvirt(cfg)
+        check_libvirt(cfg, ensure_pool=False)
     _ensure_project(cfg)
     client = _client(cfg)
     out = _vagrant("status", lambda: client._run_vagrant_command(["status", "--machine-readable", MACHINE]))
