@@ -313,6 +313,9 @@ def build_base_box(
             add_box(box_file, name=name, version=version, workdir=box_dir)
             log.info(f"changed: added {name} {version} ({PROVIDER})")
             added = True
+            # Older builds of the box are dead weight (~170 MB each) unless a VM still uses one.
+            run(["vagrant", "box", "prune", "--name", name, "--provider", PROVIDER, "--force",
+                 "--keep-active-boxes"], check=False, stream=True, env=_vagrant_env())
     if added and version not in installed_versions(name):
         raise VagrantError(f"box {name} {version} is not listed by `vagrant box list` after adding it")
     size = box_file.stat().st_size
