@@ -20,6 +20,7 @@ with the copy's own access and, when asked, checks HTTP on a second forward.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -35,6 +36,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import paramiko
 
 from appliance.config import ApplianceConfig
 from appliance.errors import PrerequisiteMissing, UsageError, VerifyError
@@ -322,7 +325,7 @@ def verify_ova(
     cfg: ApplianceConfig | None = None,
     schema_dir: Path | None = None,
     work_dir: Path | None = None,
-    login: SSHLogin | None = None,
+    login: BootLogin | None = None,
     http_port: int | None = None,
     boot_timeout: float = 900,
     cpus: int = 2,
@@ -372,10 +375,75 @@ def verify_ova(
 
 @dataclass(frozen=True)
 class SSHLogin:
-    """How to log in to a booted copy (for now the base box's user and key)."""
+    """Log in to a booted copy with a user and private key (an unsealed image: the base box's key)."""
 
     user: str
     key_file: Path
+
+
+@dataclass(frozen=True)
+class ConsoleLogin:
+    """Log in as a sealed copy says on its serial console at first boot (docs/first-boot.md).
+
+    The copy prints ``CSGHUB-APPLIANCE-LOGIN user=U password=P`` and one
+    ``CSGHUB-APPLIANCE-HOSTKEY TYPE SHA256:...`` line per host key. The verifier checks the
+    host key it is offered against those lines before it sends the password.
+    """
+
+
+BootLogin = SSHLogin | ConsoleLogin
+_LOGIN_LINE = re.compile(r"^CSGHUB-APPLIANCE-LOGIN user=(\S+) password=(\S+)\s*$", re.M)
+_HOSTKEY_LINE = re.compile(r"^CSGHUB-APPLIANCE-HOSTKEY (\S+) (SHA256:\S+)\s*$", re.M)
+
+
+def console_credentials(text: str) -> tuple[str, str, frozenset[str]] | None:
+    """The last login line and every host-key fingerprint a copy printed, or None before first boot is done."""
+    matches = list(_LOGIN_LINE.finditer(text))
+    if not matches:
+        return None
+    user, password = matches[-1].group(1), matches[-1].group(2)
+    return user, password, frozenset(m.group(2) for m in _HOSTKEY_LINE.finditer(text))
+
+
+def host_key_fingerprint(key: paramiko.PKey) -> str:
+    """OpenSSH's ``SHA256:...`` form (unpadded base64 of the key blob's SHA-256)."""
+    return "SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
+
+
+class _PasswordShell:
+    """A password SSH session to a copy, opened only after its host key matched the console's."""
+
+    def __init__(self, port: int, user: str, password: str, fingerprints: frozenset[str]) -> None:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+        self.transport = paramiko.Transport(sock)
+        try:
+            self.transport.start_client(timeout=30)
+            offered = host_key_fingerprint(self.transport.get_remote_server_key())
+            if offered not in fingerprints:
+                raise VerifyError(
+                    "the copy offered a host key its console did not announce; the password was not sent",
+                    [f"offered {offered}", "announced " + (", ".join(sorted(fingerprints)) or "none")],
+                )
+            self.transport.auth_password(user, password)
+        except BaseException:
+            self.transport.close()
+            raise
+
+    def run(self, command: str, timeout: float) -> tuple[int, str]:
+        chan = self.transport.open_session(timeout=30)
+        chan.set_combine_stderr(True)
+        chan.settimeout(timeout)
+        chan.exec_command(command)
+        out = b""
+        while True:
+            data = chan.recv(65536)
+            if not data:
+                break
+            out += data
+        return chan.recv_exit_status(), out.decode(errors="replace")
+
+    def close(self) -> None:
+        self.transport.close()
 
 
 def _free_loopback_port() -> int:
@@ -431,7 +499,7 @@ def _console_tail(console: Path, lines: int = 20) -> str:
 def boot_check(
     vmdk: Path,
     *,
-    login: SSHLogin,
+    login: BootLogin,
     http_port: int | None = None,
     http_path: str = "/",
     ready_command: str = "systemctl is-system-running --wait || true",
@@ -445,7 +513,7 @@ def boot_check(
     ``http_port`` is the guest port (e.g. the CSGHub NodePort); it is forwarded from a free
     loopback port. ``vmdk`` is only read.
     """
-    if not login.key_file.is_file():
+    if isinstance(login, SSHLogin) and not login.key_file.is_file():
         raise UsageError(f"SSH key {str(login.key_file)!r} does not exist")
     with tempfile.TemporaryDirectory(prefix="boot-check-", dir=work_dir) as tmp:
         work = Path(tmp)
@@ -461,34 +529,80 @@ def boot_check(
         started = time.monotonic()
         deadline = started + timeout
         with _qemu_vm(overlay, forwards, work, cpus, memory_mb) as console:
-            ssh_argv = [
-                "ssh", "-i", str(login.key_file), "-p", str(ssh_port),
-                "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-                "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR", f"{login.user}@127.0.0.1",
-            ]
-            last_error = ""
-            while True:
-                probe = run([*ssh_argv, "true"], check=False, timeout=60)
-                if probe.ok:
-                    break
-                last_error = " ".join(probe.tail("stderr", 2))
-                if time.monotonic() > deadline:
-                    raise VerifyError(
-                        f"the copy did not accept SSH within {timeout:.0f} s",
-                        [f"last ssh error: {last_error}", "console tail:\n" + _console_tail(console)],
-                    )
-                time.sleep(3)
-            seconds = time.monotonic() - started
-            log.info(f"SSH answered after {seconds:.0f} s")
-            remaining = max(30.0, deadline - time.monotonic())
-            ready = run([*ssh_argv, ready_command], check=False, timeout=remaining)
-            if not ready.ok:
+            if isinstance(login, ConsoleLogin):
+                seconds, ready_rc, ready_out = _console_login_check(ssh_port, console, ready_command, deadline,
+                                                                    started)
+            else:
+                seconds, ready_rc, ready_out = _key_login_check(ssh_port, login, console, ready_command, deadline,
+                                                                started)
+            if ready_rc != 0:
                 raise VerifyError("logged in, but the readiness command failed",
-                                  [ready.describe_failure(), "console tail:\n" + _console_tail(console)])
-            report = BootReport(seconds_to_ssh=seconds, ready_output=ready.stdout.strip())
+                                  [f"{ready_command!r} exited {ready_rc}: {ready_out.strip()[-500:]}",
+                                   "console tail:\n" + _console_tail(console)])
+            report = BootReport(seconds_to_ssh=seconds, ready_output=ready_out.strip())
             if http_host_port is not None:
                 report.http_status = _wait_http(f"http://127.0.0.1:{http_host_port}{http_path}", deadline)
         return report
+
+
+def _key_login_check(
+    ssh_port: int, login: SSHLogin, console: Path, ready_command: str, deadline: float, started: float
+) -> tuple[float, int, str]:
+    """Wait until OpenSSH logs in with the key, then run the readiness command."""
+    ssh_argv = [
+        "ssh", "-i", str(login.key_file), "-p", str(ssh_port),
+        "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+        "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR", f"{login.user}@127.0.0.1",
+    ]
+    last_error = ""
+    while True:
+        probe = run([*ssh_argv, "true"], check=False, timeout=60)
+        if probe.ok:
+            break
+        last_error = " ".join(probe.tail("stderr", 2))
+        if time.monotonic() > deadline:
+            raise VerifyError(
+                f"the copy did not accept SSH within {deadline - started:.0f} s",
+                [f"last ssh error: {last_error}", "console tail:\n" + _console_tail(console)],
+            )
+        time.sleep(3)
+    seconds = time.monotonic() - started
+    log.info(f"SSH answered after {seconds:.0f} s")
+    ready = run([*ssh_argv, ready_command], check=False, timeout=max(30.0, deadline - time.monotonic()))
+    return seconds, ready.returncode, ready.stdout + ready.stderr
+
+
+def _console_login_check(
+    ssh_port: int, console: Path, ready_command: str, deadline: float, started: float
+) -> tuple[float, int, str]:
+    """Wait for the copy's login line on its console, log in with that password, run the readiness command."""
+    last_error = "no CSGHUB-APPLIANCE-LOGIN line on the serial console yet"
+    while True:
+        try:
+            text = console.read_text(errors="replace")
+        except OSError:
+            text = ""
+        creds = console_credentials(text)
+        if creds is not None:
+            user, password, fingerprints = creds
+            try:
+                shell = _PasswordShell(ssh_port, user, password, fingerprints)
+            except (OSError, EOFError, paramiko.SSHException) as exc:
+                last_error = f"SSH as {user}: {exc or type(exc).__name__}"
+            else:
+                try:
+                    seconds = time.monotonic() - started
+                    log.info(f"logged in as {user} with the copy's first-boot password after {seconds:.0f} s")
+                    rc, out = shell.run(ready_command, max(30.0, deadline - time.monotonic()))
+                    return seconds, rc, out
+                finally:
+                    shell.close()
+        if time.monotonic() > deadline:
+            raise VerifyError(
+                f"could not log in to the copy within {deadline - started:.0f} s",
+                [f"last error: {last_error}", "console tail:\n" + _console_tail(console)],
+            )
+        time.sleep(3)
 
 
 def _wait_http(url: str, deadline: float) -> int:
@@ -512,21 +626,25 @@ def _wait_http(url: str, deadline: float) -> int:
 
 def boot_access(
     cfg: ApplianceConfig, *, ssh_key: str | None = None, http: bool | None = None
-) -> tuple[SSHLogin, int | None]:
+) -> tuple[BootLogin, int | None]:
     """Login and guest HTTP port for the boot check, from the configuration.
 
-    Login: ``cfg.ssh.user`` with ``ssh_key``, else ``ssh.private_key``, else the base box's build
-    key. HTTP: the ``http`` forward's guest port when the stack is part of the build
-    (``http=None``), or as forced by ``http``.
+    Login: with ``ssh_key``, ``cfg.ssh.user`` and that key. Otherwise a sealed image (the
+    ``seal`` step is part of the build) is entered the way its owner would: with the first-boot
+    password the copy prints on its console (``ConsoleLogin``); an unsealed one with
+    ``ssh.private_key``, else the base box's build key. HTTP: the ``http`` forward's guest port
+    when the stack is part of the build (``http=None``), or as forced by ``http``.
     """
+    check_http = cfg.stack_enabled if http is None else http
+    forward = cfg.http_port()
+    http_port = forward.guest if (check_http and forward is not None) else None
+    if not ssh_key and "seal" not in cfg.provision.skip:
+        return ConsoleLogin(), http_port
     key = ssh_key or cfg.ssh.private_key
     if not key:
         from appliance.basebox import KEY_NAME, cache_dir
 
         key = str(cache_dir() / "keys" / KEY_NAME)
-    check_http = cfg.stack_enabled if http is None else http
-    forward = cfg.http_port()
-    http_port = forward.guest if (check_http and forward is not None) else None
     return SSHLogin(user=cfg.ssh.user, key_file=Path(key).expanduser()), http_port
 
 

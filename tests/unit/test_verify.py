@@ -265,12 +265,44 @@ def test_verify_from_config_boot_needs_an_existing_key(
 
 
 def test_boot_access_from_the_configuration(make_cfg: Callable[..., ApplianceConfig], tmp_path: Path) -> None:
-    from appliance.verify import boot_access
+    from appliance.verify import ConsoleLogin, SSHLogin, boot_access
 
     login, http_port = boot_access(make_cfg())
-    assert login.user == "vagrant" and login.key_file.name == "vagrant_ed25519"
+    assert isinstance(login, ConsoleLogin), "a sealed image is entered with its own first-boot password"
     assert http_port is None  # the stack is skipped in this config: nothing serves HTTP
+    login, _ = boot_access(make_cfg("provision.skip={k3s,csghub,seal}"))
+    assert isinstance(login, SSHLogin)
+    assert login.user == "vagrant" and login.key_file.name == "vagrant_ed25519"
     key = tmp_path / "id"
     key.write_text("k")
     login, http_port = boot_access(make_cfg("ssh.user=admin"), ssh_key=str(key), http=True)
+    assert isinstance(login, SSHLogin)
     assert (login.user, login.key_file, http_port) == ("admin", key, 30080)
+
+
+def test_console_credentials_take_the_last_login_line_and_every_host_key() -> None:
+    from appliance.verify import console_credentials
+
+    assert console_credentials("booting...\nlogin: ") is None
+    text = (
+        "CSGHUB-APPLIANCE-LOGIN user=csghub password=old-one\r\n"
+        "noise CSGHUB-APPLIANCE-LOGIN user=evil password=x\n"  # not at a line start: ignored
+        "CSGHUB-APPLIANCE-HOSTKEY ED25519 SHA256:abc\n"
+        "CSGHUB-APPLIANCE-HOSTKEY ECDSA SHA256:def\n"
+        "CSGHUB-APPLIANCE-LOGIN user=csghub password=k7m2q-xw9ta\n"
+    )
+    assert console_credentials(text) == ("csghub", "k7m2q-xw9ta", frozenset({"SHA256:abc", "SHA256:def"}))
+
+
+def test_host_key_fingerprint_matches_ssh_keygen(tmp_path: Path) -> None:
+    import subprocess
+
+    import paramiko
+
+    from appliance.verify import host_key_fingerprint
+
+    key = tmp_path / "hk"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True, timeout=30)
+    listed = subprocess.run(["ssh-keygen", "-lf", str(key) + ".pub"], check=True, capture_output=True, text=True,
+                            timeout=30).stdout.split()[1]
+    assert host_key_fingerprint(paramiko.Ed25519Key.from_private_key_file(str(key))) == listed
