@@ -154,7 +154,7 @@ def package_libvirt_box(raw_disk: Path, box_file: Path, *, key: Path, info: dict
         (KEY_NAME, key, 0o600),
         ("box.img", qcow2, 0o644),
     ]
-    partial = box_file.with_name(box_file.name + ".partial")
+    partial = box_file.with_name(f"{box_file.name}.partial-{os.getpid()}")
     with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as tar:
         for name, content, mode in members:
             if isinstance(content, Path):

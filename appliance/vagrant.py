@@ -399,8 +399,8 @@ def status(cfg: ApplianceConfig) -> MachineState:
 
 
 def _domain_outside_project(cfg: ApplianceConfig) -> str | None:
-    """The state of a libvirt domain named ``vm.name`` that this project does not know, if any."""
-    res = run(["virsh", "-c", cfg.libvirt.uri, "domstate", cfg.vm.name], check=False, timeout=30)
+    """The state of a libvirt domain with this VM's name that this project does not know, if any."""
+    res = run(["virsh", "-c", cfg.libvirt.uri, "domstate", domain_name(cfg)], check=False, timeout=30)
     return res.stdout.strip() if res.ok else None
 
 
@@ -441,11 +441,12 @@ def up(
         if provider == "libvirt":
             outside = _domain_outside_project(cfg)
             if outside is not None:
+                domain = domain_name(cfg)
                 raise VagrantError(
-                    f"a libvirt domain named {cfg.vm.name!r} already exists ({outside}) but is not this "
+                    f"a libvirt domain named {domain!r} already exists ({outside}) but is not this "
                     f"project's VM ({project_dir(cfg)})",
-                    hint=f"remove it (virsh destroy {cfg.vm.name}; virsh undefine {cfg.vm.name} "
-                    "--remove-all-storage) or set vm.name",
+                    hint=f"remove it (virsh destroy {domain}; virsh undefine {domain} --remove-all-storage) "
+                    "or set vm.name",
                 )
     phase = ["starting vagrant"]
 

@@ -96,6 +96,27 @@ def test_up_without_the_box_says_how_to_get_it(
     assert vagrant.domain_name(cfg) not in libvirt_env.domains()
 
 
+def test_up_refuses_a_domain_of_the_same_name_from_outside_the_project(
+    libvirt_env: LibvirtEnv, base_box: object, vm_config: Callable[..., ApplianceConfig], tmp_path: Path
+) -> None:
+    cfg = vm_config("squatter")
+    domain = vagrant.domain_name(cfg)
+    xml = tmp_path / "squatter.xml"
+    xml.write_text(
+        f"<domain type='qemu'><name>{domain}</name><memory unit='MiB'>64</memory>"
+        "<os><type arch='x86_64'>hvm</type></os></domain>"
+    )
+    libvirt_env.virsh("define", str(xml))
+    try:
+        with pytest.raises(VagrantError) as err:
+            vagrant.up(cfg, timeout=UP_TIMEOUT, render_first=True)
+        assert f"a libvirt domain named '{domain}' already exists (shut off)" in err.value.message
+        assert err.value.hint is not None and f"virsh undefine {domain}" in err.value.hint
+    finally:
+        libvirt_env.virsh("undefine", domain, check=False)
+    assert domain not in libvirt_env.domains()
+
+
 def test_up_that_runs_out_of_time_names_its_phase(
     libvirt_env: LibvirtEnv, base_box: object, vm_config: Callable[..., ApplianceConfig]
 ) -> None:
