@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shlex
 import time
 from collections.abc import Iterator, Sequence
@@ -46,6 +47,8 @@ STATE_DIR_ENV = "APPLIANCE_STATE_DIR"
 TAIL_LINES = 30
 REBOOT_TIMEOUT = 900
 MARKER_FORMAT = 1
+_FINAL = re.compile(r"^#\s*appliance:\s*final\s*$")
+FINAL_ONLY = "final step (seals the VM): runs only when named with --only, as the seal stage does"
 SKIPPED_BY_CONFIG = "skipped by configuration (provision.skip, --skip)"
 
 
@@ -88,6 +91,16 @@ class StepInputs:
             elif recorded[name] != self.inputs[name]:
                 out.append(name)
         return out
+
+
+def is_final(script: ProvisionScript) -> bool:
+    """``# appliance: final``: the step ends the VM's life as a build machine (seal). Afterwards
+    nothing may be written to the guest and nothing reconnects: no marker, no reboot, no retry."""
+    declared = getattr(script, "final", None)
+    if isinstance(declared, bool):
+        return declared
+    header = script.path.read_text(encoding="utf-8").splitlines()[:40]
+    return any(_FINAL.match(line.strip()) for line in header)
 
 
 def _sha256_text(text: str) -> str:
@@ -251,6 +264,9 @@ class Provisioner:
             if name in skip:
                 planned.append(PlannedStep(script, False, SKIPPED_BY_CONFIG))
                 continue
+            if is_final(script) and options.only != name:
+                planned.append(PlannedStep(script, False, FINAL_ONLY))
+                continue
             inputs = step_inputs(script, self.env, self.directory)
             if options.only is not None:
                 if name == options.only:
@@ -312,6 +328,14 @@ class Provisioner:
                 return report
             except ConnectionLost as exc:
                 log.warning(f"{planned.script.filename}: {exc.message}")
+                if is_final(planned.script):
+                    raise StepFailed(
+                        planned.name,
+                        f"the connection dropped during the final step {planned.script.filename}; it cannot be "
+                        f"re-run over SSH (it removes the build's access). Log: {report.log_path}",
+                        log_path=report.log_path,
+                        hint="destroy the VM and build again, or look at the VM console",
+                    ) from None
                 if attempt == attempts:
                     raise StepFailed(
                         planned.name,
@@ -363,12 +387,17 @@ class Provisioner:
                 timing.outcome = "failed"
                 raise self._failure(script, exc, report, timeout) from None
             report.seconds = result.duration
-            self._write_marker(script, inputs, result.duration)
+            final = is_final(script)
+            if final:
+                # The guest is sealed: the build's key is gone and it powers off. Touch nothing more.
+                self.session.close()
+            else:
+                self._write_marker(script, inputs, result.duration)
             report.outcome = "changed" if report.changes else "no changes"
             timing.outcome = "ok"
             summary = f"{len(report.changes)} change(s)" if report.changes else "no changes"
             log.info(f"{script.name}: {summary} in {result.duration:.1f} s; log: {log_path}")
-        if script.reboot_after:
+        if script.reboot_after and not final:
             with log.step(f"reboot after {script.filename}"):
                 self.session.reboot(timeout=self.reboot_timeout)
 

@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ def _keygen(path: Path, kind: str) -> None:
     args = ["ssh-keygen", "-q", "-t", kind, "-N", "", "-C", f"appliance-test-{kind}", "-f", str(path)]
     if kind == "rsa":
         args[4:4] = ["-b", "3072"]
-    subprocess.run(args, check=True, stdin=subprocess.DEVNULL)  # noqa: S603 - fixed argv
+    subprocess.run(args, check=True, stdin=subprocess.DEVNULL)
 
 
 def _children(pid: int) -> list[int]:
@@ -65,6 +66,7 @@ class SSHServer:
     host_key: Path
     process: subprocess.Popen[bytes] | None = None
     log_file: Path = field(init=False)
+    _orphans: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.log_file = self.directory / "sshd.log"
@@ -116,7 +118,7 @@ class SSHServer:
         assert self.process is None
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # privilege-separation directory sshd insists on
         self.write_config()
-        self.process = subprocess.Popen(  # noqa: S603 - fixed argv
+        self.process = subprocess.Popen(
             [SSHD, "-D", "-f", str(self.config_file), "-E", str(self.log_file)],
             stdin=subprocess.DEVNULL,
         )
@@ -141,6 +143,7 @@ class SSHServer:
                 os.kill(child, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        self._kill_orphans()
         self.process.terminate()
         try:
             self.process.wait(timeout=10)
@@ -158,16 +161,34 @@ class SSHServer:
         return _children(self.process.pid) if self.process is not None else []
 
     def drop_connections(self) -> int:
-        """Kill every per-connection sshd process (and what runs under it): the client sees a dropped link."""
+        """Kill every per-connection sshd process: the client sees its connection drop.
+
+        What ran under them (the login shell, the command) loses its connection too and is
+        killed a few seconds later, by PID. Not at once: a shell killed while it still reads
+        the user's startup files can leave their locks behind (pyenv's rehash lock did).
+        """
+        victims: list[int] = []
         killed = 0
         for child in self.connection_pids():
-            for pid in [*reversed(_descendants(child)), child]:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                    killed += 1
-                except ProcessLookupError:
-                    pass
+            victims.extend(_descendants(child))
+            try:
+                os.kill(child, signal.SIGKILL)
+                killed += 1
+            except ProcessLookupError:
+                pass
+        self._orphans.extend(victims)
+        timer = threading.Timer(3.0, self._kill_orphans)
+        timer.daemon = True
+        timer.start()
         return killed
+
+    def _kill_orphans(self) -> None:
+        while self._orphans:
+            pid = self._orphans.pop()
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def new_host_key(self) -> None:
         """Replace the host key and restart: what a recreated VM on the same address looks like."""
