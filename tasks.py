@@ -229,3 +229,21 @@ def values(c: Context, config: str | None = None, set_: list[str] | None = None,
     path = emit_values(config_from_flags(config, set_, provider, resolve=False), output)
     if path is not None:
         log.success(f"wrote {path}")
+
+
+@cli_task(help={
+    "only": "Run just this step (by name, e.g. base), whatever its marker says.",
+    "from": "Run this step and every later one, whatever their markers say.",
+    "force": "Run every step, ignoring the markers on the guest.",
+    "list": "Show the plan (each step: run or skip, and why); change nothing.",
+    "skip": "Comma-separated steps to skip (added to provision.skip).",
+})
+def provision(c: Context, config: str | None = None, set_: list[str] | None = None, provider: str | None = None,
+              only: str | None = None, from_: str | None = None, force: bool = False, list_: bool = False,
+              skip: str = "", debug: bool = False) -> None:
+    """Provision the running VM over SSH: run the steps that changed or never ran; resume after a failure."""
+    from appliance.steps import provision_vagrant_vm
+
+    names = [n.strip() for n in skip.split(",") if n.strip()]
+    provision_vagrant_vm(config_from_flags(config, set_, provider), only=only, from_step=from_, force=force,
+                         skip=names, list_plan=list_)

@@ -514,3 +514,26 @@ def _summarize(report: ProvisionReport) -> None:
         counts[step.outcome] = counts.get(step.outcome, 0) + 1
     parts = ", ".join(f"{n} {outcome}" for outcome, n in counts.items())
     log.success(f"provisioned in {report.seconds:.1f} s: {parts or 'nothing to do'}")
+
+
+def provision_vagrant_vm(
+    cfg: ApplianceConfig,
+    *,
+    only: str | None = None,
+    from_step: str | None = None,
+    force: bool = False,
+    skip: Sequence[str] = (),
+    list_plan: bool = False,
+) -> ProvisionReport | list[PlannedStep]:
+    """``invoke provision``: find the running VM through ``vagrant ssh-config``, then show the
+    plan (``list_plan``) or provision it."""
+    from appliance import vagrant
+
+    endpoint = vagrant.ssh_config(cfg)
+    if list_plan:
+        steps = plan(cfg, endpoint, only=only, from_step=from_step, force=force, skip=skip)
+        for line in describe_plan(steps):
+            print(line)
+        return steps
+    return provision(cfg, endpoint, only=only, from_step=from_step, force=force, skip=skip)
+
