@@ -314,7 +314,9 @@ class Provisioner:
                 log.info(f"– {planned.script.filename}: skipped ({planned.reason})")
                 reports.append(StepReport(planned.name, "skipped", planned.reason))
                 continue
-            later = ordered[index + 1:]
+            # A step that runs invalidates the markers after it (they were made on top of its old
+            # result), except under --only: the user asked for exactly one step.
+            later = [] if options.only else ordered[index + 1:]
             reports.append(self._run_with_reconnects(planned, later))
         return ProvisionReport(reports, time.monotonic() - started)
 
