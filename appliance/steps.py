@@ -417,9 +417,12 @@ class Provisioner:
                 all_dirs.add("/".join(parts[:i]))
         user = shlex.quote(self.session.endpoint.user)
         stale = " ".join(shlex.quote(f"{self.state_dir}/{n}.done") for n in [script.name, *later])
+        # chown: files left by another uploader (Vagrant's provisioners run as root) must not
+        # block SFTP, which writes as the login user.
         self.session.run(
             f"rm -f -- {stale} && install -d -m 0755 -o {user} "
-            + " ".join(shlex.quote(d) for d in sorted(all_dirs)),
+            + " ".join(shlex.quote(d) for d in sorted(all_dirs))
+            + f" && chown -R {user} {shlex.quote(self.guest_dir)}",
             timeout=60,
         )
         pairs = [(script.path, f"{self.guest_dir}/{script.filename}")]
