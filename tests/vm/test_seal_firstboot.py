@@ -235,6 +235,7 @@ class CopyFacts:
     key_refusals: list[str] = field(default_factory=list)
     second_boot: dict[str, str] = field(default_factory=dict)
     power_cut_exit_seconds: float = 0.0
+    reconfigure: list[tuple[str, str, str]] = field(default_factory=list)  # (arguments, output, status after)
 
 
 def _test_config(build_dir: Path, key: Path) -> ApplianceConfig:
@@ -336,7 +337,7 @@ def _overlay(build: SealedBuild, name: str) -> Path:
     return disk
 
 
-def _first_boot_facts(build: SealedBuild, vm: Qemu, facts: CopyFacts) -> None:
+def _first_boot_facts(build: SealedBuild, vm: Qemu, facts: CopyFacts, *, reconfigure: bool = False) -> None:
     m = vm.wait_console(LOGIN_LINE, BOOT_TIMEOUT)
     user, facts.password = m.group(1), m.group(2)
     assert user == "csghub"
@@ -353,6 +354,13 @@ def _first_boot_facts(build: SealedBuild, vm: Qemu, facts: CopyFacts) -> None:
             "/etc/ssh/sshd_config.d/*vagrant* 2>/dev/null; true", sudo=True)
         for user_ in (build.build_user, "csghub"):
             facts.key_refusals.append(key_login_refused(vm.ssh_port, user_, build.key))
+        if reconfigure:
+            # The owner pins a direct address (as after adding a bridged adapter), runs it again,
+            # then goes back to automatic detection.
+            for step in ("--mode address --address 10.0.2.15", "--mode address --address 10.0.2.15",
+                         "--mode auto"):
+                out = login.run(f"csghub-reconfigure {step}", sudo=True)
+                facts.reconfigure.append((step, out, login.run("csghub-status", sudo=True)))
         login.run("systemctl poweroff", sudo=True, check=False)
     vm.wait_exit(POWEROFF_TIMEOUT)
 
@@ -363,7 +371,7 @@ def copy_a(sealed: SealedBuild) -> CopyFacts:
     disk = _overlay(sealed, "copy-a")
     first = Qemu(disk, sealed.work / "copy-a-boot1.log", virtio=False)
     with booted(first):
-        _first_boot_facts(sealed, first, facts)
+        _first_boot_facts(sealed, first, facts, reconfigure=True)
     facts.boots.append(first.console())
     second = Qemu(disk, sealed.work / "copy-a-boot2.log", virtio=False)
     with booted(second):
@@ -473,3 +481,14 @@ def test_power_cut_mid_first_boot_is_finished_next_boot(copy_b: CopyFacts) -> No
     assert "CSGHUB-APPLIANCE-FIRSTBOOT finished" not in cut and "CSGHUB-APPLIANCE-LOGIN" not in cut
     assert "CSGHUB-APPLIANCE-FIRSTBOOT started" in resumed and "CSGHUB-APPLIANCE-FIRSTBOOT finished" in resumed
     assert copy_b.password and "http://csghub.localhost:30080" in copy_b.issue
+
+
+def test_reconfigure_follows_a_pinned_address_and_back(copy_a: CopyFacts) -> None:
+    (_, out1, status1), (_, out2, _), (_, out3, status3) = copy_a.reconfigure
+    assert "changed: access mode pinned to address (10.0.2.15)" in out1
+    assert "domain csghub.10.0.2.15.nip.io" in out1
+    assert "http://csghub.10.0.2.15.nip.io:30080" in status1 and "Network: address, VM address 10.0.2.15" in status1
+    assert "changed:" not in out2  # the same request twice: nothing to do
+    assert "changed: access mode pinned to auto" in out3
+    assert "changed: access mode nat, address 10.0.2.15, domain csghub.localhost" in out3
+    assert "http://csghub.localhost:30080" in status3
