@@ -567,12 +567,10 @@ def _pump(
         while channel.recv_stderr_ready():
             err.feed(channel.recv_stderr(65536))
             drained = True
-        if channel.exit_status_ready() and not channel.recv_ready() and not channel.recv_stderr_ready():
-            # The server sends all data before the exit status, so nothing more can come.
-            out.feed(b"", final=True)
-            err.feed(b"", final=True)
-            return False
-        if channel.closed or not transport.is_active():
+        # OpenSSH may send the exit status before the last output: done only at EOF (or at the
+        # channel's close, which comes last), and only once both buffers are empty.
+        finished = channel.closed or (channel.eof_received and channel.exit_status_ready())
+        if (finished or not transport.is_active()) and not channel.recv_ready() and not channel.recv_stderr_ready():
             out.feed(b"", final=True)
             err.feed(b"", final=True)
             return False
