@@ -14,6 +14,7 @@ Vagrant at that key, so a plain ``vagrant up`` logs in with it.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -256,6 +257,19 @@ def build_base_box(
             "qemu-img is not installed", hint="apt-get install -y --no-install-recommends qemu-utils"
         )
     root = cache or cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    # One build at a time per cache: a second caller waits, then finds the box built.
+    with (root / "build.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return _build_locked(cfg, root, force=force, mirror=mirror, security_mirror=security_mirror, suite=suite)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _build_locked(
+    cfg: ApplianceConfig, root: Path, *, force: bool, mirror: str, security_mirror: str, suite: str
+) -> BaseBox:
     name = cfg.vm.box
     with log.step("base box: check the cache"):
         key = _ensure_key(root / "keys")

@@ -80,6 +80,16 @@ LABEL debian
   APPEND root=UUID=$root_uuid ro console=ttyS0,115200n8 console=tty0 quiet
 CONF
 
+# The build skips the kernel package's own initramfs run (INITRD=No), so it is made once, here,
+# with every package in (an initramfs made by a trigger is updated instead).
+if compgen -G "$root/boot/initrd.img-*" >/dev/null; then
+    echo "changed: initramfs updated"
+    in_root update-initramfs -u -k all
+else
+    echo "changed: initramfs made"
+    in_root update-initramfs -c -k all
+fi
+
 echo "changed: machine-id emptied, so each machine makes its own on first boot"
 : >"$root/etc/machine-id"
 rm -f "$root/var/lib/dbus/machine-id"

@@ -8,9 +8,11 @@ Fixtures other VM tests reuse:
     management network (``network``, ``network_cidr``) that no other network on the host
     uses. vagrant-libvirt creates that network on ``up`` and removes it on ``destroy``.
     When libvirtd/virtlogd are not running (no systemd here) the fixture starts them with
-    ``virtlogd -d`` / ``libvirtd -d`` and pid files of its own and, at the end, stops only
-    those PIDs. A daemon that was already running is left alone. At the end it also removes
-    whatever a test left behind: domains named ``csghub-vmtest-*``, the network, the pool
+    ``virtlogd -d`` / ``libvirtd -d`` and pid files of its own, and only those PIDs are ever
+    stopped: by the last pytest session using them (sessions register in /run/csghub-vmtest,
+    so parallel test runs on one host do not pull libvirtd from under each other). A daemon
+    that was already running is left alone. At the end the fixture also removes whatever
+    this session's tests left behind: domains named ``<vm_prefix>*``, the network, the pool
     and its directory.
     To let libvirtd start on a host without libvirt-daemon-system (like this one) it first
     creates what that package would: /var/log/libvirt/qemu, the ``libvirt-qemu`` system user
@@ -27,7 +29,9 @@ Fixtures other VM tests reuse:
 ``vm_config`` (function) -> ``make(name, *sets) -> ApplianceConfig``
     Config for a small test VM on the session's pool and network: libvirt, 2 CPUs, 1 GiB,
     8 GB disk, k3s/CSGHub steps skipped, no port forwards, boot timeout 300 s, build dir
-    under the test's tmp_path. ``name`` becomes part of ``vm.name`` (``csghub-vmtest-<name>``);
+    under the test's tmp_path. ``name`` becomes part of ``vm.name``
+    (``csghub-vmtest-<session token>-<name>``, so parallel sessions never collide; use
+    ``appliance.vagrant.domain_name(cfg)`` for the libvirt domain);
     extra ``--set`` expressions override anything. Boot it with ``appliance.vagrant.up(cfg,
     render_first=True)`` and always ``destroy(cfg)`` in a ``finally`` (the session teardown
     removes leftovers anyway). Boots under TCG take ~40-60 s: keep them few.
@@ -36,7 +40,9 @@ Fixtures other VM tests reuse:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import ipaddress
+import json
 import os
 import re
 import shutil
@@ -60,6 +66,8 @@ LIBVIRT_SOCKET = Path("/run/libvirt/libvirt-sock")
 VIRTLOGD_SOCKET = Path("/run/libvirt/virtlogd-sock")
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
 DAEMON_START_TIMEOUT = 30.0
+# Shared by every pytest session on this host: who uses the daemons, who started them.
+SHARED_STATE = Path("/run/csghub-vmtest")
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,7 @@ class LibvirtEnv:
     pool_dir: Path
     network: str
     network_cidr: str
+    vm_prefix: str
 
     def virsh(self, *args: str, check: bool = True) -> str:
         return run(["virsh", "-c", self.uri, *args], check=check, timeout=60).stdout
@@ -123,20 +132,51 @@ def _missing_prerequisites() -> list[str]:
 
 
 class _Daemons:
-    """Starts virtlogd/libvirtd when they are not running, and stops exactly those (by PID)."""
+    """Starts virtlogd/libvirtd when they are not running; the last session using them stops them.
 
-    def __init__(self, state_dir: Path) -> None:
-        self.state_dir = state_dir
-        self.started: list[tuple[str, int]] = []
-        self.wrote_qemu_conf = False
+    State shared between pytest sessions lives in ``SHARED_STATE`` under a lock:
+    ``sessions/<pid>`` (one file per live session, holding its management network's CIDR)
+    and ``daemons.json`` (the PIDs a fixture started, and whether it wrote qemu.conf).
+    """
 
-    def _start(self, program: str, sock: Path) -> None:
-        pid_file = self.state_dir / f"{program}.pid"
+    def __init__(self) -> None:
+        SHARED_STATE.mkdir(parents=True, exist_ok=True)
+        (SHARED_STATE / "sessions").mkdir(exist_ok=True)
+        self.me = SHARED_STATE / "sessions" / str(os.getpid())
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with (SHARED_STATE / "lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _live_sessions(self) -> list[Path]:
+        live = []
+        for f in (SHARED_STATE / "sessions").iterdir():
+            if f.name.isdigit() and Path(f"/proc/{f.name}").exists():
+                live.append(f)
+            else:
+                f.unlink(missing_ok=True)
+        return live
+
+    def claim_network(self, choose: Callable[[list[str]], str]) -> str:
+        """Pick a management network CIDR no other live session holds, and hold it."""
+        with self._locked():
+            reserved = [t for f in self._live_sessions() if f != self.me and (t := f.read_text().strip())]
+            cidr = choose(reserved)
+            self.me.write_text(cidr)
+            return cidr
+
+    def _start(self, program: str, sock: Path, started: list[list[object]]) -> None:
+        pid_file = SHARED_STATE / f"{program}.pid"
         run([program, "-d", "--pid-file", str(pid_file)], timeout=DAEMON_START_TIMEOUT)
         deadline = time.monotonic() + DAEMON_START_TIMEOUT
         while time.monotonic() < deadline:
             if pid_file.exists() and _socket_answers(sock):
-                self.started.append((program, int(pid_file.read_text().strip())))
+                started.append([program, int(pid_file.read_text().strip())])
                 return
             time.sleep(0.2)
         log_file = Path("/var/log/libvirt") / f"{program}.log"
@@ -144,42 +184,62 @@ class _Daemons:
         pytest.skip(f"{program} did not start within {DAEMON_START_TIMEOUT:.0f} s: " + " | ".join(tail))
 
     def ensure_running(self) -> None:
-        if _socket_answers(LIBVIRT_SOCKET):
+        with self._locked():
+            self.me.write_text("")
+            if _socket_answers(LIBVIRT_SOCKET):
+                return
+            state: dict[str, object] = {"started": [], "wrote_qemu_conf": False}
+            # What libvirt-daemon-system would have set up; libvirtd refuses to start without it.
+            Path("/var/log/libvirt/qemu").mkdir(parents=True, exist_ok=True)
+            if run(["getent", "passwd", "libvirt-qemu"], check=False).returncode != 0:
+                run(["useradd", "--system", "--no-create-home", "--home-dir", "/var/lib/libvirt", "--user-group",
+                     "--shell", "/usr/sbin/nologin", "libvirt-qemu"])
+            if not QEMU_CONF.exists():
+                QEMU_CONF.parent.mkdir(parents=True, exist_ok=True)
+                QEMU_CONF.write_text(
+                    "# Written by csghub-appliance's VM test fixture (tests/vm/conftest.py), removed after it.\n"
+                    'user = "root"\ngroup = "root"\nswtpm_user = "root"\nswtpm_group = "root"\n'
+                )
+                state["wrote_qemu_conf"] = True
+            started: list[list[object]] = []
+            state["started"] = started
+            try:
+                if not _socket_answers(VIRTLOGD_SOCKET):
+                    self._start("virtlogd", VIRTLOGD_SOCKET, started)
+                self._start("libvirtd", LIBVIRT_SOCKET, started)
+            finally:
+                (SHARED_STATE / "daemons.json").write_text(json.dumps(state))
+
+    def release(self) -> None:
+        """Unregister; the last live session stops the daemons a fixture started (by PID)."""
+        with self._locked():
+            self.me.unlink(missing_ok=True)
+            state_file = SHARED_STATE / "daemons.json"
+            if self._live_sessions() or not state_file.exists():
+                return
+            state = json.loads(state_file.read_text())
+            for _program, pid in reversed(state.get("started", [])):
+                _stop_pid(int(pid))
+            if state.get("wrote_qemu_conf"):
+                QEMU_CONF.unlink(missing_ok=True)
+            state_file.unlink()
+
+
+def _stop_pid(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
             return
-        # What libvirt-daemon-system would have set up; libvirtd refuses to start without it.
-        Path("/var/log/libvirt/qemu").mkdir(parents=True, exist_ok=True)
-        if run(["getent", "passwd", "libvirt-qemu"], check=False).returncode != 0:
-            run(["useradd", "--system", "--no-create-home", "--home-dir", "/var/lib/libvirt", "--user-group",
-                 "--shell", "/usr/sbin/nologin", "libvirt-qemu"])
-        if not QEMU_CONF.exists():
-            QEMU_CONF.parent.mkdir(parents=True, exist_ok=True)
-            QEMU_CONF.write_text(
-                "# Written by csghub-appliance's VM test fixture (tests/vm/conftest.py), removed after it.\n"
-                'user = "root"\ngroup = "root"\nswtpm_user = "root"\nswtpm_group = "root"\n'
-            )
-            self.wrote_qemu_conf = True
-        if not _socket_answers(VIRTLOGD_SOCKET):
-            self._start("virtlogd", VIRTLOGD_SOCKET)
-        self._start("libvirtd", LIBVIRT_SOCKET)
-
-    def stop(self) -> None:
-        for _program, pid in reversed(self.started):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.2)
-        if self.wrote_qemu_conf:
-            QEMU_CONF.unlink(missing_ok=True)
+        time.sleep(0.2)
 
 
-def _free_network(uri: str) -> str:
-    """A /24 in 192.168.200-250 that no host interface and no libvirt network uses."""
-    used: list[ipaddress.IPv4Network] = []
+def _free_network(uri: str, reserved: list[str]) -> str:
+    """A /24 in 192.168.200-250 that no host interface, libvirt network or other test session uses."""
+    used: list[ipaddress.IPv4Network] = [ipaddress.ip_network(r) for r in reserved]
     for line in run(["ip", "-o", "-4", "addr", "show"], check=False).stdout.splitlines():
         m = re.search(r"inet (\S+)", line)
         if m:
@@ -197,7 +257,7 @@ def _free_network(uri: str) -> str:
 
 def _remove_leftovers(env: LibvirtEnv) -> None:
     for dom in env.domains():
-        if dom.startswith(VM_PREFIX):
+        if dom.startswith(env.vm_prefix):
             env.virsh("destroy", dom, check=False)
             env.virsh("undefine", dom, "--remove-all-storage", "--nvram", check=False)
     if env.network in env.networks():
@@ -214,15 +274,16 @@ def libvirt_env() -> Iterator[LibvirtEnv]:
     missing = _missing_prerequisites()
     if missing:
         pytest.skip("the VM tier needs " + ", ".join(missing))
-    state_dir = Path(tempfile.mkdtemp(prefix="csghub-vmtest-daemons-"))
-    daemons = _Daemons(state_dir)
+    daemons = _Daemons()
     try:
         daemons.ensure_running()
         token = uuid.uuid4().hex[:6]
         # Under /var/tmp with an open mode: QEMU may run as libvirt-qemu and must reach the images.
         pool_dir = Path(tempfile.mkdtemp(prefix="csghub-vmtest-pool-", dir="/var/tmp"))
         pool_dir.chmod(0o755)
-        env = LibvirtEnv(URI, f"csghub-vmtest-{token}", pool_dir, f"csghub-vmtest-{token}", _free_network(URI))
+        cidr = daemons.claim_network(lambda reserved: _free_network(URI, reserved))
+        env = LibvirtEnv(URI, f"csghub-vmtest-{token}", pool_dir, f"csghub-vmtest-{token}", cidr,
+                         f"{VM_PREFIX}{token}-")
         env.virsh("pool-define-as", env.pool, "dir", "--target", str(pool_dir))
         env.virsh("pool-start", env.pool)
         try:
@@ -230,8 +291,7 @@ def libvirt_env() -> Iterator[LibvirtEnv]:
         finally:
             _remove_leftovers(env)
     finally:
-        daemons.stop()
-        shutil.rmtree(state_dir, ignore_errors=True)
+        daemons.release()
 
 
 @pytest.fixture(scope="session")
@@ -252,7 +312,7 @@ def vm_config(libvirt_env: LibvirtEnv, tmp_path: Path) -> Callable[..., Applianc
         return load_config(
             None,
             [
-                f"vm.name={VM_PREFIX}{name}",
+                f"vm.name={libvirt_env.vm_prefix}{name}",
                 "vm.cpus=2",
                 "vm.memory_mb=1024",
                 "vm.disk_gb=8",
