@@ -27,8 +27,6 @@ pytestmark = pytest.mark.vm
 
 UP_TIMEOUT = 900
 REBOOT_TIMEOUT = 600
-# conftest's VM name prefix: its session teardown removes any such domain a test left behind.
-VM_PREFIX = "csghub-vmtest-"
 
 PROBE = """#!/usr/bin/env bash
 # Test step: records the input it was given.
@@ -76,7 +74,7 @@ def vm(libvirt_env: Any, base_box: object, tmp_path_factory: pytest.TempPathFact
         return load_config(
             None,
             [
-                f"vm.name={VM_PREFIX}provision",
+                f"vm.name={libvirt_env.vm_prefix}provision",
                 "vm.cpus=2",
                 "vm.memory_mb=1024",
                 "vm.disk_gb=8",
