@@ -1,6 +1,6 @@
 """Seal and first boot on real VMs: every copy of a sealed image gets its own secrets.
 
-One build VM (the base box's disk under a qcow2 overlay, QEMU TCG) runs the provisioning
+One build VM (the base box's disk, from the ``base_box`` fixture, under a qcow2 overlay, QEMU TCG) runs the provisioning
 steps through the real runner (``appliance.steps.provision``) with the k3s/CSGHub steps
 skipped; its disk is exported (streamOptimized VMDK, as in the OVA) once before and once
 after the ``seal`` step. Two copies of the sealed export then boot, each through its own
@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import paramiko
 import pytest
@@ -245,20 +246,15 @@ def _test_config(build_dir: Path, key: Path) -> ApplianceConfig:
     ], "libvirt", cwd=build_dir)
 
 
-def _base_disk(work: Path) -> tuple[Path, Path, str]:
-    """The base box's disk (qcow2) and the build's key, from A's cached base-box builder."""
-    from appliance.basebox import build_base_box
-
-    cfg = load_config(None, [], "libvirt", cwd=work)
-    box = build_base_box(cfg)
+def _base_disk(base_box: Any, work: Path) -> tuple[Path, Path, str]:
+    """The base box's disk (qcow2, from the box file of the ``base_box`` fixture) and the build's key."""
     disk = work / "base.qcow2"
-    with tarfile.open(box.box_file) as tar:
-        member = tar.getmember("box.img")
-        src = tar.extractfile(member)
+    with tarfile.open(base_box.box_file) as tar:
+        src = tar.extractfile(tar.getmember("box.img"))
         assert src is not None
         with src, disk.open("wb") as dst:
             shutil.copyfileobj(src, dst, 4 * 1024 * 1024)
-    return disk, box.private_key, cfg.ssh.user
+    return disk, Path(base_box.private_key), load_config(None, [], "libvirt", cwd=work).ssh.user
 
 
 def _stream_vmdk(source: Path, target: Path, *, force_share: bool) -> int:
@@ -270,18 +266,20 @@ def _stream_vmdk(source: Path, target: Path, *, force_share: bool) -> int:
 
 
 @pytest.fixture(scope="module")
-def sealed(tmp_path_factory: pytest.TempPathFactory) -> SealedBuild:
+def sealed(base_box: Any, tmp_path_factory: pytest.TempPathFactory) -> SealedBuild:
     if shutil.which("qemu-system-x86_64") is None or shutil.which("qemu-img") is None:
         pytest.skip("QEMU (qemu-system-x86, qemu-utils) is not installed")
     from appliance.steps import provision
 
     work = tmp_path_factory.mktemp("seal-firstboot")
-    base, key, user = _base_disk(work)
+    base, key, user = _base_disk(base_box, work)
     build_disk = work / "build.qcow2"
     run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(build_disk)])
     cfg = _test_config(work / "build", key)
     vm = Qemu(build_disk, work / "build-serial.log", virtio=True)
     with booted(vm):
+        # The base box's getty on the serial console: it booted (a clear failure if not).
+        vm.wait_console(re.compile(r"login: "), BOOT_TIMEOUT)
         endpoint = SSHEndpoint("127.0.0.1", vm.ssh_port, user, (key,))
         # Everything but the seal, through the real runner (00-base if present, firstboot).
         report = provision(cfg, endpoint, skip=["seal"])
