@@ -254,11 +254,16 @@ def _env(cfg: ApplianceConfig) -> dict[str, str]:
     return env
 
 
+_BACKTRACE_FRAME = re.compile(r"^\s+from /\S+:\d+:in ")
+
+
 def _failure(subcommand: str, exc: CommandFailed, *, phase: str | None = None) -> VagrantError:
     """A ``VagrantError`` naming the Vagrant command and showing the tail of its stderr, with a hint."""
     result = exc.result
     stderr = result.stderr + "\n" + result.stdout
-    tail = [ln for ln in result.tail("stderr", STDERR_TAIL) if ln.strip()]
+    # Vagrant's Ruby backtraces bury the one line that says what went wrong: leave the frames out.
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip() and not _BACKTRACE_FRAME.match(ln)]
+    tail = lines[-STDERR_TAIL:]
     if result.timed_out:
         what = f"timed out after {result.duration:.0f} s" + (f" while {phase}" if phase else "")
     else:

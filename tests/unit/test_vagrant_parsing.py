@@ -186,3 +186,15 @@ def test_vagrants_own_boot_timeout_is_recognised() -> None:
                    phase="waiting for SSH")
     assert "while waiting for SSH" in exc.message
     assert exc.hint is not None and "vm.boot_timeout" in exc.hint
+
+
+def test_ruby_backtrace_frames_are_left_out_of_the_tail() -> None:
+    stderr = (
+        "/usr/lib/ruby/vendor_ruby/fog/libvirt/requests/compute/list_domains.rb:9:in `lookup_domain_by_uuid': "
+        "Call to virDomainLookupByUUID failed: Domain not found (Libvirt::RetrieveError)\n"
+        + "".join(f"\tfrom /usr/share/rubygems-integration/all/gems/vagrant-2.3.4/lib/x{i}.rb:{i}:in `call'\n"
+                  for i in range(40))
+    )
+    exc = _failure("up", _failed(stderr), phase="waiting for IP")
+    assert "Domain not found" in exc.message
+    assert "from /usr/share" not in exc.message
