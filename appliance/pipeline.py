@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,13 +121,14 @@ def stage_up(ctx: BuildContext) -> str | None:
 
 
 def _provision(ctx: BuildContext, *, only: str | None, skip: Sequence[str]) -> None:
-    from appliance.steps import provision
+    from appliance.steps import pinned_uploads, provision
 
     if ctx.endpoint is None:
         from appliance import vagrant
 
         ctx.endpoint = vagrant.ssh_config(ctx.cfg)
-    provision(ctx.cfg, ctx.endpoint, only=only, skip=tuple(skip))
+    uploads = pinned_uploads(ctx.cfg) if only is None else []
+    provision(ctx.cfg, ctx.endpoint, only=only, skip=tuple(skip), uploads=uploads)
 
 
 def stage_provision(ctx: BuildContext) -> str | None:
@@ -150,11 +152,25 @@ def stage_seal(ctx: BuildContext) -> str | None:
     return None
 
 
+SEAL_POWEROFF_WAIT = 120  # seconds; the seal step powers the VM off a few seconds after it exits
+
+
 def stage_halt(ctx: BuildContext) -> str | None:
     from appliance import vagrant
 
-    vagrant.halt(ctx.cfg)
-    return None
+    if not ctx.state.sealed:
+        vagrant.halt(ctx.cfg)
+        return None
+    # A sealed VM no longer lets the build in, so a graceful `vagrant halt` (over SSH) cannot work:
+    # the seal step powers the VM off itself. Wait for that; force it off only if it does not come.
+    deadline = time.monotonic() + SEAL_POWEROFF_WAIT
+    while vagrant.status(ctx.cfg).running:
+        if time.monotonic() > deadline:
+            log.warning(f"the sealed VM did not power itself off within {SEAL_POWEROFF_WAIT} s; forcing it off")
+            vagrant.halt(ctx.cfg, force=True)
+            return "forced off"
+        time.sleep(3)
+    return "the sealed VM powered itself off"
 
 
 def stage_export(ctx: BuildContext) -> str | None:

@@ -94,7 +94,9 @@ def render_text(
         "cpu_mode": cpu_mode,
         "project_root": project_root,
         "guest_dir": GUEST_PROVISION_DIR,
-        "scripts": selected_scripts(list(cfg.provision.skip), provision_dir),
+        # Sealing ends a VM's life as a build machine (its key is removed, it powers off): only
+        # `invoke build-ova` seals, right before it exports; a developer's `vagrant up` never does.
+        "scripts": selected_scripts(list(cfg.provision.skip), provision_dir, include_final=False),
         "env": dict(sorted(env.items())),
         "uploads": list(uploads),
         "install_uploads": _install_uploads_command(uploads),

@@ -9,6 +9,10 @@ declare properties the runners honour:
 - ``# appliance: timeout=SECONDS`` - default timeout for this step (config may override).
 - ``# appliance: files=DIR`` - a directory under ``provision/files/`` the script needs; it
   is uploaded to ``$PROVISION_DIR/files/DIR`` before the script runs.
+- ``# appliance: uploads`` - the script reads the pinned artifacts and generated manifests
+  (``appliance.artifacts.guest_uploads``): they are installed on the guest before it runs and
+  their digests are part of its step marker, so a changed chart value re-runs it.
+- ``# appliance: final`` - the last step (seal): after it the build cannot log in.
 
 Scripts find their support files under ``$PROVISION_DIR`` (``/var/tmp/csghub-provision``).
 """
@@ -35,6 +39,8 @@ class ProvisionScript:
     reboot_after: bool = False
     timeout: int | None = None
     files: tuple[str, ...] = field(default_factory=tuple)
+    uses_uploads: bool = False
+    final: bool = False
 
     @property
     def filename(self) -> str:
@@ -48,7 +54,7 @@ def discover_scripts(directory: Path = PROVISION_DIR) -> list[ProvisionScript]:
         m = _NAME.match(path.name)
         if not m:
             continue
-        reboot, timeout, files = False, None, []
+        reboot, timeout, files, uploads, final = False, None, [], False, False
         for line in path.read_text(encoding="utf-8").splitlines()[:40]:
             h = _HEADER.match(line.strip())
             if not h:
@@ -60,9 +66,18 @@ def discover_scripts(directory: Path = PROVISION_DIR) -> list[ProvisionScript]:
                 timeout = int(value)
             elif key == "files" and value:
                 files.append(value)
-        scripts.append(ProvisionScript(int(m.group(1)), m.group(2), path, reboot, timeout, tuple(files)))
+            elif key == "uploads":
+                uploads = True
+            elif key == "final":
+                final = True
+        scripts.append(
+            ProvisionScript(int(m.group(1)), m.group(2), path, reboot, timeout, tuple(files), uploads, final)
+        )
     return scripts
 
 
-def selected_scripts(skip: list[str], directory: Path = PROVISION_DIR) -> list[ProvisionScript]:
-    return [s for s in discover_scripts(directory) if s.name not in skip]
+def selected_scripts(
+    skip: list[str], directory: Path = PROVISION_DIR, *, include_final: bool = True
+) -> list[ProvisionScript]:
+    """The scripts not skipped; ``include_final=False`` also leaves out the final (seal) step."""
+    return [s for s in discover_scripts(directory) if s.name not in skip and (include_final or not s.final)]

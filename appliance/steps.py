@@ -25,21 +25,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 import re
 import shlex
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
 from appliance.config import ApplianceConfig, guest_environment
-from appliance.errors import ConnectionLost, RemoteCommandFailed, StepFailed, UsageError
+from appliance.errors import ArtifactError, ConnectionLost, RemoteCommandFailed, StepFailed, UsageError
 from appliance.log import log
 from appliance.scripts import GUEST_PROVISION_DIR, PROVISION_DIR, ProvisionScript, discover_scripts
 from appliance.ssh import RemoteSession, SSHEndpoint
-from appliance.upload import upload_files
+from appliance.upload import ensure_remote_dir, remote_sha256, sha256_file, upload_file, upload_files
 
 DEFAULT_STATE_DIR = "/var/lib/csghub-appliance/steps"
 # Where markers live on the guest; tests against a loopback sshd point it somewhere harmless.
@@ -126,12 +127,18 @@ def support_files(script: ProvisionScript, directory: Path) -> list[tuple[Path, 
     return out
 
 
-def step_inputs(script: ProvisionScript, env: dict[str, str], directory: Path) -> StepInputs:
+def step_inputs(
+    script: ProvisionScript, env: dict[str, str], directory: Path, uploads: Mapping[str, str] | None = None
+) -> StepInputs:
+    """The step's inputs; ``uploads`` (guest path -> sha256) count for scripts that declare ``uploads``."""
     inputs = {"script": _sha256_path(script.path)}
     for local, relative in support_files(script, directory):
         inputs[f"file:{relative}"] = _sha256_path(local)
     for name, value in env.items():
         inputs[f"env:{name}"] = _sha256_text(value)
+    if script.uses_uploads:
+        for guest_path, digest in (uploads or {}).items():
+            inputs[f"upload:{guest_path}"] = digest
     return StepInputs(script.name, dict(sorted(inputs.items())))
 
 
@@ -205,6 +212,7 @@ class Provisioner:
         state_dir: str | None = None,
         reboot_timeout: float = REBOOT_TIMEOUT,
         guest_dir: str = GUEST_PROVISION_DIR,
+        uploads: Sequence[tuple[Path, str]] = (),
     ) -> None:
         self.cfg = cfg
         self.session = session
@@ -214,6 +222,10 @@ class Provisioner:
         self.log_dir = cfg.build_dir / "logs"
         self.guest_dir = guest_dir
         self.env = {**guest_environment(cfg), "PROVISION_DIR": guest_dir}
+        # Pinned artifacts and generated manifests (host path, root-owned guest path), hashed once.
+        self.uploads = list(uploads)
+        self.upload_digests = {guest: sha256_file(local) for local, guest in self.uploads}
+        self.uploads_installed = False
 
     # -- planning -----------------------------------------------------------------------
 
@@ -267,7 +279,7 @@ class Provisioner:
             if is_final(script) and options.only != name:
                 planned.append(PlannedStep(script, False, FINAL_ONLY))
                 continue
-            inputs = step_inputs(script, self.env, self.directory)
+            inputs = step_inputs(script, self.env, self.directory, self.upload_digests)
             if options.only is not None:
                 if name == options.only:
                     planned.append(PlannedStep(script, True, "requested with --only", inputs))
@@ -371,6 +383,8 @@ class Provisioner:
             log_file.write(f"# {script.filename} attempt {attempt}, "
                            f"{datetime.now(UTC).isoformat(timespec='seconds')}, timeout {timeout} s\n")
             self._prepare(script, later)
+            if script.uses_uploads:
+                self._install_uploads()
             started = time.monotonic()
 
             def on_line(stream: str, line: str) -> None:
@@ -429,6 +443,31 @@ class Provisioner:
         pairs += [(local, f"{self.guest_dir}/{rel}") for local, rel in files]
         upload_files(self.session, pairs)
 
+    def _install_uploads(self) -> None:
+        """Put every pinned upload at its guest path, once per run; identical files are not sent again.
+
+        SFTP writes as the login user, so a changed file goes to the provision dir first and is
+        then installed into its root-owned place.
+        """
+        if self.uploads_installed or not self.uploads:
+            return
+        present = remote_sha256(self.session, [guest for _, guest in self.uploads], sudo=True)
+        staging = f"{self.guest_dir}/uploads"
+        for local, guest in self.uploads:
+            digest = self.upload_digests[guest]
+            if present.get(guest) == digest:
+                log.info(f"ok: {guest} already on the guest (sha256 matches)")
+                continue
+            ensure_remote_dir(self.session, staging)
+            staged = f"{staging}/{posixpath.basename(guest)}"
+            upload_file(self.session, local, staged)
+            self.session.run(
+                f"install -D -m 0644 {shlex.quote(staged)} {shlex.quote(guest)} && rm -f {shlex.quote(staged)}",
+                timeout=600,
+            )
+            log.info(f"changed: {guest} installed ({digest[:12]})")
+        self.uploads_installed = True
+
     def _write_marker(self, script: ProvisionScript, inputs: StepInputs, seconds: float) -> None:
         path = f"{self.state_dir}/{script.name}.done"
         self.session.run(
@@ -481,11 +520,16 @@ def provision(
     skip: Sequence[str] = (),
     directory: Path = PROVISION_DIR,
     state_dir: str | None = None,
+    uploads: Sequence[tuple[Path, str]] = (),
 ) -> ProvisionReport:
-    """Run the steps that need running on the guest at ``endpoint``; stop at the first failure."""
+    """Run the steps that need running on the guest at ``endpoint``; stop at the first failure.
+
+    ``uploads`` are (host file, guest path) pairs the steps marked ``# appliance: uploads``
+    read (``appliance.artifacts.guest_uploads``); they are part of those steps' markers.
+    """
     options = Options(only=only, from_step=from_step, force=force, skip=tuple(skip))
     with log.step("provision"), _session(cfg, endpoint) as session:
-        report = Provisioner(cfg, session, directory=directory, state_dir=state_dir).run(options)
+        report = Provisioner(cfg, session, directory=directory, state_dir=state_dir, uploads=uploads).run(options)
     _summarize(report)
     return report
 
@@ -500,11 +544,30 @@ def plan(
     skip: Sequence[str] = (),
     directory: Path = PROVISION_DIR,
     state_dir: str | None = None,
+    uploads: Sequence[tuple[Path, str]] = (),
 ) -> list[PlannedStep]:
     """What ``provision`` would do: each step, run or skip, and why. Reads the markers; changes nothing."""
     options = Options(only=only, from_step=from_step, force=force, skip=tuple(skip))
     with _session(cfg, endpoint) as session:
-        return Provisioner(cfg, session, directory=directory, state_dir=state_dir).plan(options)
+        return Provisioner(cfg, session, directory=directory, state_dir=state_dir, uploads=uploads).plan(options)
+
+
+def pinned_uploads(cfg: ApplianceConfig, skip: Sequence[str] = ()) -> list[tuple[Path, str]]:
+    """The artifacts and manifests the steps that will run need (none when the stack is skipped).
+
+    Raises ``ArtifactError`` when an artifact is not in the cache yet (``invoke fetch``).
+    """
+    skipped = sorted(set(cfg.provision.skip) | set(skip))
+    if all(name in skipped for name in ("k3s", "csghub")):
+        return []
+    from appliance.artifacts import guest_uploads
+
+    narrowed = cfg.model_copy(update={"provision": cfg.provision.model_copy(update={"skip": skipped})})
+    uploads = guest_uploads(narrowed)
+    missing = [str(local) for local, _ in uploads if not local.is_file()]
+    if missing:
+        raise ArtifactError(f"not in the artifact cache: {', '.join(missing)}", hint="run `invoke fetch` first")
+    return uploads
 
 
 def describe_plan(steps: Sequence[PlannedStep]) -> Iterator[str]:
@@ -535,10 +598,11 @@ def provision_vagrant_vm(
     from appliance import vagrant
 
     endpoint = vagrant.ssh_config(cfg)
+    uploads = pinned_uploads(cfg, skip)
     if list_plan:
-        steps = plan(cfg, endpoint, only=only, from_step=from_step, force=force, skip=skip)
+        steps = plan(cfg, endpoint, only=only, from_step=from_step, force=force, skip=skip, uploads=uploads)
         for line in describe_plan(steps):
             print(line)
         return steps
-    return provision(cfg, endpoint, only=only, from_step=from_step, force=force, skip=skip)
+    return provision(cfg, endpoint, only=only, from_step=from_step, force=force, skip=skip, uploads=uploads)
 

@@ -12,6 +12,7 @@
 # optional CSGHUB_READY_TIMEOUT (seconds, default 3600), CSGHUB_POLL_SECONDS (default 10),
 # ARTIFACT_DIR, MANIFEST_DIR.
 # appliance: files=csghub
+# appliance: uploads
 # appliance: timeout=5400
 set -euo pipefail
 

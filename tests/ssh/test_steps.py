@@ -286,3 +286,35 @@ def test_reboot_after_waits_for_a_new_boot_id(private_sshd: SSHServer, tmp_path:
         report = rig.provisioner().run(Options())
         assert session.boot_id() == "second-boot"
     assert [s.outcome for s in report.steps] == ["changed", "changed"]
+
+
+def test_pinned_uploads_are_installed_hashed_and_not_resent(rig: Rig) -> None:
+    """Artifacts reach their guest path before a step marked `uploads`; a changed one reruns that step."""
+    artifact = rig.tmp / "cache" / "bundle.tar"
+    artifact.parent.mkdir()
+    artifact.write_bytes(b"v1" * 50_000)
+    dest = rig.tmp / "guest-artifacts" / "sub dir" / "bundle.tar"  # a space: the install command is quoted
+    rig.write("15-k3s.sh", sh(f'cat "{dest}" | sha256sum > "$WORK/seen"', 'echo "changed: consumed"',
+                              header=("uploads",)))
+
+    def run() -> dict[str, str]:
+        provisioner = Provisioner(rig.cfg(), rig.session, directory=rig.scripts, state_dir=str(rig.state),
+                                  guest_dir=str(rig.guest), uploads=[(artifact, str(dest))])
+        outcomes = {s.name: s.outcome for s in provisioner.run(Options()).steps}
+        return {name: outcomes[name] for name in ("base", "k3s")}
+
+    assert run() == {"base": "changed", "k3s": "changed"}
+    assert dest.read_bytes() == artifact.read_bytes()
+    first_seen = (rig.work / "seen").read_text()
+    marker = json.loads((rig.state / "k3s.done").read_text())
+    assert f"upload:{dest}" in marker["inputs"]
+    assert f"upload:{dest}" not in json.loads((rig.state / "base.done").read_text())["inputs"]
+
+    mtime = dest.stat().st_mtime_ns
+    assert run() == {"base": "skipped", "k3s": "skipped"}
+    assert dest.stat().st_mtime_ns == mtime, "an identical artifact was sent again"
+
+    artifact.write_bytes(b"v2" * 50_000)
+    assert run() == {"base": "skipped", "k3s": "changed"}, "a changed artifact reruns the step that reads it"
+    assert dest.read_bytes() == artifact.read_bytes()
+    assert (rig.work / "seen").read_text() != first_seen

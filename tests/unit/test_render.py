@@ -66,6 +66,8 @@ def test_skipped_steps_are_not_provisioners() -> None:
     assert "config.vm.provision 'base'" in text
     assert "config.vm.provision 'k3s'" not in text
     assert "config.vm.provision 'kernel-reboot', type: 'shell', reboot: true" in text
+    # The final step seals the VM (removes the login key, powers off): never part of `vagrant up`.
+    assert "config.vm.provision 'seal'" not in text and "90-seal.sh" not in text
 
 
 needs_ruby = pytest.mark.skipif(shutil.which("ruby") is None, reason="ruby not installed (comes with vagrant)")
