@@ -327,6 +327,7 @@ def verify_ova(
     work_dir: Path | None = None,
     login: BootLogin | None = None,
     http_port: int | None = None,
+    http_host: str | None = None,
     boot_timeout: float = 900,
     cpus: int = 2,
     memory_mb: int = 2048,
@@ -340,6 +341,7 @@ def verify_ova(
     if boot and cfg is not None and login is None:
         login, cfg_http = boot_access(cfg)
         http_port = http_port if http_port is not None else cfg_http
+        http_host = http_host or portal_host(cfg)
         boot_timeout = cfg.vm.boot_timeout
         cpus, memory_mb = min(cfg.vm.cpus, os.cpu_count() or 1), cfg.vm.memory_mb
     if not path.is_file():
@@ -365,6 +367,7 @@ def verify_ova(
                 raise VerifyError(f"{path}: boot check expects one disk, found {len(disks)}")
             with log.step("boot a fresh copy"):
                 report.boot = boot_check(next(iter(disks.values())), login=login, http_port=http_port,
+                                         http_host=http_host,
                                          timeout=boot_timeout, work_dir=work, cpus=cpus, memory_mb=memory_mb)
             report.checks.append(("boot", "checked"))
     return report
@@ -501,6 +504,7 @@ def boot_check(
     *,
     login: BootLogin,
     http_port: int | None = None,
+    http_host: str | None = None,
     http_path: str = "/",
     ready_command: str = "systemctl is-system-running --wait || true",
     cpus: int = 2,
@@ -511,7 +515,8 @@ def boot_check(
     """Boot ``vmdk`` through a qcow2 overlay, wait for SSH, log in; check HTTP when ``http_port`` is set.
 
     ``http_port`` is the guest port (e.g. the CSGHub NodePort); it is forwarded from a free
-    loopback port. ``vmdk`` is only read.
+    loopback port. ``http_host`` is the ``Host`` header to send: CSGHub's gateway routes by
+    host name, so a request without the appliance's own name is answered 404. ``vmdk`` is only read.
     """
     if isinstance(login, SSHLogin) and not login.key_file.is_file():
         raise UsageError(f"SSH key {str(login.key_file)!r} does not exist")
@@ -541,7 +546,7 @@ def boot_check(
                                    "console tail:\n" + _console_tail(console)])
             report = BootReport(seconds_to_ssh=seconds, ready_output=ready_out.strip())
             if http_host_port is not None:
-                report.http_status = _wait_http(f"http://127.0.0.1:{http_host_port}{http_path}", deadline)
+                report.http_status = _wait_http(f"http://127.0.0.1:{http_host_port}{http_path}", deadline, http_host)
         return report
 
 
@@ -605,23 +610,31 @@ def _console_login_check(
         time.sleep(3)
 
 
-def _wait_http(url: str, deadline: float) -> int:
+def _wait_http(url: str, deadline: float, host: str | None = None) -> int:
+    """Poll ``url`` (with ``Host: host``) until it answers 2xx/3xx; a stack still starting answers 404/5xx."""
     last = ""
+    headers = {"Host": host} if host else {}
     while time.monotonic() < deadline:
+        request = urllib.request.Request(url, headers=headers)  # a loopback URL built here
         try:
-            with urllib.request.urlopen(url, timeout=10) as resp:  # a loopback URL built here
+            with urllib.request.urlopen(request, timeout=10) as resp:  # redirects are followed
                 return int(resp.status)
         except urllib.error.HTTPError as exc:
-            if exc.code < 500:
-                return int(exc.code)
             last = f"HTTP {exc.code}"
         except (urllib.error.URLError, OSError) as exc:
             last = str(exc)
         time.sleep(max(0.0, min(5.0, deadline - time.monotonic())))
-    raise VerifyError(f"no HTTP answer from {url} before the deadline", [f"last error: {last}"])
+    shown = f"{url} (Host: {host})" if host else url
+    raise VerifyError(f"no successful HTTP answer from {shown} before the deadline", [f"last answer: {last}"])
 
 
 # -- from the command line -------------------------------------------------------------------------
+
+
+def portal_host(cfg: ApplianceConfig) -> str:
+    """The Host a browser on the VirtualBox host sends: the domain and the forwarded port."""
+    forward = cfg.http_port()
+    return f"{cfg.csghub.domain}:{forward.host}" if forward is not None else cfg.csghub.domain
 
 
 def boot_access(
@@ -653,7 +666,8 @@ def verify_from_config(
 ) -> VerifyReport:
     """``invoke verify-ova``: :func:`verify_ova` with the access from the configuration, then a summary."""
     login, http_port = boot_access(cfg, ssh_key=ssh_key, http=http) if boot else (None, None)
-    report = verify_ova(path, boot=boot, login=login, http_port=http_port, boot_timeout=cfg.vm.boot_timeout,
+    report = verify_ova(path, boot=boot, login=login, http_port=http_port, http_host=portal_host(cfg),
+                        boot_timeout=cfg.vm.boot_timeout,
                         cpus=min(cfg.vm.cpus, os.cpu_count() or 1), memory_mb=cfg.vm.memory_mb)
     for name, outcome in report.checks:
         log.info(f"{name}: {outcome}")

@@ -306,3 +306,34 @@ def test_host_key_fingerprint_matches_ssh_keygen(tmp_path: Path) -> None:
     listed = subprocess.run(["ssh-keygen", "-lf", str(key) + ".pub"], check=True, capture_output=True, text=True,
                             timeout=30).stdout.split()[1]
     assert host_key_fingerprint(paramiko.Ed25519Key.from_private_key_file(str(key))) == listed
+
+
+def test_http_check_sends_the_appliance_host_and_wants_success() -> None:
+    """A gateway that routes by host name answers 404 to anything else: the check must send the name."""
+    import http.server
+    import threading
+    import time
+
+    from appliance.errors import VerifyError
+    from appliance.verify import _wait_http
+
+    class Gateway(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.headers.get("Host") == "csghub.localhost:30080" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Gateway)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        assert _wait_http(url, time.monotonic() + 10, "csghub.localhost:30080") == 200
+        with pytest.raises(VerifyError, match="no successful HTTP answer") as info:
+            _wait_http(url, time.monotonic() + 2, "other.example:30080")
+        assert "HTTP 404" in str(info.value)
+    finally:
+        server.shutdown()
+        server.server_close()
