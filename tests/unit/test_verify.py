@@ -249,7 +249,7 @@ def test_http_wait_sees_a_loopback_server_and_gives_up_on_a_closed_port() -> Non
         server.shutdown()
         server.server_close()
     closed = _free_loopback_port()
-    with pytest.raises(VerifyError, match="no HTTP answer"):
+    with pytest.raises(VerifyError, match="no successful HTTP answer"):
         _wait_http(f"http://127.0.0.1:{closed}/", time.monotonic() + 1)
 
 
