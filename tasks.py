@@ -167,10 +167,10 @@ def halt(c: Context, config: str | None = None, set_: list[str] | None = None, p
 @cli_task()
 def destroy(c: Context, config: str | None = None, set_: list[str] | None = None, provider: str | None = None,
             debug: bool = False) -> None:
-    """Remove the build VM and its disks (vagrant destroy)."""
-    from appliance.vagrant import destroy as vagrant_destroy
+    """Remove the build VM, its disks and its build state (published OVAs are kept)."""
+    from appliance.pipeline import destroy_build
 
-    vagrant_destroy(config_from_flags(config, set_, provider))
+    destroy_build(config_from_flags(config, set_, provider))
 
 
 @cli_task()

@@ -355,16 +355,28 @@ def build_ova(
     return ctx
 
 
+def destroy_build(cfg: ApplianceConfig) -> None:
+    """``invoke destroy``: remove the VM, then the build state and staged OVA that belonged to it.
+
+    Published artifacts in the output directory are kept.
+    """
+    from appliance import vagrant
+
+    vagrant.destroy(cfg)
+    BuildState.path_for(cfg.build_dir).unlink(missing_ok=True)
+    staging = cfg.build_dir / "staging"
+    if staging.is_dir():
+        shutil.rmtree(staging)
+        log.info(f"removed {staging}")
+
+
 def _after_failure(cfg: ApplianceConfig, options: BuildOptions, stage: str) -> None:
     if options.on_error == "destroy":
-        from appliance import vagrant
-
         log.warning("--on-error=destroy: removing the VM")
         try:
-            vagrant.destroy(cfg)
+            destroy_build(cfg)
         except ApplianceError as exc:
             log.error(f"could not destroy the VM: {exc}; check `invoke status`")
-        (cfg.build_dir / "state.json").unlink(missing_ok=True)
     else:
         log.warning(
             f"stage {stage!r} failed; the VM and {cfg.build_dir} are kept for resume: fix the cause and run "

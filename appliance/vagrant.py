@@ -24,7 +24,7 @@ from appliance.config import ApplianceConfig
 from appliance.errors import CommandFailed, PrerequisiteMissing, VagrantError
 from appliance.log import log
 from appliance.run import CommandResult, run, which
-from appliance.ssh import SSHEndpoint
+from appliance.ssh import SSHEndpoint, forget_host_key, known_hosts_path
 
 VAGRANT_ENV = {
     # Nothing beyond the Debian archive is reachable from build hosts like ours: no phoning home.
@@ -442,6 +442,8 @@ def up(
             f"{project_dir(cfg)})",
         )
     if not current.exists:
+        # A new VM has new host keys: forget whatever an earlier VM of this build presented.
+        forget_host_key(known_hosts_path(cfg))
         check_box(cfg, client, provider)
         if provider == "libvirt":
             outside = _domain_outside_project(cfg)
@@ -496,6 +498,7 @@ def destroy(cfg: ApplianceConfig) -> None:
     client = _client(cfg, timeout=cfg.vm.boot_timeout)
     with log.step(f"vagrant destroy {cfg.vm.name}"):
         _vagrant("destroy", client.destroy)
+    forget_host_key(known_hosts_path(cfg))
 
 
 def domain_name(cfg: ApplianceConfig) -> str:
