@@ -13,6 +13,8 @@ root_uuid=${BASEBOX_ROOT_UUID:?}
 hostname=${BASEBOX_HOSTNAME:?}
 
 in_root() { chroot "$root" "$@"; }
+# INITRD=No was for the package installation only (see image.py); the steps below need the default.
+unset INITRD
 
 echo "changed: hostname $hostname"
 printf '%s\n' "$hostname" >"$root/etc/hostname"
@@ -89,6 +91,17 @@ else
     echo "changed: initramfs made"
     in_root update-initramfs -c -k all
 fi
+# The kernel's own hook did not run, so /initrd.img (which extlinux boots) was never linked.
+for kernel in "$root"/boot/vmlinuz-*; do
+    version=${kernel##*/vmlinuz-}
+    in_root linux-update-symlinks install "$version" "/boot/vmlinuz-$version"
+done
+for link in vmlinuz initrd.img; do
+    if [[ ! -e $root/$link ]]; then
+        echo "error: /$link does not lead to a file in the image" >&2
+        exit 1
+    fi
+done
 
 echo "changed: machine-id emptied, so each machine makes its own on first boot"
 : >"$root/etc/machine-id"
