@@ -9,9 +9,13 @@
 # Inputs (environment): K3S_VERSION, K3S_NODE_IP, K3S_EXTRA_ARGS (shell-quoted list),
 # optional K3S_READY_TIMEOUT (seconds, default 600), ARTIFACT_DIR, PROVISION_DIR.
 # appliance: files=k3s
+# appliance: files=common
 # appliance: uploads
 # appliance: timeout=1200
 set -euo pipefail
+
+# shellcheck source-path=SCRIPTDIR source=files/common/lib.sh
+source "${PROVISION_DIR:-/var/tmp/csghub-provision}/files/common/lib.sh"
 
 ARTIFACT_DIR=${ARTIFACT_DIR:-/var/cache/csghub-appliance/artifacts}
 SRC="${PROVISION_DIR:-/var/tmp/csghub-provision}/files/k3s"
@@ -31,18 +35,6 @@ die() {
 for f in "$ARTIFACT_DIR/k3s" "$ARTIFACT_DIR/k3s-airgap-images-amd64.tar.zst" "$SRC/k3s.service" "$SRC/k3s-killall.sh"; do
     [[ -s "$f" ]] || die "missing $f (the runner uploads the artifacts 'invoke fetch' cached, and provision/files/k3s)"
 done
-
-# install_if_changed SRC DEST MODE: copy when missing or different; 0 when it changed.
-install_if_changed() {
-    local src=$1 dest=$2 mode=$3
-    if [[ -f "$dest" ]] && cmp -s "$src" "$dest" && [[ "$(stat -c %a "$dest")" == "${mode#0}" ]]; then
-        echo "ok: $dest up to date"
-        return 1
-    fi
-    install -D -m "$mode" -o root -g root "$src" "$dest"
-    echo "changed: installed $dest"
-    return 0
-}
 
 # write_if_changed DEST MODE < content
 write_if_changed() {

@@ -12,9 +12,13 @@
 # optional CSGHUB_READY_TIMEOUT (seconds, default 3600), CSGHUB_POLL_SECONDS (default 10),
 # ARTIFACT_DIR, MANIFEST_DIR.
 # appliance: files=csghub
+# appliance: files=common
 # appliance: uploads
 # appliance: timeout=5400
 set -euo pipefail
+
+# shellcheck source-path=SCRIPTDIR source=files/common/lib.sh
+source "${PROVISION_DIR:-/var/tmp/csghub-provision}/files/common/lib.sh"
 
 ARTIFACT_DIR=${ARTIFACT_DIR:-/var/cache/csghub-appliance/artifacts}
 MANIFEST_DIR=${MANIFEST_DIR:-/var/cache/csghub-appliance/manifests}
@@ -48,17 +52,6 @@ grep -qF "static/charts/$CHART" "$MANIFEST_DIR/csghub.yaml" ||
     die "$MANIFEST_DIR/csghub.yaml does not install $CHART: manifests and CSGHUB_CHART_VERSION disagree"
 [[ -x /usr/local/bin/k3s ]] || die "k3s is not installed (the k3s step runs first)"
 kc get --raw /readyz >/dev/null 2>&1 || die "the k3s API server is not ready (systemctl status k3s)"
-
-install_if_changed() {
-    local src=$1 dest=$2 mode=$3
-    if [[ -f "$dest" ]] && cmp -s "$src" "$dest" && [[ "$(stat -c %a "$dest")" == "${mode#0}" ]]; then
-        echo "ok: $dest up to date"
-        return 1
-    fi
-    install -D -m "$mode" -o root -g root "$src" "$dest"
-    echo "changed: installed $dest"
-    return 0
-}
 
 deadline=$((SECONDS + READY_TIMEOUT))
 expired() { ((SECONDS >= deadline)); }

@@ -7,7 +7,11 @@
 # The build VM itself is marked as done, so rebooting it during the build does not run the
 # first-boot service; 90-seal.sh removes that mark.
 # appliance: files=firstboot
+# appliance: files=common
 set -euo pipefail
+
+# shellcheck source-path=SCRIPTDIR source=files/common/lib.sh
+source "${PROVISION_DIR:-/var/tmp/csghub-provision}/files/common/lib.sh"
 
 SRC="${PROVISION_DIR:-/var/tmp/csghub-provision}/files/firstboot"
 LOGIN_USER=csghub
@@ -20,25 +24,13 @@ if [[ ! -f "$SRC/lib.sh" ]]; then
     exit 1
 fi
 
-# install_file SRC DEST MODE: copy when missing or different; say which.
-install_file() {
-    local src=$1 dest=$2 mode=$3
-    if [[ -f "$dest" ]] && cmp -s "$src" "$dest" && [[ "$(stat -c %a "$dest")" == "${mode#0}" ]]; then
-        echo "ok: $dest up to date"
-        return 1
-    fi
-    install -D -m "$mode" -o root -g root "$src" "$dest"
-    echo "changed: installed $dest"
-    return 0
-}
-
-install_file "$SRC/lib.sh" /usr/local/lib/csghub-appliance/lib.sh 0644 || true
-install_file "$SRC/csghub-firstboot" /usr/local/sbin/csghub-firstboot 0755 || true
-install_file "$SRC/csghub-banner" /usr/local/sbin/csghub-banner 0755 || true
-install_file "$SRC/csghub-reconfigure" /usr/local/sbin/csghub-reconfigure 0755 || true
-install_file "$SRC/csghub-status" /usr/local/bin/csghub-status 0755 || true
+install_if_changed "$SRC/lib.sh" /usr/local/lib/csghub-appliance/lib.sh 0644 || true
+install_if_changed "$SRC/csghub-firstboot" /usr/local/sbin/csghub-firstboot 0755 || true
+install_if_changed "$SRC/csghub-banner" /usr/local/sbin/csghub-banner 0755 || true
+install_if_changed "$SRC/csghub-reconfigure" /usr/local/sbin/csghub-reconfigure 0755 || true
+install_if_changed "$SRC/csghub-status" /usr/local/bin/csghub-status 0755 || true
 for unit in csghub-firstboot.service csghub-banner.service csghub-banner.timer; do
-    if install_file "$SRC/$unit" "/etc/systemd/system/$unit" 0644; then
+    if install_if_changed "$SRC/$unit" "/etc/systemd/system/$unit" 0644; then
         units_changed=yes
     fi
 done
@@ -57,12 +49,12 @@ env_tmp=$(mktemp)
     printf 'CSGHUB_HELMCHART_NAMESPACE=%q\n' "${CSGHUB_HELMCHART_NAMESPACE:-kube-system}"
     printf 'K3S_NODE_IP=%q\n' "${K3S_NODE_IP:-}"
 } >"$env_tmp"
-if install_file "$env_tmp" "$ETC/appliance.env" 0644; then :; fi
+if install_if_changed "$env_tmp" "$ETC/appliance.env" 0644; then :; fi
 rm -f "$env_tmp"
 
 # sshd: password logins for the copy's owner (keys are never baked in); root stays out.
 if [[ -d /etc/ssh/sshd_config.d ]]; then
-    if install_file "$SRC/sshd-csghub-appliance.conf" /etc/ssh/sshd_config.d/10-csghub-appliance.conf 0644; then
+    if install_if_changed "$SRC/sshd-csghub-appliance.conf" /etc/ssh/sshd_config.d/10-csghub-appliance.conf 0644; then
         # Validate now rather than find out on a copy that cannot be logged in to.
         if compgen -G '/etc/ssh/ssh_host_*_key' >/dev/null; then
             sshd -t

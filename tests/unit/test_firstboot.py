@@ -269,7 +269,7 @@ def test_status_rejects_unknown_argument() -> None:
 def test_step_headers() -> None:
     """firstboot uploads its files; seal is the last step and declares itself final."""
     scripts = {s.name: s for s in discover_scripts()}
-    assert scripts["firstboot"].files == ("firstboot",)
+    assert scripts["firstboot"].files == ("firstboot", "common")
     assert max(scripts.values(), key=lambda s: s.number).name == "seal"
     assert "# appliance: final" in scripts["seal"].path.read_text().splitlines()[:20]
 

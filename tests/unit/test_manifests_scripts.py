@@ -96,9 +96,10 @@ def step(script: Path, env: dict[str, str]) -> tuple[int, str]:
 
 
 def test_k3s_step_refuses_missing_inputs_before_changing_anything(tmp_path: Path) -> None:
-    code, err = step(K3S_STEP, {"K3S_NODE_IP": "10.254.254.1"})
+    lib = {"PROVISION_DIR": str(PROJECT_ROOT / "provision")}  # where the shared helpers are
+    code, err = step(K3S_STEP, {**lib, "K3S_NODE_IP": "10.254.254.1"})
     assert code != 0 and "K3S_VERSION is required" in err
-    code, err = step(K3S_STEP, {"K3S_VERSION": "v1.34.3+k3s1", "K3S_NODE_IP": "10.254.254"})
+    code, err = step(K3S_STEP, {**lib, "K3S_VERSION": "v1.34.3+k3s1", "K3S_NODE_IP": "10.254.254"})
     assert code != 0 and "not an IPv4 address" in err
     code, err = step(K3S_STEP, {"K3S_VERSION": "v1.34.3+k3s1", "K3S_NODE_IP": "10.254.254.1",
                                 "ARTIFACT_DIR": str(tmp_path), "PROVISION_DIR": str(PROJECT_ROOT / "provision")})
