@@ -296,6 +296,12 @@ class RemoteSession:
             except paramiko.BadHostKeyException as exc:
                 raise self._host_key_error(exc) from None
             except paramiko.AuthenticationException as exc:
+                if "timeout" in str(exc).lower() and attempt < tries:
+                    # A guest that is booting or shutting down can accept the connection and then
+                    # stall; that is not a wrong key. Retry like a refused connection.
+                    last = exc
+                    time.sleep(random.uniform(*self.retry_delay))
+                    continue
                 keys = ", ".join(str(p) for p in self.endpoint.identity_files) or "(default keys)"
                 raise RemoteError(
                     f"SSH authentication as {self.endpoint.user!r} on "
@@ -528,24 +534,26 @@ class RemoteSession:
         self.close()
         deadline = time.monotonic() + timeout
         log.info(f"rebooting {self.endpoint.host}; waiting for it to come back")
+        last = "no answer yet"
         while time.monotonic() < deadline:
             time.sleep(random.uniform(*self.retry_delay))
             try:
                 self.open(attempts=0)
                 after = self.boot_id()
-            except (ConnectionLost, RemoteCommandFailed):
-                self.close()
-                continue
             except RemoteError as exc:
-                if "host key" in exc.message or "authentication" in exc.message:
+                # Going down and coming up, sshd refuses, resets or stalls logins: keep waiting.
+                # A changed host key is no such phase: refuse at once.
+                self.close()
+                if "host key" in exc.message:
                     raise
+                last = exc.message
                 continue
             if after and after != before:
                 log.info(f"{self.endpoint.host} is back (boot id {after[:8]}…)")
                 return
             self.close()  # still the old boot: the reboot has not happened yet
         raise RemoteError(
-            f"{self.endpoint.host} did not come back from a reboot within {timeout:.0f} s",
+            f"{self.endpoint.host} did not come back from a reboot within {timeout:.0f} s (last: {last})",
             hint="look at the VM console (virt-viewer / VirtualBox window) for a boot problem",
         )
 
