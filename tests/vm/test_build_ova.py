@@ -1,0 +1,78 @@
+"""`invoke build-ova --provider libvirt` end to end on the locally built base box (stack skipped).
+
+Through the real CLI: fetch (nothing to fetch), render, up, provision (base, firstboot), seal,
+halt, export, verify (structure, then a boot of a fresh copy logged in with the password it
+prints on its serial console), publish. Then `invoke verify-ova` accepts the published OVA and
+refuses a copy with one byte flipped; a rerun resumes from the state file, does no work again
+and refuses to overwrite the published OVA without --force. Two TCG boots in all.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from appliance import vagrant
+from appliance.config import ApplianceConfig, public_dump
+
+pytestmark = pytest.mark.vm
+ROOT = Path(__file__).resolve().parents[2]
+BUILD_TIMEOUT = 45 * 60
+
+
+def _invoke(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "invoke", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_build_ova_then_verify_ova(base_box: object, vm_config: Callable[..., ApplianceConfig], tmp_path: Path) -> None:
+    dist = tmp_path / "dist"
+    cfg = vm_config("buildova", f"output.dir={dist}", "output.version=0.0.1-test")
+    config_file = tmp_path / "appliance.yaml"
+    config_file.write_text(yaml.safe_dump(public_dump(cfg), sort_keys=False))
+    ova = dist / "csghub-0.0.1-test.ova"
+    try:
+        build = _invoke("build-ova", "--config", str(config_file), "--provider", "libvirt", timeout=BUILD_TIMEOUT)
+        assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-6000:]
+
+        assert sorted(p.name for p in dist.iterdir()) == sorted([ova.name, ova.name + ".sha256", "build-report.json"])
+        digest = subprocess.run(["sha256sum", "-c", ova.name + ".sha256"], cwd=dist, capture_output=True,
+                                text=True, timeout=300)
+        assert digest.returncode == 0, digest.stdout + digest.stderr
+        report = json.loads((dist / "build-report.json").read_text())
+        outcomes = {s["name"].split(":")[0]: s["outcome"] for s in report["stages"]}
+        assert outcomes["provision"] == outcomes["seal"] == outcomes["export"] == outcomes["verify"] == "ok"
+        assert outcomes["fetch"] == "skipped"
+        assert report["ova"]["verified"] is True and report["ova"]["size_bytes"] == ova.stat().st_size
+        assert report["config"]["provision"]["skip"] == ["k3s", "csghub"]
+        assert "logged in as csghub with the copy's first-boot password" in build.stderr
+
+        accepted = _invoke("verify-ova", str(ova), "--no-boot")
+        assert accepted.returncode == 0, accepted.stderr[-3000:]
+
+        damaged = tmp_path / "damaged.ova"
+        shutil.copyfile(ova, damaged)
+        with damaged.open("r+b") as f:
+            f.seek(damaged.stat().st_size // 2)
+            byte = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        refused = _invoke("verify-ova", str(damaged), "--no-boot")
+        assert refused.returncode != 0
+        assert "digest" in refused.stderr.lower(), refused.stderr[-3000:]
+
+        again = _invoke("build-ova", "--config", str(config_file), "--provider", "libvirt", timeout=BUILD_TIMEOUT)
+        assert again.returncode == 2, again.stderr[-3000:]
+        assert "resuming" in again.stderr and "pass --force" in again.stderr
+        assert "already exported from this sealed VM" in again.stderr
+        assert "this OVA was verified already" in again.stderr
+    finally:
+        vagrant.destroy(cfg)
