@@ -7,10 +7,12 @@ writes a file of random bytes, then copies it with ``appliance.upload.upload_fil
 and prints both throughputs and their ratio. Target: ours >= 0.9 x scp.
 
 Two comparisons are printed:
-- transfer only: our pipelined write on an open session vs scp, minus scp's connection
-  setup (measured as `ssh ... true` with the same options right before it);
-- transfer + verify: our full upload (write, size check, sha256sum on the guest, rename)
-  vs scp followed by the same sha256sum on the guest.
+- our uploader (the target): ``upload_file`` end to end (for a file this size OpenSSH scp
+  pinned to the build's known_hosts, hashed while it is read, size check, sha256sum on the
+  guest, rename) vs scp followed by the same sha256sum on the guest;
+- Paramiko SFTP path, transfer only: the pipelined write ``upload_file`` uses below
+  ``OPENSSH_MIN_BYTES`` (or without scp), on an open session, vs scp minus its connection
+  setup (measured as `ssh ... true` with the same options right before it).
 
 Usage: python3 benchmarks/sftp_upload.py [--size-mib 1024] [--cipher aes128-gcm@openssh.com] [--runs 1]
 """
@@ -109,12 +111,14 @@ def main() -> int:
                     setup = time.monotonic() - t0
                     t0 = time.monotonic()
                     run(argv)
-                    # scp's time includes its own connect and login; ours was measured on an open
-                    # session, so take scp's setup (the same `ssh ... true`) out of its figure.
-                    scp_send.append(max(time.monotonic() - t0 - setup, 1e-6))
+                    scp_wall = time.monotonic() - t0
+                    # The SFTP-path row was measured on an open session, so take scp's setup (the
+                    # same `ssh ... true`) out of that row. The uploader row compares whole
+                    # operations: our upload_file also starts its own scp, connection and all.
+                    scp_send.append(max(scp_wall - setup, 1e-6))
                     t0 = time.monotonic()
                     sums = upload.remote_sha256(session, [scp_target])
-                    scp_full.append(scp_send[-1] + time.monotonic() - t0)
+                    scp_full.append(scp_wall + time.monotonic() - t0)
                     assert sums.get(scp_target), "scp copy missing"
                     Path(scp_target).unlink()
         finally:
@@ -131,8 +135,8 @@ def main() -> int:
 
     print(f"file: {args.size_mib} MiB random, cipher {cipher} (both), loopback sshd, "
           f"{args.runs} run(s), median")
-    ratio = report("transfer only", ours_send, scp_send)
-    report("transfer + verify (sha256 on the guest)", ours_full, scp_full)
+    ratio = report("our uploader, verified (sha256 on the guest), vs scp + the same check", ours_full, scp_full)
+    report("Paramiko SFTP path alone, transfer only (used below 64 MiB)", ours_send, scp_send)
     return 0 if ratio >= TARGET else 1
 
 
