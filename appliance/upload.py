@@ -174,7 +174,7 @@ def _send_openssh(scp: str, session: RemoteSession, local: Path, remote: str, sh
     and strict checking is on: scp never accepts a key the build has not recorded.
     """
     ep = session.endpoint
-    argv = [scp, "-q", "-B", "-P", str(ep.port),
+    argv = [scp, "-B", "-P", str(ep.port),  # no -q: it would hide why ssh refused
             "-o", f"UserKnownHostsFile={session.known_hosts}", "-o", "StrictHostKeyChecking=yes",
             "-o", "IdentitiesOnly=yes", "-o", f"ConnectTimeout={int(session.connect_timeout)}",
             "-o", "Ciphers=" + ",".join(session.ciphers) + ",chacha20-poly1305@openssh.com,aes128-ctr"]
@@ -189,7 +189,15 @@ def _send_openssh(scp: str, session: RemoteSession, local: Path, remote: str, sh
         result = run(argv, check=False, timeout=None)
         sent = digest.result()
     if not result.ok:
-        if not session.is_connected:
+        said = result.stderr.lower()
+        if "host key verification failed" in said:
+            raise RemoteError(
+                f"scp of {local} to {ep.host}:{remote} refused the guest's host key: it is not the one this "
+                f"build recorded in {session.known_hosts}",
+                hint="if the VM was recreated outside invoke, `invoke destroy` (or delete that file) forgets it",
+            )
+        dropped = ("lost connection", "connection closed", "connection reset", "broken pipe")
+        if not session.is_connected or any(phrase in said for phrase in dropped):
             raise ConnectionLost(f"the connection dropped while copying {local} with scp")
         raise RemoteError(f"scp of {local} to {ep.host}:{remote} failed: {' '.join(result.tail('stderr', 3))}")
     return sent
