@@ -120,7 +120,9 @@ def test_up_refuses_a_domain_of_the_same_name_from_outside_the_project(
 def test_up_that_runs_out_of_time_names_its_phase(
     libvirt_env: LibvirtEnv, base_box: object, vm_config: Callable[..., ApplianceConfig]
 ) -> None:
-    # 25 s is past creating the domain but well before SSH answers under TCG.
+    # 25 s is past creating the domain; under TCG SSH usually answers later, but on a quiet
+    # machine the guest can be up by then and Vagrant still busy (hostname, ...): every phase
+    # Vagrant reports is a correct answer, as long as the error names one.
     cfg = vm_config("timeout")
     domain = vagrant.domain_name(cfg)
     try:
@@ -129,8 +131,7 @@ def test_up_that_runs_out_of_time_names_its_phase(
         message = err.value.message
         assert message.startswith("`vagrant up` failed (timed out after 25 s while ")
         phase = message.split(" while ", 1)[1].split(")", 1)[0]
-        assert phase in {"uploading the box image", "creating the disk", "creating domain", "starting domain",
-                         "waiting for IP", "waiting for SSH"}, message
+        assert phase in {name for _, name in vagrant.PHASES} - {"provisioning"}, message
         assert err.value.hint is not None and "vm.boot_timeout" in err.value.hint
     finally:
         if vagrant.status(cfg).exists:
