@@ -23,25 +23,16 @@ import shutil
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import yaml
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
 from appliance.config import ApplianceConfig
 from appliance.errors import ArtifactError
-from appliance.log import is_interactive, log
+from appliance.log import log
 
 LOCK_FILE = Path(__file__).resolve().parent / "data" / "versions.lock.yaml"
 GUEST_ARTIFACT_DIR = "/var/cache/csghub-appliance/artifacts"
@@ -387,7 +378,7 @@ def _download(artifact: Artifact, url: str) -> None:
         if remaining is not None:
             _check_space(artifact, part.parent, remaining, total)
         # Unbuffered, so a full disk surfaces at the write that hit it, not at close.
-        with open(part, mode, buffering=0) as out, _progress(artifact.name, total, have) as advance:
+        with open(part, mode, buffering=0) as out, log.transfer(artifact.name, total, completed=have) as advance:
             _copy(artifact, response, out, advance, total)
 
 
@@ -447,23 +438,6 @@ def _range_start(content_range: str) -> int:
         return int(content_range.split()[1].split("-")[0])
     except (IndexError, ValueError):
         return -1
-
-
-@contextmanager
-def _progress(name: str, total: int | None, done: int) -> Iterator[Callable[[int], None]]:
-    progress = Progress(
-        TextColumn("  {task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=log.console,
-        transient=True,
-        disable=not is_interactive(),
-    )
-    with progress:
-        task = progress.add_task(name, total=total, completed=done)
-        yield lambda n: progress.advance(task, n)
 
 
 def _sha256_file(path: Path) -> str:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 
 @dataclass
@@ -59,6 +60,25 @@ class Logger:
     def output(self, line: str, *, stderr: bool = False) -> None:
         """A line of a command's streamed output, indented under the current step."""
         self._emit(("│ " if not stderr else "┆ ") + line, style="dim" if not stderr else None)
+
+    @contextmanager
+    def transfer(
+        self, description: str, total: int | None, *, completed: int = 0, show: bool = True
+    ) -> Iterator[Callable[[int], None]]:
+        """A byte-count progress bar (downloads, uploads) on an interactive terminal; yields ``advance(n)``."""
+        bar = Progress(
+            TextColumn("  " * self.depth + "{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
+            disable=not (show and is_interactive()),
+        )
+        with bar:
+            task = bar.add_task(description, total=total, completed=completed)
+            yield lambda n: bar.advance(task, n)
 
     @contextmanager
     def step(self, title: str, *, record: bool = True) -> Iterator[StepTiming]:

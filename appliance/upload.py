@@ -20,15 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import paramiko
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
 from appliance.errors import ConnectionLost, RemoteError
 from appliance.log import log
@@ -215,12 +206,12 @@ def _send(
 ) -> str:
     """Write ``local`` to ``remote`` with pipelined requests; return the sha256 of what was sent."""
     digest = hashlib.sha256()
-    bar, task = _progress(local, size) if show else (None, None)
     # Hashing runs beside the sending (hashlib releases the GIL), one chunk behind at most.
     hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload-sha256")
     pending: Future[None] | None = None
     try:
-        with local.open("rb") as src, sftp.open(remote, "wb", bufsize=0) as dst:
+        with local.open("rb") as src, sftp.open(remote, "wb", bufsize=0) as dst, \
+                log.transfer(f"upload {local.name}", size, show=show) as advance:
             dst.set_pipelined(True)
             # Big write requests instead of Paramiko's 32 KiB: fewer requests, fewer answers.
             dst.MAX_REQUEST_SIZE = request_size
@@ -229,30 +220,12 @@ def _send(
                     pending.result()
                 pending = hasher.submit(digest.update, chunk)
                 dst.write(chunk)
-                if bar is not None and task is not None:
-                    bar.advance(task, len(chunk))
+                advance(len(chunk))
             if pending is not None:
                 pending.result()
     finally:
         hasher.shutdown(wait=True)
-        if bar is not None:
-            bar.stop()
     return digest.hexdigest()
-
-
-def _progress(local: Path, size: int) -> tuple[Progress, TaskID]:
-    bar = Progress(
-        TextColumn("  {task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=log.console,
-        transient=True,
-    )
-    task = bar.add_task(f"upload {local.name}", total=size)
-    bar.start()
-    return bar, task
 
 
 def _remote_size(sftp: paramiko.SFTPClient, path: str) -> int | None:
