@@ -30,6 +30,7 @@ import re
 import shlex
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -510,6 +511,15 @@ def _session(cfg: ApplianceConfig, endpoint: SSHEndpoint) -> RemoteSession:
     return RemoteSession.from_config(cfg, endpoint)
 
 
+@contextmanager
+def _provisioner(
+    cfg: ApplianceConfig, endpoint: SSHEndpoint, directory: Path, state_dir: str | None,
+    uploads: Sequence[tuple[Path, str]],
+) -> Iterator[Provisioner]:
+    with _session(cfg, endpoint) as session:
+        yield Provisioner(cfg, session, directory=directory, state_dir=state_dir, uploads=uploads)
+
+
 def provision(
     cfg: ApplianceConfig,
     endpoint: SSHEndpoint,
@@ -528,8 +538,8 @@ def provision(
     read (``appliance.artifacts.guest_uploads``); they are part of those steps' markers.
     """
     options = Options(only=only, from_step=from_step, force=force, skip=tuple(skip))
-    with log.step("provision"), _session(cfg, endpoint) as session:
-        report = Provisioner(cfg, session, directory=directory, state_dir=state_dir, uploads=uploads).run(options)
+    with log.step("provision"), _provisioner(cfg, endpoint, directory, state_dir, uploads) as provisioner:
+        report = provisioner.run(options)
     _summarize(report)
     return report
 
@@ -548,8 +558,8 @@ def plan(
 ) -> list[PlannedStep]:
     """What ``provision`` would do: each step, run or skip, and why. Reads the markers; changes nothing."""
     options = Options(only=only, from_step=from_step, force=force, skip=tuple(skip))
-    with _session(cfg, endpoint) as session:
-        return Provisioner(cfg, session, directory=directory, state_dir=state_dir, uploads=uploads).plan(options)
+    with _provisioner(cfg, endpoint, directory, state_dir, uploads) as provisioner:
+        return provisioner.plan(options)
 
 
 def pinned_uploads(cfg: ApplianceConfig, skip: Sequence[str] = ()) -> list[tuple[Path, str]]:
