@@ -75,6 +75,10 @@ def parse_machinereadable(text: str) -> dict[str, str]:
         else:
             eq = text.find("=", i)
             nl = text.find("\n", i)
+            if text[i] in " \t" and (eq < 0 or (0 <= nl < eq)):
+                # VirtualBox 7 prints indented headings such as " rec_screen0" between the pairs.
+                i = len(text) if nl < 0 else nl + 1
+                continue
             if eq < 0 or (0 <= nl < eq):
                 raise ValueError(f"line without '=': {text[i:nl if nl >= 0 else None]!r}")
             key, i = text[i:eq], eq
