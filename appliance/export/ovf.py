@@ -263,7 +263,7 @@ def _virtual_hardware(hw: _Node, cfg: ApplianceConfig, *, ovf2: bool) -> None:
                           "ResourceType": 20})
     disk_fields: dict[str, str | int] = {
         "AddressOnParent": 0, "Caption": "disk1", "Description": "Disk Image", "ElementName": "disk1",
-        "HostResource": f"/disk/{DISK_ID}", "InstanceID": 4, "Parent": 3, "ResourceType": 17,
+        "HostResource": f"ovf:/disk/{DISK_ID}", "InstanceID": 4, "Parent": 3, "ResourceType": 17,
     }
     nic_caption = f"Ethernet adapter on '{NETWORK_NAME}'"
     nic_fields: dict[str, str | int] = {
@@ -300,6 +300,11 @@ def _vbox_machine(vs: _Node, cfg: ApplianceConfig, disk: DiskFacts) -> None:
     cpu.add("PAE", enabled="true")
     cpu.add("LongMode", enabled="true")
     hw.add("Memory", RAMSize=str(cfg.vm.memory_mb), PageFusion="false")
+    # Below settings version 1.16 VirtualBox fills in its old defaults for what a section leaves
+    # out: legacy paravirtualisation, an audio card, and remote display (VRDE) ON without
+    # authentication on every host address. So each of them is said explicitly. "Default"
+    # resolves to KVM for a Linux guest (paravirtualised clock).
+    hw.add("Paravirt", provider="Default")
     hw.add("HID", Pointing="PS2Mouse", Keyboard="PS2Keyboard")
     hw.add("Chipset", type="PIIX3")
     boot = hw.add("Boot")
@@ -308,6 +313,11 @@ def _vbox_machine(vs: _Node, cfg: ApplianceConfig, disk: DiskFacts) -> None:
         boot.add("Order", position=str(pos), device="None")
     hw.add("Display", controller=_GRAPHICS[cfg.virtualbox.graphics_controller], VRAMSize="16",
            monitorCount="1", accelerate3D="false", accelerate2DVideo="false")
+    # Off; and should someone switch it on, it asks for credentials and listens on loopback only.
+    vrde = hw.add("RemoteDisplay", enabled="false", authType="External")
+    vrde_props = vrde.add("VRDEProperties")
+    vrde_props.add("Property", name="TCP/Address", value="127.0.0.1")
+    hw.add("Firmware", type="BIOS")
     bios = hw.add("BIOS")
     bios.add("ACPI", enabled="true")
     bios.add("IOAPIC", enabled="true")
@@ -326,6 +336,7 @@ def _vbox_machine(vs: _Node, cfg: ApplianceConfig, disk: DiskFacts) -> None:
     for rule in sorted(cfg.network.forwarded_ports, key=lambda p: p.name):
         nat.add("Forwarding", name=rule.name, proto="1" if rule.protocol == "tcp" else "0",
                 hostip=rule.host_ip, hostport=str(rule.host), guestport=str(rule.guest))
+    hw.add("AudioAdapter", enabled="false", driver="Null", controller="HDA")
     hw.add("RTC", localOrUTC="UTC")
     controllers = m.add("StorageControllers")
     sata = controllers.add("StorageController", name="SATA", type="AHCI", PortCount="1",
