@@ -250,7 +250,8 @@ def _virtual_hardware(hw: _Node, cfg: ApplianceConfig, *, ovf2: bool) -> None:
             node.add(f"{prefix}:{key}", fields[key])
 
     cpus, mem = cfg.vm.cpus, cfg.vm.memory_mb
-    cpu_caption = f"{cpus} virtual CPU"
+    # VirtualBox 7 writes the plural for more than one CPU (older releases never did).
+    cpu_caption = f"{cpus} virtual CPU" if cpus == 1 else f"{cpus} virtual CPUs"
     item("Item", "rasd", {"Caption": cpu_caption, "Description": "Number of virtual CPUs",
                           "ElementName": cpu_caption, "InstanceID": 1, "ResourceType": 3,
                           "VirtualQuantity": cpus})

@@ -113,7 +113,9 @@ def import_ova(vbox: VBoxSession) -> Iterator[Callable[..., dict[str, str]]]:
     imported: list[str] = []
 
     def do_import(ova: Path, name: str, *extra: str) -> dict[str, str]:
-        vbox.manage("import", str(ova), "--vsys", "0", "--vmname", name, *extra)
+        done = vbox.manage("import", str(ova), "--vsys", "0", "--vmname", name, *extra)
+        # VBoxManage exits 0 even when it refuses (e.g. an EULA not accepted): read its verdict.
+        assert "Successfully imported the appliance." in done.stdout, done.stdout + done.stderr
         imported.append(name)
         return parse_machinereadable(vbox.manage("showvminfo", name, "--machinereadable").stdout)
 
