@@ -457,12 +457,62 @@ def ovf_schema(ovf_format: OvfFormat, schema_dir: Path | None = None) -> Any:
     return xmlschema.XMLSchema10([str(main), ext], allow="local", uri_mapper=to_local, base_url=str(folder))
 
 
+_VBOX_XSD_NAMESPACES = {NS_SASD + ".xsd": NS_SASD, NS_EPASD + ".xsd": NS_EPASD}
+_ITEM_TAGS = ("Item", "StorageItem", "EthernetPortItem")
+
+
+def _virtualbox_ovf20_repaired(root: ET.Element) -> bool:
+    """Undo VirtualBox's three known OVF 2.0 deviations in place; False if ``root`` shows none of them.
+
+    VirtualBox (up to 7.2 at least) writes the sasd/epasd namespaces with ".xsd" appended, no
+    ElementName in any item, and the EthernetPortItem after the StorageItem. What VirtualBox
+    itself writes must pass, so a descriptor carrying its ".xsd" namespace names is validated
+    with exactly those three things repaired; anything else still counts.
+    """
+    renamed = False
+    for el in root.iter():
+        uri, _, name = el.tag[1:].partition("}") if el.tag.startswith("{") else ("", "", el.tag)
+        if uri in _VBOX_XSD_NAMESPACES:
+            el.tag = f"{{{_VBOX_XSD_NAMESPACES[uri]}}}{name}"
+            renamed = True
+    if not renamed:
+        return False
+    for hw in root.iter():
+        items = [c for c in hw if c.tag.rpartition("}")[2] in _ITEM_TAGS]
+        for item in items:
+            fields = list(item)
+            if not fields or any(f.tag.rpartition("}")[2] == "ElementName" for f in fields):
+                continue
+            ns = fields[0].tag[1:].partition("}")[0]
+            caption = next((f.text for f in fields if f.tag.rpartition("}")[2] == "Caption"), "") or ""
+            element_name = ET.Element(f"{{{ns}}}ElementName")
+            element_name.text = caption
+            position = next((i for i, f in enumerate(fields) if f.tag.rpartition("}")[2] > "ElementName"),
+                            len(fields))
+            item.insert(position, element_name)
+        ports = [c for c in items if c.tag.rpartition("}")[2] == "EthernetPortItem"]
+        storage = [c for c in items if c.tag.rpartition("}")[2] == "StorageItem"]
+        if ports and storage:
+            for port in ports:
+                hw.remove(port)
+            first = list(hw).index(storage[0])
+            for offset, port in enumerate(ports):
+                hw.insert(first + offset, port)
+    return True
+
+
 def schema_errors(data: bytes, schema_dir: Path | None = None) -> list[str]:
-    """Every schema violation in the descriptor ``data`` (empty list: valid)."""
+    """Every schema violation in the descriptor ``data`` (empty list: valid).
+
+    An OVF 2.0 descriptor written by VirtualBox is checked with its known deviations repaired
+    (see ``_virtualbox_ovf20_repaired``).
+    """
     try:
         facts_format = read_descriptor(data).ovf_format
     except ValueError as exc:
         return [str(exc)]
     schema = ovf_schema(facts_format, schema_dir)
     root = ET.fromstring(data)
+    if facts_format == "ovf20":
+        _virtualbox_ovf20_repaired(root)
     return [f"{e.path}: {e.reason}" for e in schema.iter_errors(root)]
