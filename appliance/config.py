@@ -100,6 +100,11 @@ class VMSettings(_Section):
     box_version: str = Field(
         "", pattern=r"^([0-9][0-9A-Za-z.+-]*|[<>=~ ,0-9A-Za-z.]*)$", description="Box version constraint (empty: any)."
     )
+    box_checksum: str = Field(
+        "",
+        pattern=r"^(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})?$",
+        description="`sha256:<hex>` of the box file Vagrant downloads (pin a public box; empty: not checked).",
+    )
     boot_timeout: int = Field(900, ge=30, le=7200, description="Seconds Vagrant waits for the guest to boot.")
 
 
