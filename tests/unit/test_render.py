@@ -159,7 +159,7 @@ def test_box_checksum_must_name_its_algorithm() -> None:
     from appliance.errors import ConfigError
 
     for bad in ("0123abcd", "md5:" + "0" * 32, "sha256:" + "0" * 63, "sha256:" + "G" * 64):
-        with pytest.raises(ConfigError, match="vm.box_checksum"):
+        with pytest.raises(ConfigError, match=r"vm\.box_checksum"):
             _cfg("virtualbox", f"vm.box_checksum={bad}")
 
 
