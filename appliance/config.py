@@ -315,7 +315,7 @@ class OutputSettings(_Section):
         json_schema_extra=_env("APPLIANCE_VERSION"),
     )
     ovf_format: Literal["ovf10", "ovf20"] = Field(
-        "ovf10", description="OVF 1.0 (VirtualBox and VMware import it) or OVF 2.0."
+        "ovf10", description="OVF 1.0 (VirtualBox's default) or OVF 2.0."
     )
     product: str = Field("CSGHub", max_length=200, description="OVF product name.")
     vendor: str = Field("OpenCSG", max_length=200, description="OVF vendor.")

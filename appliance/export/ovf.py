@@ -5,7 +5,8 @@ system: CPUs and memory from ``cfg.vm``, a SATA (AHCI) controller holding the di
 PRO/1000 NIC on NAT, and the product, annotation and licence sections from ``cfg.output``.
 The layout follows what ``VBoxManage export`` produces (element and section order, namespace
 prefixes, the Item fields and their alphabetical order, the Info texts), so VirtualBox imports
-it as if it had written it, and VMware reads the standard part.
+it as if it had written it (checked against VirtualBox 7.2 in the vbox test tier). VMware is
+not a target: see docs/export.md.
 
 NAT port forwards have no place in standard OVF: VirtualBox keeps them only in its own
 ``vbox:Machine`` section (a copy of its settings-file format). Without that section an
