@@ -46,3 +46,23 @@ def test_our_ova_imports(vbox: VBoxSession, built_ova: Path,
     assert info["nic1"] == "nat"
     rules = nat_rules(info)
     assert rules and all(r.host_ip == "127.0.0.1" for r in rules)
+
+
+def test_parser_reads_real_showvminfo_with_awkward_values(
+        vbox: VBoxSession, built_ova: Path, import_ova: Callable[..., dict[str, str]], vm_name: str) -> None:
+    """The showvminfo parser against VirtualBox's real printer (the unit tests' sample is hand-written)."""
+    from appliance.export.virtualbox import parse_machinereadable
+
+    import_ova(built_ova, vm_name)
+    description = 'CSGHub "build" VM\nsecond line, with a backslash \\ in it'
+    vbox.manage("modifyvm", vm_name, "--description", description)
+    vbox.manage("modifyvm", vm_name, "--natpf1", "with space,tcp,127.0.0.1,2222,,22")
+    raw = vbox.manage("showvminfo", vm_name, "--machinereadable").stdout
+    info = parse_machinereadable(raw)
+    assert info["description"] == description
+    assert info["GuestMemoryBalloon"] == "0"  # parsing went on after the multi-line value
+    assert ("with space", "127.0.0.1", 2222, 22) in {(r.name, r.host_ip, r.host_port, r.guest_port)
+                                                     for r in nat_rules(info)}
+    # Every line of the real output is accounted for: a key=value pair, a continuation of a
+    # multi-line value, or one of VirtualBox 7's indented headings.
+    assert len(info) >= sum(1 for line in raw.splitlines() if "=" in line and not line.startswith(" ")) - 1
