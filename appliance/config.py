@@ -106,6 +106,10 @@ class VMSettings(_Section):
         description="`sha256:<hex>` of the box file Vagrant downloads (pin a public box; empty: not checked).",
     )
     boot_timeout: int = Field(900, ge=30, le=7200, description="Seconds Vagrant waits for the guest to boot.")
+    verify_timeout: int = Field(
+        3600, ge=60, le=21600,
+        description="Seconds verify's boot waits for a fresh copy: its first boot installs the whole release.",
+    )
 
 
 class LibvirtSettings(_Section):

@@ -352,7 +352,7 @@ def verify_ova(
         login, cfg_http = boot_access(cfg)
         http_port = http_port if http_port is not None else cfg_http
         http_host = http_host or portal_host(cfg)
-        boot_timeout = cfg.vm.boot_timeout
+        boot_timeout = cfg.vm.verify_timeout
         cpus, memory_mb = min(cfg.vm.cpus, os.cpu_count() or 1), cfg.vm.memory_mb
         if cfg.provider == "virtualbox":
             boot_with = "virtualbox"
@@ -695,7 +695,7 @@ def verify_from_config(
     """``invoke verify-ova``: :func:`verify_ova` with the access from the configuration, then a summary."""
     login, http_port = boot_access(cfg, ssh_key=ssh_key, http=http) if boot else (None, None)
     report = verify_ova(path, boot=boot, login=login, http_port=http_port, http_host=portal_host(cfg),
-                        boot_timeout=cfg.vm.boot_timeout,
+                        boot_timeout=cfg.vm.verify_timeout,
                         cpus=min(cfg.vm.cpus, os.cpu_count() or 1), memory_mb=cfg.vm.memory_mb,
                         boot_with="virtualbox" if cfg.provider == "virtualbox" else "qemu")
     for name, outcome in report.checks:
