@@ -47,7 +47,8 @@ from appliance.run import run, which
 
 BLOCK = 512
 CHUNK = 4 << 20
-_MANIFEST_LINE = re.compile(r"^(SHA1|SHA256|SHA512)\((.+)\)= ([0-9a-fA-F]+)$")
+# "SHA256(name)= hex" (OpenSSL, ours) and "SHA1 (name) = hex" (VirtualBox's own exports).
+_MANIFEST_LINE = re.compile(r"^(SHA1|SHA256|SHA512) ?\((.+)\) ?= ([0-9a-fA-F]+)$")
 _HASHES = {"SHA1": "sha1", "SHA256": "sha256", "SHA512": "sha512"}
 
 
@@ -100,6 +101,8 @@ def scan_tar(f: io.BufferedReader, file_size: int, reasons: list[str]) -> list[T
     while True:
         f.seek(offset)
         header = f.read(BLOCK)
+        if not header and offset == file_size and members:
+            return members  # ends right after a member, without end-of-archive blocks: VirtualBox does that
         if len(header) < BLOCK:
             reasons.append(f"tar: archive ends at byte {offset} without an end-of-archive marker (truncated?)")
             return members
@@ -217,7 +220,9 @@ def _check_structure(path: Path, work: Path, report: VerifyReport, reasons: list
         ovf_bytes = f.read(ovf_member.size)
 
         mf_name = ovf_member.name[:-4] + ".mf"
-        if len(members) < 2 or members[1].name != mf_name:
+        # The manifest follows the .ovf (ours) or ends the archive (VirtualBox's own exports).
+        mf_last = len(members) > 2 and members[-1].name == mf_name
+        if not mf_last and (len(members) < 2 or members[1].name != mf_name):
             found = members[1].name if len(members) > 1 else "nothing"
             reasons.append(f"second member is {found!r}; expected the manifest {mf_name!r} after the .ovf")
 
@@ -229,7 +234,7 @@ def _check_structure(path: Path, work: Path, report: VerifyReport, reasons: list
         if facts is not None:
             report.ovf_format = facts.ovf_format
             hrefs = [href for _, href, _ in facts.files]
-            expected = [ovf_member.name, mf_name, *hrefs]
+            expected = [ovf_member.name, *hrefs, mf_name] if mf_last else [ovf_member.name, mf_name, *hrefs]
             actual = [m.name for m in members]
             for name in hrefs:
                 if name not in by_name:
@@ -331,8 +336,13 @@ def verify_ova(
     boot_timeout: float = 900,
     cpus: int = 2,
     memory_mb: int = 2048,
+    boot_with: str = "qemu",
 ) -> VerifyReport:
     """Check ``path`` structurally (all failures at once), then boot a copy unless ``boot=False``.
+
+    ``boot_with`` is ``qemu`` (the extracted disk under QEMU: KVM if it works, else TCG, no
+    route out) or ``virtualbox`` (the OVA imported into a temporary VirtualBox VM, see
+    ``appliance.vboxboot``).
 
     With ``cfg`` and no ``login``, the boot check's login and HTTP port come from the
     configuration (see :func:`boot_access`), and so do its CPUs (at most the host's) and memory.
@@ -342,8 +352,10 @@ def verify_ova(
         login, cfg_http = boot_access(cfg)
         http_port = http_port if http_port is not None else cfg_http
         http_host = http_host or portal_host(cfg)
-        boot_timeout = cfg.vm.boot_timeout
+        boot_timeout = cfg.vm.verify_timeout
         cpus, memory_mb = min(cfg.vm.cpus, os.cpu_count() or 1), cfg.vm.memory_mb
+        if cfg.provider == "virtualbox":
+            boot_with = "virtualbox"
     if not path.is_file():
         raise UsageError(f"no OVA at {str(path)!r}")
     if boot and login is None:
@@ -365,10 +377,17 @@ def verify_ova(
             assert login is not None
             if len(disks) != 1:
                 raise VerifyError(f"{path}: boot check expects one disk, found {len(disks)}")
-            with log.step("boot a fresh copy"):
-                report.boot = boot_check(next(iter(disks.values())), login=login, http_port=http_port,
-                                         http_host=http_host,
-                                         timeout=boot_timeout, work_dir=work, cpus=cpus, memory_mb=memory_mb)
+            with log.step(f"boot a fresh copy ({boot_with})"):
+                if boot_with == "virtualbox":
+                    from appliance.vboxboot import virtualbox_boot_check
+
+                    report.boot = virtualbox_boot_check(path, login=login, http_port=http_port, http_host=http_host,
+                                                        timeout=boot_timeout, work_dir=work, cpus=cpus,
+                                                        memory_mb=memory_mb)
+                else:
+                    report.boot = boot_check(next(iter(disks.values())), login=login, http_port=http_port,
+                                             http_host=http_host,
+                                             timeout=boot_timeout, work_dir=work, cpus=cpus, memory_mb=memory_mb)
             report.checks.append(("boot", "checked"))
     return report
 
@@ -459,24 +478,33 @@ def _free_loopback_port() -> int:
 def _qemu_vm(
     overlay: Path, forwards: dict[int, int], work: Path, cpus: int, memory_mb: int
 ) -> Iterator[Path]:
-    """Start QEMU (TCG, daemonized, stopped by its PID on exit); yields the serial console log."""
+    """Start QEMU (daemonized, stopped by its PID on exit); yields the serial console log.
+
+    KVM when the host probe (the libvirt driver's) shows it really runs a guest, else TCG. The
+    user network is ``restrict=on``: the copy has no route out (its port forwards still work),
+    so a pass proves it comes up offline.
+    """
     qemu = which("qemu-system-x86_64")
     if qemu is None:
         raise PrerequisiteMissing("qemu-system-x86_64 is not installed",
                                   hint="apt-get install --no-install-recommends qemu-system-x86")
+    from appliance.hostprobe import detect_libvirt_driver
+
+    driver, why = detect_libvirt_driver()
+    accel, cpu = ("kvm", "host") if driver == "kvm" else ("tcg", "max")
+    log.info(f"boot check under {accel.upper()} ({why})")
     pidfile, console = work / "qemu.pid", work / "console.log"
     hostfwd = ",".join(f"hostfwd=tcp:127.0.0.1:{host}-:{guest}" for host, guest in forwards.items())
     argv = [
         qemu, "-daemonize", "-pidfile", str(pidfile), "-name", "verify-ova",
-        # TCG: hardware KVM hangs guests on these hosts (see DESIGN.md).
-        "-machine", "pc,accel=tcg", "-cpu", "max", "-smp", str(cpus), "-m", str(memory_mb),
+        "-machine", f"pc,accel={accel}", "-cpu", cpu, "-smp", str(cpus), "-m", str(memory_mb),
         "-display", "none", "-serial", f"file:{console}", "-monitor", "none",
         # SATA (AHCI) and an Intel E1000, as the OVA describes: a guest that boots here has the
         # drivers VirtualBox's hardware needs.
         "-device", "ahci,id=ahci",
         "-drive", f"if=none,id=disk0,file={overlay},format=qcow2",
         "-device", "ide-hd,drive=disk0,bus=ahci.0",
-        "-netdev", f"user,id=net0,{hostfwd}", "-device", "e1000,netdev=net0",
+        "-netdev", f"user,id=net0,restrict=on,{hostfwd}", "-device", "e1000,netdev=net0",
     ]
     run(argv, timeout=60, hint="QEMU could not start the VM")
     pid = int(pidfile.read_text().strip())
@@ -667,8 +695,9 @@ def verify_from_config(
     """``invoke verify-ova``: :func:`verify_ova` with the access from the configuration, then a summary."""
     login, http_port = boot_access(cfg, ssh_key=ssh_key, http=http) if boot else (None, None)
     report = verify_ova(path, boot=boot, login=login, http_port=http_port, http_host=portal_host(cfg),
-                        boot_timeout=cfg.vm.boot_timeout,
-                        cpus=min(cfg.vm.cpus, os.cpu_count() or 1), memory_mb=cfg.vm.memory_mb)
+                        boot_timeout=cfg.vm.verify_timeout,
+                        cpus=min(cfg.vm.cpus, os.cpu_count() or 1), memory_mb=cfg.vm.memory_mb,
+                        boot_with="virtualbox" if cfg.provider == "virtualbox" else "qemu")
     for name, outcome in report.checks:
         log.info(f"{name}: {outcome}")
     if report.boot:
