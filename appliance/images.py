@@ -1,0 +1,374 @@
+"""The image set: every container image an offline appliance must hold, computed once, on the build host.
+
+One function decides it (:func:`image_set`), and everything else uses its answer: the build uploads it
+as ``images.txt`` beside the manifests (:func:`write_image_list`), ``provision/30-csghub.sh`` pulls,
+checks and pins exactly that list and fails on drift, and the tests compare it with the real chart.
+
+- **Rendered images** (:func:`rendered_images`): the chart is rendered with the values the build
+  installs (``helm template``, real helm, ``--kube-version`` of the pinned k3s and ``--api-versions`` of
+  the CRDs the cluster gets), and the rendered objects are walked structurally: every container, init
+  container and ephemeral container of every pod spec (Deployment, StatefulSet, DaemonSet, ReplicaSet,
+  Job, CronJob's job template, Pod, and pod templates nested in custom resources), plus the image fields
+  of the custom resources the chart creates (EnvoyProxy, KnativeServing registry overrides, Knative's
+  caching Image). Text is never grepped: a CSS ``background-image: url(...)`` is not an image.
+- **Runtime images** (``appliance/data/images.yaml``): images that operators and CSGHub's services start
+  later, each with where it comes from (a rendered ConfigMap's key, or a project's default at the
+  version the chart pins).
+- **Names** (:func:`normalize_image`) follow containerd's CRI rules exactly, so that a name in the list
+  is the name ``ctr -n k8s.io images ls -q`` shows once the image is stored (checked against a real
+  containerd in ``tests/unit/test_images_containerd.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from appliance.errors import ApplianceError
+
+DATA_FILE = Path(__file__).resolve().parent / "data" / "images.yaml"
+GUEST_IMAGE_LIST = "/var/cache/csghub-appliance/manifests/images.txt"
+
+# The API groups the cluster will serve when the chart is installed: k3s's own, plus the CRDs the
+# chart's subcharts bring (Gateway API and Envoy Gateway, Knative operator, Argo, LWS). Passing
+# them makes `helm template` render what `helm install` on that cluster renders.
+CLUSTER_API_VERSIONS = (
+    "helm.cattle.io/v1",
+    "k3s.cattle.io/v1",
+    "gateway.networking.k8s.io/v1",
+    "gateway.networking.k8s.io/v1alpha2",
+    "gateway.envoyproxy.io/v1alpha1",
+    "operator.knative.dev/v1beta1",
+    "serving.knative.dev/v1",
+    "argoproj.io/v1alpha1",
+    "leaderworkerset.x-k8s.io/v1",
+    "monitoring.coreos.com/v1",
+)
+
+_POD_TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
+    "Pod": ("spec",),
+    "Deployment": ("spec", "template", "spec"),
+    "StatefulSet": ("spec", "template", "spec"),
+    "DaemonSet": ("spec", "template", "spec"),
+    "ReplicaSet": ("spec", "template", "spec"),
+    "ReplicationController": ("spec", "template", "spec"),
+    "Job": ("spec", "template", "spec"),
+    "CronJob": ("spec", "jobTemplate", "spec", "template", "spec"),
+}
+_CONTAINER_LISTS = ("initContainers", "containers", "ephemeralContainers")
+
+
+class ImageError(ApplianceError, ValueError):
+    """An image reference or the image declaration is not what the appliance can use."""
+
+
+# -- names as containerd stores them ---------------------------------------------------------------
+
+_DOMAIN_DEFAULT = "docker.io"
+_OFFICIAL_PREFIX = "library/"
+_DIGEST = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[0-9a-fA-F]{32,}$")
+_TAG = re.compile(r"^[\w][\w.-]{0,127}$")
+_PATH_COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
+_DOMAIN = re.compile(
+    r"^(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*"
+    r"|\[[0-9a-fA-F:]+\])(?::[0-9]+)?$"
+)
+
+
+def normalize_image(ref: str) -> str:
+    """The name containerd's CRI gives ``ref`` in its store (``docker.ParseDockerRef``).
+
+    ``busybox`` -> ``docker.io/library/busybox:latest``; ``docker.io/redis:7`` ->
+    ``docker.io/library/redis:7``; ``opencsghq/x:v1`` -> ``docker.io/opencsghq/x:v1``; a name with a tag
+    *and* a digest keeps only the digest (``name:tag@sha256:..`` -> ``docker.io/library/name@sha256:..``);
+    a name without tag or digest gets ``:latest``. The first path component is a registry only if it
+    has a ``.`` or a ``:``, is ``localhost``, or has upper-case letters. Raises :class:`ImageError` for
+    anything that is not a valid reference.
+    """
+    if not isinstance(ref, str) or not ref or ref != ref.strip() or any(c.isspace() for c in ref):
+        raise ImageError(f"not an image reference: {ref!r}")
+    name, _, digest = ref.partition("@")
+    if digest and not _DIGEST.match(digest):
+        raise ImageError(f"image reference {ref!r}: {digest!r} is not a digest (algorithm:hex)")
+    tag = ""
+    last_slash = name.rfind("/")
+    colon = name.rfind(":")
+    if colon > last_slash:
+        name, tag = name[:colon], name[colon + 1 :]
+        if not _TAG.match(tag):
+            raise ImageError(f"image reference {ref!r}: {tag!r} is not a valid tag")
+    first, sep, rest = name.partition("/")
+    if sep and (("." in first or ":" in first) or first == "localhost" or first.lower() != first):
+        domain, path = first, rest
+        if not _DOMAIN.match(domain):
+            raise ImageError(f"image reference {ref!r}: {domain!r} is not a registry host")
+    else:
+        domain, path = _DOMAIN_DEFAULT, name
+    if domain == "index.docker.io":
+        domain = _DOMAIN_DEFAULT
+    if domain == _DOMAIN_DEFAULT and "/" not in path:
+        path = _OFFICIAL_PREFIX + path
+    if not path or not all(_PATH_COMPONENT.match(part) for part in path.split("/")):
+        raise ImageError(
+            f"image reference {ref!r}: the repository {path!r} is not valid "
+            "(lower-case letters, digits and . _ - separators)"
+        )
+    full = f"{domain}/{path}"
+    if digest:
+        return f"{full}@{digest}"  # the CRI drops a tag that comes with a digest
+    return f"{full}:{tag or 'latest'}"
+
+
+# -- images in rendered objects ---------------------------------------------------------------------
+
+
+def _dig(obj: Any, path: Sequence[str]) -> Any:
+    for key in path:
+        if not isinstance(obj, Mapping):
+            return None
+        obj = obj.get(key)
+    return obj
+
+
+def _name(obj: Mapping[str, Any]) -> str:
+    meta = obj.get("metadata") or {}
+    ns = meta.get("namespace")
+    return f"{obj.get('kind')} {ns + '/' if ns else ''}{meta.get('name')}"
+
+
+def _pod_spec_images(spec: Any, where: str) -> Iterator[tuple[str, str]]:
+    if not isinstance(spec, Mapping):
+        return
+    for field_name in _CONTAINER_LISTS:
+        for container in spec.get(field_name) or []:
+            if isinstance(container, Mapping) and container.get("image"):
+                yield str(container["image"]), f"{where} {field_name}[{container.get('name', '?')}]"
+
+
+def _nested_pod_specs(node: Any, path: str) -> Iterator[tuple[Any, str]]:
+    """Pod specs inside a custom resource: any mapping with a ``containers`` list of named containers."""
+    if isinstance(node, Mapping):
+        containers = node.get("containers")
+        if isinstance(containers, list) and containers and all(
+            isinstance(c, Mapping) and "name" in c for c in containers
+        ):
+            yield node, path
+            return
+        for key, value in node.items():
+            yield from _nested_pod_specs(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _nested_pod_specs(value, f"{path}[{i}]")
+
+
+def _custom_resource_images(obj: Mapping[str, Any], where: str) -> Iterator[tuple[str, str]]:
+    kind = obj.get("kind")
+    if kind == "EnvoyProxy":
+        kubernetes = _dig(obj, ("spec", "provider", "kubernetes")) or {}
+        for part in ("envoyDeployment", "envoyDaemonSet"):
+            image = _dig(kubernetes, (part, "container", "image"))
+            if image:
+                yield str(image), f"{where} spec.provider.kubernetes.{part}.container.image"
+    elif kind in ("KnativeServing", "KnativeEventing"):
+        overrides = _dig(obj, ("spec", "registry", "override")) or {}
+        if isinstance(overrides, Mapping):
+            for key, image in overrides.items():
+                if image:
+                    yield str(image), f"{where} spec.registry.override[{key}]"
+    elif kind == "Image" and str(obj.get("apiVersion", "")).startswith("caching.internal.knative.dev/"):
+        image = _dig(obj, ("spec", "image"))
+        if image:
+            yield str(image), f"{where} spec.image"
+    for spec, path in _nested_pod_specs(obj.get("spec"), "spec"):
+        yield from _pod_spec_images(spec, f"{where} {path}")
+
+
+def rendered_images(objects: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
+    """Image reference (as written) -> where each is named, from the rendered objects' structure."""
+    found: dict[str, list[str]] = {}
+    for obj in objects:
+        if not isinstance(obj, Mapping):
+            continue
+        kind = obj.get("kind")
+        where = _name(obj)
+        if kind in _POD_TEMPLATE_PATHS:
+            pairs: Iterator[tuple[str, str]] = _pod_spec_images(_dig(obj, _POD_TEMPLATE_PATHS[str(kind)]), where)
+        elif kind in ("ConfigMap", "Secret", "List") or str(obj.get("apiVersion", "")).startswith("v1"):
+            continue  # core objects without pod specs; ConfigMap values are read only where declared
+        else:
+            pairs = _custom_resource_images(obj, where)
+        for image, source in pairs:
+            found.setdefault(image, []).append(source)
+    return found
+
+
+# -- runtime images -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """One image of the set: its stored name, the references that lead to it, and where each comes from."""
+
+    name: str
+    references: tuple[str, ...]
+    sources: tuple[str, ...] = field(default=())
+
+
+def load_declarations(path: Path = DATA_FILE) -> list[dict[str, Any]]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ImageError(f"cannot read the runtime image declarations {path}: {exc}") from None
+    entries = data.get("runtime") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise ImageError(f"{path}: expected a `runtime:` list of image declarations")
+    for i, entry in enumerate(entries):
+        where = f"{path.name}: runtime[{i}]"
+        if not isinstance(entry, dict) or not entry.get("from"):
+            raise ImageError(f"{where}: every entry needs a `from` saying where the image comes from")
+        if ("image" in entry) == ("configmap" in entry):
+            raise ImageError(f"{where}: give either `image` or `configmap` + `key`")
+        if "configmap" in entry and not entry.get("key"):
+            raise ImageError(f"{where}: a `configmap` entry needs the `key` that holds the image")
+        if "image" in entry:
+            normalize_image(str(entry["image"]))  # refuse a malformed declaration early
+    return entries
+
+
+def runtime_images(
+    objects: Sequence[Mapping[str, Any]], release: str = "csghub", declarations: Sequence[Mapping[str, Any]] | None = None
+) -> dict[str, list[str]]:
+    """Image reference -> where it comes from, for the declared runtime images this render needs."""
+    decls = load_declarations() if declarations is None else declarations
+    kinds = {str(o.get("kind")) for o in objects if isinstance(o, Mapping)}
+    configmaps = {
+        str(_dig(o, ("metadata", "name"))): (o.get("data") or {})
+        for o in objects
+        if isinstance(o, Mapping) and o.get("kind") == "ConfigMap"
+    }
+    serving_versions = {
+        str(_dig(o, ("spec", "version")))
+        for o in objects
+        if isinstance(o, Mapping) and o.get("kind") == "KnativeServing"
+    }
+    found: dict[str, list[str]] = {}
+    for decl in decls:
+        source = str(decl["from"])
+        if "configmap" in decl:
+            name = str(decl["configmap"]).replace("<release>", release)
+            if name not in configmaps:
+                continue  # the component is off
+            value = configmaps[name].get(decl["key"])
+            if not value:
+                raise ImageError(
+                    f"the rendered ConfigMap {name} has no {decl['key']}: the chart no longer names the image "
+                    f"this key held ({source})",
+                    hint=f"find where the chart names it now and update {DATA_FILE}",
+                )
+            found.setdefault(str(value), []).append(f"ConfigMap {name} {decl['key']} ({source})")
+            continue
+        when_kind = decl.get("when_kind")
+        if when_kind and when_kind not in kinds:
+            continue
+        when_configmap = decl.get("when_configmap")
+        if when_configmap and str(when_configmap).replace("<release>", release) not in configmaps:
+            continue
+        version = decl.get("version")
+        if version is not None and when_kind == "KnativeServing":
+            other = sorted(v for v in serving_versions if v != str(version))
+            if other:
+                raise ImageError(
+                    f"the chart asks for Knative Serving {', '.join(other)}, but {DATA_FILE.name} declares the "
+                    f"images of {version}",
+                    hint=f"take that version's images from the Knative operator's kodata and update {DATA_FILE}",
+                )
+        found.setdefault(str(decl["image"]), []).append(source)
+    return found
+
+
+def image_set(
+    objects: Sequence[Mapping[str, Any]], release: str = "csghub", declarations: Sequence[Mapping[str, Any]] | None = None
+) -> list[ImageEntry]:
+    """The declared image set: rendered + runtime images, by containerd name, sorted."""
+    merged: dict[str, tuple[set[str], list[str]]] = {}
+    for refs in (rendered_images(objects), runtime_images(objects, release, declarations)):
+        for ref, sources in refs.items():
+            try:
+                name = normalize_image(ref)
+            except ImageError as exc:
+                raise ImageError(f"{exc} (named by {sources[0]})") from None
+            bucket = merged.setdefault(name, (set(), []))
+            bucket[0].add(ref)
+            bucket[1].extend(sources)
+    if not merged:
+        raise ImageError("the rendered chart names no image at all: is it the CSGHub chart?")
+    return [ImageEntry(name, tuple(sorted(refs)), tuple(sources)) for name, (refs, sources) in sorted(merged.items())]
+
+
+def image_list_text(entries: Sequence[ImageEntry]) -> str:
+    """``images.txt`` as the csghub step reads it: one containerd name per line, sorted."""
+    return "".join(f"{e.name}\n" for e in entries)
+
+
+# -- rendering the chart ------------------------------------------------------------------------------
+
+
+def kube_version(k3s_version: str) -> str:
+    """``v1.34.3+k3s1`` -> ``v1.34.3``: the Kubernetes version helm renders for."""
+    return k3s_version.split("+", 1)[0]
+
+
+def helm_template(
+    helm: Path,
+    chart: Path,
+    values: Mapping[str, Any],
+    *,
+    k3s_version: str,
+    release: str = "csghub",
+    namespace: str = "csghub",
+    extra_values: Sequence[Mapping[str, Any]] = (),
+) -> list[dict[str, Any]]:
+    """``helm template`` the chart (directory or archive) as the cluster would install it; the objects."""
+    args = [str(helm), "template", release, str(chart), "-n", namespace,
+            "--kube-version", kube_version(k3s_version)]
+    for api in CLUSTER_API_VERSIONS:
+        args += ["--api-versions", api]
+    with tempfile.TemporaryDirectory(prefix="csghub-values-") as tmp:
+        for i, layer in enumerate([values, *extra_values]):
+            path = Path(tmp) / f"values-{i}.yaml"
+            path.write_text(yaml.safe_dump(dict(layer), sort_keys=False), encoding="utf-8")
+            args += ["-f", str(path)]
+        try:
+            proc = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False,
+                                  stdin=subprocess.DEVNULL, env={**os.environ, "LANG": "C.UTF-8"})
+        except OSError as exc:
+            raise ImageError(f"cannot run helm ({helm}): {exc.strerror or exc}",
+                             hint="run `invoke fetch` (it downloads the pinned helm)") from None
+        except subprocess.TimeoutExpired:
+            raise ImageError(f"helm template {chart.name} did not finish within 300 s") from None
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise ImageError(f"helm template {chart.name} failed (exit {proc.returncode}):\n{tail}")
+    try:
+        docs = list(yaml.safe_load_all(proc.stdout))
+    except yaml.YAMLError as exc:
+        raise ImageError(f"helm template {chart.name} printed YAML that does not parse: {exc}") from None
+    return [doc for doc in docs if isinstance(doc, dict)]
+
+
+def write_image_list(entries: Sequence[ImageEntry], directory: Path) -> Path:
+    """Write ``images.txt`` atomically into ``directory``; returns its path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "images.txt"
+    tmp = directory / ".images.txt.tmp"
+    tmp.write_text(image_list_text(entries), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
