@@ -23,16 +23,21 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from appliance.config import ApplianceConfig
 from appliance.errors import ApplianceError
+
+if TYPE_CHECKING:
+    from appliance.ssh import RemoteSession
 
 DATA_FILE = Path(__file__).resolve().parent / "data" / "images.yaml"
 GUEST_IMAGE_LIST = "/var/cache/csghub-appliance/manifests/images.txt"
@@ -244,7 +249,9 @@ def load_declarations(path: Path = DATA_FILE) -> list[dict[str, Any]]:
 
 
 def runtime_images(
-    objects: Sequence[Mapping[str, Any]], release: str = "csghub", declarations: Sequence[Mapping[str, Any]] | None = None
+    objects: Sequence[Mapping[str, Any]],
+    release: str = "csghub",
+    declarations: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, list[str]]:
     """Image reference -> where it comes from, for the declared runtime images this render needs."""
     decls = load_declarations() if declarations is None else declarations
@@ -295,7 +302,9 @@ def runtime_images(
 
 
 def image_set(
-    objects: Sequence[Mapping[str, Any]], release: str = "csghub", declarations: Sequence[Mapping[str, Any]] | None = None
+    objects: Sequence[Mapping[str, Any]],
+    release: str = "csghub",
+    declarations: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[ImageEntry]:
     """The declared image set: rendered + runtime images, by containerd name, sorted."""
     merged: dict[str, tuple[set[str], list[str]]] = {}
@@ -372,3 +381,59 @@ def write_image_list(entries: Sequence[ImageEntry], directory: Path) -> Path:
     tmp.write_text(image_list_text(entries), encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def write_build_image_list(cfg: ApplianceConfig, helm: Path | None = None) -> Path:
+    """Render the cached chart archive with the build's values and write its image set for upload.
+
+    ``build/manifests/images.txt``; the csghub step reads it as ``MANIFEST_DIR/images.txt``.
+    """
+    from appliance.artifacts import fetch_helm, planned_artifacts
+    from appliance.log import log
+    from appliance.manifests import RELEASE_NAME, RELEASE_NAMESPACE
+    from appliance.values import generate_values
+
+    chart = next(a for a in planned_artifacts(cfg) if a.group == "csghub_chart").cache_path
+    if not chart.is_file():
+        raise ImageError(f"the chart archive {chart} is not in the cache", hint="run `invoke fetch` first")
+    objects = helm_template(helm or fetch_helm(cfg), chart, generate_values(cfg), k3s_version=cfg.k3s.version,
+                            release=RELEASE_NAME, namespace=RELEASE_NAMESPACE)
+    entries = image_set(objects, RELEASE_NAME)
+    path = write_image_list(entries, cfg.build_dir / "manifests")
+    log.info(f"image set: {len(entries)} images the appliance stores offline ({path})")
+    return path
+
+
+# -- what the guest stored (read back for build-report.json) --------------------------------------------
+
+GUEST_STORED_LIST = "/usr/local/share/csghub-appliance/images.txt"  # written by provision/30-csghub.sh
+_STORED_LINE = re.compile(r"^(\S+) (sha256:[0-9a-f]{64})$")
+
+
+def parse_stored_images(text: str) -> list[dict[str, str]]:
+    """``NAME DIGEST`` lines (the csghub step's record) -> ``[{"name", "digest"}]``, sorted by name."""
+    images: list[dict[str, str]] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        match = _STORED_LINE.match(line.strip())
+        if not match:
+            raise ImageError(f"{GUEST_STORED_LIST} line {number} is not `NAME sha256:DIGEST`: {line[:200]!r}")
+        images.append({"name": match.group(1), "digest": match.group(2)})
+    return sorted(images, key=lambda image: image["name"])
+
+
+def read_stored_images(session: RemoteSession, path: str = GUEST_STORED_LIST) -> list[dict[str, str]]:
+    """The images the guest's csghub step stored and pinned, each with its digest."""
+    result = session.run(f"cat {shlex.quote(path)}", check=False, timeout=60)
+    if not result.ok:
+        raise ImageError(f"cannot read {path} on the guest (exit {result.exit_status}): "
+                         f"{' '.join(result.tail(3)) or 'no output'}",
+                         hint="did the csghub step run to its end? `invoke provision --only csghub`")
+    return parse_stored_images(result.stdout)
+
+
+def unrecorded(declared: Sequence[str], stored: Sequence[Mapping[str, str]]) -> list[str]:
+    """Declared image names the guest's record lacks."""
+    have = {image["name"] for image in stored}
+    return [name for name in declared if name not in have]

@@ -66,9 +66,9 @@ class Containerd:
             "[grpc]\n"
             f'  address = "{self.socket}"\n'
         )
-        log = open(self.base / "containerd.log", "wb")  # noqa: SIM115 - lives as long as the daemon
-        self.process = subprocess.Popen(["containerd", "--config", str(config)], stdout=log, stderr=log,
-                                        stdin=subprocess.DEVNULL)
+        with open(self.base / "containerd.log", "wb") as log:  # the daemon keeps its own copy of the fd
+            self.process = subprocess.Popen(["containerd", "--config", str(config)], stdout=log, stderr=log,
+                                            stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
