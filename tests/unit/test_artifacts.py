@@ -292,7 +292,8 @@ def test_guest_uploads_name_the_cached_files_and_manifests(tmp_path: Path) -> No
     assert uploads[manifest] == "/var/cache/csghub-appliance/manifests/csghub.yaml"
     assert yaml.safe_load(manifest.read_text())["kind"] == "HelmChart"
     # The image set (appliance/images.py writes it before provisioning) travels with the manifests.
-    assert uploads[tmp_path / "build" / "manifests" / "images.txt"] == "/var/cache/csghub-appliance/manifests/images.txt"
+    images = tmp_path / "build" / "manifests" / "images.txt"
+    assert uploads[images] == "/var/cache/csghub-appliance/manifests/images.txt"
     assert len(uploads) == 6
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from appliance.config import PROJECT_ROOT, ApplianceConfig
 from appliance.images import (
@@ -25,8 +26,11 @@ from appliance.images import (
     image_list_text,
     image_set,
     normalize_image,
+    parse_stored_images,
     rendered_images,
     runtime_images,
+    unrecorded,
+    write_build_image_list,
 )
 from appliance.values import generate_values
 from tests.chart import CHART_DIR
@@ -230,3 +234,112 @@ def test_per_copy_values_do_not_change_the_image_set(
     copy_objects = helm_template(helm_bin, CHART_DIR, generate_values(chart_cfg), k3s_version=chart_cfg.k3s.version,
                                  extra_values=[per_copy])
     assert image_list_text(image_set(copy_objects)) == image_list_text(image_set(chart_objects))
+
+
+def test_the_build_writes_the_same_set_from_the_chart_archive(
+    helm_bin: Path, chart_cfg: ApplianceConfig, chart_objects: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    """One source of truth: what the build uploads (images.txt, from the cached archive) is what the tests derive."""
+    charts = tmp_path / "cache" / "charts"
+    charts.mkdir(parents=True)
+    subprocess.run([str(helm_bin), "package", str(CHART_DIR), "-d", str(charts)], check=True, capture_output=True)
+    cfg = chart_cfg.model_copy(update={
+        "artifacts": chart_cfg.artifacts.model_copy(update={"cache_dir": str(tmp_path / "cache")}),
+        "output": chart_cfg.output.model_copy(update={"build_dir": str(tmp_path / "build")}),
+    })
+    path = write_build_image_list(cfg, helm=helm_bin)
+    assert path == cfg.build_dir / "manifests" / "images.txt"
+    assert path.read_text() == image_list_text(image_set(chart_objects))
+
+
+def test_the_build_refuses_to_compute_the_set_without_the_chart(chart_cfg: ApplianceConfig, tmp_path: Path) -> None:
+    cfg = chart_cfg.model_copy(update={
+        "artifacts": chart_cfg.artifacts.model_copy(update={"cache_dir": str(tmp_path / "empty")})})
+    with pytest.raises(ImageError, match="not in the cache") as info:
+        write_build_image_list(cfg, helm=Path("/bin/false"))
+    assert "invoke fetch" in str(info.value)
+
+
+# -- the pinned helm of the build host ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def helm_publisher(tmp_path: Path) -> Iterator[tuple[str, bytes]]:
+    """get.helm.sh's layout on loopback: the release tarball (a tiny stand-in binary) and its .sha256sum."""
+    import hashlib
+    import io
+    import tarfile
+    import threading
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    root = tmp_path / "www"
+    root.mkdir()
+    binary = b"#!/bin/sh\necho 'version.BuildInfo{Version:\"v3.17.3\"}'\n"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        info = tarfile.TarInfo("linux-amd64/helm")
+        info.size, info.mode = len(binary), 0o755
+        tar.addfile(info, io.BytesIO(binary))
+    name = "helm-v3.17.3-linux-amd64.tar.gz"
+    (root / name).write_bytes(buf.getvalue())
+    (root / f"{name}.sha256sum").write_text(f"{hashlib.sha256(buf.getvalue()).hexdigest()}  {name}\n")
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", binary
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def test_fetch_helm_verifies_and_unpacks_the_pinned_release(
+    helm_publisher: tuple[str, bytes], make_cfg: Callable[..., ApplianceConfig], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import shutil
+
+    from appliance.artifacts import LOCK_FILE, fetch_helm, read_lock
+    from appliance.errors import ArtifactError
+
+    monkeypatch.delenv("APPLIANCE_HELM", raising=False)
+    base, binary = helm_publisher
+    lock = tmp_path / "lock.yaml"
+    shutil.copyfile(LOCK_FILE, lock)
+    cfg = make_cfg(f"artifacts.helm_mirror={base}", f"artifacts.cache_dir={tmp_path / 'cache'}")
+    helm = fetch_helm(cfg, update_lock=True, lock_path=lock)
+    assert helm.read_bytes() == binary and os.access(helm, os.X_OK)
+    assert "v3.17.3" in subprocess.run([str(helm), "version"], capture_output=True, text=True, check=True).stdout
+    assert read_lock(lock)["helm"]["v3.17.3"]["helm-v3.17.3-linux-amd64.tar.gz"] is not None
+    # A lock that pins other bytes refuses the cached tarball and the download alike.
+    data = read_lock(lock)
+    data["helm"]["v3.17.3"]["helm-v3.17.3-linux-amd64.tar.gz"] = "0" * 64
+    lock.write_text(yaml.safe_dump(data))
+    with pytest.raises(ArtifactError, match="sha256 mismatch"):
+        fetch_helm(cfg, lock_path=lock)
+    # $APPLIANCE_HELM is used as given, and must be an executable.
+    monkeypatch.setenv("APPLIANCE_HELM", str(tmp_path / "nothing"))
+    with pytest.raises(ArtifactError, match="not an executable"):
+        fetch_helm(cfg, lock_path=lock)
+
+
+# -- the guest's record, read back for the build report ------------------------------------------------------
+
+
+def test_the_guests_record_parses_and_refuses_garbage() -> None:
+    digest = "sha256:" + "a" * 64
+    text = f"docker.io/library/redis:7.4.9 {digest}\n\ndocker.io/library/busybox:latest {digest}\n"
+    assert parse_stored_images(text) == [
+        {"name": "docker.io/library/busybox:latest", "digest": digest},
+        {"name": "docker.io/library/redis:7.4.9", "digest": digest},
+    ]
+    with pytest.raises(ImageError, match="line 1 is not `NAME sha256:DIGEST`"):
+        parse_stored_images("docker.io/library/redis:7.4.9 sha256:short\n")
+    assert unrecorded(["a", "b"], [{"name": "a", "digest": digest}]) == ["b"]
