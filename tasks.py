@@ -216,12 +216,15 @@ def fetch(c: Context, config: str | None = None, set_: list[str] | None = None, 
 @cli_task()
 def lock(c: Context, config: str | None = None, set_: list[str] | None = None, provider: str | None = None,
          debug: bool = False) -> None:
-    """Fetch and verify the artifacts, then pin their sha256 digests in appliance/data/versions.lock.yaml."""
+    """Fetch and verify the artifacts, then pin their sha256 digests (and the image digests the last build
+    recorded) in appliance/data/versions.lock.yaml."""
     from appliance.artifacts import fetch_artifacts, fetch_helm
+    from appliance.images import pin_recorded_images
 
     cfg = config_from_flags(config, set_, provider, resolve=False)
     fetch_artifacts(cfg, update_lock=True)
     fetch_helm(cfg, update_lock=True)
+    pin_recorded_images(cfg)
 
 
 @cli_task(help={"output": "Write the values to this file instead of printing them."})

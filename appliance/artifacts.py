@@ -163,7 +163,7 @@ def read_lock(path: Path = LOCK_FILE) -> dict[str, Any]:
         raise ArtifactError(f"the version lock {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict) or data.get("lock_version") != 1:
         raise ArtifactError(f"the version lock {path} is not a lock_version 1 file")
-    for group in ("k3s", "csghub_chart", "helm"):
+    for group in ("k3s", "csghub_chart", "helm", "images"):
         section = data.setdefault(group, {})
         if not isinstance(section, dict):
             raise ArtifactError(f"the version lock {path}: `{group}` must be a mapping of versions")

@@ -322,9 +322,10 @@ def image_set(
     return [ImageEntry(name, tuple(sorted(refs)), tuple(sources)) for name, (refs, sources) in sorted(merged.items())]
 
 
-def image_list_text(entries: Sequence[ImageEntry]) -> str:
-    """``images.txt`` as the csghub step reads it: one containerd name per line, sorted."""
-    return "".join(f"{e.name}\n" for e in entries)
+def image_list_text(entries: Sequence[ImageEntry], pins: Mapping[str, str] | None = None) -> str:
+    """``images.txt`` as the csghub step reads it: ``NAME`` or ``NAME DIGEST`` (pinned) per line, sorted."""
+    pins = pins or {}
+    return "".join(f"{e.name} {pins[e.name]}\n" if e.name in pins else f"{e.name}\n" for e in entries)
 
 
 # -- rendering the chart ------------------------------------------------------------------------------
@@ -373,22 +374,25 @@ def helm_template(
     return [doc for doc in docs if isinstance(doc, dict)]
 
 
-def write_image_list(entries: Sequence[ImageEntry], directory: Path) -> Path:
+def write_image_list(entries: Sequence[ImageEntry], directory: Path, pins: Mapping[str, str] | None = None) -> Path:
     """Write ``images.txt`` atomically into ``directory``; returns its path."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "images.txt"
     tmp = directory / ".images.txt.tmp"
-    tmp.write_text(image_list_text(entries), encoding="utf-8")
+    tmp.write_text(image_list_text(entries, pins), encoding="utf-8")
     os.replace(tmp, path)
     return path
 
 
-def write_build_image_list(cfg: ApplianceConfig, helm: Path | None = None) -> Path:
+def write_build_image_list(cfg: ApplianceConfig, helm: Path | None = None, lock_path: Path | None = None) -> Path:
     """Render the cached chart archive with the build's values and write its image set for upload.
 
-    ``build/manifests/images.txt``; the csghub step reads it as ``MANIFEST_DIR/images.txt``.
+    ``build/manifests/images.txt``; the csghub step reads it as ``MANIFEST_DIR/images.txt``. An image
+    whose digest the version lock pins carries it: the step fails if the tag now resolves elsewhere.
     """
-    from appliance.artifacts import fetch_helm, planned_artifacts
+    from appliance.artifacts import LOCK_FILE, fetch_helm, planned_artifacts, read_lock
+
+    lock_path = lock_path or LOCK_FILE
     from appliance.log import log
     from appliance.manifests import RELEASE_NAME, RELEASE_NAMESPACE
     from appliance.values import generate_values
@@ -396,12 +400,51 @@ def write_build_image_list(cfg: ApplianceConfig, helm: Path | None = None) -> Pa
     chart = next(a for a in planned_artifacts(cfg) if a.group == "csghub_chart").cache_path
     if not chart.is_file():
         raise ImageError(f"the chart archive {chart} is not in the cache", hint="run `invoke fetch` first")
-    objects = helm_template(helm or fetch_helm(cfg), chart, generate_values(cfg), k3s_version=cfg.k3s.version,
+    helm = helm or fetch_helm(cfg, lock_path=lock_path)
+    objects = helm_template(helm, chart, generate_values(cfg), k3s_version=cfg.k3s.version,
                             release=RELEASE_NAME, namespace=RELEASE_NAMESPACE)
     entries = image_set(objects, RELEASE_NAME)
-    path = write_image_list(entries, cfg.build_dir / "manifests")
-    log.info(f"image set: {len(entries)} images the appliance stores offline ({path})")
+    pins = locked_image_digests(read_lock(lock_path), cfg.csghub.chart_version)
+    path = write_image_list(entries, cfg.build_dir / "manifests", pins)
+    pinned = sum(1 for e in entries if e.name in pins)
+    log.info(f"image set: {len(entries)} images the appliance stores offline, {pinned} with a digest pinned in the "
+             f"version lock ({path})")
     return path
+
+
+# -- digests pinned in the version lock (`invoke lock`) --------------------------------------------------
+
+
+def locked_image_digests(lock: Mapping[str, Any], chart_version: str) -> dict[str, str]:
+    """Image name -> digest the version lock pins for this chart version (section ``images``)."""
+    section = (lock.get("images") or {}).get(chart_version) or {}
+    if not isinstance(section, Mapping):
+        raise ImageError(f"the version lock's images.{chart_version} must map image names to digests")
+    pins: dict[str, str] = {}
+    for name, digest in section.items():
+        if not isinstance(digest, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+            raise ImageError(f"the version lock pins a malformed digest for {name}: {digest!r}",
+                             hint="a digest is sha256: and 64 hex digits; delete the line and run `invoke lock`")
+        pins[str(name)] = digest
+    return pins
+
+
+def pin_image_digests(cfg: ApplianceConfig, stored: Sequence[Mapping[str, str]], lock_path: Path | None = None) -> int:
+    """Write the digests a build recorded into the version lock; the number that changed."""
+    from appliance.artifacts import LOCK_FILE, read_lock, write_lock
+
+    path = lock_path or LOCK_FILE
+    lock = read_lock(path)
+    section = lock.setdefault("images", {}).setdefault(cfg.csghub.chart_version, {})
+    changed = 0
+    for image in stored:
+        if section.get(image["name"]) != image["digest"]:
+            section[image["name"]] = image["digest"]
+            changed += 1
+    if changed:
+        lock["images"][cfg.csghub.chart_version] = dict(sorted(section.items()))
+        write_lock(lock, path)
+    return changed
 
 
 # -- what the guest stored (read back for build-report.json) --------------------------------------------
@@ -437,3 +480,19 @@ def unrecorded(declared: Sequence[str], stored: Sequence[Mapping[str, str]]) -> 
     """Declared image names the guest's record lacks."""
     have = {image["name"] for image in stored}
     return [name for name in declared if name not in have]
+
+
+def pin_recorded_images(cfg: ApplianceConfig, lock_path: Path | None = None) -> None:
+    """``invoke lock``: pin the digests the last build recorded (``build/state.json``), if it recorded any."""
+    from appliance.log import log
+    from appliance.state import BuildState
+
+    stored = BuildState.load(cfg.build_dir).images
+    if not stored:
+        log.info("no image digests to pin yet: a build records them (`invoke build-ova`), then run `invoke lock`")
+        return
+    changed = pin_image_digests(cfg, stored, lock_path)
+    if changed:
+        log.success(f"pinned {changed} image digest(s) of chart {cfg.csghub.chart_version} in the version lock")
+    else:
+        log.info(f"the version lock already pins the {len(stored)} image digests the last build recorded")

@@ -184,7 +184,14 @@ referenced_images() {
 stored_images() {
     /usr/local/bin/k3s ctr -n k8s.io images ls -q
 }
-mapfile -t wanted < <(grep -v '^[[:space:]]*$' "$IMAGE_SET" | sort -u)
+# A line is "NAME" or "NAME DIGEST" (the digest `invoke lock` pinned for it).
+declare -A pinned_digest=()
+wanted=()
+while read -r name digest _; do
+    [[ -n "$name" ]] || continue
+    wanted+=("$name")
+    [[ -z "${digest:-}" ]] || pinned_digest[$name]=$digest
+done < <(sort -u "$IMAGE_SET")
 ((${#wanted[@]} > 0)) || die "$IMAGE_SET lists no image (the build host writes it: appliance/images.py)"
 have=$(stored_images | sort -u)
 absent=()
@@ -219,6 +226,20 @@ if ((${#missing[@]} > 0)); then
     printf '  %s\n' "${missing[@]}" >&2
     die "${#missing[@]} of ${#wanted[@]} images of the declared set are not in the image store"
 fi
+# NAME DIGEST of every stored image of the set (ctr's table: REF TYPE DIGEST ...).
+digests=$(/usr/local/bin/k3s ctr -n k8s.io images ls | awk 'NR > 1 { print $1, $3 }' | sort -u |
+    awk 'NR == FNR { want[$0] = 1; next } ($1 in want)' <(printf '%s\n' "${wanted[@]}") -)
+moved=()
+for ref in "${!pinned_digest[@]}"; do
+    have_digest=$(awk -v ref="$ref" '$1 == ref { print $2; exit }' <<<"$digests")
+    [[ "$have_digest" == "${pinned_digest[$ref]}" ]] ||
+        moved+=("$ref: stored ${have_digest:-nothing}, the version lock pins ${pinned_digest[$ref]}")
+done
+if ((${#moved[@]} > 0)); then
+    echo "images whose tag no longer resolves to the digest the version lock pins:" >&2
+    printf '  %s\n' "${moved[@]}" >&2
+    die "${#moved[@]} image(s) differ from the version lock (a tag was re-pushed? check, then \`invoke lock\` after a build to accept the new digests)"
+fi
 mapfile -t drift < <(referenced_images 2>/dev/null | grep -v '^$' | sort -u | while read -r ref; do
     name=$(normalize_image "$ref")
     printf '%s\n' "${wanted[@]}" | grep -qxF "$name" || echo "$name (as $ref)"
@@ -230,8 +251,7 @@ if ((${#drift[@]} > 0)); then
 fi
 # NAME DIGEST per line, for build-report.json (the build host reads it back after this step).
 mkdir -p "${IMAGES_LIST%/*}"
-/usr/local/bin/k3s ctr -n k8s.io images ls | awk 'NR > 1 { print $1, $3 }' | sort -u |
-    awk 'NR == FNR { want[$0] = 1; next } ($1 in want)' <(printf '%s\n' "${wanted[@]}") - >"$IMAGES_LIST.tmp"
+printf '%s\n' "$digests" >"$IMAGES_LIST.tmp"
 mv "$IMAGES_LIST.tmp" "$IMAGES_LIST"
 echo "ok: all ${#wanted[@]} images of the declared set are stored and pinned (list with digests: $IMAGES_LIST)"
 

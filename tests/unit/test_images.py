@@ -343,3 +343,29 @@ def test_the_guests_record_parses_and_refuses_garbage() -> None:
     with pytest.raises(ImageError, match="line 1 is not `NAME sha256:DIGEST`"):
         parse_stored_images("docker.io/library/redis:7.4.9 sha256:short\n")
     assert unrecorded(["a", "b"], [{"name": "a", "digest": digest}]) == ["b"]
+
+
+def test_invoke_lock_pins_recorded_digests_and_the_list_carries_them(
+    make_cfg: Callable[..., ApplianceConfig], tmp_path: Path
+) -> None:
+    import shutil
+
+    from appliance.artifacts import LOCK_FILE, read_lock
+    from appliance.images import ImageEntry, locked_image_digests, pin_image_digests
+
+    lock = tmp_path / "lock.yaml"
+    shutil.copyfile(LOCK_FILE, lock)
+    cfg = make_cfg()
+    digest = "sha256:" + "d" * 64
+    stored = [{"name": "docker.io/library/redis:7.4.9", "digest": digest}]
+    assert pin_image_digests(cfg, stored, lock) == 1
+    assert pin_image_digests(cfg, stored, lock) == 0  # already pinned: nothing rewritten
+    pins = locked_image_digests(read_lock(lock), cfg.csghub.chart_version)
+    assert pins == {"docker.io/library/redis:7.4.9": digest}
+    assert lock.read_text().startswith("# Version lock")  # the header survives
+    entries = [ImageEntry("docker.io/library/busybox:latest", ("busybox",)),
+               ImageEntry("docker.io/library/redis:7.4.9", ("redis:7.4.9",))]
+    assert image_list_text(entries, pins).splitlines() == [
+        "docker.io/library/busybox:latest", f"docker.io/library/redis:7.4.9 {digest}"]
+    with pytest.raises(ImageError, match="malformed digest"):
+        locked_image_digests({"images": {"2.4.0": {"x": "sha256:nope"}}}, "2.4.0")

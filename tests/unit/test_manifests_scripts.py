@@ -301,6 +301,30 @@ def test_csghub_step_fails_on_an_image_the_set_does_not_declare(tmp_path: Path, 
     assert "the declared image set is out of date: 1 image(s)" in err
 
 
+def test_csghub_step_checks_digests_the_version_lock_pins(tmp_path: Path, gateway: int) -> None:
+    import hashlib
+
+    def stand_in_digest(name: str) -> str:  # what tests/data/fake_k3s.py reports for a stored image
+        return "sha256:" + hashlib.sha256(name.encode()).hexdigest()
+
+    kept, moved = "docker.io/opencsghq/csghub-portal:v2.4.0-ce", "docker.io/library/redis:7.4.9"
+    fake_state(
+        tmp_path,
+        workloads=["Deployment csghub/csghub-portal 1 1"],
+        httproutes=["csghub.localhost", "casdoor.csghub.localhost"],
+        pod_images=["opencsghq/csghub-portal:v2.4.0-ce"],
+        store=[kept],
+        pullable=[moved],
+    )
+    listed = [f"{kept} {stand_in_digest(kept)}", f"{moved} sha256:{'0' * 64}"]
+    ((rc, _out, err),) = csghub_step_in_namespace(tmp_path, gateway, 1, listed)
+    assert rc != 0
+    assert "images whose tag no longer resolves to the digest the version lock pins:" in err
+    assert f"  {moved}: stored {stand_in_digest(moved)}, the version lock pins sha256:{'0' * 64}" in err
+    assert kept + ":" not in err
+    assert "1 image(s) differ from the version lock" in err
+
+
 # -- the k3s step, against stand-ins for k3s, systemd and ip ------------------------------------
 #
 # Same approach for provision/20-k3s.sh: overlays on /etc, /usr/local and /var/lib in a private
