@@ -369,3 +369,28 @@ def test_invoke_lock_pins_recorded_digests_and_the_list_carries_them(
         "docker.io/library/busybox:latest", f"docker.io/library/redis:7.4.9 {digest}"]
     with pytest.raises(ImageError, match="malformed digest"):
         locked_image_digests({"images": {"2.4.0": {"x": "sha256:nope"}}}, "2.4.0")
+
+
+def test_provisioning_uploads_the_image_set_of_the_values_it_installs(
+    helm_bin: Path, chart_cfg: ApplianceConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`pinned_uploads` (right before the steps run) writes images.txt for these values and uploads it."""
+    from appliance.artifacts import planned_artifacts
+    from appliance.steps import pinned_uploads
+
+    monkeypatch.setenv("APPLIANCE_HELM", str(helm_bin))
+    cfg = chart_cfg.model_copy(update={
+        "artifacts": chart_cfg.artifacts.model_copy(update={"cache_dir": str(tmp_path / "cache")}),
+        "output": chart_cfg.output.model_copy(update={"build_dir": str(tmp_path / "build")}),
+    })
+    for artifact in planned_artifacts(cfg):
+        artifact.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        if artifact.group == "csghub_chart":
+            subprocess.run([str(helm_bin), "package", str(CHART_DIR), "-d", str(artifact.cache_path.parent)],
+                           check=True, capture_output=True)
+        else:
+            artifact.cache_path.write_bytes(b"stand-in")
+    uploads = dict(pinned_uploads(cfg))
+    images = cfg.build_dir / "manifests" / "images.txt"
+    assert uploads[images] == "/var/cache/csghub-appliance/manifests/images.txt"
+    assert "docker.io/library/busybox:latest\n" in images.read_text()
