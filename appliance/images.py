@@ -301,6 +301,79 @@ def runtime_images(
     return found
 
 
+# -- the subchart versions the declared images were read for ------------------------------------------
+
+
+def chart_dependencies(chart: Path) -> dict[str, set[str]]:
+    """Subchart name -> the versions the chart's Chart.yaml files (the chart's and its subcharts') pin.
+
+    ``chart`` is a chart directory or a packaged archive (whose subcharts may be nested archives).
+    """
+    import io
+    import tarfile
+
+    found: dict[str, set[str]] = {}
+
+    def take(text: bytes | str, where: str) -> None:
+        try:
+            meta = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ImageError(f"{where} is not valid YAML: {exc}") from None
+        for dep in (meta or {}).get("dependencies") or [] if isinstance(meta, dict) else []:
+            if isinstance(dep, dict) and dep.get("name") and dep.get("version") is not None:
+                found.setdefault(str(dep["name"]), set()).add(str(dep["version"]).lstrip("v"))
+
+    def walk_archive(tar: tarfile.TarFile, where: str) -> None:
+        for member in tar.getmembers():
+            if not member.isfile():
+                continue
+            if member.name.endswith("/Chart.yaml") or member.name.endswith(".tgz"):
+                data = tar.extractfile(member)
+                if data is None:
+                    continue
+                with data:
+                    content = data.read()
+                if member.name.endswith(".tgz"):
+                    with tarfile.open(fileobj=io.BytesIO(content), mode="r:gz") as inner:
+                        walk_archive(inner, f"{where}!{member.name}")
+                else:
+                    take(content, f"{where}!{member.name}")
+
+    try:
+        if chart.is_dir():
+            for path in sorted(chart.rglob("Chart.yaml")):
+                take(path.read_bytes(), str(path))
+        else:
+            with tarfile.open(chart, "r:gz") as tar:
+                walk_archive(tar, str(chart))
+    except (OSError, tarfile.TarError) as exc:
+        raise ImageError(f"cannot read the chart {chart}: {exc}") from None
+    return found
+
+
+def check_declared_versions(chart: Path, declarations: Sequence[Mapping[str, Any]] | None = None) -> None:
+    """Refuse a chart whose subchart pins differ from those the declared runtime images were read for."""
+    decls = load_declarations() if declarations is None else declarations
+    pinned = chart_dependencies(chart)
+    problems: list[str] = []
+    for decl in decls:
+        wanted = decl.get("chart_dependency")
+        if not wanted:
+            continue
+        name, _, version = str(wanted).partition(" ")
+        have = pinned.get(name, set())
+        if version.lstrip("v") not in have:
+            problem = (f"{decl.get('image')}: declared for {name} {version}, the chart pins "
+                       f"{', '.join(sorted(have)) or 'no ' + name}")
+            if problem not in problems:
+                problems.append(problem)
+    if problems:
+        raise ImageError(
+            f"{DATA_FILE.name} does not match the chart's subcharts:\n  " + "\n  ".join(problems),
+            hint=f"read those images again from the subcharts at the versions the chart pins and update {DATA_FILE}",
+        )
+
+
 def image_set(
     objects: Sequence[Mapping[str, Any]],
     release: str = "csghub",
@@ -400,6 +473,7 @@ def write_build_image_list(cfg: ApplianceConfig, helm: Path | None = None, lock_
     chart = next(a for a in planned_artifacts(cfg) if a.group == "csghub_chart").cache_path
     if not chart.is_file():
         raise ImageError(f"the chart archive {chart} is not in the cache", hint="run `invoke fetch` first")
+    check_declared_versions(chart)
     helm = helm or fetch_helm(cfg, lock_path=lock_path)
     objects = helm_template(helm, chart, generate_values(cfg), k3s_version=cfg.k3s.version,
                             release=RELEASE_NAME, namespace=RELEASE_NAMESPACE)

@@ -394,3 +394,36 @@ def test_provisioning_uploads_the_image_set_of_the_values_it_installs(
     images = cfg.build_dir / "manifests" / "images.txt"
     assert uploads[images] == "/var/cache/csghub-appliance/manifests/images.txt"
     assert "docker.io/library/busybox:latest\n" in images.read_text()
+
+
+def test_declared_images_match_the_subchart_versions_the_chart_pins(helm_bin: Path, tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    from appliance.images import chart_dependencies, check_declared_versions
+
+    check_declared_versions(CHART_DIR)  # the real chart 2.4.0: gateway-helm 1.7.5, knative-operator 1.22.1, argo 0.47.5
+    subprocess.run([str(helm_bin), "package", str(CHART_DIR), "-d", str(tmp_path)], check=True, capture_output=True)
+    check_declared_versions(tmp_path / "csghub-2.4.0.tgz")
+
+    # A packaged chart whose subcharts are nested archives (as `helm dependency build` leaves them),
+    # pinning another knative-operator than the one the declared Knative images were read for.
+    def tgz(members: dict[str, bytes]) -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        return buf.getvalue()
+
+    runner = tgz({"runner/Chart.yaml": b"name: runner\ndependencies:\n- {name: knative-operator, version: 1.23.0}\n"
+                                       b"- {name: argo-workflows, version: 0.47.5}\n"})
+    chart = tmp_path / "other.tgz"
+    top = b"name: csghub\ndependencies:\n- {name: gateway-helm, version: 1.7.5}\n"
+    chart.write_bytes(tgz({"csghub/Chart.yaml": top, "csghub/charts/runner-2.4.0.tgz": runner}))
+    assert chart_dependencies(chart)["knative-operator"] == {"1.23.0"}
+    with pytest.raises(ImageError) as info:
+        check_declared_versions(chart)
+    assert "declared for knative-operator 1.22.1, the chart pins 1.23.0" in str(info.value)
+    assert "gateway-helm" not in str(info.value)
