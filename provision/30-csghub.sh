@@ -176,10 +176,10 @@ done
 # fail as well when the live cluster runs an image the set does not declare (drift: the set is
 # out of date). kube-system is k3s's own and comes from its pinned air-gap bundle.
 not_kube_system=--field-selector=metadata.namespace!=kube-system
-referenced_images() {
-    kc get pods -A "$not_kube_system" -o jsonpath='{range .items[*]}{range .spec.initContainers[*]}{.image}{"\n"}{end}{range .spec.containers[*]}{.image}{"\n"}{end}{range .spec.ephemeralContainers[*]}{.image}{"\n"}{end}{end}'
-    kc get deployments,statefulsets,daemonsets,jobs -A "$not_kube_system" -o jsonpath='{range .items[*]}{range .spec.template.spec.initContainers[*]}{.image}{"\n"}{end}{range .spec.template.spec.containers[*]}{.image}{"\n"}{end}{end}'
-    kc get cronjobs -A "$not_kube_system" -o jsonpath='{range .items[*]}{range .spec.jobTemplate.spec.template.spec.initContainers[*]}{.image}{"\n"}{end}{range .spec.jobTemplate.spec.template.spec.containers[*]}{.image}{"\n"}{end}{end}'
+referenced_images() { # fails when any query does: a drift check that cannot look must not pass
+    kc get pods -A "$not_kube_system" -o jsonpath='{range .items[*]}{range .spec.initContainers[*]}{.image}{"\n"}{end}{range .spec.containers[*]}{.image}{"\n"}{end}{range .spec.ephemeralContainers[*]}{.image}{"\n"}{end}{end}' &&
+        kc get deployments,statefulsets,daemonsets,jobs -A "$not_kube_system" -o jsonpath='{range .items[*]}{range .spec.template.spec.initContainers[*]}{.image}{"\n"}{end}{range .spec.template.spec.containers[*]}{.image}{"\n"}{end}{end}' &&
+        kc get cronjobs -A "$not_kube_system" -o jsonpath='{range .items[*]}{range .spec.jobTemplate.spec.template.spec.initContainers[*]}{.image}{"\n"}{end}{range .spec.jobTemplate.spec.template.spec.containers[*]}{.image}{"\n"}{end}{end}'
 }
 stored_images() {
     /usr/local/bin/k3s ctr -n k8s.io images ls -q
@@ -240,7 +240,8 @@ if ((${#moved[@]} > 0)); then
     printf '  %s\n' "${moved[@]}" >&2
     die "${#moved[@]} image(s) differ from the version lock (a tag was re-pushed? check, then \`invoke lock\` after a build to accept the new digests)"
 fi
-mapfile -t drift < <(referenced_images 2>/dev/null | grep -v '^$' | sort -u | while read -r ref; do
+live_refs=$(referenced_images) || die "cannot list the images the cluster's objects name (kubectl failed; see above)"
+mapfile -t drift < <(grep -v '^$' <<<"$live_refs" | sort -u | while read -r ref; do
     name=$(normalize_image "$ref")
     printf '%s\n' "${wanted[@]}" | grep -qxF "$name" || echo "$name (as $ref)"
 done)
