@@ -95,8 +95,9 @@ def normalize_image(ref: str) -> str:
     ``docker.io/library/redis:7``; ``opencsghq/x:v1`` -> ``docker.io/opencsghq/x:v1``; a name with a tag
     *and* a digest keeps only the digest (``name:tag@sha256:..`` -> ``docker.io/library/name@sha256:..``);
     a name without tag or digest gets ``:latest``. The first path component is a registry only if it
-    has a ``.`` or a ``:``, is ``localhost``, or has upper-case letters. Raises :class:`ImageError` for
-    anything that is not a valid reference.
+    has a ``.`` or a ``:`` or is ``localhost``. Raises :class:`ImageError` for anything that is not a
+    valid reference, and for an upper-case first component without ``.``/``:`` (containerd 1.6 refuses
+    it, newer releases take it for a registry).
     """
     if not isinstance(ref, str) or not ref or ref != ref.strip() or any(c.isspace() for c in ref):
         raise ImageError(f"not an image reference: {ref!r}")
@@ -111,7 +112,11 @@ def normalize_image(ref: str) -> str:
         if not _TAG.match(tag):
             raise ImageError(f"image reference {ref!r}: {tag!r} is not a valid tag")
     first, sep, rest = name.partition("/")
-    if sep and (("." in first or ":" in first) or first == "localhost" or first.lower() != first):
+    if sep and first.lower() != first and "." not in first and ":" not in first:
+        # containerd 1.6 calls this an invalid repository, newer ones a registry host: refuse it.
+        raise ImageError(f"image reference {ref!r}: {first!r} is neither a registry host (no '.' or ':') nor a "
+                         "valid repository (upper case); containerd versions disagree on it")
+    if sep and (("." in first or ":" in first) or first == "localhost"):
         domain, path = first, rest
         if not _DOMAIN.match(domain):
             raise ImageError(f"image reference {ref!r}: {domain!r} is not a registry host")

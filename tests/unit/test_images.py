@@ -107,6 +107,14 @@ def test_a_tag_with_a_digest_is_dropped_by_containerd(containerd: Containerd, tm
     assert normalize_image(ref) == f"docker.io/opencsghq/tagged@{DIGEST}"
 
 
+def test_an_upper_case_first_component_is_refused_like_containerd_does(containerd: Containerd, tmp_path: Path) -> None:
+    result = containerd.ctr("images", "import", "--no-unpack",
+                            str(docker_archive(tmp_path / "upper.tar", ["Upper/x:1"])), check=False)
+    assert result.returncode != 0 and "must be lowercase" in result.stderr
+    with pytest.raises(ImageError, match="Upper"):
+        normalize_image("Upper/x:1")
+
+
 def test_the_k3s_stand_in_stores_images_as_containerd_does(containerd: Containerd, tmp_path: Path) -> None:
     """tests/data/fake_k3s.py's image store: `crictl pull REF` then `ctr images ls -q` == containerd's names."""
     state = tmp_path / "fake"
@@ -141,7 +149,7 @@ def test_containerd_stores_the_real_charts_image_set_under_our_names(
 
 @pytest.mark.parametrize(
     "ref",
-    ["", " busybox", "busy box", "Upper/x:1x:", "x@sha256:zz", "x:", "-x", "a//b", "repo/Name:1", "x:tag!"],
+    ["", " busybox", "busy box", "Upper/x:1", "x@sha256:zz", "x:", "-x", "a//b", "repo/Name:1", "x:tag!"],
 )
 def test_a_malformed_reference_is_refused_naming_it(ref: str) -> None:
     with pytest.raises(ImageError) as info:

@@ -7,7 +7,8 @@
 # same rule as appliance/images.py's normalize_image (tests compare both with a real containerd):
 # busybox -> docker.io/library/busybox:latest, docker.io/redis:7 -> docker.io/library/redis:7,
 # name:tag@sha256:D -> docker.io/library/name@sha256:D (a digest drops the tag). The first path
-# component is a registry only if it has a '.' or ':', is localhost, or has upper-case letters.
+# component is a registry only if it has a '.' or ':', is localhost, or (newer containerd) has
+# upper-case letters; the build host refuses such references (appliance/images.py).
 normalize_image() {
     local ref=$1 name digest="" tag="" domain path first
     name=${ref%%@*}
