@@ -279,6 +279,14 @@ class ArtifactsSettings(_Section):
         pattern=r"^(https?|file)://\S+[^/]$",
         description="Helm chart repository holding `index.yaml` and `csghub-<version>.tgz` (OpenCSG's, or a mirror).",
     )
+    helm_mirror: str = Field(
+        "https://get.helm.sh",
+        pattern=r"^(https?|file)://\S+[^/]$",
+        description=(
+            "Where the build host's helm comes from (`<base>/helm-<version>-linux-amd64.tar.gz`, `.sha256sum` "
+            "beside it); helm renders the chart on the build host to compute the image set."
+        ),
+    )
     cache_dir: str = Field(
         "", description="Download cache (empty: `$XDG_CACHE_HOME/csghub-appliance`, else `~/.cache/csghub-appliance`)."
     )

@@ -19,7 +19,9 @@ from typing import Any
 import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-CHART_DIR = (PROJECT_ROOT / ".." / "shared" / "csghub-chart" / "2.4.0" / "chart" / "csghub").resolve()
+# $APPLIANCE_CHART_DIR: for a checkout that does not sit next to ../shared (e.g. a git worktree).
+CHART_DIR = Path(os.environ.get("APPLIANCE_CHART_DIR")
+                 or PROJECT_ROOT / ".." / "shared" / "csghub-chart" / "2.4.0" / "chart" / "csghub").resolve()
 HELM_VERSION = "v3.17.3"  # scripts/install-helm.sh pins the same
 
 
