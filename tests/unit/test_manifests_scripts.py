@@ -154,21 +154,44 @@ def test_guest_coredns_manifest_equals_the_build_time_one(domain: str, use_top: 
 FAKE_K3S = PROJECT_ROOT / "tests" / "data" / "fake_k3s.py"
 
 
+ADMIN = ("root", 'pw-"of"-this\\copy')  # the copy's Casdoor admin (quotes and a backslash: JSON escaping)
+REGISTRY = ("registry", "registry-pw-1")
+
+
 @pytest.fixture
 def gateway() -> Iterator[int]:
-    """A loopback HTTP server standing in for the gateway's NodePort."""
+    """A loopback HTTP server standing in for the gateway's NodePort: the portal (200), the
+    login service (302, and Casdoor's /api/login for the admin), the registry's /v2/ (401 with
+    a Basic challenge, as the chart's htpasswd-protected registry answers)."""
     hosts: list[str] = []
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, format: str, *args: object) -> None:
             pass
 
+        def reply(self, code: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+            self.send_response(code)
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
         def do_GET(self) -> None:
             host = self.headers.get("Host", "")
             hosts.append(host)
-            self.send_response(200 if host.startswith("csghub.localhost:") else 302)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+            if self.path == "/v2/" and host.startswith("csghub.localhost:"):
+                self.reply(401, headers={"WWW-Authenticate": 'Basic realm="Registry Realm"'})
+            else:
+                self.reply(200 if host.startswith("csghub.localhost:") else 302)
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            ok = (self.headers.get("Host", "").startswith("casdoor.") and self.path == "/api/login"
+                  and body["organization"] == "OpenCSG" and body["application"] == "CSGHub"
+                  and (body["username"], body["password"]) == ADMIN)
+            answer = {"status": "ok", "msg": ""} if ok else {"status": "error", "msg": "password or code is incorrect"}
+            self.reply(200, json.dumps(answer).encode(), {"Content-Type": "application/json"})
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -181,7 +204,26 @@ def gateway() -> Iterator[int]:
         thread.join(timeout=10)
 
 
-def csghub_step_in_namespace(tmp_path: Path, port: int, runs: int) -> list[tuple[int, str, str]]:
+@pytest.fixture(scope="module")
+def git_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """A real OpenSSH server standing in for gitlab-shell behind the git SSH NodePort (the gate
+    reads its banner)."""
+    import sys
+
+    sys.path.insert(0, str(PROJECT_ROOT / "tests" / "ssh"))
+    from sshd_server import make_server
+
+    try:
+        server = make_server(tmp_path_factory.mktemp("git-sshd"))
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    try:
+        yield server.port
+    finally:
+        server.stop()
+
+
+def csghub_step_in_namespace(tmp_path: Path, port: int, runs: int, git_port: int) -> list[tuple[int, str, str]]:
     if os.geteuid() != 0 or not shutil.which("unshare"):
         pytest.skip("the csghub step run needs root and unshare(1) for a private mount namespace")
     art = tmp_path / "artifacts"
@@ -191,6 +233,12 @@ def csghub_step_in_namespace(tmp_path: Path, port: int, runs: int) -> list[tuple
         (art / name).write_text(manifest_yaml(obj))
     out = tmp_path / "out"
     out.mkdir()
+    fakebin = tmp_path / "fakebin"
+    fakebin.mkdir()
+    (fakebin / "systemctl").symlink_to(FAKE_HOST)
+    (tmp_path / "host").mkdir()
+    (tmp_path / "host" / "active.k3s").touch()  # k3s runs: a changed registries.yaml restarts it
+    (tmp_path / "hosts").write_text("127.0.0.1 localhost\n")
     wrapper = f"""
 set -u
 mount -t tmpfs tmpfs /usr/local
@@ -206,8 +254,12 @@ done
         "PATH": os.environ["PATH"], "LANG": "C.UTF-8", "FAKE_K3S_STATE": str(tmp_path / "state"),
         "PROVISION_DIR": str(PROJECT_ROOT / "provision"), "ARTIFACT_DIR": str(art), "MANIFEST_DIR": str(art),
         "CSGHUB_CHART_VERSION": "2.4.0", "CSGHUB_DOMAIN": "csghub.localhost", "CSGHUB_HTTP_PORT": str(port),
-        "K3S_NODE_IP": "127.0.0.1", "CSGHUB_POLL_SECONDS": "1",
+        "K3S_NODE_IP": "127.0.0.1", "CSGHUB_POLL_SECONDS": "1", "CSGHUB_GIT_SSH_PORT": str(git_port),
+        # The gate's files, kept out of the host's /etc and /run.
+        "CSGHUB_READINESS": str(tmp_path / "readiness"), "K3S_REGISTRIES": str(tmp_path / "registries.yaml"),
+        "GATE_HOSTS_FILE": str(tmp_path / "hosts"), "FAKE_HOST_STATE": str(tmp_path / "host"),
     }
+    env["PATH"] = f"{fakebin}:{env['PATH']}"
     run(["unshare", "--mount", "--propagation", "private", "bash", "-c", wrapper], env=env, timeout=300)
     return [
         (int((out / f"{i}.rc").read_text()), (out / f"{i}.out").read_text(), (out / f"{i}.err").read_text())
@@ -222,7 +274,15 @@ def fake_state(tmp_path: Path, **files: list[str]) -> None:
         (state / name).write_text("".join(f"{line}\n" for line in content))
 
 
-def test_csghub_step_runs_and_second_run_changes_nothing(tmp_path: Path, gateway: int) -> None:
+GATE_STATE = {
+    "jobs": ["csghub/csghub-server-migrate Complete=True,SuccessCriteriaMet=True,",
+             "csghub/csghub-casdoor-migrate Complete=True,", "csghub/csghub-minio-init Complete=True,"],
+    "secrets": [f"csghub-casdoor-init INIT_ADMIN_USER {ADMIN[0]}", f"csghub-casdoor-init INIT_ADMIN_PASSWORD {ADMIN[1]}",
+                f"csghub-registry REGISTRY_USERNAME {REGISTRY[0]}", f"csghub-registry REGISTRY_PASSWORD {REGISTRY[1]}"],
+}
+
+
+def test_csghub_step_runs_and_second_run_changes_nothing(tmp_path: Path, gateway: int, git_sshd: int) -> None:
     fake_state(
         tmp_path,
         workloads=["Deployment csghub/csghub-portal 1 1", "StatefulSet csghub/csghub-postgresql 1 2"],
@@ -232,14 +292,25 @@ def test_csghub_step_runs_and_second_run_changes_nothing(tmp_path: Path, gateway
         release_images=["opencsghq/csghub-portal:v2.4.0-ce", "opencsghq/psql:latest"],
         store=["docker.io/opencsghq/csghub-portal:v2.4.0-ce", "docker.io/opencsghq/postgres:15.18"],
         pullable=["docker.io/opencsghq/psql:latest"],
+        **GATE_STATE,
     )
-    (rc1, out1, err1), (rc2, out2, err2) = csghub_step_in_namespace(tmp_path, gateway, runs=2)
+    (rc1, out1, err1), (rc2, out2, err2) = csghub_step_in_namespace(tmp_path, gateway, runs=2, git_port=git_sshd)
     assert rc1 == 0, out1 + err1
     assert "changed: installed /var/lib/rancher/k3s/server/static/charts/csghub-2.4.0.tgz" in out1
     assert "changed: CoreDNS resolves csghub.localhost names to 127.0.0.1" in out1
-    assert "progress: 1/2 workloads ready" in out1 and "ok: all 2 workloads ready" in out1
-    assert f"ok: http://csghub.localhost:{gateway}/ answers 200" in out1
-    assert f"ok: http://casdoor.csghub.localhost:{gateway}/ answers 302" in out1
+    # The gate: progress while the StatefulSet starts, then every check passed.
+    # 11 checks: API, release, 3 Jobs, 2 workloads, portal, login (held back until the workloads are
+    # ready: Casdoor locks accounts after failed logins), git SSH, registry.
+    assert "progress: starting (9/11): waiting for statefulset csghub/csghub-postgresql" in out1
+    assert "progress: ready" in out1
+    assert "ok: CSGHub is ready: jobs, workloads, portal, admin login, git SSH and registry all answer" in out1
+    assert (tmp_path / "readiness").read_text() == "ready\n"
+    # registries.yaml with the credentials the cluster holds; k3s restarted to read it, once.
+    registries = yaml.safe_load((tmp_path / "registries.yaml").read_text())
+    assert registries["mirrors"] == {f"csghub.localhost:{gateway}": {"endpoint": [f"http://csghub.localhost:{gateway}"]}}
+    assert registries["configs"][f"csghub.localhost:{gateway}"]["auth"] == dict(zip(("username", "password"), REGISTRY))
+    assert "127.0.0.1 csghub.localhost # csghub-appliance" in (tmp_path / "hosts").read_text()
+    assert (tmp_path / "host" / "calls.log").read_text().count("systemctl restart k3s.service") == 1
     # The hook image only the release manifest names was pulled; every image got pinned.
     assert "changed: pulled docker.io/opencsghq/psql:latest" in out1
     assert out1.count("changed: pinned ") == 3
@@ -249,9 +320,22 @@ def test_csghub_step_runs_and_second_run_changes_nothing(tmp_path: Path, gateway
     assert rc2 == 0, out2 + err2
     assert [line for line in out2.splitlines() if line.startswith("changed:")] == []
     assert "ok: /var/lib/rancher/k3s/server/manifests/csghub.yaml up to date" in out2
+    assert (tmp_path / "host" / "calls.log").read_text().count("systemctl restart k3s.service") == 1
 
 
-def test_csghub_step_fails_listing_missing_images(tmp_path: Path, gateway: int) -> None:
+def test_csghub_step_fails_with_the_gates_line_when_the_admin_login_is_refused(
+        tmp_path: Path, gateway: int, git_sshd: int) -> None:
+    state = dict(GATE_STATE)
+    state["secrets"] = [*GATE_STATE["secrets"][:1], "csghub-casdoor-init INIT_ADMIN_PASSWORD wrong", *GATE_STATE["secrets"][2:]]
+    fake_state(tmp_path, workloads=["Deployment csghub/csghub-portal 1 1"],
+               httproutes=["csghub.localhost", "casdoor.csghub.localhost"], **state)
+    ((rc, _out, err),) = csghub_step_in_namespace(tmp_path, gateway, runs=1, git_port=git_sshd)
+    assert rc != 0
+    assert ("CSGHub is not ready: failed: the admin login through Casdoor was refused (password or code is incorrect)"
+            " — sudo k3s kubectl -n csghub logs deploy/csghub-casdoor; then re-run the build") in err
+
+
+def test_csghub_step_fails_listing_missing_images(tmp_path: Path, gateway: int, git_sshd: int) -> None:
     fake_state(
         tmp_path,
         workloads=["Deployment csghub/csghub-portal 1 1"],
@@ -259,8 +343,9 @@ def test_csghub_step_fails_listing_missing_images(tmp_path: Path, gateway: int) 
         pod_images=["opencsghq/csghub-portal:v2.4.0-ce"],
         release_images=["opencsghq/never-pulled:1.0", "registry.example:5000/team/tool"],
         store=["docker.io/opencsghq/csghub-portal:v2.4.0-ce"],
+        **GATE_STATE,
     )
-    ((rc, _out, err),) = csghub_step_in_namespace(tmp_path, gateway, runs=1)
+    ((rc, _out, err),) = csghub_step_in_namespace(tmp_path, gateway, runs=1, git_port=git_sshd)
     assert rc != 0
     assert "missing images" in err
     assert "  docker.io/opencsghq/never-pulled:1.0" in err
