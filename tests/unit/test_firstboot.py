@@ -25,7 +25,7 @@ FILES = ROOT / "provision" / "files" / "firstboot"
 LIB = FILES / "lib.sh"
 STACK_LIB = ROOT / "provision" / "files" / "csghub" / "lib.sh"  # the csghub step's guest library
 CHART_SCHEMA = ROOT.parent / "shared" / "csghub-chart" / "2.4.0" / "values.schema.json"
-SCRIPTS = ["csghub-firstboot", "csghub-banner", "csghub-status", "csghub-reconfigure", "lib.sh"]
+SCRIPTS = ["csghub-firstboot", "csghub-banner", "csghub-status", "csghub-reconfigure", "csghub-ready", "lib.sh"]
 
 
 def bash(snippet: str, stdin: str = "", env: dict[str, str] | None = None, check: bool = True,
@@ -106,34 +106,36 @@ def test_domain_for(mode: str, address: str, configured: str, domain: str) -> No
 
 
 @pytest.mark.parametrize(
-    ("rows", "counts"),
-    [
-        ("1 1\n0 1\n2 2\n", "2 3"),
-        ("0 0\n", "1 1"),  # scaled to zero: nothing to wait for
-        ("<none> 1\n1 1\n".replace("<none>", "0"), "1 2"),
-        ("", "0 0"),
-    ],
-)
-def test_count_ready(rows: str, counts: str) -> None:
-    assert bash("count_ready", stdin=rows).stdout.strip() == counts
-
-
-@pytest.mark.parametrize(
     ("args", "line"),
     [
-        ("absent down 0 0", "CSGHub stack not installed in this image"),
-        ("installed down 0 0", "CSGHub is starting: cluster starting"),
-        ("installed up 0 0", "CSGHub is starting: installing the Helm release"),
-        ("installed up 3 11", "CSGHub is starting: 3/11 services ready"),
-        ("installed up 11 11", "CSGHub is ready: 11/11 services ready"),
+        ("absent ''", "CSGHub stack not installed in this image"),
+        # Before csghub-ready wrote its first line.
+        ("installed ''", "CSGHub: starting (0/?): waiting for the cluster"),
+        ("installed 'starting (3/11): waiting for deployment csghub/csghub-server'",
+         "CSGHub: starting (3/11): waiting for deployment csghub/csghub-server"),
+        ("installed ready", "CSGHub: ready"),
+        ("installed 'failed: job csghub/csghub-server-migrate failed — sudo k3s kubectl -n csghub logs "
+         "job/csghub-server-migrate; then sudo csghub-status --retry'",
+         "CSGHub: failed: job csghub/csghub-server-migrate failed — sudo k3s kubectl"),
     ],
 )
-def test_status_line(args: str, line: str) -> None:
+def test_status_line_shows_the_gates_state(args: str, line: str) -> None:
     assert bash(f"status_line {args}").stdout.startswith(line)
 
 
+def test_gather_banner_reads_the_gates_state_file(tmp_path: Path) -> None:
+    state = tmp_path / "readiness"
+    env = {"CSGHUB_ETC": str(tmp_path), "CSGHUB_STATE": str(tmp_path), "CSGHUB_READINESS": str(state)}
+    fake = "stack_installed() { true; }; login_password_current() { :; };"
+    assert bash(f"{fake} gather_banner; echo \"$STATUS\"", env=env).stdout.strip() == (
+        "CSGHub: starting (0/?): waiting for the cluster")
+    state.write_text("failed: the Helm release csghub/csghub did not install — x; then sudo csghub-status --retry\n")
+    out = bash(f"{fake} gather_banner; render_banner", env=env).stdout
+    assert "  CSGHub: failed: the Helm release csghub/csghub did not install — x; then sudo csghub-status --retry" in out
+
+
 BANNER_VARS = {
-    "PRODUCT": "CSGHub appliance", "VERSION": "2.4.0", "STATUS": "CSGHub is starting: 3/11 services ready",
+    "PRODUCT": "CSGHub appliance", "VERSION": "2.4.0", "STATUS": "CSGHub: starting (3/11): waiting for deployment csghub/csghub-server",
     "MODE": "nat", "ADDRESS": "10.0.2.15", "URL": "http://csghub.localhost:30080", "STACK": "installed",
     "ADMIN_USER": "root", "LOGIN_USER": "csghub", "LOGIN_PASSWORD": "abcde-fghij-kmnpq-rstuv",
 }
@@ -142,7 +144,7 @@ BANNER_VARS = {
 def test_banner_shows_url_status_admin_and_login() -> None:
     text = bash("render_banner", env=BANNER_VARS).stdout
     assert text.startswith("CSGHub appliance 2.4.0\n")
-    assert "CSGHub is starting: 3/11 services ready" in text
+    assert "CSGHub: starting (3/11): waiting for deployment csghub/csghub-server" in text
     assert "http://csghub.localhost:30080" in text
     assert "CSGHub admin user:    root" in text
     assert "sudo csghub-status --admin-password" in text
@@ -283,7 +285,8 @@ def test_guest_scripts_pass_shellcheck() -> None:
     assert proc.returncode == 0, proc.stdout
 
 
-@pytest.mark.parametrize("unit", ["csghub-firstboot.service", "csghub-banner.service", "csghub-banner.timer"])
+@pytest.mark.parametrize("unit", ["csghub-firstboot.service", "csghub-banner.service", "csghub-banner.timer",
+                                  "csghub-ready.service"])
 def test_units_are_enabled_and_ordered(unit: str) -> None:
     text = (FILES / unit).read_text()
     assert re.search(r"^\[Install\]\nWantedBy=", text, re.M)
