@@ -331,8 +331,11 @@ gate_release_fact() {
 # gate_http_code HOST PATH: the status code for http://HOST:PORT/PATH through the node address,
 # with the Host header a browser sends.
 gate_http_code() {
-    curl -sS -o /dev/null -w '%{http_code}' --max-time 15 \
-        --resolve "$1:$CSGHUB_HTTP_PORT:$K3S_NODE_IP" "http://$1:$CSGHUB_HTTP_PORT$2" 2>/dev/null || echo 000
+    local code
+    # curl writes 000 itself when nothing answered (and exits non-zero).
+    code=$(curl -sS -o /dev/null -w '%{http_code}' --max-time 15 \
+        --resolve "$1:$CSGHUB_HTTP_PORT:$K3S_NODE_IP" "http://$1:$CSGHUB_HTTP_PORT$2" 2>/dev/null) || true
+    echo "${code:-000}"
 }
 
 # gate_registry_fact HOST -> "registry CODE SCHEME"
@@ -568,7 +571,10 @@ wait_helm_upgrade() {
 # DOMAIN, restart CoreDNS (it reads the imported server blocks only at start).
 restart_coredns() {
     local deadline=$((SECONDS + $2))
-    until _gate_kc -n kube-system get configmap coredns-custom -o 'jsonpath={.data}' 2>/dev/null | grep -qF "$1"; do
+    # The server block names the domain as a regular expression (dots escaped); the raw value of
+    # the key shows it as written.
+    until _gate_kc -n kube-system get configmap coredns-custom -o 'jsonpath={.data.csghub\.server}' 2>/dev/null |
+        grep -qF "${1//./\\.}"; do
         if ((SECONDS >= deadline)); then
             echo "error: ConfigMap kube-system/coredns-custom does not name $1 after $2 s (journalctl -u k3s)" >&2
             return 1
