@@ -131,11 +131,13 @@ def test_gather_banner_reads_the_gates_state_file(tmp_path: Path) -> None:
         "CSGHub: starting (0/?): waiting for the cluster")
     state.write_text("failed: the Helm release csghub/csghub did not install — x; then sudo csghub-status --retry\n")
     out = bash(f"{fake} gather_banner; render_banner", env=env).stdout
-    assert "  CSGHub: failed: the Helm release csghub/csghub did not install — x; then sudo csghub-status --retry" in out
+    line = "  CSGHub: failed: the Helm release csghub/csghub did not install — x; then sudo csghub-status --retry"
+    assert line in out
 
 
 BANNER_VARS = {
-    "PRODUCT": "CSGHub appliance", "VERSION": "2.4.0", "STATUS": "CSGHub: starting (3/11): waiting for deployment csghub/csghub-server",
+    "PRODUCT": "CSGHub appliance", "VERSION": "2.4.0",
+    "STATUS": "CSGHub: starting (3/11): waiting for deployment csghub/csghub-server",
     "MODE": "nat", "ADDRESS": "10.0.2.15", "URL": "http://csghub.localhost:30080", "STACK": "installed",
     "ADMIN_USER": "root", "LOGIN_USER": "csghub", "LOGIN_PASSWORD": "abcde-fghij-kmnpq-rstuv",
 }

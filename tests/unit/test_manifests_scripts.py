@@ -277,7 +277,8 @@ def fake_state(tmp_path: Path, **files: list[str]) -> None:
 GATE_STATE = {
     "jobs": ["csghub/csghub-server-migrate Complete=True,SuccessCriteriaMet=True,",
              "csghub/csghub-casdoor-migrate Complete=True,", "csghub/csghub-minio-init Complete=True,"],
-    "secrets": [f"csghub-casdoor-init INIT_ADMIN_USER {ADMIN[0]}", f"csghub-casdoor-init INIT_ADMIN_PASSWORD {ADMIN[1]}",
+    "secrets": [f"csghub-casdoor-init INIT_ADMIN_USER {ADMIN[0]}",
+                f"csghub-casdoor-init INIT_ADMIN_PASSWORD {ADMIN[1]}",
                 f"csghub-registry REGISTRY_USERNAME {REGISTRY[0]}", f"csghub-registry REGISTRY_PASSWORD {REGISTRY[1]}"],
 }
 
@@ -308,7 +309,8 @@ def test_csghub_step_runs_and_second_run_changes_nothing(tmp_path: Path, gateway
     # registries.yaml with the credentials the cluster holds; k3s restarted to read it, once.
     registries = yaml.safe_load((tmp_path / "registries.yaml").read_text())
     assert registries["mirrors"] == {f"csghub.localhost:{gateway}": {"endpoint": [f"http://csghub.localhost:{gateway}"]}}
-    assert registries["configs"][f"csghub.localhost:{gateway}"]["auth"] == dict(zip(("username", "password"), REGISTRY))
+    auth = registries["configs"][f"csghub.localhost:{gateway}"]["auth"]
+    assert auth == {"username": REGISTRY[0], "password": REGISTRY[1]}
     assert "127.0.0.1 csghub.localhost # csghub-appliance" in (tmp_path / "hosts").read_text()
     assert (tmp_path / "host" / "calls.log").read_text().count("systemctl restart k3s.service") == 1
     # The hook image only the release manifest names was pulled; every image got pinned.
@@ -326,7 +328,8 @@ def test_csghub_step_runs_and_second_run_changes_nothing(tmp_path: Path, gateway
 def test_csghub_step_fails_with_the_gates_line_when_the_admin_login_is_refused(
         tmp_path: Path, gateway: int, git_sshd: int) -> None:
     state = dict(GATE_STATE)
-    state["secrets"] = [*GATE_STATE["secrets"][:1], "csghub-casdoor-init INIT_ADMIN_PASSWORD wrong", *GATE_STATE["secrets"][2:]]
+    wrong = "csghub-casdoor-init INIT_ADMIN_PASSWORD wrong"
+    state["secrets"] = [*GATE_STATE["secrets"][:1], wrong, *GATE_STATE["secrets"][2:]]
     fake_state(tmp_path, workloads=["Deployment csghub/csghub-portal 1 1"],
                httproutes=["csghub.localhost", "casdoor.csghub.localhost"], **state)
     ((rc, _out, err),) = csghub_step_in_namespace(tmp_path, gateway, runs=1, git_port=git_sshd)

@@ -1,4 +1,4 @@
-"""The readiness gate (provision/files/common/readiness.sh), registries.yaml and a reconfigure that cannot strand the release.
+"""The readiness gate (provision/files/common/readiness.sh), registries.yaml, a reconfigure that keeps the release.
 
 The gate's decisions are pure bash functions: canned facts in, one status line out, and each failure must give the
 right line. The names the gate relies on (Jobs, Secrets and their keys, Casdoor's organization and application, the
@@ -74,8 +74,10 @@ def test_everything_answering_is_ready() -> None:
          "starting (10/11): waiting for job csghub/csghub-casdoor-migrate"),
         ([*UP[:6], "workload StatefulSet csghub/csghub-postgresql waiting", *ENDPOINTS],
          "starting (10/11): waiting for statefulset csghub/csghub-postgresql"),
-        ([*UP, "portal 503", *ENDPOINTS[1:]], "starting (10/11): waiting for the portal through the gateway (HTTP 503)"),
-        ([*UP, "portal 200", "login down", *ENDPOINTS[2:]], "starting (10/11): waiting for the admin login through Casdoor"),
+        ([*UP, "portal 503", *ENDPOINTS[1:]],
+         "starting (10/11): waiting for the portal through the gateway (HTTP 503)"),
+        ([*UP, "portal 200", "login down", *ENDPOINTS[2:]],
+         "starting (10/11): waiting for the admin login through Casdoor"),
         ([*UP, *ENDPOINTS[:2], "gitssh -", ENDPOINTS[3]], "starting (10/11): waiting for git over SSH (no SSH banner)"),
         # An answer without an auth challenge is not CSGHub's registry (or not through the gateway).
         ([*UP, *ENDPOINTS[:3], "registry 404 -"], "starting (10/11): waiting for the registry's /v2/ (HTTP 404)"),
@@ -134,10 +136,12 @@ def test_fact_parsers() -> None:
     assert jobs == ["job csghub/a complete", "job csghub/b running", "job csghub/c failed"]
     workloads = bash("workload_facts spaces", "Deployment csghub/portal 1 1\nDeployment csghub/server  \n"
                                               "Deployment spaces/user-app 1 0\nDaemonSet kube-system/x 1 0\n").stdout
-    assert workloads.splitlines() == ["workload Deployment csghub/portal ready", "workload Deployment csghub/server waiting",
+    assert workloads.splitlines() == ["workload Deployment csghub/portal ready",
+                                      "workload Deployment csghub/server waiting",
                                       "workload DaemonSet kube-system/x waiting"]
     pulls = bash("pull_facts spaces", "csghub/p docker.io/busybox:latest= docker.io/a/b:1=ErrImagePull\n"
-                                      "spaces/u x:1=ImagePullBackOff\ncsghub/q reg:5000/c@sha256:ab=ErrImageNeverPull\n").stdout
+                                      "spaces/u x:1=ImagePullBackOff\n"
+                                      "csghub/q reg:5000/c@sha256:ab=ErrImageNeverPull\n").stdout
     assert pulls.splitlines() == ["pull csghub/p docker.io/a/b:1 ErrImagePull",
                                   "pull csghub/q reg:5000/c@sha256:ab ErrImageNeverPull"]
 
@@ -164,7 +168,8 @@ def test_registries_yaml_and_hosts_line() -> None:
     }
     hosts = "127.0.0.1 localhost\n10.254.254.1 old.example # csghub-appliance: in-cluster registry\n::1 ip6\n"
     once = bash("hosts_with_registry 10.254.254.1 csghub.localhost", hosts).stdout
-    assert once == "127.0.0.1 localhost\n::1 ip6\n10.254.254.1 csghub.localhost # csghub-appliance: in-cluster registry\n"
+    mark = "# csghub-appliance: in-cluster registry"
+    assert once == f"127.0.0.1 localhost\n::1 ip6\n10.254.254.1 csghub.localhost {mark}\n"
     assert bash("hosts_with_registry 10.254.254.1 csghub.localhost", once).stdout == once
 
 
@@ -176,7 +181,8 @@ def test_sync_registries_writes_once_and_restarts_k3s_only_on_change(tmp_path: P
            "CSGHUB_HTTP_PORT": "30080", "K3S_NODE_IP": "10.254.254.1"}
     # Stand-ins for the cluster (the Secret) and systemd, recording what is asked of them.
     env["SECRETS"], env["CALLS"] = str(secrets), str(calls)
-    stubs = ('_gate_kc() { echo "kubectl $*" >>"$CALLS"; local key v; key=$(sed "s/.*data\\.\\(.*\\)}/\\1/" <<<"${*: -1}");'
+    stubs = ('_gate_kc() { echo "kubectl $*" >>"$CALLS"; local key v;'
+             ' key=$(sed "s/.*data\\.\\(.*\\)}/\\1/" <<<"${*: -1}");'
              ' v=$(sed -n "s/^$key=//p" "$SECRETS" 2>/dev/null); [[ -n $v ]] && printf %s "$v" | base64; return 0; };'
              ' systemctl() { echo "systemctl $*" >>"$CALLS"; };')  # k3s counts as running
 
@@ -192,7 +198,8 @@ def test_sync_registries_writes_once_and_restarts_k3s_only_on_change(tmp_path: P
     doc = yaml.safe_load((tmp_path / "k3s" / "registries.yaml").read_text())
     assert doc["configs"]["csghub.localhost:30080"]["auth"] == {"username": "registry", "password": "first"}
     assert oct((tmp_path / "k3s" / "registries.yaml").stat().st_mode & 0o777) == "0o600"
-    assert (tmp_path / "hosts").read_text().endswith("10.254.254.1 csghub.localhost # csghub-appliance: in-cluster registry\n")
+    assert (tmp_path / "hosts").read_text().endswith(
+        "10.254.254.1 csghub.localhost # csghub-appliance: in-cluster registry\n")
     again = sync()
     assert "changed:" not in again and "ok: " + env["K3S_REGISTRIES"] + " already names" in again
     # New credentials (another copy, or a rotated Secret): rewritten, k3s restarted again.
@@ -271,7 +278,8 @@ def test_the_gate_matches_the_real_chart(helm_bin: Path) -> None:
     assert portal["spec"]["hostnames"] == ["csghub.localhost"]
     v2 = [r for r in portal["spec"]["rules"] if any(m.get("path", {}).get("value") == "/v2" for m in r["matches"])]
     assert v2 and v2[0]["backendRefs"][0]["name"] == "csghub-registry"
-    docker = json.loads(base64.b64decode(_named(objects, "Secret", "csghub-docker-credential")["data"][".dockerconfigjson"]))
+    credential = _named(objects, "Secret", "csghub-docker-credential")["data"][".dockerconfigjson"]
+    docker = json.loads(base64.b64decode(credential))
     assert list(docker["auths"]) == ["csghub.localhost:30080"]
     # Git over SSH: the gateway's TCP listener, exposed on the NodePort the guest is told.
     listeners = _named(objects, "Gateway", "listeners")["spec"]["listeners"]
@@ -315,9 +323,11 @@ def reconfigure_in_namespace(tmp_path: Path, jobs: list[str], extra_env: dict[st
     for d in (state, host, etc, appstate, out):
         d.mkdir()
     (state / "jobs").write_text("".join(f"{j}\n" for j in jobs))
-    (state / "secrets").write_text("csghub-registry REGISTRY_USERNAME registry\ncsghub-registry REGISTRY_PASSWORD pw1\n")
+    (state / "secrets").write_text(
+        "csghub-registry REGISTRY_USERNAME registry\ncsghub-registry REGISTRY_PASSWORD pw1\n")
     (host / "active.k3s").touch()
-    (etc / "appliance.env").write_text("CSGHUB_DOMAIN=csghub.localhost\nCSGHUB_HTTP_PORT=30080\nK3S_NODE_IP=10.254.254.1\n")
+    (etc / "appliance.env").write_text(
+        "CSGHUB_DOMAIN=csghub.localhost\nCSGHUB_HTTP_PORT=30080\nK3S_NODE_IP=10.254.254.1\n")
     (tmp_path / "hosts").write_text("127.0.0.1 localhost\n")
     fakebin = tmp_path / "fakebin"
     fakebin.mkdir()
@@ -358,7 +368,8 @@ def test_reconfigure_deletes_finished_jobs_before_the_upgrade(tmp_path: Path) ->
     assert rc == 0, out + err
     domain = "csghub.192.168.56.10.nip.io"
     calls = (tmp_path / "state" / "calls.log").read_text().splitlines()
-    deleted = calls.index("kubectl --request-timeout=20s -n csghub delete job csghub-casdoor-migrate --ignore-not-found")
+    deleted = calls.index(
+        "kubectl --request-timeout=20s -n csghub delete job csghub-casdoor-migrate --ignore-not-found")
     upgrade_checked = next(i for i, c in enumerate(calls) if "get job helm-install-csghub" in c)
     assert deleted < upgrade_checked
     assert (tmp_path / "state" / "jobs").read_text() == ""  # all three finished Jobs were deleted
@@ -378,7 +389,7 @@ def test_reconfigure_deletes_finished_jobs_before_the_upgrade(tmp_path: Path) ->
 
 def test_reconfigure_refuses_to_upgrade_under_a_running_job_and_says_so(tmp_path: Path) -> None:
     running = [MIGRATE_DONE[0], "csghub/csghub-server-migrate "]
-    rc, out, err, files = reconfigure_in_namespace(tmp_path, running, {"CSGHUB_JOB_WAIT_SECONDS": "0"})
+    rc, _out, err, files = reconfigure_in_namespace(tmp_path, running, {"CSGHUB_JOB_WAIT_SECONDS": "0"})
     assert rc == 1
     assert "error: job csghub/csghub-server-migrate of the release is still running" in err
     assert "csghub-reconfigure: failed (see above); fix the cause and run csghub-reconfigure again" in err
