@@ -47,12 +47,12 @@ NAT_AND_HOSTONLY = NAT_ONLY + """\
 """
 BRIDGED_WITH_CLUSTER = """\
 2: ens3    inet 192.168.1.77/24 brd 192.168.1.255 scope global dynamic ens3\\ valid_lft 3600sec preferred_lft 3600sec
-4: csghub0    inet 10.254.254.1/32 scope global csghub0\\ valid_lft forever preferred_lft forever
+4: dummy-csghub    inet 10.254.254.1/24 scope global dummy-csghub\\ valid_lft forever preferred_lft forever
 5: cni0    inet 10.42.0.1/24 brd 10.42.0.255 scope global cni0\\ valid_lft forever preferred_lft forever
 6: flannel.1    inet 10.42.0.0/32 scope global flannel.1\\ valid_lft forever preferred_lft forever
 """
 ONLY_CLUSTER = """\
-4: csghub0    inet 10.254.254.1/32 scope global csghub0\\ valid_lft forever preferred_lft forever
+4: dummy-csghub    inet 10.254.254.1/24 scope global dummy-csghub\\ valid_lft forever preferred_lft forever
 7: eth0    inet 169.254.3.4/16 scope global eth0\\ valid_lft forever preferred_lft forever
 """
 
