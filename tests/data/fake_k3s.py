@@ -7,7 +7,8 @@ State files: workloads (lines "KIND NS/NAME WANTED READY_AFTER_N_POLLS"), pod_im
 template_images, release_images, httproutes, store (stored image refs), pullable (refs
 `crictl pull` can fetch), pinned (refs labelled pinned); for the readiness gate and
 csghub-reconfigure: jobs (the release's Jobs, lines "NS/NAME CONDITIONS" as the gate's jsonpath
-prints them), secrets (lines "NAME KEY VALUE"), pod_states (the gate's pod lines).
+prints them), secrets (lines "NAME KEY VALUE"), pod_states (the gate's pod lines), helm_failed
+(failed Helm revisions, as `kubectl get -o name` prints them).
 
 The helm-controller's Job behaves like the real one on an upgrade: once this copy's values
 (csghub-appliance-instance.yaml) are there, it fails while a finished Job of the release still
@@ -84,6 +85,12 @@ def kubectl(args: list[str]) -> int:
             return 1
     elif "get secret csghub-docker-credential" in text:
         return 1
+    elif "get secrets -l owner=helm,name=csghub,status=failed" in text:
+        print("\n".join(lines("helm_failed")))
+    elif "delete secrets -l owner=helm,name=csghub,status=failed" in text:
+        (STATE / "helm_failed").write_text("")
+    elif "annotate --overwrite helmchart csghub" in text:
+        pass
     elif args[:3] == ["get", "deployments,statefulsets", "-A"]:
         polls = bump("workload_polls")
         for line in lines("workloads"):

@@ -422,3 +422,24 @@ GATE_POLL_SECONDS=1 wait_helm_upgrade 0 30
     assert proc.returncode == 1
     assert ("error: the upgrade of the Helm release failed (job helm-install-csghub failed 5 times); logs: "
             "sudo k3s kubectl -n kube-system logs job/helm-install-csghub") in proc.stderr
+
+
+def test_retry_forgets_a_failed_revision_reruns_finished_jobs_and_the_helm_job(tmp_path: Path) -> None:
+    """What `csghub-status --retry` does to the cluster (against the k3s stand-in on PATH)."""
+    state, fakebin = tmp_path / "state", tmp_path / "bin"
+    state.mkdir()
+    fakebin.mkdir()
+    (fakebin / "k3s").symlink_to(FAKE_K3S)
+    (state / "jobs").write_text("csghub/csghub-server-migrate Failed=True,\ncsghub/csghub-minio-init Complete=True,\n"
+                                "csghub/csghub-casdoor-migrate \n")
+    (state / "helm_failed").write_text("secret/sh.helm.release.v1.csghub.v2\n")
+    out = bash("retry_release", env={"PATH": f"{fakebin}:{os.environ['PATH']}", "FAKE_K3S_STATE": str(state)}).stdout
+    assert "changed: forgot the failed Helm revision of csghub/csghub" in out
+    assert (state / "helm_failed").read_text() == ""
+    assert "changed: deleted finished job csghub/csghub-server-migrate" in out
+    assert "changed: deleted finished job csghub/csghub-minio-init" in out
+    # A Job still running is left alone (deleting it would abort a migration half-way).
+    assert (state / "jobs").read_text().split() == ["csghub/csghub-casdoor-migrate"]
+    assert "ok: a job of the release is still running; it is left to finish" in out
+    assert "changed: the helm-controller applies the release csghub/csghub again" in out
+    assert "annotate --overwrite helmchart csghub csghub-appliance/retried-at=" in (state / "calls.log").read_text()
