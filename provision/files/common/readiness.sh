@@ -192,14 +192,14 @@ gate_verdict() {
             expired) [[ "$rest" == yes ]] && expired=yes ;;
         esac
     done
-    # pend CHECK SUBJECT TEXT: note the first thing still pending.
-    pend() {
+    # _gate_pend CHECK SUBJECT TEXT: note the first thing still pending.
+    _gate_pend() {
         if [[ -z "$pending" ]]; then
             pending=$3 pending_check=$1 pending_subject=$2
         fi
     }
-    # fail CHECK SUBJECT TEXT: note the first thing that failed (it decides the line).
-    fail() {
+    # _gate_fail CHECK SUBJECT TEXT: note the first thing that failed (it decides the line).
+    _gate_fail() {
         [[ -n "$failed" ]] || failed="failed: $3 — $(gate_hint "$1" "$2"); then $GATE_RETRY_HINT"
     }
     for line in "${lines[@]}"; do
@@ -207,22 +207,22 @@ gate_verdict() {
         case "$kind" in
             api)
                 total=$((total + 1))
-                if [[ "$a" == up ]]; then done_count=$((done_count + 1)); else pend api "" "the cluster API"; fi
+                if [[ "$a" == up ]]; then done_count=$((done_count + 1)); else _gate_pend api "" "the cluster API"; fi
                 ;;
             release)
                 total=$((total + 1))
                 case "$a" in
                     deployed) done_count=$((done_count + 1)) ;;
-                    failed) fail release "" "the Helm release $GATE_RELEASE_NS/$GATE_RELEASE did not install${b:+ (${line#release failed })}" ;;
-                    *) pend release "" "the Helm release $GATE_RELEASE_NS/$GATE_RELEASE" ;;
+                    failed) _gate_fail release "" "the Helm release $GATE_RELEASE_NS/$GATE_RELEASE did not install${b:+ (${line#release failed })}" ;;
+                    *) _gate_pend release "" "the Helm release $GATE_RELEASE_NS/$GATE_RELEASE" ;;
                 esac
                 ;;
             job)
                 total=$((total + 1))
                 case "$b" in
                     complete) done_count=$((done_count + 1)) ;;
-                    failed) fail job "$a" "job $a failed" ;;
-                    *) pend job "$a" "job $a" ;;
+                    failed) _gate_fail job "$a" "job $a failed" ;;
+                    *) _gate_pend job "$a" "job $a" ;;
                 esac
                 ;;
             workload)
@@ -230,14 +230,14 @@ gate_verdict() {
                 if [[ "$c" == ready ]]; then
                     done_count=$((done_count + 1))
                 else
-                    pend workload "$a $b" "${a,,} $b"
+                    _gate_pend workload "$a $b" "${a,,} $b"
                 fi
                 ;;
             pull)
                 if [[ "$offline" == yes ]]; then
-                    fail pull "$a $b" "image $b of pod $a is not in the image store ($c)"
+                    _gate_fail pull "$a $b" "image $b of pod $a is not in the image store ($c)"
                 else
-                    pend pull "$a $b" "pulling image $b for $a"
+                    _gate_pend pull "$a $b" "pulling image $b for $a"
                 fi
                 ;;
             portal)
@@ -245,15 +245,15 @@ gate_verdict() {
                 if [[ "$a" =~ ^[23][0-9][0-9]$ ]]; then
                     done_count=$((done_count + 1))
                 else
-                    pend portal "" "the portal through the gateway (HTTP ${a:-000})"
+                    _gate_pend portal "" "the portal through the gateway (HTTP ${a:-000})"
                 fi
                 ;;
             login)
                 total=$((total + 1))
                 case "$a" in
                     ok) done_count=$((done_count + 1)) ;;
-                    refused) fail login "" "the admin login through Casdoor was refused (${line#login refused })" ;;
-                    *) pend login "" "the admin login through Casdoor" ;;
+                    refused) _gate_fail login "" "the admin login through Casdoor was refused (${line#login refused })" ;;
+                    *) _gate_pend login "" "the admin login through Casdoor" ;;
                 esac
                 ;;
             gitssh)
@@ -261,7 +261,7 @@ gate_verdict() {
                 if [[ "$a" == SSH-* ]]; then
                     done_count=$((done_count + 1))
                 else
-                    pend gitssh "" "git over SSH (no SSH banner)"
+                    _gate_pend gitssh "" "git over SSH (no SSH banner)"
                 fi
                 ;;
             registry)
@@ -269,7 +269,7 @@ gate_verdict() {
                 if registry_ok "$a" "$b"; then
                     done_count=$((done_count + 1))
                 else
-                    pend registry "" "the registry's /v2/ (HTTP ${a:-000})"
+                    _gate_pend registry "" "the registry's /v2/ (HTTP ${a:-000})"
                 fi
                 ;;
         esac
@@ -477,7 +477,7 @@ sync_registries() {
 # writes each new status line to STATE_FILE (and prints it with a "progress:" prefix) and
 # calls the function gate_on_change, if defined. Returns 0 when ready, 1 when failed.
 readiness_gate() {
-    local domain=$1 timeout=$2 state=$3 offline=${4:-} deadline facts verdict last="" registries=pending rc
+    local domain=$1 timeout=$2 state=$3 offline=${4:-} deadline facts verdict last="" last_print=0 registries=pending rc
     deadline=$((SECONDS + timeout))
     while :; do
         facts=$(gate_facts "$domain" 2>/dev/null)
@@ -493,8 +493,12 @@ readiness_gate() {
             mkdir -p "${state%/*}"
             printf '%s\n' "$verdict" >"$state.tmp" && mv -f "$state.tmp" "$state"
             echo "progress: $verdict"
-            last=$verdict
+            last=$verdict last_print=$SECONDS
             if declare -F gate_on_change >/dev/null; then gate_on_change || true; fi
+        elif ((SECONDS - last_print >= 60)); then
+            # A sign of life for whoever reads the log (the build's runner) during long waits.
+            echo "progress: $verdict"
+            last_print=$SECONDS
         fi
         case "$verdict" in
             ready) return 0 ;;
