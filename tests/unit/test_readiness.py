@@ -443,3 +443,77 @@ def test_retry_forgets_a_failed_revision_reruns_finished_jobs_and_the_helm_job(t
     assert "ok: a job of the release is still running; it is left to finish" in out
     assert "changed: the helm-controller applies the release csghub/csghub again" in out
     assert "annotate --overwrite helmchart csghub csghub-appliance/retried-at=" in (state / "calls.log").read_text()
+
+
+# -- csghub-ready, a copy's boot, for real against the k3s stand-in ------------------------------------
+
+GATE_STATE = {
+    "jobs": MIGRATE_DONE,
+    "secrets": [f"csghub-casdoor-init INIT_ADMIN_USER {ADMIN[0]}",
+                f"csghub-casdoor-init INIT_ADMIN_PASSWORD {ADMIN[1]}",
+                "csghub-registry REGISTRY_USERNAME registry", "csghub-registry REGISTRY_PASSWORD pw1"],
+    "httproutes": ["csghub.localhost", "casdoor.csghub.localhost"],
+}
+
+
+@pytest.mark.parametrize(
+    ("extra", "timeout", "rc", "line"),
+    [
+        ({"workloads": ["Deployment csghub/csghub-portal 1 2"]}, "600", 0, "ready"),
+        # Offline, an image that is not in the store never arrives: failed at once, not "starting" for an hour.
+        ({"workloads": ["Deployment csghub/csghub-server 1 999"],
+          "pod_states": ["csghub/csghub-server-0 docker.io/busybox:latest= "
+                         "docker.io/opencsghq/x:v1=ErrImageNeverPull"]},
+         "600", 1, "failed: image docker.io/opencsghq/x:v1 of pod csghub/csghub-server-0 is not in the image store "
+                   "(ErrImageNeverPull)"),
+        # Never "starting" forever: the deadline turns what is pending into the failure.
+        ({"workloads": ["StatefulSet csghub/csghub-postgresql 1 999"]}, "3", 1,
+         "failed: statefulset csghub/csghub-postgresql not ready in time — "
+         "sudo k3s kubectl -n csghub describe statefulset csghub-postgresql; then sudo csghub-status --retry"),
+    ],
+    ids=["ready", "missing-image", "deadline"],
+)
+def test_a_copys_gate_ends_ready_or_failed(tmp_path: Path, gateway: int, git_sshd: int,  # noqa: F811
+                                           extra: dict[str, list[str]], timeout: str, rc: int, line: str) -> None:
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("the csghub-ready run needs root and unshare(1) for a private mount namespace")
+    state, host, etc, out = (tmp_path / n for n in ("state", "host", "etc", "out"))
+    for d in (state, host, etc, out):
+        d.mkdir()
+    for name, content in {**GATE_STATE, **extra}.items():
+        (state / name).write_text("".join(f"{x}\n" for x in content))
+    (etc / "appliance.env").write_text(f"CSGHUB_HTTP_PORT={gateway}\nK3S_NODE_IP=127.0.0.1\n"
+                                       f"CSGHUB_GIT_SSH_PORT={git_sshd}\n")
+    (tmp_path / "hosts").write_text("127.0.0.1 localhost\n")
+    fakebin = tmp_path / "fakebin"
+    fakebin.mkdir()
+    (fakebin / "systemctl").symlink_to(FAKE_HOST)
+    wrapper = f"""
+set -u
+mount -t tmpfs tmpfs /usr/local
+mount -t tmpfs tmpfs /var/lib
+mkdir -p /usr/local/bin /usr/local/sbin /var/lib/rancher/k3s/server/manifests
+install -m 0755 {FAKE_K3S} /usr/local/bin/k3s
+printf '#!/bin/sh\\nexit 0\\n' >/usr/local/sbin/csghub-banner && chmod 0755 /usr/local/sbin/csghub-banner
+touch /var/lib/rancher/k3s/server/manifests/csghub.yaml
+bash {FIRSTBOOT}/csghub-ready >{out}/out 2>{out}/err
+echo $? >{out}/rc
+"""
+    env = {
+        "PATH": f"{fakebin}:/usr/local/bin:{os.environ['PATH']}", "LANG": "C.UTF-8",
+        "FAKE_K3S_STATE": str(state), "FAKE_HOST_STATE": str(host),
+        "CSGHUB_LIB": str(FIRSTBOOT / "lib.sh"), "CSGHUB_READINESS_LIB": str(READINESS),
+        "CSGHUB_ETC": str(etc), "CSGHUB_STATE": str(tmp_path / "appstate"),
+        "CSGHUB_READINESS": str(tmp_path / "ready"),
+        "K3S_REGISTRIES": str(tmp_path / "registries.yaml"), "GATE_HOSTS_FILE": str(tmp_path / "hosts"),
+        "CSGHUB_POLL_SECONDS": "1", "CSGHUB_READY_TIMEOUT": timeout, "CSGHUB_SERIAL": str(tmp_path / "no-serial"),
+    }
+    subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", wrapper], env=env, check=True,
+                   timeout=300)
+    output = (out / "out").read_text() + (out / "err").read_text()
+    assert int((out / "rc").read_text()) == rc, output
+    assert (tmp_path / "ready").read_text().startswith(line), output
+    assert f"progress: {line}" in output
+    # The copy's registries.yaml, with the credentials the cluster holds.
+    registries = yaml.safe_load((tmp_path / "registries.yaml").read_text())
+    assert registries["configs"][f"csghub.localhost:{gateway}"]["auth"] == {"username": "registry", "password": "pw1"}
