@@ -774,6 +774,8 @@ def guest_environment(cfg: ApplianceConfig) -> dict[str, str]:
     env["APPLIANCE_VERSION"] = cfg.appliance_version
     http = cfg.http_port()
     env["CSGHUB_HTTP_PORT"] = str(http.guest if http else 30080)
+    git = next((p for p in cfg.network.forwarded_ports if p.name == "git-ssh"), None)
+    env["CSGHUB_GIT_SSH_PORT"] = str(git.guest if git else 30022)  # the readiness gate's git check
     return dict(sorted(env.items()))
 
 

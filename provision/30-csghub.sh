@@ -2,16 +2,16 @@
 # Install CSGHub on k3s from the uploaded chart archive with k3s's helm-controller: the chart
 # goes to k3s's static file server, the HelmChart and the coredns-custom ConfigMap (both
 # generated on the build host from the config: `invoke values`, appliance/manifests.py) to
-# the auto-deploy directory. Then wait, bounded and with progress, until every workload is
-# ready; check over HTTP that the portal and the login service answer through the gateway's
-# NodePort; make sure every image of the declared image set (images.txt, computed on the build
-# host from the rendered chart) is in the guest's image store (pulled now, while the build has
-# internet; pinned so that image GC never drops it), fail listing any that is missing or any the
-# cluster runs that the set lacks; print the URL and where the credentials are.
+# the auto-deploy directory. Then wait, bounded and with progress, until the readiness gate
+# (provision/files/common/readiness.sh, the one every copy runs) says CSGHub works; make sure
+# every image of the declared image set (images.txt, computed on the build host from the
+# rendered chart) is in the guest's image store (pulled now, while the build has internet;
+# pinned so that image GC never drops it), fail listing any that is missing or any the cluster
+# runs that the set lacks; print the URL and where the credentials are.
 #
 # Inputs (environment): CSGHUB_CHART_VERSION, CSGHUB_DOMAIN, CSGHUB_HTTP_PORT, K3S_NODE_IP,
-# optional CSGHUB_READY_TIMEOUT (seconds, default 3600), CSGHUB_POLL_SECONDS (default 10),
-# ARTIFACT_DIR, MANIFEST_DIR.
+# CSGHUB_GIT_SSH_PORT, optional CSGHUB_READY_TIMEOUT (seconds, default 3600),
+# CSGHUB_POLL_SECONDS (default 10), ARTIFACT_DIR, MANIFEST_DIR.
 # appliance: files=csghub
 # appliance: files=common
 # appliance: uploads
@@ -114,59 +114,24 @@ while :; do
 done
 echo "ok: Helm release $NAMESPACE/csghub deployed (chart $CSGHUB_CHART_VERSION)"
 
-# --- every workload ready ------------------------------------------------------------------
-# One line per Deployment/StatefulSet/DaemonSet: "KIND NS/NAME WANTED READY".
-workload_lines() {
-    kc get deployments,statefulsets -A -o jsonpath='{range .items[*]}{.kind} {.metadata.namespace}/{.metadata.name} {.spec.replicas} {.status.readyReplicas}{"\n"}{end}'
-    kc get daemonsets -A -o jsonpath='{range .items[*]}{.kind} {.metadata.namespace}/{.metadata.name} {.status.desiredNumberScheduled} {.status.numberReady}{"\n"}{end}'
-}
-last_report=""
-last_time=0
-while :; do
-    states=$(workload_lines 2>/dev/null | workload_states || true)
-    total=$(grep -c . <<<"$states" || true)
-    ready=$(grep -c '^ready ' <<<"$states" || true)
-    report="$ready/$total"
-    if [[ "$report" != "$last_report" ]] || ((SECONDS - last_time >= 60)); then
-        echo "progress: $ready/$total workloads ready"
-        last_report=$report
-        last_time=$SECONDS
-    fi
-    if ((total > 0 && ready == total)); then
-        break
-    fi
-    if expired; then
-        echo "not ready:" >&2
-        grep '^waiting ' <<<"$states" | sed 's/^waiting /  /' >&2 || true
-        kc get pods -A --field-selector=status.phase!=Running,status.phase!=Succeeded >&2 || true
-        die "not every workload was ready within ${READY_TIMEOUT} s"
-    fi
-    sleep "$POLL_SECONDS"
-done
-echo "ok: all $total workloads ready"
-
-# --- HTTP through the gateway's NodePort -----------------------------------------------------
-# http_status HOST: the status code the gateway gives for http://HOST:PORT/ (Host header as a
-# browser sends it), reached on the node address like the NAT forward reaches it.
-http_status() {
-    # shellcheck disable=SC2016  # the inner script expands its own positional parameters
-    timeout 15 bash -c '
-        exec 3<>"/dev/tcp/$1/$2"
-        printf "GET / HTTP/1.1\r\nHost: %s:%s\r\nUser-Agent: csghub-appliance-check\r\nConnection: close\r\n\r\n" "$3" "$2" >&3
-        read -r _ code _ <&3
-        echo "$code"
-    ' _ "$K3S_NODE_IP" "$CSGHUB_HTTP_PORT" "$1" 2>/dev/null || echo 000
-}
-login_host=$(kc -n "$NAMESPACE" get httproutes -o jsonpath='{range .items[*]}{range .spec.hostnames[*]}{@}{"\n"}{end}{end}' |
-    grep -m1 '^casdoor\.' || true)
-[[ -n "$login_host" ]] || die "no HTTPRoute for the login service (casdoor.*) in namespace $NAMESPACE"
-for host in "$CSGHUB_DOMAIN" "$login_host"; do
-    until code=$(http_status "$host") && [[ "$code" =~ ^[23] ]]; do
-        expired && die "http://$host:$CSGHUB_HTTP_PORT/ answered $code through the gateway, not 2xx/3xx"
-        sleep 5
-    done
-    echo "ok: http://$host:$CSGHUB_HTTP_PORT/ answers $code"
-done
+# --- the readiness gate ----------------------------------------------------------------------
+# The same gate every copy runs at each boot (csghub-ready): every Job of the release complete,
+# every workload ready, the portal through the gateway, an admin login through Casdoor, git
+# SSH, the registry; it also points k3s at CSGHub's registry (registries.yaml, which 90-seal.sh
+# removes again: the credentials are the build's).
+GATE_RETRY_HINT="re-run the build (it resumes at the csghub step)"
+# shellcheck source-path=SCRIPTDIR source=files/common/readiness.sh
+. "${PROVISION_DIR:-/var/tmp/csghub-provision}/files/common/readiness.sh"
+GATE_POLL_SECONDS=$POLL_SECONDS
+READINESS_STATE=${CSGHUB_READINESS:-/run/csghub-appliance/readiness}
+remaining=$((deadline - SECONDS))
+((remaining > 0)) || remaining=1
+if ! readiness_gate "$CSGHUB_DOMAIN" "$remaining" "$READINESS_STATE"; then
+    kc get pods -A --field-selector=status.phase!=Running,status.phase!=Succeeded >&2 || true
+    die "CSGHub is not ready: $(cat "$READINESS_STATE")"
+fi
+echo "ok: CSGHub is ready: jobs, workloads, portal, admin login, git SSH and registry all answer"
+login_host=$(gate_casdoor_host)
 
 # --- offline readiness: every image of the declared set is in the image store ---------------------
 # images.txt is the image set the build host computed (appliance/images.py: the chart rendered with

@@ -1,7 +1,8 @@
 #!/bin/bash
 # Install the first-boot machinery: the service that gives each imported copy its own SSH
 # host keys, machine-id, login password and cluster token and detects its network; the
-# console banner (/etc/issue, motd) with its timer; csghub-status and csghub-reconfigure;
+# console banner (/etc/issue, motd) with its timer; the readiness gate (csghub-ready and its
+# service, run at every boot); csghub-status and csghub-reconfigure;
 # and the login user `csghub` (no password until a copy's first boot makes one).
 #
 # The build VM itself is marked as done, so rebooting it during the build does not run the
@@ -28,8 +29,10 @@ install_if_changed "$SRC/lib.sh" /usr/local/lib/csghub-appliance/lib.sh 0644 || 
 install_if_changed "$SRC/csghub-firstboot" /usr/local/sbin/csghub-firstboot 0755 || true
 install_if_changed "$SRC/csghub-banner" /usr/local/sbin/csghub-banner 0755 || true
 install_if_changed "$SRC/csghub-reconfigure" /usr/local/sbin/csghub-reconfigure 0755 || true
+install_if_changed "$SRC/csghub-ready" /usr/local/sbin/csghub-ready 0755 || true
+install_if_changed "${SRC%/*}/common/readiness.sh" /usr/local/lib/csghub-appliance/readiness.sh 0644 || true
 install_if_changed "$SRC/csghub-status" /usr/local/bin/csghub-status 0755 || true
-for unit in csghub-firstboot.service csghub-banner.service csghub-banner.timer; do
+for unit in csghub-firstboot.service csghub-banner.service csghub-banner.timer csghub-ready.service; do
     if install_if_changed "$SRC/$unit" "/etc/systemd/system/$unit" 0644; then
         units_changed=yes
     fi
@@ -44,6 +47,7 @@ env_tmp=$(mktemp)
     printf 'APPLIANCE_VERSION=%q\n' "${APPLIANCE_VERSION:-unknown}"
     printf 'CSGHUB_DOMAIN=%q\n' "${CSGHUB_DOMAIN:-csghub.localhost}"
     printf 'CSGHUB_HTTP_PORT=%q\n' "${CSGHUB_HTTP_PORT:-30080}"
+    printf 'CSGHUB_GIT_SSH_PORT=%q\n' "${CSGHUB_GIT_SSH_PORT:-30022}"
     printf 'CSGHUB_NAMESPACE=%q\n' "${CSGHUB_NAMESPACE:-csghub}"
     printf 'CSGHUB_HELMCHART_NAME=%q\n' "${CSGHUB_HELMCHART_NAME:-csghub}"
     printf 'CSGHUB_HELMCHART_NAMESPACE=%q\n' "${CSGHUB_HELMCHART_NAMESPACE:-kube-system}"
@@ -88,7 +92,7 @@ if [[ "$units_changed" == yes ]]; then
     echo "changed: systemd reloaded its units"
 fi
 to_enable=()
-for unit in csghub-firstboot.service csghub-banner.service csghub-banner.timer; do
+for unit in csghub-firstboot.service csghub-banner.service csghub-banner.timer csghub-ready.service; do
     if systemctl -q is-enabled "$unit" 2>/dev/null; then
         echo "ok: $unit enabled"
     else

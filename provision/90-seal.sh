@@ -64,6 +64,8 @@ seal_stack() {
         "$K3S_DATA"/agent/etc/k3s-api-server-agent-load-balancer.json
     remove "node password or kubeconfig" /etc/rancher/node/password /etc/rancher/k3s/k3s.yaml \
         /etc/rancher/k3s/config.yaml.d/50-csghub-instance.yaml
+    # The build's registry credentials; csghub-ready writes the copy's own.
+    remove "registry credentials" /etc/rancher/k3s/registries.yaml
     if [[ -f /etc/rancher/k3s/config.yaml ]] && grep -Eq '^(agent-)?token:' /etc/rancher/k3s/config.yaml; then
         sed -i -E '/^(agent-)?token:/d' /etc/rancher/k3s/config.yaml
         echo "changed: removed the build's token from /etc/rancher/k3s/config.yaml"

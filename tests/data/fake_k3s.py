@@ -6,11 +6,19 @@ $FAKE_K3S_STATE, and records what it was asked in $FAKE_K3S_STATE/calls.log.
 State files: workloads (lines "KIND NS/NAME WANTED READY_AFTER_N_POLLS"), pod_images,
 template_images, cronjob_images (image references the cluster's objects name), httproutes, store
 (names in the image store), pullable (stored names `crictl pull` can fetch), pinned (names
-labelled pinned). The image store follows containerd's naming (stored_name).
+labelled pinned). The image store follows containerd's naming (stored_name). For the readiness
+gate and csghub-reconfigure: jobs (the release's Jobs, lines "NS/NAME CONDITIONS" as the gate's
+jsonpath prints them), secrets (lines "NAME KEY VALUE"), pod_states (the gate's pod lines),
+helm_failed (failed Helm revisions, as `kubectl get -o name` prints them).
+
+The helm-controller's Job behaves like the real one on an upgrade: once this copy's values
+(csghub-appliance-instance.yaml) are there, it fails while a finished Job of the release still
+exists (its pod template is immutable: Helm's upgrade is rejected), and succeeds otherwise.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import sys
@@ -33,6 +41,12 @@ def bump(name: str) -> int:
     return count
 
 
+def upgrade_rejected() -> bool:
+    """An upgrade to this copy's values while a finished Job of the release still exists."""
+    instance = (MANIFESTS / "csghub-appliance-instance.yaml").exists()
+    return instance and any("Complete=True" in job or "Failed=True" in job for job in lines("jobs"))
+
+
 def kubectl(args: list[str]) -> int:
     args = [a for a in args if not a.startswith("--request-timeout")]
     text = " ".join(args)
@@ -47,9 +61,36 @@ def kubectl(args: list[str]) -> int:
         if ".status.jobName" in text and (MANIFESTS / "csghub.yaml").exists():
             print("helm-install-csghub", end="")
     elif "get job helm-install-csghub" in text:
-        if "succeeded" in text:
-            done = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            print(f"1 {done}")
+        if upgrade_rejected():
+            print("0 " if "completionTime" in text else "0", end="")
+        elif "completionTime" in text:
+            print(f"1 {datetime.now(UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}")
+        elif "succeeded" in text:
+            print("1", end="")
+    elif "get pods -l job-name=helm-install-csghub" in text:
+        print("5" if upgrade_rejected() else "0")
+    elif args[:2] == ["get", "jobs"] and "app.kubernetes.io/instance=csghub" in text:
+        print("\n".join(lines("jobs")))
+    elif args[:1] == ["-n"] and args[2:4] == ["delete", "job"]:
+        name = f"{args[1]}/{args[4]}"
+        (STATE / "jobs").write_text("".join(f"{job}\n" for job in lines("jobs") if job.split()[0] != name))
+    elif args[:4] == ["-n", "csghub", "get", "secret"] and "jsonpath={.data." in text:
+        key = text.split("jsonpath={.data.", 1)[1].rstrip("}")
+        for line in lines("secrets"):
+            name, k, value = line.split(" ", 2)
+            if name == args[4] and k == key:
+                print(base64.b64encode(value.encode()).decode(), end="")
+                break
+        else:
+            return 1
+    elif "get secret csghub-docker-credential" in text:
+        return 1
+    elif "get secrets -l owner=helm,name=csghub,status=failed" in text:
+        print("\n".join(lines("helm_failed")))
+    elif "delete secrets -l owner=helm,name=csghub,status=failed" in text:
+        (STATE / "helm_failed").write_text("")
+    elif "annotate --overwrite helmchart csghub" in text:
+        pass
     elif args[:3] == ["get", "deployments,statefulsets", "-A"]:
         polls = bump("workload_polls")
         for line in lines("workloads"):
@@ -60,6 +101,8 @@ def kubectl(args: list[str]) -> int:
         pass
     elif "get httproutes" in text:
         print("\n".join(lines("httproutes")))
+    elif args[:3] == ["get", "pods", "-A"] and "containerStatuses" in text:
+        print("\n".join(lines("pod_states")))
     elif args[:3] == ["get", "pods", "-A"]:
         print("\n".join(lines("pod_images")))
     elif args[:3] == ["get", "deployments,statefulsets,daemonsets,jobs", "-A"]:

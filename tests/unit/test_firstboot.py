@@ -25,7 +25,7 @@ FILES = ROOT / "provision" / "files" / "firstboot"
 LIB = FILES / "lib.sh"
 STACK_LIB = ROOT / "provision" / "files" / "csghub" / "lib.sh"  # the csghub step's guest library
 CHART_SCHEMA = ROOT.parent / "shared" / "csghub-chart" / "2.4.0" / "values.schema.json"
-SCRIPTS = ["csghub-firstboot", "csghub-banner", "csghub-status", "csghub-reconfigure", "lib.sh"]
+SCRIPTS = ["csghub-firstboot", "csghub-banner", "csghub-status", "csghub-reconfigure", "csghub-ready", "lib.sh"]
 
 
 def bash(snippet: str, stdin: str = "", env: dict[str, str] | None = None, check: bool = True,
@@ -47,12 +47,12 @@ NAT_AND_HOSTONLY = NAT_ONLY + """\
 """
 BRIDGED_WITH_CLUSTER = """\
 2: ens3    inet 192.168.1.77/24 brd 192.168.1.255 scope global dynamic ens3\\ valid_lft 3600sec preferred_lft 3600sec
-4: csghub0    inet 10.254.254.1/32 scope global csghub0\\ valid_lft forever preferred_lft forever
+4: dummy-csghub    inet 10.254.254.1/24 scope global dummy-csghub\\ valid_lft forever preferred_lft forever
 5: cni0    inet 10.42.0.1/24 brd 10.42.0.255 scope global cni0\\ valid_lft forever preferred_lft forever
 6: flannel.1    inet 10.42.0.0/32 scope global flannel.1\\ valid_lft forever preferred_lft forever
 """
 ONLY_CLUSTER = """\
-4: csghub0    inet 10.254.254.1/32 scope global csghub0\\ valid_lft forever preferred_lft forever
+4: dummy-csghub    inet 10.254.254.1/24 scope global dummy-csghub\\ valid_lft forever preferred_lft forever
 7: eth0    inet 169.254.3.4/16 scope global eth0\\ valid_lft forever preferred_lft forever
 """
 
@@ -106,34 +106,38 @@ def test_domain_for(mode: str, address: str, configured: str, domain: str) -> No
 
 
 @pytest.mark.parametrize(
-    ("rows", "counts"),
-    [
-        ("1 1\n0 1\n2 2\n", "2 3"),
-        ("0 0\n", "1 1"),  # scaled to zero: nothing to wait for
-        ("<none> 1\n1 1\n".replace("<none>", "0"), "1 2"),
-        ("", "0 0"),
-    ],
-)
-def test_count_ready(rows: str, counts: str) -> None:
-    assert bash("count_ready", stdin=rows).stdout.strip() == counts
-
-
-@pytest.mark.parametrize(
     ("args", "line"),
     [
-        ("absent down 0 0", "CSGHub stack not installed in this image"),
-        ("installed down 0 0", "CSGHub is starting: cluster starting"),
-        ("installed up 0 0", "CSGHub is starting: installing the Helm release"),
-        ("installed up 3 11", "CSGHub is starting: 3/11 services ready"),
-        ("installed up 11 11", "CSGHub is ready: 11/11 services ready"),
+        ("absent ''", "CSGHub stack not installed in this image"),
+        # Before csghub-ready wrote its first line.
+        ("installed ''", "CSGHub: starting (0/?): waiting for the cluster"),
+        ("installed 'starting (3/11): waiting for deployment csghub/csghub-server'",
+         "CSGHub: starting (3/11): waiting for deployment csghub/csghub-server"),
+        ("installed ready", "CSGHub: ready"),
+        ("installed 'failed: job csghub/csghub-server-migrate failed — sudo k3s kubectl -n csghub logs "
+         "job/csghub-server-migrate; then sudo csghub-status --retry'",
+         "CSGHub: failed: job csghub/csghub-server-migrate failed — sudo k3s kubectl"),
     ],
 )
-def test_status_line(args: str, line: str) -> None:
+def test_status_line_shows_the_gates_state(args: str, line: str) -> None:
     assert bash(f"status_line {args}").stdout.startswith(line)
 
 
+def test_gather_banner_reads_the_gates_state_file(tmp_path: Path) -> None:
+    state = tmp_path / "readiness"
+    env = {"CSGHUB_ETC": str(tmp_path), "CSGHUB_STATE": str(tmp_path), "CSGHUB_READINESS": str(state)}
+    fake = "stack_installed() { true; }; login_password_current() { :; };"
+    assert bash(f"{fake} gather_banner; echo \"$STATUS\"", env=env).stdout.strip() == (
+        "CSGHub: starting (0/?): waiting for the cluster")
+    state.write_text("failed: the Helm release csghub/csghub did not install — x; then sudo csghub-status --retry\n")
+    out = bash(f"{fake} gather_banner; render_banner", env=env).stdout
+    line = "  CSGHub: failed: the Helm release csghub/csghub did not install — x; then sudo csghub-status --retry"
+    assert line in out
+
+
 BANNER_VARS = {
-    "PRODUCT": "CSGHub appliance", "VERSION": "2.4.0", "STATUS": "CSGHub is starting: 3/11 services ready",
+    "PRODUCT": "CSGHub appliance", "VERSION": "2.4.0",
+    "STATUS": "CSGHub: starting (3/11): waiting for deployment csghub/csghub-server",
     "MODE": "nat", "ADDRESS": "10.0.2.15", "URL": "http://csghub.localhost:30080", "STACK": "installed",
     "ADMIN_USER": "root", "LOGIN_USER": "csghub", "LOGIN_PASSWORD": "abcde-fghij-kmnpq-rstuv",
 }
@@ -142,7 +146,7 @@ BANNER_VARS = {
 def test_banner_shows_url_status_admin_and_login() -> None:
     text = bash("render_banner", env=BANNER_VARS).stdout
     assert text.startswith("CSGHub appliance 2.4.0\n")
-    assert "CSGHub is starting: 3/11 services ready" in text
+    assert "CSGHub: starting (3/11): waiting for deployment csghub/csghub-server" in text
     assert "http://csghub.localhost:30080" in text
     assert "CSGHub admin user:    root" in text
     assert "sudo csghub-status --admin-password" in text
@@ -283,7 +287,8 @@ def test_guest_scripts_pass_shellcheck() -> None:
     assert proc.returncode == 0, proc.stdout
 
 
-@pytest.mark.parametrize("unit", ["csghub-firstboot.service", "csghub-banner.service", "csghub-banner.timer"])
+@pytest.mark.parametrize("unit", ["csghub-firstboot.service", "csghub-banner.service", "csghub-banner.timer",
+                                  "csghub-ready.service"])
 def test_units_are_enabled_and_ordered(unit: str) -> None:
     text = (FILES / unit).read_text()
     assert re.search(r"^\[Install\]\nWantedBy=", text, re.M)

@@ -9,6 +9,7 @@ is the e2e test's job (tests/e2e/test_full_build.py).
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -145,21 +146,44 @@ def test_guest_coredns_manifest_equals_the_build_time_one(domain: str, use_top: 
 FAKE_K3S = PROJECT_ROOT / "tests" / "data" / "fake_k3s.py"
 
 
+ADMIN = ("root", 'pw-"of"-this\\copy')  # the copy's Casdoor admin (quotes and a backslash: JSON escaping)
+REGISTRY = ("registry", "registry-pw-1")
+
+
 @pytest.fixture
 def gateway() -> Iterator[int]:
-    """A loopback HTTP server standing in for the gateway's NodePort."""
+    """A loopback HTTP server standing in for the gateway's NodePort: the portal (200), the
+    login service (302, and Casdoor's /api/login for the admin), the registry's /v2/ (401 with
+    a Basic challenge, as the chart's htpasswd-protected registry answers)."""
     hosts: list[str] = []
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, format: str, *args: object) -> None:
             pass
 
+        def reply(self, code: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+            self.send_response(code)
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
         def do_GET(self) -> None:
             host = self.headers.get("Host", "")
             hosts.append(host)
-            self.send_response(200 if host.startswith("csghub.localhost:") else 302)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+            if self.path == "/v2/" and host.startswith("csghub.localhost:"):
+                self.reply(401, headers={"WWW-Authenticate": 'Basic realm="Registry Realm"'})
+            else:
+                self.reply(200 if host.startswith("csghub.localhost:") else 302)
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            ok = (self.headers.get("Host", "").startswith("casdoor.") and self.path == "/api/login"
+                  and body["organization"] == "OpenCSG" and body["application"] == "CSGHub"
+                  and (body["username"], body["password"]) == ADMIN)
+            answer = {"status": "ok", "msg": ""} if ok else {"status": "error", "msg": "password or code is incorrect"}
+            self.reply(200, json.dumps(answer).encode(), {"Content-Type": "application/json"})
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -172,8 +196,27 @@ def gateway() -> Iterator[int]:
         thread.join(timeout=10)
 
 
-def csghub_step_in_namespace(tmp_path: Path, port: int, runs: int,
-                             image_list: list[str]) -> list[tuple[int, str, str]]:
+@pytest.fixture(scope="module")
+def git_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """A real OpenSSH server standing in for gitlab-shell behind the git SSH NodePort (the gate
+    reads its banner)."""
+    import sys
+
+    sys.path.insert(0, str(PROJECT_ROOT / "tests" / "ssh"))
+    from sshd_server import make_server
+
+    try:
+        server = make_server(tmp_path_factory.mktemp("git-sshd"))
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    try:
+        yield server.port
+    finally:
+        server.stop()
+
+
+def csghub_step_in_namespace(tmp_path: Path, port: int, runs: int, image_list: list[str],
+                             git_port: int) -> list[tuple[int, str, str]]:
     if os.geteuid() != 0 or not shutil.which("unshare"):
         pytest.skip("the csghub step run needs root and unshare(1) for a private mount namespace")
     art = tmp_path / "artifacts"
@@ -184,6 +227,12 @@ def csghub_step_in_namespace(tmp_path: Path, port: int, runs: int,
     (art / "images.txt").write_text("".join(f"{name}\n" for name in image_list))
     out = tmp_path / "out"
     out.mkdir()
+    fakebin = tmp_path / "fakebin"
+    fakebin.mkdir()
+    (fakebin / "systemctl").symlink_to(FAKE_HOST)
+    (tmp_path / "host").mkdir()
+    (tmp_path / "host" / "active.k3s").touch()  # k3s runs: a changed registries.yaml restarts it
+    (tmp_path / "hosts").write_text("127.0.0.1 localhost\n")
     wrapper = f"""
 set -u
 mount -t tmpfs tmpfs /usr/local
@@ -200,8 +249,12 @@ done
         "PATH": os.environ["PATH"], "LANG": "C.UTF-8", "FAKE_K3S_STATE": str(tmp_path / "state"),
         "PROVISION_DIR": str(PROJECT_ROOT / "provision"), "ARTIFACT_DIR": str(art), "MANIFEST_DIR": str(art),
         "CSGHUB_CHART_VERSION": "2.4.0", "CSGHUB_DOMAIN": "csghub.localhost", "CSGHUB_HTTP_PORT": str(port),
-        "K3S_NODE_IP": "127.0.0.1", "CSGHUB_POLL_SECONDS": "1",
+        "K3S_NODE_IP": "127.0.0.1", "CSGHUB_POLL_SECONDS": "1", "CSGHUB_GIT_SSH_PORT": str(git_port),
+        # The gate's files, kept out of the host's /etc and /run.
+        "CSGHUB_READINESS": str(tmp_path / "readiness"), "K3S_REGISTRIES": str(tmp_path / "registries.yaml"),
+        "GATE_HOSTS_FILE": str(tmp_path / "hosts"), "FAKE_HOST_STATE": str(tmp_path / "host"),
     }
+    env["PATH"] = f"{fakebin}:{env['PATH']}"
     run(["unshare", "--mount", "--propagation", "private", "bash", "-c", wrapper], env=env, timeout=300)
     return [
         (int((out / f"{i}.rc").read_text()), (out / f"{i}.out").read_text(), (out / f"{i}.err").read_text())
@@ -216,6 +269,13 @@ def fake_state(tmp_path: Path, **files: list[str]) -> None:
         (state / name).write_text("".join(f"{line}\n" for line in content))
 
 
+GATE_STATE = {
+    "jobs": ["csghub/csghub-server-migrate Complete=True,SuccessCriteriaMet=True,",
+             "csghub/csghub-casdoor-migrate Complete=True,", "csghub/csghub-minio-init Complete=True,"],
+    "secrets": [f"csghub-casdoor-init INIT_ADMIN_USER {ADMIN[0]}",
+                f"csghub-casdoor-init INIT_ADMIN_PASSWORD {ADMIN[1]}",
+                f"csghub-registry REGISTRY_USERNAME {REGISTRY[0]}", f"csghub-registry REGISTRY_PASSWORD {REGISTRY[1]}"],
+}
 @pytest.fixture(scope="module")
 def real_image_set(helm_bin: Path) -> list[str]:
     """The image set of the real chart rendered with `invoke values`' values (what the build uploads)."""
@@ -224,7 +284,7 @@ def real_image_set(helm_bin: Path) -> list[str]:
     return [entry.name for entry in image_set(objects)]
 
 
-def test_csghub_step_runs_and_second_run_changes_nothing(tmp_path: Path, gateway: int,
+def test_csghub_step_runs_and_second_run_changes_nothing(tmp_path: Path, gateway: int, git_sshd: int,
                                                          real_image_set: list[str]) -> None:
     fake_state(
         tmp_path,
@@ -236,14 +296,26 @@ def test_csghub_step_runs_and_second_run_changes_nothing(tmp_path: Path, gateway
         cronjob_images=["opencsghq/dataflow:v2.4.0-argo"],
         store=["docker.io/opencsghq/csghub-portal:v2.4.0-ce", "docker.io/library/busybox:latest"],
         pullable=real_image_set,
+        **GATE_STATE,
     )
-    (rc1, out1, err1), (rc2, out2, err2) = csghub_step_in_namespace(tmp_path, gateway, 2, real_image_set)
+    (rc1, out1, err1), (rc2, out2, err2) = csghub_step_in_namespace(tmp_path, gateway, 2, real_image_set, git_sshd)
     assert rc1 == 0, out1 + err1
     assert "changed: installed /var/lib/rancher/k3s/server/static/charts/csghub-2.4.0.tgz" in out1
     assert "changed: CoreDNS resolves csghub.localhost names to 127.0.0.1" in out1
-    assert "progress: 1/2 workloads ready" in out1 and "ok: all 2 workloads ready" in out1
-    assert f"ok: http://csghub.localhost:{gateway}/ answers 200" in out1
-    assert f"ok: http://casdoor.csghub.localhost:{gateway}/ answers 302" in out1
+    # The gate: progress while the StatefulSet starts, then every check passed.
+    # 11 checks: API, release, 3 Jobs, 2 workloads, portal, login (held back until the workloads are
+    # ready: Casdoor locks accounts after failed logins), git SSH, registry.
+    assert "progress: starting (9/11): waiting for statefulset csghub/csghub-postgresql" in out1
+    assert "progress: ready" in out1
+    assert "ok: CSGHub is ready: jobs, workloads, portal, admin login, git SSH and registry all answer" in out1
+    assert (tmp_path / "readiness").read_text() == "ready\n"
+    # registries.yaml with the credentials the cluster holds; k3s restarted to read it, once.
+    registries = yaml.safe_load((tmp_path / "registries.yaml").read_text())
+    assert registries["mirrors"] == {f"csghub.localhost:{gateway}": {"endpoint": [f"http://csghub.localhost:{gateway}"]}}
+    auth = registries["configs"][f"csghub.localhost:{gateway}"]["auth"]
+    assert auth == {"username": REGISTRY[0], "password": REGISTRY[1]}
+    assert "127.0.0.1 csghub.localhost # csghub-appliance" in (tmp_path / "hosts").read_text()
+    assert (tmp_path / "host" / "calls.log").read_text().count("systemctl restart k3s.service") == 1
     # Exactly the declared set is pulled (with progress), and every image of it is pinned.
     n = len(real_image_set)
     pulled = sorted(line.split(" ", 2)[2] for line in out1.splitlines() if line.startswith("changed: pulled "))
@@ -265,9 +337,26 @@ def test_csghub_step_runs_and_second_run_changes_nothing(tmp_path: Path, gateway
     assert rc2 == 0, out2 + err2
     assert [line for line in out2.splitlines() if line.startswith("changed:")] == []
     assert "ok: /var/lib/rancher/k3s/server/manifests/csghub.yaml up to date" in out2
+    assert (tmp_path / "host" / "calls.log").read_text().count("systemctl restart k3s.service") == 1
 
 
-def test_csghub_step_fails_naming_a_missing_image(tmp_path: Path, gateway: int, real_image_set: list[str]) -> None:
+def test_csghub_step_fails_with_the_gates_line_when_the_admin_login_is_refused(
+        tmp_path: Path, gateway: int, git_sshd: int) -> None:
+    state = dict(GATE_STATE)
+    wrong = "csghub-casdoor-init INIT_ADMIN_PASSWORD wrong"
+    state["secrets"] = [*GATE_STATE["secrets"][:1], wrong, *GATE_STATE["secrets"][2:]]
+    fake_state(tmp_path, workloads=["Deployment csghub/csghub-portal 1 1"],
+               httproutes=["csghub.localhost", "casdoor.csghub.localhost"], **state)
+    portal = ["docker.io/opencsghq/csghub-portal:v2.4.0-ce"]
+    ((rc, _out, err),) = csghub_step_in_namespace(tmp_path, gateway, 1, portal, git_sshd)
+    assert rc != 0
+    assert ("CSGHub is not ready: failed: the admin login through Casdoor was refused (password or code is incorrect)"
+            " — sudo k3s kubectl -n csghub logs deploy/csghub-casdoor; then re-run the build") in err
+
+
+
+def test_csghub_step_fails_naming_a_missing_image(tmp_path: Path, gateway: int, git_sshd: int,
+                                                real_image_set: list[str]) -> None:
     unavailable = "docker.io/opencsghq/kaniko-executor:v1.24.0"
     assert unavailable in real_image_set
     fake_state(
@@ -276,16 +365,17 @@ def test_csghub_step_fails_naming_a_missing_image(tmp_path: Path, gateway: int, 
         httproutes=["csghub.localhost", "casdoor.csghub.localhost"],
         pod_images=["opencsghq/csghub-portal:v2.4.0-ce"],
         pullable=[name for name in real_image_set if name != unavailable],
+        **GATE_STATE,
     )
-    ((rc, out, err),) = csghub_step_in_namespace(tmp_path, gateway, 1, real_image_set)
+    ((rc, out, err),) = csghub_step_in_namespace(tmp_path, gateway, 1, real_image_set, git_sshd)
     assert rc != 0
     assert f"warning: pulling {unavailable} failed" in err
     assert f"missing images (the appliance would need the internet to start them):\n  {unavailable}\n" in err
     assert f"1 of {len(real_image_set)} images of the declared set are not in the image store" in err
-    assert "ok: all" not in out.split("workloads ready")[-1]
+    assert "ok: all" not in out
 
 
-def test_csghub_step_fails_on_an_image_the_set_does_not_declare(tmp_path: Path, gateway: int) -> None:
+def test_csghub_step_fails_on_an_image_the_set_does_not_declare(tmp_path: Path, gateway: int, git_sshd: int) -> None:
     declared = ["docker.io/opencsghq/csghub-portal:v2.4.0-ce"]
     fake_state(
         tmp_path,
@@ -293,15 +383,16 @@ def test_csghub_step_fails_on_an_image_the_set_does_not_declare(tmp_path: Path, 
         httproutes=["csghub.localhost", "casdoor.csghub.localhost"],
         pod_images=["opencsghq/csghub-portal:v2.4.0-ce", "docker.io/busybox:latest"],
         store=declared,
+        **GATE_STATE,
     )
-    ((rc, _out, err),) = csghub_step_in_namespace(tmp_path, gateway, 1, declared)
+    ((rc, _out, err),) = csghub_step_in_namespace(tmp_path, gateway, 1, declared, git_sshd)
     assert rc != 0
     assert "images the cluster references that the declared image set lacks:" in err
     assert "  docker.io/library/busybox:latest (as docker.io/busybox:latest)" in err
     assert "the declared image set is out of date: 1 image(s)" in err
 
 
-def test_csghub_step_checks_digests_the_version_lock_pins(tmp_path: Path, gateway: int) -> None:
+def test_csghub_step_checks_digests_the_version_lock_pins(tmp_path: Path, gateway: int, git_sshd: int) -> None:
     import hashlib
 
     def stand_in_digest(name: str) -> str:  # what tests/data/fake_k3s.py reports for a stored image
@@ -315,9 +406,10 @@ def test_csghub_step_checks_digests_the_version_lock_pins(tmp_path: Path, gatewa
         pod_images=["opencsghq/csghub-portal:v2.4.0-ce"],
         store=[kept],
         pullable=[moved],
+        **GATE_STATE,
     )
     listed = [f"{kept} {stand_in_digest(kept)}", f"{moved} sha256:{'0' * 64}"]
-    ((rc, _out, err),) = csghub_step_in_namespace(tmp_path, gateway, 1, listed)
+    ((rc, _out, err),) = csghub_step_in_namespace(tmp_path, gateway, 1, listed, git_sshd)
     assert rc != 0
     assert "images whose tag no longer resolves to the digest the version lock pins:" in err
     assert f"  {moved}: stored {stand_in_digest(moved)}, the version lock pins sha256:{'0' * 64}" in err

@@ -9,6 +9,10 @@
 CSGHUB_ETC=${CSGHUB_ETC:-/etc/csghub-appliance}
 CSGHUB_STATE=${CSGHUB_STATE:-/var/lib/csghub-appliance}
 CSGHUB_LOGIN_USER=${CSGHUB_LOGIN_USER:-csghub}
+# The readiness gate's functions (provision/files/common/readiness.sh) and its latest status line
+# (written by csghub-ready; /run: a reboot starts over with "starting").
+CSGHUB_READINESS_LIB=${CSGHUB_READINESS_LIB:-/usr/local/lib/csghub-appliance/readiness.sh}
+CSGHUB_READINESS=${CSGHUB_READINESS:-/run/csghub-appliance/readiness}
 # The default domain needs no DNS: browsers resolve *.localhost to the host's loopback,
 # where the VirtualBox NAT forwards listen.
 CSGHUB_DEFAULT_DOMAIN=csghub.localhost
@@ -130,33 +134,15 @@ new_token() {
     echo
 }
 
-# count_ready < "READY DESIRED" lines (one per Deployment/StatefulSet) -> "N M"
-# N workloads have all their desired replicas ready, out of M.
-count_ready() {
-    local ready desired n=0 m=0
-    while read -r ready desired; do
-        [[ -z "$desired" ]] && continue
-        m=$((m + 1))
-        [[ "${ready:-0}" =~ ^[0-9]+$ ]] || ready=0
-        ((ready >= desired)) && n=$((n + 1))
-    done
-    echo "$n $m"
-}
-
-# The state line of the banner, from STACK (installed|absent), the API answer and the counts.
-# status_line STACK API(up|down) N M
+# status_line STACK GATE_LINE: the state line of the banner. GATE_LINE is the readiness gate's
+# latest line ("ready", "starting (k/N): ...", "failed: ... — what to run"; empty before the
+# gate has run).
 status_line() {
-    local stack=$1 api=$2 n=$3 m=$4
+    local stack=$1 gate=${2:-}
     if [[ "$stack" != installed ]]; then
         echo "CSGHub stack not installed in this image (built with the k3s/csghub steps skipped)."
-    elif [[ "$api" != up ]]; then
-        echo "CSGHub is starting: cluster starting (0/${m:-?} services ready)"
-    elif ((m == 0)); then
-        echo "CSGHub is starting: installing the Helm release (0/? services ready)"
-    elif ((n < m)); then
-        echo "CSGHub is starting: $n/$m services ready"
     else
-        echo "CSGHub is ready: $n/$m services ready"
+        echo "CSGHub: ${gate:-starting (0/?): waiting for the cluster}"
     fi
 }
 
@@ -243,17 +229,6 @@ login_password_current() {
     fi
 }
 
-# cluster_counts: "API N M" for the CSGHub namespace, read from the live cluster.
-cluster_counts() {
-    local out
-    if ! out=$(k3s kubectl --request-timeout=5s -n "$CSGHUB_NAMESPACE" get deployments,statefulsets \
-        -o 'custom-columns=READY:.status.readyReplicas,DESIRED:.spec.replicas' --no-headers 2>/dev/null); then
-        echo "down 0 0"
-        return 0
-    fi
-    echo "up $(count_ready <<<"${out//<none>/0}")"
-}
-
 # gather_banner: fill the render_banner variables from this machine.
 gather_banner() {
     load_appliance_env
@@ -268,14 +243,14 @@ gather_banner() {
     fi
     URL=$(url_for "$DOMAIN" "$CSGHUB_HTTP_PORT")
     LOGIN_PASSWORD=$(login_password_current)
-    local api n m
+    local gate=""
     if stack_installed; then
         STACK=installed
-        read -r api n m < <(cluster_counts)
+        [[ -r "$CSGHUB_READINESS" ]] && gate=$(head -n1 "$CSGHUB_READINESS")
     else
-        STACK=absent api=down n=0 m=0
+        STACK=absent
     fi
-    STATUS=$(status_line "$STACK" "$api" "$n" "$m")
+    STATUS=$(status_line "$STACK" "$gate")
 }
 
 # --- side effects shared by csghub-firstboot and csghub-reconfigure ------------------------
@@ -321,10 +296,15 @@ YAML
 }
 
 # apply_access MODE ADDRESS: record the access mode, and make everything the domain touches
-# follow it. Prints "changed:"/"ok:" lines. Restarts k3s only when it was running and
-# something it reads at start changed.
+# follow it. Prints "changed:"/"ok:" lines. With k3s running (csghub-reconfigure) a domain
+# change is carried through the release without stranding it: the release's finished Jobs are
+# deleted first (their pod templates are immutable, and the new domain changes them), CoreDNS
+# is restarted when its names change, registries.yaml follows (k3s restarted only when it
+# changed), and the Helm upgrade must succeed. Returns 1, saying why, when it did not; a rerun
+# picks up where it stopped. At first boot k3s is not running yet: only files are written,
+# and csghub-ready finishes the job once the cluster is up.
 apply_access() {
-    local mode=$1 address=$2 domain old_domain="" registries_changed=no
+    local mode=$1 address=$2 domain old_domain="" live=no values_changed=no dns_changed=no since
     domain=$(domain_for "$mode" "$address" "$CSGHUB_DOMAIN")
     if [[ -r "$CSGHUB_STATE/access.env" ]]; then
         old_domain=$(sed -n 's/^DOMAIN=//p' "$CSGHUB_STATE/access.env")
@@ -333,15 +313,22 @@ apply_access() {
     # Everything below is written by content (write_if_changed), and access.env, which names
     # the previous domain, only at the end: a run cut short is finished by the next one.
     if stack_installed; then
-        # The chart creates this Secret only when absent: delete it before the values change,
-        # so the release upgrade that follows writes it again with the new registry host.
-        if [[ "$old_domain" != "$domain" ]] && systemctl -q is-active k3s.service &&
-            k3s kubectl --request-timeout=20s -n spaces get secret csghub-docker-credential >/dev/null 2>&1; then
-            k3s kubectl --request-timeout=20s -n spaces delete secret csghub-docker-credential >/dev/null
-            echo "changed: deleted Secret spaces/csghub-docker-credential (the chart recreates it for $domain)"
+        if systemctl -q is-active k3s.service && declare -F delete_finished_jobs >/dev/null; then
+            live=yes
+        fi
+        if [[ "$old_domain" != "$domain" && "$live" == yes ]]; then
+            # The chart creates this Secret only when absent: delete it before the values change,
+            # so the release upgrade that follows writes it again with the new registry host.
+            if k3s kubectl --request-timeout=20s -n spaces get secret csghub-docker-credential >/dev/null 2>&1; then
+                k3s kubectl --request-timeout=20s -n spaces delete secret csghub-docker-credential >/dev/null
+                echo "changed: deleted Secret spaces/csghub-docker-credential (the chart recreates it for $domain)"
+            fi
+            delete_finished_jobs "${CSGHUB_JOB_WAIT_SECONDS:-600}" || return 1
         fi
         mkdir -p "$K3S_MANIFESTS"
+        since=$(date +%s)
         if instance_manifest "$domain" | write_if_changed "$K3S_MANIFESTS/$INSTANCE_MANIFEST_NAME" 0600; then
+            values_changed=yes
             echo "changed: Helm values for this copy: domain $domain ($K3S_MANIFESTS/$INSTANCE_MANIFEST_NAME)"
         else
             echo "ok: Helm values already name domain $domain"
@@ -353,6 +340,7 @@ apply_access() {
                 . "$CSGHUB_STACK_LIB"
                 coredns_custom_manifest "$domain" "$(chart_base "$domain")" "$K3S_NODE_IP"
             ) | write_if_changed "$K3S_MANIFESTS/coredns-custom.yaml" 0600; then
+                dns_changed=yes
                 echo "changed: in-cluster DNS answers for $domain (coredns-custom.yaml)"
             else
                 echo "ok: in-cluster DNS already answers for $domain"
@@ -360,15 +348,19 @@ apply_access() {
         else
             echo "ok: no coredns-custom manifest in this image; nothing to point at $domain"
         fi
-        # registries.yaml is read by k3s only at start and is not part of the chart.
-        if [[ "$old_domain" != "$domain" && -f "$K3S_REGISTRIES" ]] && grep -qF "$old_domain" "$K3S_REGISTRIES"; then
+        if [[ "$live" == yes ]]; then
+            if [[ "$dns_changed" == yes ]]; then
+                restart_coredns "$domain" 300 || return 1
+            fi
+            # registries.yaml is read by k3s only at start and is not part of the chart.
+            sync_registries "$domain" || true
+            if [[ "$values_changed" == yes || "$old_domain" != "$domain" ]]; then
+                wait_helm_upgrade "$since" "${CSGHUB_UPGRADE_TIMEOUT:-1800}" || return 1
+            fi
+        elif [[ "$old_domain" != "$domain" && -f "$K3S_REGISTRIES" ]] && grep -qF "$old_domain" "$K3S_REGISTRIES"; then
+            # k3s not running: rename the host now; csghub-ready checks the credentials later.
             sed "s/${old_domain//./\\.}/$domain/g" "$K3S_REGISTRIES" | write_if_changed "$K3S_REGISTRIES" 0600 || true
-            registries_changed=yes
             echo "changed: $K3S_REGISTRIES now names $domain instead of $old_domain"
-        fi
-        if [[ "$registries_changed" == yes ]] && systemctl -q is-active k3s.service; then
-            systemctl restart k3s.service
-            echo "changed: restarted k3s to read $K3S_REGISTRIES"
         fi
     else
         echo "ok: CSGHub stack not installed; no Helm values, DNS or registry entries to update"
