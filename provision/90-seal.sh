@@ -56,7 +56,8 @@ seal_stack() {
             *) remove "k3s server state" "$p" ;;
         esac
     done
-    remove "per-copy Helm values" "$server/manifests/csghub-appliance-instance.yaml"
+    remove "per-copy Helm values" "$server/manifests/csghub-appliance-instance.yaml" \
+        "$server/manifests/csghub-appliance-secrets.yaml"
     # Agent identity: certificates, kubeconfigs, node password. Images stay (agent/images is
     # the air-gap bundle, agent/containerd the unpacked image store).
     remove "k3s agent certificates" "$K3S_DATA"/agent/*.crt "$K3S_DATA"/agent/*.key "$K3S_DATA"/agent/*.kubeconfig \
