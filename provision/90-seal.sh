@@ -184,13 +184,13 @@ seal_clutter() {
         [[ -e "$t" && "$t" != "$PROVISION_DIR" ]] && tmp_files+=("$t")
     done
     remove "temporary files" "${tmp_files[@]}"
-    remove "rotated logs" /var/log/*.gz /var/log/*.[0-9] /var/log/*/*.gz /var/log/*/*.[0-9] /var/log/installer
+    remove "rotated logs" /var/log/*.gz /var/log/*.xz /var/log/*.[0-9] /var/log/*/*.gz /var/log/*/*.xz \
+        /var/log/*/*.[0-9] /var/log/installer
     local f emptied=0
     while IFS= read -r -d '' f; do
         : >"$f"
         emptied=$((emptied + 1))
-    done < <(find /var/log -type f \( -name '*.log' -o -name 'syslog' -o -name 'messages' -o -name 'wtmp' \
-        -o -name 'btmp' -o -name 'lastlog' -o -name 'faillog' \) -size +0 -print0)
+    done < <(find /var/log -path /var/log/journal -prune -o -type f -size +0 -print0)
     if ((emptied)); then
         echo "changed: emptied $emptied log file(s) under /var/log"
     else
@@ -241,8 +241,7 @@ arm_shutdown_scrub() {
 rm -f /var/lib/systemd/random-seed /var/lib/systemd/credential.secret
 rm -rf /var/log/journal/* /var/lib/systemd/network/*
 rm -f /var/lib/dhcp/*.leases /var/lib/NetworkManager/*.lease
-find /var/log -type f \( -name '*.log' -o -name syslog -o -name messages -o -name wtmp -o -name btmp \
-    -o -name lastlog -o -name faillog \) -size +0 -exec truncate -s 0 {} +
+find /var/log -type f -size +0 -exec truncate -s 0 {} +
 rm -f /root/.bash_history /home/*/.bash_history
 sync
 SCRUB
