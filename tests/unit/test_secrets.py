@@ -485,3 +485,24 @@ def test_namespace_comes_first_in_the_manifest(copies: tuple[Copy, Copy]) -> Non
     assert docs[0] == {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}
     # Sorted before csghub.yaml (the HelmChart), so the objects exist before the release is installed.
     assert sorted(["csghub.yaml", "csghub-appliance-secrets.yaml"])[0] == "csghub-appliance-secrets.yaml"
+
+
+def test_reconfigure_keeps_the_credentials_in_the_values(copies: tuple[Copy, Copy], tmp_path: Path) -> None:
+    """csghub-reconfigure rewrites the HelmChartConfig for a new domain (helm-controller then upgrades the release):
+    this copy's values go with it, unchanged, and the looked-up objects stay as they are."""
+    copy = copies[0]
+    env = {**copy.env(), "K3S_MANIFESTS": str(tmp_path), "CSGHUB_DOMAIN": "csghub.localhost",
+           "CSGHUB_STATE": str(copy.state)}
+    fake = "stack_installed() { true; }; systemctl() { return 3; };"
+    secrets_manifest = (copy.manifests / "csghub-appliance-secrets.yaml").read_bytes()
+    for domain_args, domain in (("nat 10.0.2.15", "csghub.localhost"),
+                                ("address 192.168.56.10", "csghub.192.168.56.10.nip.io")):
+        proc = _bash(f"{fake} apply_access {domain_args}", env)
+        assert proc.returncode == 0, proc.stderr
+        doc = yaml.safe_load((tmp_path / "csghub-appliance-instance.yaml").read_text())
+        values = yaml.safe_load(doc["spec"]["valuesContent"])
+        assert values["global"]["gateway"]["external"]["domain"] == domain
+        assert values["casdoor"] == copy.values()["casdoor"] and values["server"] == copy.values()["server"]
+        assert oct((tmp_path / "csghub-appliance-instance.yaml").stat().st_mode & 0o777) == "0o600"
+    assert (copy.manifests / "csghub-appliance-secrets.yaml").read_bytes() == secrets_manifest
+    (copy.state / "access.env").unlink()
