@@ -570,10 +570,23 @@ def load_config(
     except ValidationError as exc:
         problems.extend(_translate(exc, sources))
     problems.extend(_cross_checks(merged, sources))
+    problems.extend(_chart_credentials(merged, sources))
     if problems:
         raise ConfigError(problems)
     assert cfg is not None
     return cfg
+
+
+def _chart_credentials(data: Mapping[str, Any], sources: _Sources) -> list[ConfigProblem]:
+    """Credentials in csghub.values: refused when inside the appliance, warned about when outside (appliance.values)."""
+    from appliance.log import log
+    from appliance.values import chart_credential_findings  # values imports this module
+
+    csghub = data.get("csghub")
+    refused, warned = chart_credential_findings(csghub.get("values") if isinstance(csghub, Mapping) else None)
+    for key, message in warned:
+        log.warning(f"{key}: {message}")
+    return [ConfigProblem(sources.of(key), key, message, "***", has_value=True) for key, message in refused]
 
 
 def _read_yaml(path: Path, problems: list[ConfigProblem]) -> dict[str, Any] | None:

@@ -11,8 +11,11 @@ Everything here follows ``docs/networking.md`` and the chart's own rules (chart 
   component (RWO means one *node*); the components CSGHub's docs want ReadWriteMany for are
   given ReadWriteOnce explicitly, which is what CSGHub's own installer does without NFS.
 - Sizes are planned to fit ``vm.disk_gb`` (:func:`persistence_plan`).
-- No admin password is ever set: the chart generates one per install into the Secret
-  ``csghub-casdoor-init``; a value would ship the same password in every OVA.
+- No credential of a service inside the appliance is ever set here or accepted from the config
+  (:func:`chart_credential_findings`): each imported copy makes its own at first boot
+  (``provision/files/firstboot/secrets.sh``); a value would ship the same secret in every OVA.
+  Credentials for services outside the appliance (external database, SMTP, ...) are the user's
+  choice: accepted, with a warning that every copy carries them.
 
 ``csghub.values`` from the config is merged last, so anything here can be overridden.
 """
@@ -173,15 +176,95 @@ def generate_values(cfg: ApplianceConfig) -> dict[str, Any]:
         del values["global"]["image"]
 
     merged = deep_merge(values, copy.deepcopy(cfg.csghub.values))
-    admin = (merged.get("casdoor") or {}).get("admin") or {}
-    if isinstance(admin, dict) and admin.get("password"):
-        raise _problem(
-            "csghub.values.casdoor.admin.password",
-            "must not be set: every imported appliance would share it; the chart generates one per "
-            "install (Secret csghub-casdoor-init, key INIT_ADMIN_PASSWORD)",
-            "***",
-        )
+    refused, _ = chart_credential_findings(cfg.csghub.values)
+    if refused:
+        raise ConfigError([ConfigProblem("config", key, message, "***", has_value=True) for key, message in refused])
     return merged
+
+
+# -- credentials in csghub.values ---------------------------------------------------------------------------------
+#
+# Chart 2.4.0 (values.yaml and the templates that read it). Internal: a credential of a service
+# that runs inside the appliance, which first boot makes per copy (docs/first-boot.md). External:
+# a credential for something outside the appliance, which only the user can know.
+
+# Keys (and everything under them) that set an internal credential.
+INTERNAL_CREDENTIAL_KEYS: dict[str, str] = {
+    "casdoor.admin.password": "the CSGHub admin (Casdoor root) password",
+    "casdoor.applianceCerts": "Casdoor's JWT signing key pair",
+    "server.xnet.apiToken": "the hub API token (xnet)",
+    "server.xnet.apiKey": "the hub API token (xnet)",
+    "server.agenticflow.token": "the AgenticHub token",
+    "server.memory.apiKey": "the memory service API key",
+    "prometheus.gatewayAuth.htpasswd": "Prometheus's gateway login",
+    "loki.gatewayAuth.htpasswd": "Loki's gateway login",
+}
+# Internal unless the sibling key points the client at a service outside the appliance.
+EXTERNAL_WITH_SIBLING = {"server.agenticflow.token": "host", "server.memory.apiKey": "host"}
+# Leaf names that hold a credential wherever they appear.
+CREDENTIAL_LEAVES = frozenset({
+    "password", "passwd", "token", "apiToken", "apiKey", "secretKey", "accessKey", "accessKeyId",
+    "accessKeySecret", "appSecret", "secret", "clientSecret", "htpasswd", "privateKey",
+})
+# Services' connections to outside systems: the chart's "external" settings.
+EXTERNAL_SECTIONS = ("postgresql", "redis", "objectStore")
+EXTERNAL_KEYS = ("notifier.smtp.password", "notifier.feiShu.appSecret")
+EXTERNAL_PREFIXES = ("aigateway.moderation.", "memmachine.model.")
+
+
+def _leaves(node: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    if isinstance(node, dict):
+        return [leaf for k, v in node.items() for leaf in _leaves(v, (*path, str(k)))]
+    return [(path, node)]
+
+
+def _is_external(path: tuple[str, ...]) -> bool:
+    dotted = ".".join(path)
+    if len(path) >= 4 and path[0] == "global" and path[2] == "external":
+        return True  # global.<service>.external.<key>: the chart's own word for it
+    if len(path) >= 3 and path[-2] in EXTERNAL_SECTIONS:
+        return True  # <service>.postgresql.password and the like: that service's external database/cache/store
+    return dotted in EXTERNAL_KEYS or dotted.startswith(EXTERNAL_PREFIXES)
+
+
+def chart_credential_findings(values: Any) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Credentials set in ``csghub.values``: (refused, warned), each a list of (config key, message).
+
+    Refused: a credential of a service inside the appliance (every copy would share it; each copy
+    makes its own at first boot). Warned: one for a service outside the appliance, which every copy
+    will carry as given.
+    """
+    refused: list[tuple[str, str]] = []
+    warned: list[tuple[str, str]] = []
+    for path, value in _leaves(values if isinstance(values, dict) else {}):
+        if value is None or value == "" or value == {} or value == []:
+            continue
+        dotted = ".".join(path)
+        key = f"csghub.values.{dotted}"
+        internal = next((k for k in INTERNAL_CREDENTIAL_KEYS if dotted == k or dotted.startswith(k + ".")), None)
+        external = _is_external(path)
+        if internal in EXTERNAL_WITH_SIBLING:
+            sibling = (*internal.split(".")[:-1], EXTERNAL_WITH_SIBLING[internal])
+            node: Any = values
+            for part in sibling:
+                node = node.get(part) if isinstance(node, dict) else None
+            if node:  # the client points at a service outside the appliance
+                internal, external = None, True
+        if internal is not None:
+            refused.append((key, (
+                f"must not be set: it is {INTERNAL_CREDENTIAL_KEYS[internal]}, a credential inside the appliance; "
+                "every imported copy would share it, and each copy makes its own at first boot "
+                "(docs/first-boot.md lists them)")))
+        elif path[-1] in CREDENTIAL_LEAVES:
+            if external:
+                warned.append((key, (
+                    "a credential for a service outside the appliance: accepted, but every copy of the OVA "
+                    "will carry it as given")))
+            else:
+                refused.append((key, (
+                    "must not be set: a credential of a service inside the appliance would be the same in every "
+                    "imported copy, and each copy makes its own at first boot (docs/first-boot.md lists them)")))
+    return refused, warned
 
 
 def chart_hostnames(values: dict[str, Any]) -> dict[str, str]:

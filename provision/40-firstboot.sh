@@ -1,8 +1,8 @@
 #!/bin/bash
 # Install the first-boot machinery: the service that gives each imported copy its own SSH
-# host keys, machine-id, login password and cluster token and detects its network; the
-# console banner (/etc/issue, motd) with its timer; the readiness gate (csghub-ready and its
-# service, run at every boot); csghub-status and csghub-reconfigure;
+# host keys, machine-id, login password, cluster token and CSGHub credentials (secrets.sh) and
+# detects its network; the console banner (/etc/issue, motd) with its timer; the readiness gate
+# (csghub-ready and its service, run at every boot); csghub-status and csghub-reconfigure;
 # and the login user `csghub` (no password until a copy's first boot makes one).
 #
 # The build VM itself is marked as done, so rebooting it during the build does not run the
@@ -26,6 +26,7 @@ if [[ ! -f "$SRC/lib.sh" ]]; then
 fi
 
 install_if_changed "$SRC/lib.sh" /usr/local/lib/csghub-appliance/lib.sh 0644 || true
+install_if_changed "$SRC/secrets.sh" /usr/local/lib/csghub-appliance/secrets.sh 0644 || true
 install_if_changed "$SRC/csghub-firstboot" /usr/local/sbin/csghub-firstboot 0755 || true
 install_if_changed "$SRC/csghub-banner" /usr/local/sbin/csghub-banner 0755 || true
 install_if_changed "$SRC/csghub-reconfigure" /usr/local/sbin/csghub-reconfigure 0755 || true

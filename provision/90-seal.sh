@@ -56,7 +56,8 @@ seal_stack() {
             *) remove "k3s server state" "$p" ;;
         esac
     done
-    remove "per-copy Helm values" "$server/manifests/csghub-appliance-instance.yaml"
+    remove "per-copy Helm values" "$server/manifests/csghub-appliance-instance.yaml" \
+        "$server/manifests/csghub-appliance-secrets.yaml"
     # Agent identity: certificates, kubeconfigs, node password. Images stay (agent/images is
     # the air-gap bundle, agent/containerd the unpacked image store).
     remove "k3s agent certificates" "$K3S_DATA"/agent/*.crt "$K3S_DATA"/agent/*.key "$K3S_DATA"/agent/*.kubeconfig \
@@ -124,6 +125,13 @@ seal_machine_identity() {
         echo "ok: /etc/machine-id already empty"
     fi
     remove "D-Bus machine-id" /var/lib/dbus/machine-id
+    # systemd-random-seed.service saves a new seed (marked creditable) when it stops, i.e. at the
+    # poweroff after this step: every copy would credit the same seed at its early boot. Stopped
+    # now, it saves now (removed below) and has nothing left to do at the poweroff.
+    if systemctl -q is-active systemd-random-seed.service 2>/dev/null; then
+        systemctl stop systemd-random-seed.service
+        echo "changed: stopped systemd-random-seed.service (it would save a seed at the poweroff)"
+    fi
     remove "random seed or credential secret" /var/lib/systemd/random-seed /var/lib/systemd/credential.secret
     remove "DHCP leases" /var/lib/dhcp/*.leases /var/lib/NetworkManager/*.lease /var/lib/systemd/network/*
 }
@@ -178,23 +186,78 @@ seal_clutter() {
         [[ -e "$t" && "$t" != "$PROVISION_DIR" ]] && tmp_files+=("$t")
     done
     remove "temporary files" "${tmp_files[@]}"
-    remove "rotated logs" /var/log/*.gz /var/log/*.[0-9] /var/log/*/*.gz /var/log/*/*.[0-9] /var/log/installer
+    remove "rotated logs" /var/log/*.gz /var/log/*.xz /var/log/*.[0-9] /var/log/*/*.gz /var/log/*/*.xz \
+        /var/log/*/*.[0-9] /var/log/installer
     local f emptied=0
     while IFS= read -r -d '' f; do
         : >"$f"
         emptied=$((emptied + 1))
-    done < <(find /var/log -type f \( -name '*.log' -o -name 'syslog' -o -name 'messages' -o -name 'wtmp' \
-        -o -name 'btmp' -o -name 'lastlog' -o -name 'faillog' \) -size +0 -print0)
+    done < <(find /var/log -path /var/log/journal -prune -o -type f -size +0 -print0)
     if ((emptied)); then
         echo "changed: emptied $emptied log file(s) under /var/log"
     else
         echo "ok: log files under /var/log already empty"
     fi
     if [[ -d /var/log/journal ]]; then
-        journalctl --rotate >/dev/null 2>&1 || true
-        journalctl --vacuum-time=1s >/dev/null 2>&1 || true
-        echo "changed: removed archived journal files"
+        # journald writes to /run from here on (the build's last lines stay out of the image);
+        # its folder under /var/log/journal is named after the build's machine-id.
+        journalctl --relinquish-var >/dev/null 2>&1 || true
+        remove "the build's journal" /var/log/journal/*
     fi
+}
+
+# --- the build user's rights ------------------------------------------------------------------
+# Its password is locked and its keys are gone, but a NOPASSWD rule would still be a standing
+# grant in every copy (and a way in for anyone who unlocks the account).
+seal_build_user_rights() {
+    local users=(vagrant) user f found=no
+    [[ -n "${SUDO_USER:-}" && "$SUDO_USER" != root && "$SUDO_USER" != vagrant ]] && users+=("$SUDO_USER")
+    for user in "${users[@]}"; do
+        for f in /etc/sudoers.d/*; do
+            [[ -f "$f" ]] || continue
+            if grep -Eq "^[[:space:]]*${user}[[:space:]]" "$f"; then
+                rm -f -- "$f"
+                echo "changed: removed $f (sudo rule for the build user $user)"
+                found=yes
+            fi
+        done
+        if grep -Eq "^[[:space:]]*${user}[[:space:]]" /etc/sudoers 2>/dev/null; then
+            sed -i -E "/^[[:space:]]*${user}[[:space:]]/d" /etc/sudoers
+            echo "changed: removed the build user $user's rule from /etc/sudoers"
+            found=yes
+        fi
+    done
+    [[ "$found" == yes ]] || echo "ok: no sudo rule for the build user"
+}
+
+# --- what the shutdown after the seal would write -----------------------------------------------
+# The poweroff that follows this step still writes: wtmp records (sessions ending, the
+# shutdown), a DHCP lease on release, and, were it active, the random seed and the journal. A
+# transient unit (it lives in /run, not in the image) is stopped during that shutdown after all
+# of them, while the disk is still writable, and removes what they wrote.
+arm_shutdown_scrub() {
+    local script=/run/csghub-seal-scrub.sh
+    cat >"$script" <<'SCRUB'
+#!/bin/bash
+# Written by 90-seal.sh; runs when the sealed VM shuts down (transient unit csghub-seal-scrub).
+rm -f /var/lib/systemd/random-seed /var/lib/systemd/credential.secret
+rm -rf /var/log/journal/* /var/lib/systemd/network/*
+rm -f /var/lib/dhcp/*.leases /var/lib/NetworkManager/*.lease
+find /var/log -type f -size +0 -exec truncate -s 0 {} +
+rm -f /root/.bash_history /home/*/.bash_history
+sync
+SCRUB
+    chmod 0700 "$script"
+    if systemctl -q is-active csghub-seal-scrub.service 2>/dev/null; then
+        echo "ok: shutdown scrub already armed"
+        return 0
+    fi
+    systemd-run --quiet --unit=csghub-seal-scrub --service-type=oneshot --property=RemainAfterExit=yes \
+        --property=DefaultDependencies=no --property=Conflicts=shutdown.target \
+        --property="Before=shutdown.target systemd-random-seed.service systemd-journal-flush.service systemd-update-utmp.service ssh.service systemd-user-sessions.service systemd-logind.service networking.service systemd-networkd.service" \
+        --property=After=local-fs.target \
+        --property="ExecStop=/bin/bash $script" /bin/true
+    echo "changed: armed csghub-seal-scrub: the shutdown after the seal leaves no seed, log or lease behind"
 }
 
 # --- free space: trimmed or zeroed, so the exported disk holds only live data -----------------
@@ -225,6 +288,8 @@ seal_machine_identity
 seal_network
 seal_clutter
 seal_logins
+seal_build_user_rights
+arm_shutdown_scrub
 # The runner's upload directory (scripts, step markers) is the build's, not the appliance's.
 remove "provisioning files" "$PROVISION_DIR"
 zero_free_space

@@ -25,7 +25,8 @@ FILES = ROOT / "provision" / "files" / "firstboot"
 LIB = FILES / "lib.sh"
 STACK_LIB = ROOT / "provision" / "files" / "csghub" / "lib.sh"  # the csghub step's guest library
 CHART_SCHEMA = ROOT.parent / "shared" / "csghub-chart" / "2.4.0" / "values.schema.json"
-SCRIPTS = ["csghub-firstboot", "csghub-banner", "csghub-status", "csghub-reconfigure", "csghub-ready", "lib.sh"]
+SCRIPTS = ["csghub-firstboot", "csghub-banner", "csghub-status", "csghub-reconfigure", "csghub-ready", "lib.sh",
+           "secrets.sh"]
 
 
 def bash(snippet: str, stdin: str = "", env: dict[str, str] | None = None, check: bool = True,
@@ -325,3 +326,19 @@ def test_apply_access_rewrites_coredns_and_is_finished_after_a_cut(tmp_path: Pat
     again = bash(f"{fake} apply_access address 192.168.56.10", env=env).stdout
     assert "ok: in-cluster DNS already answers for csghub.192.168.56.10.nip.io" in again
     assert "changed: access mode address, address 192.168.56.10, domain csghub.192.168.56.10.nip.io" in again
+
+
+def test_status_admin_password_is_this_copys(tmp_path: Path) -> None:
+    """`csghub-status --admin-password` shows what first boot made (secrets.sh), without asking the cluster."""
+    if os.geteuid() != 0:
+        pytest.skip("csghub-status re-runs itself through sudo unless root")
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "secrets.env").write_text("# made at first boot\nCSGHUB_ADMIN_PASSWORD=Abc123def456ghi789jkl012\n")
+    proc = subprocess.run(
+        ["bash", str(FILES / "csghub-status"), "--admin-password"], capture_output=True, text=True, timeout=30,
+        env={"PATH": os.environ["PATH"], "CSGHUB_LIB": str(LIB), "CSGHUB_STATE": str(tmp_path),
+             "CSGHUB_ETC": str(tmp_path / "etc")},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "Abc123def456ghi789jkl012\n"

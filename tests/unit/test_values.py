@@ -143,3 +143,55 @@ def test_values_written_atomically(tmp_path: Path, capsys: pytest.CaptureFixture
     out = emit_values(cfg, str(tmp_path / "values.yaml"))
     assert out is not None and out.read_text() == printed
     assert [p.name for p in tmp_path.iterdir()] == ["values.yaml"]
+
+
+@pytest.mark.parametrize(("values", "refused", "warned"), [
+    ({"casdoor": {"admin": {"password": "x"}}}, ["casdoor.admin.password"], []),
+    ({"global": {"objectStore": {"external": {"accessKey": "a", "secretKey": "b", "endpoint": "http://s3"}}}},
+     [], ["global.objectStore.external.accessKey", "global.objectStore.external.secretKey"]),
+    ({"server": {"postgresql": {"password": "p"}, "redis": {"password": "r"}, "objectStore": {"secretKey": "s"}}},
+     [], ["server.postgresql.password", "server.redis.password", "server.objectStore.secretKey"]),
+    ({"notifier": {"smtp": {"password": "m"}, "feiShu": {"appSecret": "f"}},
+      "aigateway": {"moderation": {"accessKeyId": "i", "llm": {"apiKey": "k"}}}},
+     [], ["notifier.smtp.password", "notifier.feiShu.appSecret", "aigateway.moderation.accessKeyId",
+          "aigateway.moderation.llm.apiKey"]),
+    ({"server": {"memory": {"apiKey": "k"}}}, ["server.memory.apiKey"], []),
+    ({"server": {"memory": {"apiKey": "k", "host": "http://mem.example.com"}}}, [], ["server.memory.apiKey"]),
+    ({"loki": {"gatewayAuth": {"htpasswd": "u:h"}}, "registry": {"password": "x"}},
+     ["loki.gatewayAuth.htpasswd", "registry.password"], []),
+    # Not credentials, or empty: nothing to say.
+    ({"global": {"image": {"pullSecrets": ["regcred"]}, "gateway": {"tls": {"secretName": "tls"}}},
+      "casdoor": {"admin": {"password": ""}}, "redis": {"requirePass": True}}, [], []),
+])
+def test_chart_credentials_are_refused_inside_and_warned_outside(values: dict[str, Any], refused: list[str],
+                                                                 warned: list[str]) -> None:
+    from appliance.values import chart_credential_findings
+
+    got_refused, got_warned = chart_credential_findings(values)
+    assert [k for k, _ in got_refused] == [f"csghub.values.{k}" for k in refused]
+    assert [k for k, _ in got_warned] == [f"csghub.values.{k}" for k in warned]
+    assert all("each copy makes its own" in m for _, m in got_refused)
+    assert all("every copy of the OVA will carry it" in m for _, m in got_warned)
+
+
+def test_external_credential_warns_when_the_config_loads(capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = load_config(None, ["csghub.values.global.postgresql.external.password=s3cret"])
+    assert cfg.csghub.values["global"]["postgresql"]["external"]["password"] == "s3cret"
+    out = capsys.readouterr()
+    assert "csghub.values.global.postgresql.external.password" in out.out + out.err
+    assert "every copy of the OVA will carry it" in out.out + out.err
+    assert "s3cret" not in out.out + out.err
+
+
+def test_cli_refuses_an_internal_credential_with_exit_2(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "invoke", "config", "--set", "csghub.values.nats.password=x"],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "csghub.values.nats.password" in proc.stderr
+    assert "each copy makes its own" in proc.stderr
+    assert "Traceback" not in proc.stderr

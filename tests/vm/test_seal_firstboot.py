@@ -38,10 +38,14 @@ from appliance.config import ApplianceConfig, load_config
 from appliance.run import run
 from appliance.ssh import SSHEndpoint
 from appliance.steps import ProvisionReport
+from tests.chart import CHART_DIR
 
 pytestmark = pytest.mark.vm
 
 ROOT = Path(__file__).resolve().parents[2]
+GUEST_CHART = "/var/lib/rancher/k3s/server/static/charts/csghub-2.4.0.tgz"
+GUEST_SECRETS = "/var/lib/csghub-appliance/secrets"
+GUEST_SECRETS_MANIFEST = "/var/lib/rancher/k3s/server/manifests/csghub-appliance-secrets.yaml"
 BOOT_TIMEOUT = 420  # seconds from QEMU start to the first-boot login line (TCG: ~60-120 s)
 POWEROFF_TIMEOUT = 300
 MEMORY_MB = 1024
@@ -237,6 +241,11 @@ class CopyFacts:
     second_boot: dict[str, str] = field(default_factory=dict)
     power_cut_exit_seconds: float = 0.0
     reconfigure: list[tuple[str, str, str]] = field(default_factory=list)  # (arguments, output, status after)
+    secret_modes: str = ""  # `stat -c '%a %U %n'` of the CSGHub credential files
+    secret_sums: str = ""  # `sha256sum` of them
+    secrets_env: str = ""
+    admin_password: str = ""
+    chart_patch: str = ""  # the patched archive's casdoor/secret.yaml
 
 
 def _test_config(build_dir: Path, key: Path) -> ApplianceConfig:
@@ -289,6 +298,16 @@ def sealed(base_box: Any, tmp_path_factory: pytest.TempPathFactory) -> SealedBui
         login = _key_login(vm.ssh_port, user, key)
         build_machine_id = login.run("cat /etc/machine-id").strip()
         build_host_key = login.host_key
+        # Stand-in for the k3s/CSGHub steps (they cannot run here): the real chart archive where the csghub step
+        # puts it, in k3s's static directory. First boot then makes every CSGHub credential and patches that
+        # archive, exactly as on a full image.
+        chart = work / "csghub-2.4.0.tgz"
+        with tarfile.open(chart, "w:gz") as tar:
+            tar.add(CHART_DIR, arcname="csghub")
+        sftp = login.client.open_sftp()
+        sftp.put(str(chart), "/var/tmp/csghub-2.4.0.tgz")
+        sftp.close()
+        login.run(f"sudo install -D -m 0644 /var/tmp/csghub-2.4.0.tgz {GUEST_CHART} && rm /var/tmp/csghub-2.4.0.tgz")
         # What a real build leaves behind besides the base box (00-base, k3s and csghub steps add
         # far more): a package in the download cache and the blocks of a deleted download.
         # Random bytes, so compression cannot hide them: only the seal can.
@@ -352,6 +371,12 @@ def _first_boot_facts(build: SealedBuild, vm: Qemu, facts: CopyFacts, *, reconfi
             "/etc/ssh/sshd_config.d/*vagrant* 2>/dev/null; true", sudo=True)
         for user_ in (build.build_user, "csghub"):
             facts.key_refusals.append(key_login_refused(vm.ssh_port, user_, build.key))
+        files = f"{GUEST_SECRETS}/* {GUEST_SECRETS_MANIFEST}"
+        facts.secret_modes = login.run(f"stat -c '%a %U %n' {GUEST_SECRETS} {files}", sudo=True)
+        facts.secret_sums = login.run(f"sha256sum {files}", sudo=True)
+        facts.secrets_env = login.run(f"cat {GUEST_SECRETS}/secrets.env", sudo=True)
+        facts.admin_password = login.run("csghub-status --admin-password", sudo=True).strip()
+        facts.chart_patch = login.run(f"tar -xzOf {GUEST_CHART} csghub/templates/casdoor/secret.yaml", sudo=True)
         if reconfigure:
             # The owner pins a direct address (as after adding a bridged adapter), runs it again,
             # then goes back to automatic detection.
@@ -490,3 +515,120 @@ def test_reconfigure_follows_a_pinned_address_and_back(copy_a: CopyFacts) -> Non
     assert "changed: access mode pinned to auto" in out3
     assert "changed: access mode nat, address 10.0.2.15, domain csghub.localhost" in out3
     assert "http://csghub.localhost:30080" in status3
+
+
+def _secret_values(env_text: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in env_text.splitlines() if line and not line.startswith("#"))
+
+
+def test_copies_have_their_own_csghub_credentials(copy_a: CopyFacts, copy_b: CopyFacts) -> None:
+    sums = []
+    for facts in (copy_a, copy_b):
+        modes = [line.split(" ", 2) for line in facts.secret_modes.splitlines()]
+        assert modes[0] == ["700", "root", GUEST_SECRETS]
+        assert len(modes) == 8  # the folder, secrets.env, helm-values.yaml, two key pairs, the k3s manifest
+        for mode, owner, path in modes[1:]:
+            assert (mode, owner) == ("600", "root"), path
+        sums.append({path: digest for digest, path in (line.split() for line in facts.secret_sums.splitlines())})
+        # The admin password csghub-status shows is this copy's own (24 characters from /dev/urandom).
+        assert facts.admin_password == _secret_values(facts.secrets_env)["CSGHUB_ADMIN_PASSWORD"]
+        assert re.fullmatch(r"[A-Za-z0-9]{24}", facts.admin_password)
+        # The chart in the image now signs with this copy's Casdoor key, not its fixed one.
+        assert "applianceCerts" in facts.chart_patch and "LS0tLS1CRUdJTi" not in facts.chart_patch
+    a, b = sums
+    assert sorted(a) == sorted(b) and len(a) == 7
+    for path in a:
+        assert a[path] != b[path], path
+    env_a, env_b = _secret_values(copy_a.secrets_env), _secret_values(copy_b.secrets_env)
+    assert len(env_a) == 18
+    for name, value in env_a.items():
+        assert value != env_b[name], name
+
+
+# -- the exported disk, read offline ---------------------------------------------------------------------------------
+
+
+@dataclass
+class OfflineDisk:
+    """The sealed export's root filesystem, read with debugfs (read-only, never mounted) from a raw conversion."""
+
+    raw: Path
+    offset: int
+
+    def debugfs(self, command: str) -> str:
+        proc = subprocess.run(["debugfs", "-R", command, f"{self.raw}?offset={self.offset}"],
+                              capture_output=True, text=True, timeout=300, check=False)
+        return proc.stdout + proc.stderr
+
+    def entries(self, path: str) -> list[tuple[str, int, int]]:
+        """(name, mode, size) of each entry of directory ``path`` (`ls -p`: /inode/mode/uid/gid/name/size/)."""
+        out = []
+        for line in self.debugfs(f"ls -p {path}").splitlines():
+            parts = line.split("/")
+            if len(parts) >= 8 and parts[5] not in (".", "..", ""):
+                out.append((parts[5], int(parts[2], 8), int(parts[6] or 0)))
+        return out
+
+    def exists(self, path: str) -> bool:
+        return "File not found" not in self.debugfs(f"stat {path}")
+
+    def files_under(self, path: str) -> list[tuple[str, int]]:
+        """Every regular file below ``path``, with its size."""
+        found = []
+        for name, mode, size in self.entries(path):
+            full = f"{path.rstrip('/')}/{name}"
+            if mode & 0o170000 == 0o040000:
+                found += self.files_under(full)
+            elif mode & 0o170000 == 0o100000:
+                found.append((full, size))
+        return found
+
+
+@pytest.fixture(scope="module")
+def offline_disk(sealed: SealedBuild) -> OfflineDisk:
+    if shutil.which("debugfs") is None:
+        pytest.skip("debugfs (e2fsprogs) is not installed")
+    raw = sealed.work / "sealed-offline.raw"
+    # Read-only use of the export: qemu-img reads the VMDK, the raw copy is what debugfs opens (read-only too).
+    run(["qemu-img", "convert", "-f", "vmdk", "-O", "raw", str(sealed.sealed_vmdk), str(raw)], timeout=900)
+    with raw.open("rb") as f:
+        mbr = f.read(512)
+    assert mbr[510:512] == b"\x55\xaa", "no MBR on the exported disk"
+    start_sector = int.from_bytes(mbr[446 + 8:446 + 12], "little")
+    disk = OfflineDisk(raw, start_sector * 512)
+    assert disk.exists("/etc/os-release"), disk.debugfs("stats")[:400]
+    return disk
+
+
+def test_exported_disk_has_no_seed_journal_or_logs(offline_disk: OfflineDisk, sealed: SealedBuild) -> None:
+    # No random seed for systemd to credit at early boot (the same in every copy otherwise).
+    assert not offline_disk.exists("/var/lib/systemd/random-seed")
+    assert not offline_disk.exists("/var/lib/systemd/credential.secret")
+    # The journal folder is empty: nothing of the build's, and no folder named after its machine-id.
+    assert offline_disk.entries("/var/log/journal") == []
+    assert not offline_disk.exists(f"/var/log/journal/{sealed.build_machine_id}")
+    assert "Size: 0" in offline_disk.debugfs("stat /etc/machine-id")
+    assert not offline_disk.exists("/var/lib/dbus/machine-id")
+    written = [(path, size) for path, size in offline_disk.files_under("/var/log") if size > 0]
+    assert written == [], written
+
+
+def test_exported_disk_has_no_logins_keys_or_leases(offline_disk: OfflineDisk, sealed: SealedBuild) -> None:
+    homes = ["/root"] + [f"/home/{name}" for name, _, _ in offline_disk.entries("/home")]
+    assert f"/home/{sealed.build_user}" in homes
+    for home in homes:
+        names = {name for name, _, _ in offline_disk.entries(home)}
+        assert not names & {".bash_history", ".lesshst", ".viminfo", ".python_history"}, home
+        ssh = {name for name, _, _ in offline_disk.entries(f"{home}/.ssh")}
+        assert not ssh & {"authorized_keys", "authorized_keys2"}, home
+    assert [n for n, _, _ in offline_disk.entries("/etc/ssh") if n.startswith("ssh_host_")] == []
+    assert [n for n, _, _ in offline_disk.entries("/var/lib/dhcp") if n.endswith(".leases")] == []
+    assert offline_disk.entries("/var/lib/systemd/network") == []
+    # No sudo rule for the (locked) build user, anywhere.
+    for name, _, _ in offline_disk.entries("/etc/sudoers.d"):
+        text = offline_disk.debugfs(f"cat /etc/sudoers.d/{name}")
+        assert not re.search(rf"^\s*{sealed.build_user}\s", text, re.M), name
+    assert not re.search(rf"^\s*{sealed.build_user}\s", offline_disk.debugfs("cat /etc/sudoers"), re.M)
+    # No first-boot state: every copy makes its own.
+    assert offline_disk.entries("/var/lib/csghub-appliance") == []
+    assert not offline_disk.exists("/var/lib/rancher/k3s/server/manifests/csghub-appliance-secrets.yaml")

@@ -276,7 +276,8 @@ wait_for_address() {
 
 # instance_manifest DOMAIN: the per-copy Helm values. A HelmChartConfig is merged by k3s's
 # helm-controller over the HelmChart that 30-csghub.sh installed, so the build's chart
-# manifest stays untouched and only what belongs to this copy lives here.
+# manifest stays untouched and only what belongs to this copy lives here: its domain and the
+# credentials the chart reads from values.
 instance_manifest() {
     cat <<YAML
 # Written by csghub-firstboot / csghub-reconfigure for this copy. Do not edit: run
@@ -293,6 +294,10 @@ spec:
         external:
           domain: "$1"
 YAML
+    # This copy's credentials that the chart takes as values (made by secrets.sh at first boot).
+    if [[ -r "${CSGHUB_SECRETS_DIR:-$CSGHUB_STATE/secrets}/helm-values.yaml" ]]; then
+        sed 's/^/    /' "${CSGHUB_SECRETS_DIR:-$CSGHUB_STATE/secrets}/helm-values.yaml"
+    fi
 }
 
 # apply_access MODE ADDRESS: record the access mode, and make everything the domain touches
