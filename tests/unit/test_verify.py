@@ -20,7 +20,8 @@ from appliance.config import ApplianceConfig
 from appliance.errors import UsageError, VerifyError
 from appliance.export.ova import manifest_text, ustar_header, write_ova
 from appliance.run import run
-from appliance.verify import parse_manifest, verify_ova
+from appliance.verify import verify_ova
+from appliance.verify_ova import parse_manifest
 
 OVF, MF, VMDK = "csghub-test.ovf", "csghub-test.mf", "csghub-test-disk001.vmdk"
 
@@ -132,9 +133,12 @@ def test_wrong_order_is_refused(copy: Path, ovf_schema_dir: Path) -> None:
     reasons = reasons_for(copy, ovf_schema_dir)
     assert f"first member is {MF!r}; an OVA must start with its .ovf descriptor" in reasons
     assert any(r.startswith("members are out of order") for r in reasons)
-    pack(copy, [(OVF, m[OVF]), (VMDK, m[VMDK]), (MF, m[MF])])
+    pack(copy, [(VMDK, m[VMDK]), (OVF, m[OVF]), (MF, m[MF])])
     reasons = reasons_for(copy, ovf_schema_dir)
-    assert f"second member is {VMDK!r}; expected the manifest {MF!r} after the .ovf" in reasons
+    assert any(r.startswith("members are out of order") for r in reasons)
+    # The manifest last is how VirtualBox writes it: accepted.
+    pack(copy, [(OVF, m[OVF]), (VMDK, m[VMDK]), (MF, m[MF])])
+    assert verify_ova(copy, boot=False, schema_dir=ovf_schema_dir).members == [OVF, VMDK, MF]
 
 
 def test_truncated_download_is_refused(copy: Path, ovf_schema_dir: Path) -> None:
@@ -172,7 +176,7 @@ def test_unlisted_extra_member_and_unlisted_digest_are_refused(copy: Path, ovf_s
 
 def test_malformed_manifest_is_refused(copy: Path, ovf_schema_dir: Path) -> None:
     m = members_of(copy)
-    bad_mf = m[MF].replace(b"SHA256(", b"SHA256 (", 1)
+    bad_mf = m[MF].replace(b"SHA256(", b"SHA-256(", 1)
     pack(copy, [(OVF, m[OVF]), (MF, bad_mf), (VMDK, m[VMDK])])
     reasons = reasons_for(copy, ovf_schema_dir)
     assert any(r.startswith("manifest line 1 is not 'SHA256(name)= hex'") for r in reasons)
@@ -216,8 +220,9 @@ def test_boot_needs_a_login_and_a_missing_file_is_a_usage_error(built_ova: Path,
 
 def test_parse_manifest_accepts_what_virtualbox_and_ovftool_write() -> None:
     reasons: list[str] = []
-    text = f"SHA1(a.ovf)= {'a' * 40}\nSHA256(b.vmdk)= {'B' * 64}\n\n"
-    assert parse_manifest(text, reasons) == {"a.ovf": ("SHA1", "a" * 40), "b.vmdk": ("SHA256", "b" * 64)}
+    text = f"SHA1(a.ovf)= {'a' * 40}\nSHA256(b.vmdk)= {'B' * 64}\n\nSHA1 (c.vmdk) = {'c' * 40}\r\n"
+    assert parse_manifest(text, reasons) == {"a.ovf": ("SHA1", "a" * 40), "b.vmdk": ("SHA256", "b" * 64),
+                                             "c.vmdk": ("SHA1", "c" * 40)}
     assert reasons == []
     parse_manifest(f"SHA256(c)= {'0' * 10}\n", reasons)
     assert reasons == ["manifest line 1: SHA256 digest of 'c' has the wrong length"]
@@ -228,7 +233,8 @@ def test_http_wait_sees_a_loopback_server_and_gives_up_on_a_closed_port() -> Non
     import threading
     import time
 
-    from appliance.verify import _free_loopback_port, _wait_http
+    from appliance.verify_boot import free_loopback_port as _free_loopback_port
+    from appliance.verify_boot import wait_http as _wait_http
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -281,7 +287,7 @@ def test_boot_access_from_the_configuration(make_cfg: Callable[..., ApplianceCon
 
 
 def test_console_credentials_take_the_last_login_line_and_every_host_key() -> None:
-    from appliance.verify import console_credentials
+    from appliance.verify_boot import ConsoleCredentials, console_credentials
 
     assert console_credentials("booting...\nlogin: ") is None
     text = (
@@ -289,9 +295,13 @@ def test_console_credentials_take_the_last_login_line_and_every_host_key() -> No
         "noise CSGHUB-APPLIANCE-LOGIN user=evil password=x\n"  # not at a line start: ignored
         "CSGHUB-APPLIANCE-HOSTKEY ED25519 SHA256:abc\n"
         "CSGHUB-APPLIANCE-HOSTKEY ECDSA SHA256:def\n"
-        "CSGHUB-APPLIANCE-LOGIN user=csghub password=k7m2q-xw9ta\n"
+        "CSGHUB-APPLIANCE-LOGIN user=csghub password=k7m2q-xw9ta firstboot=0123abcd\n"
     )
-    assert console_credentials(text) == ("csghub", "k7m2q-xw9ta", frozenset({"SHA256:abc", "SHA256:def"}))
+    assert console_credentials(text) == ConsoleCredentials("csghub", "k7m2q-xw9ta",
+                                                           frozenset({"SHA256:abc", "SHA256:def"}), "0123abcd")
+    # An image from before the first-boot proof prints no nonce: nothing to match this boot's.
+    old = console_credentials("CSGHUB-APPLIANCE-LOGIN user=csghub password=pw\n")
+    assert old is not None and old.first_boot_nonce is None
 
 
 def test_host_key_fingerprint_matches_ssh_keygen(tmp_path: Path) -> None:
@@ -299,7 +309,7 @@ def test_host_key_fingerprint_matches_ssh_keygen(tmp_path: Path) -> None:
 
     import paramiko
 
-    from appliance.verify import host_key_fingerprint
+    from appliance.verify_boot import host_key_fingerprint
 
     key = tmp_path / "hk"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True, timeout=30)
@@ -315,7 +325,7 @@ def test_http_check_sends_the_appliance_host_and_wants_success() -> None:
     import time
 
     from appliance.errors import VerifyError
-    from appliance.verify import _wait_http
+    from appliance.verify_boot import wait_http as _wait_http
 
     class Gateway(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
