@@ -298,7 +298,8 @@ def _check(f: io.BufferedReader, st: os.stat_result, path: Path, work: Path, res
             findings.add(f"tar member {m.name!r} appears twice")
         by_name.setdefault(m.name, m)
     if not members:
-        findings.add("the archive holds no members (not an OVA)")
+        if not findings:
+            findings.add("the archive holds no members (not an OVA)")
         return
     claimed = sum(m.size for m in members)
     stored = st.st_blocks * 512 if hasattr(st, "st_blocks") else st.st_size

@@ -388,14 +388,17 @@ def _capacity_bytes(value: str, units: str | None) -> int:
 def parse_xml(data: bytes) -> ET.Element:
     """Parse an untrusted descriptor: no DTD, hence no entity of any kind (billion laughs, external files)."""
     import defusedxml.ElementTree as SafeET
-    from defusedxml import DefusedXmlException
+    from defusedxml import DefusedXmlException, DTDForbidden
 
     try:
         root: ET.Element = SafeET.fromstring(data, forbid_dtd=True, forbid_entities=True, forbid_external=True)
     except ET.ParseError as exc:
         raise ValueError(f"not well-formed XML: {exc}") from None
+    except DTDForbidden:
+        raise ValueError("refused XML: it declares a DTD (<!DOCTYPE ...>), whose entities can expand without "
+                         "bound or read files; OVF descriptors need none") from None
     except DefusedXmlException as exc:
-        raise ValueError(f"refused XML: {exc} (OVF descriptors need no DTD or entities)") from None
+        raise ValueError(f"refused XML: {type(exc).__name__}; OVF descriptors need no DTD or entities") from None
     return root
 
 

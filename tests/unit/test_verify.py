@@ -347,3 +347,75 @@ def test_http_check_sends_the_appliance_host_and_wants_success() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_login_line_without_this_boots_nonce_is_refused_as_an_earlier_first_boot(tmp_path: Path) -> None:
+    """An image whose first boot ran before (e.g. in the build VM) prints another nonce, or none."""
+    import time
+
+    from appliance.verify_boot import _console_login_check, free_loopback_port
+
+    console = tmp_path / "console.log"
+    now = time.monotonic()
+    for line, seen in [("CSGHUB-APPLIANCE-LOGIN user=csghub password=pw firstboot=none", "none"),
+                       ("CSGHUB-APPLIANCE-LOGIN user=csghub password=pw firstboot=" + "a" * 32, "a" * 32),
+                       ("CSGHUB-APPLIANCE-LOGIN user=csghub password=pw", "none")]:
+        console.write_text("booting\n" + line + "\n")
+        with pytest.raises(VerifyError, match="first boot already ran before this boot") as err:
+            _console_login_check(free_loopback_port(), console, "true", now + 5, now, "b" * 32)
+        assert f"first-boot nonce {seen!r}, not this boot's {'b' * 32!r}" in err.value.reasons[0]
+
+
+def test_the_images_status_line_says_whether_the_stack_is_there() -> None:
+    from appliance.verify_boot import console_stack
+
+    assert console_stack("nothing yet") is None
+    text = ("CSGHUB-APPLIANCE-STATUS stack=installed mode=nat url=http://x status=starting\n"
+            "CSGHUB-APPLIANCE-STATUS stack=absent mode=nat url=http://x status=CSGHub stack not installed\n")
+    assert console_stack(text) == "absent"
+
+
+def test_a_guest_not_ready_for_ssh_gives_no_paramiko_traceback() -> None:
+    """A port that accepts and closes at once is what a booting guest's forward looks like.
+
+    Run in a child process: pytest's own log capture would hide what a user's terminal shows.
+    """
+    import subprocess
+    import sys
+
+    from appliance.config import PROJECT_ROOT
+
+    child = """
+import socket, threading, paramiko
+from appliance.verify_boot import _PasswordShell
+server = socket.create_server(("127.0.0.1", 0))
+def accept_and_close():
+    while True:
+        conn, _ = server.accept()
+        conn.close()
+threading.Thread(target=accept_and_close, daemon=True).start()
+for _ in range(3):
+    try:
+        _PasswordShell(server.getsockname()[1], "u", "p", frozenset())
+    except (paramiko.SSHException, EOFError, OSError) as exc:
+        print("retry:", type(exc).__name__)
+"""
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(PROJECT_ROOT)})
+    assert proc.stdout.count("retry:") == 3, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception (client)" not in proc.stderr, proc.stderr
+
+
+def test_schema_validation_that_cannot_run_is_reported_as_such(built_ova: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("appliance.verify_ova.find_schema_dir", lambda: None)
+    report = verify_ova(built_ova, boot=False)
+    outcome = dict(report.checks)["OVF schema"]
+    assert outcome.startswith("not run: the DMTF OVF schemas were not found")
+    assert not report.schema_checked
+    assert report.as_dict()["checks"]["OVF schema"] == outcome  # type: ignore[index]
+    # Schemas that exist but cannot be loaded: also "not run", never a traceback.
+    (tmp_path / "ovf1").mkdir()
+    (tmp_path / "ovf2").mkdir()
+    report = verify_ova(built_ova, boot=False, schema_dir=tmp_path)
+    assert dict(report.checks)["OVF schema"].startswith("not run: the schemas in")
