@@ -252,6 +252,7 @@ def boot_check(
     timeout: float = 900,
     work_dir: Path | None = None,
     nonce: str | None = None,
+    overlay: Path | None = None,
 ) -> BootReport:
     """Boot ``vmdk`` through a qcow2 overlay, wait for SSH, log in; check HTTP when ``http_port`` is set.
 
@@ -260,15 +261,18 @@ def boot_check(
     host name, so a request without the appliance's own name is answered 404. With
     ``http_if_stack`` the HTTP check is skipped when the image's status line says the stack is
     not installed. ``vmdk`` is only read. ``nonce`` (default: a fresh one) is this boot's nonce.
+    ``overlay``: boot this existing qcow2 overlay of ``vmdk`` instead of a fresh one (it keeps what
+    the boot wrote: tests use it to boot one copy twice).
     """
     if isinstance(login, SSHLogin) and not login.key_file.is_file():
         raise UsageError(f"SSH key {str(login.key_file)!r} does not exist")
     nonce = nonce or new_boot_nonce()
     with tempfile.TemporaryDirectory(prefix="boot-check-", dir=work_dir) as tmp:
         work = Path(tmp)
-        overlay = work / "overlay.qcow2"
-        run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "vmdk", "-b", str(vmdk.resolve()),
-             str(overlay)])
+        if overlay is None:
+            overlay = work / "overlay.qcow2"
+            run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "vmdk", "-b", str(vmdk.resolve()),
+                 str(overlay)])
         ssh_port = free_loopback_port()
         forwards = {ssh_port: 22}
         http_host_port = None
