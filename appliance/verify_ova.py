@@ -358,7 +358,7 @@ def _check(f: io.BufferedReader, st: os.stat_result, path: Path, work: Path, res
         free = shutil.disk_usage(work).free
         if need > free:
             findings.add(f"the disks need {need} bytes in the work folder {work}, which has {free} free "
-                         "(choose another with --work-dir or TMPDIR)")
+                         "(point TMPDIR at a folder with room)")
         else:
             copy_to = {href: work / f"disk{n}.vmdk" for n, href in enumerate(disk_hrefs, 1)}
 

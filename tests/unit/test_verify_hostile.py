@@ -534,3 +534,32 @@ def test_a_vmdk_with_a_parent_disk_is_refused(tmp_path: Path, small_disk: Path) 
     findings = Findings()
     _check_disk(VMDK, child, 64 << 20, findings)
     assert any("names a parent disk" in f for f in findings), findings
+
+
+def test_disks_are_copied_only_into_room_that_exists_and_a_bad_copy_is_deleted(
+    parts: Parts, tmp_path: Path, ovf_schema_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from appliance import verify_ova as module
+
+    work = tmp_path / "work"
+    work.mkdir()
+    good = write_tar(tmp_path / "good.ova", sound(parts))
+    result = module.check_structure(good, work, ovf_schema_dir)
+    assert result.findings == [] and [p.name for p in work.iterdir()] == ["disk1.vmdk"]
+    assert result.extracted[VMDK].read_bytes() == parts.vmdk  # the hashed bytes, under a name made here
+    result.extracted[VMDK].unlink()
+
+    s = sound(parts)
+    s[2].data = s[2].data[:-1] + bytes([s[2].data[-1] ^ 1])
+    altered = write_tar(tmp_path / "altered.ova", s)
+    result = module.check_structure(altered, work, ovf_schema_dir)
+    assert any("digest differs" in f for f in result.findings)
+    assert list(work.iterdir()) == [], "a copy whose digest differs is deleted"
+
+    class Usage:
+        free = 10 << 20
+
+    monkeypatch.setattr(module.shutil, "disk_usage", lambda _: Usage())
+    result = module.check_structure(good, work, ovf_schema_dir)
+    assert any(f.startswith("the disks need") and "which has 10485760 free" in f for f in result.findings)
+    assert list(work.iterdir()) == []
