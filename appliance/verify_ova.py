@@ -477,6 +477,9 @@ def _check_disk(href: str, vmdk: Path, capacity: int, findings: Findings) -> Non
         findings.add(f"{href}: not a sparse VMDK (no 'KDMV' header); a descriptor VMDK may name other files")
         return
     result = run(["qemu-img", "info", "--output=json", "-f", "vmdk", str(vmdk)], check=False, timeout=120)
+    if result.returncode == 127:
+        raise PrerequisiteMissing("qemu-img is not installed: the disk check cannot run",
+                                  hint="apt-get install --no-install-recommends qemu-utils")
     if not result.ok:
         findings.add(f"{href}: qemu-img cannot read it as VMDK: {' '.join(result.tail('stderr', 3))[:300]}")
         return
