@@ -117,6 +117,13 @@ def console_stack(text: str) -> str | None:
     return matches[-1].group(1) if matches else None
 
 
+def http_skip_reason(http_if_stack: bool, stack: str | None) -> str:
+    """Why HTTP is not checked ("" when it is): only when the image itself says it has no stack."""
+    if http_if_stack and stack is not None and stack != "installed":
+        return f"the image's status line says stack={stack}"
+    return ""
+
+
 def host_key_fingerprint(key: paramiko.PKey) -> str:
     """OpenSSH's ``SHA256:...`` form (unpadded base64 of the key blob's SHA-256)."""
     return "SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
@@ -298,9 +305,10 @@ def boot_check(
             report = BootReport(seconds_to_ssh=seconds, ready_output=ready_out.strip(), first_boot_proved=proved,
                                 stack=stack)
             if http_host_port is not None:
-                if http_if_stack and stack is not None and stack != "installed":
-                    report.http_skipped = f"the image's status line says stack={stack}"
-                    log.info(f"HTTP check skipped: {report.http_skipped} (built without CSGHub)")
+                skip = http_skip_reason(http_if_stack, stack)
+                if skip:
+                    report.http_skipped = skip
+                    log.info(f"HTTP check skipped: {skip} (built without CSGHub)")
                 else:
                     report.http_status = wait_http(f"http://127.0.0.1:{http_host_port}{http_path}", deadline,
                                                     http_host)

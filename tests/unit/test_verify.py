@@ -375,6 +375,15 @@ def test_the_images_status_line_says_whether_the_stack_is_there() -> None:
     assert console_stack(text) == "absent"
 
 
+def test_http_is_skipped_only_when_the_image_says_it_has_no_stack() -> None:
+    from appliance.verify_boot import http_skip_reason
+
+    assert http_skip_reason(True, "absent") == "the image's status line says stack=absent"
+    assert http_skip_reason(True, "installed") == ""
+    assert http_skip_reason(True, None) == ""  # no status line: check as configured
+    assert http_skip_reason(False, "absent") == ""  # --http, or a build that includes the stack: always check
+
+
 def test_a_guest_not_ready_for_ssh_gives_no_paramiko_traceback() -> None:
     """A port that accepts and closes at once is what a booting guest's forward looks like.
 
