@@ -253,6 +253,10 @@ def _copy_and_hash(f: io.BufferedReader, member: TarMember, algorithms: set[str]
             remaining -= n
         if sink is not None:
             sink.truncate()  # a trailing hole still counts towards the size
+    except BaseException:
+        if out is not None:
+            out.unlink(missing_ok=True)  # no partial copy stays behind (disk full, Ctrl-C)
+        raise
     finally:
         if sink is not None:
             sink.close()
@@ -445,7 +449,7 @@ def _check_schema(ovf_bytes: bytes, ovf_name: str, schema_dir: Path | None, resu
         return
     tolerated: list[str] = []
     try:
-        errors = schema_errors(ovf_bytes, sd, tolerated=tolerated)
+        errors = schema_errors(ovf_bytes, sd, tolerated=tolerated, limit=21)
     except RecursionError:
         result.findings.add(f"descriptor {ovf_name} nests elements too deeply to validate")
         return
@@ -455,7 +459,7 @@ def _check_schema(ovf_bytes: bytes, ovf_name: str, schema_dir: Path | None, resu
     for e in errors[:20]:
         result.findings.add(f"descriptor {ovf_name} breaks the OVF schema: {e}")
     if len(errors) > 20:
-        result.findings.add(f"descriptor {ovf_name} breaks the OVF schema in {len(errors) - 20} more places")
+        result.findings.add(f"descriptor {ovf_name} breaks the OVF schema in more places")
     if tolerated:
         # What VirtualBox writes is valid by definition: its known OVF 2.0 deviations are named, not refused.
         result.checks.append(("OVF schema", "checked (VirtualBox OVF 2.0 dialect: " + "; ".join(tolerated) + ")"))

@@ -23,6 +23,7 @@ digest, so the same inputs give the same bytes.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import uuid
@@ -484,7 +485,8 @@ def ovf_schema(ovf_format: OvfFormat, schema_dir: Path | None = None) -> Any:
     return xmlschema.XMLSchema10([str(main), ext], allow="local", uri_mapper=to_local, base_url=str(folder))
 
 
-def schema_errors(data: bytes, schema_dir: Path | None = None, *, tolerated: list[str] | None = None) -> list[str]:
+def schema_errors(data: bytes, schema_dir: Path | None = None, *, tolerated: list[str] | None = None,
+                  limit: int = 1000) -> list[str]:
     """Every schema violation in the descriptor ``data`` (empty list: valid).
 
     With ``tolerated`` (a list to fill), VirtualBox's own OVF 2.0 output is validated as
@@ -500,7 +502,8 @@ def schema_errors(data: bytes, schema_dir: Path | None = None, *, tolerated: lis
     root = parse_xml(data)
     if tolerated is not None and facts_format == "ovf20" and f"{{{NS_VBOX}}}Machine" in {e.tag for e in root.iter()}:
         tolerated += normalise_virtualbox_ovf20(root)
-    return [f"{e.path}: {e.reason}" for e in schema.iter_errors(root)]
+    # Bounded: a hostile descriptor can hold a million invalid elements.
+    return [f"{e.path}: {e.reason}" for e in itertools.islice(schema.iter_errors(root), limit)]
 
 
 # VirtualBox (checked up to 7.x) writes OVF 2.0 with three deviations from DSP8023 2.0.1; see
