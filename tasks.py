@@ -205,19 +205,26 @@ def verify_ova(c: Context, path: str, config: str | None = None, set_: list[str]
 @cli_task(help={"update_lock": "Also record the verified digests in the version lock (same as `invoke lock`)."})
 def fetch(c: Context, config: str | None = None, set_: list[str] | None = None, provider: str | None = None,
           update_lock: bool = False, debug: bool = False) -> None:
-    """Download k3s, its air-gap images and the CSGHub chart into the cache, verified (resumes)."""
-    from appliance.artifacts import fetch_artifacts
+    """Download k3s, its air-gap images, the CSGHub chart and helm into the cache, verified (resumes)."""
+    from appliance.artifacts import fetch_artifacts, fetch_helm
 
-    fetch_artifacts(config_from_flags(config, set_, provider, resolve=False), update_lock=update_lock)
+    cfg = config_from_flags(config, set_, provider, resolve=False)
+    fetch_artifacts(cfg, update_lock=update_lock)
+    fetch_helm(cfg, update_lock=update_lock)
 
 
 @cli_task()
 def lock(c: Context, config: str | None = None, set_: list[str] | None = None, provider: str | None = None,
          debug: bool = False) -> None:
-    """Fetch and verify the artifacts, then pin their sha256 digests in appliance/data/versions.lock.yaml."""
-    from appliance.artifacts import fetch_artifacts
+    """Fetch and verify the artifacts, then pin their sha256 digests (and the image digests the last build
+    recorded) in appliance/data/versions.lock.yaml."""
+    from appliance.artifacts import fetch_artifacts, fetch_helm
+    from appliance.images import pin_recorded_images
 
-    fetch_artifacts(config_from_flags(config, set_, provider, resolve=False), update_lock=True)
+    cfg = config_from_flags(config, set_, provider, resolve=False)
+    fetch_artifacts(cfg, update_lock=True)
+    fetch_helm(cfg, update_lock=True)
+    pin_recorded_images(cfg)
 
 
 @cli_task(help={"output": "Write the values to this file instead of printing them."})

@@ -50,7 +50,7 @@ class Artifact:
     """One pinned download."""
 
     name: str  # the publisher's file name, also the key in the lock
-    group: str  # "k3s" or "csghub_chart": the lock section
+    group: str  # "k3s", "csghub_chart" or "helm": the lock section
     version: str
     url: str
     checksum_url: str  # the publisher's checksum file or chart index
@@ -135,15 +135,19 @@ def guest_uploads(cfg: ApplianceConfig) -> list[tuple[Path, str]]:
     """(host path, guest path) for every file the k3s and csghub steps read (skipped steps: none).
 
     The cached artifacts (fetch them first: :func:`fetch_artifacts`) plus the Kubernetes
-    manifests generated from the config, written here under ``build/manifests/``. The guest
+    manifests generated from the config, written here under ``build/manifests/``, and the image set
+    (``images.txt``, computed from the rendered chart: :mod:`appliance.images`). The guest
     paths are the ones ``provision/20-k3s.sh`` and ``provision/30-csghub.sh`` look in. A step
     marker must hash these files too: a changed value changes a manifest, not the environment.
     """
+    from appliance.images import GUEST_IMAGE_LIST
     from appliance.manifests import write_manifests  # the manifests need the values, not the reverse
 
     uploads = [(a.cache_path, a.guest_path) for a in _needed(cfg)]
     if "csghub" not in cfg.provision.skip:
         uploads += write_manifests(cfg)
+        # Written by appliance.images.write_build_image_list (the fetch stage, and before provisioning).
+        uploads.append((cfg.build_dir / "manifests" / "images.txt", GUEST_IMAGE_LIST))
     return uploads
 
 
@@ -159,7 +163,7 @@ def read_lock(path: Path = LOCK_FILE) -> dict[str, Any]:
         raise ArtifactError(f"the version lock {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict) or data.get("lock_version") != 1:
         raise ArtifactError(f"the version lock {path} is not a lock_version 1 file")
-    for group in ("k3s", "csghub_chart"):
+    for group in ("k3s", "csghub_chart", "helm", "images"):
         section = data.setdefault(group, {})
         if not isinstance(section, dict):
             raise ArtifactError(f"the version lock {path}: `{group}` must be a mapping of versions")
@@ -191,6 +195,72 @@ def write_lock(lock: dict[str, Any], path: Path = LOCK_FILE) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(header + body, encoding="utf-8")
     os.replace(tmp, path)
+
+
+# -- helm, on the build host ---------------------------------------------------------------------
+# The build renders the chart itself to compute the image set (appliance/images.py); the guest never
+# runs helm (k3s's helm-controller installs the chart). Pinned like every other download.
+
+HELM_VERSION = "v3.17.3"  # tests/chart.py and scripts/install-helm.sh use the same release
+HELM_ENV = "APPLIANCE_HELM"  # a helm binary to use instead of the pinned download (development)
+
+
+def helm_artifact(cfg: ApplianceConfig) -> Artifact:
+    name = f"helm-{HELM_VERSION}-linux-amd64.tar.gz"
+    url = f"{cfg.artifacts.helm_mirror}/{name}"
+    return Artifact(
+        name=name, group="helm", version=HELM_VERSION, url=url, checksum_url=url + ".sha256sum",
+        setting="artifacts.helm_mirror", cache_path=cache_dir(cfg) / "helm" / HELM_VERSION / name,
+        guest_path="", step="csghub",
+    )
+
+
+def fetch_helm(cfg: ApplianceConfig, *, update_lock: bool = False, lock_path: Path = LOCK_FILE) -> Path:
+    """The helm binary to render with: ``$APPLIANCE_HELM``, else the pinned release (fetched, verified, unpacked)."""
+    explicit = os.environ.get(HELM_ENV)
+    if explicit:
+        path = Path(explicit)
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise ArtifactError(f"${HELM_ENV} names {path}, which is not an executable file")
+        log.warning(f"rendering with ${HELM_ENV}={path} instead of the pinned helm {HELM_VERSION}")
+        return path
+    lock = read_lock(lock_path)
+    artifact = helm_artifact(cfg)
+    fetched = _fetch_one(artifact, locked_digest(lock, artifact))
+    if update_lock:
+        release = lock["helm"].setdefault(HELM_VERSION, {})
+        if release.get(artifact.name) != fetched.sha256:
+            release[artifact.name] = fetched.sha256
+            write_lock(lock, lock_path)
+            log.success(f"pinned {artifact.name} in {lock_path}")
+    binary = artifact.cache_path.with_name("helm")
+    stamp = binary.with_name("helm.from")
+    if not (binary.is_file() and stamp.is_file() and stamp.read_text(encoding="utf-8").strip() == fetched.sha256):
+        _unpack_helm(artifact.cache_path, binary)
+        stamp.write_text(fetched.sha256 + "\n", encoding="utf-8")
+    return binary
+
+
+def _unpack_helm(tarball: Path, binary: Path) -> None:
+    import tarfile
+
+    member_name = "linux-amd64/helm"
+    try:
+        with tarfile.open(tarball, "r:gz") as tar:
+            member = tar.getmember(member_name)
+            if not member.isfile():
+                raise KeyError(member_name)
+            source = tar.extractfile(member)
+            if source is None:
+                raise KeyError(member_name)
+            tmp = binary.with_name("helm.tmp")
+            with source, open(tmp, "wb") as out:
+                shutil.copyfileobj(source, out)
+    except (tarfile.TarError, KeyError, OSError) as exc:
+        raise ArtifactError(f"{tarball} holds no {member_name} ({exc})",
+                            hint=f"delete {tarball} and run `invoke fetch` again") from None
+    tmp.chmod(0o755)
+    os.replace(tmp, binary)
 
 
 # -- fetching ---------------------------------------------------------------------------------
@@ -291,14 +361,14 @@ def _publisher_digest(artifact: Artifact) -> tuple[str, str]:
     """The sha256 the publisher ships beside the artifact."""
     text = _get_text(artifact, artifact.checksum_url)
     where = artifact.checksum_url
-    if artifact.group == "k3s":
+    if artifact.group in ("k3s", "helm"):
         for line in text.splitlines():
             parts = line.split()
             if len(parts) == 2 and parts[1].lstrip("*") == artifact.name:
-                return parts[0].lower(), f"publisher's {K3S_CHECKSUM_FILE}"
+                return parts[0].lower(), f"publisher's {artifact.checksum_url.rsplit('/', 1)[-1]}"
         raise ArtifactError(
             f"{where} lists no checksum for {artifact.name}",
-            hint=f"is {artifact.version} a k3s release, and is {artifact.setting} right?",
+            hint=f"is {artifact.version} a {artifact.group} release, and is {artifact.setting} right?",
         )
     try:
         index = yaml.safe_load(text)

@@ -100,7 +100,16 @@ class VMSettings(_Section):
     box_version: str = Field(
         "", pattern=r"^([0-9][0-9A-Za-z.+-]*|[<>=~ ,0-9A-Za-z.]*)$", description="Box version constraint (empty: any)."
     )
+    box_checksum: str = Field(
+        "",
+        pattern=r"^(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})?$",
+        description="`sha256:<hex>` of the box file Vagrant downloads (pin a public box; empty: not checked).",
+    )
     boot_timeout: int = Field(900, ge=30, le=7200, description="Seconds Vagrant waits for the guest to boot.")
+    verify_timeout: int = Field(
+        3600, ge=60, le=21600,
+        description="Seconds verify's boot waits for a fresh copy: its first boot installs the whole release.",
+    )
 
 
 class LibvirtSettings(_Section):
@@ -270,6 +279,14 @@ class ArtifactsSettings(_Section):
         pattern=r"^(https?|file)://\S+[^/]$",
         description="Helm chart repository holding `index.yaml` and `csghub-<version>.tgz` (OpenCSG's, or a mirror).",
     )
+    helm_mirror: str = Field(
+        "https://get.helm.sh",
+        pattern=r"^(https?|file)://\S+[^/]$",
+        description=(
+            "Where the build host's helm comes from (`<base>/helm-<version>-linux-amd64.tar.gz`, `.sha256sum` "
+            "beside it); helm renders the chart on the build host to compute the image set."
+        ),
+    )
     cache_dir: str = Field(
         "", description="Download cache (empty: `$XDG_CACHE_HOME/csghub-appliance`, else `~/.cache/csghub-appliance`)."
     )
@@ -310,7 +327,7 @@ class OutputSettings(_Section):
         json_schema_extra=_env("APPLIANCE_VERSION"),
     )
     ovf_format: Literal["ovf10", "ovf20"] = Field(
-        "ovf10", description="OVF 1.0 (VirtualBox and VMware import it) or OVF 2.0."
+        "ovf10", description="OVF 1.0 (VirtualBox's default) or OVF 2.0."
     )
     product: str = Field("CSGHub", max_length=200, description="OVF product name.")
     vendor: str = Field("OpenCSG", max_length=200, description="OVF vendor.")

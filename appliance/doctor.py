@@ -21,6 +21,17 @@ from appliance.log import log
 from appliance.run import run, which
 
 MIN_VAGRANT = (2, 2, 19)
+# The first Vagrant release whose VirtualBox provider drives each VirtualBox line (Vagrant's
+# CHANGELOG: "provider/virtualbox: Add support for VirtualBox 7.0" in 2.3.2, 7.1 in 2.4.2, 7.2 in
+# 2.4.9). Older lines are covered by MIN_VAGRANT. A Vagrant refuses any VirtualBox line it does not
+# list ("a version of VirtualBox installed that is not supported by this version of Vagrant").
+VAGRANT_FOR_VIRTUALBOX: dict[tuple[int, int], tuple[int, int, int]] = {
+    (7, 0): (2, 3, 2),
+    (7, 1): (2, 4, 2),
+    (7, 2): (2, 4, 9),
+}
+OLDEST_VIRTUALBOX = (6, 1)
+HASHICORP_VAGRANT = "https://developer.hashicorp.com/vagrant/install"
 # Rough working space a build needs on the host besides the VM disk's real use: the box,
 # the exported VMDK and the OVA (the stack adds its images and artifacts).
 WORKSPACE_GB_BASE = 6
@@ -62,6 +73,42 @@ def check_vagrant() -> list[Check]:
     return [Check("vagrant", "ok", res.stdout.strip())]
 
 
+def vagrant_drives_virtualbox(vagrant: tuple[int, ...], virtualbox: tuple[int, ...]) -> Check:
+    """Can this Vagrant drive this VirtualBox? Pure: versions in, verdict out (tested as data)."""
+    name = "Vagrant supports this VirtualBox"
+    v_text, vb_text = ".".join(map(str, vagrant)), ".".join(map(str, virtualbox))
+    if len(virtualbox) < 2 or len(vagrant) < 2:
+        return Check(name, "warn", f"cannot tell (Vagrant {v_text or '?'}, VirtualBox {vb_text or '?'})")
+    line = (virtualbox[0], virtualbox[1])
+    if line < OLDEST_VIRTUALBOX:
+        return Check(name, "fail", f"VirtualBox {vb_text} is older than {'.'.join(map(str, OLDEST_VIRTUALBOX))}",
+                     "install VirtualBox 7: https://www.virtualbox.org/wiki/Downloads")
+    newest = max(VAGRANT_FOR_VIRTUALBOX)
+    if line > newest:
+        needed = VAGRANT_FOR_VIRTUALBOX[newest]
+        return Check(name, "warn",
+                     f"VirtualBox {vb_text} is newer than any line this tool knows a Vagrant for "
+                     f"(newest known: {newest[0]}.{newest[1]}, from Vagrant {'.'.join(map(str, needed))})",
+                     f"check Vagrant's CHANGELOG for VirtualBox {line[0]}.{line[1]} support, or install "
+                     f"VirtualBox {newest[0]}.{newest[1]}")
+    needed = VAGRANT_FOR_VIRTUALBOX.get(line, MIN_VAGRANT)
+    if tuple(vagrant) >= needed:
+        return Check(name, "ok", f"Vagrant {v_text} drives VirtualBox {vb_text}")
+    need_text = ".".join(map(str, needed))
+    return Check(name, "fail",
+                 f"Vagrant {v_text} refuses VirtualBox {vb_text}: VirtualBox {line[0]}.{line[1]} needs Vagrant >= "
+                 f"{need_text}",
+                 f"install HashiCorp's Vagrant {need_text} or newer ({HASHICORP_VAGRANT}); Debian's vagrant package "
+                 "(2.3.x) drives VirtualBox up to 7.0 only")
+
+
+def _command_version(argv: list[str]) -> tuple[int, ...]:
+    if which(argv[0]) is None:
+        return ()
+    res = run(argv, check=False, timeout=120)
+    return _version(res.stdout) if res.ok else ()
+
+
 def check_virtualbox() -> list[Check]:
     checks = [_tool("VBoxManage", "VBoxManage", "install VirtualBox 7: https://www.virtualbox.org/wiki/Downloads")]
     if checks[0].verdict == "ok":
@@ -69,6 +116,12 @@ def check_virtualbox() -> list[Check]:
         found = "VBoxManage list hostinfo " + ("works" if res.ok else "failed: " + res.stderr.strip()[:200])
         checks.append(Check("VirtualBox kernel driver", "ok" if res.ok else "fail", found,
                             "" if res.ok else "load the vboxdrv module (sudo /sbin/vboxconfig) and check Secure Boot"))
+        vagrant = _command_version(["vagrant", "--version"])
+        if vagrant:
+            checks.append(vagrant_drives_virtualbox(vagrant, _command_version(["VBoxManage", "--version"])))
+    # verify-ova reads the exported disk with qemu-img, on every host.
+    checks.append(_tool("qemu-img (for verify-ova)", "qemu-img",
+                        "apt-get install --no-install-recommends qemu-utils (macOS: brew install qemu)"))
     return checks
 
 
@@ -112,8 +165,8 @@ def _check_accel(cfg: ApplianceConfig) -> Check:
 
 
 def check_base_box_tools(cfg: ApplianceConfig) -> list[Check]:
-    if cfg.provider != "libvirt" or cfg.vm.box != "csghub/debian12":
-        return []
+    if cfg.vm.box != "csghub/debian12":
+        return []  # a public box (e.g. for macOS/Windows hosts) needs no local build tools
     apt = "apt-get install --no-install-recommends "
     return [
         _tool("mmdebstrap (for invoke base-box)", "mmdebstrap", apt + "mmdebstrap"),
@@ -161,7 +214,7 @@ def collect_checks(cfg: ApplianceConfig) -> list[Check]:
         probes.append(check_virtualbox)
     else:
         probes.append(lambda: check_libvirt(cfg))
-        probes.append(lambda: check_base_box_tools(cfg))
+    probes.append(lambda: check_base_box_tools(cfg))
     probes.append(lambda: check_resources(cfg))
     return [c for probe in probes for c in probe()]
 

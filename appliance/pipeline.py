@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from appliance.config import ApplianceConfig, public_dump
-from appliance.errors import ApplianceError, Cancelled, UsageError, VagrantError
+from appliance.errors import ApplianceError, Cancelled, UsageError, VagrantError, VerifyError
 from appliance.log import log
 from appliance.scripts import discover_scripts
 from appliance.state import BuildState, config_digest
@@ -77,6 +77,10 @@ def stage_fetch(ctx: BuildContext) -> str | None:
     from appliance.artifacts import fetch_artifacts
 
     fetch_artifacts(ctx.cfg, needed_only=True)
+    if "csghub" not in ctx.cfg.provision.skip:
+        from appliance.images import write_build_image_list
+
+        write_build_image_list(ctx.cfg)
     return None
 
 
@@ -135,7 +139,26 @@ def stage_provision(ctx: BuildContext) -> str | None:
     if ctx.state.sealed:
         return "skipped: the VM is already sealed"
     _provision(ctx, only=None, skip=[SEAL_STEP])
+    if "csghub" not in ctx.cfg.provision.skip:
+        _record_images(ctx)
     return None
+
+
+def _record_images(ctx: BuildContext) -> None:
+    """Read back what the csghub step stored (name + digest of every image) for build-report.json."""
+    from appliance.images import read_stored_images, unrecorded
+    from appliance.ssh import RemoteSession
+
+    assert ctx.endpoint is not None  # _provision found it
+    with RemoteSession.from_config(ctx.cfg, ctx.endpoint) as session:
+        ctx.state.images = read_stored_images(session)
+    declared_list = ctx.cfg.build_dir / "manifests" / "images.txt"
+    declared = declared_list.read_text(encoding="utf-8").split() if declared_list.is_file() else []
+    lacking = unrecorded(declared, ctx.state.images)
+    if lacking:
+        raise VerifyError(f"the guest recorded no digest for {len(lacking)} declared image(s)", lacking,
+                          hint="run `invoke provision --only csghub` again")
+    log.info(f"recorded {len(ctx.state.images)} images with their digests for the build report")
 
 
 SEAL_STEP = "seal"

@@ -573,11 +573,21 @@ def pinned_uploads(cfg: ApplianceConfig, skip: Sequence[str] = ()) -> list[tuple
     from appliance.artifacts import guest_uploads
 
     narrowed = cfg.model_copy(update={"provision": cfg.provision.model_copy(update={"skip": skipped})})
+    if "csghub" not in skipped and narrowed_chart_cached(narrowed):
+        from appliance.images import write_build_image_list
+
+        write_build_image_list(narrowed)  # the image set of exactly these values
     uploads = guest_uploads(narrowed)
     missing = [str(local) for local, _ in uploads if not local.is_file()]
     if missing:
         raise ArtifactError(f"not in the artifact cache: {', '.join(missing)}", hint="run `invoke fetch` first")
     return uploads
+
+
+def narrowed_chart_cached(cfg: ApplianceConfig) -> bool:
+    from appliance.artifacts import planned_artifacts
+
+    return all(a.cache_path.is_file() for a in planned_artifacts(cfg) if a.group == "csghub_chart")
 
 
 def describe_plan(steps: Sequence[PlannedStep]) -> Iterator[str]:

@@ -366,7 +366,9 @@ def check_box(cfg: ApplianceConfig, client: _RoutedVagrant, provider: str) -> No
     boxes = _vagrant("box list", client.box_list)
     if not any(b.name == cfg.vm.box and (b.provider or provider) == provider for b in boxes):
         have = ", ".join(sorted({f"{b.name} ({b.provider})" for b in boxes})) or "none"
-        build = "`invoke base-box`" if cfg.vm.box == "csghub/debian12" else f"`vagrant box add {cfg.vm.box}`"
+        version = f" --box-version {cfg.vm.box_version}" if cfg.vm.box_version else ""
+        build = (f"`invoke base-box --provider {provider}`" if cfg.vm.box == "csghub/debian12"
+                 else f"`vagrant box add {cfg.vm.box}{version} --provider {provider}`")
         raise VagrantError(
             f"Vagrant has no box {cfg.vm.box!r} for provider {provider} (boxes here: {have})",
             hint=f"get it with {build}",

@@ -74,8 +74,13 @@ def verify_ova(
     boot_timeout: float = 900,
     cpus: int = 2,
     memory_mb: int = 2048,
+    boot_with: str = "qemu",
 ) -> VerifyReport:
     """Check ``path`` structurally (all failures at once), then boot a copy unless ``boot=False``.
+
+    ``boot_with`` is ``qemu`` (the extracted disk under QEMU: KVM if it works, else TCG, no
+    route out) or ``virtualbox`` (the OVA imported into a temporary VirtualBox VM, see
+    ``appliance.vboxboot``).
 
     With ``cfg`` and no ``login``, the boot check's login and HTTP port come from the
     configuration (see :func:`boot_access`), and so do its CPUs (at most the host's) and memory.
@@ -86,8 +91,10 @@ def verify_ova(
         login, cfg_http = boot_access(cfg)
         http_port = http_port if http_port is not None else cfg_http
         http_host = http_host or portal_host(cfg)
-        boot_timeout = cfg.vm.boot_timeout
+        boot_timeout = cfg.vm.verify_timeout
         cpus, memory_mb = min(cfg.vm.cpus, os.cpu_count() or 1), cfg.vm.memory_mb
+        if cfg.provider == "virtualbox":
+            boot_with = "virtualbox"
     if not path.is_file():
         raise UsageError(f"no OVA at {str(path)!r}")
     if boot and login is None:
@@ -110,12 +117,24 @@ def verify_ova(
             disks = structure.extracted
             if len(disks) != 1:
                 raise VerifyError(f"{path}: boot check expects one disk, found {len(disks)}")
-            with log.step("boot a fresh copy"):
-                report.boot = boot_check(next(iter(disks.values())), login=login, http_port=http_port,
-                                         http_host=http_host, http_if_stack=http_if_stack,
-                                         timeout=boot_timeout, work_dir=work, cpus=cpus, memory_mb=memory_mb)
-            report.checks.append(("first boot", "proved by this boot's nonce" if report.boot.first_boot_proved
-                                  else "not checked: an unsealed image entered with a key"))
+            with log.step(f"boot a fresh copy ({boot_with})"):
+                if boot_with == "virtualbox":
+                    from appliance.vboxboot import virtualbox_boot_check
+
+                    report.boot = virtualbox_boot_check(path, login=login, http_port=http_port, http_host=http_host,
+                                                        timeout=boot_timeout, work_dir=work, cpus=cpus,
+                                                        memory_mb=memory_mb)
+                else:
+                    report.boot = boot_check(next(iter(disks.values())), login=login, http_port=http_port,
+                                             http_host=http_host, http_if_stack=http_if_stack,
+                                             timeout=boot_timeout, work_dir=work, cpus=cpus, memory_mb=memory_mb)
+            if report.boot.first_boot_proved:
+                proof = "proved by this boot's nonce"
+            elif isinstance(login, ConsoleLogin):
+                proof = "NOT proved: the VirtualBox boot passes no nonce yet"
+            else:
+                proof = "not checked: an unsealed image entered with a key"
+            report.checks.append(("first boot", proof))
             report.checks.append(("boot", "checked"))
             if http_port is not None:
                 report.checks.append(("HTTP", f"HTTP {report.boot.http_status}" if report.boot.http_status
@@ -166,8 +185,9 @@ def verify_from_config(
     """
     login, http_port = boot_access(cfg, ssh_key=ssh_key, http=http) if boot else (None, None)
     report = verify_ova(path, boot=boot, login=login, http_port=http_port, http_host=portal_host(cfg),
-                        http_if_stack=http is None, boot_timeout=cfg.vm.boot_timeout,
-                        cpus=min(cfg.vm.cpus, os.cpu_count() or 1), memory_mb=cfg.vm.memory_mb)
+                        http_if_stack=http is None, boot_timeout=cfg.vm.verify_timeout,
+                        cpus=min(cfg.vm.cpus, os.cpu_count() or 1), memory_mb=cfg.vm.memory_mb,
+                        boot_with="virtualbox" if cfg.provider == "virtualbox" else "qemu")
     for name, outcome in report.checks:
         log.info(f"{name}: {outcome}")
     if report.boot:

@@ -4,9 +4,10 @@
 # generated on the build host from the config: `invoke values`, appliance/manifests.py) to
 # the auto-deploy directory. Then wait, bounded and with progress, until every workload is
 # ready; check over HTTP that the portal and the login service answer through the gateway's
-# NodePort; make sure every image the release references is in the guest's image store
-# (pulled now, while the build has internet; pinned so that image GC never drops it) and fail
-# listing any that is missing; print the URL and where the credentials are.
+# NodePort; make sure every image of the declared image set (images.txt, computed on the build
+# host from the rendered chart) is in the guest's image store (pulled now, while the build has
+# internet; pinned so that image GC never drops it), fail listing any that is missing or any the
+# cluster runs that the set lacks; print the URL and where the credentials are.
 #
 # Inputs (environment): CSGHUB_CHART_VERSION, CSGHUB_DOMAIN, CSGHUB_HTTP_PORT, K3S_NODE_IP,
 # optional CSGHUB_READY_TIMEOUT (seconds, default 3600), CSGHUB_POLL_SECONDS (default 10),
@@ -45,8 +46,9 @@ CHART="csghub-$CSGHUB_CHART_VERSION.tgz"
 [[ -r "$LIB" ]] || die "missing $LIB (the runner uploads provision/files/csghub)"
 # shellcheck source-path=SCRIPTDIR source=files/csghub/lib.sh
 . "$LIB"
-for f in "$ARTIFACT_DIR/$CHART" "$MANIFEST_DIR/csghub.yaml" "$MANIFEST_DIR/coredns-custom.yaml"; do
-    [[ -s "$f" ]] || die "missing $f (the runner uploads the chart 'invoke fetch' cached and the generated manifests)"
+IMAGE_SET="$MANIFEST_DIR/images.txt"
+for f in "$ARTIFACT_DIR/$CHART" "$MANIFEST_DIR/csghub.yaml" "$MANIFEST_DIR/coredns-custom.yaml" "$IMAGE_SET"; do
+    [[ -s "$f" ]] || die "missing $f (the runner uploads the chart 'invoke fetch' cached and the generated manifests and image list)"
 done
 grep -qF "static/charts/$CHART" "$MANIFEST_DIR/csghub.yaml" ||
     die "$MANIFEST_DIR/csghub.yaml does not install $CHART: manifests and CSGHUB_CHART_VERSION disagree"
@@ -166,36 +168,52 @@ for host in "$CSGHUB_DOMAIN" "$login_host"; do
     echo "ok: http://$host:$CSGHUB_HTTP_PORT/ answers $code"
 done
 
-# --- offline readiness: every referenced image is in the image store -----------------------------
-referenced_images() {
-    kc get pods -A -o jsonpath='{range .items[*]}{range .spec.initContainers[*]}{.image}{"\n"}{end}{range .spec.containers[*]}{.image}{"\n"}{end}{end}'
-    kc get deployments,statefulsets,daemonsets,jobs -A -o jsonpath='{range .items[*]}{range .spec.template.spec.initContainers[*]}{.image}{"\n"}{end}{range .spec.template.spec.containers[*]}{.image}{"\n"}{end}{end}'
-    kc get cronjobs -A -o jsonpath='{range .items[*]}{range .spec.jobTemplate.spec.template.spec.containers[*]}{.image}{"\n"}{end}{end}'
-    # The release's own manifest also names images of hook Jobs that ran and were deleted.
-    kc -n "$NAMESPACE" get secrets -l owner=helm,name=csghub,status=deployed \
-        -o jsonpath='{.items[0].data.release}' | base64 -d | base64 -d | gzip -dc | release_images
+# --- offline readiness: every image of the declared set is in the image store ---------------------
+# images.txt is the image set the build host computed (appliance/images.py: the chart rendered with
+# these values, walked structurally, plus the runtime images of appliance/data/images.yaml), one
+# name per line exactly as containerd stores it. Pull what is missing (while the build has
+# internet), pin every image (image GC never drops a pinned one), fail naming what is missing, and
+# fail as well when the live cluster runs an image the set does not declare (drift: the set is
+# out of date). kube-system is k3s's own and comes from its pinned air-gap bundle.
+not_kube_system=--field-selector=metadata.namespace!=kube-system
+referenced_images() { # fails when any query does: a drift check that cannot look must not pass
+    kc get pods -A "$not_kube_system" -o jsonpath='{range .items[*]}{range .spec.initContainers[*]}{.image}{"\n"}{end}{range .spec.containers[*]}{.image}{"\n"}{end}{range .spec.ephemeralContainers[*]}{.image}{"\n"}{end}{end}' &&
+        kc get deployments,statefulsets,daemonsets,jobs -A "$not_kube_system" -o jsonpath='{range .items[*]}{range .spec.template.spec.initContainers[*]}{.image}{"\n"}{end}{range .spec.template.spec.containers[*]}{.image}{"\n"}{end}{end}' &&
+        kc get cronjobs -A "$not_kube_system" -o jsonpath='{range .items[*]}{range .spec.jobTemplate.spec.template.spec.initContainers[*]}{.image}{"\n"}{end}{range .spec.jobTemplate.spec.template.spec.containers[*]}{.image}{"\n"}{end}{end}'
 }
 stored_images() {
     /usr/local/bin/k3s ctr -n k8s.io images ls -q
 }
-mkdir -p "${IMAGES_LIST%/*}"
-mapfile -t wanted < <(referenced_images 2>/dev/null | grep -v '^$' | while read -r ref; do normalize_image "$ref"; done | sort -u)
-((${#wanted[@]} > 0)) || die "found no image references in the cluster; is the release installed?"
+# A line is "NAME" or "NAME DIGEST" (the digest `invoke lock` pinned for it).
+declare -A pinned_digest=()
+wanted=()
+while read -r name digest _; do
+    [[ -n "$name" ]] || continue
+    wanted+=("$name")
+    [[ -z "${digest:-}" ]] || pinned_digest[$name]=$digest
+done < <(sort -u "$IMAGE_SET")
+((${#wanted[@]} > 0)) || die "$IMAGE_SET lists no image (the build host writes it: appliance/images.py)"
 have=$(stored_images | sort -u)
+absent=()
 for ref in "${wanted[@]}"; do
-    if ! grep -qxF "$ref" <<<"$have"; then
-        # Referenced but never run yet (hook or cron images): pull it now, while there is internet.
-        if /usr/local/bin/k3s crictl pull "$ref" >/dev/null 2>&1; then
-            echo "changed: pulled $ref"
-        fi
+    grep -qxF "$ref" <<<"$have" || absent+=("$ref")
+done
+n=0
+for ref in "${absent[@]}"; do
+    n=$((n + 1))
+    echo "progress: pulling image $n/${#absent[@]}: $ref"
+    if pull_err=$(/usr/local/bin/k3s crictl pull "$ref" 2>&1 >/dev/null); then
+        echo "changed: pulled $ref"
+    else
+        echo "warning: pulling $ref failed: $(tail -n1 <<<"$pull_err")" >&2
     fi
 done
 have=$(stored_images | sort -u)
+pinned=$(/usr/local/bin/k3s ctr -n k8s.io images ls | awk 'NR > 1 && /io\.cri-containerd\.pinned=pinned/ { print $1 }')
 missing=()
 for ref in "${wanted[@]}"; do
     if grep -qxF "$ref" <<<"$have"; then
-        # Pinned images are never removed by the kubelet's image garbage collection.
-        if ! /usr/local/bin/k3s ctr -n k8s.io images ls "name==$ref" | grep -q 'io.cri-containerd.pinned=pinned'; then
+        if ! grep -qxF "$ref" <<<"$pinned"; then
             /usr/local/bin/k3s ctr -n k8s.io images label "$ref" io.cri-containerd.pinned=pinned >/dev/null
             echo "changed: pinned $ref"
         fi
@@ -203,14 +221,40 @@ for ref in "${wanted[@]}"; do
         missing+=("$ref")
     fi
 done
-printf '%s\n' "${wanted[@]}" >"$IMAGES_LIST.tmp"
-mv "$IMAGES_LIST.tmp" "$IMAGES_LIST"
 if ((${#missing[@]} > 0)); then
     echo "missing images (the appliance would need the internet to start them):" >&2
     printf '  %s\n' "${missing[@]}" >&2
-    die "${#missing[@]} of ${#wanted[@]} referenced images are not in the image store"
+    die "${#missing[@]} of ${#wanted[@]} images of the declared set are not in the image store"
 fi
-echo "ok: all ${#wanted[@]} images the release references are stored and pinned (list: $IMAGES_LIST)"
+# NAME DIGEST of every stored image of the set (ctr's table: REF TYPE DIGEST ...).
+digests=$(/usr/local/bin/k3s ctr -n k8s.io images ls | awk 'NR > 1 { print $1, $3 }' | sort -u |
+    awk 'NR == FNR { want[$0] = 1; next } ($1 in want)' <(printf '%s\n' "${wanted[@]}") -)
+moved=()
+for ref in "${!pinned_digest[@]}"; do
+    have_digest=$(awk -v ref="$ref" '$1 == ref { print $2; exit }' <<<"$digests")
+    [[ "$have_digest" == "${pinned_digest[$ref]}" ]] ||
+        moved+=("$ref: stored ${have_digest:-nothing}, the version lock pins ${pinned_digest[$ref]}")
+done
+if ((${#moved[@]} > 0)); then
+    echo "images whose tag no longer resolves to the digest the version lock pins:" >&2
+    printf '  %s\n' "${moved[@]}" >&2
+    die "${#moved[@]} image(s) differ from the version lock (a tag was re-pushed? check, then \`invoke lock\` after a build to accept the new digests)"
+fi
+live_refs=$(referenced_images) || die "cannot list the images the cluster's objects name (kubectl failed; see above)"
+mapfile -t drift < <(grep -v '^$' <<<"$live_refs" | sort -u | while read -r ref; do
+    name=$(normalize_image "$ref")
+    printf '%s\n' "${wanted[@]}" | grep -qxF "$name" || echo "$name (as $ref)"
+done)
+if ((${#drift[@]} > 0)); then
+    echo "images the cluster references that the declared image set lacks:" >&2
+    printf '  %s\n' "${drift[@]}" >&2
+    die "the declared image set is out of date: ${#drift[@]} image(s) the cluster runs are not in it (update appliance/data/images.yaml, or see why the render differs)"
+fi
+# NAME DIGEST per line, for build-report.json (the build host reads it back after this step).
+mkdir -p "${IMAGES_LIST%/*}"
+printf '%s\n' "$digests" >"$IMAGES_LIST.tmp"
+mv "$IMAGES_LIST.tmp" "$IMAGES_LIST"
+echo "ok: all ${#wanted[@]} images of the declared set are stored and pinned (list with digests: $IMAGES_LIST)"
 
 # --- where to go --------------------------------------------------------------------------------
 echo "CSGHub: http://$CSGHUB_DOMAIN:$CSGHUB_HTTP_PORT/  (login service: http://$login_host:$CSGHUB_HTTP_PORT/)"

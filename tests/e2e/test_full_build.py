@@ -88,6 +88,12 @@ def test_full_build_serves_the_portal(release_host: None, tmp_path: Path) -> Non
     assert len(ovas) == 1, ovas
     report = json.loads((work / "dist" / "build-report.json").read_text())
     assert report, "empty build report"
+    # Every image of the declared set (build/manifests/images.txt) is recorded with its digest.
+    declared = (work / "build" / "manifests" / "images.txt").read_text().split("\n")
+    declared_names = {line.split(" ")[0] for line in declared if line}
+    recorded = {image["name"]: image["digest"] for image in report["versions"]["images"]}
+    assert declared_names and declared_names <= set(recorded), declared_names - set(recorded)
+    assert all(digest.startswith("sha256:") for digest in recorded.values())
 
     # Import the OVA as an evaluator would, start it, and reach CSGHub through the NAT
     # forward on 127.0.0.1 with the names the chart routes (docs/networking.md).

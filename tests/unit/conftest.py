@@ -62,3 +62,27 @@ def built_ova(tmp_path_factory: pytest.TempPathFactory, small_disk: Path,
 
     dest = tmp_path_factory.mktemp("ova") / "csghub-test.ova"
     return write_ova(small_disk, make_cfg(), dest).path
+
+
+# -- the real CSGHub chart, rendered by a real helm ---------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def helm_bin() -> Path:
+    """A real helm (scripts/install-helm.sh); in CI a missing one fails, elsewhere it skips with the fix."""
+    import os
+
+    from tests.chart import CHART_DIR, helm_binary
+
+    helm = helm_binary()
+    problem = None
+    if helm is None:
+        problem = "helm not found: run scripts/install-helm.sh (or set APPLIANCE_HELM)"
+    elif not (CHART_DIR / "Chart.yaml").is_file():
+        problem = f"the CSGHub chart is not at {CHART_DIR} (the shared reference data sits next to the clone)"
+    if problem:
+        if os.environ.get("CI"):
+            pytest.fail(problem)
+        pytest.skip(problem)
+    assert helm is not None
+    return helm

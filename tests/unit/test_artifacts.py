@@ -291,7 +291,10 @@ def test_guest_uploads_name_the_cached_files_and_manifests(tmp_path: Path) -> No
     manifest = tmp_path / "build" / "manifests" / "csghub.yaml"
     assert uploads[manifest] == "/var/cache/csghub-appliance/manifests/csghub.yaml"
     assert yaml.safe_load(manifest.read_text())["kind"] == "HelmChart"
-    assert len(uploads) == 5
+    # The image set (appliance/images.py writes it before provisioning) travels with the manifests.
+    images = tmp_path / "build" / "manifests" / "images.txt"
+    assert uploads[images] == "/var/cache/csghub-appliance/manifests/images.txt"
+    assert len(uploads) == 6
 
 
 def test_default_lock_names_the_default_versions() -> None:

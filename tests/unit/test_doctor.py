@@ -34,4 +34,32 @@ def test_vm_larger_than_host_memory_fails(tmp_path: Path) -> None:
 def test_virtualbox_provider_checks_vboxmanage(tmp_path: Path) -> None:
     cfg = load_config(None, ["provider=virtualbox"], cwd=Path("/"))
     names = [c.name for c in collect_checks(cfg)]
-    assert "VBoxManage" in names and "qemu-img" not in names
+    assert "VBoxManage" in names and "qemu-img (for verify-ova)" in names
+
+
+# (Vagrant, VirtualBox) -> verdict; from Vagrant's CHANGELOG and Debian's packages (see doctor.py).
+VERSION_CASES = [
+    ((2, 3, 4), (7, 2, 22), "fail", "2.4.9"),     # Debian 12's Vagrant and sid's VirtualBox: refused here
+    ((2, 3, 7), (7, 1, 6), "fail", "2.4.2"),      # sid's Vagrant declares Breaks: virtualbox (>= 7.1)
+    ((2, 3, 4), (7, 0, 20), "ok", ""),
+    ((2, 3, 1), (7, 0, 0), "fail", "2.3.2"),
+    ((2, 4, 2), (7, 1, 0), "ok", ""),
+    ((2, 4, 8), (7, 2, 0), "fail", "2.4.9"),
+    ((2, 4, 9), (7, 2, 4), "ok", ""),
+    ((2, 4, 9), (6, 1, 50), "ok", ""),
+    ((2, 4, 9), (7, 3, 0), "warn", "7.3"),        # newer than any line this tool knows
+    ((2, 4, 9), (5, 2, 44), "fail", "VirtualBox 7"),
+    ((2, 4, 9), (), "warn", ""),
+]
+
+
+@pytest.mark.parametrize(("vagrant", "vbox", "verdict", "mentions"), VERSION_CASES)
+def test_vagrant_virtualbox_versions(vagrant: tuple[int, ...], vbox: tuple[int, ...], verdict: str,
+                                     mentions: str) -> None:
+    from appliance.doctor import vagrant_drives_virtualbox
+
+    check = vagrant_drives_virtualbox(vagrant, vbox)
+    assert check.verdict == verdict, check
+    assert mentions in check.found + check.fix
+    if verdict == "fail" and vbox[:2] >= (7, 0):
+        assert "HashiCorp" in check.fix

@@ -9,9 +9,6 @@ is the e2e test's job (tests/e2e/test_full_build.py).
 
 from __future__ import annotations
 
-import base64
-import gzip
-import json
 import os
 import shlex
 import shutil
@@ -24,8 +21,11 @@ import pytest
 import yaml
 
 from appliance.config import PROJECT_ROOT, load_config
+from appliance.images import helm_template, image_set
 from appliance.manifests import manifest_yaml, render_manifests
 from appliance.run import run
+from appliance.values import generate_values
+from tests.chart import CHART_DIR
 
 LIB = PROJECT_ROOT / "provision" / "files" / "csghub" / "lib.sh"
 K3S_STEP = PROJECT_ROOT / "provision" / "20-k3s.sh"
@@ -50,6 +50,9 @@ def bash(snippet: str, stdin: str = "") -> str:
         ("nginx", "docker.io/library/nginx:latest"),
         ("gcr.io/x/y@sha256:" + "a" * 64, "gcr.io/x/y@sha256:" + "a" * 64),
         ("localhost/img:1", "localhost/img:1"),
+        # What containerd really does (tests/unit/test_images.py checks these against a real one):
+        ("docker.io/busybox:latest", "docker.io/library/busybox:latest"),
+        ("name:tag@sha256:" + "b" * 64, "docker.io/library/name@sha256:" + "b" * 64),
     ],
 )
 def test_normalize_image(ref: str, stored: str) -> None:
@@ -72,21 +75,6 @@ def test_workload_states() -> None:
         "ready Deployment csghub/scaled-down",
         "waiting DaemonSet kube-system/svclb",
     ]
-
-
-def test_release_images_from_a_helm_release_secret() -> None:
-    manifest = (
-        "---\nkind: Deployment\nspec:\n  template:\n    spec:\n      containers:\n"
-        '        - image: "opencsghq/csghub-server:v2.4.0-ce"\n'
-        "        - image: redis:7.4.9\n"
-        "---\nkind: Job\n  image: opencsghq/psql:latest\n"
-    )
-    release = json.dumps({"name": "csghub", "manifest": manifest})
-    # What `kubectl get secret sh.helm.release.v1.csghub.v1 -o jsonpath={.data.release}` gives:
-    # base64 (Kubernetes) of base64 (Helm) of gzip of the JSON.
-    secret_data = base64.b64encode(base64.b64encode(gzip.compress(release.encode()))).decode()
-    out = bash("base64 -d | base64 -d | gzip -dc | release_images", secret_data).split()
-    assert out == ["opencsghq/csghub-server:v2.4.0-ce", "redis:7.4.9", "opencsghq/psql:latest"]
 
 
 def step(script: Path, env: dict[str, str]) -> tuple[int, str]:
@@ -116,6 +104,9 @@ def test_csghub_step_refuses_mismatched_manifests(tmp_path: Path) -> None:
     # Manifests generated for another chart version than the step is told to install.
     for name, obj in render_manifests(load_config(None, ["csghub.chart_version=2.3.2"])).items():
         (tmp_path / name).write_text(manifest_yaml(obj))
+    code, err = step(CSGHUB_STEP, env)
+    assert code != 0 and f"missing {tmp_path}/images.txt" in err
+    (tmp_path / "images.txt").write_text("docker.io/library/busybox:latest\n")
     code, err = step(CSGHUB_STEP, env)
     assert code != 0 and "manifests and CSGHUB_CHART_VERSION disagree" in err
     # The matching manifests pass that check; the step then needs k3s.
@@ -181,7 +172,8 @@ def gateway() -> Iterator[int]:
         thread.join(timeout=10)
 
 
-def csghub_step_in_namespace(tmp_path: Path, port: int, runs: int) -> list[tuple[int, str, str]]:
+def csghub_step_in_namespace(tmp_path: Path, port: int, runs: int,
+                             image_list: list[str]) -> list[tuple[int, str, str]]:
     if os.geteuid() != 0 or not shutil.which("unshare"):
         pytest.skip("the csghub step run needs root and unshare(1) for a private mount namespace")
     art = tmp_path / "artifacts"
@@ -189,6 +181,7 @@ def csghub_step_in_namespace(tmp_path: Path, port: int, runs: int) -> list[tuple
     (art / "csghub-2.4.0.tgz").write_bytes(b"chart archive")
     for name, obj in render_manifests(load_config(None, [])).items():
         (art / name).write_text(manifest_yaml(obj))
+    (art / "images.txt").write_text("".join(f"{name}\n" for name in image_list))
     out = tmp_path / "out"
     out.mkdir()
     wrapper = f"""
@@ -200,6 +193,7 @@ install -m 0755 {shlex.quote(str(FAKE_K3S))} /usr/local/bin/k3s
 for i in $(seq {runs}); do
     bash {shlex.quote(str(CSGHUB_STEP))} >{out}/$i.out 2>{out}/$i.err
     echo $? >{out}/$i.rc
+    cp /usr/local/share/csghub-appliance/images.txt {out}/$i.images 2>/dev/null || true
 done
 """
     env = {
@@ -222,28 +216,50 @@ def fake_state(tmp_path: Path, **files: list[str]) -> None:
         (state / name).write_text("".join(f"{line}\n" for line in content))
 
 
-def test_csghub_step_runs_and_second_run_changes_nothing(tmp_path: Path, gateway: int) -> None:
+@pytest.fixture(scope="module")
+def real_image_set(helm_bin: Path) -> list[str]:
+    """The image set of the real chart rendered with `invoke values`' values (what the build uploads)."""
+    cfg = load_config(None, ["provision.skip=[]", "vm.cpus=4", "vm.memory_mb=8192"], "libvirt")
+    objects = helm_template(helm_bin, CHART_DIR, generate_values(cfg), k3s_version=cfg.k3s.version)
+    return [entry.name for entry in image_set(objects)]
+
+
+def test_csghub_step_runs_and_second_run_changes_nothing(tmp_path: Path, gateway: int,
+                                                         real_image_set: list[str]) -> None:
     fake_state(
         tmp_path,
         workloads=["Deployment csghub/csghub-portal 1 1", "StatefulSet csghub/csghub-postgresql 1 2"],
         httproutes=["csghub.localhost", "casdoor.csghub.localhost", "*.csghub.csghub.localhost"],
-        pod_images=["opencsghq/csghub-portal:v2.4.0-ce", "opencsghq/postgres:15.18"],
-        template_images=["opencsghq/postgres:15.18"],
-        release_images=["opencsghq/csghub-portal:v2.4.0-ce", "opencsghq/psql:latest"],
-        store=["docker.io/opencsghq/csghub-portal:v2.4.0-ce", "docker.io/opencsghq/postgres:15.18"],
-        pullable=["docker.io/opencsghq/psql:latest"],
+        # What the live objects name, written as the chart writes them.
+        pod_images=["docker.io/opencsghq/csghub-portal:v2.4.0-ce", "docker.io/busybox:latest"],
+        template_images=["docker.io/opencsghq/postgres:15.18", "docker.io/redis:7.4.9"],
+        cronjob_images=["opencsghq/dataflow:v2.4.0-argo"],
+        store=["docker.io/opencsghq/csghub-portal:v2.4.0-ce", "docker.io/library/busybox:latest"],
+        pullable=real_image_set,
     )
-    (rc1, out1, err1), (rc2, out2, err2) = csghub_step_in_namespace(tmp_path, gateway, runs=2)
+    (rc1, out1, err1), (rc2, out2, err2) = csghub_step_in_namespace(tmp_path, gateway, 2, real_image_set)
     assert rc1 == 0, out1 + err1
     assert "changed: installed /var/lib/rancher/k3s/server/static/charts/csghub-2.4.0.tgz" in out1
     assert "changed: CoreDNS resolves csghub.localhost names to 127.0.0.1" in out1
     assert "progress: 1/2 workloads ready" in out1 and "ok: all 2 workloads ready" in out1
     assert f"ok: http://csghub.localhost:{gateway}/ answers 200" in out1
     assert f"ok: http://casdoor.csghub.localhost:{gateway}/ answers 302" in out1
-    # The hook image only the release manifest names was pulled; every image got pinned.
-    assert "changed: pulled docker.io/opencsghq/psql:latest" in out1
-    assert out1.count("changed: pinned ") == 3
-    assert "ok: all 3 images the release references are stored and pinned" in out1
+    # Exactly the declared set is pulled (with progress), and every image of it is pinned.
+    n = len(real_image_set)
+    pulled = sorted(line.split(" ", 2)[2] for line in out1.splitlines() if line.startswith("changed: pulled "))
+    assert pulled == sorted(set(real_image_set) - {"docker.io/opencsghq/csghub-portal:v2.4.0-ce",
+                                                   "docker.io/library/busybox:latest"})
+    assert f"progress: pulling image 1/{n - 2}: " in out1
+    assert out1.count("changed: pinned ") == n
+    assert f"ok: all {n} images of the declared set are stored and pinned" in out1
+    # The store now holds the set under containerd's names: the stand-in's store is checked against a
+    # real containerd in tests/unit/test_images.py.
+    stored = (tmp_path / "state" / "store").read_text().split()
+    assert sorted(stored) == sorted(real_image_set)
+    # The list the build report reads back: every image with the digest the store reports for it.
+    with_digests = [line.split(" ") for line in (tmp_path / "out" / "1.images").read_text().splitlines()]
+    assert [name for name, _ in with_digests] == sorted(real_image_set)
+    assert all(digest.startswith("sha256:") and len(digest) == 71 for _, digest in with_digests)
     assert f"CSGHub: http://csghub.localhost:{gateway}/" in out1
     assert "get secret csghub-casdoor-init" in out1
     assert rc2 == 0, out2 + err2
@@ -251,21 +267,62 @@ def test_csghub_step_runs_and_second_run_changes_nothing(tmp_path: Path, gateway
     assert "ok: /var/lib/rancher/k3s/server/manifests/csghub.yaml up to date" in out2
 
 
-def test_csghub_step_fails_listing_missing_images(tmp_path: Path, gateway: int) -> None:
+def test_csghub_step_fails_naming_a_missing_image(tmp_path: Path, gateway: int, real_image_set: list[str]) -> None:
+    unavailable = "docker.io/opencsghq/kaniko-executor:v1.24.0"
+    assert unavailable in real_image_set
     fake_state(
         tmp_path,
         workloads=["Deployment csghub/csghub-portal 1 1"],
         httproutes=["csghub.localhost", "casdoor.csghub.localhost"],
         pod_images=["opencsghq/csghub-portal:v2.4.0-ce"],
-        release_images=["opencsghq/never-pulled:1.0", "registry.example:5000/team/tool"],
-        store=["docker.io/opencsghq/csghub-portal:v2.4.0-ce"],
+        pullable=[name for name in real_image_set if name != unavailable],
     )
-    ((rc, _out, err),) = csghub_step_in_namespace(tmp_path, gateway, runs=1)
+    ((rc, out, err),) = csghub_step_in_namespace(tmp_path, gateway, 1, real_image_set)
     assert rc != 0
-    assert "missing images" in err
-    assert "  docker.io/opencsghq/never-pulled:1.0" in err
-    assert "  registry.example:5000/team/tool:latest" in err
-    assert "2 of 3 referenced images are not in the image store" in err
+    assert f"warning: pulling {unavailable} failed" in err
+    assert f"missing images (the appliance would need the internet to start them):\n  {unavailable}\n" in err
+    assert f"1 of {len(real_image_set)} images of the declared set are not in the image store" in err
+    assert "ok: all" not in out.split("workloads ready")[-1]
+
+
+def test_csghub_step_fails_on_an_image_the_set_does_not_declare(tmp_path: Path, gateway: int) -> None:
+    declared = ["docker.io/opencsghq/csghub-portal:v2.4.0-ce"]
+    fake_state(
+        tmp_path,
+        workloads=["Deployment csghub/csghub-portal 1 1"],
+        httproutes=["csghub.localhost", "casdoor.csghub.localhost"],
+        pod_images=["opencsghq/csghub-portal:v2.4.0-ce", "docker.io/busybox:latest"],
+        store=declared,
+    )
+    ((rc, _out, err),) = csghub_step_in_namespace(tmp_path, gateway, 1, declared)
+    assert rc != 0
+    assert "images the cluster references that the declared image set lacks:" in err
+    assert "  docker.io/library/busybox:latest (as docker.io/busybox:latest)" in err
+    assert "the declared image set is out of date: 1 image(s)" in err
+
+
+def test_csghub_step_checks_digests_the_version_lock_pins(tmp_path: Path, gateway: int) -> None:
+    import hashlib
+
+    def stand_in_digest(name: str) -> str:  # what tests/data/fake_k3s.py reports for a stored image
+        return "sha256:" + hashlib.sha256(name.encode()).hexdigest()
+
+    kept, moved = "docker.io/opencsghq/csghub-portal:v2.4.0-ce", "docker.io/library/redis:7.4.9"
+    fake_state(
+        tmp_path,
+        workloads=["Deployment csghub/csghub-portal 1 1"],
+        httproutes=["csghub.localhost", "casdoor.csghub.localhost"],
+        pod_images=["opencsghq/csghub-portal:v2.4.0-ce"],
+        store=[kept],
+        pullable=[moved],
+    )
+    listed = [f"{kept} {stand_in_digest(kept)}", f"{moved} sha256:{'0' * 64}"]
+    ((rc, _out, err),) = csghub_step_in_namespace(tmp_path, gateway, 1, listed)
+    assert rc != 0
+    assert "images whose tag no longer resolves to the digest the version lock pins:" in err
+    assert f"  {moved}: stored {stand_in_digest(moved)}, the version lock pins sha256:{'0' * 64}" in err
+    assert kept + ":" not in err
+    assert "1 image(s) differ from the version lock" in err
 
 
 # -- the k3s step, against stand-ins for k3s, systemd and ip ------------------------------------

@@ -222,3 +222,18 @@ def test_parse_domblklist() -> None:
     rows = parse_domblklist(text)
     assert [(r.device, r.target, r.source) for r in rows] == [
         ("disk", "vda", "/var/lib/libvirt/images/my disk.img"), ("cdrom", "sda", "-")]
+
+
+def test_member_times_are_build_time_or_source_date_epoch(
+        small_disk: Path, make_cfg: Callable[..., ApplianceConfig], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
+    before = int(time.time())
+    with tarfile.open(write_ova(small_disk, make_cfg(), tmp_path / "now.ova").path) as tar:
+        times = {m.mtime for m in tar.getmembers()}
+    assert len(times) == 1 and before <= times.pop() <= int(time.time())  # not 1970
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    with tarfile.open(write_ova(small_disk, make_cfg(), tmp_path / "sde.ova").path) as tar:
+        assert {m.mtime for m in tar.getmembers()} == {1_700_000_000}

@@ -27,6 +27,9 @@ GOLDEN_CASES = {
     "libvirt-default": ("libvirt", [], "qemu"),
     "libvirt-kvm-hostonly": ("libvirt", ["network.hostonly.enabled=true", "vm.box_version=>= 1.0"], "kvm"),
     "virtualbox-default": ("virtualbox", [], None),
+    # What macOS/Windows users set: a public box pinned by name, version and checksum (values for the test).
+    "virtualbox-public-box": ("virtualbox", ["vm.box=debian/bookworm64", "vm.box_version=12.20250126.1",
+                                             "vm.box_checksum=sha256:" + "0123456789abcdef" * 4], None),
     "virtualbox-bridged-skip": (
         "virtualbox",
         ["network.bridged.enabled=true", "network.bridged.interface=en0", "network.bridged.address=10.1.2.3",
@@ -150,6 +153,36 @@ def test_vagrant_validate_accepts_render(provider: str, tmp_path: Path) -> None:
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "validated successfully" in proc.stdout
+
+
+def test_box_checksum_must_name_its_algorithm() -> None:
+    from appliance.errors import ConfigError
+
+    for bad in ("0123abcd", "md5:" + "0" * 32, "sha256:" + "0" * 63, "sha256:" + "G" * 64):
+        with pytest.raises(ConfigError, match=r"vm\.box_checksum"):
+            _cfg("virtualbox", f"vm.box_checksum={bad}")
+
+
+@needs_vagrant
+def test_vagrant_validate_accepts_pinned_public_box(tmp_path: Path) -> None:
+    cfg = _cfg("virtualbox", "vm.box=debian/bookworm64", "vm.box_version=12.20250126.1",
+               "vm.box_checksum=sha256:" + "ab" * 32)
+    render_vagrantfile(cfg, tmp_path / "Vagrantfile")
+    fake = tmp_path / "fakebin"
+    fake.mkdir()
+    (fake / "VBoxManage").write_text("#!/bin/sh\necho 7.0.20r163906\n")  # as in the test above
+    (fake / "VBoxManage").chmod(0o755)
+    env = {**os.environ, "VAGRANT_HOME": str(tmp_path / "vagrant.d"), "VAGRANT_CHECKPOINT_DISABLE": "1",
+           "PATH": f"{fake}:{os.environ['PATH']}"}
+    proc = subprocess.run(["vagrant", "validate"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # Vagrant refuses settings it does not know, so the names above are ones it really reads.
+    vf = tmp_path / "Vagrantfile"
+    vf.write_text(vf.read_text().replace("box_download_checksum =", "box_download_checksumm ="))
+    proc = subprocess.run(["vagrant", "validate"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0
 
 
 @needs_vagrant

@@ -30,7 +30,7 @@ def test_a_missing_box_names_the_box_and_how_to_get_it(tmp_path: Path) -> None:
     with pytest.raises(VagrantError) as err:
         vagrant.check_box(cfg, client, "libvirt")
     assert "Vagrant has no box 'csghub/no-such-box' for provider libvirt" in err.value.message
-    assert err.value.hint == "get it with `vagrant box add csghub/no-such-box`"
+    assert err.value.hint == "get it with `vagrant box add csghub/no-such-box --provider libvirt`"
 
 
 @pytest.mark.skipif(which("vagrant") is None, reason="vagrant is not installed")
@@ -41,7 +41,7 @@ def test_the_default_box_points_at_invoke_base_box(tmp_path: Path, monkeypatch: 
     with pytest.raises(VagrantError) as err:
         vagrant.check_box(cfg, vagrant._client(cfg), "libvirt")
     assert "(boxes here: none)" in err.value.message
-    assert err.value.hint == "get it with `invoke base-box`"
+    assert err.value.hint == "get it with `invoke base-box --provider libvirt`"
 
 
 def test_the_domain_name_follows_the_vagrantfile_prefix(tmp_path: Path) -> None:

@@ -176,7 +176,7 @@ def test_unlisted_extra_member_and_unlisted_digest_are_refused(copy: Path, ovf_s
 
 def test_malformed_manifest_is_refused(copy: Path, ovf_schema_dir: Path) -> None:
     m = members_of(copy)
-    bad_mf = m[MF].replace(b"SHA256(", b"SHA-256(", 1)
+    bad_mf = m[MF].replace(b"SHA256(", b"SHA-256(", 1)  # ("SHA256 (" is VirtualBox's spelling: valid)
     pack(copy, [(OVF, m[OVF]), (MF, bad_mf), (VMDK, m[VMDK])])
     reasons = reasons_for(copy, ovf_schema_dir)
     assert any(r.startswith("manifest line 1 is not 'SHA256(name)= hex'") for r in reasons)

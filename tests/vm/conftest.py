@@ -317,6 +317,7 @@ def vm_config(libvirt_env: LibvirtEnv, tmp_path: Path) -> Callable[..., Applianc
                 "vm.memory_mb=1024",
                 "vm.disk_gb=8",
                 "vm.boot_timeout=300",
+                "vm.verify_timeout=600",  # a copy without the stack boots in about a minute; fail fast
                 "provision.skip={k3s,csghub}",
                 "network.forwarded_ports={}",
                 f"libvirt.uri={libvirt_env.uri}",

@@ -3,20 +3,35 @@
 # sourced by it and unit-tested on the build host with canned input
 # (tests/unit/test_manifests_scripts.py).
 
-# normalize_image REF: the full name containerd stores, e.g. redis:7 -> docker.io/library/redis:7.
+# normalize_image REF: the name containerd's CRI stores REF under (docker.ParseDockerRef), the
+# same rule as appliance/images.py's normalize_image (tests compare both with a real containerd):
+# busybox -> docker.io/library/busybox:latest, docker.io/redis:7 -> docker.io/library/redis:7,
+# name:tag@sha256:D -> docker.io/library/name@sha256:D (a digest drops the tag). The first path
+# component is a registry only if it has a '.' or ':', is localhost, or (newer containerd) has
+# upper-case letters; the build host refuses such references (appliance/images.py).
 normalize_image() {
-    local ref=$1 first last
-    first=${ref%%/*}
-    if [[ "$ref" != */* ]]; then
-        ref="docker.io/library/$ref"
-    elif [[ "$first" != *.* && "$first" != *:* && "$first" != localhost ]]; then
-        ref="docker.io/$ref"
+    local ref=$1 name digest="" tag="" domain path first
+    name=${ref%%@*}
+    [[ "$ref" == *@* ]] && digest=${ref#*@}
+    if [[ "${name##*/}" == *:* ]]; then
+        tag=${name##*:}
+        name=${name%:*}
     fi
-    last=${ref##*/}
-    if [[ "$ref" != *@* && "$last" != *:* ]]; then
-        ref="$ref:latest"
+    first=${name%%/*}
+    if [[ "$name" == */* && ("$first" == *[.:]* || "$first" == localhost || "$first" != "${first,,}") ]]; then
+        domain=$first
+        path=${name#*/}
+    else
+        domain=docker.io
+        path=$name
     fi
-    echo "$ref"
+    [[ "$domain" == index.docker.io ]] && domain=docker.io
+    [[ "$domain" == docker.io && "$path" != */* ]] && path="library/$path"
+    if [[ -n "$digest" ]]; then
+        echo "$domain/$path@$digest"
+    else
+        echo "$domain/$path:${tag:-latest}"
+    fi
 }
 
 # workload_states < "KIND NS/NAME WANTED READY" lines -> "ready|waiting KIND NS/NAME" lines.
@@ -24,11 +39,6 @@ normalize_image() {
 workload_states() {
     awk 'NF >= 2 { want = ($3 == "" ? 1 : $3); have = ($4 == "" ? 0 : $4);
                   print ((have + 0 >= want + 0) ? "ready" : "waiting"), $1, $2 }'
-}
-
-# release_images < decoded Helm release (JSON) -> the image references in its manifest.
-release_images() {
-    grep -oE 'image: *(\\")?[A-Za-z0-9][A-Za-z0-9._/:@-]*' | sed -E 's/^image: *(\\")?//'
 }
 
 # chart_base DOMAIN [USE_TOP]: the base chart 2.4.0 puts sub-hosts under (casdoor.<base>):
