@@ -187,7 +187,7 @@ def status(c: Context, config: str | None = None, set_: list[str] | None = None,
     "path": "The OVA to verify.",
     "no_boot": "Structural checks only (tar, order, manifest, schema, disk); no boot.",
     "ssh_key": "Private key for the boot check's login (default: ssh.private_key, else the base box's key).",
-    "http": "Check HTTP on the forwarded port (default: only when the k3s and csghub steps are built).",
+    "http": "Always check HTTP on the forwarded port (default: when the image's status line says CSGHub is installed).",
     "no_http": "Never check HTTP.",
 }, auto_shortflags=False)
 def verify_ova(c: Context, path: str, config: str | None = None, set_: list[str] | None = None,

@@ -224,8 +224,9 @@ def stage_verify(ctx: BuildContext) -> str | None:
         raise UsageError("nothing to verify: the export stage has not produced an OVA yet")
     if ctx.state.verified_sha256 and ctx.state.verified_sha256 == ctx.state.staged_ova_sha256:
         return "skipped: this OVA was verified already"
-    verify_ova(Path(ctx.state.staged_ova), boot=ctx.options.boot_check, cfg=ctx.cfg)
+    report = verify_ova(Path(ctx.state.staged_ova), boot=ctx.options.boot_check, cfg=ctx.cfg)
     ctx.state.verified_sha256 = ctx.state.staged_ova_sha256
+    ctx.state.verify_report = report.as_dict()
     return None
 
 
@@ -258,7 +259,9 @@ def build_report(ctx: BuildContext, final: Path) -> dict[str, Any]:
     return {
         "appliance": {"name": ctx.cfg.output.name, "version": ctx.cfg.appliance_version, "ova": final.name},
         "ova": {"sha256": ctx.state.staged_ova_sha256, "size_bytes": staged.stat().st_size,
-                "verified": ctx.state.verified_sha256 == ctx.state.staged_ova_sha256},
+                "verified": ctx.state.verified_sha256 == ctx.state.staged_ova_sha256,
+                # Which checks ran: says so when OVF schema validation could not run.
+                "verification": ctx.state.verify_report or None},
         "disk": {"path": str(disk) if disk else "", "size_bytes": disk_bytes},
         "versions": {"k3s": ctx.cfg.k3s.version if ctx.cfg.stack_enabled else None,
                      "csghub_chart": ctx.cfg.csghub.chart_version if ctx.cfg.stack_enabled else None,

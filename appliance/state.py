@@ -41,6 +41,7 @@ class BuildState:
     staged_ova: str = ""
     staged_ova_sha256: str = ""
     verified_sha256: str = ""
+    verify_report: dict[str, Any] = field(default_factory=dict)  # what verify checked (schema run or not)
     images: list[dict[str, str]] = field(default_factory=list)
     last_failure: str = ""
     updated: str = ""

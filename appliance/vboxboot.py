@@ -3,7 +3,7 @@
 ``virtualbox_boot_check(ova, ...)`` imports the OVA into a temporary VM (its files in a
 temporary folder), replaces the OVA's NAT forwards by SSH (and HTTP when asked) on free
 loopback ports, sends the serial console to a file, starts the VM headless and then checks it
-exactly as the QEMU boot check does (``appliance.verify``: login with the key or the first-boot
+exactly as the QEMU boot check does (``appliance.verify_boot``: login with the key or the first-boot
 password, readiness command, HTTP). The VM is powered off, unregistered and deleted at the end,
 whatever happened.
 
@@ -28,7 +28,7 @@ from appliance.log import log
 from appliance.run import run
 
 if TYPE_CHECKING:  # pragma: no cover
-    from appliance.verify import BootLogin, BootReport
+    from appliance.verify_boot import BootLogin, BootReport
 
 START_TIMEOUT = 180.0
 
@@ -47,15 +47,9 @@ def virtualbox_boot_check(
     start_timeout: float = START_TIMEOUT,
 ) -> BootReport:
     """Import ``ova`` into a temporary VirtualBox VM, boot it headless, log in, check; always delete it."""
-    from appliance.verify import (
-        BootReport,
-        ConsoleLogin,
-        _console_login_check,
-        _console_tail,
-        _free_loopback_port,
-        _key_login_check,
-        _wait_http,
-    )
+    from appliance.verify_boot import BootReport, ConsoleLogin, _console_login_check, _console_tail, _key_login_check
+    from appliance.verify_boot import free_loopback_port as _free_loopback_port
+    from appliance.verify_boot import wait_http as _wait_http
 
     vbm = vboxmanage()
     vm = f"csghub-verify-{uuid.uuid4().hex[:10]}"

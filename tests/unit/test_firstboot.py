@@ -342,3 +342,30 @@ def test_status_admin_password_is_this_copys(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "Abc123def456ghi789jkl012\n"
+
+
+def _dmi_type11(tmp_path: Path, *strings: str) -> Path:
+    """A /sys/firmware/dmi/entries tree holding one SMBIOS type-11 (OEM strings) entry, as the kernel shows it:
+    the 5-byte formatted area (type 11, length 5, handle, count), then NUL-terminated strings, then a NUL."""
+    entry = tmp_path / "dmi" / "11-0"
+    entry.mkdir(parents=True)
+    raw = bytes([11, 5, 0x0A, 0x8C, len(strings)]) + b"".join(s.encode() + b"\0" for s in strings) + b"\0"
+    (entry / "raw").write_bytes(raw)
+    return tmp_path / "dmi"
+
+
+def test_first_boot_nonce_comes_from_the_oem_string_and_only_a_clean_one(tmp_path: Path) -> None:
+    nonce = "0123456789abcdef0123456789abcdef"
+    dmi = _dmi_type11(tmp_path, "other=1", f"csghub-appliance-boot-nonce={nonce}")
+    env = {"CSGHUB_DMI_ENTRIES": str(dmi), "CSGHUB_STATE": str(tmp_path / "state")}
+    assert bash("boot_nonce", env=env).stdout.strip() == nonce
+    bad = _dmi_type11(tmp_path / "bad", f"csghub-appliance-boot-nonce={nonce}; rm -rf /")
+    assert bash("boot_nonce", env={**env, "CSGHUB_DMI_ENTRIES": str(bad)}).stdout.strip() == "none"
+    assert bash("boot_nonce", env={**env, "CSGHUB_DMI_ENTRIES": str(tmp_path / "none")}).stdout.strip() == "none"
+    # What the banner prints: the recorded nonce, "unknown" when nothing (or junk) was recorded.
+    (tmp_path / "state").mkdir()
+    assert bash("first_boot_nonce", env=env).stdout.strip() == "unknown"
+    (tmp_path / "state" / "firstboot.nonce").write_text(nonce + "\n")
+    assert bash("first_boot_nonce", env=env).stdout.strip() == nonce
+    (tmp_path / "state" / "firstboot.nonce").write_text("x" * 10)
+    assert bash("first_boot_nonce", env=env).stdout.strip() == "unknown"

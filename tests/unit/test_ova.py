@@ -23,7 +23,7 @@ from appliance.export import ova as ova_module
 from appliance.export.libvirt import export_libvirt, find_domain_disk, parse_domblklist
 from appliance.export.ova import USTAR_MAX_SIZE, manifest_text, ustar_header, write_ova
 from appliance.run import run
-from appliance.verify import scan_tar
+from appliance.verify_ova import scan_tar
 
 
 def tar_list(path: Path) -> list[str]:

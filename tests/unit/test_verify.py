@@ -20,7 +20,8 @@ from appliance.config import ApplianceConfig
 from appliance.errors import UsageError, VerifyError
 from appliance.export.ova import manifest_text, ustar_header, write_ova
 from appliance.run import run
-from appliance.verify import parse_manifest, verify_ova
+from appliance.verify import verify_ova
+from appliance.verify_ova import parse_manifest
 
 OVF, MF, VMDK = "csghub-test.ovf", "csghub-test.mf", "csghub-test-disk001.vmdk"
 
@@ -132,9 +133,12 @@ def test_wrong_order_is_refused(copy: Path, ovf_schema_dir: Path) -> None:
     reasons = reasons_for(copy, ovf_schema_dir)
     assert f"first member is {MF!r}; an OVA must start with its .ovf descriptor" in reasons
     assert any(r.startswith("members are out of order") for r in reasons)
-    # The manifest may also end the archive: VirtualBox's own exports put it last.
+    pack(copy, [(VMDK, m[VMDK]), (OVF, m[OVF]), (MF, m[MF])])
+    reasons = reasons_for(copy, ovf_schema_dir)
+    assert any(r.startswith("members are out of order") for r in reasons)
+    # The manifest last is how VirtualBox writes it: accepted.
     pack(copy, [(OVF, m[OVF]), (VMDK, m[VMDK]), (MF, m[MF])])
-    verify_ova(copy, boot=False, schema_dir=ovf_schema_dir)
+    assert verify_ova(copy, boot=False, schema_dir=ovf_schema_dir).members == [OVF, VMDK, MF]
 
 
 def test_truncated_download_is_refused(copy: Path, ovf_schema_dir: Path) -> None:
@@ -216,8 +220,9 @@ def test_boot_needs_a_login_and_a_missing_file_is_a_usage_error(built_ova: Path,
 
 def test_parse_manifest_accepts_what_virtualbox_and_ovftool_write() -> None:
     reasons: list[str] = []
-    text = f"SHA1(a.ovf)= {'a' * 40}\nSHA256(b.vmdk)= {'B' * 64}\n\n"
-    assert parse_manifest(text, reasons) == {"a.ovf": ("SHA1", "a" * 40), "b.vmdk": ("SHA256", "b" * 64)}
+    text = f"SHA1(a.ovf)= {'a' * 40}\nSHA256(b.vmdk)= {'B' * 64}\n\nSHA1 (c.vmdk) = {'c' * 40}\r\n"
+    assert parse_manifest(text, reasons) == {"a.ovf": ("SHA1", "a" * 40), "b.vmdk": ("SHA256", "b" * 64),
+                                             "c.vmdk": ("SHA1", "c" * 40)}
     assert reasons == []
     parse_manifest(f"SHA256(c)= {'0' * 10}\n", reasons)
     assert reasons == ["manifest line 1: SHA256 digest of 'c' has the wrong length"]
@@ -228,7 +233,8 @@ def test_http_wait_sees_a_loopback_server_and_gives_up_on_a_closed_port() -> Non
     import threading
     import time
 
-    from appliance.verify import _free_loopback_port, _wait_http
+    from appliance.verify_boot import free_loopback_port as _free_loopback_port
+    from appliance.verify_boot import wait_http as _wait_http
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -281,7 +287,7 @@ def test_boot_access_from_the_configuration(make_cfg: Callable[..., ApplianceCon
 
 
 def test_console_credentials_take_the_last_login_line_and_every_host_key() -> None:
-    from appliance.verify import console_credentials
+    from appliance.verify_boot import ConsoleCredentials, console_credentials
 
     assert console_credentials("booting...\nlogin: ") is None
     text = (
@@ -289,9 +295,13 @@ def test_console_credentials_take_the_last_login_line_and_every_host_key() -> No
         "noise CSGHUB-APPLIANCE-LOGIN user=evil password=x\n"  # not at a line start: ignored
         "CSGHUB-APPLIANCE-HOSTKEY ED25519 SHA256:abc\n"
         "CSGHUB-APPLIANCE-HOSTKEY ECDSA SHA256:def\n"
-        "CSGHUB-APPLIANCE-LOGIN user=csghub password=k7m2q-xw9ta\n"
+        "CSGHUB-APPLIANCE-LOGIN user=csghub password=k7m2q-xw9ta firstboot=0123abcd\n"
     )
-    assert console_credentials(text) == ("csghub", "k7m2q-xw9ta", frozenset({"SHA256:abc", "SHA256:def"}))
+    assert console_credentials(text) == ConsoleCredentials("csghub", "k7m2q-xw9ta",
+                                                           frozenset({"SHA256:abc", "SHA256:def"}), "0123abcd")
+    # An image from before the first-boot proof prints no nonce: nothing to match this boot's.
+    old = console_credentials("CSGHUB-APPLIANCE-LOGIN user=csghub password=pw\n")
+    assert old is not None and old.first_boot_nonce is None
 
 
 def test_host_key_fingerprint_matches_ssh_keygen(tmp_path: Path) -> None:
@@ -299,7 +309,7 @@ def test_host_key_fingerprint_matches_ssh_keygen(tmp_path: Path) -> None:
 
     import paramiko
 
-    from appliance.verify import host_key_fingerprint
+    from appliance.verify_boot import host_key_fingerprint
 
     key = tmp_path / "hk"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True, timeout=30)
@@ -315,7 +325,7 @@ def test_http_check_sends_the_appliance_host_and_wants_success() -> None:
     import time
 
     from appliance.errors import VerifyError
-    from appliance.verify import _wait_http
+    from appliance.verify_boot import wait_http as _wait_http
 
     class Gateway(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -337,3 +347,84 @@ def test_http_check_sends_the_appliance_host_and_wants_success() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_login_line_without_this_boots_nonce_is_refused_as_an_earlier_first_boot(tmp_path: Path) -> None:
+    """An image whose first boot ran before (e.g. in the build VM) prints another nonce, or none."""
+    import time
+
+    from appliance.verify_boot import _console_login_check, free_loopback_port
+
+    console = tmp_path / "console.log"
+    now = time.monotonic()
+    for line, seen in [("CSGHUB-APPLIANCE-LOGIN user=csghub password=pw firstboot=none", "none"),
+                       ("CSGHUB-APPLIANCE-LOGIN user=csghub password=pw firstboot=" + "a" * 32, "a" * 32),
+                       ("CSGHUB-APPLIANCE-LOGIN user=csghub password=pw", "none")]:
+        console.write_text("booting\n" + line + "\n")
+        with pytest.raises(VerifyError, match="first boot already ran before this boot") as err:
+            _console_login_check(free_loopback_port(), console, "true", now + 5, now, "b" * 32)
+        assert f"first-boot nonce {seen!r}, not this boot's {'b' * 32!r}" in err.value.reasons[0]
+
+
+def test_the_images_status_line_says_whether_the_stack_is_there() -> None:
+    from appliance.verify_boot import console_stack
+
+    assert console_stack("nothing yet") is None
+    text = ("CSGHUB-APPLIANCE-STATUS stack=installed mode=nat url=http://x status=starting\n"
+            "CSGHUB-APPLIANCE-STATUS stack=absent mode=nat url=http://x status=CSGHub stack not installed\n")
+    assert console_stack(text) == "absent"
+
+
+def test_http_is_skipped_only_when_the_image_says_it_has_no_stack() -> None:
+    from appliance.verify_boot import http_skip_reason
+
+    assert http_skip_reason(True, "absent") == "the image's status line says stack=absent"
+    assert http_skip_reason(True, "installed") == ""
+    assert http_skip_reason(True, None) == ""  # no status line: check as configured
+    assert http_skip_reason(False, "absent") == ""  # --http, or a build that includes the stack: always check
+
+
+def test_a_guest_not_ready_for_ssh_gives_no_paramiko_traceback() -> None:
+    """A port that accepts and closes at once is what a booting guest's forward looks like.
+
+    Run in a child process: pytest's own log capture would hide what a user's terminal shows.
+    """
+    import subprocess
+    import sys
+
+    from appliance.config import PROJECT_ROOT
+
+    child = """
+import socket, threading, paramiko
+from appliance.verify_boot import _PasswordShell
+server = socket.create_server(("127.0.0.1", 0))
+def accept_and_close():
+    while True:
+        conn, _ = server.accept()
+        conn.close()
+threading.Thread(target=accept_and_close, daemon=True).start()
+for _ in range(3):
+    try:
+        _PasswordShell(server.getsockname()[1], "u", "p", frozenset())
+    except (paramiko.SSHException, EOFError, OSError) as exc:
+        print("retry:", type(exc).__name__)
+"""
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(PROJECT_ROOT)})
+    assert proc.stdout.count("retry:") == 3, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception (client)" not in proc.stderr, proc.stderr
+
+
+def test_schema_validation_that_cannot_run_is_reported_as_such(built_ova: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("appliance.verify_ova.find_schema_dir", lambda: None)
+    report = verify_ova(built_ova, boot=False)
+    outcome = dict(report.checks)["OVF schema"]
+    assert outcome.startswith("not run: the DMTF OVF schemas were not found")
+    assert not report.schema_checked
+    assert report.as_dict()["checks"]["OVF schema"] == outcome  # type: ignore[index]
+    # Schemas that exist but cannot be loaded: also "not run", never a traceback.
+    (tmp_path / "ovf1").mkdir()
+    (tmp_path / "ovf2").mkdir()
+    report = verify_ova(built_ova, boot=False, schema_dir=tmp_path)
+    assert dict(report.checks)["OVF schema"].startswith("not run: the schemas in")

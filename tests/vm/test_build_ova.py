@@ -69,6 +69,8 @@ def test_build_ova_then_verify_ova(base_box: object, vm_config: Callable[..., Ap
         assert refused.returncode != 0
         assert "digest" in refused.stderr.lower(), refused.stderr[-3000:]
 
+        _first_boot_is_proved_once(ova, tmp_path)
+
         again = _invoke("build-ova", "--config", str(config_file), "--provider", "libvirt", timeout=BUILD_TIMEOUT)
         assert again.returncode == 2, again.stderr[-3000:]
         assert "resuming" in again.stderr and "pass --force" in again.stderr
@@ -76,3 +78,30 @@ def test_build_ova_then_verify_ova(base_box: object, vm_config: Callable[..., Ap
         assert "this OVA was verified already" in again.stderr
     finally:
         vagrant.destroy(cfg)
+
+
+def _first_boot_is_proved_once(ova: Path, tmp_path: Path) -> None:
+    """One copy booted twice: the first boot shows the verifier's nonce; the second is refused.
+
+    The second boot is what an image looks like whose first boot already ran (a sealed build VM
+    booted again): its login line carries the first boot's nonce, not this boot's.
+    """
+    import tarfile
+
+    from appliance.errors import VerifyError
+    from appliance.run import run
+    from appliance.verify_boot import ConsoleLogin, boot_check
+
+    with tarfile.open(ova) as tar:
+        disk = next(m for m in tar.getmembers() if m.name.endswith(".vmdk"))
+        tar.extract(disk, tmp_path / "disk", filter="data")
+    vmdk = tmp_path / "disk" / disk.name
+    overlay = tmp_path / "copy.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "vmdk", "-b", str(vmdk), str(overlay)])
+    first = boot_check(vmdk, login=ConsoleLogin(), overlay=overlay, timeout=600, memory_mb=1024,
+                       work_dir=tmp_path, nonce="1" * 32)
+    assert first.first_boot_proved and first.stack == "absent"
+    with pytest.raises(VerifyError, match="first boot already ran before this boot") as err:
+        boot_check(vmdk, login=ConsoleLogin(), overlay=overlay, timeout=600, memory_mb=1024, work_dir=tmp_path,
+                   nonce="2" * 32)
+    assert f"first-boot nonce {'1' * 32!r}, not this boot's {'2' * 32!r}" in err.value.reasons[0]

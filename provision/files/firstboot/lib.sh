@@ -377,3 +377,32 @@ apply_access() {
         echo "ok: access mode $mode, address $address, domain $domain (unchanged)"
     fi
 }
+
+# boot_nonce: the nonce a verifier gave this boot (SMBIOS OEM string
+# "csghub-appliance-boot-nonce=<32 hex digits>", QEMU -smbios type=11,...), else "none".
+boot_nonce() {
+    local dir=${CSGHUB_DMI_ENTRIES:-/sys/firmware/dmi/entries} raw value
+    for raw in "$dir"/11-*/raw; do
+        [[ -r "$raw" ]] || continue
+        value=$(tr '\0' '\n' <"$raw" |
+            LC_ALL=C sed -n 's/.*csghub-appliance-boot-nonce=\([0-9a-f]\{32\}\)$/\1/p' | head -n 1)
+        if [[ -n "$value" ]]; then
+            echo "$value"
+            return 0
+        fi
+    done
+    echo none
+}
+
+# first_boot_nonce: the nonce of the boot that started this copy's first boot, as
+# csghub-firstboot recorded it ("none": no verifier gave one; "unknown": not recorded).
+# The banner prints it on the CSGHUB-APPLIANCE-LOGIN line: the verifier's first-boot proof.
+first_boot_nonce() {
+    local value=""
+    [[ -r "$CSGHUB_STATE/firstboot.nonce" ]] && value=$(head -c 64 "$CSGHUB_STATE/firstboot.nonce")
+    if [[ "$value" =~ ^([0-9a-f]{32}|none)$ ]]; then
+        echo "$value"
+    else
+        echo unknown
+    fi
+}

@@ -1,0 +1,417 @@
+"""The boot check: a fresh copy of a verified disk boots, proves it is its first boot, and answers.
+
+``boot_check(vmdk, login=...)`` boots the disk under QEMU (TCG) through a qcow2 overlay (the
+disk is only read), with the serial console captured to a file, and logs in over a loopback
+SSH forward:
+
+- a sealed image (``ConsoleLogin``) is entered the way its owner would: with the one-time
+  password its first boot prints on the serial console. The verifier hands the guest a fresh
+  random **boot nonce** (SMBIOS OEM string ``csghub-appliance-boot-nonce=...``); the first-boot
+  service records the nonce of the boot that started it and the banner prints it on the
+  ``CSGHUB-APPLIANCE-LOGIN`` line (``firstboot=<nonce>``). A login line without this boot's
+  nonce means the image's first boot already ran somewhere else (for example inside the build
+  VM, whose keys and secrets every copy would then share): the image is refused.
+- an unsealed image (``SSHLogin``) is entered with a key (tests, developer images).
+
+HTTP is checked on a second forward when asked; in ``http_if_stack`` mode only when the image's
+own ``CSGHUB-APPLIANCE-STATUS`` line says the stack is installed. Transient SSH errors while the
+guest boots are retried quietly (one line, no paramiko traceback).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import re
+import secrets
+import signal
+import socket
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+
+from appliance.errors import PrerequisiteMissing, UsageError, VerifyError
+from appliance.log import log
+from appliance.run import run, which
+
+# The SMBIOS OEM string (type 11) that carries the boot nonce; read in the guest from
+# /sys/firmware/dmi/entries/11-*/raw by csghub-firstboot.
+NONCE_OEM_KEY = "csghub-appliance-boot-nonce"
+# Paramiko logs a full traceback for a guest whose sshd is not up yet ("Error reading SSH
+# protocol banner"); its transports log to this silenced channel instead.
+_QUIET_SSH_LOG = "appliance.verify.paramiko"
+
+
+@dataclass
+class BootReport:
+    """What the boot check saw."""
+
+    seconds_to_ssh: float
+    ready_output: str
+    http_status: int | None = None
+    first_boot_proved: bool = False
+    stack: str | None = None  # the image's own status line: "installed", "absent", or None (no line)
+    http_skipped: str = ""  # why HTTP was not checked, when it was not
+
+
+@dataclass(frozen=True)
+class SSHLogin:
+    """Log in to a booted copy with a user and private key (an unsealed image: the base box's key)."""
+
+    user: str
+    key_file: Path
+
+
+@dataclass(frozen=True)
+class ConsoleLogin:
+    """Log in as a sealed copy says on its serial console at first boot (docs/first-boot.md).
+
+    The copy prints ``CSGHUB-APPLIANCE-LOGIN user=U password=P firstboot=NONCE`` and one
+    ``CSGHUB-APPLIANCE-HOSTKEY TYPE SHA256:...`` line per host key. The verifier requires NONCE
+    to be the one it gave this boot, and checks the host key it is offered against those lines
+    before it sends the password.
+    """
+
+
+BootLogin = SSHLogin | ConsoleLogin
+_LOGIN_LINE = re.compile(r"^CSGHUB-APPLIANCE-LOGIN user=(\S+) password=(\S+)(?: firstboot=(\S+))?\s*$", re.M)
+_HOSTKEY_LINE = re.compile(r"^CSGHUB-APPLIANCE-HOSTKEY (\S+) (SHA256:\S+)\s*$", re.M)
+_STATUS_LINE = re.compile(r"^CSGHUB-APPLIANCE-STATUS stack=(\S+)", re.M)
+
+
+def new_boot_nonce() -> str:
+    """A fresh nonce for one boot: 128 random bits, hex (what csghub-firstboot accepts)."""
+    return secrets.token_hex(16)
+
+
+@dataclass(frozen=True)
+class ConsoleCredentials:
+    user: str
+    password: str
+    fingerprints: frozenset[str]
+    first_boot_nonce: str | None  # the nonce of the boot that ran first boot, as the copy prints it
+
+
+def console_credentials(text: str) -> ConsoleCredentials | None:
+    """The last login line and every host-key fingerprint a copy printed, or None before first boot is done."""
+    matches = list(_LOGIN_LINE.finditer(text))
+    if not matches:
+        return None
+    last = matches[-1]
+    return ConsoleCredentials(last.group(1), last.group(2),
+                              frozenset(m.group(2) for m in _HOSTKEY_LINE.finditer(text)), last.group(3))
+
+
+def console_stack(text: str) -> str | None:
+    """What the image's last ``CSGHUB-APPLIANCE-STATUS`` line says of the stack (None: no such line)."""
+    matches = list(_STATUS_LINE.finditer(text))
+    return matches[-1].group(1) if matches else None
+
+
+def http_skip_reason(http_if_stack: bool, stack: str | None) -> str:
+    """Why HTTP is not checked ("" when it is): only when the image itself says it has no stack."""
+    if http_if_stack and stack is not None and stack != "installed":
+        return f"the image's status line says stack={stack}"
+    return ""
+
+
+def host_key_fingerprint(key: paramiko.PKey) -> str:
+    """OpenSSH's ``SHA256:...`` form (unpadded base64 of the key blob's SHA-256)."""
+    return "SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
+
+
+def _quiet_paramiko() -> None:
+    logger = logging.getLogger(_QUIET_SSH_LOG)
+    logger.propagate = False
+    logger.setLevel(logging.CRITICAL + 1)
+    if not logger.handlers:
+        logger.addHandler(logging.NullHandler())
+
+
+class _PasswordShell:
+    """A password SSH session to a copy, opened only after its host key matched the console's."""
+
+    def __init__(self, port: int, user: str, password: str, fingerprints: frozenset[str]) -> None:
+        _quiet_paramiko()
+        sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+        self.transport = paramiko.Transport(sock)
+        self.transport.set_log_channel(_QUIET_SSH_LOG)
+        try:
+            self.transport.start_client(timeout=30)
+            offered = host_key_fingerprint(self.transport.get_remote_server_key())
+            if offered not in fingerprints:
+                raise VerifyError(
+                    "the copy offered a host key its console did not announce; the password was not sent",
+                    [f"offered {offered}", "announced " + (", ".join(sorted(fingerprints)) or "none")],
+                )
+            self.transport.auth_password(user, password)
+        except BaseException:
+            self.transport.close()
+            raise
+
+    def run(self, command: str, timeout: float) -> tuple[int, str]:
+        chan = self.transport.open_session(timeout=30)
+        chan.set_combine_stderr(True)
+        chan.settimeout(timeout)
+        chan.exec_command(command)
+        out = b""
+        while True:
+            data = chan.recv(65536)
+            if not data:
+                break
+            out += data
+        return chan.recv_exit_status(), out.decode(errors="replace")
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+class _RetryNote:
+    """Says once that the guest is not answering yet, then retries quietly."""
+
+    def __init__(self) -> None:
+        self.said = False
+
+    def __call__(self, error: str) -> None:
+        if not self.said:
+            log.info(f"the copy is still booting ({error[:120]}); retrying quietly")
+            self.said = True
+
+
+def free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def _qemu_vm(
+    overlay: Path, forwards: dict[int, int], work: Path, cpus: int, memory_mb: int, nonce: str
+) -> Iterator[Path]:
+    """Start QEMU (daemonized, stopped by its PID on exit); yields the serial console log.
+
+    KVM when the host probe (the libvirt driver's) shows it really runs a guest, else TCG. The
+    user network is ``restrict=on``: the copy has no route out (its port forwards still work),
+    so a pass proves it comes up offline.
+    """
+    qemu = which("qemu-system-x86_64")
+    if qemu is None:
+        raise PrerequisiteMissing("qemu-system-x86_64 is not installed",
+                                  hint="apt-get install --no-install-recommends qemu-system-x86")
+    from appliance.hostprobe import detect_libvirt_driver
+
+    driver, why = detect_libvirt_driver()
+    accel, cpu = ("kvm", "host") if driver == "kvm" else ("tcg", "max")
+    log.info(f"boot check under {accel.upper()} ({why})")
+    pidfile, console = work / "qemu.pid", work / "console.log"
+    hostfwd = ",".join(f"hostfwd=tcp:127.0.0.1:{host}-:{guest}" for host, guest in forwards.items())
+    argv = [
+        qemu, "-daemonize", "-pidfile", str(pidfile), "-name", "verify-ova",
+        "-machine", f"pc,accel={accel}", "-cpu", cpu, "-smp", str(cpus), "-m", str(memory_mb),
+        "-display", "none", "-serial", f"file:{console}", "-monitor", "none",
+        # This boot's nonce, for the first-boot proof (read-only firmware data in the guest).
+        "-smbios", f"type=11,value={NONCE_OEM_KEY}={nonce}",
+        # SATA (AHCI) and an Intel E1000, as the OVA describes: a guest that boots here has the
+        # drivers VirtualBox's hardware needs.
+        "-device", "ahci,id=ahci",
+        "-drive", f"if=none,id=disk0,file={overlay},format=qcow2",
+        "-device", "ide-hd,drive=disk0,bus=ahci.0",
+        "-netdev", f"user,id=net0,restrict=on,{hostfwd}", "-device", "e1000,netdev=net0",
+    ]
+    run(argv, timeout=60, hint="QEMU could not start the VM")
+    pid = int(pidfile.read_text().strip())
+    try:
+        yield console
+    finally:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+            for _ in range(50):
+                os.kill(pid, 0)
+                time.sleep(0.1)
+            os.kill(pid, signal.SIGKILL)
+
+
+def _read_console(console: Path) -> str:
+    try:
+        return console.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _console_tail(console: Path, lines: int = 20) -> str:
+    text = _read_console(console)
+    if not text:
+        return "(no console output)"
+    return "\n".join(f"    {ln}" for ln in text.splitlines()[-lines:])
+
+
+def boot_check(
+    vmdk: Path,
+    *,
+    login: BootLogin,
+    http_port: int | None = None,
+    http_host: str | None = None,
+    http_path: str = "/",
+    http_if_stack: bool = False,
+    ready_command: str = "systemctl is-system-running --wait || true",
+    cpus: int = 2,
+    memory_mb: int = 2048,
+    timeout: float = 900,
+    work_dir: Path | None = None,
+    nonce: str | None = None,
+    overlay: Path | None = None,
+) -> BootReport:
+    """Boot ``vmdk`` through a qcow2 overlay, wait for SSH, log in; check HTTP when ``http_port`` is set.
+
+    ``http_port`` is the guest port (e.g. the CSGHub NodePort); it is forwarded from a free
+    loopback port. ``http_host`` is the ``Host`` header to send: CSGHub's gateway routes by
+    host name, so a request without the appliance's own name is answered 404. With
+    ``http_if_stack`` the HTTP check is skipped when the image's status line says the stack is
+    not installed. ``vmdk`` is only read. ``nonce`` (default: a fresh one) is this boot's nonce.
+    ``overlay``: boot this existing qcow2 overlay of ``vmdk`` instead of a fresh one (it keeps what
+    the boot wrote: tests use it to boot one copy twice).
+    """
+    if isinstance(login, SSHLogin) and not login.key_file.is_file():
+        raise UsageError(f"SSH key {str(login.key_file)!r} does not exist")
+    nonce = nonce or new_boot_nonce()
+    with tempfile.TemporaryDirectory(prefix="boot-check-", dir=work_dir) as tmp:
+        work = Path(tmp)
+        if overlay is None:
+            overlay = work / "overlay.qcow2"
+            run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "vmdk", "-b", str(vmdk.resolve()),
+                 str(overlay)])
+        ssh_port = free_loopback_port()
+        forwards = {ssh_port: 22}
+        http_host_port = None
+        if http_port is not None:
+            http_host_port = free_loopback_port()
+            forwards[http_host_port] = http_port
+        started = time.monotonic()
+        deadline = started + timeout
+        with _qemu_vm(overlay, forwards, work, cpus, memory_mb, nonce) as console:
+            proved = False
+            if isinstance(login, ConsoleLogin):
+                seconds, ready_rc, ready_out = _console_login_check(ssh_port, console, ready_command, deadline,
+                                                                    started, nonce)
+                proved = True
+            else:
+                seconds, ready_rc, ready_out = _key_login_check(ssh_port, login, console, ready_command, deadline,
+                                                                started)
+            if ready_rc != 0:
+                raise VerifyError("logged in, but the readiness command failed",
+                                  [f"{ready_command!r} exited {ready_rc}: {ready_out.strip()[-500:]}",
+                                   "console tail:\n" + _console_tail(console)])
+            stack = console_stack(_read_console(console))
+            report = BootReport(seconds_to_ssh=seconds, ready_output=ready_out.strip(), first_boot_proved=proved,
+                                stack=stack)
+            if http_host_port is not None:
+                skip = http_skip_reason(http_if_stack, stack)
+                if skip:
+                    report.http_skipped = skip
+                    log.info(f"HTTP check skipped: {skip} (built without CSGHub)")
+                else:
+                    report.http_status = wait_http(f"http://127.0.0.1:{http_host_port}{http_path}", deadline,
+                                                    http_host)
+        return report
+
+
+def _key_login_check(
+    ssh_port: int, login: SSHLogin, console: Path, ready_command: str, deadline: float, started: float
+) -> tuple[float, int, str]:
+    """Wait until OpenSSH logs in with the key, then run the readiness command."""
+    ssh_argv = [
+        "ssh", "-i", str(login.key_file), "-p", str(ssh_port),
+        "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+        "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR", f"{login.user}@127.0.0.1",
+    ]
+    note = _RetryNote()
+    last_error = ""
+    while True:
+        probe = run([*ssh_argv, "true"], check=False, timeout=60)
+        if probe.ok:
+            break
+        last_error = " ".join(probe.tail("stderr", 2))
+        if time.monotonic() > deadline:
+            raise VerifyError(
+                f"the copy did not accept SSH within {deadline - started:.0f} s",
+                [f"last ssh error: {last_error}", "console tail:\n" + _console_tail(console)],
+            )
+        note(last_error or f"ssh exit {probe.returncode}")
+        time.sleep(3)
+    seconds = time.monotonic() - started
+    log.info(f"SSH answered after {seconds:.0f} s")
+    ready = run([*ssh_argv, ready_command], check=False, timeout=max(30.0, deadline - time.monotonic()))
+    return seconds, ready.returncode, ready.stdout + ready.stderr
+
+
+def _console_login_check(
+    ssh_port: int, console: Path, ready_command: str, deadline: float, started: float, nonce: str | None = None
+) -> tuple[float, int, str]:
+    """Wait for this boot's login line on the console, log in with that password, run the readiness command.
+
+    With ``nonce`` (the QEMU boot), the line must carry it: the first-boot proof. Without (the
+    VirtualBox boot, which passes none yet), any login line is taken.
+    """
+    last_error = "no CSGHUB-APPLIANCE-LOGIN line on the serial console yet"
+    note = _RetryNote()
+    while True:
+        creds = console_credentials(_read_console(console))
+        if creds is not None and nonce is not None and creds.first_boot_nonce != nonce:
+            seen = creds.first_boot_nonce or "none"
+            raise VerifyError(
+                "this image's first boot already ran before this boot: its secrets would be shared by every copy",
+                [f"the login line carries first-boot nonce {seen!r}, not this boot's {nonce!r}",
+                 "a sealed image must reach its first boot only when a copy starts; rebuild it "
+                 "(the build VM was booted after the seal?)",
+                 "console tail:\n" + _console_tail(console)],
+            )
+        if creds is not None:
+            try:
+                shell = _PasswordShell(ssh_port, creds.user, creds.password, creds.fingerprints)
+            except (OSError, EOFError, paramiko.SSHException) as exc:
+                last_error = f"SSH as {creds.user}: {exc or type(exc).__name__}"
+                note(last_error)
+            else:
+                try:
+                    seconds = time.monotonic() - started
+                    proof = " (first boot proved by this boot's nonce)" if nonce else ""
+                    log.info(f"logged in as {creds.user} with the copy's first-boot password after {seconds:.0f} s"
+                             + proof)
+                    rc, out = shell.run(ready_command, max(30.0, deadline - time.monotonic()))
+                    return seconds, rc, out
+                finally:
+                    shell.close()
+        if time.monotonic() > deadline:
+            raise VerifyError(
+                f"could not log in to the copy within {deadline - started:.0f} s",
+                [f"last error: {last_error}", "console tail:\n" + _console_tail(console)],
+            )
+        time.sleep(3)
+
+
+def wait_http(url: str, deadline: float, host: str | None = None) -> int:
+    """Poll ``url`` (with ``Host: host``) until it answers 2xx/3xx; a stack still starting answers 404/5xx."""
+    last = ""
+    headers = {"Host": host} if host else {}
+    while time.monotonic() < deadline:
+        request = urllib.request.Request(url, headers=headers)  # a loopback URL built here
+        try:
+            with urllib.request.urlopen(request, timeout=10) as resp:  # redirects are followed
+                return int(resp.status)
+        except urllib.error.HTTPError as exc:
+            last = f"HTTP {exc.code}"
+        except (urllib.error.URLError, OSError) as exc:
+            last = str(exc)
+        time.sleep(max(0.0, min(5.0, deadline - time.monotonic())))
+    shown = f"{url} (Host: {host})" if host else url
+    raise VerifyError(f"no successful HTTP answer from {shown} before the deadline", [f"last answer: {last}"])
+

@@ -1,0 +1,507 @@
+"""The structural check of an OVA that may be hostile: tar, order, descriptor, manifest, disks.
+
+``check_structure(path, work)`` reads the archive and turns every problem into a finding (a
+one-line reason); it raises nothing for bad input. What it promises for any input:
+
+- **Nothing is written outside ``work``**, and nothing is written under a name taken from the
+  archive: a disk that passes is copied to ``work/disk<N>.vmdk`` (a name made here, opened with
+  ``O_EXCL``). Only members whose names are plain file names listed in the descriptor's
+  ``References`` as disks are copied out, and only when the tar, order, descriptor, schema and
+  manifest checks found nothing; the copy is the very bytes that are hashed, and a copy whose
+  digest differs from the manifest is deleted.
+- **Bounded memory, disk and time**: the descriptor and manifest are read only up to fixed caps;
+  disks are copied by their member size, which must equal the descriptor's ``ovf:size`` and fit
+  the free space of ``work``; zero blocks are skipped (a sparse copy); numbers in the descriptor
+  are bounded (see ``appliance.export.ovf``); member and finding counts are capped; an archive
+  whose members claim far more bytes than the file stores (a sparse-file bomb) is refused
+  before anything is hashed.
+- **Safe XML**: the descriptor is parsed without DTD or entities (``defusedxml``).
+- **Strict, not fussy**: what VirtualBox 7.2's ``VBoxManage export --manifest`` writes is
+  accepted: the ``.mf`` last, ``SHA1 (name) = hex`` lines, GNU tar headers and no end-of-archive
+  blocks.
+
+The tar headers are decoded by Python's ``tarfile`` (``TarInfo.frombuf``: checksum, number
+fields, type); the walk over them is ours, so no member is ever interpreted (no PAX or GNU
+long-name processing, no path handling) and member data is only seeked over.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from appliance.errors import PrerequisiteMissing
+from appliance.export.ovf import STREAM_OPTIMIZED, DescriptorFacts, find_schema_dir, read_descriptor, schema_errors
+from appliance.log import log
+from appliance.run import run
+
+BLOCK = tarfile.BLOCKSIZE
+CHUNK = 4 << 20
+# Caps on what is read into memory from an untrusted archive. VirtualBox's own descriptors are
+# a few tens of KB; its manifests a few hundred bytes.
+MAX_DESCRIPTOR_BYTES = 4 << 20
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_MEMBERS = 64
+MAX_FINDINGS = 100
+# Room left free in the work folder after the disks are copied there.
+FREE_SPACE_MARGIN = 64 << 20
+# An archive whose members claim more than this many times the bytes the file really stores
+# (plus the slack) is a sparse-file bomb: hashing it would read gigabytes of holes.
+SPARSE_FACTOR = 2
+SPARSE_SLACK = 64 << 20
+
+_MANIFEST_LINE = re.compile(r"^(SHA1|SHA256|SHA512) ?\((.+)\) ?= ?([0-9a-fA-F]+)$")
+_HASHES = {"SHA1": "sha1", "SHA256": "sha256", "SHA512": "sha512"}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_TYPE_NAMES = {
+    tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link", tarfile.CHRTYPE: "a character device",
+    tarfile.BLKTYPE: "a block device", tarfile.FIFOTYPE: "a FIFO", tarfile.DIRTYPE: "a directory",
+    tarfile.CONTTYPE: "a contiguous file", tarfile.GNUTYPE_SPARSE: "a GNU sparse file",
+}
+
+
+class Findings(list[str]):
+    """Every problem found, capped at ``MAX_FINDINGS`` lines (the rest are counted)."""
+
+    dropped = 0
+
+    def add(self, reason: str) -> None:
+        if len(self) < MAX_FINDINGS:
+            self.append(reason)
+        else:
+            self.dropped += 1
+
+    def close(self) -> None:
+        if self.dropped:
+            self.append(f"... and {self.dropped} more problems")
+            self.dropped = 0
+
+
+@dataclass(frozen=True)
+class TarMember:
+    name: str
+    size: int
+    data_offset: int
+    kind: str  # "ustar" or "gnu" (a v7 header is a finding but still walked)
+    regular: bool = True  # a plain-named regular file: the only kind ever read
+
+
+@dataclass
+class StructureResult:
+    """What the structural check saw; ``findings`` empty means the OVA is sound."""
+
+    members: list[str] = field(default_factory=list)
+    ovf_format: str | None = None
+    disks: dict[str, int] = field(default_factory=dict)  # href -> capacity in bytes
+    extracted: dict[str, Path] = field(default_factory=dict)  # href -> copy in the work folder
+    checks: list[tuple[str, str]] = field(default_factory=list)
+    findings: Findings = field(default_factory=Findings)
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` is not a plain file name (one path component, printable), or None."""
+    if not name:
+        return "it is empty"
+    if name in (".", ".."):
+        return "it names a directory"
+    if "/" in name or "\\" in name:
+        return "it has a directory part"
+    if _CONTROL.search(name):
+        return "it holds control characters"
+    if any("\udc80" <= c <= "\udcff" for c in name):  # bytes that were not UTF-8 (surrogateescape)
+        return "it is not UTF-8"
+    return None
+
+
+# -- tar reading ----------------------------------------------------------------------------------
+
+
+def scan_tar(f: io.BufferedReader, file_size: int, findings: list[str]) -> list[TarMember]:
+    """Walk the tar headers (seeking over the data); every format problem goes to ``findings``.
+
+    The archive may end after the last member's data without end-of-archive blocks (VirtualBox
+    writes it so). A header that fails its checksum ends the walk: nothing after it can be trusted.
+    """
+    add = findings.add if isinstance(findings, Findings) else findings.append
+    members: list[TarMember] = []
+    offset = 0
+    while True:
+        f.seek(offset)
+        header = f.read(BLOCK)
+        if not header:
+            return members  # the end, at a member boundary
+        if len(header) < BLOCK:
+            add(f"tar: archive ends inside a header at byte {offset} (truncated)")
+            return members
+        if header == bytes(BLOCK):
+            return members  # end-of-archive (one zero block is enough)
+        if len(members) >= MAX_MEMBERS:
+            add(f"tar: more than {MAX_MEMBERS} members; an OVA holds a descriptor, a manifest and its disks")
+            return members
+        where = f"tar header at byte {offset}"
+        try:
+            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as exc:
+            what = "checksum mismatch" if "checksum" in str(exc) else f"unreadable ({exc})"
+            add(f"{where}: {what} (damaged header, or not a tar archive)")
+            return members
+        raw_name = header[:100].split(b"\0", 1)[0]
+        name = raw_name.decode("utf-8", "surrogateescape")
+        shown = raw_name.decode("utf-8", "backslashreplace")
+        magic, version = header[257:263], header[263:265]
+        if magic == b"ustar\0" and version == b"00":
+            kind = "ustar"
+            prefix = header[345:500].split(b"\0", 1)[0]
+            if prefix:
+                name = prefix.decode("utf-8", "surrogateescape") + "/" + name
+                shown = prefix.decode("utf-8", "backslashreplace") + "/" + shown
+        elif magic == b"ustar " and version == b" \0":
+            kind = "gnu"
+        else:
+            kind = "v7"
+            add(f"tar member {shown!r}: not a ustar header (magic {magic!r}); OVA needs ustar")
+        size = info.size
+        regular = False
+        if size < 0:
+            add(f"tar member {shown!r}: negative size field (damaged header)")
+            return members
+        if info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE):
+            add(f"tar member {shown!r}: PAX extended header, which VirtualBox cannot import")
+        elif info.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK):
+            add(f"tar member {shown!r}: GNU long-name header; OVA member names must fit ustar")
+        elif info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+            what = _TYPE_NAMES.get(info.type, f"of type {info.type!r}")
+            target = f" (to {info.linkname!r})" if info.linkname else ""
+            add(f"tar member {shown!r}: is {what}{target}, not a regular file")
+        elif (problem := name_problem(name)) is not None:
+            add(f"tar member {shown!r}: not a plain file name ({problem})")
+        else:
+            regular = True
+        data_offset = offset + BLOCK
+        if data_offset + size > file_size:
+            add(f"tar member {shown!r}: its {size} bytes run past the archive's end (truncated)")
+            members.append(TarMember(name if regular else shown, size, data_offset, kind, False))
+            return members
+        members.append(TarMember(name if regular else shown, size, data_offset, kind, regular))
+        offset = data_offset + size + (-size % BLOCK)
+
+
+def parse_manifest(text: str, findings: list[str]) -> dict[str, tuple[str, str]]:
+    """``{file name: (algorithm, hex digest)}``; malformed lines go to ``findings``.
+
+    Accepts ``SHA256(name)= hex`` (OpenSSL, ovftool, our writer) and ``SHA1 (name) = hex``
+    (VirtualBox).
+    """
+    add = findings.add if isinstance(findings, Findings) else findings.append
+    entries: dict[str, tuple[str, str]] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        m = _MANIFEST_LINE.match(line.strip())
+        if not m:
+            add(f"manifest line {number} is not 'SHA256(name)= hex' or 'SHA1 (name) = hex': {line[:80]!r}")
+            continue
+        algo, name, digest = m.groups()
+        if (problem := name_problem(name)) is not None:
+            add(f"manifest line {number}: {name[:80]!r} is not a plain file name ({problem})")
+            continue
+        if len(digest) != hashlib.new(_HASHES[algo]).digest_size * 2:
+            add(f"manifest line {number}: {algo} digest of {name!r} has the wrong length")
+        if name in entries:
+            add(f"manifest lists {name!r} twice")
+        entries[name] = (algo, digest.lower())
+    return entries
+
+
+def _read_member(f: io.BufferedReader, member: TarMember, cap: int, what: str, findings: Findings) -> bytes | None:
+    if member.size > cap:
+        findings.add(f"{what} {member.name!r} is {member.size} bytes; more than the {cap} allowed")
+        return None
+    f.seek(member.data_offset)
+    return f.read(member.size)
+
+
+def _copy_and_hash(f: io.BufferedReader, member: TarMember, algorithms: set[str], out: Path | None) -> dict[str, str]:
+    """Hash the member's bytes; with ``out``, write those same bytes there (holes for zero blocks)."""
+    hashers = {a: hashlib.new(_HASHES[a]) for a in algorithms}
+    f.seek(member.data_offset)
+    remaining = member.size
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    zeros = bytes(CHUNK)
+    sink = out.open("xb") if out is not None else None  # "x": never follows or replaces anything
+    try:
+        while remaining:
+            n = f.readinto(view[: min(CHUNK, remaining)])
+            if not n:
+                raise OSError(errno.EIO, f"{member.name}: the archive ended early")
+            for h in hashers.values():
+                h.update(view[:n])
+            if sink is not None:
+                if view[:n] == zeros[:n]:
+                    sink.seek(n, io.SEEK_CUR)
+                else:
+                    sink.write(view[:n])
+            remaining -= n
+        if sink is not None:
+            sink.truncate()  # a trailing hole still counts towards the size
+    except BaseException:
+        if out is not None:
+            out.unlink(missing_ok=True)  # no partial copy stays behind (disk full, Ctrl-C)
+        raise
+    finally:
+        if sink is not None:
+            sink.close()
+    return {a: h.hexdigest() for a, h in hashers.items()}
+
+
+# -- the check ------------------------------------------------------------------------------------
+
+
+def check_structure(path: Path, work: Path, schema_dir: Path | None = None) -> StructureResult:
+    """Every structural check of ``path``; disks that pass are copied into ``work``."""
+    result = StructureResult()
+    try:
+        with path.open("rb") as f:
+            _check(f, os.fstat(f.fileno()), path, work, result, schema_dir)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            result.findings.add(f"the work folder {work} ran out of space while copying the disk")
+        else:
+            result.findings.add(f"reading {path.name} failed: {exc.strerror or exc}")
+    except (RecursionError, MemoryError, ValueError, UnicodeError) as exc:
+        # A last line of defence: the checks above bound their input, but a hostile archive must
+        # give a finding, never a traceback.
+        result.findings.add(f"{path.name} could not be checked: {type(exc).__name__}: {str(exc)[:200]}")
+    if result.findings:
+        for copy in result.extracted.values():
+            copy.unlink(missing_ok=True)
+        result.extracted.clear()
+    result.findings.close()
+    return result
+
+
+def _check(f: io.BufferedReader, st: os.stat_result, path: Path, work: Path, result: StructureResult,
+           schema_dir: Path | None) -> None:
+    findings = result.findings
+    members = scan_tar(f, st.st_size, findings)
+    result.members = [m.name for m in members]
+    result.checks.append(("tar format", "checked"))
+    regular = [m for m in members if m.regular]
+    by_name: dict[str, TarMember] = {}
+    for m in regular:
+        if m.name in by_name:
+            findings.add(f"tar member {m.name!r} appears twice")
+        by_name.setdefault(m.name, m)
+    if not members:
+        if not findings:
+            findings.add("the archive holds no members (not an OVA)")
+        return
+    claimed = sum(m.size for m in members)
+    stored = st.st_blocks * 512 if hasattr(st, "st_blocks") else st.st_size
+    if claimed > SPARSE_FACTOR * stored + SPARSE_SLACK:
+        findings.add(f"members claim {claimed} bytes but the file stores only {stored} (a sparse-file bomb); "
+                     "not read")
+        return
+
+    # The descriptor: first, one of it, bounded.
+    ovfs = [m for m in regular if m.name.endswith(".ovf")]
+    if len(ovfs) > 1:
+        findings.add(f"the archive holds {len(ovfs)} .ovf descriptors; an OVA holds one")
+    if not members[0].name.endswith(".ovf") or not members[0].regular:
+        findings.add(f"first member is {members[0].name!r}; an OVA must start with its .ovf descriptor")
+    if not ovfs:
+        findings.add("no .ovf descriptor in the archive")
+        return
+    ovf = ovfs[0]
+    mf_name = ovf.name[:-4] + ".mf"
+    ovf_bytes = _read_member(f, ovf, MAX_DESCRIPTOR_BYTES, "descriptor", findings)
+    facts: DescriptorFacts | None = None
+    if ovf_bytes is not None:
+        try:
+            facts = read_descriptor(ovf_bytes)
+        except ValueError as exc:
+            findings.add(f"descriptor {ovf.name}: {exc}")
+    disk_hrefs: dict[str, int] = {}
+    if facts is not None:
+        result.ovf_format = facts.ovf_format
+        disk_hrefs = _check_references(facts, ovf.name, mf_name, members, by_name, result)
+        _check_schema(ovf_bytes or b"", ovf.name, schema_dir, result)
+
+    # The manifest: required, bounded, covering every member.
+    manifest: dict[str, tuple[str, str]] = {}
+    mf = by_name.get(mf_name)
+    if mf is None:
+        findings.add(f"no manifest {mf_name!r} in the archive")
+    else:
+        mf_bytes = _read_member(f, mf, MAX_MANIFEST_BYTES, "manifest", findings)
+        if mf_bytes is not None:
+            try:
+                manifest = parse_manifest(mf_bytes.decode("utf-8"), findings)
+            except UnicodeDecodeError:
+                findings.add(f"manifest {mf_name} is not UTF-8 text")
+    for name in by_name:
+        if name != mf_name and manifest and name not in manifest:
+            findings.add(f"tar member {name!r} has no digest in the manifest")
+    for name in manifest:
+        if name not in by_name:
+            findings.add(f"manifest lists {name!r}, which is not in the archive")
+
+    # Copy the disks out only when everything so far is sound, and only into room that exists.
+    copy_to: dict[str, Path] = {}
+    if not findings and disk_hrefs:
+        need = sum(by_name[h].size for h in disk_hrefs) + FREE_SPACE_MARGIN
+        free = shutil.disk_usage(work).free
+        if need > free:
+            findings.add(f"the disks need {need} bytes in the work folder {work}, which has {free} free "
+                         "(point TMPDIR at a folder with room)")
+        else:
+            copy_to = {href: work / f"disk{n}.vmdk" for n, href in enumerate(disk_hrefs, 1)}
+
+    # One pass: digests of every listed member; the disks copied on the way.
+    for m in regular:
+        if m.name not in manifest:
+            continue
+        algo, listed = manifest[m.name]
+        out = copy_to.get(m.name)
+        if m is ovf:
+            if ovf_bytes is None:
+                continue  # too big to read: already a finding
+            got = hashlib.new(_HASHES[algo], ovf_bytes).hexdigest()
+        else:
+            got = _copy_and_hash(f, m, {algo}, out)[algo]
+            if out is not None:
+                result.extracted[m.name] = out
+        if got != listed:
+            findings.add(f"{m.name}: {algo} digest differs from the manifest (damaged or altered)")
+    result.checks.append(("manifest digests", "checked"))
+
+    if not findings:
+        for href, copy in result.extracted.items():
+            _check_disk(href, copy, disk_hrefs[href], findings)
+        result.checks.append(("disk format and size", "checked"))
+
+
+def _check_references(facts: DescriptorFacts, ovf_name: str, mf_name: str, members: list[TarMember],
+                      by_name: dict[str, TarMember], result: StructureResult) -> dict[str, int]:
+    """Names, order and declared sizes; returns the disks to copy (href -> capacity)."""
+    findings = result.findings
+    hrefs: list[str] = []
+    sizes: dict[str, int | None] = {}
+    for _, href, size in facts.files:
+        if (problem := name_problem(href)) is not None:
+            findings.add(f"References: href {href[:80]!r} is not a plain file name ({problem})")
+            continue
+        if href in (ovf_name, mf_name) or href in sizes:
+            findings.add(f"References: {href!r} is listed twice or names the descriptor or manifest")
+            continue
+        hrefs.append(href)
+        sizes[href] = size
+        if href not in by_name:
+            findings.add(f"{href!r} is listed in References but missing from the archive")
+    expected = [ovf_name, mf_name, *hrefs]
+    for m in members:
+        if m.regular and m.name not in expected:
+            findings.add(f"tar member {m.name!r} is not listed in the descriptor's References")
+    actual = [m.name for m in members if m.regular]  # an unlisted member breaks the order too
+    present = [n for n in expected if n in by_name]
+    mf_last = [n for n in present if n != mf_name] + ([mf_name] if mf_name in by_name else [])
+    if actual not in (present, mf_last):
+        shown = actual if len(actual) <= 6 else [*actual[:6], f"... {len(actual) - 6} more"]
+        findings.add(f"members are out of order: {shown}; expected {present} "
+                     f"(or the manifest last, as VirtualBox writes it)")
+    result.checks.append(("member order", "checked"))
+
+    disks: dict[str, int] = {}
+    file_by_id = {fid: href for fid, href, _ in facts.files}
+    for disk_id, file_ref, capacity, fmt in facts.disks:
+        href = file_by_id.get(file_ref, "")
+        if not href:
+            findings.add(f"disk {disk_id[:80]!r} refers to file id {file_ref[:80]!r}, which References lacks")
+            continue
+        if href not in sizes:
+            continue  # already reported as not a plain name
+        if fmt != STREAM_OPTIMIZED:
+            findings.add(f"disk {disk_id[:80]!r} declares format {fmt[:120]!r}, not streamOptimized VMDK")
+        member = by_name.get(href)
+        declared = sizes[href]
+        if member is not None and declared is not None and declared != member.size:
+            findings.add(f"{href}: descriptor says {declared} bytes, archive holds {member.size}")
+        if href in disks:
+            findings.add(f"{href}: used by more than one disk")
+        result.disks[href] = capacity
+        disks[href] = capacity
+    return disks
+
+
+def _check_schema(ovf_bytes: bytes, ovf_name: str, schema_dir: Path | None, result: StructureResult) -> None:
+    sd = schema_dir or find_schema_dir()
+    if sd is None:
+        _schema_not_run(result, "the DMTF OVF schemas were not found (set APPLIANCE_OVF_SCHEMAS to a folder "
+                                "holding ovf1/ and ovf2/)")
+        return
+    tolerated: list[str] = []
+    try:
+        errors = schema_errors(ovf_bytes, sd, tolerated=tolerated, limit=21)
+    except RecursionError:
+        result.findings.add(f"descriptor {ovf_name} nests elements too deeply to validate")
+        return
+    except (PrerequisiteMissing, ImportError, OSError, StopIteration) as exc:
+        _schema_not_run(result, f"the schemas in {sd} could not be loaded: {str(exc)[:200] or type(exc).__name__}")
+        return
+    for e in errors[:20]:
+        result.findings.add(f"descriptor {ovf_name} breaks the OVF schema: {e}")
+    if len(errors) > 20:
+        result.findings.add(f"descriptor {ovf_name} breaks the OVF schema in more places")
+    if tolerated:
+        # What VirtualBox writes is valid by definition: its known OVF 2.0 deviations are named, not refused.
+        result.checks.append(("OVF schema", f"checked ({'; '.join(tolerated)})"))
+    else:
+        result.checks.append(("OVF schema", "checked"))
+
+
+def _schema_not_run(result: StructureResult, why: str) -> None:
+    log.warning(f"OVF schema validation did NOT run: {why}")
+    result.checks.append(("OVF schema", f"not run: {why}"))
+
+
+def _check_disk(href: str, vmdk: Path, capacity: int, findings: Findings) -> None:
+    """``qemu-img info`` on the copy: streamOptimized, one extent (itself), no backing file, the right size."""
+    with vmdk.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"KDMV":
+        # A text-descriptor VMDK names other files (any file on this host) as its extents.
+        findings.add(f"{href}: not a sparse VMDK (no 'KDMV' header); a descriptor VMDK may name other files")
+        return
+    result = run(["qemu-img", "info", "--output=json", "-f", "vmdk", str(vmdk)], check=False, timeout=120)
+    if result.returncode == 127:
+        raise PrerequisiteMissing("qemu-img is not installed: the disk check cannot run",
+                                  hint="apt-get install --no-install-recommends qemu-utils")
+    if not result.ok:
+        findings.add(f"{href}: qemu-img cannot read it as VMDK: {' '.join(result.tail('stderr', 3))[:300]}")
+        return
+    try:
+        info = json.loads(result.stdout)
+        data = info.get("format-specific", {}).get("data", {})
+        create_type = data.get("create-type")
+        extents = [e.get("filename") for e in data.get("extents", [])]
+    except (ValueError, AttributeError, TypeError):
+        findings.add(f"{href}: qemu-img's description of it is unreadable")
+        return
+    if create_type != "streamOptimized":
+        findings.add(f"{href}: VMDK subformat is {create_type!r}, not streamOptimized")
+    if any(e != str(vmdk) for e in extents):
+        findings.add(f"{href}: the VMDK names other files as extents: {extents[:3]}")
+    if info.get("backing-filename") or info.get("full-backing-filename"):
+        findings.add(f"{href}: the VMDK names a parent disk {info.get('backing-filename')!r}; an OVA disk has none")
+    if info.get("virtual-size") != capacity:
+        findings.add(f"{href}: virtual size {info.get('virtual-size')} differs from the descriptor's "
+                     f"capacity {capacity}")
