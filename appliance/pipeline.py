@@ -288,13 +288,21 @@ def _split_names(names: Sequence[str]) -> tuple[list[str], list[str]]:
     return stages, step_names
 
 
-def plan_config(cfg: ApplianceConfig, options: BuildOptions) -> tuple[ApplianceConfig, list[str]]:
-    """Apply step names from ``--skip``/``--only`` to the config; return it and the stages to run."""
-    skip_stages, skip_steps = _split_names(options.skip)
-    only_stages, only_steps = _split_names(options.only)
+def skipped_steps(options: BuildOptions) -> list[str]:
+    """The provisioning steps ``--skip``/``--only`` leave out (stage names are not steps)."""
+    _, skip_steps = _split_names(options.skip)
+    _, only_steps = _split_names(options.only)
     if only_steps:
         keep = set(only_steps) | {SEAL_STEP}
         skip_steps += [s.name for s in discover_scripts() if s.name not in keep]
+    return skip_steps
+
+
+def plan_config(cfg: ApplianceConfig, options: BuildOptions) -> tuple[ApplianceConfig, list[str]]:
+    """Apply step names from ``--skip``/``--only`` to the config; return it and the stages to run."""
+    skip_stages, _ = _split_names(options.skip)
+    only_stages, _ = _split_names(options.only)
+    skip_steps = skipped_steps(options)
     if skip_steps:
         merged = sorted(set(cfg.provision.skip) | set(skip_steps))
         cfg = cfg.model_copy(update={"provision": cfg.provision.model_copy(update={"skip": merged})})
