@@ -25,7 +25,7 @@ from appliance.config import ApplianceConfig, public_dump
 from appliance.errors import ApplianceError, Cancelled, UsageError, VagrantError
 from appliance.log import log
 from appliance.scripts import discover_scripts
-from appliance.state import BuildState, config_digest
+from appliance.state import BuildState, config_digest, export_digest
 
 OnError = Literal["keep", "destroy"]
 
@@ -115,6 +115,19 @@ def stage_up(ctx: BuildContext) -> str | None:
         return "skipped: the VM is already sealed; it is exported as it is"
     from appliance import vagrant
 
+    if ctx.state.seal_started:
+        # An interrupted seal: the VM may already lack the build's key or per-copy state. While it
+        # still runs, the seal step is simply run again; booting it again is never safe.
+        if vagrant.status(ctx.cfg).running:
+            ctx.endpoint = vagrant.ssh_config(ctx.cfg)
+            return "skipped: the seal was interrupted and the VM still runs; the seal step runs again"
+        from appliance.errors import VMSealed
+
+        raise VMSealed(
+            "the seal step was interrupted and the VM is off: booting it again could run the appliance's "
+            "first boot inside the build VM, so the build cannot resume",
+            hint="run `invoke destroy` (it removes the VM and build state), then `invoke build-ova` again",
+        )
     vagrant.up(ctx.cfg)
     ctx.endpoint = vagrant.ssh_config(ctx.cfg)
     return None
@@ -132,8 +145,8 @@ def _provision(ctx: BuildContext, *, only: str | None, skip: Sequence[str]) -> N
 
 
 def stage_provision(ctx: BuildContext) -> str | None:
-    if ctx.state.sealed:
-        return "skipped: the VM is already sealed"
+    if ctx.state.seal_begun:
+        return "skipped: the VM is already sealed" if ctx.state.sealed else "skipped: the seal step has started"
     _provision(ctx, only=None, skip=[SEAL_STEP])
     return None
 
@@ -146,7 +159,10 @@ def stage_seal(ctx: BuildContext) -> str | None:
         return "skipped: already sealed"
     if SEAL_STEP not in {s.name for s in discover_scripts()}:
         raise UsageError(f"no provision/NN-{SEAL_STEP}.sh script: cannot seal the VM")
-    # From here on the build's own key no longer opens the VM: record it before anything else.
+    # From here on the build's own key may no longer open the VM: record that before anything
+    # else, so an interrupted seal is never resumed as an unsealed VM.
+    ctx.state.seal_started = True
+    ctx.state.save(ctx.cfg.build_dir)
     _provision(ctx, only=SEAL_STEP, skip=[])
     ctx.state.sealed = True
     return None
@@ -175,8 +191,10 @@ def stage_halt(ctx: BuildContext) -> str | None:
 
 def stage_export(ctx: BuildContext) -> str | None:
     staged = Path(ctx.state.staged_ova) if ctx.state.staged_ova else None
-    if staged is not None and staged.is_file() and ctx.state.sealed and "export" in ctx.state.completed:
-        return f"skipped: {staged.name} already exported from this sealed VM"
+    current = export_digest(ctx.cfg)
+    if (staged is not None and staged.is_file() and ctx.state.sealed and "export" in ctx.state.completed
+            and ctx.state.export_digest == current):
+        return f"skipped: {staged.name} already exported from this sealed VM with these settings"
     ctx.staging_dir.mkdir(parents=True, exist_ok=True)
     if ctx.cfg.provider == "virtualbox":
         from appliance.export.virtualbox import export_virtualbox
@@ -320,13 +338,19 @@ def build_ova(
     cfg, selected = plan_config(cfg, options)
     state = BuildState.load(cfg.build_dir)
     digest = config_digest(cfg)
-    if state.sealed and state.config_digest and state.config_digest != digest:
+    if state.seal_begun and state.config_digest and state.config_digest != digest:
         raise VagrantError(
-            "the VM in build/ was sealed from a different configuration and cannot be changed any more",
+            "the VM in build/ was sealed from a different configuration (a setting that shapes its disk "
+            "changed) and cannot be changed any more",
             hint="run `invoke destroy` (it removes the VM and build state), then `invoke build-ova` again",
         )
     if state.config_digest != digest:
         state.completed = []
+    elif state.export_digest and state.export_digest != export_digest(cfg):
+        # Only what the export writes changed (a product name, the OVF format...): the VM is fine,
+        # the OVA is not. Export, verify and publish again.
+        log.info("output settings changed since the last export: exporting again")
+        state.completed = [s for s in state.completed if s not in ("export", "verify", "publish")]
     state.config_digest, state.provider, state.vm_name = digest, cfg.provider, cfg.vm.name
     ctx = BuildContext(cfg=cfg, options=options, state=state)
     if state.completed:
@@ -346,6 +370,8 @@ def build_ova(
                     if note.startswith("skipped"):
                         timing.outcome = "skipped"
             state.mark_done(stage.name)
+            if stage.name == "export":
+                state.export_digest = export_digest(cfg)  # what the staged OVA was written from
             state.last_failure = ""
             state.save(cfg.build_dir)
     except KeyboardInterrupt:

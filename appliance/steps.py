@@ -606,7 +606,9 @@ def provision_vagrant_vm(
     """``invoke provision``: find the running VM through ``vagrant ssh-config``, then show the
     plan (``list_plan``) or provision it."""
     from appliance import vagrant
+    from appliance.state import refuse_if_sealed
 
+    refuse_if_sealed(cfg, "provision the VM")
     endpoint = vagrant.ssh_config(cfg)
     uploads = pinned_uploads(cfg, skip)
     if list_plan:

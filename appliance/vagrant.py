@@ -417,10 +417,14 @@ def up(
     ``render_first`` (re-)renders the Vagrantfile first (``invoke up``); otherwise it is
     rendered only when missing (the build pipeline renders it in its own stage).
 
-    Raises ``VagrantError`` for a VM in a state ``up`` cannot handle, a missing box, or a
+    Raises ``VMSealed`` when the VM is sealed (or its seal started) and ``VagrantError`` for a
+    VM in a state ``up`` cannot handle, a missing box, or a
     boot that does not finish within ``timeout`` (default: vm.boot_timeout plus a margin
     for creating the disk and domain); the error names the phase it was in.
     """
+    from appliance.state import refuse_if_sealed
+
+    refuse_if_sealed(cfg, "boot the VM")  # a sealed disk's next boot is the appliance's first boot
     provider = cfg.provider
     if provider == "libvirt":
         check_libvirt(cfg)
