@@ -146,3 +146,7 @@ class StateError(ApplianceError):
 
 class VMSealed(ApplianceError):
     """The build VM is sealed (or its seal was started): it must not be booted or provisioned again."""
+
+
+class HostFileError(ApplianceError):
+    """A file on the build host could not be written or read (disk full, permissions, I/O error)."""

@@ -12,8 +12,8 @@ after ``verify`` passed.
 
 from __future__ import annotations
 
+import errno
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from appliance.config import ApplianceConfig, public_dump
-from appliance.errors import ApplianceError, Cancelled, UsageError, VagrantError
+from appliance.errors import ApplianceError, Cancelled, HostFileError, UsageError, VagrantError
 from appliance.log import log
 from appliance.scripts import discover_scripts
 from appliance.state import BuildState, config_digest, export_digest
@@ -237,12 +237,16 @@ def stage_publish(ctx: BuildContext) -> str | None:
     verified = ctx.state.verified_sha256 == ctx.state.staged_ova_sha256
     if not verified and "verify" not in ctx.options.skip:
         raise UsageError("the staged OVA has not passed verification; it is not published")
+    from appliance.publish import PublishedFile, check_free_space, publish_set
+
     report = build_report(ctx, final)
-    tmp = final.with_name(final.name + ".partial")
-    shutil.copyfile(staged, tmp)
-    os.replace(tmp, final)
-    digest_file.write_text(f"{ctx.state.staged_ova_sha256}  {final.name}\n")
-    (dist / "build-report.json").write_text(json.dumps(report, indent=2) + "\n")
+    check_free_space(dist, staged.stat().st_size + 2**20, f"publishing {final.name}")
+    # All three or none: an OVA never sits beside the digest or report of another build.
+    publish_set(dist, [
+        PublishedFile(final.name, source=staged, sha256=ctx.state.staged_ova_sha256),
+        PublishedFile(digest_file.name, data=f"{ctx.state.staged_ova_sha256}  {final.name}\n".encode()),
+        PublishedFile("build-report.json", data=(json.dumps(report, indent=2) + "\n").encode()),
+    ])
     return f"published {final}"
 
 
@@ -376,17 +380,49 @@ def build_ova(
             state.save(cfg.build_dir)
     except KeyboardInterrupt:
         state.last_failure = f"interrupted during {current}"
-        state.save(cfg.build_dir)
+        _save_failure(state, cfg.build_dir)
         raise Cancelled(
             f"interrupted during stage {current!r}; the VM and {cfg.build_dir} are kept",
             hint="run `invoke build-ova` again to resume where it stopped",
         ) from None
-    except ApplianceError as exc:
-        state.last_failure = f"{current}: {exc.message.splitlines()[0]}"
-        state.save(cfg.build_dir)
+    except (ApplianceError, OSError) as exc:
+        error = exc if isinstance(exc, ApplianceError) else host_file_error(
+            exc, f"stage {current!r}", folders=(cfg.build_dir, cfg.dist_dir))
+        state.last_failure = f"{current}: {error.message.splitlines()[0]}"
+        _save_failure(state, cfg.build_dir)
         _after_failure(cfg, options, current)
-        raise
+        if error is exc:
+            raise
+        raise error from exc
     return ctx
+
+
+def host_file_error(exc: OSError, during: str, *, folders: Sequence[Path] = ()) -> HostFileError:
+    """A plain message for a failed file operation on the build host (disk full above all).
+
+    ``folders`` are where the failing code writes; a write error often names no file, so the
+    free space of each is shown instead.
+    """
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        candidates = [Path(str(exc.filename)).parent] if exc.filename else list(folders)
+        free = "; ".join(f"{shutil.disk_usage(f).free / 2**20:.0f} MiB are free in {f}"
+                         for f in dict.fromkeys(candidates) if f.is_dir())
+        free = f"; {free}" if free else ""
+        return HostFileError(
+            f"{during} failed: no space left on the device{where}{free}",
+            hint="free space there (or point output.dir / output.build_dir elsewhere), then run the same "
+                 "command again: it resumes, and nothing half-written was kept",
+        )
+    return HostFileError(f"{during} failed: {exc.strerror or exc}{where}")
+
+
+def _save_failure(state: BuildState, build_dir: Path) -> None:
+    # The failure may be a full disk under build/ itself: recording it must not hide the real error.
+    try:
+        state.save(build_dir)
+    except OSError as exc:
+        log.warning(f"could not record the failure in {BuildState.path_for(build_dir)}: {exc.strerror or exc}")
 
 
 def destroy_build(cfg: ApplianceConfig) -> None:
