@@ -186,6 +186,11 @@ def stage_halt(ctx: BuildContext) -> str | None:
             vagrant.halt(ctx.cfg, force=True)
             return "forced off"
         time.sleep(3)
+    if ctx.cfg.provider == "libvirt":
+        # Vagrant did not halt it, so vagrant-libvirt's `ssh -L` forwards are still running.
+        from appliance import forwards
+
+        forwards.clear(ctx.cfg, vagrant.project_dir(ctx.cfg))
     return "the sealed VM powered itself off"
 
 

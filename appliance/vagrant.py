@@ -486,11 +486,20 @@ def halt(cfg: ApplianceConfig, *, force: bool = False) -> MachineState:
     current = status(cfg)
     if current.stopped or not current.exists:
         log.info(f"ok: {cfg.vm.name} is {current.state}, nothing to halt")
+        if cfg.provider == "libvirt":
+            from appliance import forwards
+
+            forwards.clear(cfg, project_dir(cfg))  # the VM may have powered itself off (seal)
         return current
     client = _client(cfg, timeout=cfg.vm.boot_timeout)
     with log.step(f"vagrant halt {cfg.vm.name}"):
         _vagrant("halt", lambda: client.halt(force=force))  # type: ignore[no-untyped-call]
-    return status(cfg)
+    final = status(cfg)
+    if cfg.provider == "libvirt" and not final.running:
+        from appliance import forwards
+
+        forwards.clear(cfg, project_dir(cfg))
+    return final
 
 
 def destroy(cfg: ApplianceConfig) -> None:
