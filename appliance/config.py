@@ -825,7 +825,11 @@ def _check_paths(data: Mapping[str, Any], sources: _Sources) -> list[ConfigProbl
     out = data.get("output") if isinstance(data.get("output"), Mapping) else {}
     art = data.get("artifacts") if isinstance(data.get("artifacts"), Mapping) else {}
     assert isinstance(out, Mapping) and isinstance(art, Mapping)
-    forbidden = {Path("/"), Path.home().resolve(), PROJECT_ROOT}
+    forbidden = {Path("/"), PROJECT_ROOT}
+    try:
+        forbidden.add(Path.home().resolve())
+    except (RuntimeError, KeyError):  # no home directory known: nothing more to forbid
+        pass
     resolved: dict[str, Path] = {}
     for key, value, may_be_empty in (("output.dir", out.get("dir"), False),
                                      ("output.build_dir", out.get("build_dir"), False),
