@@ -213,3 +213,30 @@ def test_export_disk_full_is_a_clear_error_and_recorded(tmpfs: Callable[[int], P
     assert info.value.exit_code == 1
     assert BuildState.load(cfg.build_dir).last_failure.startswith("export: stage 'export' failed: no space left")
     assert _listing(staging) == [], "no partial OVA, digest or work folder is left"
+
+
+def test_ctrl_c_while_packing_the_ova_leaves_nothing_and_is_recorded(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.export import ova
+
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(os.urandom(MiB))
+    staging = tmp_path / "staging"
+    cfg = _cfg(tmp_path, tmp_path / "dist")
+    real = ova._write_file_member
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        real(*args, **kwargs)  # type: ignore[arg-type]
+        raise KeyboardInterrupt  # Ctrl-C once the disk is packed, before the end of the archive
+
+    monkeypatch.setattr(ova, "_write_file_member", interrupted)
+
+    def export(ctx: BuildContext) -> str | None:
+        write_ova(raw, ctx.cfg, staging / "csghub-1.0.0.ova")
+        return None
+
+    with pytest.raises(Cancelled) as info:
+        build_ova(cfg, stages=[Stage("export", export, "export")])
+    assert info.value.exit_code == 130
+    assert BuildState.load(cfg.build_dir).last_failure == "interrupted during export"
+    assert _listing(staging) == []
