@@ -72,15 +72,16 @@ class RunGroup:
     token: str
 
 
-# Shell function: is a process of group $pg that carries $token still running? (/proc only:
-# the minimal guest has no procps.) Field 5 of /proc/PID/stat is the group; the command name
-# before it may hold spaces, so the fields are counted after its closing parenthesis.
-_GROUP_ALIVE = (
-    "alive() { for d in /proc/[0-9]*; do "
+# Shell function: the PIDs of the run's session ($sid) that carry its token ($token). /proc
+# only: the minimal guest has no procps. Field 6 of /proc/PID/stat is the session; the command
+# name before it may hold spaces, so fields are counted after its closing parenthesis. A whole
+# session rather than a process group: `timeout` and bash make groups of their own inside it.
+_RUN_MEMBERS = (
+    "members() { for d in /proc/[0-9]*; do "
     "read -r st < \"$d/stat\" 2>/dev/null || continue; set -- ${st##*) }; "
-    "[ \"$3\" = \"$pg\" ] || continue; "
-    "tr '\\0' '\\n' < \"$d/environ\" 2>/dev/null | grep -qx \"@VAR@=$token\" && return 0; "
-    "done; return 1; }"
+    "[ \"$4\" = \"$sid\" ] || continue; "
+    "tr '\\0' '\\n' < \"$d/environ\" 2>/dev/null | grep -qx \"@VAR@=$token\" && echo \"${d#/proc/}\"; "
+    "done; }"
 )
 
 
@@ -468,8 +469,9 @@ class RemoteSession:
         """The exact command line sent to the guest: exports, then ``command``, under sudo and `timeout`.
 
         With ``group`` the command runs in a session of its own (``setsid``): its leader writes
-        its process group id and the group's token into ``group.pid_file`` and exports the token,
-        so :meth:`stop_group` can later end every process of this run, and only those.
+        the session id and the run's token into ``group.pid_file`` (and removes it when the run
+        ends by itself) and exports the token, so :meth:`stop_group` can end every process of
+        this run, and only those.
         """
         script = env_exports(env or {}) + command
         argv: list[str] = []
@@ -484,8 +486,11 @@ class RemoteSession:
             argv += inner
         else:
             pid_file = shlex.quote(group.pid_file)
+            # The leader's PID is the session id; it stays to remove the record when the run ends
+            # on its own (an interrupted run leaves it for stop_group to find).
             leader = (f"umask 077; echo \"$$ {group.token}\" > {pid_file} || exit 125; "
-                      f"export {GROUP_TOKEN_VAR}={group.token}; exec {shlex.join(inner)}")
+                      f"export {GROUP_TOKEN_VAR}={group.token}; {shlex.join(inner)}; rc=$?; "
+                      f"rm -f {pid_file}; exit $rc")
             # -w: wait and pass on the exit status (setsid forks when it is a group leader already).
             argv += ["setsid", "-w", "/bin/sh", "-c", leader]
         return shlex.join(argv)
@@ -493,20 +498,20 @@ class RemoteSession:
     def stop_group(self, pid_file: str, *, sudo: bool = True, grace: float = STOP_GRACE) -> bool:
         """End every process of the grouped run recorded in ``pid_file`` (TERM, then KILL).
 
-        A group is only signalled while one of its processes still carries the run's token, so
-        a stale file never hits processes that reused the number. Returns whether a group was
+        Only processes of the recorded session that carry the run's token are signalled, so a
+        stale file never hits processes that reused the number. Returns whether any was
         running. Bounded in time: ``grace`` seconds plus one round trip.
         """
         f = shlex.quote(pid_file)
-        alive = _GROUP_ALIVE.replace("@VAR@", GROUP_TOKEN_VAR)
+        members = _RUN_MEMBERS.replace("@VAR@", GROUP_TOKEN_VAR)
         script = (
-            f"[ -f {f} ] || exit 3; read -r pg token < {f} || exit 3; "
-            "case \"$pg$token\" in *[!0-9a-f]*|'') rm -f " + f + "; exit 3;; esac; "
-            f"{alive}; alive || {{ rm -f {f}; exit 3; }}; "
-            # No `--`: dash's kill takes none; "-PGID" alone names the group in dash and bash.
-            "kill -TERM \"-$pg\" 2>/dev/null; "
-            f"i=0; while alive && [ $i -lt {max(1, round(grace * 5))} ]; do sleep 0.2; i=$((i+1)); done; "
-            "alive && kill -KILL \"-$pg\" 2>/dev/null; "
+            f"[ -f {f} ] || exit 3; read -r sid token < {f} || exit 3; "
+            "case \"$sid$token\" in *[!0-9a-f]*|'') rm -f " + f + "; exit 3;; esac; "
+            f"{members}; pids=$(members); [ -n \"$pids\" ] || {{ rm -f {f}; exit 3; }}; "
+            # TERM again on every round: a process may have forked since the last listing.
+            f"i=0; while [ -n \"$pids\" ] && [ $i -lt {max(1, round(grace * 5))} ]; do "
+            "kill -TERM $pids 2>/dev/null; sleep 0.2; i=$((i+1)); pids=$(members); done; "
+            "[ -z \"$pids\" ] || kill -KILL $pids 2>/dev/null; "
             f"rm -f {f}; exit 0"
         )
         result = self.run(script, sudo=sudo, timeout=grace + 30, check=False)

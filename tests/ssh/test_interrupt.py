@@ -97,19 +97,26 @@ def test_without_a_group_the_remote_tree_would_survive(session: RemoteSession, t
 
 
 def test_a_stale_group_record_never_signals_other_processes(session: RemoteSession, tmp_path: Path) -> None:
-    # A record whose group is this test's own process group, but with a token nobody carries.
+    # A record naming this test's own session, with a token nobody carries.
     record = tmp_path / "run.pgid"
-    record.write_text(f"{os.getpgid(0)} {'ab' * 16}\n")
+    record.write_text(f"{os.getsid(0)} {'ab' * 16}\n")
     assert session.stop_group(str(record)) is False
     assert not record.exists()
     assert session.stop_group(str(tmp_path / "missing.pgid")) is False
 
 
-def test_processes_of_a_group_carry_its_token(session: RemoteSession, tmp_path: Path) -> None:
-    out = session.run(f"tr '\\0' '\\n' < /proc/$$/environ | grep ^{GROUP_TOKEN_VAR}=",
-                      group_file=str(tmp_path / "g.pgid")).stdout.strip()
-    pgid, token = (tmp_path / "g.pgid").read_text().split()
-    assert out == f"{GROUP_TOKEN_VAR}={token}" and int(pgid) > 1
+def test_a_grouped_run_records_its_session_and_token_then_removes_the_record(session: RemoteSession,
+                                                                                tmp_path: Path) -> None:
+    record = tmp_path / "g.pgid"
+    out = session.run(f"cat {record}; cut -d' ' -f6 /proc/$$/stat; "
+                      f"tr '\\0' '\\n' < /proc/$$/environ | grep ^{GROUP_TOKEN_VAR}=",
+                      group_file=str(record)).stdout.split("\n")
+    sid, token = out[0].split()
+    assert out[1] == sid, "the command runs in the recorded session"
+    assert out[2] == f"{GROUP_TOKEN_VAR}={token}" and len(token) == 32
+    assert not record.exists(), "a run that ends by itself removes its record"
+    failed = session.run("exit 7", group_file=str(record), check=False)
+    assert failed.exit_status == 7 and not record.exists(), "the exit status passes through"
 
 
 def test_ctrl_c_during_a_step_stops_it_and_the_rerun_does_not_overlap(bare_rig: Rig) -> None:
