@@ -59,9 +59,10 @@ def cli_task(*args: Any, **kwargs: Any) -> Callable[[F], F]:
 
 
 def config_from_flags(
-    config: str | None, set_: list[str] | None, provider: str | None, *, resolve: bool = True
+    config: str | None, set_: list[str] | None, provider: str | None, *, resolve: bool = True,
+    skip_steps: list[str] | None = None,
 ) -> ApplianceConfig:
-    cfg = load_config(config, set_ or [], provider)
+    cfg = load_config(config, set_ or [], provider, skip_steps=skip_steps or ())
     if resolve:
         cfg, why = resolve_provider(cfg)
         if why:
@@ -119,7 +120,7 @@ def build_ova(c: Context, config: str | None = None, set_: list[str] | None = No
               no_boot_check: bool = False, debug: bool = False) -> None:
     """Build the OVA: fetch, render, up, provision, seal, halt, export, verify, publish (resumable)."""
     from appliance.errors import UsageError
-    from appliance.pipeline import BuildOptions
+    from appliance.pipeline import BuildOptions, skipped_steps
     from appliance.pipeline import build_ova as run_build
 
     if on_error not in ("keep", "destroy"):
@@ -128,7 +129,8 @@ def build_ova(c: Context, config: str | None = None, set_: list[str] | None = No
         skip=tuple(n for n in skip.split(",") if n), only=tuple(n for n in only.split(",") if n),
         force=force, on_error=on_error, boot_check=not no_boot_check,  # type: ignore[arg-type]
     )
-    run_build(config_from_flags(config, set_, provider), options)
+    cfg = config_from_flags(config, set_, provider, skip_steps=skipped_steps(options))
+    run_build(cfg, options)
 
 
 @cli_task(help={
@@ -252,5 +254,5 @@ def provision(c: Context, config: str | None = None, set_: list[str] | None = No
     from appliance.steps import provision_vagrant_vm
 
     names = [n.strip() for n in skip.split(",") if n.strip()]
-    provision_vagrant_vm(config_from_flags(config, set_, provider), only=only, from_step=from_, force=force,
-                         skip=names, list_plan=list_)
+    cfg = config_from_flags(config, set_, provider, skip_steps=names)
+    provision_vagrant_vm(cfg, only=only, from_step=from_, force=force, skip=names, list_plan=list_)

@@ -25,6 +25,7 @@ import io
 import json
 import os
 import tarfile
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -89,9 +90,11 @@ def cache_dir() -> Path:
 def _ensure_key(directory: Path) -> Path:
     """The build's SSH key pair, made once and reused (it is an input of the box)."""
     key = directory / KEY_NAME
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory.chmod(0o700)
     if key.exists() and key.with_suffix(".pub").exists():
+        key.chmod(0o600)  # caches made before this rule may hold it readable by others
         return key
-    directory.mkdir(parents=True, exist_ok=True)
     for stale in (key, key.with_suffix(".pub")):
         stale.unlink(missing_ok=True)
     run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "csghub-basebox", "-f", str(key)])
@@ -156,20 +159,20 @@ end
 
 
 def _write_box(box_file: Path, members: list[tuple[str, bytes | Path, int]]) -> None:
-    """A box is a tar; written next to ``box_file`` and renamed into place (no half box on failure)."""
-    partial = box_file.with_name(f"{box_file.name}.partial-{os.getpid()}")
-    with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as tar:
-        for name, content, mode in members:
-            if isinstance(content, Path):
-                ti = tar.gettarinfo(str(content), arcname=name)
-                ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = mode, 0, 0, "root", "root"
-                with content.open("rb") as f:
-                    tar.addfile(ti, f)
-            else:
-                ti = tarfile.TarInfo(name)
-                ti.size, ti.mode, ti.mtime = len(content), mode, int(time.time())
-                tar.addfile(ti, io.BytesIO(content))
-    os.replace(partial, box_file)
+    """A box is a tar; written next to ``box_file`` and renamed into place (no half box on failure).
+
+    The box holds the build's private key: it is written 0600 from the first byte, under a temporary name of its
+    own (mkstemp: never a name someone else could have planted).
+    """
+    fd, partial_name = tempfile.mkstemp(dir=box_file.parent, prefix=f".{box_file.name}.", suffix=".partial")
+    partial = Path(partial_name)
+    try:
+        with os.fdopen(fd, "wb") as out, tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            _add_members(tar, members)
+        os.replace(partial, box_file)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def package_virtualbox_box(raw_disk: Path, box_file: Path, *, key: Path, info: dict[str, object],
@@ -229,6 +232,19 @@ def package_libvirt_box(raw_disk: Path, box_file: Path, *, key: Path, info: dict
     ]
     _write_box(box_file, members)
     qcow2.unlink()
+
+
+def _add_members(tar: tarfile.TarFile, members: list[tuple[str, bytes | Path, int]]) -> None:
+    for name, content, mode in members:
+        if isinstance(content, Path):
+            ti = tar.gettarinfo(str(content), arcname=name)
+            ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = mode, 0, 0, "root", "root"
+            with content.open("rb") as f:
+                tar.addfile(ti, f)
+        else:
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mode, ti.mtime = len(content), mode, int(time.time())
+            tar.addfile(ti, io.BytesIO(content))
 
 
 def installed_versions(name: str, provider: str = PROVIDER) -> list[str]:
@@ -367,6 +383,7 @@ def _build_locked(
         info_file = box_dir / f"{digest[:16]}.json"
         cached = box_file.exists() and info_file.exists() and not force
         if cached:
+            box_file.chmod(0o600)  # it holds the private key; older caches wrote it 0644
             info = json.loads(info_file.read_text())
             log.info(f"ok: {box_file} already built from these inputs ({digest[:16]})")
         else:

@@ -16,13 +16,15 @@ import ipaddress
 import re
 import shlex
 import shutil
+import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from appliance import safeyaml
 from appliance.errors import ConfigError, ConfigProblem
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -49,8 +51,42 @@ def _check_ipv4(value: str) -> str:
     return value
 
 
+# Text settings reach the OVF, the Vagrantfile and files on the guest (/etc/default/k3s, the
+# console banner): a control character or line break there would split a line or break the XML,
+# so it is refused here, before the build starts. Only the OVF annotation may span lines.
+_MULTILINE_FIELDS = frozenset({"description"})
+
+
+def _control_character(text: str, *, multiline: bool) -> str | None:
+    for ch in text:
+        if multiline and ch in "\n\t":
+            continue
+        if unicodedata.category(ch) in ("Cc", "Zl", "Zp"):
+            return f"U+{ord(ch):04X}"
+    return None
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # strict: a boolean or a float is never taken for an integer (`cpus: true`, `memory_mb: 4096.0`).
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True)
+
+    @field_validator("*")
+    @classmethod
+    def _no_control_characters(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str):
+            texts = [value]
+        elif isinstance(value, list):
+            texts = [v for v in value if isinstance(v, str)]
+        else:
+            texts = []
+        multiline = cls is OutputSettings and info.field_name in _MULTILINE_FIELDS
+        for text in texts:
+            bad = _control_character(text, multiline=multiline)
+            if bad:
+                allowed = ("of the control characters only tabs and line breaks are allowed here" if multiline
+                           else "control characters and line breaks are not allowed here (plain one-line text)")
+                raise ValueError(f"contains the control character {bad}; {allowed}")
+        return value
 
 
 class ForwardedPort(_Section):
@@ -302,14 +338,6 @@ class ProvisionSettings(_Section):
         3, ge=0, le=20, description="Times a step is re-run after the connection drops mid-step."
     )
 
-    @field_validator("skip")
-    @classmethod
-    def _names(cls, v: list[str]) -> list[str]:
-        for name in v:
-            if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name):
-                raise ValueError(f"step name {name!r} is not a valid step name (lowercase letters, digits, '-')")
-        return v
-
 
 class OutputSettings(_Section):
     dir: str = Field("dist", description="Where finished artifacts are published.")
@@ -399,10 +427,16 @@ class _Sources:
         self.file_keys: set[str] = set()
         self.set_keys: set[str] = set()
         self.provider_flag = False
+        self.skip_flag: set[str] = set()
 
     def of(self, key: str) -> str:
         def covered(keys: set[str]) -> bool:
-            return any(key == k or key.startswith(k + ".") or key.startswith(k + "[") for k in keys)
+            # A key is covered by a layer that set it, a part of it (vm.cpus[0] for vm.cpus), or
+            # a level above it (csghub.values for csghub.values.x).
+            return any(
+                key == k or key.startswith((k + ".", k + "[")) or k.startswith((key + ".", key + "["))
+                for k in keys
+            )
 
         if key == "provider" and self.provider_flag:
             return "--provider"
@@ -457,7 +491,9 @@ def _scalar(raw: str) -> Any:
     if raw == "":
         return ""
     try:
-        value = yaml.safe_load(raw)
+        value = safeyaml.load(raw)
+    except safeyaml.YAMLRefused as exc:
+        raise ValueError(f"the value {exc.message}") from None
     except yaml.YAMLError:
         return raw
     if value is None and raw not in ("null", "~"):
@@ -480,22 +516,27 @@ def _assign(data: dict[str, Any], path: Sequence[str | int], value: Any) -> None
     for i, seg in enumerate(path[:-1]):
         nxt = path[i + 1]
         if isinstance(seg, int):
-            if not isinstance(node, list) or seg >= len(node):
+            if not isinstance(node, list):
+                raise ValueError(_not_a(path[:i], node, "list"))
+            if seg >= len(node):
                 raise ValueError(f"{_dotted(path[: i + 1])}: no list element {seg}")
-            if not isinstance(node[seg], (dict, list)):
+            if node[seg] is None:
                 node[seg] = [] if isinstance(nxt, int) else {}
             node = node[seg]
         else:
             if not isinstance(node, dict):
-                raise ValueError(f"{_dotted(path[:i])} is not a mapping")
+                raise ValueError(_not_a(path[:i], node, "mapping"))
             child = node.get(seg)
-            if not isinstance(child, (dict, list)):
+            if child is None:
+                # Only a missing key grows a new level; an existing value keeps its kind.
                 child = [] if isinstance(nxt, int) else {}
                 node[seg] = child
             node = child
     last = path[-1]
     if isinstance(last, int):
-        if not isinstance(node, list) or last > len(node):
+        if not isinstance(node, list):
+            raise ValueError(_not_a(path[:-1], node, "list"))
+        if last > len(node):
             raise ValueError(f"{_dotted(path)}: no list element {last}")
         if last == len(node):
             node.append(value)
@@ -503,8 +544,14 @@ def _assign(data: dict[str, Any], path: Sequence[str | int], value: Any) -> None
             node[last] = value
     else:
         if not isinstance(node, dict):
-            raise ValueError(f"{_dotted(path[:-1])} is not a mapping")
+            raise ValueError(_not_a(path[:-1], node, "mapping"))
         node[last] = value
+
+
+def _not_a(path: Sequence[str | int], node: Any, kind: str) -> str:
+    index = "[N]" if kind == "list" else ".KEY"
+    return (f"{_dotted(path) or 'the top level'} holds {node!r}, not a {kind}, so {index} cannot be "
+            f"applied to it; set {_dotted(path)}=VALUE instead")
 
 
 def deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -528,11 +575,17 @@ def load_config(
     provider: str | None = None,
     *,
     cwd: Path | None = None,
+    skip_steps: Sequence[str] = (),
+    step_names: Sequence[str] | None = None,
 ) -> ApplianceConfig:
     """Build the configuration from its layers. Raises ``ConfigError`` listing every problem.
 
     ``config_file=None`` reads ``appliance.yaml`` from ``cwd`` when it exists. The provider
     stays as configured (possibly ``auto``); see :func:`resolve_provider`.
+    ``skip_steps`` are the steps the command line skips (``--skip``, ``--only``): they join
+    ``provision.skip`` before validation, so skipping on the command line and in the config
+    mean the same to every rule. ``step_names`` are the steps that exist (default: the scripts
+    in ``provision/``); names in ``provision.skip`` and ``provision.timeouts`` must be among them.
     """
     problems: list[ConfigProblem] = []
     sources = _Sources()
@@ -563,6 +616,15 @@ def load_config(
     if provider is not None:
         merged["provider"] = provider
         sources.provider_flag = True
+    if skip_steps:
+        sources.skip_flag = set(skip_steps)
+        prov = merged.get("provision")
+        if isinstance(prov, dict) and isinstance(prov.get("skip"), list):
+            prov["skip"] = sorted(set(prov["skip"]) | set(skip_steps))
+    if step_names is None:
+        from appliance.scripts import discover_scripts  # scripts.py imports this module
+
+        step_names = [s.name for s in discover_scripts()]
 
     cfg: ApplianceConfig | None = None
     try:
@@ -571,6 +633,8 @@ def load_config(
         problems.extend(_translate(exc, sources))
     problems.extend(_cross_checks(merged, sources))
     problems.extend(_chart_credentials(merged, sources))
+    problems.extend(_check_step_names(merged, sources, step_names))
+    problems.extend(_check_paths(merged, sources))
     if problems:
         raise ConfigError(problems)
     assert cfg is not None
@@ -599,7 +663,10 @@ def _read_yaml(path: Path, problems: list[ConfigProblem]) -> dict[str, Any] | No
         problems.append(ConfigProblem(str(path), "", f"not UTF-8 text: {exc.reason} at byte {exc.start}"))
         return None
     try:
-        loaded = yaml.safe_load(text)
+        loaded = safeyaml.load(text)
+    except safeyaml.YAMLRefused as exc:
+        problems.append(ConfigProblem(str(path), exc.key, exc.message))
+        return None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -646,7 +713,13 @@ def _translate(exc: ValidationError, sources: _Sources) -> list[ConfigProblem]:
             out.append(ConfigProblem(sources.of(key), key, msg))
             continue
         msg = err["msg"]
-        if kind == "value_error":
+        if kind == "int_type":
+            msg = "must be a whole number like 4 (not true/false, not a decimal like 4.0, not text)"
+        elif kind == "bool_type":
+            msg = "must be true or false"
+        elif kind == "string_type":
+            msg = "must be text (quote it in YAML if it looks like a number)"
+        elif kind == "value_error":
             msg = msg.removeprefix("Value error, ")
         elif kind == "string_pattern_mismatch":
             msg = f"does not match the allowed form {err.get('ctx', {}).get('pattern', '')}"
@@ -663,7 +736,8 @@ def _cross_checks(data: Mapping[str, Any], sources: _Sources) -> list[ConfigProb
     skip = prov.get("skip") if isinstance(prov.get("skip"), list) else []
     assert isinstance(skip, list)
     stack = not any(s in skip for s in STACK_STEPS)
-    hint = "skip the k3s and csghub steps (provision.skip=[k3s, csghub]) for a VM without CSGHub"
+    hint = ("skip the k3s and csghub steps (provision.skip=[k3s, csghub] in the config, or --skip k3s,csghub) "
+            "for a VM without CSGHub")
     mem = vm.get("memory_mb")
     mem_ok = isinstance(mem, int) and not isinstance(mem, bool)
     if stack and mem_ok and ABSOLUTE_MIN_MEMORY_MB <= mem < CSGHUB_MIN_MEMORY_MB:  # type: ignore[operator]
@@ -743,12 +817,85 @@ def _cross_checks(data: Mapping[str, Any], sources: _Sources) -> list[ConfigProb
     timeouts = prov.get("timeouts")
     if isinstance(timeouts, Mapping):
         for name, value in timeouts.items():
-            if not isinstance(value, int) or isinstance(value, bool) or not 10 <= value <= 86400:
+            # A value of the wrong type is reported by the model; the range is checked here.
+            if isinstance(value, int) and not isinstance(value, bool) and not 10 <= value <= 86400:
                 problems.append(ConfigProblem(
                     sources.of(f"provision.timeouts.{name}"), f"provision.timeouts.{name}",
                     "must be a whole number of seconds between 10 and 86400", value, has_value=True,
                 ))
     return problems
+
+
+def _check_step_names(data: Mapping[str, Any], sources: _Sources, steps: Sequence[str]) -> list[ConfigProblem]:
+    """Names in ``provision.skip`` and ``provision.timeouts`` must be steps that exist."""
+    prov = data.get("provision")
+    if not isinstance(prov, Mapping):
+        return []
+    allowed = f"steps are: {', '.join(steps)}"
+    problems: list[ConfigProblem] = []
+    skip = prov.get("skip")
+    if isinstance(skip, list):
+        for name in skip:
+            if isinstance(name, str) and name not in steps:
+                source = "--skip" if name in sources.skip_flag else sources.of("provision.skip")
+                problems.append(ConfigProblem(source, "provision.skip", f"no such step; {allowed}", name,
+                                              has_value=True))
+    timeouts = prov.get("timeouts")
+    if isinstance(timeouts, Mapping):
+        for name in timeouts:
+            if name not in steps:
+                key = f"provision.timeouts.{name}"
+                problems.append(ConfigProblem(sources.of(key), key, f"no such step; {allowed}"))
+    return problems
+
+
+def _check_paths(data: Mapping[str, Any], sources: _Sources) -> list[ConfigProblem]:
+    """Folders the build writes into (and may clear parts of) must be folders of their own."""
+    problems: list[ConfigProblem] = []
+    out = data.get("output") if isinstance(data.get("output"), Mapping) else {}
+    art = data.get("artifacts") if isinstance(data.get("artifacts"), Mapping) else {}
+    assert isinstance(out, Mapping) and isinstance(art, Mapping)
+    forbidden = {Path("/"), PROJECT_ROOT}
+    try:
+        forbidden.add(Path.home().resolve())
+    except (RuntimeError, KeyError):  # no home directory known: nothing more to forbid
+        pass
+    resolved: dict[str, Path] = {}
+    for key, value, may_be_empty in (("output.dir", out.get("dir"), False),
+                                     ("output.build_dir", out.get("build_dir"), False),
+                                     ("artifacts.cache_dir", art.get("cache_dir"), True)):
+        if not isinstance(value, str) or (may_be_empty and value == ""):
+            continue
+        if not value.strip():
+            problems.append(ConfigProblem(sources.of(key), key, "must name a folder (for example "
+                                          f"{_PATH_EXAMPLES[key]}); an empty path is not allowed", value,
+                                          has_value=True))
+            continue
+        p = Path(value).expanduser()
+        p = (p if p.is_absolute() else PROJECT_ROOT / p).resolve()
+        if p in forbidden:
+            problems.append(ConfigProblem(
+                sources.of(key), key,
+                f"resolves to {p}, which the build must not write into; give a folder of its own "
+                f"(for example {_PATH_EXAMPLES[key]})", value, has_value=True,
+            ))
+            continue
+        if p.exists() and not p.is_dir():
+            problems.append(ConfigProblem(sources.of(key), key, f"{p} exists and is not a folder", value,
+                                          has_value=True))
+            continue
+        resolved[key] = p
+    dist, build = resolved.get("output.dir"), resolved.get("output.build_dir")
+    if dist is not None and build is not None and (dist == build or build in dist.parents):
+        problems.append(ConfigProblem(
+            sources.of("output.dir"), "output.dir",
+            f"resolves to {dist}, inside the work folder output.build_dir ({build}); published artifacts "
+            "need a folder apart from the work folder", out.get("dir"), has_value=True,
+        ))
+    return problems
+
+
+_PATH_EXAMPLES = {"output.dir": "dist", "output.build_dir": "build", "artifacts.cache_dir": "~/.cache/csghub"}
 
 
 # -- provider resolution and derived views ---------------------------------------------------

@@ -138,3 +138,15 @@ class Cancelled(ApplianceError):
     """The user pressed Ctrl-C. Cleanups have run; the message says how to resume."""
 
     exit_code = 130
+
+
+class StateError(ApplianceError):
+    """``build/state.json`` cannot be trusted (unreadable, truncated, wrong types): nothing is guessed."""
+
+
+class VMSealed(ApplianceError):
+    """The build VM is sealed (or its seal was started): it must not be booted or provisioned again."""
+
+
+class HostFileError(ApplianceError):
+    """A file on the build host could not be written or read (disk full, permissions, I/O error)."""

@@ -12,8 +12,8 @@ after ``verify`` passed.
 
 from __future__ import annotations
 
+import errno
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from appliance.config import ApplianceConfig, public_dump
-from appliance.errors import ApplianceError, Cancelled, UsageError, VagrantError, VerifyError
+from appliance.errors import ApplianceError, Cancelled, HostFileError, UsageError, VagrantError, VerifyError
 from appliance.log import log
 from appliance.scripts import discover_scripts
-from appliance.state import BuildState, config_digest
+from appliance.state import BuildState, config_digest, export_digest
 
 OnError = Literal["keep", "destroy"]
 
@@ -119,6 +119,19 @@ def stage_up(ctx: BuildContext) -> str | None:
         return "skipped: the VM is already sealed; it is exported as it is"
     from appliance import vagrant
 
+    if ctx.state.seal_started:
+        # An interrupted seal: the VM may already lack the build's key or per-copy state. While it
+        # still runs, the seal step is simply run again; booting it again is never safe.
+        if vagrant.status(ctx.cfg).running:
+            ctx.endpoint = vagrant.ssh_config(ctx.cfg)
+            return "skipped: the seal was interrupted and the VM still runs; the seal step runs again"
+        from appliance.errors import VMSealed
+
+        raise VMSealed(
+            "the seal step was interrupted and the VM is off: booting it again could run the appliance's "
+            "first boot inside the build VM, so the build cannot resume",
+            hint="run `invoke destroy` (it removes the VM and build state), then `invoke build-ova` again",
+        )
     vagrant.up(ctx.cfg)
     ctx.endpoint = vagrant.ssh_config(ctx.cfg)
     return None
@@ -136,8 +149,8 @@ def _provision(ctx: BuildContext, *, only: str | None, skip: Sequence[str]) -> N
 
 
 def stage_provision(ctx: BuildContext) -> str | None:
-    if ctx.state.sealed:
-        return "skipped: the VM is already sealed"
+    if ctx.state.seal_begun:
+        return "skipped: the VM is already sealed" if ctx.state.sealed else "skipped: the seal step has started"
     _provision(ctx, only=None, skip=[SEAL_STEP])
     if "csghub" not in ctx.cfg.provision.skip:
         _record_images(ctx)
@@ -169,7 +182,10 @@ def stage_seal(ctx: BuildContext) -> str | None:
         return "skipped: already sealed"
     if SEAL_STEP not in {s.name for s in discover_scripts()}:
         raise UsageError(f"no provision/NN-{SEAL_STEP}.sh script: cannot seal the VM")
-    # From here on the build's own key no longer opens the VM: record it before anything else.
+    # From here on the build's own key may no longer open the VM: record that before anything
+    # else, so an interrupted seal is never resumed as an unsealed VM.
+    ctx.state.seal_started = True
+    ctx.state.save(ctx.cfg.build_dir)
     _provision(ctx, only=SEAL_STEP, skip=[])
     ctx.state.sealed = True
     return None
@@ -193,13 +209,20 @@ def stage_halt(ctx: BuildContext) -> str | None:
             vagrant.halt(ctx.cfg, force=True)
             return "forced off"
         time.sleep(3)
+    if ctx.cfg.provider == "libvirt":
+        # Vagrant did not halt it, so vagrant-libvirt's `ssh -L` forwards are still running.
+        from appliance import forwards
+
+        forwards.clear(ctx.cfg, vagrant.project_dir(ctx.cfg))
     return "the sealed VM powered itself off"
 
 
 def stage_export(ctx: BuildContext) -> str | None:
     staged = Path(ctx.state.staged_ova) if ctx.state.staged_ova else None
-    if staged is not None and staged.is_file() and ctx.state.sealed and "export" in ctx.state.completed:
-        return f"skipped: {staged.name} already exported from this sealed VM"
+    current = export_digest(ctx.cfg)
+    if (staged is not None and staged.is_file() and ctx.state.sealed and "export" in ctx.state.completed
+            and ctx.state.export_digest == current):
+        return f"skipped: {staged.name} already exported from this sealed VM with these settings"
     ctx.staging_dir.mkdir(parents=True, exist_ok=True)
     if ctx.cfg.provider == "virtualbox":
         from appliance.export.virtualbox import export_virtualbox
@@ -243,12 +266,16 @@ def stage_publish(ctx: BuildContext) -> str | None:
     verified = ctx.state.verified_sha256 == ctx.state.staged_ova_sha256
     if not verified and "verify" not in ctx.options.skip:
         raise UsageError("the staged OVA has not passed verification; it is not published")
+    from appliance.publish import PublishedFile, check_free_space, publish_set
+
     report = build_report(ctx, final)
-    tmp = final.with_name(final.name + ".partial")
-    shutil.copyfile(staged, tmp)
-    os.replace(tmp, final)
-    digest_file.write_text(f"{ctx.state.staged_ova_sha256}  {final.name}\n")
-    (dist / "build-report.json").write_text(json.dumps(report, indent=2) + "\n")
+    check_free_space(dist, staged.stat().st_size + 2**20, f"publishing {final.name}")
+    # All three or none: an OVA never sits beside the digest or report of another build.
+    publish_set(dist, [
+        PublishedFile(final.name, source=staged, sha256=ctx.state.staged_ova_sha256),
+        PublishedFile(digest_file.name, data=f"{ctx.state.staged_ova_sha256}  {final.name}\n".encode()),
+        PublishedFile("build-report.json", data=(json.dumps(report, indent=2) + "\n").encode()),
+    ])
     return f"published {final}"
 
 
@@ -314,13 +341,21 @@ def _split_names(names: Sequence[str]) -> tuple[list[str], list[str]]:
     return stages, step_names
 
 
-def plan_config(cfg: ApplianceConfig, options: BuildOptions) -> tuple[ApplianceConfig, list[str]]:
-    """Apply step names from ``--skip``/``--only`` to the config; return it and the stages to run."""
-    skip_stages, skip_steps = _split_names(options.skip)
-    only_stages, only_steps = _split_names(options.only)
+def skipped_steps(options: BuildOptions) -> list[str]:
+    """The provisioning steps ``--skip``/``--only`` leave out (stage names are not steps)."""
+    _, skip_steps = _split_names(options.skip)
+    _, only_steps = _split_names(options.only)
     if only_steps:
         keep = set(only_steps) | {SEAL_STEP}
         skip_steps += [s.name for s in discover_scripts() if s.name not in keep]
+    return skip_steps
+
+
+def plan_config(cfg: ApplianceConfig, options: BuildOptions) -> tuple[ApplianceConfig, list[str]]:
+    """Apply step names from ``--skip``/``--only`` to the config; return it and the stages to run."""
+    skip_stages, _ = _split_names(options.skip)
+    only_stages, _ = _split_names(options.only)
+    skip_steps = skipped_steps(options)
     if skip_steps:
         merged = sorted(set(cfg.provision.skip) | set(skip_steps))
         cfg = cfg.model_copy(update={"provision": cfg.provision.model_copy(update={"skip": merged})})
@@ -338,13 +373,19 @@ def build_ova(
     cfg, selected = plan_config(cfg, options)
     state = BuildState.load(cfg.build_dir)
     digest = config_digest(cfg)
-    if state.sealed and state.config_digest and state.config_digest != digest:
+    if state.seal_begun and state.config_digest and state.config_digest != digest:
         raise VagrantError(
-            "the VM in build/ was sealed from a different configuration and cannot be changed any more",
+            "the VM in build/ was sealed from a different configuration (a setting that shapes its disk "
+            "changed) and cannot be changed any more",
             hint="run `invoke destroy` (it removes the VM and build state), then `invoke build-ova` again",
         )
     if state.config_digest != digest:
         state.completed = []
+    elif state.export_digest and state.export_digest != export_digest(cfg):
+        # Only what the export writes changed (a product name, the OVF format...): the VM is fine,
+        # the OVA is not. Export, verify and publish again.
+        log.info("output settings changed since the last export: exporting again")
+        state.completed = [s for s in state.completed if s not in ("export", "verify", "publish")]
     state.config_digest, state.provider, state.vm_name = digest, cfg.provider, cfg.vm.name
     ctx = BuildContext(cfg=cfg, options=options, state=state)
     if state.completed:
@@ -364,21 +405,55 @@ def build_ova(
                     if note.startswith("skipped"):
                         timing.outcome = "skipped"
             state.mark_done(stage.name)
+            if stage.name == "export":
+                state.export_digest = export_digest(cfg)  # what the staged OVA was written from
             state.last_failure = ""
             state.save(cfg.build_dir)
     except KeyboardInterrupt:
         state.last_failure = f"interrupted during {current}"
-        state.save(cfg.build_dir)
+        _save_failure(state, cfg.build_dir)
         raise Cancelled(
             f"interrupted during stage {current!r}; the VM and {cfg.build_dir} are kept",
             hint="run `invoke build-ova` again to resume where it stopped",
         ) from None
-    except ApplianceError as exc:
-        state.last_failure = f"{current}: {exc.message.splitlines()[0]}"
-        state.save(cfg.build_dir)
+    except (ApplianceError, OSError) as exc:
+        error = exc if isinstance(exc, ApplianceError) else host_file_error(
+            exc, f"stage {current!r}", folders=(cfg.build_dir, cfg.dist_dir))
+        state.last_failure = f"{current}: {error.message.splitlines()[0]}"
+        _save_failure(state, cfg.build_dir)
         _after_failure(cfg, options, current)
-        raise
+        if error is exc:
+            raise
+        raise error from exc
     return ctx
+
+
+def host_file_error(exc: OSError, during: str, *, folders: Sequence[Path] = ()) -> HostFileError:
+    """A plain message for a failed file operation on the build host (disk full above all).
+
+    ``folders`` are where the failing code writes; a write error often names no file, so the
+    free space of each is shown instead.
+    """
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        candidates = [Path(str(exc.filename)).parent] if exc.filename else list(folders)
+        free = "; ".join(f"{shutil.disk_usage(f).free / 2**20:.0f} MiB are free in {f}"
+                         for f in dict.fromkeys(candidates) if f.is_dir())
+        free = f"; {free}" if free else ""
+        return HostFileError(
+            f"{during} failed: no space left on the device{where}{free}",
+            hint="free space there (or point output.dir / output.build_dir elsewhere), then run the same "
+                 "command again: it resumes, and nothing half-written was kept",
+        )
+    return HostFileError(f"{during} failed: {exc.strerror or exc}{where}")
+
+
+def _save_failure(state: BuildState, build_dir: Path) -> None:
+    # The failure may be a full disk under build/ itself: recording it must not hide the real error.
+    try:
+        state.save(build_dir)
+    except OSError as exc:
+        log.warning(f"could not record the failure in {BuildState.path_for(build_dir)}: {exc.strerror or exc}")
 
 
 def destroy_build(cfg: ApplianceConfig) -> None:

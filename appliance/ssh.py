@@ -19,6 +19,7 @@ from __future__ import annotations
 import codecs
 import random
 import re
+import secrets
 import select
 import shlex
 import socket
@@ -49,11 +50,39 @@ KILL_AFTER = 10
 # AES-GCM first: one pass for encryption and integrity (AES-NI through `cryptography`),
 # where Paramiko's default (aes128-ctr + HMAC) costs a second pass per packet.
 PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+# Seconds an SFTP request may wait for the guest's answer: a dead link or a wedged server ends
+# an upload (and the close that waits for pipelined acknowledgements) instead of hanging it.
+SFTP_IDLE_TIMEOUT = 120
+# Seconds a stopped step's processes get between TERM and KILL.
+STOP_GRACE = 5
+# The variable that marks every process of one grouped run (see ``wrap_command``).
+GROUP_TOKEN_VAR = "CSGHUB_APPLIANCE_RUN"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 REBOOT_COMMAND = "systemctl reboot || reboot"
 
 LineHandler = Callable[[str, str], None]
+
+
+@dataclass(frozen=True)
+class RunGroup:
+    """Where a grouped run records its process group, and the token its processes carry."""
+
+    pid_file: str
+    token: str
+
+
+# Shell function: the PIDs of the run's session ($sid) that carry its token ($token). /proc
+# only: the minimal guest has no procps. Field 6 of /proc/PID/stat is the session; the command
+# name before it may hold spaces, so fields are counted after its closing parenthesis. A whole
+# session rather than a process group: `timeout` and bash make groups of their own inside it.
+_RUN_MEMBERS = (
+    "members() { for d in /proc/[0-9]*; do "
+    "read -r st < \"$d/stat\" 2>/dev/null || continue; set -- ${st##*) }; "
+    "[ \"$4\" = \"$sid\" ] || continue; "
+    "tr '\\0' '\\n' < \"$d/environ\" 2>/dev/null | grep -qx \"@VAR@=$token\" && echo \"${d#/proc/}\"; "
+    "done; }"
+)
 
 
 @dataclass(frozen=True)
@@ -408,7 +437,10 @@ class RemoteSession:
     def sftp(self) -> paramiko.SFTPClient:
         """The session's SFTP client (opened once, closed with the session)."""
         if self._sftp is not None and self.is_connected:
-            return self._sftp
+            channel = self._sftp.get_channel()
+            if channel is not None and not channel.closed:
+                return self._sftp
+            self._sftp = None  # an upload abandoned it mid-stream: open a fresh one
         try:
             sftp = paramiko.SFTPClient.from_transport(
                 self.transport, window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET_SIZE
@@ -417,6 +449,9 @@ class RemoteSession:
             raise ConnectionLost(f"cannot open SFTP on {self.endpoint}: {_reason(exc)}") from None
         if sftp is None:  # pragma: no cover - Paramiko returns None only on a closed transport
             raise ConnectionLost(f"cannot open SFTP on {self.endpoint}")
+        channel = sftp.get_channel()
+        if channel is not None:
+            channel.settimeout(SFTP_IDLE_TIMEOUT)
         self._sftp = sftp
         return sftp
 
@@ -429,17 +464,58 @@ class RemoteSession:
         env: Mapping[str, str] | None = None,
         sudo: bool = True,
         timeout: float | None = None,
+        group: RunGroup | None = None,
     ) -> str:
-        """The exact command line sent to the guest: exports, then ``command``, under sudo and `timeout`."""
+        """The exact command line sent to the guest: exports, then ``command``, under sudo and `timeout`.
+
+        With ``group`` the command runs in a session of its own (``setsid``): its leader writes
+        the session id and the run's token into ``group.pid_file`` (and removes it when the run
+        ends by itself) and exports the token, so :meth:`stop_group` can end every process of
+        this run, and only those.
+        """
         script = env_exports(env or {}) + command
         argv: list[str] = []
         if sudo and not self.runs_as_root:
             # -n: never prompt (no PTY to answer on); -H: root's HOME for tools that care.
             argv += ["sudo", "-n", "-H", "--"]
+        inner: list[str] = []
         if timeout:
-            argv += ["timeout", "--kill-after", str(KILL_AFTER), str(max(1, round(timeout)))]
-        argv += ["/bin/sh", "-c", script]
+            inner += ["timeout", "--kill-after", str(KILL_AFTER), str(max(1, round(timeout)))]
+        inner += ["/bin/sh", "-c", script]
+        if group is None:
+            argv += inner
+        else:
+            pid_file = shlex.quote(group.pid_file)
+            # The leader's PID is the session id; it stays to remove the record when the run ends
+            # on its own (an interrupted run leaves it for stop_group to find).
+            leader = (f"umask 077; echo \"$$ {group.token}\" > {pid_file} || exit 125; "
+                      f"export {GROUP_TOKEN_VAR}={group.token}; {shlex.join(inner)}; rc=$?; "
+                      f"rm -f {pid_file}; exit $rc")
+            # -w: wait and pass on the exit status (setsid forks when it is a group leader already).
+            argv += ["setsid", "-w", "/bin/sh", "-c", leader]
         return shlex.join(argv)
+
+    def stop_group(self, pid_file: str, *, sudo: bool = True, grace: float = STOP_GRACE) -> bool:
+        """End every process of the grouped run recorded in ``pid_file`` (TERM, then KILL).
+
+        Only processes of the recorded session that carry the run's token are signalled, so a
+        stale file never hits processes that reused the number. Returns whether any was
+        running. Bounded in time: ``grace`` seconds plus one round trip.
+        """
+        f = shlex.quote(pid_file)
+        members = _RUN_MEMBERS.replace("@VAR@", GROUP_TOKEN_VAR)
+        script = (
+            f"[ -f {f} ] || exit 3; read -r sid token < {f} || exit 3; "
+            "case \"$sid$token\" in *[!0-9a-f]*|'') rm -f " + f + "; exit 3;; esac; "
+            f"{members}; pids=$(members); [ -n \"$pids\" ] || {{ rm -f {f}; exit 3; }}; "
+            # TERM again on every round: a process may have forked since the last listing.
+            f"i=0; while [ -n \"$pids\" ] && [ $i -lt {max(1, round(grace * 5))} ]; do "
+            "kill -TERM $pids 2>/dev/null; sleep 0.2; i=$((i+1)); pids=$(members); done; "
+            "[ -z \"$pids\" ] || kill -KILL $pids 2>/dev/null; "
+            f"rm -f {f}; exit 0"
+        )
+        result = self.run(script, sudo=sudo, timeout=grace + 30, check=False)
+        return result.exit_status == 0
 
     def run(
         self,
@@ -452,14 +528,19 @@ class RemoteSession:
         check: bool = True,
         stream: bool = False,
         hint: str | None = None,
+        group_file: str | None = None,
     ) -> RemoteResult:
         """Run ``command`` (a shell command line) on the guest and return its result.
 
         ``on_line(stream, line)`` sees each stdout/stderr line as it arrives; ``stream=True``
         also prints it. Raises ``RemoteCommandFailed`` on a non-zero exit or timeout unless
         ``check=False``, and ``ConnectionLost`` when the connection drops mid-command.
+        With ``group_file`` (a guest path only root can write) the command runs in its own
+        session, recorded there; Ctrl-C then ends its whole process tree on the guest, not just
+        the channel, before ``KeyboardInterrupt`` goes on.
         """
-        wire = self.wrap_command(command, env=env, sudo=sudo, timeout=timeout)
+        group = RunGroup(group_file, secrets.token_hex(16)) if group_file else None
+        wire = self.wrap_command(command, env=env, sudo=sudo, timeout=timeout, group=group)
         log.debug(f"ssh {self.endpoint}$ {command}")
         lines: list[tuple[str, str]] = []
 
@@ -486,6 +567,8 @@ class RemoteSession:
             host_timed_out = _pump(channel, transport, out, err, deadline)
         except KeyboardInterrupt:
             channel.close()
+            if group is not None:
+                self._stop_after_interrupt(group, sudo)
             raise
         except (OSError, EOFError, paramiko.SSHException):
             pass  # judged below: a channel without an exit status means a lost connection
@@ -520,6 +603,14 @@ class RemoteSession:
         if check and not result.ok:
             raise RemoteCommandFailed(result, hint=hint)
         return result
+
+    def _stop_after_interrupt(self, group: RunGroup, sudo: bool) -> None:
+        try:
+            if self.stop_group(group.pid_file, sudo=sudo):
+                log.warning(f"stopped the interrupted command's processes on {self.endpoint.host}")
+        except (RemoteError, OSError, EOFError, paramiko.SSHException) as exc:
+            log.warning(f"could not stop the interrupted command on {self.endpoint.host}: {exc}; the next run "
+                        "stops it before it starts")
 
     def boot_id(self) -> str:
         """The guest kernel's boot id: changes on every boot, so a reboot is observable."""

@@ -219,6 +219,8 @@ class Provisioner:
         self.session = session
         self.directory = directory
         self.state_dir = _resolve_state_dir(state_dir)
+        # Where a running step records its process group (root-owned, beside the markers).
+        self.group_file = f"{self.state_dir}/running-step.pgid"
         self.reboot_timeout = reboot_timeout
         self.log_dir = cfg.build_dir / "logs"
         self.guest_dir = guest_dir
@@ -397,7 +399,8 @@ class Provisioner:
 
             command = f"bash {shlex.quote(f'{self.guest_dir}/{script.filename}')}"
             try:
-                result = self.session.run(command, env=self.env, timeout=timeout, on_line=on_line)
+                result = self.session.run(command, env=self.env, timeout=timeout, on_line=on_line,
+                                          group_file=self.group_file)
             except RemoteCommandFailed as exc:
                 report.seconds = time.monotonic() - started
                 report.outcome = "failed after partial changes" if report.changes else "failed"
@@ -434,8 +437,12 @@ class Provisioner:
         stale = " ".join(shlex.quote(f"{self.state_dir}/{n}.done") for n in [script.name, *later])
         # chown: files left by another uploader (Vagrant's provisioners run as root) must not
         # block SFTP, which writes as the login user.
+        # A step interrupted earlier (Ctrl-C, a lost connection) may still run on the guest:
+        # end it first, so two runs of a step never overlap.
+        if self.session.stop_group(self.group_file):
+            log.warning("stopped processes of an earlier, interrupted step that were still running")
         self.session.run(
-            f"rm -f -- {stale} && install -d -m 0755 -o {user} "
+            f"mkdir -p -- {shlex.quote(self.state_dir)} && rm -f -- {stale} && install -d -m 0755 -o {user} "
             + " ".join(shlex.quote(d) for d in sorted(all_dirs))
             + f" && chown -R {user} {shlex.quote(self.guest_dir)}",
             timeout=60,
@@ -616,7 +623,9 @@ def provision_vagrant_vm(
     """``invoke provision``: find the running VM through ``vagrant ssh-config``, then show the
     plan (``list_plan``) or provision it."""
     from appliance import vagrant
+    from appliance.state import refuse_if_sealed
 
+    refuse_if_sealed(cfg, "provision the VM")
     endpoint = vagrant.ssh_config(cfg)
     uploads = pinned_uploads(cfg, skip)
     if list_plan:

@@ -209,9 +209,10 @@ def _send(
     # Hashing runs beside the sending (hashlib releases the GIL), one chunk behind at most.
     hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload-sha256")
     pending: Future[None] | None = None
+    dst = sftp.open(remote, "wb", bufsize=0)
+    finished = False
     try:
-        with local.open("rb") as src, sftp.open(remote, "wb", bufsize=0) as dst, \
-                log.transfer(f"upload {local.name}", size, show=show) as advance:
+        with local.open("rb") as src, log.transfer(f"upload {local.name}", size, show=show) as advance:
             dst.set_pipelined(True)
             # Big write requests instead of Paramiko's 32 KiB: fewer requests, fewer answers.
             dst.MAX_REQUEST_SIZE = request_size
@@ -223,9 +224,24 @@ def _send(
                 advance(len(chunk))
             if pending is not None:
                 pending.result()
+        finished = True
     finally:
         hasher.shutdown(wait=True)
+        if finished:
+            dst.close()  # waits for the pipelined acknowledgements (bounded by SFTP_IDLE_TIMEOUT)
+        else:
+            # Interrupted or failed mid-stream: a graceful close would wait for answers to every
+            # request still in flight, on a stream that may be cut mid-packet (it hung on Ctrl-C).
+            # Drop the SFTP channel instead; the session opens a new one when needed.
+            _abandon(sftp, dst)
     return digest.hexdigest()
+
+
+def _abandon(sftp: paramiko.SFTPClient, dst: paramiko.SFTPFile) -> None:
+    dst._closed = True  # type: ignore[attr-defined]  # else Paramiko sends a close request when collected
+    channel = sftp.get_channel()
+    if channel is not None:
+        channel.close()
 
 
 def _remote_size(sftp: paramiko.SFTPClient, path: str) -> int | None:

@@ -419,10 +419,14 @@ def up(
     ``render_first`` (re-)renders the Vagrantfile first (``invoke up``); otherwise it is
     rendered only when missing (the build pipeline renders it in its own stage).
 
-    Raises ``VagrantError`` for a VM in a state ``up`` cannot handle, a missing box, or a
+    Raises ``VMSealed`` when the VM is sealed (or its seal started) and ``VagrantError`` for a
+    VM in a state ``up`` cannot handle, a missing box, or a
     boot that does not finish within ``timeout`` (default: vm.boot_timeout plus a margin
     for creating the disk and domain); the error names the phase it was in.
     """
+    from appliance.state import refuse_if_sealed
+
+    refuse_if_sealed(cfg, "boot the VM")  # a sealed disk's next boot is the appliance's first boot
     provider = cfg.provider
     if provider == "libvirt":
         check_libvirt(cfg)
@@ -484,11 +488,20 @@ def halt(cfg: ApplianceConfig, *, force: bool = False) -> MachineState:
     current = status(cfg)
     if current.stopped or not current.exists:
         log.info(f"ok: {cfg.vm.name} is {current.state}, nothing to halt")
+        if cfg.provider == "libvirt":
+            from appliance import forwards
+
+            forwards.clear(cfg, project_dir(cfg))  # the VM may have powered itself off (seal)
         return current
     client = _client(cfg, timeout=cfg.vm.boot_timeout)
     with log.step(f"vagrant halt {cfg.vm.name}"):
         _vagrant("halt", lambda: client.halt(force=force))  # type: ignore[no-untyped-call]
-    return status(cfg)
+    final = status(cfg)
+    if cfg.provider == "libvirt" and not final.running:
+        from appliance import forwards
+
+        forwards.clear(cfg, project_dir(cfg))
+    return final
 
 
 def destroy(cfg: ApplianceConfig) -> None:

@@ -17,6 +17,7 @@ from sshd_server import SSHServer
 
 from appliance.config import ApplianceConfig, load_config
 from appliance.errors import StepFailed, UsageError
+from appliance.scripts import discover_scripts
 from appliance.ssh import RemoteSession
 from appliance.steps import Options, Provisioner, describe_plan
 
@@ -65,7 +66,8 @@ class Rig:
         return path
 
     def cfg(self, *extra: str) -> ApplianceConfig:
-        return load_config(None, [*self.sets, *extra], "libvirt")
+        steps = [s.name for s in discover_scripts(self.scripts)]
+        return load_config(None, [*self.sets, *extra], "libvirt", step_names=steps)
 
     def provisioner(self, *extra: str) -> Provisioner:
         return Provisioner(

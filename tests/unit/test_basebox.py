@@ -131,7 +131,8 @@ def test_the_box_has_the_vagrant_libvirt_layout(tmp_path: Path) -> None:
     key.write_text("PRIVATE KEY\n")
     box = tmp_path / "out.box"
     package_libvirt_box(raw, box, key=key, info={"inputs_sha256": "abc", "version": "12.1.2"})
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("out.box")] == ["out.box"]
+    assert [p.name for p in tmp_path.iterdir() if "out.box" in p.name] == ["out.box"]
+    assert box.stat().st_mode & 0o777 == 0o600, "the box holds the build's private key"
     with tarfile.open(box) as tar:
         members = {m.name: m for m in tar.getmembers()}
         assert set(members) == {"metadata.json", "Vagrantfile", "info.json", "vagrant_ed25519", "box.img"}
@@ -195,3 +196,13 @@ def test_box_digest_per_provider(tmp_path: Path) -> None:
     # The VirtualBox box's disk carries vm.disk_gb, so each size is its own cached box.
     digests = {image_digest, box_digest(image_digest, "virtualbox", small), box_digest(image_digest, "virtualbox", big)}
     assert len(digests) == 3
+
+
+def test_the_build_key_and_its_folder_are_private(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    key = basebox._ensure_key(keys)
+    assert key.stat().st_mode & 0o777 == 0o600 and keys.stat().st_mode & 0o777 == 0o700
+    key.chmod(0o644)  # as an older cache left it
+    keys.chmod(0o755)
+    assert basebox._ensure_key(keys) == key
+    assert key.stat().st_mode & 0o777 == 0o600 and keys.stat().st_mode & 0o777 == 0o700

@@ -28,10 +28,12 @@ def _get(cfg: ApplianceConfig, dotted: str) -> Any:
 
 def _load(case: dict[str, Any], tmp_path: Path) -> ApplianceConfig:
     config_file = None
-    if "file" in case:
+    if "file" in case or "file_parts" in case:
         config_file = tmp_path / "appliance.yaml"
-        config_file.write_text(case["file"])
-    return load_config(config_file, case.get("sets", []), case.get("provider"), cwd=tmp_path)
+        body = case["file"] if "file" in case else "".join(text * times for text, times in case["file_parts"])
+        config_file.write_text(body)
+    return load_config(config_file, case.get("sets", []), case.get("provider"), cwd=tmp_path,
+                       skip_steps=case.get("skip_steps", ()))
 
 
 @pytest.mark.parametrize("case", CASES["good"], ids=[c["name"] for c in CASES["good"]])
@@ -48,11 +50,16 @@ def test_bad_config_reports_every_problem(case: dict[str, Any], tmp_path: Path) 
     problems = info.value.problems
     assert len(problems) == len(case["errors"]), "\n".join(map(str, problems))
     text = str(info.value)
-    for key, fragment in case["errors"]:
-        matching = [p for p in problems if p.key == key]
+    for key, fragment, *source in case["errors"]:
+        # key_prefix: the exact key path depends on where a walk stopped (inside an alias bomb).
+        matching = [p for p in problems if p.key == key or (case.get("key_prefix") and p.key.startswith(key))]
         assert matching, f"no problem for key {key!r} in:\n{text}"
         assert any(fragment in p.message for p in matching), f"{fragment!r} not in {matching}"
+        if source:
+            expected = str(tmp_path / "appliance.yaml") if source[0] == "file" else source[0]
+            assert any(p.source == expected for p in matching), f"source {expected!r} not in {matching}"
     assert info.value.exit_code == 2
+    assert "Traceback" not in text
 
 
 def test_problem_names_its_source(tmp_path: Path) -> None:
@@ -147,3 +154,25 @@ def test_cli_list_shows_tasks_with_help() -> None:
     for name in ("config", "render", "doctor"):
         line = next((ln for ln in proc.stdout.splitlines() if ln.strip().startswith(name + " ")), "")
         assert line.split(maxsplit=1)[1:], f"task {name} has no one-line help in:\n{proc.stdout}"
+
+
+def test_cli_billion_laughs_is_refused_quickly(tmp_path: Path) -> None:
+    bomb = next(c for c in CASES["bad"] if c["name"].startswith("billion laughs"))["file"]
+    (tmp_path / "bomb.yaml").write_text(bomb)
+    proc = _invoke("config", "--config", str(tmp_path / "bomb.yaml"))
+    assert proc.returncode == 2, proc.stderr
+    assert "expands to more than 100000 values" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_skip_on_the_command_line_counts_like_provision_skip() -> None:
+    # The run must stop at the configuration (the bad build_dir), and the CPU count must not be
+    # among its problems: --skip k3s,csghub lifts CSGHub's minimum as provision.skip does.
+    proc = _invoke("build-ova", "--provider", "libvirt", "--skip", "k3s,csghub", "--set", "vm.cpus=2",
+                   "--set", "output.build_dir=")
+    assert proc.returncode == 2, proc.stderr
+    assert "invalid configuration (1 problem)" in proc.stderr
+    assert "output.build_dir" in proc.stderr and "minimum" not in proc.stderr
+    proc = _invoke("build-ova", "--provider", "libvirt", "--skip", "firstboot", "--set", "vm.cpus=2",
+                   "--set", "output.build_dir=")
+    assert proc.returncode == 2 and "below CSGHub's minimum of 4 CPUs" in proc.stderr

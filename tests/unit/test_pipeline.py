@@ -88,7 +88,7 @@ def test_ctrl_c_is_cancelled_with_resume_hint(tmp_path: Path) -> None:
 def test_sealed_vm_refuses_a_changed_config(tmp_path: Path) -> None:
     build_ova(_cfg(tmp_path), stages=Recorder().stages())
     with pytest.raises(VagrantError, match="sealed from a different configuration") as info:
-        build_ova(_cfg(tmp_path, "vm.cpus=6"), stages=Recorder().stages())
+        build_ova(_cfg(tmp_path, "k3s.version=v1.33.1+k3s1"), stages=Recorder().stages())
     assert "invoke destroy" in str(info.value)
 
 

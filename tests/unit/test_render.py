@@ -209,3 +209,15 @@ def test_uploads_are_staged_then_installed_with_quoting() -> None:
     assert f"install -D -m 0644 {staged} /var/cache/csghub-appliance/artifacts/k3s" in line
     assert "\\'/var/cache/a b;$(id)\\'" in line  # shell-quoted, inside a Ruby literal
     assert text.index("'uploads-install'") < text.index("config.vm.provision 'base'")
+
+
+def test_render_output_does_not_follow_a_planted_temporary_name(tmp_path: Path) -> None:
+    # The old writer wrote through the fixed name <output>.tmp: a symlink there redirected it.
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    out = tmp_path / "Vagrantfile"
+    (tmp_path / "Vagrantfile.tmp").symlink_to(victim)
+    render_vagrantfile(_cfg("libvirt"), out)
+    assert victim.read_text() == "precious\n"
+    assert "Vagrant.configure" in out.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Vagrantfile", "Vagrantfile.tmp", "victim"]

@@ -1,0 +1,242 @@
+"""Publishing as a set (all or none), and a full disk or Ctrl-C in export and publish.
+
+The disk-full cases write into small tmpfs mounts the tests make (root needed, as in
+test_artifacts.py); the OVA writer and qemu-img run for real.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance import publish
+from appliance.config import ApplianceConfig, load_config
+from appliance.errors import Cancelled, HostFileError
+from appliance.export.ova import write_ova
+from appliance.pipeline import BuildContext, Stage, build_ova, stage_publish
+from appliance.publish import PublishedFile, publish_set
+from appliance.run import run
+from appliance.state import BuildState
+
+MiB = 2**20
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
+    mounts: list[Path] = []
+    if not shutil.which("mount") or os.geteuid() != 0:
+        pytest.skip("disk-full simulation mounts a small tmpfs, which needs root")
+
+    def make(size: int) -> Path:
+        mount = tmp_path / f"tmpfs{len(mounts)}"
+        mount.mkdir()
+        done = run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], check=False)
+        if not done.ok:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounts.append(mount)
+        return mount
+
+    try:
+        yield make
+    finally:
+        for mount in mounts:
+            run(["umount", str(mount)], check=False)
+
+
+def _cfg(tmp_path: Path, dist: Path, *sets: str) -> ApplianceConfig:
+    return load_config(None, ["provider=libvirt", f"output.build_dir={tmp_path / 'build'}", f"output.dir={dist}",
+                              "output.version=1.0.0", *sets], cwd=tmp_path)
+
+
+def _stage_an_ova(cfg: ApplianceConfig, size: int) -> BuildState:
+    """A verified staged 'OVA' (random bytes: publishing only copies it) recorded in state.json."""
+    staged = cfg.build_dir / "staging" / "csghub-1.0.0.ova"
+    staged.parent.mkdir(parents=True, exist_ok=True)
+    staged.write_bytes(os.urandom(size))
+    digest = hashlib.sha256(staged.read_bytes()).hexdigest()
+    state = BuildState(staged_ova=str(staged), staged_ova_sha256=digest, verified_sha256=digest)
+    return state
+
+
+def _publish_only(cfg: ApplianceConfig, state: BuildState, **options: object) -> BuildContext:
+    from appliance.pipeline import BuildOptions
+    from appliance.state import config_digest
+
+    state.config_digest = config_digest(cfg)
+    state.save(cfg.build_dir)
+    return build_ova(cfg, BuildOptions(**options),  # type: ignore[arg-type]
+                     stages=[Stage("publish", stage_publish, "publish")])
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+# -- publish_set --------------------------------------------------------------------------------
+
+
+def test_disk_full_while_publishing_leaves_nothing(tmpfs: Callable[[int], Path], tmp_path: Path) -> None:
+    dist = tmpfs(1 * MiB)
+    source = tmp_path / "big.ova"
+    source.write_bytes(os.urandom(2 * MiB))
+    with pytest.raises(OSError) as info:
+        publish_set(dist, [PublishedFile("a.ova", source=source), PublishedFile("a.ova.sha256", data=b"x\n")])
+    assert info.value.errno == errno.ENOSPC
+    assert _listing(dist) == []
+
+
+def test_ctrl_c_during_the_renames_completes_the_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    for name, text in (("a.ova", "old ova"), ("a.ova.sha256", "old digest"), ("build-report.json", "old report")):
+        (dist / name).write_text(text)
+    real_replace = os.replace
+    calls: list[str] = []
+
+    def replace_then_ctrl_c(src: str, dst: str) -> None:
+        calls.append(str(dst))
+        if len(calls) == 1:
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C right after the first rename begins
+        real_replace(src, dst)
+
+    monkeypatch.setattr(publish.os, "replace", replace_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        publish_set(dist, [PublishedFile("a.ova", data=b"new ova"), PublishedFile("a.ova.sha256", data=b"new digest"),
+                           PublishedFile("build-report.json", data=b"new report")])
+    assert len(calls) == 3, "the interrupt waited for the whole set"
+    assert [(dist / n).read_text() for n in ("a.ova", "a.ova.sha256", "build-report.json")] == [
+        "new ova", "new digest", "new report"]
+    assert _listing(dist) == ["a.ova", "a.ova.sha256", "build-report.json"]
+
+
+def test_a_leftover_from_a_hard_kill_is_cleared(tmp_path: Path) -> None:
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    (dist / ".a.ova.k3j2h1.partial").write_text("half")
+    (dist / ".other.ova.x.partial").write_text("not ours")
+    publish_set(dist, [PublishedFile("a.ova", data=b"ova")])
+    assert _listing(dist) == [".other.ova.x.partial", "a.ova"]
+    assert (dist / "a.ova").stat().st_mode & 0o777 == 0o644
+
+
+# -- the publish stage through the runner -----------------------------------------------------------
+
+
+def test_publish_refuses_early_when_space_is_short(tmpfs: Callable[[int], Path], tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, tmpfs(1 * MiB))
+    with pytest.raises(HostFileError, match=r"not enough space in .* for publishing csghub-1.0.0.ova") as info:
+        _publish_only(cfg, _stage_an_ova(cfg, 2 * MiB))
+    assert info.value.exit_code == 1
+    assert BuildState.load(cfg.build_dir).last_failure.startswith("publish: not enough space")
+    assert _listing(cfg.dist_dir) == []
+
+
+def test_publish_disk_full_is_a_clear_error_and_recorded(tmpfs: Callable[[int], Path], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without the early check (space can go between the check and the copy): the real ENOSPC.
+    monkeypatch.setattr(publish, "check_free_space", lambda *a: None)
+    cfg = _cfg(tmp_path, tmpfs(1 * MiB))
+    with pytest.raises(HostFileError) as info:
+        _publish_only(cfg, _stage_an_ova(cfg, 2 * MiB))
+    assert "stage 'publish' failed: no space left on the device" in info.value.message
+    assert "MiB are free in" in info.value.message and info.value.exit_code == 1
+    assert BuildState.load(cfg.build_dir).last_failure.startswith("publish: stage 'publish' failed: no space left")
+    assert _listing(cfg.dist_dir) == []
+
+
+def test_forced_republish_interrupted_keeps_the_old_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _cfg(tmp_path, tmp_path / "dist")
+    _publish_only(cfg, _stage_an_ova(cfg, 64 * 1024))
+    before = {n: (cfg.dist_dir / n).read_bytes() for n in _listing(cfg.dist_dir)}
+    assert sorted(before) == ["build-report.json", "csghub-1.0.0.ova", "csghub-1.0.0.ova.sha256"]
+
+    def half_then_ctrl_c(out: object, f: PublishedFile) -> None:
+        out.write(b"half an OVA")  # type: ignore[attr-defined]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(publish, "_fill", half_then_ctrl_c)  # while the new OVA is being written
+    with pytest.raises(Cancelled) as info:
+        _publish_only(cfg, _stage_an_ova(cfg, 64 * 1024), force=True)
+    monkeypatch.undo()
+    assert info.value.exit_code == 130
+    assert {n: (cfg.dist_dir / n).read_bytes() for n in _listing(cfg.dist_dir)} == before
+    digest, name = before["csghub-1.0.0.ova.sha256"].decode().split()
+    assert hashlib.sha256(before[name]).hexdigest() == digest
+    assert BuildState.load(cfg.build_dir).last_failure == "interrupted during publish"
+
+
+def test_forced_republish_replaces_the_whole_set(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, tmp_path / "dist")
+    _publish_only(cfg, _stage_an_ova(cfg, 4096))
+    state = _stage_an_ova(cfg, 8192)
+    _publish_only(cfg, state, force=True)
+    dist = cfg.dist_dir
+    assert (dist / "csghub-1.0.0.ova.sha256").read_text().split()[0] == state.staged_ova_sha256
+    assert hashlib.sha256((dist / "csghub-1.0.0.ova").read_bytes()).hexdigest() == state.staged_ova_sha256
+    assert json.loads((dist / "build-report.json").read_text())["ova"]["sha256"] == state.staged_ova_sha256
+
+
+def test_a_staged_ova_changed_after_verify_is_not_published(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, tmp_path / "dist")
+    state = _stage_an_ova(cfg, 4096)
+    Path(state.staged_ova).write_bytes(b"tampered")
+    with pytest.raises(HostFileError, match="changed since it was verified"):
+        _publish_only(cfg, state)
+    assert _listing(cfg.dist_dir) == []
+
+
+# -- export on a full disk ----------------------------------------------------------------------------
+
+
+def test_export_disk_full_is_a_clear_error_and_recorded(tmpfs: Callable[[int], Path], tmp_path: Path) -> None:
+    # Random data does not compress: the VMDK (~3 MiB) fits in 5 MiB, the OVA beside it does not.
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(os.urandom(3 * MiB))
+    staging = tmpfs(5 * MiB)
+    cfg = _cfg(tmp_path, tmp_path / "dist")
+
+    def export(ctx: BuildContext) -> str | None:
+        write_ova(raw, ctx.cfg, staging / "csghub-1.0.0.ova")
+        return None
+
+    with pytest.raises(HostFileError) as info:
+        build_ova(cfg, stages=[Stage("export", export, "export")])
+    assert "stage 'export' failed: no space left on the device" in info.value.message, info.value.message
+    assert info.value.exit_code == 1
+    assert BuildState.load(cfg.build_dir).last_failure.startswith("export: stage 'export' failed: no space left")
+    assert _listing(staging) == [], "no partial OVA, digest or work folder is left"
+
+
+def test_ctrl_c_while_packing_the_ova_leaves_nothing_and_is_recorded(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.export import ova
+
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(os.urandom(MiB))
+    staging = tmp_path / "staging"
+    cfg = _cfg(tmp_path, tmp_path / "dist")
+    real = ova._write_file_member
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        real(*args, **kwargs)  # type: ignore[arg-type]
+        raise KeyboardInterrupt  # Ctrl-C once the disk is packed, before the end of the archive
+
+    monkeypatch.setattr(ova, "_write_file_member", interrupted)
+
+    def export(ctx: BuildContext) -> str | None:
+        write_ova(raw, ctx.cfg, staging / "csghub-1.0.0.ova")
+        return None
+
+    with pytest.raises(Cancelled) as info:
+        build_ova(cfg, stages=[Stage("export", export, "export")])
+    assert info.value.exit_code == 130
+    assert BuildState.load(cfg.build_dir).last_failure == "interrupted during export"
+    assert _listing(staging) == []
