@@ -195,6 +195,8 @@ def _is_of(value: object, kind: str) -> bool:
         return isinstance(value, str)
     if kind == "list[str]":
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if kind == "dict[str, Any]":  # a JSON object written by this tool (verify's report); keys are strings
+        return isinstance(value, dict)
     if kind == "list[dict[str, str]]":
         return isinstance(value, list) and all(
             isinstance(v, dict) and all(isinstance(x, str) for x in v.values()) for v in value

@@ -56,6 +56,7 @@ def test_save_does_not_follow_a_planted_symlink(tmp_path: Path) -> None:
         ('[1, 2]', "it holds a list, not an object"),
         ('{"version": 1, "completed": "up"}', "completed is 'up', which is not of type list[str]"),
         ('{"version": 1, "images": [{"ref": 3}]}', "images is"),
+        ('{"version": 1, "verify_report": ["schema"]}', "verify_report is ['schema'], which is not of type dict"),
         ('{"version": 1, "seald": true}', "unknown field 'seald'"),
         ('{"version": 7}', "version is 7, this tool reads version 1"),
         ('{"version": true}', "version is True"),
