@@ -11,6 +11,7 @@
 # Inputs (environment): CSGHUB_CHART_VERSION, CSGHUB_DOMAIN, CSGHUB_HTTP_PORT, K3S_NODE_IP,
 # optional CSGHUB_READY_TIMEOUT (seconds, default 3600), CSGHUB_POLL_SECONDS (default 10),
 # ARTIFACT_DIR, MANIFEST_DIR.
+# appliance: env=CSGHUB_CHART_VERSION,CSGHUB_DOMAIN,CSGHUB_HTTP_PORT,K3S_NODE_IP
 # appliance: files=csghub
 # appliance: files=common
 # appliance: uploads
