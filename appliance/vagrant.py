@@ -405,8 +405,8 @@ def render(cfg: ApplianceConfig, output: str | Path | None = None) -> RenderedPr
         Upload(name=f"{i:02d}-{local.name}", source=str(local), destination=guest, sha256=sha256_file(local))
         for i, (local, guest) in enumerate(pinned_uploads(cfg))
     ]
-    path = render_vagrantfile(cfg, project_dir(cfg) if output is None else output, libvirt_driver=driver,
-                              uploads=uploads)
+    target = project_dir(cfg) / "Vagrantfile" if output is None else output
+    path = render_vagrantfile(cfg, target, libvirt_driver=driver, uploads=uploads)
     return RenderedProject(path, driver)
 
 
