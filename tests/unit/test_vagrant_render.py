@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,3 +102,17 @@ def test_status_of_a_project_never_rendered_needs_no_vagrantfile(tmp_path: Path)
     cfg = load_config(None, [f"output.build_dir={tmp_path / 'build'}", "provider=virtualbox"], cwd=tmp_path)
     assert vagrant.status(cfg).state == "not_created"
     assert not (vagrant.project_dir(cfg) / "Vagrantfile").exists()
+
+
+def test_invoke_render_without_artifacts_exits_cleanly_pointing_at_invoke_fetch(tmp_path: Path) -> None:
+    """The real task, through the CLI: a clear refusal, no traceback, no Vagrantfile."""
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-m", "invoke", "render", "--provider", "libvirt", "--set", "libvirt.driver=qemu",
+         "--set", f"artifacts.cache_dir={tmp_path / 'cache'}", "--set", f"output.build_dir={tmp_path / 'build'}"],
+        cwd=root, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert done.returncode != 0
+    assert "not in the artifact cache" in done.stderr and "invoke fetch" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    assert not (tmp_path / "build" / "vm" / "Vagrantfile").exists()
