@@ -223,13 +223,15 @@ def test_support_files_are_uploaded_and_hashed(rig: Rig) -> None:
 
 
 def test_final_step_runs_only_when_named_and_leaves_no_marker(rig: Rig) -> None:
-    rig.write("90-seal.sh", sh('echo sealed >> "$WORK/seal.runs"', header=("final",)))
+    # Like 90-seal.sh, it deletes the provision directory, run-step.sh included, while that runs it.
+    rig.write("90-seal.sh", sh('echo sealed >> "$WORK/seal.runs"', 'rm -rf -- "$PROVISION_DIR"', header=("final",)))
     assert rig.plan()["seal"][0] is False
     rig.run()
     assert _runs(rig.work, "seal") == 0
     assert rig.run(only="seal")["seal"] == "no changes"
     assert _runs(rig.work, "seal") == 1
     assert not (rig.state / "seal.done").exists()
+    assert not rig.guest.exists()
 
 
 def test_hostile_config_values_reach_scripts_verbatim(rig: Rig) -> None:
