@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 from appliance.config import PROJECT_ROOT, ApplianceConfig, guest_environment
@@ -41,6 +42,7 @@ _VARIABLE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 PROVISION_DIR_VARIABLE = "PROVISION_DIR"
 
 
+@cache
 def guest_variable_names() -> frozenset[str]:
     """Every variable a step may declare with ``env=``: the guest environment's names (which do
     not depend on the values) and ``PROVISION_DIR``."""
