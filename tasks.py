@@ -80,15 +80,14 @@ def config(c: Context, config: str | None = None, set_: list[str] | None = None,
     print(dump_yaml(public_dump(config_from_flags(config, set_, provider))), end="")
 
 
-@cli_task(help={"output": "Where to write the Vagrantfile (default: ./Vagrantfile)."})
+@cli_task(help={"output": "Where to write the Vagrantfile (default: build/vm, the project the other tasks use)."})
 def render(c: Context, config: str | None = None, set_: list[str] | None = None, provider: str | None = None,
-           output: str = "Vagrantfile", debug: bool = False) -> None:
-    """Render Vagrantfile.j2 into a Vagrantfile for the configured provider."""
-    from appliance.render import render_vagrantfile
+           output: str | None = None, debug: bool = False) -> None:
+    """Render the Vagrantfile for the configured provider (pinned artifacts must be fetched)."""
+    from appliance.vagrant import render as render_project
 
-    cfg = config_from_flags(config, set_, provider)
-    path = render_vagrantfile(cfg, output)
-    log.success(f"wrote {path}")
+    rendered = render_project(config_from_flags(config, set_, provider), output)
+    log.success(f"wrote {rendered.path}; boot it with `vagrant up` in {rendered.path.parent}")
 
 
 @cli_task()

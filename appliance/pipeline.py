@@ -85,33 +85,12 @@ def stage_fetch(ctx: BuildContext) -> str | None:
 
 
 def stage_render(ctx: BuildContext) -> str | None:
-    from appliance.render import render_vagrantfile
+    from appliance import vagrant
 
-    driver: str | None = None
-    if ctx.cfg.provider == "libvirt":
-        driver = str(ctx.cfg.libvirt.driver)
-        if driver == "auto":
-            from appliance.hostprobe import detect_libvirt_driver
-
-            driver, why = detect_libvirt_driver()
-            if driver != "kvm":
-                log.warning(f"KVM is not usable here ({why}); the VM runs under QEMU's TCG emulation (slow)")
-        ctx.state.libvirt_driver = driver
-    path = render_vagrantfile(ctx.cfg, vm_dir(ctx.cfg) / "Vagrantfile", libvirt_driver=driver,
-                              uploads=_uploads(ctx.cfg))
-    return f"wrote {path}"
-
-
-def _uploads(cfg: ApplianceConfig) -> list[Any]:
-    if not cfg.stack_enabled:
-        return []
-    from appliance.artifacts import guest_uploads
-    from appliance.render import Upload
-
-    return [
-        Upload(name=f"{i:02d}-{Path(src).name}", source=str(src), destination=dst)
-        for i, (src, dst) in enumerate(guest_uploads(cfg))
-    ]
+    rendered = vagrant.render(ctx.cfg)
+    if rendered.libvirt_driver is not None:
+        ctx.state.libvirt_driver = rendered.libvirt_driver
+    return f"wrote {rendered.path}"
 
 
 def stage_up(ctx: BuildContext) -> str | None:
@@ -306,7 +285,7 @@ def build_report(ctx: BuildContext, final: Path) -> dict[str, Any]:
 
 STAGES: list[Stage] = [
     Stage("fetch", stage_fetch, "download and verify pinned artifacts into the cache"),
-    Stage("render", stage_render, "write build/vm/Vagrantfile"),
+    Stage("render", stage_render, "write the Vagrantfile into build/vm"),
     Stage("up", stage_up, "create and boot the VM"),
     Stage("provision", stage_provision, "run the provisioning steps (resumable)"),
     Stage("seal", stage_seal, "remove per-instance state and secrets"),
@@ -316,10 +295,6 @@ STAGES: list[Stage] = [
     Stage("publish", stage_publish, "copy the OVA, its .sha256 and build-report.json to dist/"),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
-
-
-def vm_dir(cfg: ApplianceConfig) -> Path:
-    return cfg.build_dir / "vm"
 
 
 def _split_names(names: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -4,6 +4,12 @@ The same config gives byte-identical output. Every config value reaches Ruby as 
 single-quoted literal (``rb``), so no value can inject Ruby code; environment values for
 Vagrant's shell provisioner are additionally escaped for the double quotes Vagrant wraps
 them in on the guest (``rb_shell_env``), so no value can inject shell code either.
+
+Each step's shell provisioner runs the step under ``provision/files/common/run-step.sh``
+with the variables the step declares and its marker, computed here by the same function
+the SSH runner uses (``appliance.steps.step_inputs``): a VM provisioned by ``vagrant up``
+carries the markers ``invoke provision`` expects. Callers render through
+``appliance.vagrant.render``, which resolves libvirt driver ``auto`` and adds the uploads.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import yaml
 
 from appliance.config import PROJECT_ROOT, ApplianceConfig, guest_environment
 from appliance.errors import UsageError
-from appliance.scripts import GUEST_PROVISION_DIR, PROVISION_DIR, selected_scripts
+from appliance.scripts import GUEST_PROVISION_DIR, PROVISION_DIR, PROVISION_DIR_VARIABLE, selected_scripts
 
 TEMPLATE = PROJECT_ROOT / "Vagrantfile.j2"
 
@@ -33,6 +39,17 @@ class Upload:
     name: str  # unique file name in the guest's staging folder
     source: str
     destination: str
+    sha256: str  # part of the markers of the steps that declare `uploads`
+
+
+@dataclass(frozen=True)
+class VagrantStep:
+    """One step's shell provisioner: its name, guest command and environment (inputs + marker)."""
+
+    name: str
+    command: str
+    env: dict[str, str]
+    reboot_after: bool
 
 
 def ruby_literal(value: object) -> str:
@@ -80,29 +97,52 @@ def render_text(
             f"cannot render for provider {cfg.provider!r}: resolve 'auto' first (virtualbox or libvirt)"
         )
     driver = libvirt_driver or cfg.libvirt.driver
-    if driver == "auto":
-        driver = "kvm"
+    if cfg.provider == "libvirt" and driver not in ("kvm", "qemu"):
+        # Guessing `kvm` hangs guests on hosts whose /dev/kvm does not accelerate (hostprobe).
+        raise UsageError(
+            f"cannot render libvirt driver {driver!r}: resolve 'auto' first (appliance.vagrant.render does)"
+        )
     cpu_mode = cfg.libvirt.cpu_mode
     if cpu_mode == "auto":
         cpu_mode = "host-passthrough" if driver == "kvm" else "custom"
-    project_root = os.path.relpath(PROJECT_ROOT, output_dir.resolve())
-    env = dict(guest_environment(cfg))
-    env["PROVISION_DIR"] = GUEST_PROVISION_DIR
     context: dict[str, Any] = {
         "cfg": cfg,
         "provider": cfg.provider,
         "libvirt_driver": driver,
         "cpu_mode": cpu_mode,
-        "project_root": project_root,
+        "provision_root": os.path.relpath(provision_dir.resolve(), output_dir.resolve()),
         "guest_dir": GUEST_PROVISION_DIR,
-        # Sealing ends a VM's life as a build machine (its key is removed, it powers off): only
-        # `invoke build-ova` seals, right before it exports; a developer's `vagrant up` never does.
-        "scripts": selected_scripts(list(cfg.provision.skip), provision_dir, include_final=False),
-        "env": dict(sorted(env.items())),
+        "steps": vagrant_steps(cfg, provision_dir, uploads),
         "uploads": list(uploads),
         "install_uploads": _install_uploads_command(uploads),
+        # The login user uploads the scripts (Vagrant's file provisioner): it owns the folder.
+        "provision_dir_command": "install -d -m 0755 -o {user} {files} && chown -R {user} {guest}".format(
+            user=shlex.quote(cfg.ssh.user), guest=shlex.quote(GUEST_PROVISION_DIR),
+            files=shlex.quote(f"{GUEST_PROVISION_DIR}/files")),
     }
     return _environment().get_template(TEMPLATE.name).render(context)
+
+
+def vagrant_steps(cfg: ApplianceConfig, provision_dir: Path, uploads: Sequence[Upload]) -> list[VagrantStep]:
+    """The steps ``vagrant up`` runs, each with exactly what ``invoke provision`` would pass it.
+
+    Sealing ends a VM's life as a build machine (its key is removed, it powers off): only
+    ``invoke build-ova`` seals, right before it exports; a developer's ``vagrant up`` never does.
+    """
+    from appliance.steps import STEP_WRAPPER, resolve_state_dir, step_environment, step_inputs
+
+    env = {**guest_environment(cfg), PROVISION_DIR_VARIABLE: GUEST_PROVISION_DIR}
+    digests = {up.destination: up.sha256 for up in uploads}
+    state_dir = resolve_state_dir(None)
+    steps = []
+    for script in selected_scripts(list(cfg.provision.skip), provision_dir, include_final=False):
+        inputs = step_inputs(script, env, provision_dir, digests)
+        command = shlex.join(
+            ["bash", f"{GUEST_PROVISION_DIR}/{STEP_WRAPPER}", f"{GUEST_PROVISION_DIR}/{script.filename}"]
+        )
+        step_env = {**step_environment(script, env), **inputs.wrapper_env(state_dir)}
+        steps.append(VagrantStep(script.name, command, step_env, script.reboot_after))
+    return steps
 
 
 def _install_uploads_command(uploads: Sequence[Upload]) -> str:
@@ -123,7 +163,8 @@ def render_vagrantfile(
     """Write the Vagrantfile for ``cfg`` to ``output`` (atomically) and return its path.
 
     ``libvirt_driver`` is the resolved driver when ``cfg.libvirt.driver`` is ``auto``
-    (see ``appliance.hostprobe``); without it ``auto`` renders as ``kvm``.
+    (see ``appliance.hostprobe``); an unresolved ``auto`` is refused. Use
+    ``appliance.vagrant.render``, which resolves it and adds the pinned uploads.
     """
     path = Path(output)
     if path.is_dir():

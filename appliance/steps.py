@@ -4,8 +4,11 @@ Think ``make``, not Packer's start-over:
 
 - After a step succeeds, a marker on the guest (``<state dir>/<name>.done``, JSON) records
   the sha256 of its inputs: the script, its support files, and each environment variable
-  it receives (hashed, so values never land on disk). Like mkosi's cache manifest, the
-  list of inputs is explicit and sorted.
+  it declares (``# appliance: env=...``) and so receives (hashed, so values never land on
+  disk). Like mkosi's cache manifest, the list of inputs is explicit and sorted. The
+  marker's content is computed here once; the guest-side wrapper
+  ``provision/files/common/run-step.sh`` writes it when the step succeeds, for this runner
+  and for the rendered Vagrantfile's shell provisioners alike.
 - A rerun skips steps that are done and unchanged, re-runs a changed step (saying which
   inputs changed) and every step after it, and resumes at the step that failed (its marker
   was removed before it started, together with the markers of every later step).
@@ -39,7 +42,13 @@ from typing import IO
 from appliance.config import ApplianceConfig, guest_environment
 from appliance.errors import ArtifactError, ConnectionLost, RemoteCommandFailed, StepFailed, UsageError
 from appliance.log import log
-from appliance.scripts import GUEST_PROVISION_DIR, PROVISION_DIR, ProvisionScript, discover_scripts
+from appliance.scripts import (
+    GUEST_PROVISION_DIR,
+    PROVISION_DIR,
+    PROVISION_DIR_VARIABLE,
+    ProvisionScript,
+    discover_scripts,
+)
 from appliance.ssh import RemoteSession, SSHEndpoint
 from appliance.upload import ensure_remote_dir, remote_sha256, sha256_file, upload_file, upload_files
 
@@ -49,6 +58,8 @@ STATE_DIR_ENV = "APPLIANCE_STATE_DIR"
 TAIL_LINES = 30
 REBOOT_TIMEOUT = 900
 MARKER_FORMAT = 1
+# The guest-side wrapper every step runs under; it writes the step's marker on success.
+STEP_WRAPPER = "files/common/run-step.sh"
 _FINAL = re.compile(r"^#\s*appliance:\s*final\s*$")
 FINAL_ONLY = "final step (seals the VM): runs only when named with --only, as the seal stage does"
 SKIPPED_BY_CONFIG = "skipped by configuration (provision.skip, --skip)"
@@ -68,18 +79,25 @@ class StepInputs:
     def digest(self) -> str:
         return _sha256_text(json.dumps(self.inputs, sort_keys=True))
 
-    def marker(self, seconds: float) -> str:
+    def marker_body(self) -> str:
+        """The marker as one JSON object without its timing; ``run-step.sh`` adds ``finished`` and
+        ``seconds`` when the step succeeded and writes it (one line)."""
         return json.dumps(
             {
                 "format": MARKER_FORMAT,
                 "step": self.step,
                 "digest": self.digest,
                 "inputs": dict(sorted(self.inputs.items())),
-                "finished": datetime.now(UTC).isoformat(timespec="seconds"),
-                "seconds": round(seconds, 1),
             },
             sort_keys=True,
+            separators=(",", ":"),
         )
+
+    def wrapper_env(self, state_dir: str) -> dict[str, str]:
+        """What ``run-step.sh`` needs to leave this marker in ``state_dir`` (it removes these
+        variables before the step runs)."""
+        return {"APPLIANCE_STEP_MARKER": self.marker_body(),
+                "APPLIANCE_STEP_MARKER_FILE": f"{state_dir.rstrip('/')}/{self.step}.done"}
 
     def changes_from(self, recorded: dict[str, str]) -> list[str]:
         """Which inputs differ from a marker's, by name (``script``, ``file:...``, ``env:NAME``)."""
@@ -128,14 +146,21 @@ def support_files(script: ProvisionScript, directory: Path) -> list[tuple[Path, 
     return out
 
 
+def step_environment(script: ProvisionScript, env: Mapping[str, str]) -> dict[str, str]:
+    """The variables ``script`` receives: those it declares with ``env=`` and ``PROVISION_DIR``."""
+    wanted = set(script.env) | {PROVISION_DIR_VARIABLE}
+    return {name: value for name, value in sorted(env.items()) if name in wanted}
+
+
 def step_inputs(
-    script: ProvisionScript, env: dict[str, str], directory: Path, uploads: Mapping[str, str] | None = None
+    script: ProvisionScript, env: Mapping[str, str], directory: Path, uploads: Mapping[str, str] | None = None
 ) -> StepInputs:
-    """The step's inputs; ``uploads`` (guest path -> sha256) count for scripts that declare ``uploads``."""
+    """The step's inputs: its script, support files, the variables it declares (out of ``env``)
+    and, for scripts that declare ``uploads``, ``uploads`` (guest path -> sha256)."""
     inputs = {"script": _sha256_path(script.path)}
     for local, relative in support_files(script, directory):
         inputs[f"file:{relative}"] = _sha256_path(local)
-    for name, value in env.items():
+    for name, value in step_environment(script, env).items():
         inputs[f"env:{name}"] = _sha256_text(value)
     if script.uses_uploads:
         for guest_path, digest in (uploads or {}).items():
@@ -194,7 +219,7 @@ class Options:
     skip: tuple[str, ...] = ()
 
 
-def _resolve_state_dir(state_dir: str | None) -> str:
+def resolve_state_dir(state_dir: str | None) -> str:
     chosen = state_dir or os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR
     if not chosen.startswith("/"):
         raise UsageError(f"the marker directory must be an absolute guest path, not {chosen!r}")
@@ -218,7 +243,7 @@ class Provisioner:
         self.cfg = cfg
         self.session = session
         self.directory = directory
-        self.state_dir = _resolve_state_dir(state_dir)
+        self.state_dir = resolve_state_dir(state_dir)
         # Where a running step records its process group (root-owned, beside the markers).
         self.group_file = f"{self.state_dir}/running-step.pgid"
         self.reboot_timeout = reboot_timeout
@@ -397,9 +422,14 @@ class Provisioner:
                 if stream == "stdout" and line.startswith("changed:"):
                     report.changes.append(line.removeprefix("changed:").strip())
 
-            command = f"bash {shlex.quote(f'{self.guest_dir}/{script.filename}')}"
+            final = is_final(script)
+            # The wrapper writes the marker on the guest when the step succeeds (none for a final step).
+            env = step_environment(script, self.env)
+            if not final:
+                env.update(inputs.wrapper_env(self.state_dir))
+            command = shlex.join(["bash", f"{self.guest_dir}/{STEP_WRAPPER}", f"{self.guest_dir}/{script.filename}"])
             try:
-                result = self.session.run(command, env=self.env, timeout=timeout, on_line=on_line,
+                result = self.session.run(command, env=env, timeout=timeout, on_line=on_line,
                                           group_file=self.group_file)
             except RemoteCommandFailed as exc:
                 report.seconds = time.monotonic() - started
@@ -407,12 +437,9 @@ class Provisioner:
                 timing.outcome = "failed"
                 raise self._failure(script, exc, report, timeout) from None
             report.seconds = result.duration
-            final = is_final(script)
             if final:
                 # The guest is sealed: the build's key is gone and it powers off. Touch nothing more.
                 self.session.close()
-            else:
-                self._write_marker(script, inputs, result.duration)
             report.outcome = "changed" if report.changes else "no changes"
             timing.outcome = "ok"
             summary = f"{len(report.changes)} change(s)" if report.changes else "no changes"
@@ -424,7 +451,7 @@ class Provisioner:
     def _prepare(self, script: ProvisionScript, later: Sequence[str]) -> None:
         """Invalidate this and later markers, make the upload directories, upload script and files."""
         files = support_files(script, self.directory)
-        dirs = sorted({self.guest_dir} | {
+        dirs = sorted({self.guest_dir, f"{self.guest_dir}/{STEP_WRAPPER.rsplit('/', 1)[0]}"} | {
             f"{self.guest_dir}/{rel.rsplit('/', 1)[0]}" for _, rel in files
         })
         # Parents before children, each made and owned by the login user so SFTP can write.
@@ -447,9 +474,11 @@ class Provisioner:
             + f" && chown -R {user} {shlex.quote(self.guest_dir)}",
             timeout=60,
         )
-        pairs = [(script.path, f"{self.guest_dir}/{script.filename}")]
-        pairs += [(local, f"{self.guest_dir}/{rel}") for local, rel in files]
-        upload_files(self.session, pairs)
+        # The wrapper comes from this checkout's provision/ even when the steps come from elsewhere.
+        by_remote = {f"{self.guest_dir}/{STEP_WRAPPER}": PROVISION_DIR / STEP_WRAPPER,
+                     f"{self.guest_dir}/{script.filename}": script.path}
+        by_remote.update({f"{self.guest_dir}/{rel}": local for local, rel in files})
+        upload_files(self.session, [(local, remote) for remote, local in by_remote.items()])
 
     def _install_uploads(self) -> None:
         """Put every pinned upload at its guest path, once per run; identical files are not sent again.
@@ -475,15 +504,6 @@ class Provisioner:
             )
             log.info(f"changed: {guest} installed ({digest[:12]})")
         self.uploads_installed = True
-
-    def _write_marker(self, script: ProvisionScript, inputs: StepInputs, seconds: float) -> None:
-        path = f"{self.state_dir}/{script.name}.done"
-        self.session.run(
-            'install -d -m 0755 "$STATE_DIR" && printf "%s\\n" "$MARKER" > "$MARKER_PATH.tmp" '
-            '&& mv -f "$MARKER_PATH.tmp" "$MARKER_PATH"',
-            env={"STATE_DIR": self.state_dir, "MARKER": inputs.marker(seconds), "MARKER_PATH": path},
-            timeout=60,
-        )
 
     def _failure(
         self, script: ProvisionScript, exc: RemoteCommandFailed, report: StepReport, timeout: int

@@ -1,7 +1,8 @@
 """Up stage: drive the rendered Vagrantfile with Vagrant (python-vagrant), on libvirt or VirtualBox.
 
-The build's Vagrant project is ``cfg.build_dir / "vm"``: ``up`` renders the Vagrantfile there
-(resolving libvirt driver ``auto`` with ``appliance.hostprobe``) and boots the VM.
+The build's Vagrant project is ``cfg.build_dir / "vm"`` (``project_dir``), for every task:
+``render`` writes the Vagrantfile there (the one render: libvirt driver ``auto`` resolved
+with ``appliance.hostprobe``, pinned uploads included), ``up`` boots the VM from it.
 python-vagrant builds the Vagrant command lines; every one of them runs through
 ``appliance.run.run`` (streamed, captured, logged under ``--debug``) via ``_RoutedVagrant``.
 
@@ -378,13 +379,37 @@ def check_box(cfg: ApplianceConfig, client: _RoutedVagrant, provider: str) -> No
 # -- the lifecycle --------------------------------------------------------------------------------
 
 
-def render(cfg: ApplianceConfig) -> Path:
-    """Render the Vagrantfile into the project directory, with libvirt driver ``auto`` resolved."""
+@dataclass(frozen=True)
+class RenderedProject:
+    """A written Vagrantfile and the libvirt driver it runs the VM with (``None``: VirtualBox)."""
+
+    path: Path
+    libvirt_driver: str | None
+
+
+def render(cfg: ApplianceConfig, output: str | Path | None = None) -> RenderedProject:
+    """Write the Vagrantfile: the one render behind ``invoke render``, ``invoke up`` and the build.
+
+    It always carries what ``vagrant up`` needs to give the same VM as the build: the libvirt
+    driver resolved like ``appliance.hostprobe`` does it (``auto`` never becomes ``kvm`` on a host
+    where KVM hangs guests), and the pinned artifacts and manifests the k3s and CSGHub steps
+    read (``ArtifactError`` pointing at ``invoke fetch`` when the cache lacks one, rather than a
+    Vagrantfile that fails at the k3s step). ``output`` (a file or directory) defaults to the
+    project directory, where the other tasks look for the VM.
+    """
     from appliance.hostprobe import resolve_libvirt_driver
-    from appliance.render import render_vagrantfile
+    from appliance.render import Upload, render_vagrantfile
+    from appliance.steps import pinned_uploads
+    from appliance.upload import sha256_file
 
     driver = resolve_libvirt_driver(cfg.libvirt.driver) if cfg.provider == "libvirt" else None
-    return render_vagrantfile(cfg, project_dir(cfg) / "Vagrantfile", libvirt_driver=driver)
+    uploads = [
+        Upload(name=f"{i:02d}-{local.name}", source=str(local), destination=guest, sha256=sha256_file(local))
+        for i, (local, guest) in enumerate(pinned_uploads(cfg))
+    ]
+    target = project_dir(cfg) / "Vagrantfile" if output is None else output
+    path = render_vagrantfile(cfg, target, libvirt_driver=driver, uploads=uploads)
+    return RenderedProject(path, driver)
 
 
 def _ensure_project(cfg: ApplianceConfig) -> None:
@@ -392,10 +417,18 @@ def _ensure_project(cfg: ApplianceConfig) -> None:
         render(cfg)
 
 
+def _has_machine(cfg: ApplianceConfig) -> bool:
+    """Whether Vagrant recorded a machine in the project (``.vagrant/machines/<name>/<provider>/id``)."""
+    return any((project_dir(cfg) / ".vagrant" / "machines" / MACHINE).glob("*/id"))
+
+
 def status(cfg: ApplianceConfig) -> MachineState:
     """The build VM's state, from ``vagrant status --machine-readable``."""
     if cfg.provider == "libvirt":
         check_libvirt(cfg, ensure_pool=False)
+    if not (project_dir(cfg) / "Vagrantfile").exists() and not _has_machine(cfg):
+        # Nothing rendered, nothing created: no need for a Vagrantfile (rendering one needs the artifacts).
+        return MachineState(MACHINE, "not_created", cfg.provider)
     _ensure_project(cfg)
     client = _client(cfg)
     out = _vagrant("status", lambda: client._run_vagrant_command(["status", "--machine-readable", MACHINE]))

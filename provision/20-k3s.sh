@@ -8,6 +8,7 @@
 #
 # Inputs (environment): K3S_VERSION, K3S_NODE_IP, K3S_EXTRA_ARGS (shell-quoted list),
 # optional K3S_READY_TIMEOUT (seconds, default 600), ARTIFACT_DIR, PROVISION_DIR.
+# appliance: env=K3S_VERSION,K3S_NODE_IP,K3S_EXTRA_ARGS
 # appliance: files=k3s
 # appliance: files=common
 # appliance: uploads

@@ -12,6 +12,7 @@
 # Inputs (environment): CSGHUB_CHART_VERSION, CSGHUB_DOMAIN, CSGHUB_HTTP_PORT, K3S_NODE_IP,
 # CSGHUB_GIT_SSH_PORT, optional CSGHUB_READY_TIMEOUT (seconds, default 3600),
 # CSGHUB_POLL_SECONDS (default 10), ARTIFACT_DIR, MANIFEST_DIR.
+# appliance: env=CSGHUB_CHART_VERSION,CSGHUB_DOMAIN,CSGHUB_HTTP_PORT,K3S_NODE_IP,CSGHUB_GIT_SSH_PORT
 # appliance: files=csghub
 # appliance: files=common
 # appliance: uploads
@@ -42,6 +43,7 @@ kc() { /usr/local/bin/k3s kubectl --request-timeout=30s "$@"; }
 : "${CSGHUB_DOMAIN:?CSGHUB_DOMAIN is required (csghub.domain)}"
 : "${CSGHUB_HTTP_PORT:?CSGHUB_HTTP_PORT is required (the http forward)}"
 : "${K3S_NODE_IP:?K3S_NODE_IP is required (k3s.node_ip)}"
+: "${CSGHUB_GIT_SSH_PORT:?CSGHUB_GIT_SSH_PORT is required (the git-ssh forward; the readiness gate checks it)}"
 CHART="csghub-$CSGHUB_CHART_VERSION.tgz"
 [[ -r "$LIB" ]] || die "missing $LIB (the runner uploads provision/files/csghub)"
 # shellcheck source-path=SCRIPTDIR source=files/csghub/lib.sh

@@ -7,6 +7,9 @@
 #
 # The build VM itself is marked as done, so rebooting it during the build does not run the
 # first-boot service; 90-seal.sh removes that mark.
+# Inputs (environment): APPLIANCE_NAME, APPLIANCE_VERSION, CSGHUB_DOMAIN, CSGHUB_HTTP_PORT,
+# K3S_NODE_IP (written to /etc/csghub-appliance for the first-boot tools), PROVISION_DIR.
+# appliance: env=APPLIANCE_NAME,APPLIANCE_VERSION,CSGHUB_DOMAIN,CSGHUB_HTTP_PORT,K3S_NODE_IP,CSGHUB_GIT_SSH_PORT
 # appliance: files=firstboot
 # appliance: files=common
 set -euo pipefail

@@ -36,6 +36,7 @@ MIDDLE = sh(
     'if [[ -e "$WORK/fail-middle" ]]; then echo "changed: half of something"; echo "middle is broken" >&2; exit 7; fi',
     'echo "$K3S_VERSION" >> "$WORK/middle.runs"',
     'echo "ok: middle"',
+    header=("env=K3S_VERSION",),
 )
 LAST = sh('echo "run" >> "$WORK/last.runs"', 'echo "changed: last"')
 
@@ -96,7 +97,9 @@ def test_first_run_runs_all_then_a_rerun_skips_all(rig: Rig) -> None:
     assert rig.run() == {"base": "changed", "middle": "no changes", "last": "changed"}
     marker = json.loads((rig.state / "middle.done").read_text())
     assert marker["step"] == "middle"
-    assert set(marker["inputs"]) >= {"script", "env:K3S_VERSION", "env:PROVISION_DIR"}
+    # Exactly what the step declares (plus PROVISION_DIR, which every step gets): no other setting.
+    assert set(marker["inputs"]) == {"script", "env:K3S_VERSION", "env:PROVISION_DIR"}
+    assert set(json.loads((rig.state / "base.done").read_text())["inputs"]) == {"script", "env:PROVISION_DIR"}
     assert all(len(v) == 64 for v in marker["inputs"].values()), "inputs are stored as sha256, not values"
 
     log_text = (rig.tmp / "build" / "logs" / "20-middle.log").read_text()
@@ -119,12 +122,28 @@ def test_changed_script_reruns_that_step_and_every_later_one(rig: Rig) -> None:
     assert _runs(rig.work, "middle") == 2 and _runs(rig.work, "last") == 2
 
 
-def test_changed_input_variable_is_named_and_reruns_from_the_first_step_using_it(rig: Rig) -> None:
+def test_changed_input_variable_is_named_and_reruns_from_the_first_step_declaring_it(rig: Rig) -> None:
     rig.run()
     plan = rig.plan("k3s.version=v1.30.0+k3s1")
-    assert plan["base"] == (True, "inputs changed: env:K3S_VERSION")
-    assert rig.run("k3s.version=v1.30.0+k3s1") == {"base": "no changes", "middle": "no changes", "last": "changed"}
+    # base does not declare K3S_VERSION: untouched. middle does; last follows a step that reruns.
+    assert plan == {
+        "base": (False, "done, inputs unchanged"),
+        "middle": (True, "inputs changed: env:K3S_VERSION"),
+        "last": (True, "follows middle, which runs"),
+    }
+    assert rig.run("k3s.version=v1.30.0+k3s1") == {"base": "skipped", "middle": "no changes", "last": "changed"}
     assert (rig.work / "middle.runs").read_text().splitlines()[-1] == "v1.30.0+k3s1"
+    # A setting no step declares changes nothing at all.
+    assert rig.plan("k3s.version=v1.30.0+k3s1", "csghub.domain=example.test") == {
+        n: (False, "done, inputs unchanged")
+        for n in ("base", "middle", "last")}
+
+
+def test_steps_receive_only_the_variables_they_declare(rig: Rig) -> None:
+    rig.write("40-env.sh", sh('env | grep -E "^(APPLIANCE|CSGHUB|K3S|PROVISION)_?[A-Z_]*=" | cut -d= -f1 | sort '
+                              '> "$WORK/env"', header=("env=CSGHUB_DOMAIN,K3S_NODE_IP",)))
+    rig.run()
+    assert (rig.work / "env").read_text().split() == ["CSGHUB_DOMAIN", "K3S_NODE_IP", "PROVISION_DIR"]
 
 
 def test_failure_names_step_status_tail_and_log_then_resumes_there(rig: Rig) -> None:
@@ -206,17 +225,19 @@ def test_support_files_are_uploaded_and_hashed(rig: Rig) -> None:
 
 
 def test_final_step_runs_only_when_named_and_leaves_no_marker(rig: Rig) -> None:
-    rig.write("90-seal.sh", sh('echo sealed >> "$WORK/seal.runs"', header=("final",)))
+    # Like 90-seal.sh, it deletes the provision directory, run-step.sh included, while that runs it.
+    rig.write("90-seal.sh", sh('echo sealed >> "$WORK/seal.runs"', 'rm -rf -- "$PROVISION_DIR"', header=("final",)))
     assert rig.plan()["seal"][0] is False
     rig.run()
     assert _runs(rig.work, "seal") == 0
     assert rig.run(only="seal")["seal"] == "no changes"
     assert _runs(rig.work, "seal") == 1
     assert not (rig.state / "seal.done").exists()
+    assert not rig.guest.exists()
 
 
 def test_hostile_config_values_reach_scripts_verbatim(rig: Rig) -> None:
-    rig.write("40-echo.sh", sh('printf "%s" "$K3S_EXTRA_ARGS" > "$WORK/args"'))
+    rig.write("40-echo.sh", sh('printf "%s" "$K3S_EXTRA_ARGS" > "$WORK/args"', header=("env=K3S_EXTRA_ARGS",)))
     hostile = "--node-label=a=$(touch /tmp/appliance-pwned)`id`;'\""
     rig.run(f"k3s.extra_args=[{json.dumps(hostile)}]")
     assert "appliance-pwned" in (rig.work / "args").read_text()

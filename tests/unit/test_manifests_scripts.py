@@ -97,8 +97,8 @@ def test_k3s_step_refuses_missing_inputs_before_changing_anything(tmp_path: Path
 
 def test_csghub_step_refuses_mismatched_manifests(tmp_path: Path) -> None:
     env = {"CSGHUB_CHART_VERSION": "2.4.0", "CSGHUB_DOMAIN": "csghub.localhost", "CSGHUB_HTTP_PORT": "30080",
-           "K3S_NODE_IP": "10.254.254.1", "ARTIFACT_DIR": str(tmp_path), "MANIFEST_DIR": str(tmp_path),
-           "PROVISION_DIR": str(PROJECT_ROOT / "provision")}
+           "K3S_NODE_IP": "10.254.254.1", "CSGHUB_GIT_SSH_PORT": "30022", "ARTIFACT_DIR": str(tmp_path),
+           "MANIFEST_DIR": str(tmp_path), "PROVISION_DIR": str(PROJECT_ROOT / "provision")}
     code, err = step(CSGHUB_STEP, env)
     assert code != 0 and f"missing {tmp_path}/csghub-2.4.0.tgz" in err
     (tmp_path / "csghub-2.4.0.tgz").write_bytes(b"chart")

@@ -52,8 +52,8 @@ def test_render_matches_golden(name: str) -> None:
 
 def test_render_is_byte_identical_and_atomic(tmp_path: Path) -> None:
     cfg = _cfg("libvirt")
-    a = render_vagrantfile(cfg, tmp_path / "a" / "Vagrantfile").read_bytes()
-    b = render_vagrantfile(cfg, tmp_path / "a" / "Vagrantfile").read_bytes()
+    a = render_vagrantfile(cfg, tmp_path / "a" / "Vagrantfile", libvirt_driver="qemu").read_bytes()
+    b = render_vagrantfile(cfg, tmp_path / "a" / "Vagrantfile", libvirt_driver="qemu").read_bytes()
     assert a == b
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["Vagrantfile"]
 
@@ -63,9 +63,16 @@ def test_render_refuses_unresolved_provider() -> None:
         render_text(_cfg("auto"), output_dir=PROJECT_ROOT)
 
 
+def test_render_refuses_an_unresolved_libvirt_driver() -> None:
+    # `auto` must be probed (appliance.hostprobe via appliance.vagrant.render), never guessed as kvm.
+    with pytest.raises(UsageError, match="cannot render libvirt driver 'auto'"):
+        render_text(_cfg("libvirt"), output_dir=PROJECT_ROOT)
+    assert "lv.driver = 'kvm'" in render_text(_cfg("libvirt", "libvirt.driver=kvm"), output_dir=PROJECT_ROOT)
+
+
 def test_skipped_steps_are_not_provisioners() -> None:
     text = render_text(_cfg("libvirt", "provision.skip={k3s}"), output_dir=PROJECT_ROOT,
-                       provision_dir=FIXTURE_STEPS)
+                       provision_dir=FIXTURE_STEPS, libvirt_driver="qemu")
     assert "config.vm.provision 'base'" in text
     assert "config.vm.provision 'k3s'" not in text
     assert "config.vm.provision 'kernel-reboot', type: 'shell', reboot: true" in text
@@ -103,7 +110,7 @@ puts JSON.generate({'envs' => envs, 'calls' => $rec.calls.map { |c| [c[0], c[1]]
 def test_injection_through_config_is_inert(tmp_path: Path) -> None:
     for marker in ("/tmp/pwned-ruby", "/tmp/pwned-ruby2", "/tmp/pwned-sh"):
         Path(marker).unlink(missing_ok=True)
-    cfg = _cfg("libvirt", "provision.skip={k3s}")
+    cfg = _cfg("libvirt", "libvirt.driver=qemu")
     cfg = cfg.model_copy(update={"k3s": cfg.k3s.model_copy(update={"extra_args": [HOSTILE]}),
                                  "output": cfg.output.model_copy(update={"description": HOSTILE})})
     vf = tmp_path / "Vagrantfile"
@@ -120,7 +127,7 @@ def test_injection_through_config_is_inert(tmp_path: Path) -> None:
     assert not Path("/tmp/pwned-ruby").exists() and not Path("/tmp/pwned-ruby2").exists()
     # What Vagrant does next (quote_and_escape in its shell provisioner): wrap in double quotes,
     # turning each " into "\"". Run exactly that through bash and read the value back.
-    value = envs[0]["K3S_EXTRA_ARGS"]
+    [value] = [env["K3S_EXTRA_ARGS"] for env in envs if "K3S_EXTRA_ARGS" in env]
     quoted = '"' + value.replace('"', '"\\""') + '"'
     sh = subprocess.run(["bash", "-c", f'K3S_EXTRA_ARGS={quoted}; printf %s "$K3S_EXTRA_ARGS"'],
                         capture_output=True, text=True, timeout=30)
@@ -200,9 +207,10 @@ def test_vagrant_validate_rejects_broken_render(tmp_path: Path) -> None:
 def test_uploads_are_staged_then_installed_with_quoting() -> None:
     from appliance.render import Upload
 
-    ups = [Upload("00-k3s", "/cache/k3s", "/var/cache/csghub-appliance/artifacts/k3s"),
-           Upload("01-odd", "/cache/odd", "/var/cache/a b;$(id)")]
-    text = render_text(_cfg("libvirt"), output_dir=PROJECT_ROOT, provision_dir=FIXTURE_STEPS, uploads=ups)
+    ups = [Upload("00-k3s", "/cache/k3s", "/var/cache/csghub-appliance/artifacts/k3s", "a" * 64),
+           Upload("01-odd", "/cache/odd", "/var/cache/a b;$(id)", "b" * 64)]
+    text = render_text(_cfg("libvirt"), output_dir=PROJECT_ROOT, provision_dir=FIXTURE_STEPS, uploads=ups,
+                       libvirt_driver="qemu")
     assert "destination: '/var/tmp/csghub-provision/uploads/00-k3s'" in text
     line = next(ln for ln in text.splitlines() if "'uploads-install'" in ln)
     staged = "/var/tmp/csghub-provision/uploads/00-k3s"
@@ -217,7 +225,7 @@ def test_render_output_does_not_follow_a_planted_temporary_name(tmp_path: Path) 
     victim.write_text("precious\n")
     out = tmp_path / "Vagrantfile"
     (tmp_path / "Vagrantfile.tmp").symlink_to(victim)
-    render_vagrantfile(_cfg("libvirt"), out)
+    render_vagrantfile(_cfg("libvirt"), out, libvirt_driver="qemu")
     assert victim.read_text() == "precious\n"
     assert "Vagrant.configure" in out.read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Vagrantfile", "Vagrantfile.tmp", "victim"]

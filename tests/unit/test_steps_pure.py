@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import subprocess
 from pathlib import Path
@@ -10,10 +11,11 @@ from pathlib import Path
 import paramiko
 import pytest
 
+from appliance.config import PROJECT_ROOT
 from appliance.errors import RemoteCommandFailed, RemoteError, UsageError
-from appliance.scripts import discover_scripts
+from appliance.scripts import discover_scripts, guest_variable_names
 from appliance.ssh import RemoteResult, SSHEndpoint, env_exports, forget_host_key
-from appliance.steps import StepInputs, is_final, step_inputs, support_files
+from appliance.steps import STEP_WRAPPER, StepInputs, is_final, step_environment, step_inputs, support_files
 
 
 def _script(tmp_path: Path, name: str, *header: str) -> Path:
@@ -23,27 +25,105 @@ def _script(tmp_path: Path, name: str, *header: str) -> Path:
     return path
 
 
-def test_inputs_hash_script_files_and_each_variable(tmp_path: Path) -> None:
-    _script(tmp_path, "10-web.sh", "files=web")
+def test_inputs_hash_script_files_and_each_declared_variable(tmp_path: Path) -> None:
+    _script(tmp_path, "10-web.sh", "files=web", "env=K3S_VERSION,CSGHUB_DOMAIN")
     (tmp_path / "files" / "web").mkdir(parents=True)
     (tmp_path / "files" / "web" / "site.conf").write_text("a\n")
     [script] = discover_scripts(tmp_path)
-    inputs = step_inputs(script, {"B": "2", "A": "secret-looking value"}, tmp_path)
-    assert list(inputs.inputs) == ["env:A", "env:B", "file:files/web/site.conf", "script"]
+    env = {"K3S_VERSION": "v1", "CSGHUB_DOMAIN": "secret-looking value", "K3S_NODE_IP": "10.0.0.1",
+           "PROVISION_DIR": "/p"}
+    inputs = step_inputs(script, env, tmp_path)
+    # Only what the script declares, plus PROVISION_DIR (every step gets it): K3S_NODE_IP is not an input.
+    assert list(inputs.inputs) == ["env:CSGHUB_DOMAIN", "env:K3S_VERSION", "env:PROVISION_DIR",
+                                   "file:files/web/site.conf", "script"]
+    assert step_environment(script, env) == {"CSGHUB_DOMAIN": "secret-looking value", "K3S_VERSION": "v1",
+                                             "PROVISION_DIR": "/p"}
     assert "secret-looking value" not in json.dumps(inputs.inputs), "values are stored hashed"
-    assert inputs.digest == step_inputs(script, {"A": "secret-looking value", "B": "2"}, tmp_path).digest
+    assert inputs.digest == step_inputs(script, dict(reversed(list(env.items()))), tmp_path).digest
+    assert inputs.digest == step_inputs(script, {**env, "K3S_NODE_IP": "10.9.9.9"}, tmp_path).digest
 
     (tmp_path / "files" / "web" / "site.conf").write_text("b\n")
-    changed = step_inputs(script, {"A": "other", "C": "new"}, tmp_path)
-    assert changed.changes_from(inputs.inputs) == ["env:A", "env:B (gone)", "env:C (new)", "file:files/web/site.conf"]
+    changed = step_inputs(script, {**env, "CSGHUB_DOMAIN": "other"}, tmp_path)
+    assert changed.changes_from(inputs.inputs) == ["env:CSGHUB_DOMAIN", "file:files/web/site.conf"]
+    recorded = {k: v for k, v in inputs.inputs.items() if k != "env:K3S_VERSION"} | {"env:OLD": "0" * 64}
+    assert inputs.changes_from(recorded) == ["env:K3S_VERSION (new)", "env:OLD (gone)"]
 
 
-def test_marker_is_one_json_line_with_the_digest(tmp_path: Path) -> None:
+def test_marker_body_is_one_json_object_the_wrapper_completes(tmp_path: Path) -> None:
     inputs = StepInputs("base", {"script": "0" * 64})
-    marker = inputs.marker(12.34)
-    assert "\n" not in marker
-    data = json.loads(marker)
-    assert data["step"] == "base" and data["digest"] == inputs.digest and data["seconds"] == 12.3
+    body = inputs.marker_body()
+    assert "\n" not in body and body.startswith("{") and body.endswith("}")
+    data = json.loads(body)
+    assert data == {"format": 1, "step": "base", "digest": inputs.digest, "inputs": {"script": "0" * 64}}
+    assert inputs.wrapper_env("/state/") == {"APPLIANCE_STEP_MARKER": body,
+                                             "APPLIANCE_STEP_MARKER_FILE": "/state/base.done"}
+
+
+def test_wrapper_writes_the_marker_only_after_success_and_hides_its_variables(tmp_path: Path) -> None:
+    """provision/files/common/run-step.sh, run by a real bash: the one writer of markers."""
+    wrapper = PROJECT_ROOT / "provision" / STEP_WRAPPER
+    step = tmp_path / "10-step.sh"
+    step.write_text('env | grep -c "^APPLIANCE_STEP_" || true\nexit "${FAIL:-0}"\n')
+    marker_file = tmp_path / "state" / "step.done"
+    inputs = StepInputs("step", {"script": "1" * 64})
+    env = {"PATH": "/usr/bin:/bin", **inputs.wrapper_env(str(tmp_path / "state"))}
+    done = subprocess.run(["bash", str(wrapper), str(step)], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "0", "the step must not see the wrapper's variables"
+    written = marker_file.read_text()
+    assert written.endswith("\n") and written.count("\n") == 1
+    data = json.loads(written)
+    assert {k: data[k] for k in ("format", "step", "digest", "inputs")} == json.loads(inputs.marker_body())
+    assert isinstance(data["seconds"], float) and data["finished"].endswith("+00:00")
+
+    # A failing step: its old marker is gone (never "done" after a failed rerun), the status passes through.
+    failed = subprocess.run(["bash", str(wrapper), str(step)], env={**env, "FAIL": "7"}, capture_output=True,
+                            text=True, timeout=30)
+    assert failed.returncode == 7
+    assert not marker_file.exists()
+
+    # No marker requested (the final step): nothing is written anywhere.
+    bare = subprocess.run(["bash", str(wrapper), str(step)], env={"PATH": "/usr/bin:/bin"}, capture_output=True,
+                          text=True, timeout=30)
+    assert bare.returncode == 0 and not marker_file.exists()
+    bad = subprocess.run(["bash", str(wrapper), str(step)], env={**env, "APPLIANCE_STEP_MARKER_FILE": "rel.done"},
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "absolute path ending in .done" in bad.stderr
+
+
+def test_env_header_lists_are_merged_and_checked(tmp_path: Path) -> None:
+    _script(tmp_path, "10-a.sh", "env=K3S_VERSION", "env=K3S_NODE_IP,PROVISION_DIR")
+    _script(tmp_path, "20-b.sh")
+    a, b = discover_scripts(tmp_path)
+    assert a.env == ("K3S_NODE_IP", "K3S_VERSION", "PROVISION_DIR") and b.env == ()
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        ("env=K3S_VERSON", r"30-bad.sh: `# appliance: env=` names 'K3S_VERSON', which is not a guest variable"),
+        ("env=K3S_VERSION,k3s_node_ip", r"30-bad.sh: .* names 'k3s_node_ip'"),
+        ("env=SEAL_POWEROFF", r"30-bad.sh: .* names 'SEAL_POWEROFF'"),
+        ("env=", r"30-bad.sh: `# appliance: env=` lists an empty variable name"),
+        ("env=K3S_VERSION,,K3S_NODE_IP", r"30-bad.sh: .* lists an empty variable name"),
+    ],
+)
+def test_bad_env_header_names_the_script_and_the_variable(tmp_path: Path, header: str, message: str) -> None:
+    _script(tmp_path, "10-good.sh", "env=K3S_VERSION")
+    _script(tmp_path, "30-bad.sh", header)
+    with pytest.raises(UsageError, match=message) as err:
+        discover_scripts(tmp_path)
+    if "names" in message:
+        assert err.value.hint is not None and "K3S_VERSION" in err.value.hint, "the hint lists the known names"
+
+
+def test_the_real_steps_declare_what_they_read() -> None:
+    """Each real script declares every config variable its body uses, and no other."""
+    known = guest_variable_names() - {"PROVISION_DIR"}
+    for script in discover_scripts():
+        body = script.path.read_text()
+        used = {name for name in known if re.search(rf"\${{?{name}\b", body)}
+        assert set(script.env) == used, f"{script.filename}: declares {sorted(script.env)}, uses {sorted(used)}"
 
 
 def test_missing_support_directory_is_a_usage_error(tmp_path: Path) -> None:

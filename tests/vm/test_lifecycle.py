@@ -31,7 +31,7 @@ def test_up_ssh_halt_destroy_leaves_nothing_behind(
 ) -> None:
     cfg = vm_config("lifecycle")
     domain = vagrant.domain_name(cfg)
-    vagrantfile = vagrant.render(cfg)
+    vagrantfile = vagrant.render(cfg).path
     assert vagrantfile == cfg.build_dir / "vm" / "Vagrantfile"
     text = vagrantfile.read_text()
     assert "config.vm.box = 'csghub/debian12'" in text

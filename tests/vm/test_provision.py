@@ -1,9 +1,10 @@
 """The step runner on a real libvirt VM (one boot shared by this module's tests).
 
 The VM runs the real ``provision/00-base.sh`` plus two small steps of the test's own: one
-that records an input, one that declares ``reboot-after``. The tests run in file order:
-first provisioning (with a real reboot), a rerun that skips everything, 00-base.sh run
-again by name (no ``changed:`` lines), a changed input, and a changed middle step.
+that declares and records an input (``env=K3S_VERSION``), one that declares ``reboot-after``.
+The tests run in file order: first provisioning (with a real reboot), a rerun that skips
+everything, 00-base.sh run again by name (no ``changed:`` lines), a changed input (rerunning
+the step that declares it and the one after it, not base), and a changed middle step.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ REBOOT_TIMEOUT = 600
 
 PROBE = """#!/usr/bin/env bash
 # Test step: records the input it was given.
+# appliance: env=K3S_VERSION
 set -euo pipefail
 if [[ "$(cat /var/tmp/probe.k3s 2>/dev/null)" == "$K3S_VERSION" ]]; then
     echo "ok: probe already records $K3S_VERSION"
@@ -125,7 +127,8 @@ def test_first_provisioning_applies_base_settings_and_survives_a_reboot(vm: Prov
     assert vm.guest("systemctl is-active systemd-timesyncd").strip() == "active"
     markers = vm.guest(f"ls {DEFAULT_STATE_DIR}").split()
     assert markers == ["base.done", "probe.done", "reboot.done"]
-    assert vm.guest(f"ls {GUEST_PROVISION_DIR}").split() == ["00-base.sh", "10-probe.sh", "20-reboot.sh"]
+    assert vm.guest(f"ls {GUEST_PROVISION_DIR}").split() == ["00-base.sh", "10-probe.sh", "20-reboot.sh", "files"]
+    assert vm.guest(f"ls {GUEST_PROVISION_DIR}/files/common").split() == ["run-step.sh"]  # the marker writer
     log = vm.make_cfg().build_dir / "logs" / "00-base.log"
     assert "changed: wrote /etc/sysctl.d/60-csghub-appliance.conf" in log.read_text()
 
@@ -150,11 +153,17 @@ def test_base_step_run_again_changes_nothing(vm: ProvisionedVM) -> None:
     assert "ok: packages" in text and "ok: no active swap" in text
 
 
-def test_changed_input_reruns_the_steps_that_take_it(vm: ProvisionedVM) -> None:
+def test_changed_input_reruns_the_steps_that_declare_it(vm: ProvisionedVM) -> None:
     boot_before = vm.session.boot_id()
-    # Every step receives K3S_VERSION, so all rerun; base finds nothing to do.
+    # Only probe declares K3S_VERSION: base keeps its marker; reboot follows probe, which reran.
+    plan = {p.name: (p.run, p.reason) for p in vm.provisioner("k3s.version=v1.30.0+k3s1").plan(Options())}
+    assert plan == {
+        "base": (False, "done, inputs unchanged"),
+        "probe": (True, "inputs changed: env:K3S_VERSION"),
+        "reboot": (True, "follows probe, which runs"),
+    }
     outcomes = vm.run("k3s.version=v1.30.0+k3s1")
-    assert outcomes == {"base": "no changes", "probe": "changed", "reboot": "changed"}
+    assert outcomes == {"base": "skipped", "probe": "changed", "reboot": "changed"}
     assert vm.guest("cat /var/tmp/probe.k3s") == "v1.30.0+k3s1"
     assert vm.session.boot_id() != boot_before
 
