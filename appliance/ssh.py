@@ -297,6 +297,24 @@ class RemoteSession:
         transport = self._client.get_transport() if self._client is not None else None
         return transport is not None and transport.is_active()
 
+    def link_lost(self, grace: float = 2.0) -> bool:
+        """After an I/O error: did the connection itself drop (rather than the operation fail)?
+
+        Paramiko's reader thread notices a dead socket only a moment after a writer does, so a
+        failure seen mid-transfer is checked again for up to ``grace`` seconds and with one
+        keepalive packet (which fails on a dead link) before it is blamed on the guest.
+        """
+        deadline = time.monotonic() + grace
+        while self.is_connected and time.monotonic() < deadline:
+            transport = self._client.get_transport() if self._client is not None else None
+            try:
+                if transport is not None:
+                    transport.send_ignore()
+            except (OSError, EOFError, paramiko.SSHException):
+                return True
+            time.sleep(0.1)
+        return not self.is_connected
+
     @property
     def transport(self) -> paramiko.Transport:
         self.open()

@@ -126,7 +126,7 @@ def upload_file(
             sftp.chmod(partial, mode)
         sftp.posix_rename(partial, remote)
     except (OSError, EOFError, paramiko.SSHException) as exc:
-        if not session.is_connected:
+        if session.link_lost():
             raise ConnectionLost(
                 f"the connection dropped while uploading {local} to {remote}: {exc}"
             ) from None
@@ -149,7 +149,7 @@ def upload_files(session: RemoteSession, pairs: Sequence[tuple[Path, str]], *, m
             expected[remote] = _send(sftp, local, remote, local.stat().st_size, REQUEST_SIZE, False)
             sftp.chmod(remote, mode)
     except (OSError, EOFError, paramiko.SSHException) as exc:
-        if not session.is_connected:
+        if session.link_lost():
             raise ConnectionLost(f"the connection dropped while uploading files: {exc}") from None
         raise RemoteError(f"cannot upload files to {session.endpoint.host}: {exc}") from None
     actual = remote_sha256(session, list(expected))
