@@ -195,7 +195,9 @@ def source_layout(path: Path) -> SourceLayout:
         if not entry.get("data") or entry.get("zero"):
             continue  # a hole or zeros: nothing to read, nothing to write
         if entry.get("compressed") or "offset" not in entry:
-            raise UnsupportedSource(f"{path} has compressed or unmapped data at {start} (qemu-img map shows no host offset)")
+            raise UnsupportedSource(
+                f"{path} has compressed or unmapped data at {start} (qemu-img map shows no host offset)"
+            )
         depth = int(entry.get("depth", 0))
         if not 0 <= depth < len(files):
             raise ExportError(f"qemu-img map of {path} names backing depth {depth}, the chain has {len(files)}")
@@ -253,11 +255,11 @@ def _read_and_compress(chunk: _Chunk, fds: Sequence[int], level: int) -> list[tu
             raise ExportError(f"short read: {got} of {length} bytes at offset {offset} (did the disk change?)")
     records: list[tuple[int, bytes]] = []
     for i in sorted(chunk.touched):
-        grain = bytes(view[i * GRAIN:(i + 1) * GRAIN])
-        if grain == ZERO_GRAIN:
+        if buf.startswith(ZERO_GRAIN, i * GRAIN):  # a memcmp, no copy
             continue
         number = chunk.first_grain + i
-        records.append((number, _grain_record(number * GRAIN_SECTORS, zlib.compress(grain, level))))
+        compressed = zlib.compress(view[i * GRAIN:(i + 1) * GRAIN], level)
+        records.append((number, _grain_record(number * GRAIN_SECTORS, compressed)))
     return records
 
 
