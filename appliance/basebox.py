@@ -1,7 +1,12 @@
 """Base-box stage: a minimal Debian box built from the Debian archive, added to Vagrant.
 
-``build_base_box(cfg)`` makes a bootable raw disk (``appliance.image``), packages it in the
-vagrant-libvirt box format and adds it to Vagrant as ``cfg.vm.box``. It is cached: the box
+``build_base_box(cfg)`` makes a bootable raw disk (``appliance.image``), packages it for the
+configured provider and adds it to Vagrant as ``cfg.vm.box``: the vagrant-libvirt format
+(box.img qcow2), or Vagrant's VirtualBox format (box.ovf + streamOptimized VMDK, the OVF from
+our own writer, so VirtualBox imports it with the same safe settings as the appliance). The
+VirtualBox box's disk already has the capacity ``vm.disk_gb`` (a sparse VMDK costs only its
+data): Vagrant's VirtualBox provider cannot grow a disk without its experimental ``disks``
+feature, and the guest grows its root filesystem to the disk on boot. It is cached: the box
 file is kept under ``$XDG_CACHE_HOME/csghub-appliance/basebox`` keyed by a hash of every
 input (suite, mirrors, package list, the customize hook and the files it installs, the
 build's SSH key, disk size, this module's format version); a second call with nothing
@@ -44,6 +49,8 @@ BOX_DISK_GB = 4
 BOX_HOSTNAME = "debian12"
 KEY_NAME = "vagrant_ed25519"
 PROVIDER = "libvirt"
+PROVIDERS = ("libvirt", "virtualbox")
+VBOX_BOX_DISK = "box-disk001.vmdk"
 
 _BOX_VAGRANTFILE = """\
 # Embedded in the csghub base box: log in with the key made for this box's build.
@@ -139,6 +146,71 @@ def box_version(built_at: datetime) -> str:
     return f"12.{built_at:%Y%m%d}.{int(built_at.strftime('%H%M%S'))}"
 
 
+_VIRTUALBOX_BOX_VAGRANTFILE = """\
+# Embedded in the csghub base box: log in with the key made for this box's build.
+Vagrant.configure('2') do |config|
+  config.ssh.private_key_path = [File.join(File.dirname(__FILE__), '{key}')]
+  config.ssh.insert_key = false
+end
+"""
+
+
+def _write_box(box_file: Path, members: list[tuple[str, bytes | Path, int]]) -> None:
+    """A box is a tar; written next to ``box_file`` and renamed into place (no half box on failure)."""
+    partial = box_file.with_name(f"{box_file.name}.partial-{os.getpid()}")
+    with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, content, mode in members:
+            if isinstance(content, Path):
+                ti = tar.gettarinfo(str(content), arcname=name)
+                ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = mode, 0, 0, "root", "root"
+                with content.open("rb") as f:
+                    tar.addfile(ti, f)
+            else:
+                ti = tarfile.TarInfo(name)
+                ti.size, ti.mode, ti.mtime = len(content), mode, int(time.time())
+                tar.addfile(ti, io.BytesIO(content))
+    os.replace(partial, box_file)
+
+
+def package_virtualbox_box(raw_disk: Path, box_file: Path, *, key: Path, info: dict[str, object],
+                           cfg: ApplianceConfig, disk_bytes: int) -> None:
+    """Package ``raw_disk`` as a Vagrant VirtualBox box: box.ovf, its VMDK, metadata.json, Vagrantfile.
+
+    The disk gets the capacity ``disk_bytes`` (the raw file is extended sparsely first); the
+    OVF is ours (``appliance.export.ovf``) for a small VM without port forwards: Vagrant sets
+    CPUs, memory and forwards itself at ``vagrant up``.
+    """
+    from appliance.export.ova import convert_to_stream_vmdk, sha256_file
+    from appliance.export.ovf import DiskFacts, ovf_descriptor
+
+    if disk_bytes < raw_disk.stat().st_size:
+        raise ValueError(f"box disk of {disk_bytes} bytes is smaller than the image ({raw_disk.stat().st_size})")
+    with raw_disk.open("r+b") as f:
+        f.truncate(disk_bytes)  # sparse: no data written
+    work = raw_disk.parent
+    vmdk = work / VBOX_BOX_DISK
+    convert_to_stream_vmdk(raw_disk, "raw", vmdk)
+    box_cfg = cfg.model_copy(update={
+        "vm": cfg.vm.model_copy(update={"name": f"{BOX_HOSTNAME}-base", "cpus": 2, "memory_mb": 2048}),
+        "network": cfg.network.model_copy(update={"forwarded_ports": []}),
+        "output": cfg.output.model_copy(update={"description": "Minimal Debian 12 base box (csghub-appliance)",
+                                                "eula_file": ""}),
+    })
+    disk = DiskFacts(href=VBOX_BOX_DISK, file_size=vmdk.stat().st_size, capacity=disk_bytes,
+                     sha256=sha256_file(vmdk))
+    ovf = ovf_descriptor(box_cfg, disk, ovf_format="ovf10")
+    metadata = {"provider": "virtualbox"}
+    _write_box(box_file, [
+        ("metadata.json", json.dumps(metadata, indent=2).encode() + b"\n", 0o644),
+        ("Vagrantfile", _VIRTUALBOX_BOX_VAGRANTFILE.format(key=KEY_NAME).encode(), 0o644),
+        ("info.json", json.dumps(info, indent=2, sort_keys=True).encode() + b"\n", 0o644),
+        (KEY_NAME, key, 0o600),
+        ("box.ovf", ovf, 0o644),
+        (VBOX_BOX_DISK, vmdk, 0o644),
+    ])
+    vmdk.unlink()
+
+
 def package_libvirt_box(raw_disk: Path, box_file: Path, *, key: Path, info: dict[str, object]) -> None:
     """Package ``raw_disk`` as a vagrant-libvirt box (box.img qcow2 + metadata.json + Vagrantfile).
 
@@ -155,19 +227,7 @@ def package_libvirt_box(raw_disk: Path, box_file: Path, *, key: Path, info: dict
         (KEY_NAME, key, 0o600),
         ("box.img", qcow2, 0o644),
     ]
-    partial = box_file.with_name(f"{box_file.name}.partial-{os.getpid()}")
-    with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as tar:
-        for name, content, mode in members:
-            if isinstance(content, Path):
-                ti = tar.gettarinfo(str(content), arcname=name)
-                ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = mode, 0, 0, "root", "root"
-                with content.open("rb") as f:
-                    tar.addfile(ti, f)
-            else:
-                ti = tarfile.TarInfo(name)
-                ti.size, ti.mode, ti.mtime = len(content), mode, int(time.time())
-                tar.addfile(ti, io.BytesIO(content))
-    os.replace(partial, box_file)
+    _write_box(box_file, members)
     qcow2.unlink()
 
 
@@ -199,7 +259,7 @@ def _vagrant_env() -> dict[str, str]:
     return {"VAGRANT_CHECKPOINT_DISABLE": "1", "VAGRANT_BOX_UPDATE_CHECK_DISABLE": "1"}
 
 
-def add_box(box_file: Path, *, name: str, version: str, workdir: Path) -> None:
+def add_box(box_file: Path, *, name: str, version: str, workdir: Path, provider: str = PROVIDER) -> None:
     """Add the box to Vagrant through a local catalog, so it carries ``version``."""
     catalog = workdir / "catalog.json"
     catalog.write_text(
@@ -212,7 +272,7 @@ def add_box(box_file: Path, *, name: str, version: str, workdir: Path) -> None:
                         "version": version,
                         "providers": [
                             {
-                                "name": PROVIDER,
+                                "name": provider,
                                 "url": box_file.resolve().as_uri(),
                                 "checksum_type": "sha256",
                                 "checksum": _file_digest(box_file),
@@ -224,7 +284,7 @@ def add_box(box_file: Path, *, name: str, version: str, workdir: Path) -> None:
             indent=2,
         )
     )
-    run(["vagrant", "box", "add", "--force", "--provider", PROVIDER, str(catalog)], stream=True,
+    run(["vagrant", "box", "add", "--force", "--provider", provider, str(catalog)], stream=True,
         env=_vagrant_env(), hint="is there room in ~/.vagrant.d (VAGRANT_HOME)?")
 
 
@@ -256,19 +316,40 @@ def build_base_box(
         raise PrerequisiteMissing(
             "qemu-img is not installed", hint="apt-get install -y --no-install-recommends qemu-utils"
         )
+    provider = box_provider(cfg)
     root = cache or cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     # One build at a time per cache: a second caller waits, then finds the box built.
     with (root / "build.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            return _build_locked(cfg, root, force=force, mirror=mirror, security_mirror=security_mirror, suite=suite)
+            return _build_locked(cfg, root, provider, force=force, mirror=mirror, security_mirror=security_mirror,
+                                 suite=suite)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def box_provider(cfg: ApplianceConfig) -> str:
+    """The provider the box is for: the configured one (``auto`` resolved as ``invoke up`` would)."""
+    if cfg.provider in PROVIDERS:
+        return cfg.provider
+    from appliance.config import resolve_provider
+
+    return resolve_provider(cfg)[0].provider
+
+
+def box_digest(image_digest: str, provider: str, cfg: ApplianceConfig) -> str:
+    """The box's cache key: the image's inputs, plus what the provider's packaging takes from the config."""
+    if provider == "libvirt":
+        return image_digest  # unchanged, so existing libvirt boxes stay cached
+    extra = {"provider": provider, "disk_gb": cfg.vm.disk_gb, "nic": cfg.virtualbox.nic_type,
+             "graphics": cfg.virtualbox.graphics_controller,
+             "localhost": cfg.virtualbox.nat_localhost_reachable}
+    return hashlib.sha256(json.dumps([image_digest, extra], sort_keys=True).encode()).hexdigest()
+
+
 def _build_locked(
-    cfg: ApplianceConfig, root: Path, *, force: bool, mirror: str, security_mirror: str, suite: str
+    cfg: ApplianceConfig, root: Path, provider: str, *, force: bool, mirror: str, security_mirror: str, suite: str
 ) -> BaseBox:
     name = cfg.vm.box
     with log.step("base box: check the cache"):
@@ -280,7 +361,8 @@ def _build_locked(
             mirror=mirror,
             security_mirror=security_mirror,
         )
-        box_dir = root / "libvirt"
+        digest = box_digest(digest, provider, cfg)
+        box_dir = root / provider
         box_file = box_dir / f"{digest[:16]}.box"
         info_file = box_dir / f"{digest[:16]}.json"
         cached = box_file.exists() and info_file.exists() and not force
@@ -308,8 +390,13 @@ def _build_locked(
                 "debian_suite": suite,
                 "user": cfg.ssh.user,
             }
-            with log.step("package the vagrant-libvirt box"):
-                package_libvirt_box(image.raw_disk, box_file, key=key, info=info)
+            info["provider"] = provider
+            with log.step(f"package the {provider} box"):
+                if provider == "virtualbox":
+                    package_virtualbox_box(image.raw_disk, box_file, key=key, info=info, cfg=cfg,
+                                           disk_bytes=cfg.vm.disk_gb * 1024**3)
+                else:
+                    package_libvirt_box(image.raw_disk, box_file, key=key, info=info)
                 info_file.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
             for old in box_dir.iterdir():
                 if old.suffix in (".box", ".json") and old.stem != box_file.stem:
@@ -320,21 +407,21 @@ def _build_locked(
 
     version = str(info["version"])
     with log.step(f"add {name} {version} to Vagrant"):
-        if version in installed_versions(name):
-            log.info(f"ok: Vagrant already has {name} {version} ({PROVIDER})")
+        if version in installed_versions(name, provider):
+            log.info(f"ok: Vagrant already has {name} {version} ({provider})")
             added = False
         else:
-            add_box(box_file, name=name, version=version, workdir=box_dir)
-            log.info(f"changed: added {name} {version} ({PROVIDER})")
+            add_box(box_file, name=name, version=version, workdir=box_dir, provider=provider)
+            log.info(f"changed: added {name} {version} ({provider})")
             added = True
             # Older builds of the box are dead weight (~170 MB each) unless a VM still uses one.
-            run(["vagrant", "box", "prune", "--name", name, "--provider", PROVIDER, "--force",
+            run(["vagrant", "box", "prune", "--name", name, "--provider", provider, "--force",
                  "--keep-active-boxes"], check=False, stream=True, env=_vagrant_env())
-    if added and version not in installed_versions(name):
+    if added and version not in installed_versions(name, provider):
         raise VagrantError(f"box {name} {version} is not listed by `vagrant box list` after adding it")
     size = box_file.stat().st_size
     log.success(f"base box {name} {version}: {box_file} ({size / 1024**2:.0f} MiB)")
     return BaseBox(
-        name=name, version=version, provider=PROVIDER, box_file=box_file, private_key=key,
+        name=name, version=version, provider=provider, box_file=box_file, private_key=key,
         size_bytes=size, inputs_sha256=digest, built=built, added=added,
     )

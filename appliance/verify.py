@@ -47,7 +47,8 @@ from appliance.run import run, which
 
 BLOCK = 512
 CHUNK = 4 << 20
-_MANIFEST_LINE = re.compile(r"^(SHA1|SHA256|SHA512)\((.+)\)= ([0-9a-fA-F]+)$")
+# "SHA256(name)= hex" (OpenSSL, ours) and "SHA1 (name) = hex" (VirtualBox's own exports).
+_MANIFEST_LINE = re.compile(r"^(SHA1|SHA256|SHA512) ?\((.+)\) ?= ([0-9a-fA-F]+)$")
 _HASHES = {"SHA1": "sha1", "SHA256": "sha256", "SHA512": "sha512"}
 
 
@@ -100,6 +101,8 @@ def scan_tar(f: io.BufferedReader, file_size: int, reasons: list[str]) -> list[T
     while True:
         f.seek(offset)
         header = f.read(BLOCK)
+        if not header and offset == file_size and members:
+            return members  # ends right after a member, without end-of-archive blocks: VirtualBox does that
         if len(header) < BLOCK:
             reasons.append(f"tar: archive ends at byte {offset} without an end-of-archive marker (truncated?)")
             return members
@@ -217,7 +220,9 @@ def _check_structure(path: Path, work: Path, report: VerifyReport, reasons: list
         ovf_bytes = f.read(ovf_member.size)
 
         mf_name = ovf_member.name[:-4] + ".mf"
-        if len(members) < 2 or members[1].name != mf_name:
+        # The manifest follows the .ovf (ours) or ends the archive (VirtualBox's own exports).
+        mf_last = len(members) > 2 and members[-1].name == mf_name
+        if not mf_last and (len(members) < 2 or members[1].name != mf_name):
             found = members[1].name if len(members) > 1 else "nothing"
             reasons.append(f"second member is {found!r}; expected the manifest {mf_name!r} after the .ovf")
 
@@ -229,7 +234,7 @@ def _check_structure(path: Path, work: Path, report: VerifyReport, reasons: list
         if facts is not None:
             report.ovf_format = facts.ovf_format
             hrefs = [href for _, href, _ in facts.files]
-            expected = [ovf_member.name, mf_name, *hrefs]
+            expected = [ovf_member.name, *hrefs, mf_name] if mf_last else [ovf_member.name, mf_name, *hrefs]
             actual = [m.name for m in members]
             for name in hrefs:
                 if name not in by_name:

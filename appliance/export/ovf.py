@@ -250,7 +250,8 @@ def _virtual_hardware(hw: _Node, cfg: ApplianceConfig, *, ovf2: bool) -> None:
             node.add(f"{prefix}:{key}", fields[key])
 
     cpus, mem = cfg.vm.cpus, cfg.vm.memory_mb
-    cpu_caption = f"{cpus} virtual CPU"
+    # VirtualBox 7 writes the plural for more than one CPU (older releases never did).
+    cpu_caption = f"{cpus} virtual CPU" if cpus == 1 else f"{cpus} virtual CPUs"
     item("Item", "rasd", {"Caption": cpu_caption, "Description": "Number of virtual CPUs",
                           "ElementName": cpu_caption, "InstanceID": 1, "ResourceType": 3,
                           "VirtualQuantity": cpus})
@@ -263,7 +264,7 @@ def _virtual_hardware(hw: _Node, cfg: ApplianceConfig, *, ovf2: bool) -> None:
                           "ResourceType": 20})
     disk_fields: dict[str, str | int] = {
         "AddressOnParent": 0, "Caption": "disk1", "Description": "Disk Image", "ElementName": "disk1",
-        "HostResource": f"/disk/{DISK_ID}", "InstanceID": 4, "Parent": 3, "ResourceType": 17,
+        "HostResource": f"ovf:/disk/{DISK_ID}", "InstanceID": 4, "Parent": 3, "ResourceType": 17,
     }
     nic_caption = f"Ethernet adapter on '{NETWORK_NAME}'"
     nic_fields: dict[str, str | int] = {
@@ -300,6 +301,11 @@ def _vbox_machine(vs: _Node, cfg: ApplianceConfig, disk: DiskFacts) -> None:
     cpu.add("PAE", enabled="true")
     cpu.add("LongMode", enabled="true")
     hw.add("Memory", RAMSize=str(cfg.vm.memory_mb), PageFusion="false")
+    # Below settings version 1.16 VirtualBox fills in its old defaults for what a section leaves
+    # out: legacy paravirtualisation, an audio card, and remote display (VRDE) ON without
+    # authentication on every host address. So each of them is said explicitly. "Default"
+    # resolves to KVM for a Linux guest (paravirtualised clock).
+    hw.add("Paravirt", provider="Default")
     hw.add("HID", Pointing="PS2Mouse", Keyboard="PS2Keyboard")
     hw.add("Chipset", type="PIIX3")
     boot = hw.add("Boot")
@@ -308,6 +314,11 @@ def _vbox_machine(vs: _Node, cfg: ApplianceConfig, disk: DiskFacts) -> None:
         boot.add("Order", position=str(pos), device="None")
     hw.add("Display", controller=_GRAPHICS[cfg.virtualbox.graphics_controller], VRAMSize="16",
            monitorCount="1", accelerate3D="false", accelerate2DVideo="false")
+    # Off; and should someone switch it on, it asks for credentials and listens on loopback only.
+    vrde = hw.add("RemoteDisplay", enabled="false", authType="External")
+    vrde_props = vrde.add("VRDEProperties")
+    vrde_props.add("Property", name="TCP/Address", value="127.0.0.1")
+    hw.add("Firmware", type="BIOS")
     bios = hw.add("BIOS")
     bios.add("ACPI", enabled="true")
     bios.add("IOAPIC", enabled="true")
@@ -326,6 +337,7 @@ def _vbox_machine(vs: _Node, cfg: ApplianceConfig, disk: DiskFacts) -> None:
     for rule in sorted(cfg.network.forwarded_ports, key=lambda p: p.name):
         nat.add("Forwarding", name=rule.name, proto="1" if rule.protocol == "tcp" else "0",
                 hostip=rule.host_ip, hostport=str(rule.host), guestport=str(rule.guest))
+    hw.add("AudioAdapter", enabled="false", driver="Null", controller="HDA")
     hw.add("RTC", localOrUTC="UTC")
     controllers = m.add("StorageControllers")
     sata = controllers.add("StorageController", name="SATA", type="AHCI", PortCount="1",
@@ -445,12 +457,62 @@ def ovf_schema(ovf_format: OvfFormat, schema_dir: Path | None = None) -> Any:
     return xmlschema.XMLSchema10([str(main), ext], allow="local", uri_mapper=to_local, base_url=str(folder))
 
 
+_VBOX_XSD_NAMESPACES = {NS_SASD + ".xsd": NS_SASD, NS_EPASD + ".xsd": NS_EPASD}
+_ITEM_TAGS = ("Item", "StorageItem", "EthernetPortItem")
+
+
+def _virtualbox_ovf20_repaired(root: ET.Element) -> bool:
+    """Undo VirtualBox's three known OVF 2.0 deviations in place; False if ``root`` shows none of them.
+
+    VirtualBox (up to 7.2 at least) writes the sasd/epasd namespaces with ".xsd" appended, no
+    ElementName in any item, and the EthernetPortItem after the StorageItem. What VirtualBox
+    itself writes must pass, so a descriptor carrying its ".xsd" namespace names is validated
+    with exactly those three things repaired; anything else still counts.
+    """
+    renamed = False
+    for el in root.iter():
+        uri, _, name = el.tag[1:].partition("}") if el.tag.startswith("{") else ("", "", el.tag)
+        if uri in _VBOX_XSD_NAMESPACES:
+            el.tag = f"{{{_VBOX_XSD_NAMESPACES[uri]}}}{name}"
+            renamed = True
+    if not renamed:
+        return False
+    for hw in root.iter():
+        items = [c for c in hw if c.tag.rpartition("}")[2] in _ITEM_TAGS]
+        for item in items:
+            fields = list(item)
+            if not fields or any(f.tag.rpartition("}")[2] == "ElementName" for f in fields):
+                continue
+            ns = fields[0].tag[1:].partition("}")[0]
+            caption = next((f.text for f in fields if f.tag.rpartition("}")[2] == "Caption"), "") or ""
+            element_name = ET.Element(f"{{{ns}}}ElementName")
+            element_name.text = caption
+            position = next((i for i, f in enumerate(fields) if f.tag.rpartition("}")[2] > "ElementName"),
+                            len(fields))
+            item.insert(position, element_name)
+        ports = [c for c in items if c.tag.rpartition("}")[2] == "EthernetPortItem"]
+        storage = [c for c in items if c.tag.rpartition("}")[2] == "StorageItem"]
+        if ports and storage:
+            for port in ports:
+                hw.remove(port)
+            first = list(hw).index(storage[0])
+            for offset, port in enumerate(ports):
+                hw.insert(first + offset, port)
+    return True
+
+
 def schema_errors(data: bytes, schema_dir: Path | None = None) -> list[str]:
-    """Every schema violation in the descriptor ``data`` (empty list: valid)."""
+    """Every schema violation in the descriptor ``data`` (empty list: valid).
+
+    An OVF 2.0 descriptor written by VirtualBox is checked with its known deviations repaired
+    (see ``_virtualbox_ovf20_repaired``).
+    """
     try:
         facts_format = read_descriptor(data).ovf_format
     except ValueError as exc:
         return [str(exc)]
     schema = ovf_schema(facts_format, schema_dir)
     root = ET.fromstring(data)
+    if facts_format == "ovf20":
+        _virtualbox_ovf20_repaired(root)
     return [f"{e.path}: {e.reason}" for e in schema.iter_errors(root)]

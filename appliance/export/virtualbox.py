@@ -2,15 +2,16 @@
 
 ``export_virtualbox(cfg, vm, dest_dir)`` checks the VM's state (``VBoxManage showvminfo
 --machinereadable``, parsed), makes its NAT forwards match the configuration (Vagrant adds an
-``ssh`` forward the appliance should not ship), then exports through VirtualBox's Python API
-(pyvbox) when ``import virtualbox`` works, else through ``VBoxManage export``: OVF 1.0 by default
+``ssh`` forward the appliance should not ship), then exports with ``VBoxManage export`` (the one
+path, tested against the real VirtualBox; why not pyvbox: docs/export.md): OVF 1.0 by default
 or 2.0, manifest on, MAC addresses stripped except on NAT adapters, product, vendor, URLs,
 version, description and licence from ``cfg.output``. The OVA lands under a temporary folder in
 ``dest_dir`` and is moved to its final name when complete, with its ``.sha256`` next to it.
 
-This only runs for real where VirtualBox is installed; the tests drive it through a small
-fake ``VBoxManage`` on PATH. VirtualBox chooses the manifest digest itself: SHA1 for OVF 1.0,
-SHA256 for OVF 2.0 (see docs/export.md for what that means for vSphere).
+The unit tests drive it through a small fake ``VBoxManage`` on PATH; the ``vbox`` tier runs it
+against VirtualBox 7.2's real VBoxManage (tests/vbox/test_vbox_export.py). VirtualBox chooses
+the manifest digest itself: SHA1 for OVF 1.0, SHA256 for OVF 2.0 (see docs/export.md for what
+that means for vSphere).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from appliance.errors import ExportError, PrerequisiteMissing
 from appliance.export.ova import OvaResult, sha256_file
@@ -35,11 +36,6 @@ if TYPE_CHECKING:  # pragma: no cover
 # States in which VirtualBox can export a machine (its disks are not in use).
 EXPORTABLE_STATES = ("poweroff", "aborted")
 _FORMAT_FLAG = {"ovf10": "--ovf10", "ovf20": "--ovf20"}
-_API_FORMAT = {"ovf10": "ovf-1.0", "ovf20": "ovf-2.0"}
-# VirtualBox API enum values (VirtualBox.xidl): VirtualSystemDescriptionType and ExportOptions.
-_VSD_PRODUCT, _VSD_VENDOR, _VSD_VERSION, _VSD_PRODUCT_URL, _VSD_VENDOR_URL = 4, 5, 6, 7, 8
-_VSD_DESCRIPTION, _VSD_LICENSE = 9, 10
-_EXPORT_CREATE_MANIFEST, _EXPORT_STRIP_ALL_NON_NAT_MACS = 1, 4
 
 
 # -- VBoxManage showvminfo --machinereadable --------------------------------------------------------
@@ -75,6 +71,10 @@ def parse_machinereadable(text: str) -> dict[str, str]:
         else:
             eq = text.find("=", i)
             nl = text.find("\n", i)
+            if text[i] in " \t" and (eq < 0 or (0 <= nl < eq)):
+                # VirtualBox 7 prints indented headings such as " rec_screen0" between the pairs.
+                i = len(text) if nl < 0 else nl + 1
+                continue
             if eq < 0 or (0 <= nl < eq):
                 raise ValueError(f"line without '=': {text[i:nl if nl >= 0 else None]!r}")
             key, i = text[i:eq], eq
@@ -151,38 +151,6 @@ def export_argv(cfg: ApplianceConfig, vm: str, output: Path, ovf_format: OvfForm
     if out.eula_file:
         argv.append(f"--eulafile={cfg.path(out.eula_file)}")
     return argv
-
-
-def _pyvbox() -> Any | None:
-    """VirtualBox's Python API (pyvbox), or None when it cannot be imported."""
-    try:
-        import virtualbox
-    except Exception:  # any import failure (missing module, missing VirtualBox SDK) means "not usable"
-        return None
-    return virtualbox
-
-
-def _export_with_api(api: Any, cfg: ApplianceConfig, vm: str, output: Path, fmt: OvfFormat) -> None:
-    """The same export through the Main API: IMachine.exportTo, IAppliance.write."""
-    lib = api.library
-    vbox = api.VirtualBox()
-    machine = vbox.find_machine(vm)
-    appliance = vbox.create_appliance()
-    desc = machine.export_to(appliance, str(output))
-    out = cfg.output
-    values = [(_VSD_PRODUCT, out.product), (_VSD_VENDOR, out.vendor), (_VSD_VERSION, cfg.appliance_version),
-              (_VSD_PRODUCT_URL, out.product_url), (_VSD_VENDOR_URL, out.vendor_url)]
-    if out.description:
-        values.append((_VSD_DESCRIPTION, out.description))
-    if out.eula_file:
-        values.append((_VSD_LICENSE, cfg.path(out.eula_file).read_text(encoding="utf-8")))
-    for kind, value in values:
-        desc.add_description(lib.VirtualSystemDescriptionType(kind), value, value)
-    options = [lib.ExportOptions(_EXPORT_CREATE_MANIFEST), lib.ExportOptions(_EXPORT_STRIP_ALL_NON_NAT_MACS)]
-    progress = appliance.write(_API_FORMAT[fmt], options, str(output))
-    progress.wait_for_completion(-1)
-    if progress.result_code != 0:
-        raise ExportError(f"VirtualBox could not export {vm!r}: {progress.error_info.text}")
 
 
 def sync_nat_forwards(cfg: ApplianceConfig, vm: str, info: dict[str, str]) -> list[str]:
@@ -273,12 +241,8 @@ def export_virtualbox(
     # name inside a temporary folder, and is moved out when complete.
     with tempfile.TemporaryDirectory(dir=dest_dir, prefix=f".{final.name}.work-") as work:
         staged = Path(work) / final.name
-        api = _pyvbox()
-        with log.step(f"export {vm} with {'the VirtualBox API' if api else 'VBoxManage'} ({fmt})"):
-            if api is not None:
-                _export_with_api(api, cfg, vm, staged, fmt)
-            else:
-                run(export_argv(cfg, vm, staged, fmt), stream=True, hint="is the VM halted and its disk readable?")
+        with log.step(f"export {vm} with VBoxManage ({fmt})"):
+            run(export_argv(cfg, vm, staged, fmt), stream=True, hint="is the VM halted and its disk readable?")
         if not staged.is_file():
             raise ExportError(f"VirtualBox reported success but wrote no {staged.name}")
         result = _describe(staged, fmt)

@@ -13,6 +13,7 @@ import pytest
 
 from appliance import basebox, image
 from appliance.basebox import box_version, inputs_digest, make_spec, package_libvirt_box
+from appliance.config import ApplianceConfig
 from appliance.image import PARTITION_OFFSET, _copy_sparse, master_boot_record
 from appliance.run import run, which
 
@@ -175,3 +176,22 @@ def test_removing_a_work_tree_never_deletes_through_a_leftover_mount(tmp_path: P
         run(["umount", str(tree / "dev")], check=False)
     assert (outside / "sentinel").read_text() == "keep me"
     assert not (tmp_path / "work").exists()
+
+
+def test_box_digest_per_provider(tmp_path: Path) -> None:
+    from appliance.basebox import box_digest, box_provider
+    from appliance.config import load_config
+
+    def cfg(provider: str, *sets: str) -> ApplianceConfig:
+        return load_config(None, ["vm.cpus=2", "vm.memory_mb=2048", "provision.skip=[k3s, csghub]", *sets],
+                           provider, cwd=tmp_path)
+
+    image_digest = "ab" * 32
+    libvirt = cfg("libvirt")
+    assert box_provider(libvirt) == "libvirt"
+    assert box_digest(image_digest, "libvirt", libvirt) == image_digest  # cached libvirt boxes stay valid
+    small, big = cfg("virtualbox", "vm.disk_gb=50"), cfg("virtualbox", "vm.disk_gb=200")
+    assert box_provider(big) == "virtualbox"
+    # The VirtualBox box's disk carries vm.disk_gb, so each size is its own cached box.
+    digests = {image_digest, box_digest(image_digest, "virtualbox", small), box_digest(image_digest, "virtualbox", big)}
+    assert len(digests) == 3

@@ -1,8 +1,8 @@
 """VirtualBox export at its boundary: argv built, machine-readable output parsed, failures reported.
 
 VirtualBox cannot run here, so a small fake ``VBoxManage`` (tests/data/vbox/fake-VBoxManage)
-stands in on PATH: it records its arguments and answers like VBoxManage does. The pyvbox path is
-forced off (``_pyvbox`` returns None), as it is on any host without VirtualBox's Python API.
+stands in on PATH: it records its arguments and answers like VBoxManage does. The vbox tier
+(tests/vbox) runs the same code against the real VBoxManage.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ def fake_vboxmanage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, built_ova: 
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     monkeypatch.setenv("FAKE_VBOX_LOG", str(calls))
     monkeypatch.setenv("FAKE_VBOX_OVA", str(built_ova))
-    monkeypatch.setattr(vbox, "_pyvbox", lambda: None)
     # run() passes only a fixed set of variables to commands; let the fake's settings through.
     import appliance.run as run_module
 

@@ -132,9 +132,9 @@ def test_wrong_order_is_refused(copy: Path, ovf_schema_dir: Path) -> None:
     reasons = reasons_for(copy, ovf_schema_dir)
     assert f"first member is {MF!r}; an OVA must start with its .ovf descriptor" in reasons
     assert any(r.startswith("members are out of order") for r in reasons)
+    # The manifest may also end the archive: VirtualBox's own exports put it last.
     pack(copy, [(OVF, m[OVF]), (VMDK, m[VMDK]), (MF, m[MF])])
-    reasons = reasons_for(copy, ovf_schema_dir)
-    assert f"second member is {VMDK!r}; expected the manifest {MF!r} after the .ovf" in reasons
+    verify_ova(copy, boot=False, schema_dir=ovf_schema_dir)
 
 
 def test_truncated_download_is_refused(copy: Path, ovf_schema_dir: Path) -> None:
@@ -172,7 +172,7 @@ def test_unlisted_extra_member_and_unlisted_digest_are_refused(copy: Path, ovf_s
 
 def test_malformed_manifest_is_refused(copy: Path, ovf_schema_dir: Path) -> None:
     m = members_of(copy)
-    bad_mf = m[MF].replace(b"SHA256(", b"SHA256 (", 1)
+    bad_mf = m[MF].replace(b"SHA256(", b"SHA-256(", 1)  # ("SHA256 (" is VirtualBox's spelling: valid)
     pack(copy, [(OVF, m[OVF]), (MF, bad_mf), (VMDK, m[VMDK])])
     reasons = reasons_for(copy, ovf_schema_dir)
     assert any(r.startswith("manifest line 1 is not 'SHA256(name)= hex'") for r in reasons)
