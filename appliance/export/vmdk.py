@@ -405,7 +405,10 @@ def write_stream_vmdk(
     fds = [os.open(f, os.O_RDONLY | os.O_CLOEXEC) for f in layout.files]
     try:
         for fd in fds:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a hint: more read-ahead
+            except OSError:
+                pass
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vmdk") as pool:
             pending: deque[Future[list[tuple[int, bytes]]]] = deque()
             try:

@@ -259,3 +259,23 @@ def test_qemu_img_remains_selectable(
     monkeypatch.setattr(ova_module, "write_stream_vmdk", forbidden)
     result = write_ova(small_disk, make_cfg("output.vmdk_writer=qemu-img"), tmp_path / "q.ova")
     assert result.disk.file_size > 0
+
+
+def test_a_read_failure_midway_leaves_no_partial_ova(
+    tmp_path: Path, make_cfg: Callable[..., ApplianceConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = make_raw(tmp_path / "d.raw", 64 * MiB, [(i * 4 * MiB, os.urandom(MiB)) for i in range(16)])
+    real = vmdk_module._read_and_compress
+    calls: list[int] = []
+
+    def fail_on_the_fifth(*args: object) -> list[tuple[int, bytes]]:
+        calls.append(1)
+        if len(calls) == 5:
+            raise ExportError("short read: 0 of 65536 bytes (simulated)")
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(vmdk_module, "_read_and_compress", fail_on_the_fifth)
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match="simulated"):
+        write_ova(raw, make_cfg(), out / "broken.ova")
+    assert list(out.iterdir()) == []
