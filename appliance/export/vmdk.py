@@ -28,8 +28,8 @@ Unallocated and zero extents are never read; grains that read as all zeros are s
 the map cannot give a host offset for (compressed or encrypted qcow2 clusters, external data
 files, other formats) raises ``UnsupportedSource``, and the caller falls back to ``qemu-img``.
 
-Reading and compressing run in a thread pool (zlib and ``pread`` release the GIL); the calling
-thread writes the results in LBA order and hashes every byte as it writes it.
+Reading and compressing run in a thread pool (libdeflate, zlib and ``pread`` release the GIL);
+the calling thread writes the results in LBA order and hashes every byte as it writes it.
 """
 
 from __future__ import annotations
@@ -48,6 +48,21 @@ from typing import Protocol
 
 from appliance.errors import CommandFailed, ExportError
 from appliance.run import run
+
+try:  # libdeflate: 2-3x faster than zlib at level 6 and slightly smaller (see docs/export.md)
+    import deflate as _libdeflate
+except ImportError:  # pragma: no cover - it is a declared dependency; zlib keeps the writer working
+    _libdeflate = None  # type: ignore[assignment]
+
+
+def _zlib_stream(data: memoryview, level: int) -> bytes | bytearray:
+    """``data`` as one zlib (RFC 1950) stream; the GIL is released while it compresses."""
+    if _libdeflate is not None:
+        return _libdeflate.zlib_compress(data, level)
+    return zlib.compress(data, level)
+
+
+COMPRESSOR = "libdeflate" if _libdeflate is not None else "zlib"
 
 SECTOR = 512
 GRAIN_SECTORS = 128
@@ -117,6 +132,7 @@ class VmdkResult:
     grain_tables: int
     workers: int
     level: int
+    compressor: str
 
 
 def default_workers() -> int:
@@ -238,7 +254,7 @@ def _chunks(layout: SourceLayout) -> Iterator[_Chunk]:
         yield _Chunk(current * CHUNK_GRAINS, tuple(pieces), frozenset(touched))
 
 
-def _grain_record(lba: int, compressed: bytes) -> bytes:
+def _grain_record(lba: int, compressed: bytes | bytearray) -> bytes:
     """Grain marker (LBA, size) + deflated data, padded to a sector."""
     head = struct.pack("<QI", lba, len(compressed))
     pad = -(len(head) + len(compressed)) % SECTOR
@@ -258,7 +274,7 @@ def _read_and_compress(chunk: _Chunk, fds: Sequence[int], level: int) -> list[tu
         if buf.startswith(ZERO_GRAIN, i * GRAIN):  # a memcmp, no copy
             continue
         number = chunk.first_grain + i
-        compressed = zlib.compress(view[i * GRAIN:(i + 1) * GRAIN], level)
+        compressed = _zlib_stream(view[i * GRAIN:(i + 1) * GRAIN], level)
         records.append((number, _grain_record(number * GRAIN_SECTORS, compressed)))
     return records
 
@@ -325,7 +341,7 @@ def max_vmdk_size(layout: SourceLayout, name: str) -> int:
     capacity = layout.virtual_size // SECTOR
     desc = -(-len(descriptor_text(name, capacity)) // SECTOR) * SECTOR
     grains = len({g for r in layout.runs for g in range(r.start // GRAIN, (r.start + r.length - 1) // GRAIN + 1)})
-    worst_grain = -(-(12 + len(zlib.compress(os.urandom(GRAIN), 1)) + 64) // SECTOR) * SECTOR
+    worst_grain = -(-(12 + len(_zlib_stream(memoryview(os.urandom(GRAIN)), 1)) + 64) // SECTOR) * SECTOR
     tables = -(-layout.virtual_size // GT_SPAN)
     gd = -(-tables * 4 // SECTOR) * SECTOR
     return SECTOR + desc + grains * worst_grain + tables * (SECTOR + GT_BYTES) + SECTOR + gd + 3 * SECTOR
@@ -439,5 +455,5 @@ def write_stream_vmdk(
     w.write(_marker(0, MARKER_EOS))
     return VmdkResult(
         size=w.pos, sha256=w.digest.hexdigest(), capacity=layout.virtual_size,
-        grains=grains, grain_tables=tables, workers=threads, level=level,
+        grains=grains, grain_tables=tables, workers=threads, level=level, compressor=COMPRESSOR,
     )

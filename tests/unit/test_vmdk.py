@@ -279,3 +279,12 @@ def test_a_read_failure_midway_leaves_no_partial_ova(
     with pytest.raises(ExportError, match="simulated"):
         write_ova(raw, make_cfg(), out / "broken.ova")
     assert list(out.iterdir()) == []
+
+
+def test_without_libdeflate_python_zlib_writes_the_same_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = make_raw(tmp_path / "z.raw", 24 * MiB, [(MiB, os.urandom(MiB)), (9 * MiB, b"zlib " * 90000)])
+    with_libdeflate = write_vmdk(raw, tmp_path / "a.vmdk")
+    monkeypatch.setattr(vmdk_module, "_libdeflate", None)
+    with_zlib = write_vmdk(raw, tmp_path / "b.vmdk")
+    assert with_libdeflate.grains == with_zlib.grains
+    assert_qemu_reads_it_as(raw, "raw", tmp_path / "b.vmdk")
