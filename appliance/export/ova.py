@@ -302,7 +302,7 @@ def _pack_streaming(
     level, workers = cfg.output.vmdk_compression_level, cfg.output.vmdk_workers
     with partial.open("wb", buffering=CHUNK) as raw:
         raw.seek(data_offset)
-        with log.step(f"write {disk_name}: streamOptimized, zlib level {level}, "
+        with log.step(f"write {disk_name}: streamOptimized, compression level {level}, "
                       f"{workers or 'all'} worker(s), {layout.data_bytes / 2**20:.0f} MiB of data"):
             vmdk = write_stream_vmdk(layout, raw, name=disk_name, level=level, workers=workers)
         disk = DiskFacts(href=disk_name, file_size=vmdk.size, capacity=capacity, sha256=vmdk.sha256)
@@ -325,7 +325,7 @@ def _pack_streaming(
             raise ExportError(f"archive head ends at {raw.tell()}, the VMDK starts at {data_offset}")
         raw.flush()
         os.fsync(raw.fileno())
-    log.info(f"VMDK: {vmdk.size / 2**20:.1f} MiB, {vmdk.grains} grains, {vmdk.workers} worker(s)")
+    log.info(f"VMDK: {vmdk.size / 2**20:.1f} MiB, {vmdk.grains} grains, {vmdk.compressor}, {vmdk.workers} worker(s)")
     return disk, size
 
 
