@@ -304,7 +304,12 @@ def _pack_streaming(
         raw.seek(data_offset)
         with log.step(f"write {disk_name}: streamOptimized, compression level {level}, "
                       f"{workers or 'all'} worker(s), {layout.data_bytes / 2**20:.0f} MiB of data"):
-            vmdk = write_stream_vmdk(layout, raw, name=disk_name, level=level, workers=workers)
+            if layout.compressed_files:
+                log.info("the disk's chain holds compressed clusters: decompressing "
+                         + ", ".join(Path(layout.files[d]).name for d in layout.compressed_files)
+                         + " with qemu-img first")
+            vmdk = write_stream_vmdk(layout, raw, name=disk_name, level=level, workers=workers,
+                                     scratch=partial.parent)
         disk = DiskFacts(href=disk_name, file_size=vmdk.size, capacity=capacity, sha256=vmdk.sha256)
         ovf, manifest = head(disk)
         if _blocks(len(ovf)) < ovf_room:

@@ -24,9 +24,12 @@ knows where the directory is) and an end-of-stream marker. Facts used here, as V
 
 The disk is read through ``qemu-img map``: every data extent of a raw or qcow2 image (and of
 its backing chain) has a host offset in some file, which is read directly with ``pread``.
-Unallocated and zero extents are never read; grains that read as all zeros are skipped. What
-the map cannot give a host offset for (compressed or encrypted qcow2 clusters, external data
-files, other formats) raises ``UnsupportedSource``, and the caller falls back to ``qemu-img``.
+Unallocated and zero extents are never read; grains that read as all zeros are skipped.
+Compressed qcow2 clusters have no host offset: the image (of the chain) that holds them is
+first decompressed once by ``qemu-img convert -O raw`` into a sparse scratch file, and those
+extents are read from there (a Vagrant box image is usually compressed; the VM's own overlay
+on top of it is not). What cannot be read either way (encrypted images, external data files,
+other formats) raises ``UnsupportedSource``, and the caller falls back to ``qemu-img``.
 
 Reading and compressing run in a thread pool (libdeflate, zlib and ``pread`` release the GIL);
 the calling thread writes the results in LBA order and hashes every byte as it writes it.
@@ -38,6 +41,7 @@ import hashlib
 import json
 import os
 import struct
+import tempfile
 import zlib
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -105,7 +109,10 @@ class DataRun:
     start: int
     length: int
     file: int
-    offset: int
+    offset: int  # -1: no host offset (compressed clusters), read from a decompressed copy
+
+
+NO_OFFSET = -1
 
 
 @dataclass(frozen=True)
@@ -115,10 +122,16 @@ class SourceLayout:
     virtual_size: int
     files: tuple[str, ...]
     runs: tuple[DataRun, ...]
+    formats: tuple[str, ...] = ()
 
     @property
     def data_bytes(self) -> int:
         return sum(r.length for r in self.runs)
+
+    @property
+    def compressed_files(self) -> tuple[int, ...]:
+        """The files (chain depths) holding data that has no host offset."""
+        return tuple(sorted({r.file for r in self.runs if r.offset == NO_OFFSET}))
 
 
 @dataclass(frozen=True)
@@ -169,8 +182,10 @@ def source_layout(path: Path) -> SourceLayout:
     if not isinstance(chain, list) or not chain or not all(isinstance(i, dict) for i in chain):
         raise ExportError(f"qemu-img info gave no image list for {path}")
     files: list[str] = []
+    formats: list[str] = []
     for depth, image in enumerate(chain):
         fmt = str(image.get("format", ""))
+        formats.append(fmt)
         name = str(image.get("filename", ""))
         if fmt not in SUPPORTED_FORMATS:
             raise UnsupportedSource(f"{name or path} is {fmt or 'of unknown format'} (read directly: raw, qcow2)")
@@ -210,17 +225,43 @@ def source_layout(path: Path) -> SourceLayout:
         covered = start + length
         if not entry.get("data") or entry.get("zero"):
             continue  # a hole or zeros: nothing to read, nothing to write
-        if entry.get("compressed") or "offset" not in entry:
-            raise UnsupportedSource(
-                f"{path} has compressed or unmapped data at {start} (qemu-img map shows no host offset)"
-            )
         depth = int(entry.get("depth", 0))
         if not 0 <= depth < len(files):
             raise ExportError(f"qemu-img map of {path} names backing depth {depth}, the chain has {len(files)}")
-        runs.append(DataRun(start, length, depth, int(entry["offset"])))
+        if entry.get("compressed") or "offset" not in entry:
+            if formats[depth] != "qcow2":
+                raise UnsupportedSource(f"{files[depth]} has data at {start} that qemu-img map gives no place for")
+            runs.append(DataRun(start, length, depth, NO_OFFSET))  # compressed clusters
+        else:
+            runs.append(DataRun(start, length, depth, int(entry["offset"])))
     if covered != virtual_size:
         raise ExportError(f"qemu-img map of {path} covers {covered} bytes, the disk has {virtual_size}")
-    return SourceLayout(virtual_size, tuple(files), tuple(runs))
+    return SourceLayout(virtual_size, tuple(files), tuple(runs), tuple(formats))
+
+
+def decompressed(layout: SourceLayout, scratch: Path) -> SourceLayout:
+    """``layout`` with every extent that has no host offset read from a raw copy made in ``scratch``.
+
+    Each image holding compressed clusters is converted once, whole, by ``qemu-img convert -O
+    raw`` (sparse: only its data takes room); an extent allocated at depth d reads the same
+    bytes from that copy at its own virtual offset.
+    """
+    files = list(layout.files)
+    replacement: dict[int, int] = {}
+    for depth in layout.compressed_files:
+        copy = scratch / f"depth{depth}.raw"
+        try:
+            run(["qemu-img", "convert", "-f", layout.formats[depth], "-O", "raw", files[depth], str(copy)],
+                hint="decompressing the compressed clusters of a qcow2 image needs room for its data")
+        except CommandFailed as exc:
+            raise ExportError(f"cannot decompress {files[depth]}: {exc.message}") from None
+        replacement[depth] = len(files)
+        files.append(str(copy))
+    runs = tuple(
+        DataRun(r.start, r.length, replacement[r.file], r.start) if r.offset == NO_OFFSET else r
+        for r in layout.runs
+    )
+    return SourceLayout(layout.virtual_size, tuple(files), runs, layout.formats + ("raw",) * len(replacement))
 
 
 @dataclass(frozen=True)
@@ -371,17 +412,27 @@ def write_stream_vmdk(
     name: str,
     level: int = 6,
     workers: int = 0,
+    scratch: Path | None = None,
 ) -> VmdkResult:
     """Write ``source`` as a streamOptimized VMDK to ``out`` (written strictly in order).
 
     ``name`` is the file name the descriptor's extent line gives (the VMDK's own name);
-    ``level`` the zlib level (1-9); ``workers`` the compression threads (0: every core).
+    ``level`` the compression level (1-9); ``workers`` the compression threads (0: every core);
+    ``scratch`` the folder for decompressed copies of compressed qcow2 images (default: the
+    system's temporary folder), removed when done.
     """
     if level not in COMPRESSION_LEVELS:
         raise ExportError(f"VMDK compression level {level} is not allowed (1-9)")
     if workers < 0:
         raise ExportError(f"VMDK workers {workers} is not allowed (0 = every core, or a positive count)")
     layout = source if isinstance(source, SourceLayout) else source_layout(Path(source))
+    if layout.compressed_files:
+        with tempfile.TemporaryDirectory(prefix=".vmdk-scratch-", dir=scratch) as tmp:
+            return _write(decompressed(layout, Path(tmp)), out, name=name, level=level, workers=workers)
+    return _write(layout, out, name=name, level=level, workers=workers)
+
+
+def _write(layout: SourceLayout, out: _Writable, *, name: str, level: int, workers: int) -> VmdkResult:
     threads = workers or default_workers()
     capacity = layout.virtual_size // SECTOR
     descriptor = descriptor_text(name, capacity)

@@ -193,20 +193,46 @@ def test_bad_settings_are_refused(kwargs: dict[str, int], message: str, tmp_path
         write_vmdk(raw, tmp_path / "d.vmdk", **kwargs)
 
 
-def test_compressed_qcow2_is_unsupported_and_write_ova_falls_back_saying_so(
+def test_compressed_qcow2_under_an_overlay_is_decompressed_once_and_written_in_parallel(
     tmp_path: Path, small_disk: Path, make_cfg: Callable[..., ApplianceConfig], monkeypatch: pytest.MonkeyPatch,
     ovf_schema_dir: Path,
 ) -> None:
-    packed = tmp_path / "packed.qcow2"
-    run(["qemu-img", "convert", "-c", "-f", "qcow2", "-O", "qcow2", str(small_disk), str(packed)])
-    with pytest.raises(UnsupportedSource, match="compressed"):
-        source_layout(packed)
+    # What a Vagrant box gives: a compressed qcow2 base, the VM's uncompressed overlay on top.
+    base = tmp_path / "box.qcow2"
+    run(["qemu-img", "convert", "-c", "-f", "qcow2", "-O", "qcow2", str(small_disk), str(base)])
+    top = tmp_path / "vm.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", base.name, str(top)])
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x77 2M 1M", "-c", "write -P 0x78 50M 3M", str(top)])
+    layout = source_layout(top)
+    assert [Path(layout.files[d]).name for d in layout.compressed_files] == ["box.qcow2"]
     warnings: list[str] = []
     monkeypatch.setattr(ova_module.log, "warning", lambda msg, *a: warnings.append(msg))
-    result = write_ova(packed, make_cfg(), tmp_path / "out" / "fallback.ova")
-    assert len(warnings) == 1 and "qemu-img instead of the parallel writer" in warnings[0]
-    assert "compressed" in warnings[0]
+    out = tmp_path / "out"
+    result = write_ova(top, make_cfg(), out / "vm.ova")
+    assert warnings == []  # no fallback
+    assert sorted(p.name for p in out.iterdir()) == ["vm.ova", "vm.ova.sha256"]  # scratch copy removed
     verify_ova(result.path, boot=False, schema_dir=ovf_schema_dir)
+    run(["tar", "-xf", str(result.path), "-C", str(tmp_path)])
+    assert_qemu_reads_it_as(top, "qcow2", tmp_path / "vm-disk001.vmdk")
+
+
+def test_external_data_file_is_unsupported_and_write_ova_falls_back_saying_so(
+    tmp_path: Path, make_cfg: Callable[..., ApplianceConfig], monkeypatch: pytest.MonkeyPatch,
+    ovf_schema_dir: Path,
+) -> None:
+    disk = tmp_path / "ext.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={tmp_path / 'ext.data'}", str(disk), "32M"])
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x42 1M 2M", str(disk)])
+    with pytest.raises(UnsupportedSource, match="external data file"):
+        source_layout(disk)
+    warnings: list[str] = []
+    monkeypatch.setattr(ova_module.log, "warning", lambda msg, *a: warnings.append(msg))
+    result = write_ova(disk, make_cfg(), tmp_path / "out" / "fallback.ova")
+    assert len(warnings) == 1 and "qemu-img instead of the parallel writer" in warnings[0]
+    assert "external data file" in warnings[0]
+    verify_ova(result.path, boot=False, schema_dir=ovf_schema_dir)
+    run(["tar", "-xf", str(result.path), "-C", str(tmp_path)])
+    assert_qemu_reads_it_as(disk, "qcow2", tmp_path / "fallback-disk001.vmdk")
 
 
 def test_a_vmdk_source_is_refused_before_anything_is_written(tmp_path: Path) -> None:
