@@ -1,9 +1,11 @@
 """Write an OVA from a VM disk: streamOptimized VMDK, OVF descriptor, SHA256 manifest, tar.
 
-``write_ova(disk_image, cfg, dest)`` converts the disk (qcow2 or raw) with ``qemu-img``, writes
-the descriptor (``appliance.export.ovf``) and a manifest of ``SHA256(name)= hex`` lines, and
-packs them into ``dest`` in the order OVF readers need: the ``.ovf`` first, the ``.mf`` right
-after it, then the files in ``References`` order.
+``write_ova(disk_image, cfg, dest)`` writes the disk (qcow2 or raw) as a streamOptimized VMDK with
+the parallel writer (``appliance.export.vmdk``) straight into its place in the archive, or, where
+that writer cannot read the disk or ``output.vmdk_writer`` says so, with ``qemu-img`` into a work
+file; writes the descriptor (``appliance.export.ovf``) and a manifest of ``SHA256(name)= hex``
+lines, and packs them into ``dest`` in the order OVF readers need: the ``.ovf`` first, the ``.mf``
+right after it, then the files in ``References`` order.
 
 The tar headers are plain POSIX ustar. A member of 8 GiB or more does not fit ustar's 11-digit
 octal size field; POSIX's answer (a PAX extended header) is refused by VirtualBox's tar reader
@@ -11,8 +13,9 @@ octal size field; POSIX's answer (a PAX extended header) is refused by VirtualBo
 0x80, big-endian binary) is read by VirtualBox, GNU tar, bsdtar and Python's tarfile alike. So
 exactly that one field switches to base-256 when, and only when, a member needs it.
 
-The archive is written under a temporary name in the destination folder, hashed while it is
-written (no second read), and renamed into place only when complete; ``<ova>.sha256`` follows
+The archive is written under a temporary name in the destination folder and renamed into
+place only when complete (with the parallel writer the VMDK is written once, in place, and the
+finished archive is read once for its digest); ``<ova>.sha256`` follows
 in ``sha256sum`` format. On any failure the partial files are removed.
 """
 
@@ -290,8 +293,8 @@ def _pack_streaming(
 
     The descriptor and the manifest come first in the archive but depend on the VMDK's size
     and digest. Only the number of digits of the size can change their length, so room is
-    reserved for the longest descriptor the size bound allows; when the real one needs one
-    block less, it is padded with newlines after the root element (valid XML) to keep the
+    reserved for the longest descriptor the size bound allows; when the real one needs fewer
+    blocks, it is padded with newlines after the root element (valid XML) to keep the
     VMDK where it was written. Returns the disk facts and the archive size.
     """
     ovf_name, mf_name, disk_name = names
