@@ -1,9 +1,11 @@
 """Write an OVA from a VM disk: streamOptimized VMDK, OVF descriptor, SHA256 manifest, tar.
 
-``write_ova(disk_image, cfg, dest)`` converts the disk (qcow2 or raw) with ``qemu-img``, writes
-the descriptor (``appliance.export.ovf``) and a manifest of ``SHA256(name)= hex`` lines, and
-packs them into ``dest`` in the order OVF readers need: the ``.ovf`` first, the ``.mf`` right
-after it, then the files in ``References`` order.
+``write_ova(disk_image, cfg, dest)`` writes the disk (qcow2 or raw) as a streamOptimized VMDK with
+the parallel writer (``appliance.export.vmdk``) straight into its place in the archive, or, where
+that writer cannot read the disk or ``output.vmdk_writer`` says so, with ``qemu-img`` into a work
+file; writes the descriptor (``appliance.export.ovf``) and a manifest of ``SHA256(name)= hex``
+lines, and packs them into ``dest`` in the order OVF readers need: the ``.ovf`` first, the ``.mf``
+right after it, then the files in ``References`` order.
 
 The tar headers are plain POSIX ustar. A member of 8 GiB or more does not fit ustar's 11-digit
 octal size field; POSIX's answer (a PAX extended header) is refused by VirtualBox's tar reader
@@ -11,8 +13,9 @@ octal size field; POSIX's answer (a PAX extended header) is refused by VirtualBo
 0x80, big-endian binary) is read by VirtualBox, GNU tar, bsdtar and Python's tarfile alike. So
 exactly that one field switches to base-256 when, and only when, a member needs it.
 
-The archive is written under a temporary name in the destination folder, hashed while it is
-written (no second read), and renamed into place only when complete; ``<ova>.sha256`` follows
+The archive is written under a temporary name in the destination folder and renamed into
+place only when complete (with the parallel writer the VMDK is written once, in place, and the
+finished archive is read once for its digest); ``<ova>.sha256`` follows
 in ``sha256sum`` format. On any failure the partial files are removed.
 """
 
@@ -23,13 +26,14 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from appliance.errors import CommandFailed, ExportError
 from appliance.export.ovf import DiskFacts, OvfFormat, ovf_descriptor
+from appliance.export.vmdk import SourceLayout, UnsupportedSource, max_vmdk_size, source_layout, write_stream_vmdk
 from appliance.log import log
 from appliance.run import run
 
@@ -222,45 +226,149 @@ def write_ova(
             f"allowed: {', '.join(SUPPORTED_INPUT_FORMATS)}"
         )
     if info.get("backing-filename"):
-        # qemu-img convert flattens the chain, which is what we want; say so, it is slower.
+        # Both VMDK writers flatten the chain, which is what we want; say so.
         log.info(f"disk has a backing file ({info['backing-filename']}); the OVA gets the flattened image")
     capacity = int(str(info.get("virtual-size", 0)))
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     stem = dest.stem
-    ovf_name, mf_name, disk_name = f"{stem}.ovf", f"{stem}.mf", f"{stem}-disk001.vmdk"
+    names = (f"{stem}.ovf", f"{stem}.mf", f"{stem}-disk001.vmdk")
     partial = dest.parent / f".{dest.name}.partial"
     sha_file = dest.parent / f"{dest.name}.sha256"
     sha_partial = dest.parent / f".{sha_file.name}.partial"
 
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.work-") as work:
-        vmdk = Path(work) / disk_name
-        with log.step(f"convert {disk_image.name} ({source_format}) to a streamOptimized VMDK"):
-            convert_to_stream_vmdk(disk_image, source_format, vmdk)
-        vmdk_size = vmdk.stat().st_size
-        disk = DiskFacts(href=disk_name, file_size=vmdk_size, capacity=capacity, sha256=sha256_file(vmdk))
+    layout = _parallel_layout(disk_image, cfg)
+
+    def head(disk: DiskFacts) -> tuple[bytes, bytes]:
         ovf = ovf_descriptor(cfg, disk, ovf_format=fmt, include_vbox_machine=include_vbox_machine)
-        manifest = manifest_text([(ovf_name, hashlib.sha256(ovf).hexdigest()), (disk_name, disk.sha256)])
-        try:
-            with log.step(f"pack {dest.name}"):
-                with partial.open("wb") as raw:
-                    w = _HashingWriter(raw)
-                    _write_bytes_member(w, ovf_name, ovf, stamp)
-                    _write_bytes_member(w, mf_name, manifest, stamp)
-                    _write_file_member(w, disk_name, vmdk, vmdk_size, stamp)
-                    w.write(b"\0" * (2 * BLOCK))  # end-of-archive marker
-                    raw.flush()
-                    os.fsync(raw.fileno())
-                digest = w.digest.hexdigest()
-                sha_partial.write_text(f"{digest}  {dest.name}\n", encoding="ascii")
-                os.replace(partial, dest)
-                os.replace(sha_partial, sha_file)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            sha_partial.unlink(missing_ok=True)
-            raise
-    log.success(f"wrote {dest} ({w.size / 2**20:.1f} MiB, sha256 {digest[:16]}...)")
+        return ovf, manifest_text([(names[0], hashlib.sha256(ovf).hexdigest()), (names[2], disk.sha256)])
+
+    try:
+        if layout is not None:
+            disk, size = _pack_streaming(layout, cfg, names, capacity, head, partial, stamp)
+            with log.step(f"hash {dest.name}"):
+                digest = sha256_file(partial)
+        else:
+            with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.work-") as work:
+                disk, digest, size = _pack_from_qemu_img(
+                    disk_image, source_format, Path(work), names, capacity, head, partial, stamp
+                )
+        sha_partial.write_text(f"{digest}  {dest.name}\n", encoding="ascii")
+        os.replace(partial, dest)
+        os.replace(sha_partial, sha_file)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        sha_partial.unlink(missing_ok=True)
+        raise
+    log.success(f"wrote {dest} ({size / 2**20:.1f} MiB, sha256 {digest[:16]}...)")
     return OvaResult(
-        path=dest, sha256=digest, size=w.size, sha256_file=sha_file,
-        members=(ovf_name, mf_name, disk_name), disk=disk, ovf_format=fmt,
+        path=dest, sha256=digest, size=size, sha256_file=sha_file,
+        members=names, disk=disk, ovf_format=fmt,
     )
+
+
+# -- the two ways to the VMDK ------------------------------------------------------------------
+
+
+def _parallel_layout(disk_image: Path, cfg: ApplianceConfig) -> SourceLayout | None:
+    """The disk's map when the parallel writer is chosen and can read it; else None (qemu-img)."""
+    if cfg.output.vmdk_writer != "parallel":
+        log.info("VMDK by qemu-img (output.vmdk_writer: qemu-img): one core")
+        return None
+    try:
+        return source_layout(disk_image)
+    except UnsupportedSource as exc:
+        log.warning(f"VMDK by qemu-img instead of the parallel writer (one core, slower): {exc.message}")
+        return None
+
+
+def _pack_streaming(
+    layout: SourceLayout,
+    cfg: ApplianceConfig,
+    names: tuple[str, str, str],
+    capacity: int,
+    head: Callable[[DiskFacts], tuple[bytes, bytes]],
+    partial: Path,
+    stamp: int,
+) -> tuple[DiskFacts, int]:
+    """Write the VMDK straight into its place in the tar, then the descriptor and manifest before it.
+
+    The descriptor and the manifest come first in the archive but depend on the VMDK's size
+    and digest. Only the number of digits of the size can change their length, so room is
+    reserved for the longest descriptor the size bound allows; when the real one needs fewer
+    blocks, it is padded with newlines after the root element (valid XML) to keep the
+    VMDK where it was written. Returns the disk facts and the archive size.
+    """
+    ovf_name, mf_name, disk_name = names
+    bound = max_vmdk_size(layout, disk_name)
+    ovf_max, mf_max = head(DiskFacts(href=disk_name, file_size=bound, capacity=capacity, sha256="0" * 64))
+    ovf_room, mf_room = _blocks(len(ovf_max)), _blocks(len(mf_max))
+    data_offset = BLOCK + ovf_room + BLOCK + mf_room + BLOCK
+    level, workers = cfg.output.vmdk_compression_level, cfg.output.vmdk_workers
+    with partial.open("wb", buffering=CHUNK) as raw:
+        raw.seek(data_offset)
+        with log.step(f"write {disk_name}: streamOptimized, compression level {level}, "
+                      f"{workers or 'all'} worker(s), {layout.data_bytes / 2**20:.0f} MiB of data"):
+            if layout.compressed_files:
+                log.info("the disk's chain holds compressed clusters: decompressing "
+                         + ", ".join(Path(layout.files[d]).name for d in layout.compressed_files)
+                         + " with qemu-img first")
+            vmdk = write_stream_vmdk(layout, raw, name=disk_name, level=level, workers=workers,
+                                     scratch=partial.parent)
+        disk = DiskFacts(href=disk_name, file_size=vmdk.size, capacity=capacity, sha256=vmdk.sha256)
+        ovf, manifest = head(disk)
+        if _blocks(len(ovf)) < ovf_room:
+            ovf += b"\n" * (ovf_room - BLOCK + 1 - len(ovf))
+            manifest = manifest_text([(ovf_name, hashlib.sha256(ovf).hexdigest()), (disk_name, disk.sha256)])
+        if _blocks(len(ovf)) != ovf_room or _blocks(len(manifest)) != mf_room:
+            raise ExportError(  # cannot happen: the bound has the most digits
+                f"descriptor ({len(ovf)} bytes) or manifest ({len(manifest)}) outgrew the room reserved for them"
+            )
+        raw.write(_padding(vmdk.size))
+        raw.write(b"\0" * (2 * BLOCK))  # end-of-archive marker
+        size = raw.tell()
+        raw.seek(0)
+        raw.write(ustar_header(ovf_name, len(ovf), mtime=stamp) + ovf + _padding(len(ovf)))
+        raw.write(ustar_header(mf_name, len(manifest), mtime=stamp) + manifest + _padding(len(manifest)))
+        raw.write(ustar_header(disk_name, vmdk.size, mtime=stamp))
+        if raw.tell() != data_offset:
+            raise ExportError(f"archive head ends at {raw.tell()}, the VMDK starts at {data_offset}")
+        raw.flush()
+        os.fsync(raw.fileno())
+    log.info(f"VMDK: {vmdk.size / 2**20:.1f} MiB, {vmdk.grains} grains, {vmdk.compressor}, {vmdk.workers} worker(s)")
+    return disk, size
+
+
+def _pack_from_qemu_img(
+    disk_image: Path,
+    source_format: str,
+    work: Path,
+    names: tuple[str, str, str],
+    capacity: int,
+    head: Callable[[DiskFacts], tuple[bytes, bytes]],
+    partial: Path,
+    stamp: int,
+) -> tuple[DiskFacts, str, int]:
+    """qemu-img writes the VMDK to a work file; it is hashed, then copied into the archive."""
+    ovf_name, mf_name, disk_name = names
+    vmdk = work / disk_name
+    with log.step(f"convert {disk_image.name} ({source_format}) to a streamOptimized VMDK with qemu-img"):
+        convert_to_stream_vmdk(disk_image, source_format, vmdk)
+    vmdk_size = vmdk.stat().st_size
+    disk = DiskFacts(href=disk_name, file_size=vmdk_size, capacity=capacity, sha256=sha256_file(vmdk))
+    ovf, manifest = head(disk)
+    with log.step(f"pack {partial.name.removeprefix('.').removesuffix('.partial')}"):
+        with partial.open("wb") as raw:
+            w = _HashingWriter(raw)
+            _write_bytes_member(w, ovf_name, ovf, stamp)
+            _write_bytes_member(w, mf_name, manifest, stamp)
+            _write_file_member(w, disk_name, vmdk, vmdk_size, stamp)
+            w.write(b"\0" * (2 * BLOCK))  # end-of-archive marker
+            raw.flush()
+            os.fsync(raw.fileno())
+    return disk, w.digest.hexdigest(), w.size
+
+
+def _blocks(size: int) -> int:
+    """Bytes a member of ``size`` bytes takes in the archive, padding included."""
+    return -(-size // BLOCK) * BLOCK

@@ -121,10 +121,10 @@ def test_failure_while_packing_leaves_no_partial_or_final_file(
     monkeypatch.setattr(ova_module, "_write_file_member", fail_midway)
     out = tmp_path / "out"
     with pytest.raises(OSError, match="simulated"):
-        write_ova(small_disk, make_cfg(), out / "broken.ova")
+        write_ova(small_disk, make_cfg("output.vmdk_writer=qemu-img"), out / "broken.ova")
     assert sorted(p.name for p in out.iterdir()) == []
     monkeypatch.setattr(ova_module, "_write_file_member", real)
-    result = write_ova(small_disk, make_cfg(), out / "broken.ova")
+    result = write_ova(small_disk, make_cfg("output.vmdk_writer=qemu-img"), out / "broken.ova")
     assert sorted(p.name for p in out.iterdir()) == ["broken.ova", "broken.ova.sha256"]
     assert result.path.exists()
 
