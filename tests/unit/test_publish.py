@@ -197,9 +197,10 @@ def test_a_staged_ova_changed_after_verify_is_not_published(tmp_path: Path) -> N
 
 
 def test_export_disk_full_is_a_clear_error_and_recorded(tmpfs: Callable[[int], Path], tmp_path: Path) -> None:
-    # Random data does not compress: the VMDK (~3 MiB) fits in 5 MiB, the OVA beside it does not.
+    # Random data does not compress: an OVA holding 6 MiB of it cannot fit in 5 MiB, whichever writer made the
+    # VMDK (the parallel writer streams it into the OVA; qemu-img writes it beside the OVA first).
     raw = tmp_path / "disk.raw"
-    raw.write_bytes(os.urandom(3 * MiB))
+    raw.write_bytes(os.urandom(6 * MiB))
     staging = tmpfs(5 * MiB)
     cfg = _cfg(tmp_path, tmp_path / "dist")
 
@@ -215,21 +216,22 @@ def test_export_disk_full_is_a_clear_error_and_recorded(tmpfs: Callable[[int], P
     assert _listing(staging) == [], "no partial OVA, digest or work folder is left"
 
 
-def test_ctrl_c_while_packing_the_ova_leaves_nothing_and_is_recorded(tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("writer", "hook"), [("parallel", "write_stream_vmdk"), ("qemu-img", "_write_file_member")])
+def test_ctrl_c_while_packing_the_ova_leaves_nothing_and_is_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     writer: str, hook: str) -> None:
     from appliance.export import ova
 
     raw = tmp_path / "disk.raw"
     raw.write_bytes(os.urandom(MiB))
     staging = tmp_path / "staging"
-    cfg = _cfg(tmp_path, tmp_path / "dist")
-    real = ova._write_file_member
+    cfg = _cfg(tmp_path, tmp_path / "dist", f"output.vmdk_writer={writer}")
+    real = getattr(ova, hook)
 
-    def interrupted(*args: object, **kwargs: object) -> None:
-        real(*args, **kwargs)  # type: ignore[arg-type]
+    def interrupted(*args: object, **kwargs: object) -> object:
+        real(*args, **kwargs)
         raise KeyboardInterrupt  # Ctrl-C once the disk is packed, before the end of the archive
 
-    monkeypatch.setattr(ova, "_write_file_member", interrupted)
+    monkeypatch.setattr(ova, hook, interrupted)
 
     def export(ctx: BuildContext) -> str | None:
         write_ova(raw, ctx.cfg, staging / "csghub-1.0.0.ova")
