@@ -299,6 +299,7 @@ def test_apply_access_rewrites_coredns_and_is_finished_after_a_cut(tmp_path: Pat
 
     build = load_config(None, [], cwd=tmp_path)
     (manifests / "coredns-custom.yaml").write_text(manifest_yaml(render_manifests(build)["coredns-custom.yaml"]))
+    (manifests / "coredns-custom.yaml").chmod(0o600)  # as 30-csghub.sh installs it (mode counts as a change)
     env = {"CSGHUB_STATE": str(tmp_path), "CSGHUB_DOMAIN": "csghub.localhost", "K3S_NODE_IP": build.k3s.node_ip,
            "K3S_MANIFESTS": str(manifests), "K3S_REGISTRIES": str(tmp_path / "none.yaml"),
            "CSGHUB_STACK_LIB": str(STACK_LIB)}
