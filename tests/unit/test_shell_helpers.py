@@ -83,7 +83,8 @@ def test_a_read_only_target_fails_the_step(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.write_text("new\n")
     inner = (f'mount --bind "{target_dir}" "{target_dir}" && mount -o remount,bind,ro "{target_dir}" && '
-             f'set -euo pipefail; . "{COMMON}"; install_if_changed "{src}" "{target_dir}/dest" 0644; echo "still running"')
+             f'set -euo pipefail; . "{COMMON}"; '
+             f'install_if_changed "{src}" "{target_dir}/dest" 0644; echo "still running"')
     proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", inner],
                           capture_output=True, text=True, timeout=30)
     if proc.returncode != 0 and "mount" in proc.stderr and "install_if_changed" not in proc.stderr \
