@@ -9,7 +9,11 @@
 # already right a line starting "ok:" with the reason. Safe to run any number of times.
 # Inputs: none (it reads no APPLIANCE_* variables).
 # appliance: timeout=900
+# appliance: files=common
 set -euo pipefail
+
+# shellcheck source-path=SCRIPTDIR source=files/common/lib.sh
+source "${PROVISION_DIR:-/var/tmp/csghub-provision}/files/common/lib.sh"
 
 # What the provisioning scripts and k3s use from the OS. Not iptables, conntrack or socat:
 # k3s ships its own. Not nfs-common or open-iscsi: volumes are local-path (ReadWriteOnce).
@@ -25,20 +29,6 @@ SYSCTLS=(
     "fs.inotify.max_user_instances=8192"
     "fs.inotify.max_user_watches=524288"
 )
-
-# write_file PATH MODE CONTENT: replace PATH only when its content differs.
-write_file() {
-    local path=$1 mode=$2 content=$3 tmp
-    if [[ -f "$path" ]] && [[ "$(cat "$path")" == "$content" ]]; then
-        echo "ok: $path already up to date"
-        return 0
-    fi
-    tmp=$(mktemp "${path}.XXXXXX")
-    printf '%s\n' "$content" >"$tmp"
-    chmod "$mode" "$tmp"
-    mv -f "$tmp" "$path"
-    echo "changed: wrote $path"
-}
 
 packages() {
     local missing=() pkg
@@ -59,7 +49,8 @@ packages() {
 
 kernel_modules() {
     local module
-    write_file "$MODULES_FILE" 0644 "$(printf '%s\n' "# Written by csghub-appliance 00-base.sh: needed by k3s." "${MODULES[@]}")"
+    printf '%s\n' "# Written by csghub-appliance 00-base.sh: needed by k3s." "${MODULES[@]}" |
+        install_if_changed - "$MODULES_FILE" 0644
     for module in "${MODULES[@]}"; do
         if [[ -d "/sys/module/$module" ]]; then
             echo "ok: kernel module $module already loaded"
@@ -71,10 +62,9 @@ kernel_modules() {
 }
 
 sysctls() {
-    local pair key want have content
-    content=$(printf '%s\n' "# Written by csghub-appliance 00-base.sh: k3s networking and inotify limits." \
-        "${SYSCTLS[@]/=/ = }")
-    write_file "$SYSCTL_FILE" 0644 "$content"
+    local pair key want have
+    printf '%s\n' "# Written by csghub-appliance 00-base.sh: k3s networking and inotify limits." \
+        "${SYSCTLS[@]/=/ = }" | install_if_changed - "$SYSCTL_FILE" 0644
     for pair in "${SYSCTLS[@]}"; do
         key=${pair%%=*}
         want=${pair#*=}
@@ -89,7 +79,9 @@ sysctls() {
 }
 
 swap_off() {
-    if [[ -n "$(swapon --show --noheadings 2>/dev/null)" ]]; then
+    local active
+    active=$(swapon --show --noheadings 2>/dev/null || true) # no swapon output: no swap to turn off
+    if [[ -n "$active" ]]; then
         swapoff -a
         echo "changed: turned swap off"
     else

@@ -25,11 +25,6 @@ DUMMY_IF=dummy-csghub
 READY_TIMEOUT=${K3S_READY_TIMEOUT:-600}
 restart_needed=no
 
-die() {
-    echo "error: $*" >&2
-    exit 1
-}
-
 : "${K3S_VERSION:?K3S_VERSION is required (k3s.version in the config)}"
 : "${K3S_NODE_IP:?K3S_NODE_IP is required (k3s.node_ip in the config)}"
 [[ "$K3S_NODE_IP" =~ ^[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "K3S_NODE_IP is not an IPv4 address: $K3S_NODE_IP"
@@ -37,26 +32,15 @@ for f in "$ARTIFACT_DIR/k3s" "$ARTIFACT_DIR/k3s-airgap-images-amd64.tar.zst" "$S
     [[ -s "$f" ]] || die "missing $f (the runner uploads the artifacts 'invoke fetch' cached, and provision/files/k3s)"
 done
 
-# write_if_changed DEST MODE < content
-write_if_changed() {
-    local tmp
-    tmp=$(mktemp)
-    cat >"$tmp"
-    if install_if_changed "$tmp" "$1" "$2"; then
-        rm -f "$tmp"
-        return 0
-    fi
-    rm -f "$tmp"
-    return 1
-}
-
 # --- binary, tools, image bundle ---------------------------------------------------------
-if install_if_changed "$ARTIFACT_DIR/k3s" /usr/local/bin/k3s 0755; then restart_needed=yes; fi
+install_if_changed "$ARTIFACT_DIR/k3s" /usr/local/bin/k3s 0755
+[[ "$FILE_CHANGED" == no ]] || restart_needed=yes
 have_version=$(/usr/local/bin/k3s --version | awk 'NR == 1 {print $3}')
 [[ "$have_version" == "$K3S_VERSION" ]] ||
     die "the uploaded k3s binary is $have_version, the config asks for $K3S_VERSION (run 'invoke fetch' again)"
 for tool in kubectl crictl ctr; do
-    if [[ "$(readlink "/usr/local/bin/$tool" 2>/dev/null)" == k3s ]]; then
+    link=$(readlink "/usr/local/bin/$tool" 2>/dev/null || true) # not a link: empty
+    if [[ "$link" == k3s ]]; then
         echo "ok: /usr/local/bin/$tool -> k3s"
     elif [[ -e "/usr/local/bin/$tool" && ! -L "/usr/local/bin/$tool" ]]; then
         echo "ok: /usr/local/bin/$tool exists and is not ours; left alone (use 'k3s $tool')"
@@ -65,20 +49,22 @@ for tool in kubectl crictl ctr; do
         echo "changed: /usr/local/bin/$tool -> k3s"
     fi
 done
-install_if_changed "$SRC/k3s-killall.sh" /usr/local/bin/k3s-killall.sh 0755 || true
+install_if_changed "$SRC/k3s-killall.sh" /usr/local/bin/k3s-killall.sh 0755
 # k3s imports every archive in this directory at start, so the system images exist offline.
-if install_if_changed "$ARTIFACT_DIR/k3s-airgap-images-amd64.tar.zst" \
-    "$K3S_DATA/agent/images/k3s-airgap-images-amd64.tar.zst" 0644; then restart_needed=yes; fi
+install_if_changed "$ARTIFACT_DIR/k3s-airgap-images-amd64.tar.zst" \
+    "$K3S_DATA/agent/images/k3s-airgap-images-amd64.tar.zst" 0644
+[[ "$FILE_CHANGED" == no ]] || restart_needed=yes
 
 # --- the address the cluster is bound to ------------------------------------------------
 networkd_changed=no
-if write_if_changed "/etc/systemd/network/10-$DUMMY_IF.netdev" 0644 <<EOF; then networkd_changed=yes; fi
+install_if_changed - "/etc/systemd/network/10-$DUMMY_IF.netdev" 0644 <<EOF
 # Written by provision/20-k3s.sh: the interface k3s binds to (docs/networking.md).
 [NetDev]
 Name=$DUMMY_IF
 Kind=dummy
 EOF
-if write_if_changed "/etc/systemd/network/10-$DUMMY_IF.network" 0644 <<EOF; then networkd_changed=yes; fi
+[[ "$FILE_CHANGED" == no ]] || networkd_changed=yes
+install_if_changed - "/etc/systemd/network/10-$DUMMY_IF.network" 0644 <<EOF
 # Written by provision/20-k3s.sh. The route is a last-resort default: k3s needs one to start,
 # and an offline import may have none. Any DHCP default route (lower metric) wins.
 [Match]
@@ -93,13 +79,15 @@ Gateway=${K3S_NODE_IP%.*}.254
 GatewayOnLink=yes
 Metric=4096
 EOF
+[[ "$FILE_CHANGED" == no ]] || networkd_changed=yes
 # networkd must not remove routes and rules it did not make (the primary NIC may be managed
 # by ifupdown or dhclient).
-if write_if_changed /etc/systemd/networkd.conf.d/10-csghub-foreign-routes.conf 0644 <<'EOF'; then networkd_changed=yes; fi
+install_if_changed - /etc/systemd/networkd.conf.d/10-csghub-foreign-routes.conf 0644 <<'EOF'
 [Network]
 ManageForeignRoutes=no
 ManageForeignRoutingPolicyRules=no
 EOF
+[[ "$FILE_CHANGED" == no ]] || networkd_changed=yes
 if ! systemctl -q is-enabled systemd-networkd.service; then
     systemctl enable systemd-networkd.service >/dev/null 2>&1
     echo "changed: enabled systemd-networkd (it creates $DUMMY_IF on every boot)"
@@ -117,7 +105,7 @@ echo "ok: $DUMMY_IF has $K3S_NODE_IP"
 ip route show default | grep -q . || die "no default route even with the fallback on $DUMMY_IF"
 
 # --- k3s configuration and unit ----------------------------------------------------------
-if write_if_changed /etc/rancher/k3s/config.yaml 0600 <<EOF; then restart_needed=yes; fi
+install_if_changed - /etc/rancher/k3s/config.yaml 0600 <<EOF
 # Written by provision/20-k3s.sh. Per-copy settings (the cluster token) are added on first
 # boot in config.yaml.d/. Bound to the appliance's own address: see docs/networking.md.
 node-name: csghub
@@ -130,9 +118,12 @@ disable:
   - servicelb
 write-kubeconfig-mode: "0600"
 EOF
-if printf '# Written by provision/20-k3s.sh (k3s.node_ip, k3s.extra_args).\nK3S_NODE_IP=%s\nK3S_EXTRA_ARGS=%s\n' \
-    "$K3S_NODE_IP" "${K3S_EXTRA_ARGS:-}" | write_if_changed /etc/default/k3s 0600; then restart_needed=yes; fi
-if install_if_changed "$SRC/k3s.service" /etc/systemd/system/k3s.service 0644; then
+[[ "$FILE_CHANGED" == no ]] || restart_needed=yes
+printf '# Written by provision/20-k3s.sh (k3s.node_ip, k3s.extra_args).\nK3S_NODE_IP=%s\nK3S_EXTRA_ARGS=%s\n' \
+    "$K3S_NODE_IP" "${K3S_EXTRA_ARGS:-}" | install_if_changed - /etc/default/k3s 0600
+[[ "$FILE_CHANGED" == no ]] || restart_needed=yes
+install_if_changed "$SRC/k3s.service" /etc/systemd/system/k3s.service 0644
+if [[ "$FILE_CHANGED" == yes ]]; then
     systemctl daemon-reload
     restart_needed=yes
 fi
@@ -152,30 +143,32 @@ fi
 
 # --- wait for the node and the core add-ons ------------------------------------------------
 export KUBECONFIG=/etc/rancher/k3s/k3s.yaml
-kc() { /usr/local/bin/k3s kubectl "$@"; }
 deadline=$((SECONDS + READY_TIMEOUT))
-remaining() { echo $((deadline > SECONDS ? deadline - SECONDS : 1)); }
 
-until kc get --raw /readyz >/dev/null 2>&1; do
+until "${KC[@]}" get --raw /readyz >/dev/null 2>&1; do
     ((SECONDS < deadline)) || die "the API server did not become ready within ${READY_TIMEOUT} s (journalctl -u k3s)"
     sleep 3
 done
 echo "ok: API server ready"
-until [[ "$(kc get node csghub -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" == True ]]; do
+while :; do
+    # Not registered yet (kubectl fails): not Ready either.
+    ready=$("${KC[@]}" get node csghub -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null || true)
+    [[ "$ready" != True ]] || break
     ((SECONDS < deadline)) || die "node csghub not Ready within ${READY_TIMEOUT} s (kubectl describe node csghub)"
     sleep 3
 done
-node_ip=$(kc get node csghub -o jsonpath='{.status.addresses[?(@.type=="InternalIP")].address}')
+node_ip=$("${KC[@]}" get node csghub -o jsonpath='{.status.addresses[?(@.type=="InternalIP")].address}')
 [[ "$node_ip" == "$K3S_NODE_IP" ]] || die "node registered with $node_ip, expected $K3S_NODE_IP"
 echo "ok: node csghub Ready at $node_ip"
 # The add-ons CSGHub relies on: DNS, the local-path volume provisioner, metrics.
 for deploy in coredns local-path-provisioner metrics-server; do
-    until kc -n kube-system get deployment "$deploy" >/dev/null 2>&1; do
+    until "${KC[@]}" -n kube-system get deployment "$deploy" >/dev/null 2>&1; do
         ((SECONDS < deadline)) || die "kube-system/$deploy was not created within ${READY_TIMEOUT} s"
         sleep 3
     done
-    if ! kc -n kube-system rollout status "deployment/$deploy" --timeout="$(remaining)s" >/dev/null; then
-        kc -n kube-system get pods -o wide >&2 || true
+    remaining=$((deadline > SECONDS ? deadline - SECONDS : 1))
+    if ! "${KC[@]}" -n kube-system rollout status "deployment/$deploy" --timeout="${remaining}s" >/dev/null; then
+        "${KC[@]}" -n kube-system get pods -o wide >&2 || true
         die "kube-system/$deploy not available within ${READY_TIMEOUT} s"
     fi
     echo "ok: kube-system/$deploy available"

@@ -33,11 +33,7 @@ POLL_SECONDS=${CSGHUB_POLL_SECONDS:-10}
 export KUBECONFIG=/etc/rancher/k3s/k3s.yaml
 LIB="${PROVISION_DIR:-/var/tmp/csghub-provision}/files/csghub/lib.sh"
 
-die() {
-    echo "error: $*" >&2
-    exit 1
-}
-kc() { /usr/local/bin/k3s kubectl --request-timeout=30s "$@"; }
+KC+=(--request-timeout=30s)
 
 : "${CSGHUB_CHART_VERSION:?CSGHUB_CHART_VERSION is required (csghub.chart_version)}"
 : "${CSGHUB_DOMAIN:?CSGHUB_DOMAIN is required (csghub.domain)}"
@@ -55,35 +51,36 @@ done
 grep -qF "static/charts/$CHART" "$MANIFEST_DIR/csghub.yaml" ||
     die "$MANIFEST_DIR/csghub.yaml does not install $CHART: manifests and CSGHUB_CHART_VERSION disagree"
 [[ -x /usr/local/bin/k3s ]] || die "k3s is not installed (the k3s step runs first)"
-kc get --raw /readyz >/dev/null 2>&1 || die "the k3s API server is not ready (systemctl status k3s)"
+"${KC[@]}" get --raw /readyz >/dev/null 2>&1 || die "the k3s API server is not ready (systemctl status k3s)"
 
 deadline=$((SECONDS + READY_TIMEOUT))
-expired() { ((SECONDS >= deadline)); }
 
 # The guest-side helpers (chart_base, coredns_custom_manifest) stay installed for
 # csghub-reconfigure, which must redo the in-cluster DNS when a copy's domain changes.
-install_if_changed "$LIB" /usr/local/lib/csghub-appliance/csghub.sh 0644 || true
+install_if_changed "$LIB" /usr/local/lib/csghub-appliance/csghub.sh 0644
 
 # --- chart, DNS, release ---------------------------------------------------------------------
 # k3s serves server/static/ at https://<api>/static/, which the HelmChart's chart URL names.
-install_if_changed "$ARTIFACT_DIR/$CHART" "$K3S_DATA/server/static/charts/$CHART" 0644 || true
+install_if_changed "$ARTIFACT_DIR/$CHART" "$K3S_DATA/server/static/charts/$CHART" 0644
 
-if install_if_changed "$MANIFEST_DIR/coredns-custom.yaml" "$K3S_DATA/server/manifests/coredns-custom.yaml" 0600; then
+install_if_changed "$MANIFEST_DIR/coredns-custom.yaml" "$K3S_DATA/server/manifests/coredns-custom.yaml" 0600
+if [[ "$FILE_CHANGED" == yes ]]; then
     # CoreDNS reads the imported files at start: wait for the deploy controller to apply the
     # ConfigMap, then restart CoreDNS.
-    until kc -n kube-system get configmap coredns-custom -o jsonpath='{.data}' 2>/dev/null |
+    until "${KC[@]}" -n kube-system get configmap coredns-custom -o jsonpath='{.data}' 2>/dev/null |
         grep -qF "$CSGHUB_DOMAIN"; do
-        expired && die "ConfigMap kube-system/coredns-custom was not applied (journalctl -u k3s)"
+        ((SECONDS < deadline)) || die "ConfigMap kube-system/coredns-custom was not applied (journalctl -u k3s)"
         sleep 2
     done
-    kc -n kube-system rollout restart deployment/coredns >/dev/null
-    kc -n kube-system rollout status deployment/coredns --timeout=300s >/dev/null ||
+    "${KC[@]}" -n kube-system rollout restart deployment/coredns >/dev/null
+    "${KC[@]}" -n kube-system rollout status deployment/coredns --timeout=300s >/dev/null ||
         die "CoreDNS did not come back after loading coredns-custom"
     echo "changed: CoreDNS resolves $CSGHUB_DOMAIN names to $K3S_NODE_IP inside the cluster"
 fi
 
 release_changed_at=0
-if install_if_changed "$MANIFEST_DIR/csghub.yaml" "$K3S_DATA/server/manifests/csghub.yaml" 0600; then
+install_if_changed "$MANIFEST_DIR/csghub.yaml" "$K3S_DATA/server/manifests/csghub.yaml" 0600
+if [[ "$FILE_CHANGED" == yes ]]; then
     release_changed_at=$(date +%s)
     echo "changed: helm-controller installs or upgrades CSGHub $CSGHUB_CHART_VERSION"
 fi
@@ -92,26 +89,27 @@ fi
 # the current manifest (completed after our change).
 echo "waiting for the Helm release (job kube-system/helm-install-csghub)"
 while :; do
-    job=$(kc -n kube-system get helmchart csghub -o jsonpath='{.status.jobName}' 2>/dev/null || true)
-    failed=$(kc -n kube-system get helmchart csghub \
+    job=$("${KC[@]}" -n kube-system get helmchart csghub -o jsonpath='{.status.jobName}' 2>/dev/null || true)
+    failed=$("${KC[@]}" -n kube-system get helmchart csghub \
         -o jsonpath='{.status.conditions[?(@.type=="Failed")].status}' 2>/dev/null || true)
     if [[ "$failed" == True ]]; then
-        kc -n kube-system logs "job/${job:-helm-install-csghub}" --tail=40 >&2 || true
+        "${KC[@]}" -n kube-system logs "job/${job:-helm-install-csghub}" --tail=40 >&2 || true
         die "the Helm install failed (HelmChart kube-system/csghub; logs above); fix and re-run the step"
     fi
     if [[ -n "$job" ]]; then
-        read -r succeeded done_at < <(kc -n kube-system get job "$job" \
+        job_state=$("${KC[@]}" -n kube-system get job "$job" \
             -o jsonpath='{.status.succeeded} {.status.completionTime}{"\n"}' 2>/dev/null || echo "0 -")
-        if [[ "${succeeded:-0}" -ge 1 && "$done_at" != - ]] &&
-            (($(date -d "$done_at" +%s) >= release_changed_at - 5)); then
-            break
+        read -r succeeded done_at <<<"$job_state"
+        if [[ "${succeeded:-0}" -ge 1 && "$done_at" != - ]]; then
+            done_epoch=$(date -d "$done_at" +%s)
+            ((done_epoch < release_changed_at - 5)) || break
         fi
-        if [[ "$(kc -n kube-system get job "$job" -o jsonpath='{.status.failed}' 2>/dev/null || true)" -ge 3 ]] 2>/dev/null; then
-            kc -n kube-system logs "job/$job" --tail=40 >&2 || true
+        if [[ "$("${KC[@]}" -n kube-system get job "$job" -o jsonpath='{.status.failed}' 2>/dev/null || true)" -ge 3 ]] 2>/dev/null; then
+            "${KC[@]}" -n kube-system logs "job/$job" --tail=40 >&2 || true
             die "the Helm install job $job keeps failing (logs above)"
         fi
     fi
-    expired && die "the Helm release was not installed within ${READY_TIMEOUT} s (kubectl -n kube-system logs job/helm-install-csghub)"
+    ((SECONDS < deadline)) || die "the Helm release was not installed within ${READY_TIMEOUT} s (kubectl -n kube-system logs job/helm-install-csghub)"
     sleep 5
 done
 echo "ok: Helm release $NAMESPACE/csghub deployed (chart $CSGHUB_CHART_VERSION)"
@@ -128,9 +126,10 @@ GATE_POLL_SECONDS=$POLL_SECONDS
 READINESS_STATE=${CSGHUB_READINESS:-/run/csghub-appliance/readiness}
 remaining=$((deadline - SECONDS))
 ((remaining > 0)) || remaining=1
-if ! readiness_gate "$CSGHUB_DOMAIN" "$remaining" "$READINESS_STATE"; then
-    kc get pods -A --field-selector=status.phase!=Running,status.phase!=Succeeded >&2 || true
-    die "CSGHub is not ready: $(cat "$READINESS_STATE")"
+readiness_gate "$CSGHUB_DOMAIN" "$remaining" "$READINESS_STATE"
+if [[ "$GATE_VERDICT" != ready ]]; then
+    "${KC[@]}" get pods -A --field-selector=status.phase!=Running,status.phase!=Succeeded >&2 || true
+    die "CSGHub is not ready: $GATE_VERDICT"
 fi
 echo "ok: CSGHub is ready: jobs, workloads, portal, admin login, git SSH and registry all answer"
 login_host=$(gate_casdoor_host)
@@ -143,22 +142,18 @@ login_host=$(gate_casdoor_host)
 # fail as well when the live cluster runs an image the set does not declare (drift: the set is
 # out of date). kube-system is k3s's own and comes from its pinned air-gap bundle.
 not_kube_system=--field-selector=metadata.namespace!=kube-system
-referenced_images() { # fails when any query does: a drift check that cannot look must not pass
-    kc get pods -A "$not_kube_system" -o jsonpath='{range .items[*]}{range .spec.initContainers[*]}{.image}{"\n"}{end}{range .spec.containers[*]}{.image}{"\n"}{end}{range .spec.ephemeralContainers[*]}{.image}{"\n"}{end}{end}' &&
-        kc get deployments,statefulsets,daemonsets,jobs -A "$not_kube_system" -o jsonpath='{range .items[*]}{range .spec.template.spec.initContainers[*]}{.image}{"\n"}{end}{range .spec.template.spec.containers[*]}{.image}{"\n"}{end}{end}' &&
-        kc get cronjobs -A "$not_kube_system" -o jsonpath='{range .items[*]}{range .spec.jobTemplate.spec.template.spec.initContainers[*]}{.image}{"\n"}{end}{range .spec.jobTemplate.spec.template.spec.containers[*]}{.image}{"\n"}{end}{end}'
-}
 stored_images() {
     /usr/local/bin/k3s ctr -n k8s.io images ls -q
 }
 # A line is "NAME" or "NAME DIGEST" (the digest `invoke lock` pinned for it).
 declare -A pinned_digest=()
 wanted=()
+image_lines=$(sort -u "$IMAGE_SET")
 while read -r name digest _; do
     [[ -n "$name" ]] || continue
     wanted+=("$name")
     [[ -z "${digest:-}" ]] || pinned_digest[$name]=$digest
-done < <(sort -u "$IMAGE_SET")
+done <<<"$image_lines"
 ((${#wanted[@]} > 0)) || die "$IMAGE_SET lists no image (the build host writes it: appliance/images.py)"
 have=$(stored_images | sort -u)
 absent=()
@@ -172,7 +167,7 @@ for ref in "${absent[@]}"; do
     if pull_err=$(/usr/local/bin/k3s crictl pull "$ref" 2>&1 >/dev/null); then
         echo "changed: pulled $ref"
     else
-        echo "warning: pulling $ref failed: $(tail -n1 <<<"$pull_err")" >&2
+        echo "warning: pulling $ref failed: ${pull_err##*$'\n'}" >&2
     fi
 done
 have=$(stored_images | sort -u)
@@ -207,11 +202,21 @@ if ((${#moved[@]} > 0)); then
     printf '  %s\n' "${moved[@]}" >&2
     die "${#moved[@]} image(s) differ from the version lock (a tag was re-pushed? check, then \`invoke lock\` after a build to accept the new digests)"
 fi
-live_refs=$(referenced_images) || die "cannot list the images the cluster's objects name (kubectl failed; see above)"
-mapfile -t drift < <(grep -v '^$' <<<"$live_refs" | sort -u | while read -r ref; do
+# Every image the cluster's objects name; fails when any query does: a drift check that cannot
+# look must not pass.
+live_refs=$(
+    "${KC[@]}" get pods -A "$not_kube_system" -o jsonpath='{range .items[*]}{range .spec.initContainers[*]}{.image}{"\n"}{end}{range .spec.containers[*]}{.image}{"\n"}{end}{range .spec.ephemeralContainers[*]}{.image}{"\n"}{end}{end}' &&
+        "${KC[@]}" get deployments,statefulsets,daemonsets,jobs -A "$not_kube_system" -o jsonpath='{range .items[*]}{range .spec.template.spec.initContainers[*]}{.image}{"\n"}{end}{range .spec.template.spec.containers[*]}{.image}{"\n"}{end}{end}' &&
+        "${KC[@]}" get cronjobs -A "$not_kube_system" -o jsonpath='{range .items[*]}{range .spec.jobTemplate.spec.template.spec.initContainers[*]}{.image}{"\n"}{end}{range .spec.jobTemplate.spec.template.spec.containers[*]}{.image}{"\n"}{end}{end}'
+) || die "cannot list the images the cluster's objects name (kubectl failed; see above)"
+live_sorted=$(sort -u <<<"$live_refs")
+wanted_list=$(printf '%s\n' "${wanted[@]}")
+drift=()
+while read -r ref; do
+    [[ -n "$ref" ]] || continue
     name=$(normalize_image "$ref")
-    printf '%s\n' "${wanted[@]}" | grep -qxF "$name" || echo "$name (as $ref)"
-done)
+    grep -qxF "$name" <<<"$wanted_list" || drift+=("$name (as $ref)")
+done <<<"$live_sorted"
 if ((${#drift[@]} > 0)); then
     echo "images the cluster references that the declared image set lacks:" >&2
     printf '  %s\n' "${drift[@]}" >&2

@@ -28,18 +28,18 @@ if [[ ! -f "$SRC/lib.sh" ]]; then
     exit 1
 fi
 
-install_if_changed "$SRC/lib.sh" /usr/local/lib/csghub-appliance/lib.sh 0644 || true
-install_if_changed "$SRC/secrets.sh" /usr/local/lib/csghub-appliance/secrets.sh 0644 || true
-install_if_changed "$SRC/csghub-firstboot" /usr/local/sbin/csghub-firstboot 0755 || true
-install_if_changed "$SRC/csghub-banner" /usr/local/sbin/csghub-banner 0755 || true
-install_if_changed "$SRC/csghub-reconfigure" /usr/local/sbin/csghub-reconfigure 0755 || true
-install_if_changed "$SRC/csghub-ready" /usr/local/sbin/csghub-ready 0755 || true
-install_if_changed "${SRC%/*}/common/readiness.sh" /usr/local/lib/csghub-appliance/readiness.sh 0644 || true
-install_if_changed "$SRC/csghub-status" /usr/local/bin/csghub-status 0755 || true
+install_if_changed "$SRC/lib.sh" /usr/local/lib/csghub-appliance/lib.sh 0644
+install_if_changed "$SRC/secrets.sh" /usr/local/lib/csghub-appliance/secrets.sh 0644
+install_if_changed "$SRC/csghub-firstboot" /usr/local/sbin/csghub-firstboot 0755
+install_if_changed "$SRC/csghub-banner" /usr/local/sbin/csghub-banner 0755
+install_if_changed "$SRC/csghub-reconfigure" /usr/local/sbin/csghub-reconfigure 0755
+install_if_changed "$SRC/csghub-ready" /usr/local/sbin/csghub-ready 0755
+install_if_changed "${SRC%/*}/common/readiness.sh" /usr/local/lib/csghub-appliance/readiness.sh 0644
+install_if_changed "${SRC%/*}/common/lib.sh" /usr/local/lib/csghub-appliance/common.sh 0644
+install_if_changed "$SRC/csghub-status" /usr/local/bin/csghub-status 0755
 for unit in csghub-firstboot.service csghub-banner.service csghub-banner.timer csghub-ready.service; do
-    if install_if_changed "$SRC/$unit" "/etc/systemd/system/$unit" 0644; then
-        units_changed=yes
-    fi
+    install_if_changed "$SRC/$unit" "/etc/systemd/system/$unit" 0644
+    [[ "$FILE_CHANGED" == no ]] || units_changed=yes
 done
 
 # Build-time facts the guest tools read (values quoted for bash).
@@ -57,12 +57,13 @@ env_tmp=$(mktemp)
     printf 'CSGHUB_HELMCHART_NAMESPACE=%q\n' "${CSGHUB_HELMCHART_NAMESPACE:-kube-system}"
     printf 'K3S_NODE_IP=%q\n' "${K3S_NODE_IP:-}"
 } >"$env_tmp"
-if install_if_changed "$env_tmp" "$ETC/appliance.env" 0644; then :; fi
+install_if_changed "$env_tmp" "$ETC/appliance.env" 0644
 rm -f "$env_tmp"
 
 # sshd: password logins for the copy's owner (keys are never baked in); root stays out.
 if [[ -d /etc/ssh/sshd_config.d ]]; then
-    if install_if_changed "$SRC/sshd-csghub-appliance.conf" /etc/ssh/sshd_config.d/10-csghub-appliance.conf 0644; then
+    install_if_changed "$SRC/sshd-csghub-appliance.conf" /etc/ssh/sshd_config.d/10-csghub-appliance.conf 0644
+    if [[ "$FILE_CHANGED" == yes ]]; then
         # Validate now rather than find out on a copy that cannot be logged in to.
         if compgen -G '/etc/ssh/ssh_host_*_key' >/dev/null; then
             sshd -t

@@ -82,9 +82,13 @@ seal_stack() {
 # --- per-copy appliance state -------------------------------------------------------------
 seal_appliance_state() {
     remove "first-boot state" "$STATE"/* /etc/csghub-appliance/access.conf
+    local entry hash
     if getent passwd "$LOGIN_USER" >/dev/null; then
         # A build that ran csghub-firstboot by hand must not leave its password behind.
-        if [[ "$(getent shadow "$LOGIN_USER" | cut -d: -f2)" != '!' ]]; then
+        entry=$(getent shadow "$LOGIN_USER")
+        hash=${entry#*:}
+        hash=${hash%%:*}
+        if [[ "$hash" != '!' ]]; then
             usermod -p '!' "$LOGIN_USER"
             echo "changed: $LOGIN_USER has no password until a copy's first boot"
         else
@@ -104,10 +108,11 @@ seal_logins() {
         fi
     done </etc/shadow
     echo "ok: no account has a usable password"
-    local homes=()
+    local homes=() accounts
+    accounts=$(getent passwd)
     while IFS=: read -r _ _ _ _ _ home _; do
         [[ -d "$home/.ssh" && " ${homes[*]} " != *" $home "* ]] && homes+=("$home")
-    done < <(getent passwd)
+    done <<<"$accounts"
     for home in "${homes[@]}"; do
         # The build's key and Vagrant's (insecure or replaced) key both live here.
         remove "authorized keys in $home" "$home/.ssh/authorized_keys" "$home/.ssh/authorized_keys2"
@@ -188,11 +193,15 @@ seal_clutter() {
     remove "temporary files" "${tmp_files[@]}"
     remove "rotated logs" /var/log/*.gz /var/log/*.xz /var/log/*.[0-9] /var/log/*/*.gz /var/log/*/*.xz \
         /var/log/*/*.[0-9] /var/log/installer
-    local f emptied=0
+    local f emptied=0 found
+    # A file, not a process substitution: find's failure must end the step.
+    found=$(mktemp)
+    find /var/log -path /var/log/journal -prune -o -type f -size +0 -print0 >"$found"
     while IFS= read -r -d '' f; do
         : >"$f"
         emptied=$((emptied + 1))
-    done < <(find /var/log -path /var/log/journal -prune -o -type f -size +0 -print0)
+    done <"$found"
+    rm -f "$found"
     if ((emptied)); then
         echo "changed: emptied $emptied log file(s) under /var/log"
     else
@@ -262,11 +271,15 @@ SCRUB
 
 # --- free space: trimmed or zeroed, so the exported disk holds only live data -----------------
 zero_free_space() {
-    local mount out
+    local mount out boot_device root_device
     sync
     for mount in / /boot; do
         mountpoint -q "$mount" || continue
-        [[ "$mount" == /boot && "$(stat -c %d /boot)" == "$(stat -c %d /)" ]] && continue
+        if [[ "$mount" == /boot ]]; then
+            boot_device=$(stat -c %d /boot)
+            root_device=$(stat -c %d /)
+            [[ "$boot_device" != "$root_device" ]] || continue
+        fi
         if out=$(fstrim --verbose "$mount" 2>&1); then
             echo "changed: $out (fstrim)"
             continue

@@ -98,6 +98,8 @@ def vm(libvirt_env: Any, base_box: object, tmp_path_factory: pytest.TempPathFact
     scripts = tmp / "provision"
     scripts.mkdir()
     shutil.copy(PROJECT_ROOT / "provision" / "00-base.sh", scripts / "00-base.sh")
+    # 00-base.sh declares files=common (the shared helpers it sources).
+    shutil.copytree(PROJECT_ROOT / "provision" / "files" / "common", scripts / "files" / "common")
     (scripts / "10-probe.sh").write_text(PROBE)
     (scripts / "20-reboot.sh").write_text(REBOOT)
     cfg = make_cfg()
@@ -128,7 +130,8 @@ def test_first_provisioning_applies_base_settings_and_survives_a_reboot(vm: Prov
     markers = vm.guest(f"ls {DEFAULT_STATE_DIR}").split()
     assert markers == ["base.done", "probe.done", "reboot.done"]
     assert vm.guest(f"ls {GUEST_PROVISION_DIR}").split() == ["00-base.sh", "10-probe.sh", "20-reboot.sh", "files"]
-    assert vm.guest(f"ls {GUEST_PROVISION_DIR}/files/common").split() == ["run-step.sh"]  # the marker writer
+    common = vm.guest(f"ls {GUEST_PROVISION_DIR}/files/common").split()
+    assert {"run-step.sh", "lib.sh"} <= set(common), common  # the marker writer and the shared shell helpers
     log = vm.make_cfg().build_dir / "logs" / "00-base.log"
     assert "changed: wrote /etc/sysctl.d/60-csghub-appliance.conf" in log.read_text()
 

@@ -23,6 +23,13 @@
 #   starting (k/N): WHAT is pending
 #   failed: WHAT — WHAT TO RUN
 
+# install_if_changed, die, KC: the sourcing script has loaded them (30-csghub.sh, the first-boot
+# lib.sh); sourced on its own (the unit tests) this file takes them from its sibling.
+if ! declare -F install_if_changed >/dev/null; then
+    # shellcheck source-path=SCRIPTDIR source=lib.sh
+    . "${BASH_SOURCE[0]%/*}/lib.sh"
+fi
+
 GATE_RELEASE=${CSGHUB_HELMCHART_NAME:-csghub}
 GATE_RELEASE_NS=${CSGHUB_NAMESPACE:-csghub}
 GATE_HELMCHART_NS=${CSGHUB_HELMCHART_NAMESPACE:-kube-system}
@@ -74,7 +81,8 @@ login_outcome() {
         echo ok
         return 0
     fi
-    msg=$(sed -n 's/.*"msg"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p' <<<"$body" | head -n1)
+    msg=$(sed -n 's/.*"msg"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p' <<<"$body")
+    msg=${msg%%$'\n'*}
     echo "refused ${msg:-no answer Casdoor understands}"
 }
 
@@ -117,7 +125,9 @@ yaml_string() {
 # gateway serves over plain HTTP at HOST (the appliance's domain and HTTP port).
 registries_yaml() {
     local host user pass
-    host=$(yaml_string "$1") user=$(yaml_string "$2") pass=$(yaml_string "$3")
+    host=$(yaml_string "$1")
+    user=$(yaml_string "$2")
+    pass=$(yaml_string "$3")
     cat <<YAML
 # Written by csghub-appliance (csghub-ready, csghub-reconfigure): CSGHub's own registry, so
 # that containerd can pull the images CSGHub builds. Credentials: Secret csghub/csghub-registry.
@@ -190,6 +200,7 @@ gate_verdict() {
         case "$kind" in
             offline) [[ "$rest" == yes ]] && offline=yes ;;
             expired) [[ "$rest" == yes ]] && expired=yes ;;
+            *) ;; # a fact this part does not read
         esac
     done
     # _gate_pend CHECK SUBJECT TEXT: note the first thing still pending.
@@ -272,6 +283,7 @@ gate_verdict() {
                     _gate_pend registry "" "the registry's /v2/ (HTTP ${a:-000})"
                 fi
                 ;;
+            *) ;; # a fact this part does not read
         esac
     done
     if [[ -n "$failed" ]]; then
@@ -279,7 +291,9 @@ gate_verdict() {
     elif [[ -z "$pending" && $total -gt 0 ]]; then
         echo ready
     elif [[ "$expired" == yes ]]; then
-        echo "failed: ${pending:-nothing answered} not ready in time — $(gate_hint "$pending_check" "$pending_subject"); then $GATE_RETRY_HINT"
+        local hint
+        hint=$(gate_hint "$pending_check" "$pending_subject")
+        echo "failed: ${pending:-nothing answered} not ready in time — $hint; then $GATE_RETRY_HINT"
     else
         echo "starting ($done_count/$total): waiting for ${pending:-the cluster}"
     fi
@@ -320,7 +334,7 @@ gate_release_fact() {
     # failed release makes every restart fail again ("waiting for operator intervention").
     restarts=$(_gate_kc -n "$GATE_HELMCHART_NS" get pods -l "job-name=$job" \
         -o 'jsonpath={range .items[*]}{.status.containerStatuses[0].restartCount}{"\n"}{end}' 2>/dev/null |
-        sort -n | tail -n1)
+        sort -n | tail -n1 || true) # no pod yet: no restarts
     if [[ "${restarts:-0}" -ge 3 ]] 2>/dev/null; then
         echo "release failed job $job failed $restarts times"
     else
@@ -350,7 +364,7 @@ gate_registry_fact() {
 
 # gate_login_fact CASDOOR_HOST -> "login ok|refused MSG|down"
 gate_login_fact() {
-    local user pass answer code
+    local user pass body answer code outcome
     user=$(gate_secret_value "$GATE_CASDOOR_SECRET" INIT_ADMIN_USER)
     pass=$(gate_secret_value "$GATE_CASDOOR_SECRET" INIT_ADMIN_PASSWORD)
     if [[ -z "$user" || -z "$pass" ]]; then
@@ -358,15 +372,20 @@ gate_login_fact() {
         return 0
     fi
     # The password goes on stdin, never on a command line.
-    answer=$(casdoor_login_body "$user" "$pass" | curl -sS --max-time 20 -H 'Content-Type: application/json' \
+    body=$(casdoor_login_body "$user" "$pass") || {
+        echo "login refused the credentials hold a control character"
+        return 0
+    }
+    answer=$(curl -sS --max-time 20 -H 'Content-Type: application/json' \
         --data-binary @- -w '\n%{http_code}' \
-        --resolve "$1:$CSGHUB_HTTP_PORT:$K3S_NODE_IP" "http://$1:$CSGHUB_HTTP_PORT/api/login" 2>/dev/null) || answer=$'\n000'
+        --resolve "$1:$CSGHUB_HTTP_PORT:$K3S_NODE_IP" "http://$1:$CSGHUB_HTTP_PORT/api/login" 2>/dev/null <<<"$body") || answer=$'\n000'
     code=${answer##*$'\n'}
     if [[ "$code" != 200 ]]; then
         echo "login down"
         return 0
     fi
-    echo "login $(login_outcome <<<"${answer%$'\n'*}")"
+    outcome=$(login_outcome <<<"${answer%$'\n'*}")
+    echo "login $outcome"
 }
 
 # gate_ssh_banner -> the first line the git SSH port sends, or "-".
@@ -388,7 +407,7 @@ gate_casdoor_host() {
 # login is tried only once every job and workload is done: Casdoor locks an account after
 # repeated failed logins, and a half-started stack would only produce noise.
 gate_facts() {
-    local domain=$1 release jobs workloads casdoor
+    local domain=$1 release jobs workloads casdoor portal banner
     if ! _gate_kc get --raw /readyz >/dev/null 2>&1; then
         echo "api down"
         return 0
@@ -399,26 +418,28 @@ gate_facts() {
     [[ "$release" == "release deployed" ]] || return 0
     jobs=$(_gate_kc get jobs -A -l "app.kubernetes.io/instance=$GATE_RELEASE" \
         -o 'jsonpath={range .items[*]}{.metadata.namespace}/{.metadata.name} {range .status.conditions[*]}{.type}={.status},{end}{"\n"}{end}' \
-        2>/dev/null | job_facts)
+        2>/dev/null | job_facts || true) # the API failing: no facts, the gate keeps waiting
     workloads=$({
         _gate_kc get deployments,statefulsets -A \
-            -o 'jsonpath={range .items[*]}{.kind} {.metadata.namespace}/{.metadata.name} {.spec.replicas} {.status.readyReplicas}{"\n"}{end}'
+            -o 'jsonpath={range .items[*]}{.kind} {.metadata.namespace}/{.metadata.name} {.spec.replicas} {.status.readyReplicas}{"\n"}{end}' || true
         _gate_kc get daemonsets -A \
-            -o 'jsonpath={range .items[*]}{.kind} {.metadata.namespace}/{.metadata.name} {.status.desiredNumberScheduled} {.status.numberReady}{"\n"}{end}'
+            -o 'jsonpath={range .items[*]}{.kind} {.metadata.namespace}/{.metadata.name} {.status.desiredNumberScheduled} {.status.numberReady}{"\n"}{end}' || true
     } 2>/dev/null | workload_facts "$GATE_USER_NAMESPACES")
     [[ -n "$jobs" ]] && echo "$jobs"
     [[ -n "$workloads" ]] && echo "$workloads"
     _gate_kc get pods -A \
         -o 'jsonpath={range .items[*]}{.metadata.namespace}/{.metadata.name}{range .status.initContainerStatuses[*]} {.image}={.state.waiting.reason}{end}{range .status.containerStatuses[*]} {.image}={.state.waiting.reason}{end}{"\n"}{end}' \
-        2>/dev/null | pull_facts "$GATE_USER_NAMESPACES"
-    echo "portal $(gate_http_code "$domain" /)"
+        2>/dev/null | pull_facts "$GATE_USER_NAMESPACES" || true
+    portal=$(gate_http_code "$domain" /)
+    echo "portal $portal"
     casdoor=$(gate_casdoor_host)
     if [[ -z "$workloads" || -z "$casdoor" ]] || grep -qE '^(job .* (running|failed)|workload .* waiting)$' <<<"$jobs"$'\n'"$workloads"; then
         echo "login down"
     else
         gate_login_fact "$casdoor"
     fi
-    echo "gitssh $(gate_ssh_banner)"
+    banner=$(gate_ssh_banner)
+    echo "gitssh $banner"
     gate_registry_fact "$domain"
 }
 
@@ -427,26 +448,12 @@ gate_facts() {
 K3S_REGISTRIES=${K3S_REGISTRIES:-/etc/rancher/k3s/registries.yaml}
 GATE_HOSTS_FILE=${GATE_HOSTS_FILE:-/etc/hosts}
 
-# gate_write PATH MODE < content: atomic replace when the content differs; 0 = written.
-gate_write() {
-    local path=$1 mode=$2 tmp
-    mkdir -p "${path%/*}"
-    tmp=$(mktemp "$path.XXXXXX")
-    cat >"$tmp"
-    if [[ -f "$path" ]] && cmp -s "$tmp" "$path"; then
-        rm -f "$tmp"
-        return 1
-    fi
-    chmod "$mode" "$tmp"
-    mv -f "$tmp" "$path"
-}
-
 # sync_registries DOMAIN: write registries.yaml for the registry at DOMAIN:PORT with the
 # credentials the cluster holds, and the /etc/hosts line for DOMAIN; restart k3s only when
 # registries.yaml changed (k3s reads it only at start). Returns 0 when done (changed or not),
 # 2 when the credentials are not there yet (the release is still installing).
 sync_registries() {
-    local domain=$1 user pass host=$1:$CSGHUB_HTTP_PORT hosts
+    local domain=$1 user pass host=$1:$CSGHUB_HTTP_PORT hosts yaml
     user=$(gate_secret_value "$GATE_REGISTRY_SECRET" REGISTRY_USERNAME)
     pass=$(gate_secret_value "$GATE_REGISTRY_SECRET" REGISTRY_PASSWORD)
     if [[ -z "$user" || -z "$pass" ]]; then
@@ -455,11 +462,14 @@ sync_registries() {
     fi
     if [[ -n "${K3S_NODE_IP:-}" ]]; then
         hosts=$(hosts_with_registry "$K3S_NODE_IP" "$domain" <"$GATE_HOSTS_FILE")
-        if gate_write "$GATE_HOSTS_FILE" 0644 <<<"$hosts"; then
+        install_if_changed -q - "$GATE_HOSTS_FILE" 0644 <<<"$hosts" || return 1
+        if [[ "$FILE_CHANGED" == yes ]]; then
             echo "changed: $GATE_HOSTS_FILE maps $domain to $K3S_NODE_IP (the registry host, for containerd)"
         fi
     fi
-    if registries_yaml "$host" "$user" "$pass" | gate_write "$K3S_REGISTRIES" 0600; then
+    yaml=$(registries_yaml "$host" "$user" "$pass")
+    install_if_changed -q - "$K3S_REGISTRIES" 0600 <<<"$yaml" || return 1
+    if [[ "$FILE_CHANGED" == yes ]]; then
         echo "changed: $K3S_REGISTRIES names the registry $host with this copy's credentials"
         if systemctl -q is-active k3s.service; then
             systemctl restart k3s.service
@@ -475,7 +485,8 @@ sync_registries() {
 # readiness_gate DOMAIN TIMEOUT STATE_FILE [offline]
 # Collects facts and decides until ready, failed, or TIMEOUT seconds passed (then failed);
 # writes each new status line to STATE_FILE (and prints it with a "progress:" prefix) and
-# calls the function gate_on_change, if defined. Returns 0 when ready, 1 when failed.
+# calls the function gate_on_change, if defined. Reports by GATE_VERDICT (the last status line:
+# "ready" or "failed: ..."), not by exit status; returns 0 either way.
 readiness_gate() {
     local domain=$1 timeout=$2 state=$3 offline=${4:-} deadline facts verdict last="" last_print=0 registries=pending rc
     deadline=$((SECONDS + timeout))
@@ -500,9 +511,11 @@ readiness_gate() {
             echo "progress: $verdict"
             last_print=$SECONDS
         fi
+        # shellcheck disable=SC2034  # read by the caller
+        GATE_VERDICT=$verdict
         case "$verdict" in
-            ready) return 0 ;;
-            failed:*) return 1 ;;
+            ready | failed:*) return 0 ;;
+            *) ;; # starting: wait
         esac
         sleep "${GATE_POLL_SECONDS:-10}"
     done
@@ -524,7 +537,7 @@ _gate_release_jobs() {
 delete_finished_jobs() {
     local deadline=$((SECONDS + ${1:-600})) facts job state running=""
     while :; do
-        facts=$(_gate_release_jobs 2>/dev/null | job_facts)
+        facts=$(_gate_release_jobs 2>/dev/null | job_facts || true) # the API failing: no job known
         running=$(awk '$3 == "running" { print $2; exit }' <<<"$facts")
         [[ -z "$running" ]] && break
         ((SECONDS >= deadline)) && break
@@ -546,25 +559,30 @@ delete_finished_jobs() {
 # after SINCE (epoch seconds): 0 when it succeeded, 1 (with the reason on stderr) when it failed
 # or TIMEOUT seconds passed.
 wait_helm_upgrade() {
-    local since=$1 deadline=$((SECONDS + $2)) job succeeded done_at fact
+    local since=$1 deadline=$((SECONDS + $2)) job job_state succeeded done_at done_epoch fact hint
     while :; do
         job=$(_gate_kc -n "$GATE_HELMCHART_NS" get helmchart "$GATE_RELEASE" -o 'jsonpath={.status.jobName}' 2>/dev/null || true)
         if [[ -n "$job" ]]; then
-            read -r succeeded done_at < <(_gate_kc -n "$GATE_HELMCHART_NS" get job "$job" \
+            job_state=$(_gate_kc -n "$GATE_HELMCHART_NS" get job "$job" \
                 -o 'jsonpath={.status.succeeded} {.status.completionTime}{"\n"}' 2>/dev/null || echo "0 -")
-            if [[ "${succeeded:-0}" -ge 1 && -n "$done_at" && "$done_at" != - ]] 2>/dev/null &&
-                (($(date -d "$done_at" +%s) >= since - 5)); then
+            read -r succeeded done_at <<<"$job_state"
+            done_epoch=0
+            if [[ "${succeeded:-0}" -ge 1 && -n "$done_at" && "$done_at" != - ]] 2>/dev/null; then
+                done_epoch=$(date -d "$done_at" +%s)
+            fi
+            if ((done_epoch > 0 && done_epoch >= since - 5)); then
                 echo "ok: Helm release $GATE_RELEASE_NS/$GATE_RELEASE upgraded (job $GATE_HELMCHART_NS/$job)"
                 return 0
             fi
         fi
         fact=$(gate_release_fact)
+        hint=$(gate_hint release)
         if [[ "$fact" == "release failed"* ]]; then
-            echo "error: the upgrade of the Helm release failed (${fact#release failed }); logs: $(gate_hint release)" >&2
+            echo "error: the upgrade of the Helm release failed (${fact#release failed }); logs: $hint" >&2
             return 1
         fi
         if ((SECONDS >= deadline)); then
-            echo "error: the Helm release was not upgraded within $2 s; logs: $(gate_hint release)" >&2
+            echo "error: the Helm release was not upgraded within $2 s; logs: $hint" >&2
             return 1
         fi
         sleep "${GATE_POLL_SECONDS:-10}"
@@ -574,11 +592,14 @@ wait_helm_upgrade() {
 # restart_coredns DOMAIN TIMEOUT: once the deploy controller has applied coredns-custom for
 # DOMAIN, restart CoreDNS (it reads the imported server blocks only at start).
 restart_coredns() {
-    local deadline=$((SECONDS + $2))
+    local deadline=$((SECONDS + $2)) server
     # The server block names the domain as a regular expression (dots escaped); the raw value of
     # the key shows it as written.
-    until _gate_kc -n kube-system get configmap coredns-custom -o 'jsonpath={.data.csghub\.server}' 2>/dev/null |
-        grep -qF "${1//./\\.}"; do
+    while :; do
+        server=$(_gate_kc -n kube-system get configmap coredns-custom -o 'jsonpath={.data.csghub\.server}' 2>/dev/null || true)
+        if grep -qF "${1//./\\.}" <<<"$server"; then
+            break
+        fi
         if ((SECONDS >= deadline)); then
             echo "error: ConfigMap kube-system/coredns-custom does not name $1 after $2 s (journalctl -u k3s)" >&2
             return 1
@@ -597,8 +618,9 @@ restart_coredns() {
 # revision (with failurePolicy abort the helm-controller waits for that), delete the release's
 # finished Jobs (so failed ones run again), and run the helm-controller's Job again.
 retry_release() {
-    local job
-    if [[ -n "$(_gate_kc -n "$GATE_RELEASE_NS" get secrets -l "owner=helm,name=$GATE_RELEASE,status=failed" -o name 2>/dev/null)" ]]; then
+    local job failed_revisions now
+    failed_revisions=$(_gate_kc -n "$GATE_RELEASE_NS" get secrets -l "owner=helm,name=$GATE_RELEASE,status=failed" -o name 2>/dev/null || true)
+    if [[ -n "$failed_revisions" ]]; then
         _gate_kc -n "$GATE_RELEASE_NS" delete secrets -l "owner=helm,name=$GATE_RELEASE,status=failed" >/dev/null
         echo "changed: forgot the failed Helm revision of $GATE_RELEASE_NS/$GATE_RELEASE (the next run installs or upgrades again)"
     fi
@@ -608,7 +630,8 @@ retry_release() {
         _gate_kc -n "$GATE_HELMCHART_NS" delete job "$job" --ignore-not-found >/dev/null
     fi
     # Any change of the HelmChart makes the helm-controller apply it again (and recreate its Job).
+    now=$(date -u +%Y-%m-%dT%H:%M:%SZ)
     _gate_kc -n "$GATE_HELMCHART_NS" annotate --overwrite helmchart "$GATE_RELEASE" \
-        "csghub-appliance/retried-at=$(date -u +%Y-%m-%dT%H:%M:%SZ)" >/dev/null
+        "csghub-appliance/retried-at=$now" >/dev/null
     echo "changed: the helm-controller applies the release $GATE_RELEASE_NS/$GATE_RELEASE again"
 }

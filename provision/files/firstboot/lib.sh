@@ -6,6 +6,15 @@
 # which access mode and address, which domain, what the banner says. The unit tests run
 # them on the build host with canned inputs (tests/unit/test_firstboot.py).
 
+# install_if_changed, die, KC (provision/files/common/lib.sh), installed by 40-firstboot.sh
+# beside this file; from the source tree (the unit tests) the one in provision/files/common.
+if [[ -z "${CSGHUB_COMMON_LIB:-}" ]]; then
+    CSGHUB_COMMON_LIB=/usr/local/lib/csghub-appliance/common.sh
+    [[ -r "$CSGHUB_COMMON_LIB" ]] || CSGHUB_COMMON_LIB="${BASH_SOURCE[0]%/*}/../common/lib.sh"
+fi
+# shellcheck source-path=SCRIPTDIR source=../common/lib.sh
+. "$CSGHUB_COMMON_LIB"
+
 CSGHUB_ETC=${CSGHUB_ETC:-/etc/csghub-appliance}
 CSGHUB_STATE=${CSGHUB_STATE:-/var/lib/csghub-appliance}
 CSGHUB_LOGIN_USER=${CSGHUB_LOGIN_USER:-csghub}
@@ -59,6 +68,7 @@ detect_access() {
         addr=${cidr%%/*}
         case "$ifname" in
             lo | cni* | flannel* | veth* | docker* | kube* | cali* | tunl* | dummy*) continue ;;
+            *) ;;
         esac
         [[ -n "$node_ip" && "$addr" == "$node_ip" ]] && continue
         case "$addr" in
@@ -130,8 +140,9 @@ new_password() {
 
 # new_token: 32 random bytes, hex (k3s cluster token).
 new_token() {
-    od -An -N32 -tx1 /dev/urandom | tr -d ' \n'
-    echo
+    local hex
+    hex=$(od -An -N32 -tx1 /dev/urandom)
+    echo "${hex//[[:space:]]/}"
 }
 
 # status_line STACK GATE_LINE: the state line of the banner. GATE_LINE is the readiness gate's
@@ -203,28 +214,15 @@ to_serial() {
     timeout 3 bash -c 'printf "%s\n" "$1" >"$2"' _ "$1" "$port" 2>/dev/null || true
 }
 
-# write_if_changed PATH MODE < content: atomic replace, only when the content differs.
-# Returns 0 when it wrote, 1 when the file was already up to date.
-write_if_changed() {
-    local path=$1 mode=$2 tmp
-    tmp=$(mktemp "$path.XXXXXX")
-    cat >"$tmp"
-    if [[ -f "$path" ]] && cmp -s "$tmp" "$path"; then
-        rm -f "$tmp"
-        return 1
-    fi
-    chmod "$mode" "$tmp"
-    mv -f "$tmp" "$path"
-    return 0
-}
-
 # login_password_current: the first-boot password, if the owner has not changed it yet
 # (root only: reads /etc/shadow and the state file). Prints nothing otherwise.
 login_password_current() {
-    local pw_file="$CSGHUB_STATE/login-password" hash_file="$CSGHUB_STATE/login-password.hash" now
+    local pw_file="$CSGHUB_STATE/login-password" hash_file="$CSGHUB_STATE/login-password.hash" entry now made
     [[ -r "$pw_file" && -r "$hash_file" && -r /etc/shadow ]] || return 0
-    now=$(getent shadow "$CSGHUB_LOGIN_USER" | cut -d: -f2)
-    if [[ -n "$now" && "$now" == "$(cat "$hash_file")" ]]; then
+    entry=$(getent shadow "$CSGHUB_LOGIN_USER") || return 0 # no such user: no password to show
+    now=$(cut -d: -f2 <<<"$entry")
+    made=$(cat "$hash_file")
+    if [[ -n "$now" && "$now" == "$made" ]]; then
         cat "$pw_file"
     fi
 }
@@ -264,9 +262,10 @@ CSGHUB_STACK_LIB=${CSGHUB_STACK_LIB:-/usr/local/lib/csghub-appliance/csghub.sh}
 
 # wait_for_address SECONDS: DHCP may still be running when first boot starts.
 wait_for_address() {
-    local deadline=$((SECONDS + $1)) found
+    local deadline=$((SECONDS + $1)) found addresses
     while :; do
-        found=$(ip -o -4 addr show scope global | detect_access "$K3S_NODE_IP")
+        addresses=$(ip -o -4 addr show scope global)
+        found=$(detect_access "$K3S_NODE_IP" <<<"$addresses")
         [[ "$found" != "none -" ]] && break
         ((SECONDS >= deadline)) && break
         sleep 2
@@ -306,16 +305,17 @@ YAML
 # deleted first (their pod templates are immutable, and the new domain changes them), CoreDNS
 # is restarted when its names change, registries.yaml follows (k3s restarted only when it
 # changed), and the Helm upgrade must succeed. Returns 1, saying why, when it did not; a rerun
-# picks up where it stopped. At first boot k3s is not running yet: only files are written,
+# picks up where it stopped. Each command's failure is checked here (`|| return 1`): the caller
+# may run it in an `if`, where set -e is off. At first boot k3s is not running yet: only files are written,
 # and csghub-ready finishes the job once the cluster is up.
 apply_access() {
-    local mode=$1 address=$2 domain old_domain="" live=no values_changed=no dns_changed=no since
+    local mode=$1 address=$2 domain old_domain="" live=no values_changed=no dns_changed=no since dns_manifest values renamed
     domain=$(domain_for "$mode" "$address" "$CSGHUB_DOMAIN")
     if [[ -r "$CSGHUB_STATE/access.env" ]]; then
         old_domain=$(sed -n 's/^DOMAIN=//p' "$CSGHUB_STATE/access.env")
     fi
     [[ -n "$old_domain" ]] || old_domain=$CSGHUB_DOMAIN
-    # Everything below is written by content (write_if_changed), and access.env, which names
+    # Everything below is written by content (install_if_changed), and access.env, which names
     # the previous domain, only at the end: a run cut short is finished by the next one.
     if stack_installed; then
         if systemctl -q is-active k3s.service && declare -F delete_finished_jobs >/dev/null; then
@@ -325,14 +325,16 @@ apply_access() {
             # The chart creates this Secret only when absent: delete it before the values change,
             # so the release upgrade that follows writes it again with the new registry host.
             if k3s kubectl --request-timeout=20s -n spaces get secret csghub-docker-credential >/dev/null 2>&1; then
-                k3s kubectl --request-timeout=20s -n spaces delete secret csghub-docker-credential >/dev/null
+                k3s kubectl --request-timeout=20s -n spaces delete secret csghub-docker-credential >/dev/null || return 1
                 echo "changed: deleted Secret spaces/csghub-docker-credential (the chart recreates it for $domain)"
             fi
             delete_finished_jobs "${CSGHUB_JOB_WAIT_SECONDS:-600}" || return 1
         fi
-        mkdir -p "$K3S_MANIFESTS"
+        mkdir -p "$K3S_MANIFESTS" || return 1
         since=$(date +%s)
-        if instance_manifest "$domain" | write_if_changed "$K3S_MANIFESTS/$INSTANCE_MANIFEST_NAME" 0600; then
+        values=$(instance_manifest "$domain") || return 1
+        install_if_changed -q - "$K3S_MANIFESTS/$INSTANCE_MANIFEST_NAME" 0600 <<<"$values" || return 1
+        if [[ "$FILE_CHANGED" == yes ]]; then
             values_changed=yes
             echo "changed: Helm values for this copy: domain $domain ($K3S_MANIFESTS/$INSTANCE_MANIFEST_NAME)"
         else
@@ -340,11 +342,13 @@ apply_access() {
         fi
         # In-cluster DNS for the external names (installed by the csghub step, not by the chart).
         if [[ -f "$K3S_MANIFESTS/coredns-custom.yaml" && -n "$K3S_NODE_IP" && -r "$CSGHUB_STACK_LIB" ]]; then
-            if (
+            dns_manifest=$(
                 # shellcheck source=/dev/null
-                . "$CSGHUB_STACK_LIB"
-                coredns_custom_manifest "$domain" "$(chart_base "$domain")" "$K3S_NODE_IP"
-            ) | write_if_changed "$K3S_MANIFESTS/coredns-custom.yaml" 0600; then
+                . "$CSGHUB_STACK_LIB" && base=$(chart_base "$domain") &&
+                    coredns_custom_manifest "$domain" "$base" "$K3S_NODE_IP"
+            ) || return 1
+            install_if_changed -q - "$K3S_MANIFESTS/coredns-custom.yaml" 0600 <<<"$dns_manifest" || return 1
+            if [[ "$FILE_CHANGED" == yes ]]; then
                 dns_changed=yes
                 echo "changed: in-cluster DNS answers for $domain (coredns-custom.yaml)"
             else
@@ -364,14 +368,16 @@ apply_access() {
             fi
         elif [[ "$old_domain" != "$domain" && -f "$K3S_REGISTRIES" ]] && grep -qF "$old_domain" "$K3S_REGISTRIES"; then
             # k3s not running: rename the host now; csghub-ready checks the credentials later.
-            sed "s/${old_domain//./\\.}/$domain/g" "$K3S_REGISTRIES" | write_if_changed "$K3S_REGISTRIES" 0600 || true
+            renamed=$(sed "s/${old_domain//./\\.}/$domain/g" "$K3S_REGISTRIES") || return 1
+            install_if_changed -q - "$K3S_REGISTRIES" 0600 <<<"$renamed" || return 1
             echo "changed: $K3S_REGISTRIES now names $domain instead of $old_domain"
         fi
     else
         echo "ok: CSGHub stack not installed; no Helm values, DNS or registry entries to update"
     fi
-    if printf 'MODE=%s\nADDRESS=%s\nDOMAIN=%s\n' "$mode" "$address" "$domain" |
-        write_if_changed "$CSGHUB_STATE/access.env" 0644; then
+    printf 'MODE=%s\nADDRESS=%s\nDOMAIN=%s\n' "$mode" "$address" "$domain" |
+        install_if_changed -q - "$CSGHUB_STATE/access.env" 0644 || return 1
+    if [[ "$FILE_CHANGED" == yes ]]; then
         echo "changed: access mode $mode, address $address, domain $domain"
     else
         echo "ok: access mode $mode, address $address, domain $domain (unchanged)"
@@ -381,15 +387,17 @@ apply_access() {
 # boot_nonce: the nonce a verifier gave this boot (SMBIOS OEM string
 # "csghub-appliance-boot-nonce=<32 hex digits>", QEMU -smbios type=11,...), else "none".
 boot_nonce() {
-    local dir=${CSGHUB_DMI_ENTRIES:-/sys/firmware/dmi/entries} raw value
+    local dir=${CSGHUB_DMI_ENTRIES:-/sys/firmware/dmi/entries} raw strings line
     for raw in "$dir"/11-*/raw; do
         [[ -r "$raw" ]] || continue
-        value=$(tr '\0' '\n' <"$raw" |
-            LC_ALL=C sed -n 's/.*csghub-appliance-boot-nonce=\([0-9a-f]\{32\}\)$/\1/p' | head -n 1)
-        if [[ -n "$value" ]]; then
-            echo "$value"
-            return 0
-        fi
+        # The entry's strings are NUL-terminated: one per line; only a whole 32-hex nonce at a string's end counts.
+        strings=$(LC_ALL=C tr '\0' '\n' <"$raw") || continue
+        while IFS= read -r line; do
+            if [[ "$line" =~ csghub-appliance-boot-nonce=([0-9a-f]{32})$ ]]; then
+                echo "${BASH_REMATCH[1]}"
+                return 0
+            fi
+        done <<<"$strings"
     done
     echo none
 }

@@ -53,17 +53,31 @@ SECRET_SPECS=(
     "CASDOOR_CSGSHIP_CLIENT_SECRET=hex 40"
 )
 
-# random_alnum N: N characters of [A-Za-z0-9] from the kernel CSPRNG (tr drops the rest of
-# each byte range, so no character is favoured).
+# random_from ALPHABET N: N characters of ALPHABET (at most 256) from the kernel CSPRNG. A byte
+# counts only below the largest multiple of the alphabet's size (the rest is dropped), so no
+# character is favoured.
+random_from() {
+    local alphabet=$1 out="" bytes b size=${#1} limit
+    limit=$((256 / size * size))
+    while ((${#out} < $2)); do
+        bytes=$(od -An -N64 -tu1 /dev/urandom)
+        for b in $bytes; do
+            ((b < limit)) && out+=${alphabet:$((b % size)):1}
+        done
+    done
+    echo "${out:0:$2}"
+}
+
+# random_alnum N: N characters of [A-Za-z0-9].
 random_alnum() {
-    LC_ALL=C tr -dc 'A-Za-z0-9' </dev/urandom | head -c "$1"
-    echo
+    random_from ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 "$1"
 }
 
 # random_hex N: N hex digits (N/2 random bytes).
 random_hex() {
-    od -An -N$(($1 / 2)) -tx1 /dev/urandom | tr -d ' \n'
-    echo
+    local hex
+    hex=$(od -An -N$(($1 / 2)) -tx1 /dev/urandom)
+    echo "${hex//[[:space:]]/}"
 }
 
 # new_secret KIND LENGTH
@@ -71,7 +85,12 @@ new_secret() {
     case "$1" in
         alnum) random_alnum "$2" ;;
         hex) random_hex "$2" ;;
-        b64hex) random_hex "$2" | tr -d '\n' | base64 -w0 && echo ;;
+        b64hex)
+            local hex
+            hex=$(random_hex "$2")
+            b64 "$hex"
+            echo
+            ;;
         *)
             echo "secrets.sh: unknown secret kind '$1'" >&2
             return 1
@@ -82,11 +101,12 @@ new_secret() {
 # bcrypt_hash PASSWORD: "$2a$10$..." as Go's bcrypt (registry htpasswd, Casdoor) reads it,
 # through libcrypt (perl is part of every Debian system; Python is not on the guest).
 bcrypt_hash() {
-    local salt last hash
-    salt=$(LC_ALL=C tr -dc './A-Za-z0-9' </dev/urandom | head -c 21)
+    local salt last hash canonical=.Oeu
+    salt=$(random_from ./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 21)
     # The 22nd salt character carries only 2 bits: one of the four canonical ones.
-    last=$(od -An -N1 -tu1 /dev/urandom | tr -d ' ')
-    salt+=${CSGHUB_BCRYPT_LAST:-$(cut -c$((last % 4 + 1)) <<<".Oeu")}
+    last=$(od -An -N1 -tu1 /dev/urandom)
+    last=${last//[[:space:]]/}
+    salt+=${CSGHUB_BCRYPT_LAST:-${canonical:$((last % 4)):1}}
     hash=$(PW="$1" SALT="\$2a\$10\$$salt" perl -e 'print crypt($ENV{PW}, $ENV{SALT}) // ""')
     if [[ ! "$hash" =~ ^\$2a\$10\$[./A-Za-z0-9]{53}$ ]]; then
         echo "secrets.sh: this system's crypt() cannot make bcrypt hashes (got '${hash:0:8}...')" >&2
@@ -109,7 +129,7 @@ load_secrets() {
 # make_secrets: secrets.env with every credential; keeps those already made (a first boot
 # cut short keeps what it made). Prints changed:/ok:.
 make_secrets() {
-    local spec name kind length made=()
+    local spec name kind length made=() value
     mkdir -p "$CSGHUB_SECRETS_DIR"
     chmod 0700 "$CSGHUB_SECRETS_DIR"
     load_secrets
@@ -117,7 +137,8 @@ make_secrets() {
         name=${spec%%=*}
         read -r kind length <<<"${spec#*=}"
         if [[ -z "${!name:-}" ]]; then
-            printf -v "$name" '%s' "$(new_secret "$kind" "$length")"
+            value=$(new_secret "$kind" "$length")
+            printf -v "$name" '%s' "$value"
             made+=("$name")
         fi
     done
@@ -132,7 +153,7 @@ make_secrets() {
             printf '%s=%s\n' "$name" "${!name}"
         done
         printf 'REGISTRY_HTPASSWD=%s\n' "$REGISTRY_HTPASSWD"
-    } | write_if_changed "$CSGHUB_SECRETS_DIR/secrets.env" 0600 || true
+    } | install_if_changed -q - "$CSGHUB_SECRETS_DIR/secrets.env" 0600
     if ((${#made[@]})); then
         echo "changed: made ${#made[@]} credential(s) for this copy ($CSGHUB_SECRETS_DIR/secrets.env)"
     else
@@ -156,7 +177,7 @@ make_casdoor_cert() {
         tmp=$(mktemp "$key.XXXXXX")
         # PKCS#1 ("RSA PRIVATE KEY"), the form the chart's own key has.
         if ! openssl genrsa -traditional -out "$tmp" "$CASDOOR_KEY_BITS" 2>"$tmp.err"; then
-            echo "secrets.sh: openssl genrsa failed: $(cat "$tmp.err")" >&2
+            echo "secrets.sh: openssl genrsa failed: $(<"$tmp.err")" >&2
             rm -f "$tmp" "$tmp.err"
             return 1
         fi
@@ -167,7 +188,7 @@ make_casdoor_cert() {
     tmp=$(mktemp "$crt.XXXXXX")
     if ! openssl req -new -x509 -key "$key" -out "$tmp" -days "$CASDOOR_CERT_DAYS" -sha256 \
         -subj "/O=admin/CN=$name-cert" -addext "basicConstraints=critical,CA:FALSE" 2>"$tmp.err"; then
-        echo "secrets.sh: openssl req failed: $(cat "$tmp.err")" >&2
+        echo "secrets.sh: openssl req failed: $(<"$tmp.err")" >&2
         rm -f "$tmp" "$tmp.err"
         return 1
     fi
@@ -231,7 +252,22 @@ YAML
 # secrets_manifest: the objects the chart looks up, with this copy's values. The namespace
 # comes first: the deploy controller applies kinds in the order they first appear.
 secrets_manifest() {
-    local namespace=${CSGHUB_NAMESPACE:-csghub}
+    local namespace=${CSGHUB_NAMESPACE:-csghub} b64_postgres_pw b64_minio_user b64_minio_pw b64_nats_user \
+        b64_nats_pw b64_registry_user b64_registry_pw b64_registry_htpasswd b64_gitaly_token b64_redis_pw \
+        b64_casdoor_client_id b64_casdoor_client_secret
+    # base64 of each value first: a failure inside a $(...) argument would pass unnoticed.
+    b64_postgres_pw=$(b64 "$POSTGRES_PASSWORD")
+    b64_minio_user=$(b64 minio)
+    b64_minio_pw=$(b64 "$MINIO_ROOT_PASSWORD")
+    b64_nats_user=$(b64 natsadmin)
+    b64_nats_pw=$(b64 "$NATS_PASSWORD")
+    b64_registry_user=$(b64 registry)
+    b64_registry_pw=$(b64 "$REGISTRY_PASSWORD")
+    b64_registry_htpasswd=$(b64 "registry:$REGISTRY_HTPASSWD")
+    b64_gitaly_token=$(b64 "$GITALY_TOKEN")
+    b64_redis_pw=$(b64 "$REDIS_PASSWORD")
+    b64_casdoor_client_id=$(b64 "$CASDOOR_ADMIN_CLIENT_ID")
+    b64_casdoor_client_secret=$(b64 "$CASDOOR_ADMIN_CLIENT_SECRET")
     cat <<YAML
 # Written by csghub-firstboot: this copy's CSGHub credentials, in the objects the chart
 # looks up before it would derive its own (docs/first-boot.md). Root only; do not edit.
@@ -241,23 +277,23 @@ metadata:
   name: $namespace
 YAML
     helm_owned Secret csghub-postgresql
-    printf 'type: Opaque\ndata:\n  POSTGRES_PASSWORD: %s\n' "$(b64 "$POSTGRES_PASSWORD")"
+    printf 'type: Opaque\ndata:\n  POSTGRES_PASSWORD: %s\n' "$b64_postgres_pw"
     helm_owned Secret csghub-minio
     printf 'type: Opaque\ndata:\n  MINIO_ROOT_USER: %s\n  MINIO_ROOT_PASSWORD: %s\n' \
-        "$(b64 minio)" "$(b64 "$MINIO_ROOT_PASSWORD")"
+        "$b64_minio_user" "$b64_minio_pw"
     helm_owned Secret csghub-nats
     printf 'type: Opaque\ndata:\n  NATS_USERNAME: %s\n  NATS_PASSWORD: %s\n' \
-        "$(b64 natsadmin)" "$(b64 "$NATS_PASSWORD")"
+        "$b64_nats_user" "$b64_nats_pw"
     helm_owned Secret csghub-registry
     printf 'type: Opaque\ndata:\n  REGISTRY_USERNAME: %s\n  REGISTRY_PASSWORD: %s\n  htpasswd: %s\n' \
-        "$(b64 registry)" "$(b64 "$REGISTRY_PASSWORD")" "$(b64 "registry:$REGISTRY_HTPASSWD")"
+        "$b64_registry_user" "$b64_registry_pw" "$b64_registry_htpasswd"
     helm_owned Secret csghub-gitaly
-    printf 'type: Opaque\ndata:\n  GITALY_TOKEN: %s\n' "$(b64 "$GITALY_TOKEN")"
+    printf 'type: Opaque\ndata:\n  GITALY_TOKEN: %s\n' "$b64_gitaly_token"
     helm_owned Secret csghub-redis
-    printf 'type: Opaque\ndata:\n  REDIS_PASSWD: %s\n' "$(b64 "$REDIS_PASSWORD")"
+    printf 'type: Opaque\ndata:\n  REDIS_PASSWD: %s\n' "$b64_redis_pw"
     helm_owned Secret csghub-casdoor-init
     printf 'type: Opaque\ndata:\n  CASDOOR_ADMIN_CLIENT_ID: %s\n  CASDOOR_ADMIN_CLIENT_SECRET: %s\n' \
-        "$(b64 "$CASDOOR_ADMIN_CLIENT_ID")" "$(b64 "$CASDOOR_ADMIN_CLIENT_SECRET")"
+        "$b64_casdoor_client_id" "$b64_casdoor_client_secret"
     helm_owned ConfigMap csghub-core
     cat <<YAML
 data:
@@ -358,7 +394,7 @@ _patch_chart_in() {
 
 # csghub_secrets: everything above, for an image that carries the CSGHub chart.
 csghub_secrets() {
-    local archive
+    local archive values manifest
     archive=$(compgen -G "$K3S_STATIC_CHARTS/csghub-*.tgz" | head -n1 || true)
     if [[ -z "$archive" ]]; then
         echo "ok: no CSGHub chart in this image; no CSGHub credentials to make"
@@ -368,9 +404,12 @@ csghub_secrets() {
     make_casdoor_cert csghub
     make_casdoor_cert csgship
     load_secrets
-    secret_values_yaml | write_if_changed "$CSGHUB_SECRETS_DIR/helm-values.yaml" 0600 || true
+    values=$(secret_values_yaml)
+    install_if_changed -q - "$CSGHUB_SECRETS_DIR/helm-values.yaml" 0600 <<<"$values"
     mkdir -p "$K3S_MANIFESTS"
-    if secrets_manifest | write_if_changed "$K3S_MANIFESTS/$SECRETS_MANIFEST_NAME" 0600; then
+    manifest=$(secrets_manifest)
+    install_if_changed -q - "$K3S_MANIFESTS/$SECRETS_MANIFEST_NAME" 0600 <<<"$manifest"
+    if [[ "$FILE_CHANGED" == yes ]]; then
         echo "changed: objects the chart looks up hold this copy's credentials ($K3S_MANIFESTS/$SECRETS_MANIFEST_NAME)"
     else
         echo "ok: objects the chart looks up already hold this copy's credentials"

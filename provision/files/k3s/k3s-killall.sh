@@ -26,6 +26,7 @@ for exe in /proc/[0-9]*/exe; do
             pid=${exe#/proc/}
             kill_tree "${pid%/exe}"
             ;;
+        *) ;; # not a shim
     esac
 done
 
