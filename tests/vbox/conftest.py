@@ -30,9 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.config import PROJECT_ROOT, ApplianceConfig, load_config
+from appliance.config import PROJECT_ROOT
 from appliance.errors import PrerequisiteMissing
-from appliance.run import run
 from appliance.vboxchroot import VBoxSession, ensure_chroot
 
 SHARED = (PROJECT_ROOT / ".." / "shared").resolve()
@@ -70,36 +69,6 @@ def vboxmanage_on_path(vbox: VBoxSession, tmp_path: Path, monkeypatch: pytest.Mo
 @pytest.fixture
 def vm_name(request: pytest.FixtureRequest) -> str:
     return f"vboxtest-{request.node.name[:40]}-{uuid.uuid4().hex[:6]}".replace("[", "-").replace("]", "")
-
-
-@pytest.fixture(scope="session")
-def make_cfg(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., ApplianceConfig]:
-    """A small libvirt-provider config (the provider that writes OVAs itself), no ./appliance.yaml."""
-    cwd = tmp_path_factory.mktemp("cfg")
-
-    def make(*sets: str) -> ApplianceConfig:
-        base = ["vm.cpus=2", "vm.memory_mb=2048", "provision.skip=[k3s, csghub]"]
-        return load_config(None, [*base, *sets], "libvirt", cwd=cwd)
-
-    return make
-
-
-@pytest.fixture(scope="session")
-def small_disk(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("disk") / "disk.qcow2"
-    run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "64M"])
-    run(["qemu-io", "-f", "qcow2", "-c", "write -P 0xab 1M 4M", "-c", "write -P 0x5c 40M 2M",
-         "-c", "write -P 0x01 63M 512k", str(path)])
-    return path
-
-
-@pytest.fixture(scope="session")
-def built_ova(tmp_path_factory: pytest.TempPathFactory, small_disk: Path,
-              make_cfg: Callable[..., ApplianceConfig]) -> Path:
-    from appliance.export.ova import write_ova
-
-    dest = tmp_path_factory.mktemp("ova") / "csghub-test.ova"
-    return write_ova(small_disk, make_cfg(), dest).path
 
 
 @pytest.fixture
