@@ -19,6 +19,7 @@ from pathlib import Path
 
 from appliance.config import ApplianceConfig
 from appliance.log import log
+from appliance.run import process_alive
 
 TERM_WAIT = 5.0  # seconds between TERM and KILL
 
@@ -49,12 +50,6 @@ def forward_of(argv: list[str]) -> tuple[str, int] | None:
     return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 def clear(cfg: ApplianceConfig, project: Path) -> list[int]:
@@ -72,10 +67,10 @@ def clear(cfg: ApplianceConfig, project: Path) -> list[int]:
             continue
         forward = forward_of(_cmdline(pid))
         tied = forward is not None and port_text.isdigit() and forward[1] == int(port_text) and forward in ours
-        if tied and _alive(pid):
+        if tied and process_alive(pid):
             _end(pid)
             ended.append(pid)
-        if tied or not _alive(pid):
+        if tied or not process_alive(pid):
             record.unlink(missing_ok=True)  # nothing of ours runs under it any more
     if ended:
         log.info(f"ended {len(ended)} port-forward process(es) of {cfg.vm.name} left by vagrant-libvirt")
@@ -91,9 +86,9 @@ def _end(pid: int) -> None:
         log.warning(f"port-forward process {pid} belongs to another user; end it with `sudo kill {pid}`")
         return
     deadline = time.monotonic() + TERM_WAIT
-    while _alive(pid) and time.monotonic() < deadline:
+    while process_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    if _alive(pid):
+    if process_alive(pid):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:

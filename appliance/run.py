@@ -194,3 +194,12 @@ def which(program: str) -> str | None:
 
     path = os.environ.get("PATH", "") + ":/usr/local/sbin:/usr/sbin:/sbin"
     return shutil.which(program, path=path)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process on this host (a zombie, already exited, is not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"

@@ -40,6 +40,7 @@ from pathlib import Path
 from types import TracebackType
 
 from appliance.errors import ApplianceError, PrerequisiteMissing
+from appliance.run import process_alive
 
 CHROOT_ENV = "APPLIANCE_VBOX_CHROOT"
 DEFAULT_CHROOT = Path("/var/cache/csghub-appliance/vbox-chroot")
@@ -204,11 +205,11 @@ class VBoxSession:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        while time.monotonic() < deadline and any(process_alive(p) for p in pids):
             time.sleep(0.1)
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
-                if _alive(pid):
+                if process_alive(pid):
                     os.kill(pid, signal.SIGKILL)
         self.holder.kill()
         self.holder.wait()
@@ -260,12 +261,6 @@ class VBoxSession:
         return wrapper
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @contextlib.contextmanager

@@ -16,26 +16,19 @@ from pathlib import Path
 import pytest
 from test_steps import Rig, sh
 
+from appliance.run import process_alive
 from appliance.ssh import GROUP_TOKEN_VAR, RemoteSession
 from appliance.upload import upload_file
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 def _wait_gone(pids: list[int], seconds: float = 15) -> list[int]:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        left = [p for p in pids if _alive(p)]
+        left = [p for p in pids if process_alive(p)]
         if not left:
             return []
         time.sleep(0.2)
-    return [p for p in pids if _alive(p)]
+    return [p for p in pids if process_alive(p)]
 
 
 def _pids(folder: Path) -> list[int]:
@@ -93,7 +86,7 @@ def test_without_a_group_the_remote_tree_would_survive(session: RemoteSession, t
     pids = _pids(tmp_path)
     cleanup_pids.extend(pids)
     time.sleep(1)
-    assert any(_alive(p) for p in pids)
+    assert any(process_alive(p) for p in pids)
 
 
 def test_a_stale_group_record_never_signals_other_processes(session: RemoteSession, tmp_path: Path) -> None:
@@ -154,7 +147,7 @@ def test_a_step_left_running_is_stopped_before_the_next_run(bare_rig: Rig, clean
         time.sleep(0.2)
     pid = int((rig.work / "left.pid").read_text())
     cleanup_pids.append(pid)
-    assert _alive(pid)
+    assert process_alive(pid)
     assert rig.run() == {"quick": "no changes"}
     assert _wait_gone([pid]) == [], "the next run must stop the step left running first"
     leftover.join(timeout=20)
