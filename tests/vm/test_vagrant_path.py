@@ -66,7 +66,14 @@ def test_render_then_plain_vagrant_up_leaves_the_markers_invoke_provision_expect
             listing = session.run(f"ls {DEFAULT_STATE_DIR}", timeout=60).stdout.split()
             assert listing == ["base.done", "firstboot.done"]
             marker = json.loads(session.run(f"cat {DEFAULT_STATE_DIR}/base.done", timeout=60).stdout)
-        assert marker["step"] == "base" and set(marker["inputs"]) == {"script", "env:PROVISION_DIR"}
+        # The base step reads no setting; its inputs are its script and the shared helpers it declares (files=common).
+        from appliance.scripts import discover_scripts
+        from appliance.steps import support_files
+
+        base = next(s for s in discover_scripts() if s.name == "base")
+        helpers = {f"file:{relative}" for _, relative in support_files(base, base.path.parent)}
+        assert helpers, "00-base.sh sources the shared shell helpers"
+        assert marker["step"] == "base" and set(marker["inputs"]) == {"script", "env:PROVISION_DIR", *helpers}
         assert marker["seconds"] > 0 and marker["finished"].endswith("+00:00")
 
         plan = _plan(cfg)
