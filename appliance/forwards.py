@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import itertools
 import os
-import signal
-import time
 from pathlib import Path
 
 from appliance.config import ApplianceConfig
 from appliance.log import log
-from appliance.run import process_alive
+from appliance.run import process_alive, stop_processes
 
 TERM_WAIT = 5.0  # seconds between TERM and KILL
 
@@ -79,17 +77,6 @@ def clear(cfg: ApplianceConfig, project: Path) -> list[int]:
 
 def _end(pid: int) -> None:
     try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
+        stop_processes([pid], TERM_WAIT)
     except PermissionError:  # started through sudo (host ports up to 1024)
         log.warning(f"port-forward process {pid} belongs to another user; end it with `sudo kill {pid}`")
-        return
-    deadline = time.monotonic() + TERM_WAIT
-    while process_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if process_alive(pid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass

@@ -203,3 +203,24 @@ def process_alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state != "Z"
+
+
+def stop_processes(pids: Sequence[int], grace: float) -> None:
+    """End processes this tool started (by PID, never by name): TERM, up to ``grace`` seconds, then KILL.
+
+    A process already gone is fine; ``PermissionError`` (another user's process) reaches the caller.
+    """
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(process_alive(pid) for pid in pids):
+        time.sleep(0.1)
+    for pid in pids:
+        if process_alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -31,16 +31,14 @@ import hashlib
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 
 from appliance.errors import ApplianceError, PrerequisiteMissing
-from appliance.run import process_alive
+from appliance.run import stop_processes
 
 CHROOT_ENV = "APPLIANCE_VBOX_CHROOT"
 DEFAULT_CHROOT = Path("/var/cache/csghub-appliance/vbox-chroot")
@@ -200,17 +198,7 @@ class VBoxSession:
     def stop(self) -> None:
         if self.holder is None:
             return
-        pids = self.processes()
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(process_alive(p) for p in pids):
-            time.sleep(0.1)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                if process_alive(pid):
-                    os.kill(pid, signal.SIGKILL)
+        stop_processes(self.processes(), 10)
         self.holder.kill()
         self.holder.wait()
         self.holder = None

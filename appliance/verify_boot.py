@@ -23,17 +23,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
-import os
 import re
 import secrets
-import signal
 import socket
 import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +39,7 @@ import paramiko
 
 from appliance.errors import PrerequisiteMissing, UsageError, VerifyError
 from appliance.log import log
-from appliance.run import run, which
+from appliance.run import run, stop_processes, which
 
 # The SMBIOS OEM string (type 11) that carries the boot nonce; read in the guest from
 # /sys/firmware/dmi/entries/11-*/raw by csghub-firstboot.
@@ -232,12 +230,7 @@ def _qemu_vm(
     try:
         yield console
     finally:
-        with suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-            for _ in range(50):
-                os.kill(pid, 0)
-                time.sleep(0.1)
-            os.kill(pid, signal.SIGKILL)
+        stop_processes([pid], 5)
 
 
 def _read_console(console: Path) -> str:
