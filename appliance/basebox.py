@@ -31,12 +31,16 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from appliance.config import ApplianceConfig
 from appliance.errors import PrerequisiteMissing, VagrantError
 from appliance.image import CUSTOMIZE_FILES, ImageSpec, build_raw_disk, remove_tree
 from appliance.log import log
 from appliance.run import run, which
+
+if TYPE_CHECKING:  # pragma: no cover
+    from appliance.providers import Provider
 
 # Bump when the packaging below changes in a way the inputs do not show.
 BOX_FORMAT_VERSION = 1
@@ -50,8 +54,9 @@ BOX_DISK_GB = 4
 BOX_HOSTNAME = "debian12"
 KEY_NAME = "vagrant_ed25519"
 PROVIDER = "libvirt"
-PROVIDERS = ("libvirt", "virtualbox")
 VBOX_BOX_DISK = "box-disk001.vmdk"
+# Copying a box of a few hundred MB into ~/.vagrant.d (and, for libvirt, nothing more).
+BOX_ADD_TIMEOUT = 1800
 
 _BOX_VAGRANTFILE = """\
 # Embedded in the csghub base box: log in with the key made for this box's build.
@@ -249,30 +254,20 @@ def _add_members(tar: tarfile.TarFile, members: list[tuple[str, bytes | Path, in
 
 def installed_versions(name: str, provider: str = PROVIDER) -> list[str]:
     """Versions of box ``name`` for ``provider`` that Vagrant has, from ``vagrant box list``."""
-    out = run(["vagrant", "box", "list", "--machine-readable"], env=_vagrant_env()).stdout
-    return boxes_from_list(out).get((name, provider), [])
+    from appliance.vagrant import box_list
+
+    return [b.version for b in box_list() if (b.name, b.provider) == (name, provider)]
 
 
-def boxes_from_list(machine_readable: str) -> dict[tuple[str, str], list[str]]:
-    """Parse ``vagrant box list --machine-readable`` into {(name, provider): [versions]}."""
-    found: dict[tuple[str, str], list[str]] = {}
-    name = provider = ""
-    for line in machine_readable.splitlines():
-        parts = line.split(",", 3)
-        if len(parts) < 4:
-            continue
-        kind, data = parts[2], parts[3]
-        if kind == "box-name":
-            name, provider = data, ""
-        elif kind == "box-provider":
-            provider = data
-        elif kind == "box-version" and name:
-            found.setdefault((name, provider), []).append(data)
-    return found
+def prune_boxes(name: str, provider: str) -> None:
+    """Remove older versions of the box unless a VM still uses one (a failure only warns: they are dead weight)."""
+    from appliance.vagrant import Vagrant
 
-
-def _vagrant_env() -> dict[str, str]:
-    return {"VAGRANT_CHECKPOINT_DISABLE": "1", "VAGRANT_BOX_UPDATE_CHECK_DISABLE": "1"}
+    try:
+        Vagrant().run("box", "prune", "--name", name, "--provider", provider, "--force", "--keep-active-boxes",
+                      show=True)
+    except VagrantError as exc:
+        log.warning(f"could not prune older versions of {name}: {exc.message.splitlines()[0]}")
 
 
 def add_box(box_file: Path, *, name: str, version: str, workdir: Path, provider: str = PROVIDER) -> None:
@@ -300,8 +295,13 @@ def add_box(box_file: Path, *, name: str, version: str, workdir: Path, provider:
             indent=2,
         )
     )
-    run(["vagrant", "box", "add", "--force", "--provider", provider, str(catalog)], stream=True,
-        env=_vagrant_env(), hint="is there room in ~/.vagrant.d (VAGRANT_HOME)?")
+    from appliance.vagrant import Vagrant
+
+    try:
+        Vagrant().run("box", "add", "--force", "--provider", provider, str(catalog), show=True,
+                      timeout=BOX_ADD_TIMEOUT)
+    except VagrantError as exc:
+        raise VagrantError(exc.message, hint=exc.hint or "is there room in ~/.vagrant.d (VAGRANT_HOME)?") from None
 
 
 def _remove_stale_workdirs(root: Path) -> None:
@@ -345,27 +345,16 @@ def build_base_box(
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def box_provider(cfg: ApplianceConfig) -> str:
+def box_provider(cfg: ApplianceConfig) -> Provider:
     """The provider the box is for: the configured one (``auto`` resolved as ``invoke up`` would)."""
-    if cfg.provider in PROVIDERS:
-        return cfg.provider
     from appliance.config import resolve_provider
+    from appliance.providers import provider_for
 
-    return resolve_provider(cfg)[0].provider
-
-
-def box_digest(image_digest: str, provider: str, cfg: ApplianceConfig) -> str:
-    """The box's cache key: the image's inputs, plus what the provider's packaging takes from the config."""
-    if provider == "libvirt":
-        return image_digest  # unchanged, so existing libvirt boxes stay cached
-    extra = {"provider": provider, "disk_gb": cfg.vm.disk_gb, "nic": cfg.virtualbox.nic_type,
-             "graphics": cfg.virtualbox.graphics_controller,
-             "localhost": cfg.virtualbox.nat_localhost_reachable}
-    return hashlib.sha256(json.dumps([image_digest, extra], sort_keys=True).encode()).hexdigest()
+    return provider_for(resolve_provider(cfg)[0])
 
 
 def _build_locked(
-    cfg: ApplianceConfig, root: Path, provider: str, *, force: bool, mirror: str, security_mirror: str, suite: str
+    cfg: ApplianceConfig, root: Path, provider: Provider, *, force: bool, mirror: str, security_mirror: str, suite: str
 ) -> BaseBox:
     name = cfg.vm.box
     with log.step("base box: check the cache"):
@@ -377,8 +366,8 @@ def _build_locked(
             mirror=mirror,
             security_mirror=security_mirror,
         )
-        digest = box_digest(digest, provider, cfg)
-        box_dir = root / provider
+        digest = provider.box_digest(digest)
+        box_dir = root / provider.name
         box_file = box_dir / f"{digest[:16]}.box"
         info_file = box_dir / f"{digest[:16]}.json"
         cached = box_file.exists() and info_file.exists() and not force
@@ -407,13 +396,9 @@ def _build_locked(
                 "debian_suite": suite,
                 "user": cfg.ssh.user,
             }
-            info["provider"] = provider
-            with log.step(f"package the {provider} box"):
-                if provider == "virtualbox":
-                    package_virtualbox_box(image.raw_disk, box_file, key=key, info=info, cfg=cfg,
-                                           disk_bytes=cfg.vm.disk_gb * 1024**3)
-                else:
-                    package_libvirt_box(image.raw_disk, box_file, key=key, info=info)
+            info["provider"] = provider.name
+            with log.step(f"package the {provider.name} box"):
+                provider.package_box(image.raw_disk, box_file, key=key, info=info)
                 info_file.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
             for old in box_dir.iterdir():
                 if old.suffix in (".box", ".json") and old.stem != box_file.stem:
@@ -423,22 +408,22 @@ def _build_locked(
             remove_tree(workdir)
 
     version = str(info["version"])
+    kind = provider.name
     with log.step(f"add {name} {version} to Vagrant"):
-        if version in installed_versions(name, provider):
-            log.info(f"ok: Vagrant already has {name} {version} ({provider})")
+        if version in installed_versions(name, kind):
+            log.info(f"ok: Vagrant already has {name} {version} ({kind})")
             added = False
         else:
-            add_box(box_file, name=name, version=version, workdir=box_dir, provider=provider)
-            log.info(f"changed: added {name} {version} ({provider})")
+            add_box(box_file, name=name, version=version, workdir=box_dir, provider=kind)
+            log.info(f"changed: added {name} {version} ({kind})")
             added = True
             # Older builds of the box are dead weight (~170 MB each) unless a VM still uses one.
-            run(["vagrant", "box", "prune", "--name", name, "--provider", provider, "--force",
-                 "--keep-active-boxes"], check=False, stream=True, env=_vagrant_env())
-    if added and version not in installed_versions(name, provider):
+            prune_boxes(name, kind)
+    if added and version not in installed_versions(name, kind):
         raise VagrantError(f"box {name} {version} is not listed by `vagrant box list` after adding it")
     size = box_file.stat().st_size
     log.success(f"base box {name} {version}: {box_file} ({size / 1024**2:.0f} MiB)")
     return BaseBox(
-        name=name, version=version, provider=provider, box_file=box_file, private_key=key,
+        name=name, version=version, provider=kind, box_file=box_file, private_key=key,
         size_bytes=size, inputs_sha256=digest, built=built, added=added,
     )

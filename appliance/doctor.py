@@ -51,7 +51,7 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(int(g) for g in m.groups() if g is not None) if m else ()
 
 
-def _tool(name: str, program: str, fix: str, version_args: tuple[str, ...] = ("--version",)) -> Check:
+def tool_check(name: str, program: str, fix: str, version_args: tuple[str, ...] = ("--version",)) -> Check:
     path = which(program)
     if path is None:
         return Check(name, "fail", f"{program} not found on PATH", fix)
@@ -102,66 +102,11 @@ def vagrant_drives_virtualbox(vagrant: tuple[int, ...], virtualbox: tuple[int, .
                  "(2.3.x) drives VirtualBox up to 7.0 only")
 
 
-def _command_version(argv: list[str]) -> tuple[int, ...]:
+def command_version(argv: list[str]) -> tuple[int, ...]:
     if which(argv[0]) is None:
         return ()
     res = run(argv, check=False, timeout=120)
     return _version(res.stdout) if res.ok else ()
-
-
-def check_virtualbox() -> list[Check]:
-    checks = [_tool("VBoxManage", "VBoxManage", "install VirtualBox 7: https://www.virtualbox.org/wiki/Downloads")]
-    if checks[0].verdict == "ok":
-        res = run(["VBoxManage", "list", "hostinfo"], check=False, timeout=60)
-        found = "VBoxManage list hostinfo " + ("works" if res.ok else "failed: " + res.stderr.strip()[:200])
-        checks.append(Check("VirtualBox kernel driver", "ok" if res.ok else "fail", found,
-                            "" if res.ok else "load the vboxdrv module (sudo /sbin/vboxconfig) and check Secure Boot"))
-        vagrant = _command_version(["vagrant", "--version"])
-        if vagrant:
-            checks.append(vagrant_drives_virtualbox(vagrant, _command_version(["VBoxManage", "--version"])))
-    # verify-ova reads the exported disk with qemu-img, on every host.
-    checks.append(_tool("qemu-img (for verify-ova)", "qemu-img",
-                        "apt-get install --no-install-recommends qemu-utils (macOS: brew install qemu)"))
-    return checks
-
-
-def check_libvirt(cfg: ApplianceConfig) -> list[Check]:
-    apt = "apt-get install --no-install-recommends "
-    checks = [
-        _tool("qemu-system-x86_64", "qemu-system-x86_64", apt + "qemu-system-x86"),
-        _tool("qemu-img", "qemu-img", apt + "qemu-utils"),
-        _tool("virsh", "virsh", apt + "libvirt-clients", ("--version",)),
-    ]
-    libvirtd = which("libvirtd")
-    checks.append(Check("libvirtd", "ok" if libvirtd else "fail", libvirtd or "not installed",
-                        "" if libvirtd else apt + "libvirt-daemon libvirt-daemon-driver-qemu dnsmasq-base"))
-    if which("virsh"):
-        res = run(["virsh", "-c", cfg.libvirt.uri, "version"], check=False, timeout=30)
-        checks.append(Check(f"libvirt reachable ({cfg.libvirt.uri})", "ok" if res.ok else "fail",
-                            "connected" if res.ok else (res.stderr.strip().splitlines() or ["no answer"])[-1],
-                            "" if res.ok else "start it: `systemctl start libvirtd` (or without systemd: "
-                            "`virtlogd -d && libvirtd -d`)"))
-    if which("vagrant"):
-        res = run(["vagrant", "plugin", "list"], check=False, timeout=120)
-        has = "vagrant-libvirt" in res.stdout
-        checks.append(Check("vagrant-libvirt plugin", "ok" if has else "fail",
-                            next((ln.strip() for ln in res.stdout.splitlines() if "vagrant-libvirt" in ln), "missing"),
-                            "" if has else apt + "vagrant-libvirt (or `vagrant plugin install vagrant-libvirt`)"))
-    checks.append(_check_accel(cfg))
-    return checks
-
-
-def _check_accel(cfg: ApplianceConfig) -> Check:
-    if cfg.libvirt.driver == "qemu":
-        return Check("acceleration", "ok", "driver qemu (TCG emulation) chosen in config")
-    from appliance.hostprobe import detect_libvirt_driver
-
-    driver, why = detect_libvirt_driver()
-    if driver == "kvm":
-        return Check("acceleration", "ok", f"KVM works ({why})")
-    verdict = "fail" if cfg.libvirt.driver == "kvm" else "warn"
-    return Check("acceleration", verdict, f"KVM unusable, TCG emulation (slow) will be used: {why}",
-                 "enable virtualization in firmware / nested virtualization, or set libvirt.driver=qemu")
 
 
 def check_base_box_tools(cfg: ApplianceConfig) -> list[Check]:
@@ -169,7 +114,7 @@ def check_base_box_tools(cfg: ApplianceConfig) -> list[Check]:
         return []  # a public box (e.g. for macOS/Windows hosts) needs no local build tools
     apt = "apt-get install --no-install-recommends "
     return [
-        _tool("mmdebstrap (for invoke base-box)", "mmdebstrap", apt + "mmdebstrap"),
+        tool_check("mmdebstrap (for invoke base-box)", "mmdebstrap", apt + "mmdebstrap"),
         Check("extlinux (for invoke base-box)", "ok" if which("extlinux") else "fail",
               which("extlinux") or "not found", "" if which("extlinux") else apt + "extlinux syslinux-common"),
     ]
@@ -208,14 +153,13 @@ def check_resources(cfg: ApplianceConfig) -> list[Check]:
 
 
 def collect_checks(cfg: ApplianceConfig) -> list[Check]:
-    """Every check for ``cfg.provider`` (already resolved from ``auto``)."""
-    probes: list[Callable[[], list[Check]]] = [check_vagrant]
-    if cfg.provider == "virtualbox":
-        probes.append(check_virtualbox)
-    else:
-        probes.append(lambda: check_libvirt(cfg))
-    probes.append(lambda: check_base_box_tools(cfg))
-    probes.append(lambda: check_resources(cfg))
+    """Every check for ``cfg.provider`` (already resolved from ``auto``): the provider's own among them."""
+    from appliance.providers import provider_for
+
+    provider = provider_for(cfg)
+    probes: list[Callable[[], list[Check]]] = [
+        check_vagrant, provider.host_checks, lambda: check_base_box_tools(cfg), lambda: check_resources(cfg),
+    ]
     return [c for probe in probes for c in probe()]
 
 

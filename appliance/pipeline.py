@@ -13,19 +13,23 @@ after ``verify`` passed.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from appliance.config import ApplianceConfig, public_dump
 from appliance.errors import ApplianceError, Cancelled, HostFileError, UsageError, VagrantError, VerifyError
 from appliance.log import log
 from appliance.scripts import discover_scripts
 from appliance.state import BuildState, config_digest, export_digest
+
+if TYPE_CHECKING:  # pragma: no cover
+    from appliance.providers import Provider
 
 OnError = Literal["keep", "destroy"]
 
@@ -56,6 +60,13 @@ class BuildContext:
     @property
     def ova_name(self) -> str:
         return f"{self.cfg.output.name}-{self.cfg.appliance_version}.ova"
+
+    @functools.cached_property
+    def provider(self) -> Provider:
+        """The provider, built once from the configuration (tests assign a fake before the stages run)."""
+        from appliance.providers import provider_for
+
+        return provider_for(self.cfg)
 
 
 StageFn = Callable[[BuildContext], str | None]
@@ -188,11 +199,8 @@ def stage_halt(ctx: BuildContext) -> str | None:
             vagrant.halt(ctx.cfg, force=True)
             return "forced off"
         time.sleep(3)
-    if ctx.cfg.provider == "libvirt":
-        # Vagrant did not halt it, so vagrant-libvirt's `ssh -L` forwards are still running.
-        from appliance import forwards
-
-        forwards.clear(ctx.cfg, vagrant.project_dir(ctx.cfg))
+    # Vagrant did not halt it, so whatever Vagrant ends at a halt (vagrant-libvirt's forwards) still runs.
+    ctx.provider.after_halt(vagrant.project_dir(ctx.cfg))
     return "the sealed VM powered itself off"
 
 
@@ -203,17 +211,10 @@ def stage_export(ctx: BuildContext) -> str | None:
             and ctx.state.export_digest == current):
         return f"skipped: {staged.name} already exported from this sealed VM with these settings"
     ctx.staging_dir.mkdir(parents=True, exist_ok=True)
-    if ctx.cfg.provider == "virtualbox":
-        from appliance.export.virtualbox import export_virtualbox
-
-        result = export_virtualbox(ctx.cfg, ctx.staging_dir)
-    else:
-        from appliance import vagrant
-        from appliance.export.libvirt import export_libvirt, find_domain_disk
-
-        disk = find_domain_disk(ctx.cfg.libvirt.uri, vagrant.domain_name(ctx.cfg))
-        ctx.state.disk_image = str(disk)
-        result = export_libvirt(ctx.cfg, disk, ctx.staging_dir)
+    exported = ctx.provider.export(ctx.staging_dir)
+    if exported.disk is not None:
+        ctx.state.disk_image = str(exported.disk)
+    result = exported.ova
     ctx.state.staged_ova = str(result.path)
     ctx.state.staged_ova_sha256 = result.sha256
     return f"{result.path.name}: {result.size / 1e6:.0f} MB"

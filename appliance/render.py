@@ -26,7 +26,6 @@ import jinja2
 import yaml
 
 from appliance.config import PROJECT_ROOT, ApplianceConfig, guest_environment
-from appliance.errors import UsageError
 from appliance.scripts import GUEST_PROVISION_DIR, PROVISION_DIR, PROVISION_DIR_VARIABLE, selected_scripts
 
 TEMPLATE = PROJECT_ROOT / "Vagrantfile.j2"
@@ -92,24 +91,13 @@ def render_text(
     provision_dir: Path = PROVISION_DIR,
 ) -> str:
     """The Vagrantfile text for ``cfg`` as it would be written into ``output_dir``."""
-    if cfg.provider not in ("virtualbox", "libvirt"):
-        raise UsageError(
-            f"cannot render for provider {cfg.provider!r}: resolve 'auto' first (virtualbox or libvirt)"
-        )
-    driver = libvirt_driver or cfg.libvirt.driver
-    if cfg.provider == "libvirt" and driver not in ("kvm", "qemu"):
-        # Guessing `kvm` hangs guests on hosts whose /dev/kvm does not accelerate (hostprobe).
-        raise UsageError(
-            f"cannot render libvirt driver {driver!r}: resolve 'auto' first (appliance.vagrant.render does)"
-        )
-    cpu_mode = cfg.libvirt.cpu_mode
-    if cpu_mode == "auto":
-        cpu_mode = "host-passthrough" if driver == "kvm" else "custom"
+    from appliance.providers import provider_for
+
+    # The provider block's inputs come from the provider (an unresolved `auto` provider is refused there).
+    facts = provider_for(cfg).vagrantfile_inputs(libvirt_driver)
     context: dict[str, Any] = {
         "cfg": cfg,
-        "provider": cfg.provider,
-        "libvirt_driver": driver,
-        "cpu_mode": cpu_mode,
+        **facts,
         "provision_root": os.path.relpath(provision_dir.resolve(), output_dir.resolve()),
         "guest_dir": GUEST_PROVISION_DIR,
         "steps": vagrant_steps(cfg, provision_dir, uploads),

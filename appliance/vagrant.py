@@ -1,31 +1,40 @@
-"""Up stage: drive the rendered Vagrantfile with Vagrant (python-vagrant), on libvirt or VirtualBox.
+"""Up stage: drive the rendered Vagrantfile with Vagrant, on whichever provider the config names.
 
 The build's Vagrant project is ``cfg.build_dir / "vm"`` (``project_dir``), for every task:
-``render`` writes the Vagrantfile there (the one render: libvirt driver ``auto`` resolved
-with ``appliance.hostprobe``, pinned uploads included), ``up`` boots the VM from it.
-python-vagrant builds the Vagrant command lines; every one of them runs through
-``appliance.run.run`` (streamed, captured, logged under ``--debug``) via ``_RoutedVagrant``.
+``render`` writes the Vagrantfile there (the one render: the driver the provider resolves,
+pinned uploads included), ``up`` boots the VM from it. What differs between providers
+(environment, preflight, clean-up after a halt) the ``appliance.providers.Provider`` says.
 
-States are read from ``vagrant status --machine-readable`` and SSH details from
-``vagrant ssh-config``, parsed here so that repeated keys (several ``IdentityFile`` lines)
-all survive: python-vagrant's own parser keeps only the last one.
+Vagrant is called one way: ``Vagrant.run`` builds the argv and runs it through
+``appliance.run.run`` (lines streamed and captured, a timeout, the child interrupted with the
+caller on Ctrl-C, every command logged under ``--debug``); a failure becomes a ``VagrantError``
+naming the command with the tail of its stderr and a hint. python-vagrant's public API can do
+none of the three (no timeout, stderr not captured, only ``up`` streams, through a generator
+that must be consumed), so it is not used (docs/architecture.md).
+
+Output is read with one parser of ``--machine-readable`` lines (``status``, ``box list``,
+``plugin list``), and ``vagrant ssh-config`` with ``paramiko.SSHConfig``, which keeps every
+``IdentityFile`` line.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-import vagrant as python_vagrant
+import paramiko
 
 from appliance.config import ApplianceConfig
 from appliance.errors import CommandFailed, PrerequisiteMissing, VagrantError
 from appliance.log import log
 from appliance.run import CommandResult, run, which
 from appliance.ssh import SSHEndpoint, forget_host_key, known_hosts_path
+
+if TYPE_CHECKING:  # pragma: no cover
+    from appliance.providers.base import Provider
 
 VAGRANT_ENV = {
     # Nothing beyond the Debian archive is reachable from build hosts like ours: no phoning home.
@@ -39,6 +48,8 @@ STARTABLE_STATES = {"not_created", "poweroff", "shutoff", "running"}
 # Time beyond vm.boot_timeout that `up` may take: uploading the box image, creating the domain.
 UP_MARGIN_SECONDS = 600
 STDERR_TAIL = 15
+# Bound for the quick queries (status, ssh-config, box and plugin lists): Vagrant starts in seconds.
+QUERY_TIMEOUT = 300
 
 
 # -- parsing (pure functions, unit-tested on captured output) ---------------------------------------
@@ -102,59 +113,64 @@ def parse_status(text: str) -> list[MachineState]:
 
 
 @dataclass(frozen=True)
-class SSHConfig:
-    """One ``Host`` block of ``vagrant ssh-config``; every value of a repeated key is kept, in order."""
+class Box:
+    """One box of ``vagrant box list --machine-readable``."""
 
-    host: str
-    options: dict[str, tuple[str, ...]] = field(default_factory=dict)
-
-    def get(self, key: str, default: str = "") -> str:
-        values = self.options.get(key.lower())
-        return values[0] if values else default
-
-    @property
-    def hostname(self) -> str:
-        return self.get("hostname")
-
-    @property
-    def port(self) -> int:
-        return int(self.get("port", "22"))
-
-    @property
-    def user(self) -> str:
-        return self.get("user")
-
-    @property
-    def identity_files(self) -> tuple[str, ...]:
-        return self.options.get("identityfile", ())
+    name: str
+    provider: str
+    version: str
 
 
-def parse_ssh_config(text: str) -> list[SSHConfig]:
-    """Parse ``vagrant ssh-config`` output into its ``Host`` blocks (keys lower-cased, as ssh does)."""
-    blocks: list[SSHConfig] = []
-    current: dict[str, list[str]] | None = None
-    host = ""
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        m = re.match(r"^(\S+?)(?:\s*=\s*|\s+)(.*)$", line)
-        if not m:
-            continue
-        key, value = m.group(1).lower(), m.group(2).strip()
-        if len(value) >= 2 and value[0] == value[-1] == '"':
-            value = value[1:-1]
-        if key == "host":
-            if current is not None:
-                blocks.append(SSHConfig(host, {k: tuple(v) for k, v in current.items()}))
-            host, current = value, {}
-            continue
-        if current is None:
-            continue
-        current.setdefault(key, []).append(value)
-    if current is not None:
-        blocks.append(SSHConfig(host, {k: tuple(v) for k, v in current.items()}))
-    return blocks
+def parse_box_list(text: str) -> list[Box]:
+    """Boxes from ``vagrant box list --machine-readable`` (``box-name``, then its provider and version)."""
+    boxes: list[Box] = []
+    name = provider = ""
+    for line in parse_machine_readable(text):
+        value = line.data[0] if line.data else ""
+        if line.kind == "box-name":
+            name, provider = value, ""
+        elif line.kind == "box-provider":
+            provider = value
+        elif line.kind == "box-version" and name:
+            boxes.append(Box(name, provider, value))
+    return boxes
+
+
+def parse_plugin_list(text: str) -> dict[str, str]:
+    """``{plugin: version}`` from ``vagrant plugin list --machine-readable``."""
+    plugins: dict[str, str] = {}
+    for line in parse_machine_readable(text):
+        if line.kind == "plugin-name" and line.data:
+            plugins[line.data[0]] = ""
+        elif line.kind == "plugin-version" and line.target in plugins and line.data:
+            plugins[line.target] = line.data[0]
+    return plugins
+
+
+def parse_ssh_config(text: str, host: str = "default") -> SSHEndpoint:
+    """The ``Host`` block for ``host`` in ``vagrant ssh-config`` output, read by ``paramiko.SSHConfig``.
+
+    Every ``IdentityFile`` line is kept, in order (python-vagrant's parser kept only the last).
+    """
+    parsed = paramiko.SSHConfig.from_text(text)
+    if host not in parsed.get_hostnames():
+        raise VagrantError(f"`vagrant ssh-config` printed no Host block for {host!r}",
+                           hint="is the VM running? `invoke status`")
+    block = parsed.lookup(host)
+    user = block.get("user", "")
+    # paramiko fills in the Host name when HostName is missing: Vagrant always prints one.
+    if "hostname" not in _keys(text) or not user:
+        raise VagrantError(f"`vagrant ssh-config` gave no HostName or User for {host!r}")
+    try:
+        port = int(block.get("port", "22"))
+    except ValueError:
+        raise VagrantError(f"`vagrant ssh-config` gave port {block.get('port')!r} for {host!r}") from None
+    return SSHEndpoint(host=block["hostname"], port=port, user=user,
+                       identity_files=tuple(Path(p) for p in block.get("identityfile", [])))
+
+
+def _keys(text: str) -> set[str]:
+    return {ln.split(None, 1)[0].split("=", 1)[0].lower() for ln in text.splitlines() if ln.strip()}
 
 
 # Lines of `vagrant up` output (Vagrant 2.3, vagrant-libvirt 0.11) that start a phase.
@@ -183,39 +199,50 @@ def detect_phase(line: str, current: str) -> str:
 # -- running Vagrant ------------------------------------------------------------------------------
 
 
-class _RoutedVagrant(python_vagrant.Vagrant):
-    """python-vagrant with every command run by ``appliance.run.run``: streamed, captured, bounded."""
+class Vagrant:
+    """The one way this tool runs Vagrant: argv through ``appliance.run.run``, in one project directory.
 
-    def __init__(self, root: Path, env: dict[str, str], *, on_line: Callable[[str, str], None] | None = None,
-                 timeout: float | None = None) -> None:
-        super().__init__(root=str(root), env=env)  # type: ignore[no-untyped-call]
-        self.extra_env = env
-        self.on_line = on_line
-        self.timeout = timeout
-        self.last: CommandResult | None = None
+    ``root`` is the Vagrant project (``None``: commands that need none, such as ``box add``);
+    ``env`` adds to :data:`VAGRANT_ENV` (the provider's variables).
+    """
 
-    def _exec(self, args: Sequence[str | None], *, show: bool) -> CommandResult:
-        command = self._make_vagrant_command(list(args))  # type: ignore[no-untyped-call]
+    def __init__(self, root: Path | None = None, env: Mapping[str, str] | None = None) -> None:
+        executable = which("vagrant")
+        if executable is None:
+            raise PrerequisiteMissing("vagrant is not installed",
+                                      hint="apt-get install -y --no-install-recommends vagrant")
+        self.executable = executable
+        self.root = root
+        self.env = {**VAGRANT_ENV, **(env or {})}
+
+    def run(self, *args: str, show: bool = False, timeout: float | None = QUERY_TIMEOUT,
+            on_line: Callable[[str, str], None] | None = None,
+            phase: Callable[[], str] | None = None) -> CommandResult:
+        """Run ``vagrant ARGS``; ``show`` prints its output (``Progress: N%`` thinned); a failure or
+        timeout raises ``VagrantError`` (``phase`` names what it was doing, for the message)."""
         progress = ProgressThrottle()
 
         def each_line(stream: str, line: str) -> None:
             text = strip_ansi(line)
             if show and progress.wants(text):
                 log.output(text, stderr=(stream == "stderr"))
-            if self.on_line is not None:
-                self.on_line(stream, text)
+            if on_line is not None:
+                on_line(stream, text)
 
-        self.last = run(command, cwd=self.root, env=self.extra_env, on_line=each_line, timeout=self.timeout)
-        return self.last
+        try:
+            return run([self.executable, *args], cwd=self.root, env=self.env, on_line=each_line, timeout=timeout)
+        except CommandFailed as exc:
+            raise _failure(args[0] if args else "", exc, phase=phase() if phase else None) from None
 
-    def _call_vagrant_command(self, args: Sequence[str | None]) -> None:
-        self._exec(args, show=True)
 
-    def _run_vagrant_command(self, args: Sequence[str | None]) -> str:
-        return self._exec(args, show=False).stdout
+def plugins() -> dict[str, str]:
+    """Vagrant's installed plugins and their versions."""
+    return parse_plugin_list(Vagrant().run("plugin", "list", "--machine-readable").stdout)
 
-    def _stream_vagrant_command(self, args: Sequence[str | None]) -> Iterator[str]:
-        yield from self._exec(args, show=True).stdout.splitlines(keepends=True)
+
+def box_list() -> list[Box]:
+    """The boxes Vagrant has (``vagrant box list``)."""
+    return parse_box_list(Vagrant().run("box", "list", "--machine-readable").stdout)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -246,13 +273,6 @@ class ProgressThrottle:
 def project_dir(cfg: ApplianceConfig) -> Path:
     """The build's Vagrant project directory (Vagrantfile and Vagrant's ``.vagrant`` state)."""
     return cfg.build_dir / "vm"
-
-
-def _env(cfg: ApplianceConfig) -> dict[str, str]:
-    env = dict(VAGRANT_ENV)
-    if cfg.provider == "libvirt":
-        env["LIBVIRT_DEFAULT_URI"] = cfg.libvirt.uri
-    return env
 
 
 _BACKTRACE_FRAME = re.compile(r"^\s+from /\S+:\d+:in ")
@@ -295,83 +315,32 @@ def _hint_for(output: str, phase: str | None, *, timed_out: bool) -> str | None:
     return None
 
 
-def _client(cfg: ApplianceConfig, *, on_line: Callable[[str, str], None] | None = None,
-            timeout: float | None = None) -> _RoutedVagrant:
-    if which("vagrant") is None:
-        raise PrerequisiteMissing("vagrant is not installed", hint="apt-get install -y --no-install-recommends vagrant")
+def _provider(cfg: ApplianceConfig, provider: Provider | None) -> Provider:
+    if provider is not None:
+        return provider
+    from appliance.providers import provider_for
+
+    return provider_for(cfg)
+
+
+def _project(cfg: ApplianceConfig, provider: Provider) -> Vagrant:
+    """The Vagrant client for the build's project directory (made if missing)."""
     root = project_dir(cfg)
+    client = Vagrant(root, provider.vagrant_env())
     root.mkdir(parents=True, exist_ok=True)
-    return _RoutedVagrant(root, _env(cfg), on_line=on_line, timeout=timeout)
+    return client
 
 
-def _vagrant(subcommand: str, call: Callable[[], Any], *, phase: Callable[[], str] | None = None) -> Any:
-    try:
-        return call()
-    except CommandFailed as exc:
-        raise _failure(subcommand, exc, phase=phase() if phase else None) from None
-
-
-# -- preflight ------------------------------------------------------------------------------------
-
-
-def check_libvirt(cfg: ApplianceConfig, *, ensure_pool: bool = True) -> None:
-    """libvirtd answers at ``cfg.libvirt.uri``; with ``ensure_pool`` the storage pool exists and runs
-    (``default`` is made in /var/lib/libvirt/images if missing)."""
-    if which("virsh") is None:
-        raise PrerequisiteMissing(
-            "virsh (libvirt's client) is not installed",
-            hint="apt-get install -y --no-install-recommends libvirt-clients libvirt-daemon-system",
-        )
-    uri = cfg.libvirt.uri
-    probe = run(["virsh", "-c", uri, "uri"], check=False, timeout=30)
-    if not probe.ok:
-        raise PrerequisiteMissing(
-            f"libvirt is not reachable at {uri}: {' '.join(probe.tail('stderr', 2)) or 'no answer'}",
-            hint="start it: `systemctl start libvirtd` (without systemd: `virtlogd -d && libvirtd -d`; "
-            "docs/vm-lifecycle.md lists what libvirtd needs on a host without libvirt-daemon-system)",
-        )
-    if not ensure_pool:
-        return
-    pool = cfg.libvirt.storage_pool
-    info = run(["virsh", "-c", uri, "pool-info", pool], check=False, timeout=30)
-    if info.ok and re.search(r"^State:\s+running", info.stdout, re.M):
-        return
-    if info.ok:
-        run(["virsh", "-c", uri, "pool-start", pool])
-        log.info(f"changed: started libvirt storage pool {pool}")
-        return
-    if pool != "default":
-        raise PrerequisiteMissing(
-            f"libvirt storage pool {pool!r} does not exist at {uri}",
-            hint=f"create it: virsh pool-define-as {pool} dir --target DIR && virsh pool-build {pool} && "
-            f"virsh pool-start {pool}; or set libvirt.storage_pool",
-        )
-    target = "/var/lib/libvirt/images"
-    run(["virsh", "-c", uri, "pool-define-as", pool, "dir", "--target", target])
-    run(["virsh", "-c", uri, "pool-build", pool])
-    run(["virsh", "-c", uri, "pool-start", pool])
-    run(["virsh", "-c", uri, "pool-autostart", pool], check=False)
-    log.info(f"changed: created libvirt storage pool {pool} in {target}")
-
-
-def check_plugin(client: _RoutedVagrant) -> None:
-    plugins = _vagrant("plugin list", client.plugin_list)
-    if not any(p.name == "vagrant-libvirt" for p in plugins):
-        raise PrerequisiteMissing(
-            "the vagrant-libvirt plugin is not installed",
-            hint="apt-get install -y --no-install-recommends vagrant-libvirt",
-        )
-
-
-def check_box(cfg: ApplianceConfig, client: _RoutedVagrant, provider: str) -> None:
-    boxes = _vagrant("box list", client.box_list)
-    if not any(b.name == cfg.vm.box and (b.provider or provider) == provider for b in boxes):
+def check_box(cfg: ApplianceConfig, provider_name: str) -> None:
+    """Vagrant has the box ``vm.box`` for this provider; else an error saying how to get it."""
+    boxes = box_list()
+    if not any(b.name == cfg.vm.box and (b.provider or provider_name) == provider_name for b in boxes):
         have = ", ".join(sorted({f"{b.name} ({b.provider})" for b in boxes})) or "none"
         version = f" --box-version {cfg.vm.box_version}" if cfg.vm.box_version else ""
-        build = (f"`invoke base-box --provider {provider}`" if cfg.vm.box == "csghub/debian12"
-                 else f"`vagrant box add {cfg.vm.box}{version} --provider {provider}`")
+        build = (f"`invoke base-box --provider {provider_name}`" if cfg.vm.box == "csghub/debian12"
+                 else f"`vagrant box add {cfg.vm.box}{version} --provider {provider_name}`")
         raise VagrantError(
-            f"Vagrant has no box {cfg.vm.box!r} for provider {provider} (boxes here: {have})",
+            f"Vagrant has no box {cfg.vm.box!r} for provider {provider_name} (boxes here: {have})",
             hint=f"get it with {build}",
         )
 
@@ -381,28 +350,28 @@ def check_box(cfg: ApplianceConfig, client: _RoutedVagrant, provider: str) -> No
 
 @dataclass(frozen=True)
 class RenderedProject:
-    """A written Vagrantfile and the libvirt driver it runs the VM with (``None``: VirtualBox)."""
+    """A written Vagrantfile and the hypervisor driver the provider resolved for it (``None``: VirtualBox)."""
 
     path: Path
     libvirt_driver: str | None
 
 
-def render(cfg: ApplianceConfig, output: str | Path | None = None) -> RenderedProject:
+def render(cfg: ApplianceConfig, output: str | Path | None = None, *,
+           provider: Provider | None = None) -> RenderedProject:
     """Write the Vagrantfile: the one render behind ``invoke render``, ``invoke up`` and the build.
 
-    It always carries what ``vagrant up`` needs to give the same VM as the build: the libvirt
-    driver resolved like ``appliance.hostprobe`` does it (``auto`` never becomes ``kvm`` on a host
-    where KVM hangs guests), and the pinned artifacts and manifests the k3s and CSGHub steps
-    read (``ArtifactError`` pointing at ``invoke fetch`` when the cache lacks one, rather than a
-    Vagrantfile that fails at the k3s step). ``output`` (a file or directory) defaults to the
-    project directory, where the other tasks look for the VM.
+    It always carries what ``vagrant up`` needs to give the same VM as the build: the driver
+    the provider resolves (libvirt ``auto`` probed by ``appliance.hostprobe``, never guessed as
+    ``kvm`` on a host where KVM hangs guests), and the pinned artifacts and manifests the k3s
+    and CSGHub steps read (``ArtifactError`` pointing at ``invoke fetch`` when the cache lacks
+    one, rather than a Vagrantfile that fails at the k3s step). ``output`` (a file or
+    directory) defaults to the project directory, where the other tasks look for the VM.
     """
-    from appliance.hostprobe import resolve_libvirt_driver
     from appliance.render import Upload, render_vagrantfile
     from appliance.steps import pinned_uploads
     from appliance.upload import sha256_file
 
-    driver = resolve_libvirt_driver(cfg.libvirt.driver) if cfg.provider == "libvirt" else None
+    driver = _provider(cfg, provider).resolve_driver()
     uploads = [
         Upload(name=f"{i:02d}-{local.name}", source=str(local), destination=guest, sha256=sha256_file(local))
         for i, (local, guest) in enumerate(pinned_uploads(cfg))
@@ -412,9 +381,9 @@ def render(cfg: ApplianceConfig, output: str | Path | None = None) -> RenderedPr
     return RenderedProject(path, driver)
 
 
-def _ensure_project(cfg: ApplianceConfig) -> None:
+def _ensure_project(cfg: ApplianceConfig, provider: Provider) -> None:
     if not (project_dir(cfg) / "Vagrantfile").exists():
-        render(cfg)
+        render(cfg, provider=provider)
 
 
 def _has_machine(cfg: ApplianceConfig) -> bool:
@@ -422,30 +391,24 @@ def _has_machine(cfg: ApplianceConfig) -> bool:
     return any((project_dir(cfg) / ".vagrant" / "machines" / MACHINE).glob("*/id"))
 
 
-def status(cfg: ApplianceConfig) -> MachineState:
+def status(cfg: ApplianceConfig, *, provider: Provider | None = None) -> MachineState:
     """The build VM's state, from ``vagrant status --machine-readable``."""
-    if cfg.provider == "libvirt":
-        check_libvirt(cfg, ensure_pool=False)
+    provider = _provider(cfg, provider)
+    provider.check_reachable()
     if not (project_dir(cfg) / "Vagrantfile").exists() and not _has_machine(cfg):
         # Nothing rendered, nothing created: no need for a Vagrantfile (rendering one needs the artifacts).
-        return MachineState(MACHINE, "not_created", cfg.provider)
-    _ensure_project(cfg)
-    client = _client(cfg)
-    out = _vagrant("status", lambda: client._run_vagrant_command(["status", "--machine-readable", MACHINE]))
+        return MachineState(MACHINE, "not_created", provider.name)
+    _ensure_project(cfg, provider)
+    out = _project(cfg, provider).run("status", "--machine-readable", MACHINE).stdout
     machines = parse_status(out)
     if not machines:
         raise VagrantError("`vagrant status --machine-readable` listed no machine", hint="run `invoke render`")
     return machines[0]
 
 
-def _domain_outside_project(cfg: ApplianceConfig) -> str | None:
-    """The state of a libvirt domain with this VM's name that this project does not know, if any."""
-    res = run(["virsh", "-c", cfg.libvirt.uri, "domstate", domain_name(cfg)], check=False, timeout=30)
-    return res.stdout.strip() if res.ok else None
-
-
 def up(
-    cfg: ApplianceConfig, *, provision: bool = False, timeout: float | None = None, render_first: bool = False
+    cfg: ApplianceConfig, *, provision: bool = False, timeout: float | None = None, render_first: bool = False,
+    provider: Provider | None = None,
 ) -> MachineState:
     """Boot the VM from the project's Vagrantfile; a running VM is left as it is.
 
@@ -460,17 +423,13 @@ def up(
     from appliance.state import refuse_if_sealed
 
     refuse_if_sealed(cfg, "boot the VM")  # a sealed disk's next boot is the appliance's first boot
-    provider = cfg.provider
-    if provider == "libvirt":
-        check_libvirt(cfg)
+    provider = _provider(cfg, provider)
+    provider.preflight()
     if render_first:
-        render(cfg)
+        render(cfg, provider=provider)
     else:
-        _ensure_project(cfg)
-    client = _client(cfg)
-    if provider == "libvirt":
-        check_plugin(client)
-    current = status(cfg)
+        _ensure_project(cfg, provider)
+    current = status(cfg, provider=provider)
     if current.running:
         log.info(f"ok: {cfg.vm.name} is already running")
         return current
@@ -483,17 +442,8 @@ def up(
     if not current.exists:
         # A new VM has new host keys: forget whatever an earlier VM of this build presented.
         forget_host_key(known_hosts_path(cfg))
-        check_box(cfg, client, provider)
-        if provider == "libvirt":
-            outside = _domain_outside_project(cfg)
-            if outside is not None:
-                domain = domain_name(cfg)
-                raise VagrantError(
-                    f"a libvirt domain named {domain!r} already exists ({outside}) but is not this "
-                    f"project's VM ({project_dir(cfg)})",
-                    hint=f"remove it (virsh destroy {domain}; virsh undefine {domain} --remove-all-storage) "
-                    "or set vm.name",
-                )
+        check_box(cfg, provider.name)
+        provider.before_create()
     phase = ["starting vagrant"]
 
     def watch(_stream: str, line: str) -> None:
@@ -503,67 +453,48 @@ def up(
             log.debug(f"up: phase {new}")
 
     limit = timeout if timeout is not None else cfg.vm.boot_timeout + UP_MARGIN_SECONDS
-    booting = _client(cfg, on_line=watch, timeout=limit)
-    with log.step(f"vagrant up {cfg.vm.name} ({provider})"):
-        _vagrant(
-            "up",
-            lambda: booting.up(provision=provision, provider=provider),  # type: ignore[no-untyped-call]
-            phase=lambda: phase[0],
+    with log.step(f"vagrant up {cfg.vm.name} ({provider.name})"):
+        _project(cfg, provider).run(
+            "up", MACHINE, "--provision" if provision else "--no-provision", f"--provider={provider.name}",
+            show=True, timeout=limit, on_line=watch, phase=lambda: phase[0],
         )
-    final = status(cfg)
+    final = status(cfg, provider=provider)
     if not final.running:
         raise VagrantError(f"`vagrant up` finished but {cfg.vm.name} is {final.state!r}, not running")
     return final
 
 
-def halt(cfg: ApplianceConfig, *, force: bool = False) -> MachineState:
+def halt(cfg: ApplianceConfig, *, force: bool = False, provider: Provider | None = None) -> MachineState:
     """Shut the VM down (clean ACPI shutdown unless ``force``); nothing to do when it is off or absent."""
-    current = status(cfg)
+    provider = _provider(cfg, provider)
+    current = status(cfg, provider=provider)
     if current.stopped or not current.exists:
         log.info(f"ok: {cfg.vm.name} is {current.state}, nothing to halt")
-        if cfg.provider == "libvirt":
-            from appliance import forwards
-
-            forwards.clear(cfg, project_dir(cfg))  # the VM may have powered itself off (seal)
+        provider.after_halt(project_dir(cfg))  # the VM may have powered itself off (seal)
         return current
-    client = _client(cfg, timeout=cfg.vm.boot_timeout)
     with log.step(f"vagrant halt {cfg.vm.name}"):
-        _vagrant("halt", lambda: client.halt(force=force))  # type: ignore[no-untyped-call]
-    final = status(cfg)
-    if cfg.provider == "libvirt" and not final.running:
-        from appliance import forwards
-
-        forwards.clear(cfg, project_dir(cfg))
+        _project(cfg, provider).run("halt", MACHINE, *(["--force"] if force else []), show=True,
+                                    timeout=cfg.vm.boot_timeout)
+    final = status(cfg, provider=provider)
+    if not final.running:
+        provider.after_halt(project_dir(cfg))
     return final
 
 
-def destroy(cfg: ApplianceConfig) -> None:
+def destroy(cfg: ApplianceConfig, *, provider: Provider | None = None) -> None:
     """Remove the VM and its disks; nothing to do when it does not exist."""
-    current = status(cfg)
+    provider = _provider(cfg, provider)
+    current = status(cfg, provider=provider)
     if not current.exists:
         log.info(f"ok: {cfg.vm.name} does not exist, nothing to destroy")
         return
-    client = _client(cfg, timeout=cfg.vm.boot_timeout)
     with log.step(f"vagrant destroy {cfg.vm.name}"):
-        _vagrant("destroy", client.destroy)
+        _project(cfg, provider).run("destroy", "--force", MACHINE, show=True, timeout=cfg.vm.boot_timeout)
     forget_host_key(known_hosts_path(cfg))
 
 
-def domain_name(cfg: ApplianceConfig) -> str:
-    """The libvirt domain of the build VM: Vagrantfile.j2 sets the prefix ``<vm.name>_``, the machine is ``default``."""
-    return f"{cfg.vm.name}_{MACHINE}"
-
-
-def ssh_config(cfg: ApplianceConfig) -> SSHEndpoint:
+def ssh_config(cfg: ApplianceConfig, *, provider: Provider | None = None) -> SSHEndpoint:
     """Host, port, user and every identity file of the running VM, from ``vagrant ssh-config``."""
-    _ensure_project(cfg)
-    client = _client(cfg)
-    out = _vagrant("ssh-config", lambda: client._run_vagrant_command(["ssh-config", MACHINE]))
-    blocks = parse_ssh_config(out)
-    if not blocks:
-        raise VagrantError("`vagrant ssh-config` printed no Host block", hint="is the VM running? `invoke status`")
-    block = blocks[0]
-    if not block.hostname or not block.user:
-        raise VagrantError(f"`vagrant ssh-config` gave no HostName or User for {block.host!r}")
-    return SSHEndpoint(host=block.hostname, port=block.port, user=block.user,
-                       identity_files=tuple(Path(p) for p in block.identity_files))
+    provider = _provider(cfg, provider)
+    _ensure_project(cfg, provider)
+    return parse_ssh_config(_project(cfg, provider).run("ssh-config", MACHINE).stdout, MACHINE)

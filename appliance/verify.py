@@ -93,8 +93,9 @@ def verify_ova(
         http_host = http_host or portal_host(cfg)
         boot_timeout = cfg.vm.verify_timeout
         cpus, memory_mb = min(cfg.vm.cpus, os.cpu_count() or 1), cfg.vm.memory_mb
-        if cfg.provider == "virtualbox":
-            boot_with = "virtualbox"
+        from appliance.providers import boot_backend_for
+
+        boot_with = boot_backend_for(cfg)
     if not path.is_file():
         raise UsageError(f"no OVA at {str(path)!r}")
     if boot and login is None:
@@ -183,11 +184,13 @@ def verify_from_config(
     Without ``http`` (neither ``--http`` nor ``--no-http``) the image's own status line decides:
     an image built without the stack is not asked for HTTP, whatever the local configuration.
     """
+    from appliance.providers import boot_backend_for
+
     login, http_port = boot_access(cfg, ssh_key=ssh_key, http=http) if boot else (None, None)
     report = verify_ova(path, boot=boot, login=login, http_port=http_port, http_host=portal_host(cfg),
                         http_if_stack=http is None, boot_timeout=cfg.vm.verify_timeout,
                         cpus=min(cfg.vm.cpus, os.cpu_count() or 1), memory_mb=cfg.vm.memory_mb,
-                        boot_with="virtualbox" if cfg.provider == "virtualbox" else "qemu")
+                        boot_with=boot_backend_for(cfg))
     for name, outcome in report.checks:
         log.info(f"{name}: {outcome}")
     if report.boot:

@@ -148,18 +148,6 @@ def test_the_box_has_the_vagrant_libvirt_layout(tmp_path: Path) -> None:
     assert info["virtual-size"] == 16 * 1024 * 1024
 
 
-def test_box_list_parsing_finds_installed_versions() -> None:
-    text = (
-        "1,,box-name,csghub/debian12\n1,,box-provider,libvirt\n1,,box-version,12.1.1\n"
-        "1,,box-name,csghub/debian12\n1,,box-provider,libvirt\n1,,box-version,12.1.2\n"
-        "1,,box-name,other/box\n1,,box-provider,virtualbox\n1,,box-version,0\n"
-    )
-    assert basebox.boxes_from_list(text) == {
-        ("csghub/debian12", "libvirt"): ["12.1.1", "12.1.2"],
-        ("other/box", "virtualbox"): ["0"],
-    }
-
-
 @pytest.mark.skipif(os.geteuid() != 0 or which("mount") is None, reason="needs root to bind-mount")
 def test_removing_a_work_tree_never_deletes_through_a_leftover_mount(tmp_path: Path) -> None:
     # An interrupted mmdebstrap can leave the host's /dev bind-mounted in its tree.
@@ -180,7 +168,7 @@ def test_removing_a_work_tree_never_deletes_through_a_leftover_mount(tmp_path: P
 
 
 def test_box_digest_per_provider(tmp_path: Path) -> None:
-    from appliance.basebox import box_digest, box_provider
+    from appliance.basebox import box_provider
     from appliance.config import load_config
 
     def cfg(provider: str, *sets: str) -> ApplianceConfig:
@@ -189,12 +177,12 @@ def test_box_digest_per_provider(tmp_path: Path) -> None:
 
     image_digest = "ab" * 32
     libvirt = cfg("libvirt")
-    assert box_provider(libvirt) == "libvirt"
-    assert box_digest(image_digest, "libvirt", libvirt) == image_digest  # cached libvirt boxes stay valid
-    small, big = cfg("virtualbox", "vm.disk_gb=50"), cfg("virtualbox", "vm.disk_gb=200")
-    assert box_provider(big) == "virtualbox"
+    assert box_provider(libvirt).name == "libvirt"
+    assert box_provider(libvirt).box_digest(image_digest) == image_digest  # cached libvirt boxes stay valid
+    small, big = box_provider(cfg("virtualbox", "vm.disk_gb=50")), box_provider(cfg("virtualbox", "vm.disk_gb=200"))
+    assert big.name == "virtualbox"
     # The VirtualBox box's disk carries vm.disk_gb, so each size is its own cached box.
-    digests = {image_digest, box_digest(image_digest, "virtualbox", small), box_digest(image_digest, "virtualbox", big)}
+    digests = {image_digest, small.box_digest(image_digest), big.box_digest(image_digest)}
     assert len(digests) == 3
 
 

@@ -13,14 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from appliance.basebox import boxes_from_list
 from appliance.errors import CommandFailed, VagrantError
 from appliance.run import CommandResult
 from appliance.vagrant import (
+    Box,
     ProgressThrottle,
     _failure,
     detect_phase,
+    parse_box_list,
     parse_machine_readable,
+    parse_plugin_list,
     parse_ssh_config,
     parse_status,
     strip_ansi,
@@ -73,35 +75,55 @@ def test_lines_that_are_not_machine_readable_are_ignored() -> None:
 
 
 def test_box_list_gives_versions_per_name_and_provider() -> None:
-    boxes = boxes_from_list(read("box-list.txt"))
-    assert boxes == {("csghub/debian12", "libvirt"): ["12.20261128.135307"]}
+    assert parse_box_list(read("box-list.txt")) == [Box("csghub/debian12", "libvirt", "12.20261128.135307")]
+
+
+def test_box_list_keeps_every_version_of_every_box() -> None:
+    text = (
+        "1,,box-name,csghub/debian12\n1,,box-provider,libvirt\n1,,box-version,12.1.1\n"
+        "1,,box-name,csghub/debian12\n1,,box-provider,libvirt\n1,,box-version,12.1.2\n"
+        "1,,box-name,other/box\n1,,box-provider,virtualbox\n1,,box-version,0\n"
+    )
+    assert parse_box_list(text) == [Box("csghub/debian12", "libvirt", "12.1.1"),
+                                    Box("csghub/debian12", "libvirt", "12.1.2"), Box("other/box", "virtualbox", "0")]
+
+
+def test_plugin_list_as_vagrant_2_3_prints_it() -> None:
+    # `vagrant plugin list --machine-readable` on this host (Vagrant 2.3.4, Debian's vagrant-libvirt).
+    text = ("1795945921,,ui,info,vagrant-libvirt (0.11.2%!(VAGRANT_COMMA) system)\n"
+            "1795945921,,plugin-name,vagrant-libvirt\n"
+            "1795945921,vagrant-libvirt,plugin-version,0.11.2%!(VAGRANT_COMMA) system\n")
+    assert parse_plugin_list(text) == {"vagrant-libvirt": "0.11.2, system"}
 
 
 # -- ssh-config -----------------------------------------------------------------------------------
 
 
 def test_every_identity_file_is_kept_in_order() -> None:
-    (block,) = parse_ssh_config(read("ssh-config-two-keys.txt"))
-    assert block.host == "default"
-    assert block.hostname == "192.168.213.181"
-    assert block.port == 22
-    assert block.user == "vagrant"
-    assert block.identity_files == (
-        "/root/.vagrant.d/boxes/csghub-VAGRANTSLASH-debian12/12.20261128.135307/libvirt/vagrant_ed25519",
-        "/home/dev/keys/my key",
+    endpoint = parse_ssh_config(read("ssh-config-two-keys.txt"))
+    assert (endpoint.host, endpoint.port, endpoint.user) == ("192.168.213.181", 22, "vagrant")
+    assert endpoint.identity_files == (
+        Path("/root/.vagrant.d/boxes/csghub-VAGRANTSLASH-debian12/12.20261128.135307/libvirt/vagrant_ed25519"),
+        Path("/home/dev/keys/my key"),
     )
-    assert block.get("IdentitiesOnly") == "yes"
 
 
-def test_several_host_blocks_and_key_value_with_equals() -> None:
-    text = "Host web\n  HostName 10.0.0.2\n  Port=2222\n  User=deploy\nHost db\n  HostName 10.0.0.3\n"
-    web, db = parse_ssh_config(text)
-    assert (web.host, web.hostname, web.port, web.user) == ("web", "10.0.0.2", 2222, "deploy")
-    assert (db.host, db.hostname, db.port, db.identity_files) == ("db", "10.0.0.3", 22, ())
+def test_the_named_host_block_is_taken_and_key_value_with_equals_is_read() -> None:
+    text = "Host web\n  HostName 10.0.0.2\n  Port=2222\n  User=deploy\nHost db\n  HostName 10.0.0.3\n  User x\n"
+    web, db = parse_ssh_config(text, "web"), parse_ssh_config(text, "db")
+    assert (web.host, web.port, web.user) == ("10.0.0.2", 2222, "deploy")
+    assert (db.host, db.port, db.user, db.identity_files) == ("10.0.0.3", 22, "x", ())
 
 
-def test_nothing_before_the_first_host_line_is_taken() -> None:
-    assert parse_ssh_config("# comment\nUser stray\n") == []
+@pytest.mark.parametrize(("text", "message"), [
+    ("# comment\nUser stray\n", "no Host block for 'default'"),
+    ("Host default\n  User vagrant\n", "no HostName or User"),
+    ("Host default\n  HostName 10.0.0.2\n", "no HostName or User"),
+    ("Host default\n  HostName 10.0.0.2\n  User v\n  Port twenty\n", "port 'twenty'"),
+])
+def test_an_incomplete_ssh_config_is_a_clear_error(text: str, message: str) -> None:
+    with pytest.raises(VagrantError, match=message):
+        parse_ssh_config(text)
 
 
 # -- phases of `vagrant up` -----------------------------------------------------------------------

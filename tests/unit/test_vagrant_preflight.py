@@ -1,4 +1,8 @@
-"""Preflight errors that need the real tools but no running service: libvirt unreachable, box missing."""
+"""Preflight errors that need the real tools but no running service: libvirt unreachable, box missing.
+
+The preflight before ``vagrant up`` and ``invoke doctor`` share one libvirt check
+(``appliance.providers.libvirt``): both are exercised here against the same unreachable socket.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,9 @@ import pytest
 
 from appliance import vagrant
 from appliance.config import load_config
+from appliance.doctor import collect_checks
+from appliance.providers import provider_for
+from appliance.providers.libvirt import domain_name
 from appliance.errors import PrerequisiteMissing, VagrantError
 from appliance.run import which
 
@@ -17,18 +24,30 @@ def test_unreachable_libvirt_says_how_to_start_it(tmp_path: Path) -> None:
     cfg = load_config(None, [f"libvirt.uri=qemu+unix:///system?socket={tmp_path}/no-libvirt-sock"], "libvirt",
                       cwd=tmp_path)
     with pytest.raises(PrerequisiteMissing) as err:
-        vagrant.check_libvirt(cfg)
-    assert "libvirt is not reachable at qemu+unix:///system" in err.value.message
+        provider_for(cfg).check_reachable()
+    assert err.value.message.startswith("libvirt: not reachable at qemu+unix:///system")
     assert err.value.hint is not None
     assert "libvirtd -d" in err.value.hint and "systemctl start libvirtd" in err.value.hint
+    # The doctor shows the same check, with the same fix, as a failed row.
+    (row,) = [c for c in collect_checks(cfg) if c.name == "libvirt"]
+    assert row.verdict == "fail" and row.found == err.value.message.removeprefix("libvirt: ")
+    assert row.fix == err.value.hint
+
+
+@pytest.mark.skipif(which("virsh") is None, reason="virsh (libvirt-clients) is not installed")
+def test_up_stops_at_the_preflight_before_touching_the_project(tmp_path: Path) -> None:
+    cfg = load_config(None, [f"libvirt.uri=qemu+unix:///system?socket={tmp_path}/no-libvirt-sock",
+                             f"output.build_dir={tmp_path / 'build'}"], "libvirt", cwd=tmp_path)
+    with pytest.raises(PrerequisiteMissing, match="not reachable"):
+        vagrant.up(cfg)
+    assert not vagrant.project_dir(cfg).exists()
 
 
 @pytest.mark.skipif(which("vagrant") is None, reason="vagrant is not installed")
 def test_a_missing_box_names_the_box_and_how_to_get_it(tmp_path: Path) -> None:
     cfg = load_config(None, ["vm.box=csghub/no-such-box", f"output.build_dir={tmp_path}"], "libvirt", cwd=tmp_path)
-    client = vagrant._client(cfg)
     with pytest.raises(VagrantError) as err:
-        vagrant.check_box(cfg, client, "libvirt")
+        vagrant.check_box(cfg, "libvirt")
     assert "Vagrant has no box 'csghub/no-such-box' for provider libvirt" in err.value.message
     assert err.value.hint == "get it with `vagrant box add csghub/no-such-box --provider libvirt`"
 
@@ -39,12 +58,12 @@ def test_the_default_box_points_at_invoke_base_box(tmp_path: Path, monkeypatch: 
     monkeypatch.setenv("VAGRANT_HOME", str(tmp_path / "vagrant.d"))
     cfg = load_config(None, [f"output.build_dir={tmp_path}"], "libvirt", cwd=tmp_path)
     with pytest.raises(VagrantError) as err:
-        vagrant.check_box(cfg, vagrant._client(cfg), "libvirt")
+        vagrant.check_box(cfg, "libvirt")
     assert "(boxes here: none)" in err.value.message
     assert err.value.hint == "get it with `invoke base-box --provider libvirt`"
 
 
 def test_the_domain_name_follows_the_vagrantfile_prefix(tmp_path: Path) -> None:
     cfg = load_config(None, ["vm.name=my-vm"], "libvirt", cwd=tmp_path)
-    assert vagrant.domain_name(cfg) == "my-vm_default"
+    assert domain_name(cfg) == "my-vm_default"
     assert vagrant.project_dir(cfg) == cfg.build_dir / "vm"

@@ -1,0 +1,63 @@
+"""VirtualBox: what the evaluators have. Vagrant's built-in provider drives it.
+
+Host checks: VBoxManage, its kernel driver, whether this Vagrant drives this VirtualBox line,
+and qemu-img (``verify-ova`` reads the exported disk with it on every host). No driver to
+resolve, no preflight beyond Vagrant's own. VirtualBox exports the VM itself
+(``appliance.export.virtualbox``) and the verify stage boots the OVA in VirtualBox
+(``appliance.vboxboot``). The base box is Vagrant's VirtualBox format with our own OVF.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from appliance.doctor import Check, command_version, tool_check, vagrant_drives_virtualbox
+from appliance.providers.base import Exported, Provider
+from appliance.run import run
+
+
+def check_virtualbox() -> list[Check]:
+    checks = [tool_check("VBoxManage", "VBoxManage", "install VirtualBox 7: https://www.virtualbox.org/wiki/Downloads")]
+    if checks[0].verdict == "ok":
+        res = run(["VBoxManage", "list", "hostinfo"], check=False, timeout=60)
+        found = "VBoxManage list hostinfo " + ("works" if res.ok else "failed: " + res.stderr.strip()[:200])
+        checks.append(Check("VirtualBox kernel driver", "ok" if res.ok else "fail", found,
+                            "" if res.ok else "load the vboxdrv module (sudo /sbin/vboxconfig) and check Secure Boot"))
+        vagrant = command_version(["vagrant", "--version"])
+        if vagrant:
+            checks.append(vagrant_drives_virtualbox(vagrant, command_version(["VBoxManage", "--version"])))
+    # verify-ova reads the exported disk with qemu-img, on every host.
+    checks.append(tool_check("qemu-img (for verify-ova)", "qemu-img",
+                             "apt-get install --no-install-recommends qemu-utils (macOS: brew install qemu)"))
+    return checks
+
+
+class VirtualBoxProvider(Provider):
+    name = "virtualbox"
+    boot_backend = "virtualbox"
+
+    def host_checks(self) -> list[Check]:
+        return check_virtualbox()
+
+    def resolve_driver(self) -> str | None:
+        return None
+
+    def export(self, dest_dir: Path) -> Exported:
+        from appliance.export.virtualbox import export_virtualbox
+
+        return Exported(export_virtualbox(self.cfg, dest_dir))
+
+    def box_digest(self, image_digest: str) -> str:
+        cfg = self.cfg
+        extra = {"provider": self.name, "disk_gb": cfg.vm.disk_gb, "nic": cfg.virtualbox.nic_type,
+                 "graphics": cfg.virtualbox.graphics_controller,
+                 "localhost": cfg.virtualbox.nat_localhost_reachable}
+        return hashlib.sha256(json.dumps([image_digest, extra], sort_keys=True).encode()).hexdigest()
+
+    def package_box(self, raw_disk: Path, box_file: Path, *, key: Path, info: dict[str, object]) -> None:
+        from appliance.basebox import package_virtualbox_box
+
+        package_virtualbox_box(raw_disk, box_file, key=key, info=info, cfg=self.cfg,
+                               disk_bytes=self.cfg.vm.disk_gb * 1024**3)
