@@ -188,15 +188,15 @@ def stage_halt(ctx: BuildContext) -> str | None:
     from appliance import vagrant
 
     if not ctx.state.sealed:
-        vagrant.halt(ctx.cfg)
+        vagrant.halt(ctx.cfg, provider=ctx.provider)
         return None
     # A sealed VM no longer lets the build in, so a graceful `vagrant halt` (over SSH) cannot work:
     # the seal step powers the VM off itself. Wait for that; force it off only if it does not come.
     deadline = time.monotonic() + SEAL_POWEROFF_WAIT
-    while vagrant.status(ctx.cfg).running:
+    while vagrant.status(ctx.cfg, provider=ctx.provider).running:
         if time.monotonic() > deadline:
             log.warning(f"the sealed VM did not power itself off within {SEAL_POWEROFF_WAIT} s; forcing it off")
-            vagrant.halt(ctx.cfg, force=True)
+            vagrant.halt(ctx.cfg, force=True, provider=ctx.provider)
             return "forced off"
         time.sleep(3)
     # Vagrant did not halt it, so whatever Vagrant ends at a halt (vagrant-libvirt's forwards) still runs.

@@ -13,9 +13,9 @@ import pytest
 from appliance import vagrant
 from appliance.config import load_config
 from appliance.doctor import collect_checks
+from appliance.errors import PrerequisiteMissing, VagrantError
 from appliance.providers import provider_for
 from appliance.providers.libvirt import domain_name
-from appliance.errors import PrerequisiteMissing, VagrantError
 from appliance.run import which
 
 

@@ -16,6 +16,7 @@ import pytest
 from appliance import vagrant
 from appliance.config import ApplianceConfig
 from appliance.errors import VagrantError
+from appliance.providers.libvirt import domain_name
 from appliance.ssh import RemoteSession
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ def test_up_ssh_halt_destroy_leaves_nothing_behind(
     libvirt_env: LibvirtEnv, base_box: object, vm_config: Callable[..., ApplianceConfig]
 ) -> None:
     cfg = vm_config("lifecycle")
-    domain = vagrant.domain_name(cfg)
+    domain = domain_name(cfg)
     vagrantfile = vagrant.render(cfg).path
     assert vagrantfile == cfg.build_dir / "vm" / "Vagrantfile"
     text = vagrantfile.read_text()
@@ -93,14 +94,14 @@ def test_up_without_the_box_says_how_to_get_it(
         vagrant.up(cfg, timeout=UP_TIMEOUT, render_first=True)
     assert "no box 'csghub/no-such-box'" in err.value.message
     assert err.value.hint is not None and "vagrant box add csghub/no-such-box" in err.value.hint
-    assert vagrant.domain_name(cfg) not in libvirt_env.domains()
+    assert domain_name(cfg) not in libvirt_env.domains()
 
 
 def test_up_refuses_a_domain_of_the_same_name_from_outside_the_project(
     libvirt_env: LibvirtEnv, base_box: object, vm_config: Callable[..., ApplianceConfig], tmp_path: Path
 ) -> None:
     cfg = vm_config("squatter")
-    domain = vagrant.domain_name(cfg)
+    domain = domain_name(cfg)
     xml = tmp_path / "squatter.xml"
     xml.write_text(
         f"<domain type='qemu'><name>{domain}</name><memory unit='MiB'>64</memory>"
@@ -124,7 +125,7 @@ def test_up_that_runs_out_of_time_names_its_phase(
     # machine the guest can be up by then and Vagrant still busy (hostname, ...): every phase
     # Vagrant reports is a correct answer, as long as the error names one.
     cfg = vm_config("timeout")
-    domain = vagrant.domain_name(cfg)
+    domain = domain_name(cfg)
     try:
         with pytest.raises(VagrantError) as err:
             vagrant.up(cfg, timeout=25, render_first=True)

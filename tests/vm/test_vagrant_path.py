@@ -21,6 +21,7 @@ import yaml
 
 from appliance import vagrant
 from appliance.config import ApplianceConfig, public_dump
+from appliance.providers import provider_for
 from appliance.run import run
 from appliance.steps import DEFAULT_STATE_DIR, PlannedStep, ProvisionReport, provision_vagrant_vm
 
@@ -54,8 +55,8 @@ def test_render_then_plain_vagrant_up_leaves_the_markers_invoke_provision_expect
     assert "config.vm.provision 'k3s'" not in text and "config.vm.provision 'seal'" not in text
 
     try:
-        up = run(["vagrant", "up", "--provider", "libvirt"], cwd=project, env=vagrant._env(cfg), check=False,
-                 timeout=UP_TIMEOUT)
+        env = {**vagrant.VAGRANT_ENV, **provider_for(cfg).vagrant_env()}
+        up = run(["vagrant", "up", "--provider", "libvirt"], cwd=project, env=env, check=False, timeout=UP_TIMEOUT)
         assert up.ok, up.stdout[-4000:] + up.stderr[-4000:]
         assert "Running provisioner: base (shell)" in up.stdout and "Running provisioner: firstboot" in up.stdout
 
