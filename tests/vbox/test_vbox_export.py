@@ -1,4 +1,5 @@
-"""VirtualBox's own exports through our verifier, and ``export_virtualbox`` against the real VBoxManage."""
+"""VirtualBox's own exports through our verifier, and the VirtualBox provider's export
+(``export_virtualbox``) against the real VBoxManage."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from appliance.config import ApplianceConfig
-from appliance.export.virtualbox import export_virtualbox, nat_rules
+from appliance.export.virtualbox import nat_rules
+from appliance.providers import provider_for
 from appliance.vboxchroot import VBoxSession
 from appliance.verify import verify_ova
 
@@ -50,11 +52,15 @@ def test_export_virtualbox_against_real_vboxmanage(
     eula = tmp_path / "EULA.txt"
     eula.write_text("Licence.\n")
     cfg = make_cfg(f"vm.name={vm_name}", "output.version=9.8.7", f"output.eula_file={eula}")
+    cfg = cfg.model_copy(update={"provider": "virtualbox"})  # make_cfg's configs are libvirt ones
     import_ova(built_ova, vm_name)
     # What Vagrant leaves on a VirtualBox VM: an ssh forward the appliance must not ship.
     vbox.manage("modifyvm", vm_name, "--natpf1", "ssh,tcp,127.0.0.1,2222,,22")
 
-    result = export_virtualbox(cfg, tmp_path / "dist")
+    # Through the provider, as the export stage asks it.
+    exported = provider_for(cfg).export(tmp_path / "dist")
+    result = exported.ova
+    assert exported.disk is None  # VirtualBox keeps its disk to itself: the report names none
 
     assert result.path == tmp_path / "dist" / f"{cfg.output.name}-9.8.7.ova"
     assert result.sha256_file.read_text().split()[0] == result.sha256
