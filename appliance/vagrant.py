@@ -232,7 +232,9 @@ class Vagrant:
         try:
             return run([self.executable, *args], cwd=self.root, env=self.env, on_line=each_line, timeout=timeout)
         except CommandFailed as exc:
-            raise _failure(args[0] if args else "", exc, phase=phase() if phase else None) from None
+            # Named as a user would say it: `vagrant box add`, `vagrant up` (no flags, machine or paths).
+            words = [a for a in args[:2] if not a.startswith("-") and a != MACHINE and "/" not in a]
+            raise _failure(" ".join(words), exc, phase=phase() if phase else None) from None
 
 
 def plugins() -> dict[str, str]:
@@ -284,6 +286,11 @@ def _failure(subcommand: str, exc: CommandFailed, *, phase: str | None = None) -
     stderr = result.stderr + "\n" + result.stdout
     # Vagrant's Ruby backtraces bury the one line that says what went wrong: leave the frames out.
     lines = [ln for ln in result.stderr.splitlines() if ln.strip() and not _BACKTRACE_FRAME.match(ln)]
+    if not lines:
+        # With --machine-readable, Vagrant reports its error on stdout, as an `error-exit` line.
+        for line in parse_machine_readable(result.stdout):
+            if line.kind == "error-exit":
+                lines += [ln for ln in " ".join(line.data[1:] or line.data).splitlines() if ln.strip()]
     tail = lines[-STDERR_TAIL:]
     if result.timed_out:
         what = f"timed out after {result.duration:.0f} s" + (f" while {phase}" if phase else "")

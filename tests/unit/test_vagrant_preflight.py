@@ -67,3 +67,25 @@ def test_the_domain_name_follows_the_vagrantfile_prefix(tmp_path: Path) -> None:
     cfg = load_config(None, ["vm.name=my-vm"], "libvirt", cwd=tmp_path)
     assert domain_name(cfg) == "my-vm_default"
     assert vagrant.project_dir(cfg) == cfg.build_dir / "vm"
+
+
+@pytest.mark.skipif(which("vagrant") is None, reason="vagrant is not installed")
+def test_the_wrapper_names_the_failed_command_with_vagrants_own_words(tmp_path: Path) -> None:
+    # The real Vagrant, asked about a machine in a folder without a Vagrantfile.
+    with pytest.raises(VagrantError) as err:
+        vagrant.Vagrant(tmp_path).run("status", "--machine-readable", vagrant.MACHINE)
+    assert err.value.message.startswith("`vagrant status` failed (exit status 1)")
+    assert "Vagrantfile" in err.value.message  # the tail of Vagrant's stderr
+
+
+@pytest.mark.skipif(which("vagrant") is None, reason="vagrant is not installed")
+def test_the_wrapper_bounds_a_command_in_time(tmp_path: Path) -> None:
+    with pytest.raises(VagrantError, match=r"`vagrant box list` failed \(timed out after 0 s\)"):
+        vagrant.Vagrant(tmp_path).run("box", "list", "--machine-readable", timeout=0.2)
+
+
+def test_without_vagrant_on_path_the_error_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vagrant, "which", lambda program: None)
+    with pytest.raises(PrerequisiteMissing, match="vagrant is not installed") as err:
+        vagrant.Vagrant()
+    assert err.value.hint is not None and "apt-get install" in err.value.hint
