@@ -286,7 +286,9 @@ def _failure(subcommand: str, exc: CommandFailed, *, phase: str | None = None) -
     stderr = result.stderr + "\n" + result.stdout
     # Vagrant's Ruby backtraces bury the one line that says what went wrong: leave the frames out.
     lines = [ln for ln in result.stderr.splitlines() if ln.strip() and not _BACKTRACE_FRAME.match(ln)]
+    source = "stderr"
     if not lines:
+        source = "error report"
         # With --machine-readable, Vagrant reports its error on stdout, as an `error-exit` line.
         for line in parse_machine_readable(result.stdout):
             if line.kind == "error-exit":
@@ -298,7 +300,7 @@ def _failure(subcommand: str, exc: CommandFailed, *, phase: str | None = None) -
         what = f"exit status {result.returncode}" + (f" while {phase}" if phase else "")
     message = f"`vagrant {subcommand}` failed ({what})"
     if tail:
-        message += "\n  last lines of its stderr:\n" + "\n".join(f"    {ln}" for ln in tail)
+        message += f"\n  last lines of its {source}:\n" + "\n".join(f"    {ln}" for ln in tail)
     hint = _hint_for(stderr, phase, timed_out=result.timed_out)
     return VagrantError(message, hint=hint)
 
