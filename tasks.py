@@ -250,8 +250,9 @@ def provision(c: Context, config: str | None = None, set_: list[str] | None = No
               only: str | None = None, from_: str | None = None, force: bool = False, list_: bool = False,
               skip: str = "", debug: bool = False) -> None:
     """Provision the running VM over SSH: run the steps that changed or never ran; resume after a failure."""
-    from appliance.steps import provision_vagrant_vm
+    from appliance.steps import Options, provision_vagrant_vm
 
     names = [n.strip() for n in skip.split(",") if n.strip()]
     cfg = config_from_flags(config, set_, provider, skip_steps=names)
-    provision_vagrant_vm(cfg, only=only, from_step=from_, force=force, skip=names, list_plan=list_)
+    options = Options(only=only, from_step=from_, force=force, skip=tuple(names))
+    provision_vagrant_vm(cfg, options, list_plan=list_)

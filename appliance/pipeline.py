@@ -117,14 +117,14 @@ def stage_up(ctx: BuildContext) -> str | None:
 
 
 def _provision(ctx: BuildContext, *, only: str | None, skip: Sequence[str]) -> None:
-    from appliance.steps import pinned_uploads, provision
+    from appliance.steps import Options, pinned_uploads, provision
 
     if ctx.endpoint is None:
         from appliance import vagrant
 
         ctx.endpoint = vagrant.ssh_config(ctx.cfg)
     uploads = pinned_uploads(ctx.cfg) if only is None else []
-    provision(ctx.cfg, ctx.endpoint, only=only, skip=tuple(skip), uploads=uploads)
+    provision(ctx.cfg, ctx.endpoint, Options(only=only, skip=tuple(skip)), uploads=uploads)
 
 
 def stage_provision(ctx: BuildContext) -> str | None:
