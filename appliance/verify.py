@@ -201,8 +201,8 @@ def verify_from_config(
 
     if not path.is_file():
         raise UsageError(f"no OVA at {str(path)!r}")
-    schema_dir, schema_missing = ovf_schemas_for_verify(cfg, fetch=fetch_schemas)
     login, http_port = boot_access(cfg, ssh_key=ssh_key, http=http) if boot else (None, None)
+    schema_dir, schema_missing = ovf_schemas_for_verify(cfg, fetch=fetch_schemas)
     report = verify_ova(path, boot=boot, login=login, http_port=http_port, http_host=portal_host(cfg),
                         schema_dir=schema_dir, schema_missing=schema_missing,
                         http_if_stack=http is None, boot_timeout=cfg.vm.verify_timeout,
