@@ -276,3 +276,45 @@ def test_the_build_verify_stage_uses_only_the_cache(built_ova: Path, tmp_path: P
     outcome = dict(verify_ova(built_ova, boot=False, cfg=empty).checks)["OVF schema"]
     assert outcome.startswith("not run: the pinned DMTF OVF schemas are not in the cache")
     assert "`invoke fetch`" in outcome
+
+
+# -- the build ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reachable", [True, False])
+def test_the_build_fetches_the_schemas_and_its_report_records_the_check(
+    mirror: Publisher, built_ova: Path, tmp_path: Path, reachable: bool
+) -> None:
+    """fetch stage (stack skipped: only the schemas) -> verify stage (structure only) -> build-report.json."""
+    from appliance.pipeline import BuildContext, BuildOptions, build_report, stage_fetch, stage_verify
+    from appliance.state import BuildState
+
+    base = mirror.base if reachable else "http://127.0.0.1:9"
+    cfg = load_config(None, ["provision.skip=[k3s, csghub]", f"output.build_dir={tmp_path / 'build'}",
+                             f"artifacts.cache_dir={tmp_path / 'cache'}", f"artifacts.ovf_schema_mirror={base}"],
+                      "libvirt", cwd=tmp_path)
+    digest = sha(built_ova)
+    ctx = BuildContext(cfg=cfg, options=BuildOptions(boot_check=False),
+                       state=BuildState(staged_ova=str(built_ova), staged_ova_sha256=digest))
+    note = stage_fetch(ctx)
+    stage_verify(ctx)
+    recorded = build_report(ctx, tmp_path / "dist" / "x.ova")["ova"]["verification"]["checks"]["OVF schema"]
+    if reachable:
+        assert note == "OVF schemas only: the k3s and CSGHub steps are skipped"
+        assert recorded == "checked"
+    else:
+        assert note is not None and note.startswith("skipped:") and "could not be fetched" in note
+        assert recorded.startswith("not run: the pinned DMTF OVF schemas are not in the cache")
+        assert "`invoke fetch`" in recorded
+
+
+def test_the_build_stops_at_fetch_when_the_mirror_serves_other_bytes(mirror: Publisher, tmp_path: Path) -> None:
+    from appliance.pipeline import BuildContext, BuildOptions, stage_fetch
+    from appliance.state import BuildState
+
+    (mirror.root / "schemas" / "ovf1" / "xml.xsd").write_text("<xs:schema/>")
+    cfg = load_config(None, ["provision.skip=[k3s, csghub]", f"output.build_dir={tmp_path / 'build'}",
+                             f"artifacts.cache_dir={tmp_path / 'cache'}", f"artifacts.ovf_schema_mirror={mirror.base}"],
+                      "libvirt", cwd=tmp_path)
+    with pytest.raises(DigestMismatch, match=re.escape("OVF schema ovf1/xml.xsd")):
+        stage_fetch(BuildContext(cfg=cfg, options=BuildOptions(), state=BuildState()))
