@@ -570,7 +570,7 @@ def _fetch_schema_file(cfg: ApplianceConfig, pin: SchemaFile, staging: Path) -> 
     return True
 
 
-def ovf_schemas_for_verify(
+def ensure_ovf_schemas(
     cfg: ApplianceConfig, *, fetch: bool = True, lock_path: Path = LOCK_FILE
 ) -> tuple[Path | None, str]:
     """The schema folder ``verify-ova`` validates with, fetched first unless ``fetch`` is False.

@@ -72,11 +72,11 @@ class Stage:
 
 
 def stage_fetch(ctx: BuildContext) -> str | None:
-    from appliance.artifacts import fetch_artifacts, ovf_schemas_for_verify
+    from appliance.artifacts import ensure_ovf_schemas, fetch_artifacts
 
     # The verify stage's OVF schemas: without them (offline) the build goes on and its report says
     # that schema validation did not run; a mirror serving other bytes stops the build here.
-    schemas, _ = ovf_schemas_for_verify(ctx.cfg)
+    schemas, _ = ensure_ovf_schemas(ctx.cfg)
     if not ctx.cfg.stack_enabled:
         return "OVF schemas only: the k3s and CSGHub steps are skipped" if schemas else \
             "skipped: the k3s and CSGHub steps are skipped, and the OVF schemas could not be fetched"

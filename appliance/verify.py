@@ -197,12 +197,12 @@ def verify_from_config(
     is False: ``--no-fetch``); if that cannot be done the schema check does not run and the summary
     and report say why.
     """
-    from appliance.artifacts import ovf_schemas_for_verify
+    from appliance.artifacts import ensure_ovf_schemas
 
     if not path.is_file():
         raise UsageError(f"no OVA at {str(path)!r}")
     login, http_port = boot_access(cfg, ssh_key=ssh_key, http=http) if boot else (None, None)
-    schema_dir, schema_missing = ovf_schemas_for_verify(cfg, fetch=fetch_schemas)
+    schema_dir, schema_missing = ensure_ovf_schemas(cfg, fetch=fetch_schemas)
     report = verify_ova(path, boot=boot, login=login, http_port=http_port, http_host=portal_host(cfg),
                         schema_dir=schema_dir, schema_missing=schema_missing,
                         http_if_stack=http is None, boot_timeout=cfg.vm.verify_timeout,

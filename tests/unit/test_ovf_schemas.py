@@ -20,9 +20,9 @@ import pytest
 from appliance.artifacts import (
     LOCK_FILE,
     cached_ovf_schemas,
+    ensure_ovf_schemas,
     fetch_ovf_schemas,
     ovf_schema_pins,
-    ovf_schemas_for_verify,
     read_lock,
     write_lock,
 )
@@ -157,7 +157,7 @@ def test_a_tampered_file_is_refused_and_nothing_usable_is_cached(mirror: Publish
     assert not [p for p in (tmp_path / "cache").rglob("common.xsd") if p.parent.name == "ovf2"]
     # verify-ova refuses to go on with a mirror serving other bytes: that is no network outage.
     with pytest.raises(DigestMismatch):
-        ovf_schemas_for_verify(cfg)
+        ensure_ovf_schemas(cfg)
     # Once the mirror is fixed, the next fetch resumes: only the files not yet verified are requested.
     shutil.copyfile(OVF_SCHEMAS / "ovf2" / "common.xsd", tampered)
     before = len(mirror.requests)
@@ -179,7 +179,7 @@ def test_a_mirror_missing_a_file_is_a_clear_error(mirror: Publisher, tmp_path: P
     assert "artifacts.ovf_schema_mirror" in text
     assert cached_ovf_schemas(cfg)[0] is None
     # verify-ova: the check does not run, and the reason says what failed and how to fix it.
-    folder, why = ovf_schemas_for_verify(cfg)
+    folder, why = ensure_ovf_schemas(cfg)
     assert folder is None and "xenc-schema.xsd" in why and "`invoke fetch`" in why
 
 
