@@ -329,6 +329,15 @@ class ArtifactsSettings(_Section):
             "beside it); helm renders the chart on the build host to compute the image set."
         ),
     )
+    ovf_schema_mirror: str = Field(
+        "",
+        pattern=r"^$|^(https?|file)://\S+[^/]$",
+        description=(
+            "Where the DMTF OVF schemas `verify-ova` validates against come from: empty = the pinned upstream "
+            "URLs in the version lock; else a base holding `<base>/ovf1/<file>` and `<base>/ovf2/<file>` "
+            "(e.g. `file:///srv/ovf-schemas`). Every file is checked against its pinned sha256 either way."
+        ),
+    )
     cache_dir: str = Field(
         "", description="Download cache (empty: `$XDG_CACHE_HOME/csghub-appliance`, else `~/.cache/csghub-appliance`)."
     )

@@ -72,9 +72,14 @@ class Stage:
 
 
 def stage_fetch(ctx: BuildContext) -> str | None:
+    from appliance.artifacts import ensure_ovf_schemas, fetch_artifacts
+
+    # The verify stage's OVF schemas: without them (offline) the build goes on and its report says
+    # that schema validation did not run; a mirror serving other bytes stops the build here.
+    schemas, _ = ensure_ovf_schemas(ctx.cfg)
     if not ctx.cfg.stack_enabled:
-        return "skipped: the k3s and CSGHub steps are skipped, no artifacts needed"
-    from appliance.artifacts import fetch_artifacts
+        return "OVF schemas only: the k3s and CSGHub steps are skipped" if schemas else \
+            "skipped: the k3s and CSGHub steps are skipped, and the OVF schemas could not be fetched"
 
     fetch_artifacts(ctx.cfg, needed_only=True)
     if "csghub" not in ctx.cfg.provision.skip:
