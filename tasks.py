@@ -190,28 +190,33 @@ def status(c: Context, config: str | None = None, set_: list[str] | None = None,
     "ssh_key": "Private key for the boot check's login (default: ssh.private_key, else the base box's key).",
     "http": "Always check HTTP on the forwarded port (default: when the image's status line says CSGHub is installed).",
     "no_http": "Never check HTTP.",
+    "no_fetch": "Do not download the pinned OVF schemas when they are not cached (the schema check then does "
+                "not run, and the summary says so).",
 }, auto_shortflags=False)
 def verify_ova(c: Context, path: str, config: str | None = None, set_: list[str] | None = None,
                provider: str | None = None, no_boot: bool = False, ssh_key: str | None = None,
-               http: bool = False, no_http: bool = False, debug: bool = False) -> None:
+               http: bool = False, no_http: bool = False, no_fetch: bool = False, debug: bool = False) -> None:
     """Verify an OVA: structure, manifest digests, OVF schema and disk, then boot a fresh copy."""
     from pathlib import Path
 
     from appliance.verify import verify_from_config
 
     verify_from_config(config_from_flags(config, set_, provider, resolve=False), Path(path), boot=not no_boot,
-                       ssh_key=ssh_key, http=True if http else (False if no_http else None))
+                       ssh_key=ssh_key, http=True if http else (False if no_http else None),
+                       fetch_schemas=not no_fetch)
 
 
 @cli_task(help={"update_lock": "Also record the verified digests in the version lock (same as `invoke lock`)."})
 def fetch(c: Context, config: str | None = None, set_: list[str] | None = None, provider: str | None = None,
           update_lock: bool = False, debug: bool = False) -> None:
-    """Download k3s, its air-gap images, the CSGHub chart and helm into the cache, verified (resumes)."""
-    from appliance.artifacts import fetch_artifacts, fetch_helm
+    """Download k3s, its air-gap images, the CSGHub chart, helm and the OVF schemas into the cache, verified
+    (resumes)."""
+    from appliance.artifacts import fetch_artifacts, fetch_helm, fetch_ovf_schemas
 
     cfg = config_from_flags(config, set_, provider, resolve=False)
     fetch_artifacts(cfg, update_lock=update_lock)
     fetch_helm(cfg, update_lock=update_lock)
+    fetch_ovf_schemas(cfg)
 
 
 @cli_task()
@@ -250,8 +255,9 @@ def provision(c: Context, config: str | None = None, set_: list[str] | None = No
               only: str | None = None, from_: str | None = None, force: bool = False, list_: bool = False,
               skip: str = "", debug: bool = False) -> None:
     """Provision the running VM over SSH: run the steps that changed or never ran; resume after a failure."""
-    from appliance.steps import provision_vagrant_vm
+    from appliance.steps import Options, provision_vagrant_vm
 
     names = [n.strip() for n in skip.split(",") if n.strip()]
     cfg = config_from_flags(config, set_, provider, skip_steps=names)
-    provision_vagrant_vm(cfg, only=only, from_step=from_, force=force, skip=names, list_plan=list_)
+    options = Options(only=only, from_step=from_, force=force, skip=tuple(names))
+    provision_vagrant_vm(cfg, options, list_plan=list_)

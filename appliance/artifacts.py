@@ -11,6 +11,10 @@ file. A cached file is re-hashed, not re-downloaded: a second build makes no req
 
 :func:`fetch_artifacts` is the stage entry; :func:`guest_uploads` tells the provisioning
 runner which cached file goes where in the guest.
+
+The DMTF OVF schemas that ``verify-ova`` validates descriptors against are a fourth, host-only
+download (:func:`fetch_ovf_schemas`): seventeen files pinned by URL and sha256 in the lock, fetched
+into one cache folder that becomes visible only once every file is verified.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import errno
 import hashlib
 import http.client
 import os
+import re
 import shutil
 import urllib.error
 import urllib.parse
@@ -31,7 +36,7 @@ from typing import Any, BinaryIO
 import yaml
 
 from appliance.config import ApplianceConfig
-from appliance.errors import ArtifactError
+from appliance.errors import ArtifactError, DigestMismatch
 from appliance.log import log
 
 LOCK_FILE = Path(__file__).resolve().parent / "data" / "versions.lock.yaml"
@@ -328,7 +333,7 @@ def _fetch_one(artifact: Artifact, pinned: str | None) -> FetchedArtifact:
     actual = _sha256_file(artifact.part_path)
     if actual != expected:
         artifact.part_path.unlink(missing_ok=True)
-        raise ArtifactError(
+        raise DigestMismatch(
             f"sha256 mismatch for {artifact.name} {artifact.version} from {artifact.url}:\n"
             f"  expected {expected} ({source})\n"
             f"  actual   {actual}\n"
@@ -385,6 +390,209 @@ def _publisher_digest(artifact: Artifact) -> tuple[str, str]:
         f"the chart index {where} has no csghub {artifact.version} with a digest",
         hint="check csghub.chart_version and artifacts.chart_repo",
     )
+
+
+# -- the DMTF OVF schemas (what verify-ova validates descriptors against) ---------------------------
+# Seventeen small XSD files, pinned by hand in the lock's `ovf_schemas` section: a URL naming a fixed
+# commit and a sha256 for each. They are downloaded into a staging folder beside their final one,
+# each verified, and only then is the folder renamed into place: a folder under its final name always
+# holds the whole verified set and nothing else. An interrupted or refused fetch leaves the staging
+# folder (verified files and a .part) for the next run to resume from, never a usable partial set.
+
+OVF_SCHEMA_SETS = ("ovf1", "ovf2")  # OVF 1.x and OVF 2.x envelopes, each with the schemas it imports
+OVF_SCHEMA_SETTING = "artifacts.ovf_schema_mirror"
+_SCHEMA_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.xsd")
+_STAGING_SUFFIX = ".incomplete"
+
+
+@dataclass(frozen=True)
+class SchemaFile:
+    """One pinned schema file: ``<set>/<name>`` in the cache folder and on a mirror."""
+
+    set: str  # "ovf1" or "ovf2"
+    name: str
+    url: str  # the upstream URL the lock pins (at a fixed commit)
+    sha256: str
+
+    @property
+    def rel(self) -> str:
+        return f"{self.set}/{self.name}"
+
+
+def ovf_schema_pins(lock: dict[str, Any], lock_path: Path = LOCK_FILE) -> list[SchemaFile]:
+    """The lock's ``ovf_schemas`` section, checked: plain ``.xsd`` names, https URLs, 64-hex digests."""
+    where = f"the version lock {lock_path}: ovf_schemas"
+    section = lock.get("ovf_schemas")
+    if not isinstance(section, dict) or sorted(section) != sorted(OVF_SCHEMA_SETS):
+        raise ArtifactError(f"{where} must map exactly {' and '.join(OVF_SCHEMA_SETS)} to their files")
+    pins: list[SchemaFile] = []
+    for set_name in OVF_SCHEMA_SETS:
+        files = section[set_name]
+        if not isinstance(files, dict) or not files:
+            raise ArtifactError(f"{where}.{set_name} must map file names to {{url, sha256}}")
+        for name, pin in files.items():
+            if not isinstance(name, str) or not _SCHEMA_FILE_NAME.fullmatch(name):
+                raise ArtifactError(f"{where}.{set_name}: {str(name)[:80]!r} is not a plain .xsd file name")
+            url = pin.get("url") if isinstance(pin, dict) else None
+            digest = str(pin.get("sha256") or "").lower() if isinstance(pin, dict) else ""
+            if not isinstance(url, str) or not url.startswith("https://") or any(c.isspace() for c in url):
+                raise ArtifactError(f"{where}.{set_name}.{name}: `url` must be an https URL, not {url!r}")
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ArtifactError(f"{where}.{set_name}.{name}: `sha256` must be 64 hex digits, not {digest!r}",
+                                    hint="these digests are pinned by hand (docs/artifacts.md), never by "
+                                    "`invoke lock`")
+            pins.append(SchemaFile(set_name, name, url, digest))
+        if sum(n.startswith("dsp8023_") for n in files) != 1:
+            raise ArtifactError(f"{where}.{set_name} must hold exactly one envelope schema (dsp8023_*.xsd)")
+    return pins
+
+
+def ovf_schema_folder(cfg: ApplianceConfig, pins: list[SchemaFile]) -> Path:
+    """The cache folder of exactly this set of pins (a changed pin means another folder)."""
+    ident = hashlib.sha256("".join(f"{p.rel} {p.sha256}\n" for p in pins).encode()).hexdigest()[:16]
+    return cache_dir(cfg) / "ovf-schemas" / ident
+
+
+def _schema_url(cfg: ApplianceConfig, pin: SchemaFile) -> str:
+    mirror = cfg.artifacts.ovf_schema_mirror
+    return f"{mirror}/{pin.set}/{pin.name}" if mirror else pin.url
+
+
+def _schema_mismatches(folder: Path, pins: list[SchemaFile]) -> list[str]:
+    """What keeps ``folder`` from being exactly the pinned set (empty: it is)."""
+    problems = []
+    for pin in pins:
+        try:
+            actual = _sha256_file(folder / pin.set / pin.name)
+        except OSError as exc:
+            problems.append(f"{pin.rel}: {exc.strerror or exc}")
+            continue
+        if actual != pin.sha256:
+            problems.append(f"{pin.rel}: expected sha256 {pin.sha256}, got {actual}")
+    expected = {pin.rel for pin in pins}
+    for set_name in OVF_SCHEMA_SETS:
+        try:
+            names = sorted(os.listdir(folder / set_name))
+        except OSError:
+            continue
+        problems += [f"{set_name}/{n}: not a pinned file" for n in names if f"{set_name}/{n}" not in expected]
+    return problems
+
+
+def cached_ovf_schemas(cfg: ApplianceConfig, *, lock_path: Path = LOCK_FILE) -> tuple[Path | None, str]:
+    """The verified schema folder in the cache (every file re-hashed), or None and why not (with the fix)."""
+    pins = ovf_schema_pins(read_lock(lock_path), lock_path)
+    folder = ovf_schema_folder(cfg, pins)
+    if not folder.is_dir():
+        return None, f"the pinned DMTF OVF schemas are not in the cache ({folder}); `invoke fetch` downloads them"
+    problems = _schema_mismatches(folder, pins)
+    if problems:
+        return None, (f"the cached OVF schemas in {folder} differ from their pins ({problems[0]}); "
+                      "`invoke fetch` downloads them again")
+    return folder, ""
+
+
+def fetch_ovf_schemas(cfg: ApplianceConfig, *, lock_path: Path = LOCK_FILE) -> Path:
+    """Make the pinned OVF schemas present and verified in the cache; return their folder (``ovf1/``, ``ovf2/``).
+
+    Raises ``DigestMismatch`` when a file's bytes differ from its pin (file, expected and actual
+    digest named) and ``ArtifactError`` when a file cannot be downloaded; either way no folder is
+    made usable, and the next run resumes with the files already verified.
+    """
+    pins = ovf_schema_pins(read_lock(lock_path), lock_path)
+    final = ovf_schema_folder(cfg, pins)
+    staging = final.with_name(final.name + _STAGING_SUFFIX)
+    source = cfg.artifacts.ovf_schema_mirror or "the pinned upstream URLs"
+    with log.step("fetch the DMTF OVF schemas", record=False):
+        if final.is_dir():
+            problems = _schema_mismatches(final, pins)
+            if not problems:
+                log.info(f"OVF schemas: cached, {len(pins)} files sha256 verified ({final})")
+                return final
+            log.warning(f"the cached OVF schemas in {final} differ from their pins ({'; '.join(problems[:3])}); "
+                        "fetching them again")
+            if staging.exists():
+                shutil.rmtree(final)
+            else:
+                os.replace(final, staging)  # the files that still match are kept, not downloaded again
+        downloaded = sum(_fetch_schema_file(cfg, pin, staging) for pin in pins)
+        expected = {pin.rel for pin in pins}
+        for set_name in OVF_SCHEMA_SETS:
+            for extra in (staging / set_name).iterdir():
+                if f"{set_name}/{extra.name}" in expected:
+                    continue
+                if extra.is_dir() and not extra.is_symlink():  # nothing of ours; a stray folder
+                    shutil.rmtree(extra)
+                else:  # a stale .part, or a stray file
+                    extra.unlink()
+        problems = _schema_mismatches(staging, pins)
+        if problems:  # only if something changed the folder while we worked
+            raise ArtifactError(f"the OVF schemas fetched into {staging} changed while being fetched: {problems[0]}")
+        try:
+            os.rename(staging, final)
+        except OSError:
+            # Another fetch finished first: keep its folder if it is the pinned set.
+            if not final.is_dir() or _schema_mismatches(final, pins):
+                raise
+            shutil.rmtree(staging)
+        log.success(f"OVF schemas: {downloaded} of {len(pins)} files downloaded from {source}, "
+                    f"every sha256 verified ({final})")
+    return final
+
+
+def _fetch_schema_file(cfg: ApplianceConfig, pin: SchemaFile, staging: Path) -> bool:
+    """Put ``pin`` into ``staging``, verified; True if it had to be downloaded."""
+    target = staging / pin.set / pin.name
+    if target.is_file():
+        if _sha256_file(target) == pin.sha256:
+            return False
+        target.unlink()
+    url = _schema_url(cfg, pin)
+    artifact = Artifact(name=f"OVF schema {pin.rel}", group="ovf_schemas", version=pin.set, url=url,
+                        checksum_url="", setting=OVF_SCHEMA_SETTING, cache_path=target, guest_path="", step="")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _download(artifact, url)
+    actual = _sha256_file(artifact.part_path)
+    if actual != pin.sha256:
+        artifact.part_path.unlink(missing_ok=True)
+        mirror = cfg.artifacts.ovf_schema_mirror
+        raise DigestMismatch(
+            f"OVF schema {pin.rel} from {url} is not the pinned file:\n"
+            f"  expected sha256 {pin.sha256}\n"
+            f"  got             {actual}\n"
+            f"  the download was deleted; no schema folder was made usable",
+            hint=(f"{OVF_SCHEMA_SETTING}={mirror} serves other bytes: point it at an unaltered copy "
+                  "(<base>/ovf1/<file>, <base>/ovf2/<file>) or leave it empty for the pinned upstream URLs")
+            if mirror else "the pinned URL served other bytes (a proxy rewriting downloads?); set "
+            f"{OVF_SCHEMA_SETTING} to a copy you trust",
+        )
+    os.replace(artifact.part_path, target)
+    return True
+
+
+def ensure_ovf_schemas(
+    cfg: ApplianceConfig, *, fetch: bool = True, lock_path: Path = LOCK_FILE
+) -> tuple[Path | None, str]:
+    """The schema folder ``verify-ova`` validates with, fetched first unless ``fetch`` is False.
+
+    ``(None, why)`` when they are not cached and cannot be fetched (offline, a mirror missing a
+    file, ``--no-fetch``): the check then does not run and the report says why. A file whose bytes
+    differ from its pin is an error (``DigestMismatch``): that is a mirror to fix, not a network outage.
+    """
+    folder, why = cached_ovf_schemas(cfg, lock_path=lock_path)
+    if folder is not None:
+        return folder, ""
+    if not fetch:
+        return None, why.replace("; `invoke fetch`", " and --no-fetch was given; `invoke fetch`", 1)
+    try:
+        return fetch_ovf_schemas(cfg, lock_path=lock_path), ""
+    except DigestMismatch:
+        raise
+    except ArtifactError as exc:
+        log.warning(f"the OVF schemas could not be fetched: {exc}")
+        return None, (f"the pinned DMTF OVF schemas are not in the cache and could not be fetched "
+                      f"({exc.message.splitlines()[0]}); run `invoke fetch` where that works, or set "
+                      f"{OVF_SCHEMA_SETTING} to a copy you can reach")
 
 
 # -- HTTP -----------------------------------------------------------------------------------

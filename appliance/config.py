@@ -17,7 +17,7 @@ import re
 import shlex
 import shutil
 import unicodedata
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,8 +35,14 @@ CSGHUB_MIN_CPUS = 4
 CSGHUB_MIN_MEMORY_MB = 8192
 # Below this a Debian guest with sshd cannot boot usefully at all.
 ABSOLUTE_MIN_MEMORY_MB = 512
-# The steps that need CSGHub's sizing; skipping both (a test or base VM) lifts the minimum.
+# The steps that need CSGHub's sizing; skipping either (a test or base VM) lifts the minimum.
 STACK_STEPS = ("k3s", "csghub")
+
+
+def stack_enabled_for(skip: Iterable[str]) -> bool:
+    """The one rule: CSGHub is in the image unless either stack step is skipped."""
+    skipped = set(skip)
+    return not any(s in skipped for s in STACK_STEPS)
 
 
 def _env(name: str) -> dict[str, Any]:
@@ -323,6 +329,15 @@ class ArtifactsSettings(_Section):
             "beside it); helm renders the chart on the build host to compute the image set."
         ),
     )
+    ovf_schema_mirror: str = Field(
+        "",
+        pattern=r"^$|^(https?|file)://\S+[^/]$",
+        description=(
+            "Where the DMTF OVF schemas `verify-ova` validates against come from: empty = the pinned upstream "
+            "URLs in the version lock; else a base holding `<base>/ovf1/<file>` and `<base>/ovf2/<file>` "
+            "(e.g. `file:///srv/ovf-schemas`). Every file is checked against its pinned sha256 either way."
+        ),
+    )
     cache_dir: str = Field(
         "", description="Download cache (empty: `$XDG_CACHE_HOME/csghub-appliance`, else `~/.cache/csghub-appliance`)."
     )
@@ -412,7 +427,7 @@ class ApplianceConfig(_Section):
 
     @property
     def stack_enabled(self) -> bool:
-        return not any(s in self.provision.skip for s in STACK_STEPS)
+        return stack_enabled_for(self.provision.skip)
 
     def path(self, relative: str) -> Path:
         """Resolve a configured path against the project directory."""
@@ -750,7 +765,7 @@ def _cross_checks(data: Mapping[str, Any], sources: _Sources) -> list[ConfigProb
     assert isinstance(vm, Mapping) and isinstance(prov, Mapping)
     skip = prov.get("skip") if isinstance(prov.get("skip"), list) else []
     assert isinstance(skip, list)
-    stack = not any(s in skip for s in STACK_STEPS)
+    stack = stack_enabled_for(s for s in skip if isinstance(s, str))
     hint = ("skip the k3s and csghub steps (provision.skip=[k3s, csghub] in the config, or --skip k3s,csghub) "
             "for a VM without CSGHub")
     mem = vm.get("memory_mb")

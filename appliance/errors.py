@@ -121,6 +121,10 @@ class ArtifactError(ApplianceError):
     """Downloading, verifying or caching a pinned artifact failed."""
 
 
+class DigestMismatch(ArtifactError):
+    """A download's bytes differ from its pinned digest: a mirror serves other bytes (never just "offline")."""
+
+
 class ExportError(ApplianceError):
     """Turning the VM into an OVA failed."""
 

@@ -83,9 +83,14 @@ class Stage:
 
 
 def stage_fetch(ctx: BuildContext) -> str | None:
+    from appliance.artifacts import ensure_ovf_schemas, fetch_artifacts
+
+    # The verify stage's OVF schemas: without them (offline) the build goes on and its report says
+    # that schema validation did not run; a mirror serving other bytes stops the build here.
+    schemas, _ = ensure_ovf_schemas(ctx.cfg)
     if not ctx.cfg.stack_enabled:
-        return "skipped: the k3s and CSGHub steps are skipped, no artifacts needed"
-    from appliance.artifacts import fetch_artifacts
+        return "OVF schemas only: the k3s and CSGHub steps are skipped" if schemas else \
+            "skipped: the k3s and CSGHub steps are skipped, and the OVF schemas could not be fetched"
 
     fetch_artifacts(ctx.cfg, needed_only=True)
     if "csghub" not in ctx.cfg.provision.skip:
@@ -128,14 +133,14 @@ def stage_up(ctx: BuildContext) -> str | None:
 
 
 def _provision(ctx: BuildContext, *, only: str | None, skip: Sequence[str]) -> None:
-    from appliance.steps import pinned_uploads, provision
+    from appliance.steps import Options, pinned_uploads, provision
 
     if ctx.endpoint is None:
         from appliance import vagrant
 
         ctx.endpoint = vagrant.ssh_config(ctx.cfg)
     uploads = pinned_uploads(ctx.cfg) if only is None else []
-    provision(ctx.cfg, ctx.endpoint, only=only, skip=tuple(skip), uploads=uploads)
+    provision(ctx.cfg, ctx.endpoint, Options(only=only, skip=tuple(skip)), uploads=uploads)
 
 
 def stage_provision(ctx: BuildContext) -> str | None:

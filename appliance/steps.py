@@ -550,11 +550,8 @@ def _provisioner(
 def provision(
     cfg: ApplianceConfig,
     endpoint: SSHEndpoint,
+    options: Options = Options(),
     *,
-    only: str | None = None,
-    from_step: str | None = None,
-    force: bool = False,
-    skip: Sequence[str] = (),
     directory: Path = PROVISION_DIR,
     state_dir: str | None = None,
     uploads: Sequence[tuple[Path, str]] = (),
@@ -564,7 +561,6 @@ def provision(
     ``uploads`` are (host file, guest path) pairs the steps marked ``# appliance: uploads``
     read (``appliance.artifacts.guest_uploads``); they are part of those steps' markers.
     """
-    options = Options(only=only, from_step=from_step, force=force, skip=tuple(skip))
     with log.step("provision"), _provisioner(cfg, endpoint, directory, state_dir, uploads) as provisioner:
         report = provisioner.run(options)
     _summarize(report)
@@ -574,17 +570,13 @@ def provision(
 def plan(
     cfg: ApplianceConfig,
     endpoint: SSHEndpoint,
+    options: Options = Options(),
     *,
-    only: str | None = None,
-    from_step: str | None = None,
-    force: bool = False,
-    skip: Sequence[str] = (),
     directory: Path = PROVISION_DIR,
     state_dir: str | None = None,
     uploads: Sequence[tuple[Path, str]] = (),
 ) -> list[PlannedStep]:
     """What ``provision`` would do: each step, run or skip, and why. Reads the markers; changes nothing."""
-    options = Options(only=only, from_step=from_step, force=force, skip=tuple(skip))
     with _provisioner(cfg, endpoint, directory, state_dir, uploads) as provisioner:
         return provisioner.plan(options)
 
@@ -632,13 +624,7 @@ def _summarize(report: ProvisionReport) -> None:
 
 
 def provision_vagrant_vm(
-    cfg: ApplianceConfig,
-    *,
-    only: str | None = None,
-    from_step: str | None = None,
-    force: bool = False,
-    skip: Sequence[str] = (),
-    list_plan: bool = False,
+    cfg: ApplianceConfig, options: Options = Options(), *, list_plan: bool = False,
 ) -> ProvisionReport | list[PlannedStep]:
     """``invoke provision``: find the running VM through ``vagrant ssh-config``, then show the
     plan (``list_plan``) or provision it."""
@@ -647,11 +633,10 @@ def provision_vagrant_vm(
 
     refuse_if_sealed(cfg, "provision the VM")
     endpoint = vagrant.ssh_config(cfg)
-    uploads = pinned_uploads(cfg, skip)
+    uploads = pinned_uploads(cfg, options.skip)
     if list_plan:
-        steps = plan(cfg, endpoint, only=only, from_step=from_step, force=force, skip=skip, uploads=uploads)
+        steps = plan(cfg, endpoint, options, uploads=uploads)
         for line in describe_plan(steps):
             print(line)
         return steps
-    return provision(cfg, endpoint, only=only, from_step=from_step, force=force, skip=skip, uploads=uploads)
-
+    return provision(cfg, endpoint, options, uploads=uploads)

@@ -11,8 +11,9 @@ folder, and bounds memory, disk and time:
   second (ovftool, our writer) or last (VirtualBox);
 - manifest: one well-formed line per member, each digest matching (SHA1/SHA256/SHA512);
 - descriptor: parsed without DTD or entities, numbers bounded, valid against the DMTF OVF
-  schema (VirtualBox's ``vbox:Machine`` allowed); when the schemas are missing the report says
-  the check did not run;
+  schema (VirtualBox's ``vbox:Machine`` allowed), from the pinned, verified cache folder
+  (``appliance.artifacts``); when they are not there the report says the check did not run, why,
+  and that ``invoke fetch`` fetches them;
 - disks: each referenced VMDK is a sparse streamOptimized VMDK (``qemu-img info``) with no other
   extents or parent, its virtual size equals the descriptor's capacity and its size ``ovf:size``.
 
@@ -32,7 +33,7 @@ from appliance.config import ApplianceConfig
 from appliance.errors import UsageError, VerifyError
 from appliance.log import log
 from appliance.verify_boot import BootLogin, BootReport, ConsoleLogin, SSHLogin, boot_check
-from appliance.verify_ova import check_structure
+from appliance.verify_ova import NO_SCHEMA_DIR, check_structure
 
 
 @dataclass
@@ -66,6 +67,7 @@ def verify_ova(
     boot: bool = True,
     cfg: ApplianceConfig | None = None,
     schema_dir: Path | None = None,
+    schema_missing: str = "",
     work_dir: Path | None = None,
     login: BootLogin | None = None,
     http_port: int | None = None,
@@ -85,8 +87,16 @@ def verify_ova(
     With ``cfg`` and no ``login``, the boot check's login and HTTP port come from the
     configuration (see :func:`boot_access`), and so do its CPUs (at most the host's) and memory.
     With ``http_if_stack`` the image's own status line decides whether HTTP is checked.
+
+    Schemas: ``schema_dir``, else with ``cfg`` the verified cache folder (never fetched here: the
+    build's fetch stage fetches them); without either the schema check does not run and the report
+    gives ``schema_missing`` as the reason.
     """
     path = Path(path)
+    if schema_dir is None and cfg is not None:
+        from appliance.artifacts import cached_ovf_schemas
+
+        schema_dir, schema_missing = cached_ovf_schemas(cfg)
     if boot and cfg is not None and login is None:
         login, cfg_http = boot_access(cfg)
         http_port = http_port if http_port is not None else cfg_http
@@ -104,7 +114,7 @@ def verify_ova(
     with tempfile.TemporaryDirectory(prefix="verify-ova-", dir=work_dir) as tmp:
         work = Path(tmp)
         with log.step(f"check the structure of {path.name}"):
-            structure = check_structure(path, work, schema_dir)
+            structure = check_structure(path, work, schema_dir, schema_missing=schema_missing or NO_SCHEMA_DIR)
         report.members, report.ovf_format = structure.members, structure.ovf_format
         report.disks, report.checks = structure.disks, structure.checks
         if structure.findings:
@@ -177,17 +187,26 @@ def boot_access(
 
 
 def verify_from_config(
-    cfg: ApplianceConfig, path: Path, *, boot: bool = True, ssh_key: str | None = None, http: bool | None = None
+    cfg: ApplianceConfig, path: Path, *, boot: bool = True, ssh_key: str | None = None, http: bool | None = None,
+    fetch_schemas: bool = True,
 ) -> VerifyReport:
     """``invoke verify-ova``: :func:`verify_ova` with the access from the configuration, then a summary.
 
     Without ``http`` (neither ``--http`` nor ``--no-http``) the image's own status line decides:
     an image built without the stack is not asked for HTTP, whatever the local configuration.
+    The pinned OVF schemas are fetched into the cache first when missing (unless ``fetch_schemas``
+    is False: ``--no-fetch``); if that cannot be done the schema check does not run and the summary
+    and report say why.
     """
+    from appliance.artifacts import ensure_ovf_schemas
     from appliance.providers import boot_backend_for
 
+    if not path.is_file():
+        raise UsageError(f"no OVA at {str(path)!r}")
     login, http_port = boot_access(cfg, ssh_key=ssh_key, http=http) if boot else (None, None)
+    schema_dir, schema_missing = ensure_ovf_schemas(cfg, fetch=fetch_schemas)
     report = verify_ova(path, boot=boot, login=login, http_port=http_port, http_host=portal_host(cfg),
+                        schema_dir=schema_dir, schema_missing=schema_missing,
                         http_if_stack=http is None, boot_timeout=cfg.vm.verify_timeout,
                         cpus=min(cfg.vm.cpus, os.cpu_count() or 1), memory_mb=cfg.vm.memory_mb,
                         boot_with=boot_backend_for(cfg))

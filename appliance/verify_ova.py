@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.errors import PrerequisiteMissing
-from appliance.export.ovf import STREAM_OPTIMIZED, DescriptorFacts, find_schema_dir, read_descriptor, schema_errors
+from appliance.export.ovf import STREAM_OPTIMIZED, DescriptorFacts, read_descriptor, schema_errors
 from appliance.log import log
 from appliance.run import run
 
@@ -266,12 +266,20 @@ def _copy_and_hash(f: io.BufferedReader, member: TarMember, algorithms: set[str]
 # -- the check ------------------------------------------------------------------------------------
 
 
-def check_structure(path: Path, work: Path, schema_dir: Path | None = None) -> StructureResult:
-    """Every structural check of ``path``; disks that pass are copied into ``work``."""
+NO_SCHEMA_DIR = "no folder of DMTF OVF schemas was given; `invoke fetch` puts the pinned schemas in the cache"
+
+
+def check_structure(path: Path, work: Path, schema_dir: Path | None = None, *,
+                    schema_missing: str = NO_SCHEMA_DIR) -> StructureResult:
+    """Every structural check of ``path``; disks that pass are copied into ``work``.
+
+    ``schema_dir`` holds the verified DMTF schemas (``ovf1/``, ``ovf2/``); without it the schema
+    check does not run and ``schema_missing`` is the reason the report gives.
+    """
     result = StructureResult()
     try:
         with path.open("rb") as f:
-            _check(f, os.fstat(f.fileno()), path, work, result, schema_dir)
+            _check(f, os.fstat(f.fileno()), path, work, result, schema_dir, schema_missing)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             result.findings.add(f"the work folder {work} ran out of space while copying the disk")
@@ -290,7 +298,7 @@ def check_structure(path: Path, work: Path, schema_dir: Path | None = None) -> S
 
 
 def _check(f: io.BufferedReader, st: os.stat_result, path: Path, work: Path, result: StructureResult,
-           schema_dir: Path | None) -> None:
+           schema_dir: Path | None, schema_missing: str) -> None:
     findings = result.findings
     members = scan_tar(f, st.st_size, findings)
     result.members = [m.name for m in members]
@@ -334,7 +342,7 @@ def _check(f: io.BufferedReader, st: os.stat_result, path: Path, work: Path, res
     if facts is not None:
         result.ovf_format = facts.ovf_format
         disk_hrefs = _check_references(facts, ovf.name, mf_name, members, by_name, result)
-        _check_schema(ovf_bytes or b"", ovf.name, schema_dir, result)
+        _check_schema(ovf_bytes or b"", ovf.name, schema_dir, schema_missing, result)
 
     # The manifest: required, bounded, covering every member.
     manifest: dict[str, tuple[str, str]] = {}
@@ -442,11 +450,10 @@ def _check_references(facts: DescriptorFacts, ovf_name: str, mf_name: str, membe
     return disks
 
 
-def _check_schema(ovf_bytes: bytes, ovf_name: str, schema_dir: Path | None, result: StructureResult) -> None:
-    sd = schema_dir or find_schema_dir()
+def _check_schema(ovf_bytes: bytes, ovf_name: str, sd: Path | None, schema_missing: str,
+                  result: StructureResult) -> None:
     if sd is None:
-        _schema_not_run(result, "the DMTF OVF schemas were not found (set APPLIANCE_OVF_SCHEMAS to a folder "
-                                "holding ovf1/ and ovf2/)")
+        _schema_not_run(result, schema_missing)
         return
     tolerated: list[str] = []
     try:

@@ -18,14 +18,14 @@ readers skip it (``ovf:required="false"``). ``include_vbox_machine=False`` leave
 The output is deterministic: no timestamps, and the UUIDs are derived from the disk's
 digest, so the same inputs give the same bytes.
 
-``ovf_schema`` / ``schema_errors`` validate a descriptor against the DMTF schemas (found via
-``find_schema_dir``), accepting ``vbox:Machine`` through a small extension schema.
+``ovf_schema`` / ``schema_errors`` validate a descriptor against the DMTF schemas (the pinned,
+verified cache folder ``appliance.artifacts.fetch_ovf_schemas`` makes), accepting ``vbox:Machine``
+through a small extension schema.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 import re
 import uuid
 from collections.abc import Iterator
@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING, Any, Literal
 from xml.etree import ElementTree as ET
 from xml.sax.saxutils import escape
 
-from appliance.config import PROJECT_ROOT
 from appliance.errors import ExportError, PrerequisiteMissing
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -439,7 +438,6 @@ def read_descriptor(data: bytes) -> DescriptorFacts:
 
 # -- schema validation ---------------------------------------------------------------------------
 
-SCHEMA_DIR_ENV = "APPLIANCE_OVF_SCHEMAS"
 _SCHEMA_SUBDIR = {"ovf10": "ovf1", "ovf20": "ovf2"}
 
 # Declares vbox:Machine as one more OVF Section whose content after Info is not checked: the
@@ -463,31 +461,21 @@ _VBOX_EXTENSION = """<?xml version="1.0"?>
 """
 
 
-def find_schema_dir() -> Path | None:
-    """Where the DMTF OVF schemas are: ``$APPLIANCE_OVF_SCHEMAS``, else ``../shared/ovf/schemas``."""
-    candidates = []
-    if os.environ.get(SCHEMA_DIR_ENV):
-        candidates.append(Path(os.environ[SCHEMA_DIR_ENV]))
-    candidates.append(PROJECT_ROOT.parent / "shared" / "ovf" / "schemas")
-    for c in candidates:
-        if (c / "ovf1").is_dir() and (c / "ovf2").is_dir():
-            return c.resolve()
-    return None
-
-
 @cache
 def ovf_schema(ovf_format: OvfFormat, schema_dir: Path | None = None) -> Any:
-    """The compiled schema for ``ovf10``/``ovf20`` (plus the vbox:Machine extension); cached."""
+    """The compiled schema for ``ovf10``/``ovf20`` (plus the vbox:Machine extension); cached.
+
+    ``schema_dir`` holds ``ovf1/`` and ``ovf2/``: the verified cache folder of the pinned
+    schemas (``appliance.artifacts.fetch_ovf_schemas``, ``invoke fetch``).
+    """
     import xmlschema
 
-    base = schema_dir or find_schema_dir()
-    if base is None:
+    if schema_dir is None:
         raise PrerequisiteMissing(
-            "the DMTF OVF schemas were not found",
-            hint=f"set {SCHEMA_DIR_ENV} to a folder holding ovf1/ and ovf2/ "
-            "(the repository's ../shared/ovf/schemas)",
+            "no folder of DMTF OVF schemas was given",
+            hint="`invoke fetch` puts the pinned schemas in the cache (appliance.artifacts.fetch_ovf_schemas)",
         )
-    folder = (base / _SCHEMA_SUBDIR[ovf_format]).resolve()
+    folder = (schema_dir / _SCHEMA_SUBDIR[ovf_format]).resolve()
     main = next(folder.glob("dsp8023_*.xsd"))
 
     def to_local(uri: str) -> str:

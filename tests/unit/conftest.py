@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,11 +17,41 @@ OVF_SAMPLES = SHARED / "ovf" / "samples"
 
 
 @pytest.fixture(scope="session")
-def ovf_schema_dir() -> Path:
-    """The DMTF schemas in ../shared (a read-only copy next to the clone in CI)."""
+def ovf_schema_mirror() -> Iterator[str]:
+    """A loopback HTTP mirror of the DMTF schemas in ../shared (``<base>/ovf1/<file>``, ``<base>/ovf2/<file>``)."""
+    import threading
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
     if not (OVF_SCHEMAS / "ovf1").is_dir():
         pytest.skip(f"OVF schemas not found at {OVF_SCHEMAS} (the shared reference data sits next to the clone)")
-    return OVF_SCHEMAS
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(OVF_SCHEMAS)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def ovf_schema_dir(ovf_schema_mirror: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The pinned DMTF schemas, fetched once per session through the real code from the loopback mirror of
+    ../shared into a private cache: the folder ``verify-ova`` validates with (and proof the pins match ../shared)."""
+    from appliance.artifacts import fetch_ovf_schemas
+    from appliance.config import load_config
+
+    cache = tmp_path_factory.mktemp("ovf-schema-cache")
+    cfg = load_config(None, [f"artifacts.cache_dir={cache}", f"artifacts.ovf_schema_mirror={ovf_schema_mirror}"],
+                      "libvirt", cwd=cache)
+    return fetch_ovf_schemas(cfg)
 
 
 @pytest.fixture(scope="session")

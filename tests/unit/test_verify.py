@@ -260,14 +260,15 @@ def test_http_wait_sees_a_loopback_server_and_gives_up_on_a_closed_port() -> Non
 
 
 def test_verify_from_config_boot_needs_an_existing_key(
-    built_ova: Path, make_cfg: Callable[..., ApplianceConfig], tmp_path: Path
+    built_ova: Path, make_cfg: Callable[..., ApplianceConfig], tmp_path: Path, ovf_schema_dir: Path
 ) -> None:
     from appliance.verify import verify_from_config
 
-    report = verify_from_config(make_cfg(), built_ova, boot=False)
+    cached = f"artifacts.cache_dir={ovf_schema_dir.parents[1]}"  # the session's cache holding the schemas
+    report = verify_from_config(make_cfg(cached), built_ova, boot=False)
     assert report.boot is None and ("OVF schema", "checked") in report.checks
     with pytest.raises(UsageError, match="does not exist"):
-        verify_from_config(make_cfg(), built_ova, boot=True, ssh_key=str(tmp_path / "no-key"))
+        verify_from_config(make_cfg(cached), built_ova, boot=True, ssh_key=str(tmp_path / "no-key"))
 
 
 def test_boot_access_from_the_configuration(make_cfg: Callable[..., ApplianceConfig], tmp_path: Path) -> None:
@@ -415,12 +416,10 @@ for _ in range(3):
     assert "Traceback" not in proc.stderr and "Exception (client)" not in proc.stderr, proc.stderr
 
 
-def test_schema_validation_that_cannot_run_is_reported_as_such(built_ova: Path, tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("appliance.verify_ova.find_schema_dir", lambda: None)
+def test_schema_validation_that_cannot_run_is_reported_as_such(built_ova: Path, tmp_path: Path) -> None:
     report = verify_ova(built_ova, boot=False)
     outcome = dict(report.checks)["OVF schema"]
-    assert outcome.startswith("not run: the DMTF OVF schemas were not found")
+    assert outcome.startswith("not run: no folder of DMTF OVF schemas was given; `invoke fetch`")
     assert not report.schema_checked
     assert report.as_dict()["checks"]["OVF schema"] == outcome  # type: ignore[index]
     # Schemas that exist but cannot be loaded: also "not run", never a traceback.

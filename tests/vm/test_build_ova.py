@@ -1,10 +1,11 @@
 """`invoke build-ova --provider libvirt` end to end on the locally built base box (stack skipped).
 
-Through the real CLI: fetch (nothing to fetch), render, up, provision (base, firstboot), seal,
-halt, export, verify (structure, then a boot of a fresh copy logged in with the password it
-prints on its serial console), publish. Then `invoke verify-ova` accepts the published OVA and
-refuses a copy with one byte flipped; a rerun resumes from the state file, does no work again
-and refuses to overwrite the published OVA without --force. Two TCG boots in all.
+Through the real CLI: fetch (only the OVF schemas, from ../shared as a file:// mirror), render,
+up, provision (base, firstboot), seal, halt, export, verify (structure and OVF schema, then a boot
+of a fresh copy logged in with the password it prints on its serial console), publish. Then
+`invoke verify-ova` accepts the published OVA (schema checked, from the same cache) and refuses a
+copy with one byte flipped; a rerun resumes from the state file, does no work again and refuses
+to overwrite the published OVA without --force. Two TCG boots in all.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from appliance.config import ApplianceConfig, public_dump
 
 pytestmark = pytest.mark.vm
 ROOT = Path(__file__).resolve().parents[2]
+OVF_SCHEMAS = ROOT.parent / "shared" / "ovf" / "schemas"  # served to the build as its schema mirror
 BUILD_TIMEOUT = 45 * 60
 
 
@@ -35,7 +37,10 @@ def _invoke(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str
 
 def test_build_ova_then_verify_ova(base_box: object, vm_config: Callable[..., ApplianceConfig], tmp_path: Path) -> None:
     dist = tmp_path / "dist"
-    cfg = vm_config("buildova", f"output.dir={dist}", "output.version=0.0.1-test")
+    if not (OVF_SCHEMAS / "ovf1").is_dir():
+        pytest.skip(f"OVF schemas not found at {OVF_SCHEMAS} (the shared reference data sits next to the clone)")
+    cfg = vm_config("buildova", f"output.dir={dist}", "output.version=0.0.1-test",
+                    f"artifacts.cache_dir={tmp_path / 'cache'}", f"artifacts.ovf_schema_mirror={OVF_SCHEMAS.as_uri()}")
     config_file = tmp_path / "appliance.yaml"
     config_file.write_text(yaml.safe_dump(public_dump(cfg), sort_keys=False))
     ova = dist / "csghub-0.0.1-test.ova"
@@ -50,13 +55,15 @@ def test_build_ova_then_verify_ova(base_box: object, vm_config: Callable[..., Ap
         report = json.loads((dist / "build-report.json").read_text())
         outcomes = {s["name"].split(":")[0]: s["outcome"] for s in report["stages"]}
         assert outcomes["provision"] == outcomes["seal"] == outcomes["export"] == outcomes["verify"] == "ok"
-        assert outcomes["fetch"] == "skipped"
+        assert outcomes["fetch"] == "ok"  # the OVF schemas, fetched and verified into the cache
+        assert report["ova"]["verification"]["checks"]["OVF schema"] == "checked"
         assert report["ova"]["verified"] is True and report["ova"]["size_bytes"] == ova.stat().st_size
         assert report["config"]["provision"]["skip"] == ["k3s", "csghub"]
         assert "logged in as csghub with the copy's first-boot password" in build.stderr
 
-        accepted = _invoke("verify-ova", str(ova), "--no-boot")
+        accepted = _invoke("verify-ova", str(ova), "--no-boot", "--config", str(config_file))
         assert accepted.returncode == 0, accepted.stderr[-3000:]
+        assert "OVF schema: checked" in accepted.stderr, accepted.stderr[-3000:]
 
         damaged = tmp_path / "damaged.ova"
         shutil.copyfile(ova, damaged)
@@ -65,7 +72,7 @@ def test_build_ova_then_verify_ova(base_box: object, vm_config: Callable[..., Ap
             byte = f.read(1)
             f.seek(-1, 1)
             f.write(bytes([byte[0] ^ 0xFF]))
-        refused = _invoke("verify-ova", str(damaged), "--no-boot")
+        refused = _invoke("verify-ova", str(damaged), "--no-boot", "--config", str(config_file))
         assert refused.returncode != 0
         assert "digest" in refused.stderr.lower(), refused.stderr[-3000:]
 

@@ -278,7 +278,7 @@ def _stream_vmdk(source: Path, target: Path, *, force_share: bool) -> int:
 def sealed(base_box: Any, tmp_path_factory: pytest.TempPathFactory) -> SealedBuild:
     if shutil.which("qemu-system-x86_64") is None or shutil.which("qemu-img") is None:
         pytest.skip("QEMU (qemu-system-x86, qemu-utils) is not installed")
-    from appliance.steps import provision
+    from appliance.steps import Options, provision
 
     work = tmp_path_factory.mktemp("seal-firstboot")
     base, key, user = _base_disk(base_box, work)
@@ -291,10 +291,10 @@ def sealed(base_box: Any, tmp_path_factory: pytest.TempPathFactory) -> SealedBui
         vm.wait_console(re.compile(r"login: "), BOOT_TIMEOUT)
         endpoint = SSHEndpoint("127.0.0.1", vm.ssh_port, user, (key,))
         # Everything but the seal, through the real runner (00-base if present, firstboot).
-        report = provision(cfg, endpoint, skip=["seal"])
+        report = provision(cfg, endpoint, Options(skip=("seal",)))
         assert _outcome(report, "firstboot") == "changed"
         # Idempotent: forced again, the step changes nothing.
-        again = provision(cfg, endpoint, only="firstboot", force=True)
+        again = provision(cfg, endpoint, Options(only="firstboot", force=True))
         login = _key_login(vm.ssh_port, user, key)
         build_machine_id = login.run("cat /etc/machine-id").strip()
         build_host_key = login.host_key
@@ -319,7 +319,7 @@ def sealed(base_box: Any, tmp_path_factory: pytest.TempPathFactory) -> SealedBui
         vm.hmp("stop")
         unsealed = _stream_vmdk(build_disk, work / "unsealed.vmdk", force_share=True)
         vm.hmp("cont")
-        report = provision(cfg, endpoint, only="seal")
+        report = provision(cfg, endpoint, Options(only="seal"))
         assert _outcome(report, "seal") == "changed"
         # The seal powers the VM off by itself; nobody can log in to do it.
         vm.wait_exit(POWEROFF_TIMEOUT)
