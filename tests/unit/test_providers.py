@@ -90,6 +90,11 @@ def test_the_libvirt_provider_renders_what_it_resolves(tmp_path: Path) -> None:
 # -- stages that ask the provider, with the fake ---------------------------------------------------
 
 
+def _note(outcome: object) -> str:
+    """A stage's note, whether the stage returns it as text or as an outcome object carrying ``note``."""
+    return outcome if isinstance(outcome, str) else str(getattr(outcome, "note", ""))
+
+
 def _ctx(tmp_path: Path, provider: FakeProvider, state: BuildState) -> BuildContext:
     ctx = BuildContext(cfg=provider.cfg, options=BuildOptions(), state=state)
     ctx.provider = provider
@@ -100,7 +105,7 @@ def test_halt_of_a_sealed_vm_releases_what_vagrant_would_have(tmp_path: Path) ->
     # The sealed VM powered itself off (here: it never ran), so Vagrant's halt did not run and the
     # provider's clean-up (vagrant-libvirt's port forwards) is the stage's to do.
     fake = FakeProvider(_cfg(tmp_path, "libvirt"))
-    note = stage_halt(_ctx(tmp_path, fake, BuildState(sealed=True)))
+    note = _note(stage_halt(_ctx(tmp_path, fake, BuildState(sealed=True))))
     assert note == "the sealed VM powered itself off"
     assert fake.calls == [("check_reachable", None), ("after_halt", vagrant.project_dir(fake.cfg))]
 
@@ -114,10 +119,10 @@ def test_halt_of_a_vm_that_is_off_cleans_up_too(tmp_path: Path) -> None:
 def test_export_records_the_ova_and_the_disk_the_provider_names(tmp_path: Path, small_disk: Path) -> None:
     fake = FakeProvider(_cfg(tmp_path, "libvirt"), disk=small_disk)
     ctx = _ctx(tmp_path, fake, BuildState(sealed=True))
-    note = stage_export(ctx)
+    note = _note(stage_export(ctx))
     staged = Path(ctx.state.staged_ova)
     assert staged.parent == ctx.staging_dir and staged.name == ctx.ova_name and staged.is_file()
-    assert note is not None and note.startswith(staged.name)
+    assert note.startswith(staged.name)
     assert ctx.state.disk_image == str(small_disk)
     assert len(ctx.state.staged_ova_sha256) == 64
     assert [c[0] for c in fake.calls] == ["export"]
