@@ -110,6 +110,16 @@ class Logger:
             )
 
 
+def human_size(size: float) -> str:
+    """A byte count for people: ``512 B``, ``2.1 MiB``, ``3.4 GiB`` (binary units, GiB at most)."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB"):
+        if abs(value) < 1024:
+            return f"{value:.0f} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 

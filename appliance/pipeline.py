@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from appliance.config import ApplianceConfig, public_dump
 from appliance.errors import ApplianceError, Cancelled, HostFileError, UsageError, VagrantError, VerifyError
-from appliance.log import log
+from appliance.log import human_size, log
 from appliance.scripts import discover_scripts
 from appliance.state import BuildState, config_digest, export_digest
 
@@ -221,7 +221,7 @@ def stage_export(ctx: BuildContext) -> str | None:
         result = export_libvirt(ctx.cfg, disk, ctx.staging_dir)
     ctx.state.staged_ova = str(result.path)
     ctx.state.staged_ova_sha256 = result.sha256
-    return f"{result.path.name}: {result.size / 1e6:.0f} MB"
+    return f"{result.path.name}: {human_size(result.size)}"
 
 
 def stage_verify(ctx: BuildContext) -> str | None:
@@ -417,7 +417,7 @@ def host_file_error(exc: OSError, during: str, *, folders: Sequence[Path] = ()) 
     where = f" ({exc.filename})" if exc.filename else ""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         candidates = [Path(str(exc.filename)).parent] if exc.filename else list(folders)
-        free = "; ".join(f"{shutil.disk_usage(f).free / 2**20:.0f} MiB are free in {f}"
+        free = "; ".join(f"{human_size(shutil.disk_usage(f).free)} are free in {f}"
                          for f in dict.fromkeys(candidates) if f.is_dir())
         free = f"; {free}" if free else ""
         return HostFileError(

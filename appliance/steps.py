@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import IO
 
 from appliance.config import ApplianceConfig, guest_environment
+from appliance.digest import sha256_file
 from appliance.errors import ArtifactError, ConnectionLost, RemoteCommandFailed, StepFailed, UsageError
 from appliance.log import log
 from appliance.scripts import (
@@ -50,7 +51,7 @@ from appliance.scripts import (
     discover_scripts,
 )
 from appliance.ssh import RemoteSession, SSHEndpoint
-from appliance.upload import ensure_remote_dir, remote_sha256, sha256_file, upload_file, upload_files
+from appliance.upload import ensure_remote_dir, remote_sha256, upload_file, upload_files
 
 DEFAULT_STATE_DIR = "/var/lib/csghub-appliance/steps"
 # Where markers live on the guest; tests against a loopback sshd point it somewhere harmless.
@@ -127,10 +128,6 @@ def _sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _sha256_path(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def support_files(script: ProvisionScript, directory: Path) -> list[tuple[Path, str]]:
     """``(local file, path relative to the guest provision dir)`` for every ``files=DIR`` of a script."""
     out: list[tuple[Path, str]] = []
@@ -157,9 +154,9 @@ def step_inputs(
 ) -> StepInputs:
     """The step's inputs: its script, support files, the variables it declares (out of ``env``)
     and, for scripts that declare ``uploads``, ``uploads`` (guest path -> sha256)."""
-    inputs = {"script": _sha256_path(script.path)}
+    inputs = {"script": sha256_file(script.path)}
     for local, relative in support_files(script, directory):
-        inputs[f"file:{relative}"] = _sha256_path(local)
+        inputs[f"file:{relative}"] = sha256_file(local)
     for name, value in step_environment(script, env).items():
         inputs[f"env:{name}"] = _sha256_text(value)
     if script.uses_uploads:

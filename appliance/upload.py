@@ -21,8 +21,9 @@ from pathlib import Path
 
 import paramiko
 
+from appliance.digest import sha256_file
 from appliance.errors import ConnectionLost, RemoteError
-from appliance.log import log
+from appliance.log import human_size, log
 from appliance.run import run, which
 from appliance.ssh import RemoteSession
 
@@ -51,14 +52,6 @@ class UploadResult:
     @property
     def bytes_per_second(self) -> float:
         return self.size / self.seconds if self.seconds > 0 else 0.0
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(READ_SIZE):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def remote_sha256(session: RemoteSession, paths: Sequence[str], *, sudo: bool = False) -> dict[str, str]:
@@ -99,7 +92,7 @@ def upload_file(
     if skip_identical and _remote_size(sftp, remote) == size:
         local_sum = sha256_file(local)
         if remote_sha256(session, [remote]).get(remote) == local_sum:
-            log.info(f"ok: {remote} already on the guest ({_human(size)}, sha256 matches)")
+            log.info(f"ok: {remote} already on the guest ({human_size(size)}, sha256 matches)")
             return UploadResult(local, remote, size, local_sum, True, time.monotonic() - started)
     partial = posixpath.join(posixpath.dirname(remote), "." + posixpath.basename(remote) + ".part")
     show = progress if progress is not None else size >= PROGRESS_MIN_BYTES
@@ -136,7 +129,7 @@ def upload_file(
         _remove_quietly(sftp, partial)
         raise
     seconds = time.monotonic() - started
-    log.debug(f"uploaded {local} -> {remote}: {_human(size)} in {seconds:.1f} s")
+    log.debug(f"uploaded {local} -> {remote}: {human_size(size)} in {seconds:.1f} s")
     return UploadResult(local, remote, size, sent_sum, False, seconds)
 
 
@@ -176,7 +169,7 @@ def _send_openssh(scp: str, session: RemoteSession, local: Path, remote: str, sh
     with ThreadPoolExecutor(max_workers=1) as pool:
         digest = pool.submit(sha256_file, local)  # hashed while scp reads the same file
         if show:
-            log.info(f"uploading {local.name} ({_human(local.stat().st_size)}) with scp")
+            log.info(f"uploading {local.name} ({human_size(local.stat().st_size)}) with scp")
         result = run(argv, check=False, timeout=None)
         sent = digest.result()
     if not result.ok:
@@ -256,12 +249,3 @@ def _remove_quietly(sftp: paramiko.SFTPClient, path: str) -> None:
         sftp.remove(path)
     except (OSError, EOFError, paramiko.SSHException):
         pass
-
-
-def _human(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GiB"  # pragma: no cover
-

@@ -397,10 +397,10 @@ def render(cfg: ApplianceConfig, output: str | Path | None = None) -> RenderedPr
     Vagrantfile that fails at the k3s step). ``output`` (a file or directory) defaults to the
     project directory, where the other tasks look for the VM.
     """
+    from appliance.digest import sha256_file
     from appliance.hostprobe import resolve_libvirt_driver
     from appliance.render import Upload, render_vagrantfile
     from appliance.steps import pinned_uploads
-    from appliance.upload import sha256_file
 
     driver = resolve_libvirt_driver(cfg.libvirt.driver) if cfg.provider == "libvirt" else None
     uploads = [
