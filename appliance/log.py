@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Literal
 
 from rich.console import Console
 from rich.markup import escape
@@ -35,6 +36,12 @@ def debugging(enabled: bool) -> Iterator[None]:
         _DEBUG.reset(token)
 
 
+# How a pipeline stage that did not fail ended (failures are exceptions).
+StageStatus = Literal["ok", "skipped"]
+# How a timed step ended, as build-report.json records it; "running" until it ends.
+TimingOutcome = Literal["running", "ok", "skipped", "failed", "cancelled"]
+
+
 @dataclass
 class StepTiming:
     """One timed step, as it goes into ``build-report.json``."""
@@ -43,7 +50,7 @@ class StepTiming:
     started: str
     ended: str = ""
     seconds: float = 0.0
-    outcome: str = "running"
+    outcome: TimingOutcome = "running"
 
 
 @dataclass

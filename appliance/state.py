@@ -163,11 +163,6 @@ class BuildState:
         if stage not in self.completed:
             self.completed.append(stage)
 
-    def forget_from(self, stage: str, order: list[str]) -> None:
-        """Forget ``stage`` and every stage after it (their results are stale)."""
-        later = set(order[order.index(stage):]) if stage in order else {stage}
-        self.completed = [s for s in self.completed if s not in later]
-
 
 def _check_state(raw: object) -> list[str]:
     if not isinstance(raw, dict):

@@ -36,6 +36,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import IO
 
@@ -180,10 +181,20 @@ class PlannedStep:
         return self.script.name
 
 
+class StepOutcome(StrEnum):
+    """How a provisioning step ended (docs/provisioning.md, "Outcomes")."""
+
+    CHANGED = "changed"
+    NO_CHANGES = "no changes"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+    FAILED_PARTIAL = "failed after partial changes"
+
+
 @dataclass
 class StepReport:
     name: str
-    outcome: str  # changed | no changes | skipped | failed | failed after partial changes
+    outcome: StepOutcome
     reason: str
     seconds: float = 0.0
     changes: list[str] = field(default_factory=list)
@@ -195,17 +206,6 @@ class StepReport:
 class ProvisionReport:
     steps: list[StepReport]
     seconds: float
-
-    @property
-    def ran(self) -> list[str]:
-        return [s.name for s in self.steps if s.outcome in ("changed", "no changes")]
-
-    @property
-    def skipped(self) -> list[str]:
-        return [s.name for s in self.steps if s.outcome == "skipped"]
-
-    def outcome_of(self, name: str) -> str:
-        return next(s.outcome for s in self.steps if s.name == name)
 
 
 @dataclass(frozen=True)
@@ -349,7 +349,7 @@ class Provisioner:
         for index, planned in enumerate(steps):
             if not planned.run:
                 log.info(f"– {planned.script.filename}: skipped ({planned.reason})")
-                reports.append(StepReport(planned.name, "skipped", planned.reason))
+                reports.append(StepReport(planned.name, StepOutcome.SKIPPED, planned.reason))
                 continue
             # A step that runs invalidates the markers after it (they were made on top of its old
             # result), except under --only: the user asked for exactly one step.
@@ -359,7 +359,7 @@ class Provisioner:
 
     def _run_with_reconnects(self, planned: PlannedStep, later: Sequence[str]) -> StepReport:
         attempts = self.cfg.provision.reconnect_attempts + 1
-        report = StepReport(planned.name, "failed", planned.reason, log_path=str(self._log_path(planned)))
+        report = StepReport(planned.name, StepOutcome.FAILED, planned.reason, log_path=str(self._log_path(planned)))
         for attempt in range(1, attempts + 1):
             report.attempts = attempt
             try:
@@ -430,14 +430,14 @@ class Provisioner:
                                           group_file=self.group_file)
             except RemoteCommandFailed as exc:
                 report.seconds = time.monotonic() - started
-                report.outcome = "failed after partial changes" if report.changes else "failed"
+                report.outcome = StepOutcome.FAILED_PARTIAL if report.changes else StepOutcome.FAILED
                 timing.outcome = "failed"
                 raise self._failure(script, exc, report, timeout) from None
             report.seconds = result.duration
             if final:
                 # The guest is sealed: the build's key is gone and it powers off. Touch nothing more.
                 self.session.close()
-            report.outcome = "changed" if report.changes else "no changes"
+            report.outcome = StepOutcome.CHANGED if report.changes else StepOutcome.NO_CHANGES
             timing.outcome = "ok"
             summary = f"{len(report.changes)} change(s)" if report.changes else "no changes"
             log.info(f"{script.name}: {summary} in {result.duration:.1f} s; log: {log_path}")
@@ -613,7 +613,7 @@ def describe_plan(steps: Sequence[PlannedStep]) -> Iterator[str]:
 
 
 def _summarize(report: ProvisionReport) -> None:
-    counts: dict[str, int] = {}
+    counts: dict[StepOutcome, int] = {}
     for step in report.steps:
         counts[step.outcome] = counts.get(step.outcome, 0) + 1
     parts = ", ".join(f"{n} {outcome}" for outcome, n in counts.items())
