@@ -18,7 +18,7 @@ from invoke.exceptions import Exit
 
 from appliance.config import ApplianceConfig, load_config, resolve_provider
 from appliance.errors import ApplianceError
-from appliance.log import log, set_debug
+from appliance.log import debugging, log
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -37,9 +37,9 @@ def cli_task(*args: Any, **kwargs: Any) -> Callable[[F], F]:
     def wrap(fn: F) -> F:
         @functools.wraps(fn)
         def inner(c: Context, *a: Any, **kw: Any) -> Any:
-            set_debug(bool(kw.get("debug")))
             try:
-                return fn(c, *a, **kw)
+                with debugging(bool(kw.get("debug"))):
+                    return fn(c, *a, **kw)
             except ApplianceError as exc:
                 if kw.get("debug"):
                     log.console.print_exception()

@@ -36,8 +36,9 @@ from typing import Any, BinaryIO
 import yaml
 
 from appliance.config import ApplianceConfig
+from appliance.digest import sha256_file
 from appliance.errors import ArtifactError, DigestMismatch
-from appliance.log import log
+from appliance.log import human_size, log
 
 LOCK_FILE = Path(__file__).resolve().parent / "data" / "versions.lock.yaml"
 GUEST_ARTIFACT_DIR = "/var/cache/csghub-appliance/artifacts"
@@ -311,7 +312,7 @@ def _fetch_one(artifact: Artifact, pinned: str | None) -> FetchedArtifact:
             # A file placed by hand (or an old cache): check it against the publisher's checksum.
             publisher = _publisher_digest(artifact)
             expected, source = publisher
-        actual = _sha256_file(cached)
+        actual = sha256_file(cached)
         if actual == expected:
             if pinned is None:
                 _record_verified(artifact, actual, source)
@@ -330,7 +331,7 @@ def _fetch_one(artifact: Artifact, pinned: str | None) -> FetchedArtifact:
         expected, source = publisher or _publisher_digest(artifact)
     cached.parent.mkdir(parents=True, exist_ok=True)
     _download(artifact, artifact.url)
-    actual = _sha256_file(artifact.part_path)
+    actual = sha256_file(artifact.part_path)
     if actual != expected:
         artifact.part_path.unlink(missing_ok=True)
         raise DigestMismatch(
@@ -463,7 +464,7 @@ def _schema_mismatches(folder: Path, pins: list[SchemaFile]) -> list[str]:
     problems = []
     for pin in pins:
         try:
-            actual = _sha256_file(folder / pin.set / pin.name)
+            actual = sha256_file(folder / pin.set / pin.name)
         except OSError as exc:
             problems.append(f"{pin.rel}: {exc.strerror or exc}")
             continue
@@ -544,7 +545,7 @@ def _fetch_schema_file(cfg: ApplianceConfig, pin: SchemaFile, staging: Path) -> 
     """Put ``pin`` into ``staging``, verified; True if it had to be downloaded."""
     target = staging / pin.set / pin.name
     if target.is_file():
-        if _sha256_file(target) == pin.sha256:
+        if sha256_file(target) == pin.sha256:
             return False
         target.unlink()
     url = _schema_url(cfg, pin)
@@ -552,7 +553,7 @@ def _fetch_schema_file(cfg: ApplianceConfig, pin: SchemaFile, staging: Path) -> 
                         checksum_url="", setting=OVF_SCHEMA_SETTING, cache_path=target, guest_path="", step="")
     target.parent.mkdir(parents=True, exist_ok=True)
     _download(artifact, url)
-    actual = _sha256_file(artifact.part_path)
+    actual = sha256_file(artifact.part_path)
     if actual != pin.sha256:
         artifact.part_path.unlink(missing_ok=True)
         mirror = cfg.artifacts.ovf_schema_mirror
@@ -647,7 +648,7 @@ def _download(artifact: Artifact, url: str) -> None:
                     hint=f"delete {part} to start over",
                 )
             mode = "ab"
-            log.info(f"{artifact.name}: resuming at {_size(have)}")
+            log.info(f"{artifact.name}: resuming at {human_size(have)}")
         else:
             mode, have = "wb", 0
         length = response.headers.get("Content-Length")
@@ -675,8 +676,8 @@ def _copy(
             # http.client returns a short body silently when the peer hangs up early.
             if total is not None and out.tell() < total:
                 raise ArtifactError(
-                    f"download of {artifact.name} was interrupted after {_size(out.tell())} of "
-                    f"{_size(total)}; {artifact.part_path} is kept",
+                    f"download of {artifact.name} was interrupted after {human_size(out.tell())} of "
+                    f"{human_size(total)}; {artifact.part_path} is kept",
                     hint="run the same command again: it resumes where it stopped",
                 )
             return
@@ -688,11 +689,11 @@ def _copy(
             if exc.errno == errno.ENOSPC:
                 written = artifact.part_path.stat().st_size
                 free = shutil.disk_usage(artifact.part_path.parent).free
-                need = f"{_size(total - written)} more" if total is not None else "more"
+                need = f"{human_size(total - written)} more" if total is not None else "more"
                 raise ArtifactError(
                     f"disk full while downloading {artifact.name} into {artifact.part_path}: "
-                    f"it needs {need} ({_size(total) if total else 'size unknown'} in all), "
-                    f"{_size(free)} free on that file system",
+                    f"it needs {need} ({human_size(total) if total else 'size unknown'} in all), "
+                    f"{human_size(free)} free on that file system",
                     hint="free some space or set artifacts.cache_dir to a larger disk, then run the same "
                     "command again: it resumes",
                 ) from None
@@ -704,8 +705,8 @@ def _check_space(artifact: Artifact, directory: Path, remaining: int, total: int
     free = shutil.disk_usage(directory).free
     if remaining > free:
         raise ArtifactError(
-            f"not enough disk space for {artifact.name} in {directory}: it needs {_size(remaining)} more "
-            f"({_size(total or remaining)} in all), {_size(free)} free",
+            f"not enough disk space for {artifact.name} in {directory}: it needs {human_size(remaining)} more "
+            f"({human_size(total or remaining)} in all), {human_size(free)} free",
             hint="free some space or set artifacts.cache_dir to a larger disk",
         )
 
@@ -716,20 +717,3 @@ def _range_start(content_range: str) -> int:
         return int(content_range.split()[1].split("-")[0])
     except (IndexError, ValueError):
         return -1
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
-        value /= 1024
-    return f"{n} B"

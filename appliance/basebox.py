@@ -34,9 +34,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from appliance.config import ApplianceConfig
+from appliance.digest import sha256_file
 from appliance.errors import PrerequisiteMissing, VagrantError
 from appliance.image import CUSTOMIZE_FILES, ImageSpec, build_raw_disk, remove_tree
-from appliance.log import log
+from appliance.log import human_size, log
 from appliance.run import run, which
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -108,20 +109,12 @@ def _ensure_key(directory: Path) -> Path:
     return key
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1024 * 1024), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def inputs_digest(spec_identity: dict[str, object]) -> str:
     """The cache key: every input of the box, as sorted JSON, plus the bytes of the hook files."""
     manifest = {
         "format": BOX_FORMAT_VERSION,
         "image": spec_identity,
-        "files": {p.name: _file_digest(p) for p in CUSTOMIZE_FILES},
+        "files": {p.name: sha256_file(p) for p in CUSTOMIZE_FILES},
     }
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
@@ -188,7 +181,7 @@ def package_virtualbox_box(raw_disk: Path, box_file: Path, *, key: Path, info: d
     OVF is ours (``appliance.export.ovf``) for a small VM without port forwards: Vagrant sets
     CPUs, memory and forwards itself at ``vagrant up``.
     """
-    from appliance.export.ova import convert_to_stream_vmdk, sha256_file
+    from appliance.export.ova import convert_to_stream_vmdk
     from appliance.export.ovf import DiskFacts, ovf_descriptor
 
     if disk_bytes < raw_disk.stat().st_size:
@@ -286,7 +279,7 @@ def add_box(box_file: Path, *, name: str, version: str, workdir: Path, provider:
                                 "name": provider,
                                 "url": box_file.resolve().as_uri(),
                                 "checksum_type": "sha256",
-                                "checksum": _file_digest(box_file),
+                                "checksum": sha256_file(box_file),
                             }
                         ],
                     }
@@ -422,7 +415,7 @@ def _build_locked(
     if added and version not in installed_versions(name, kind):
         raise VagrantError(f"box {name} {version} is not listed by `vagrant box list` after adding it")
     size = box_file.stat().st_size
-    log.success(f"base box {name} {version}: {box_file} ({size / 1024**2:.0f} MiB)")
+    log.success(f"base box {name} {version}: {box_file} ({human_size(size)})")
     return BaseBox(
         name=name, version=version, provider=kind, box_file=box_file, private_key=key,
         size_bytes=size, inputs_sha256=digest, built=built, added=added,

@@ -14,8 +14,8 @@ from __future__ import annotations
 import os
 import shlex
 import tempfile
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.errors import PrerequisiteMissing
@@ -284,7 +284,6 @@ class BuiltImage:
 
     raw_disk: Path
     spec: ImageSpec
-    phases: list[str] = field(default_factory=list)
 
 
 def build_raw_disk(spec: ImageSpec, workdir: Path, *, apt_archives: Path) -> BuiltImage:
@@ -326,8 +325,3 @@ def remove_tree(path: Path) -> None:
     for mount_point in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
         run(["umount", "--lazy", mount_point], check=False)
     run(["rm", "-rf", "--one-file-system", str(path)], check=False)
-
-
-def tree_size(paths: Sequence[Path]) -> int:
-    """Bytes actually allocated for ``paths`` (sparse files count what they use)."""
-    return sum(p.stat().st_blocks * 512 for p in paths if p.exists())

@@ -2,7 +2,9 @@
 
 ``log`` prints messages on stderr through rich; ``log.step(title)`` is a context manager
 that announces a stage, indents what happens inside it, times it and records the timing
-(``log.timings``) for the build report. ``--debug`` turns on command echo and tracebacks.
+(``log.timings``) for the build report. ``--debug`` turns on command echo and tracebacks:
+it is a context value (``with debugging(True): ...``, set by the task wrapper for one task),
+not a switch on the logger, so a test or a library caller that never asks for it never gets it.
 """
 
 from __future__ import annotations
@@ -11,12 +13,33 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Literal
 
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+# Whether the current task runs with --debug; a new thread starts without it (Python 3.11).
+_DEBUG: ContextVar[bool] = ContextVar("appliance_debug", default=False)
+
+
+@contextmanager
+def debugging(enabled: bool) -> Iterator[None]:
+    """Show debug output (commands run, connection attempts) inside this block only."""
+    token = _DEBUG.set(enabled)
+    try:
+        yield
+    finally:
+        _DEBUG.reset(token)
+
+
+# How a pipeline stage that did not fail ended (failures are exceptions).
+StageStatus = Literal["ok", "skipped"]
+# How a timed step ended, as build-report.json records it; "running" until it ends.
+TimingOutcome = Literal["running", "ok", "skipped", "failed", "cancelled"]
 
 
 @dataclass
@@ -27,13 +50,12 @@ class StepTiming:
     started: str
     ended: str = ""
     seconds: float = 0.0
-    outcome: str = "running"
+    outcome: TimingOutcome = "running"
 
 
 @dataclass
 class Logger:
     console: Console = field(default_factory=lambda: Console(stderr=True, highlight=False, soft_wrap=True))
-    debug_enabled: bool = False
     depth: int = 0
     timings: list[StepTiming] = field(default_factory=list)
 
@@ -54,7 +76,7 @@ class Logger:
         self._emit("error: " + (msg % args if args else msg), style="bold red")
 
     def debug(self, msg: str, *args: object) -> None:
-        if self.debug_enabled:
+        if _DEBUG.get():
             self._emit(msg % args if args else msg, style="dim")
 
     def output(self, line: str, *, stderr: bool = False) -> None:
@@ -110,15 +132,21 @@ class Logger:
             )
 
 
+def human_size(size: float) -> str:
+    """A byte count for people: ``512 B``, ``2.1 MiB``, ``3.4 GiB`` (binary units, GiB at most)."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB"):
+        if abs(value) < 1024:
+            return f"{value:.0f} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 log = Logger()
-
-
-def set_debug(enabled: bool) -> None:
-    log.debug_enabled = enabled
 
 
 def is_interactive() -> bool:

@@ -18,18 +18,19 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from appliance.config import ApplianceConfig, public_dump
 from appliance.errors import ApplianceError, Cancelled, HostFileError, UsageError, VagrantError, VerifyError
-from appliance.log import log
+from appliance.log import StageStatus, human_size, log
 from appliance.scripts import discover_scripts
 from appliance.state import BuildState, config_digest, export_digest
 
 if TYPE_CHECKING:  # pragma: no cover
     from appliance.providers import Provider
+    from appliance.ssh import SSHEndpoint
 
 OnError = Literal["keep", "destroy"]
 
@@ -50,8 +51,8 @@ class BuildContext:
     cfg: ApplianceConfig
     options: BuildOptions
     state: BuildState
-    endpoint: Any = None
-    notes: dict[str, str] = field(default_factory=dict)
+    # Where the build VM's sshd is, once the up stage (or the first provisioning) asked Vagrant.
+    endpoint: SSHEndpoint | None = None
 
     @property
     def staging_dir(self) -> Path:
@@ -69,7 +70,24 @@ class BuildContext:
         return provider_for(self.cfg)
 
 
-StageFn = Callable[[BuildContext], str | None]
+@dataclass(frozen=True)
+class StageOutcome:
+    """What a stage did: ``ok`` (it did its work; ``note`` says what, if worth saying) or
+    ``skipped`` (there was nothing to do; ``note`` says why). Failures are exceptions."""
+
+    status: StageStatus
+    note: str = ""
+
+    @classmethod
+    def done(cls, note: str = "") -> StageOutcome:
+        return cls("ok", note)
+
+    @classmethod
+    def skipped(cls, why: str) -> StageOutcome:
+        return cls("skipped", why)
+
+
+StageFn = Callable[[BuildContext], StageOutcome]
 
 
 @dataclass(frozen=True)
@@ -82,36 +100,37 @@ class Stage:
 # -- stages ---------------------------------------------------------------------------------
 
 
-def stage_fetch(ctx: BuildContext) -> str | None:
+def stage_fetch(ctx: BuildContext) -> StageOutcome:
     from appliance.artifacts import ensure_ovf_schemas, fetch_artifacts
 
     # The verify stage's OVF schemas: without them (offline) the build goes on and its report says
     # that schema validation did not run; a mirror serving other bytes stops the build here.
     schemas, _ = ensure_ovf_schemas(ctx.cfg)
     if not ctx.cfg.stack_enabled:
-        return "OVF schemas only: the k3s and CSGHub steps are skipped" if schemas else \
-            "skipped: the k3s and CSGHub steps are skipped, and the OVF schemas could not be fetched"
+        if schemas:
+            return StageOutcome.done("OVF schemas only: the k3s and CSGHub steps are skipped")
+        return StageOutcome.skipped("the k3s and CSGHub steps are skipped, and the OVF schemas could not be fetched")
 
     fetch_artifacts(ctx.cfg, needed_only=True)
     if "csghub" not in ctx.cfg.provision.skip:
         from appliance.images import write_build_image_list
 
         write_build_image_list(ctx.cfg)
-    return None
+    return StageOutcome.done()
 
 
-def stage_render(ctx: BuildContext) -> str | None:
+def stage_render(ctx: BuildContext) -> StageOutcome:
     from appliance import vagrant
 
     rendered = vagrant.render(ctx.cfg)
     if rendered.libvirt_driver is not None:
         ctx.state.libvirt_driver = rendered.libvirt_driver
-    return f"wrote {rendered.path}"
+    return StageOutcome.done(f"wrote {rendered.path}")
 
 
-def stage_up(ctx: BuildContext) -> str | None:
+def stage_up(ctx: BuildContext) -> StageOutcome:
     if ctx.state.sealed:
-        return "skipped: the VM is already sealed; it is exported as it is"
+        return StageOutcome.skipped("the VM is already sealed; it is exported as it is")
     from appliance import vagrant
 
     if ctx.state.seal_started:
@@ -119,7 +138,7 @@ def stage_up(ctx: BuildContext) -> str | None:
         # still runs, the seal step is simply run again; booting it again is never safe.
         if vagrant.status(ctx.cfg).running:
             ctx.endpoint = vagrant.ssh_config(ctx.cfg)
-            return "skipped: the seal was interrupted and the VM still runs; the seal step runs again"
+            return StageOutcome.skipped("the seal was interrupted and the VM still runs; the seal step runs again")
         from appliance.errors import VMSealed
 
         raise VMSealed(
@@ -129,7 +148,7 @@ def stage_up(ctx: BuildContext) -> str | None:
         )
     vagrant.up(ctx.cfg)
     ctx.endpoint = vagrant.ssh_config(ctx.cfg)
-    return None
+    return StageOutcome.done()
 
 
 def _provision(ctx: BuildContext, *, only: str | None, skip: Sequence[str]) -> None:
@@ -143,13 +162,14 @@ def _provision(ctx: BuildContext, *, only: str | None, skip: Sequence[str]) -> N
     provision(ctx.cfg, ctx.endpoint, Options(only=only, skip=tuple(skip)), uploads=uploads)
 
 
-def stage_provision(ctx: BuildContext) -> str | None:
+def stage_provision(ctx: BuildContext) -> StageOutcome:
     if ctx.state.seal_begun:
-        return "skipped: the VM is already sealed" if ctx.state.sealed else "skipped: the seal step has started"
+        return StageOutcome.skipped(
+            "the VM is already sealed" if ctx.state.sealed else "the seal step has started")
     _provision(ctx, only=None, skip=[SEAL_STEP])
     if "csghub" not in ctx.cfg.provision.skip:
         _record_images(ctx)
-    return None
+    return StageOutcome.done()
 
 
 def _record_images(ctx: BuildContext) -> None:
@@ -172,9 +192,9 @@ def _record_images(ctx: BuildContext) -> None:
 SEAL_STEP = "seal"
 
 
-def stage_seal(ctx: BuildContext) -> str | None:
+def stage_seal(ctx: BuildContext) -> StageOutcome:
     if ctx.state.sealed:
-        return "skipped: already sealed"
+        return StageOutcome.skipped("already sealed")
     if SEAL_STEP not in {s.name for s in discover_scripts()}:
         raise UsageError(f"no provision/NN-{SEAL_STEP}.sh script: cannot seal the VM")
     # From here on the build's own key may no longer open the VM: record that before anything
@@ -183,18 +203,18 @@ def stage_seal(ctx: BuildContext) -> str | None:
     ctx.state.save(ctx.cfg.build_dir)
     _provision(ctx, only=SEAL_STEP, skip=[])
     ctx.state.sealed = True
-    return None
+    return StageOutcome.done()
 
 
 SEAL_POWEROFF_WAIT = 120  # seconds; the seal step powers the VM off a few seconds after it exits
 
 
-def stage_halt(ctx: BuildContext) -> str | None:
+def stage_halt(ctx: BuildContext) -> StageOutcome:
     from appliance import vagrant
 
     if not ctx.state.sealed:
         vagrant.halt(ctx.cfg, provider=ctx.provider)
-        return None
+        return StageOutcome.done()
     # A sealed VM no longer lets the build in, so a graceful `vagrant halt` (over SSH) cannot work:
     # the seal step powers the VM off itself. Wait for that; force it off only if it does not come.
     deadline = time.monotonic() + SEAL_POWEROFF_WAIT
@@ -202,19 +222,19 @@ def stage_halt(ctx: BuildContext) -> str | None:
         if time.monotonic() > deadline:
             log.warning(f"the sealed VM did not power itself off within {SEAL_POWEROFF_WAIT} s; forcing it off")
             vagrant.halt(ctx.cfg, force=True, provider=ctx.provider)
-            return "forced off"
+            return StageOutcome.done("forced off")
         time.sleep(3)
     # Vagrant did not halt it, so whatever Vagrant ends at a halt (vagrant-libvirt's forwards) still runs.
     ctx.provider.after_halt(vagrant.project_dir(ctx.cfg))
-    return "the sealed VM powered itself off"
+    return StageOutcome.done("the sealed VM powered itself off")
 
 
-def stage_export(ctx: BuildContext) -> str | None:
+def stage_export(ctx: BuildContext) -> StageOutcome:
     staged = Path(ctx.state.staged_ova) if ctx.state.staged_ova else None
     current = export_digest(ctx.cfg)
     if (staged is not None and staged.is_file() and ctx.state.sealed and "export" in ctx.state.completed
             and ctx.state.export_digest == current):
-        return f"skipped: {staged.name} already exported from this sealed VM with these settings"
+        return StageOutcome.skipped(f"{staged.name} already exported from this sealed VM with these settings")
     ctx.staging_dir.mkdir(parents=True, exist_ok=True)
     exported = ctx.provider.export(ctx.staging_dir)
     if exported.disk is not None:
@@ -222,23 +242,23 @@ def stage_export(ctx: BuildContext) -> str | None:
     result = exported.ova
     ctx.state.staged_ova = str(result.path)
     ctx.state.staged_ova_sha256 = result.sha256
-    return f"{result.path.name}: {result.size / 1e6:.0f} MB"
+    return StageOutcome.done(f"{result.path.name}: {human_size(result.size)}")
 
 
-def stage_verify(ctx: BuildContext) -> str | None:
+def stage_verify(ctx: BuildContext) -> StageOutcome:
     from appliance.verify import verify_ova
 
     if not ctx.state.staged_ova:
         raise UsageError("nothing to verify: the export stage has not produced an OVA yet")
     if ctx.state.verified_sha256 and ctx.state.verified_sha256 == ctx.state.staged_ova_sha256:
-        return "skipped: this OVA was verified already"
+        return StageOutcome.skipped("this OVA was verified already")
     report = verify_ova(Path(ctx.state.staged_ova), boot=ctx.options.boot_check, cfg=ctx.cfg)
     ctx.state.verified_sha256 = ctx.state.staged_ova_sha256
     ctx.state.verify_report = report.as_dict()
-    return None
+    return StageOutcome.done()
 
 
-def stage_publish(ctx: BuildContext) -> str | None:
+def stage_publish(ctx: BuildContext) -> StageOutcome:
     if not ctx.state.staged_ova:
         raise UsageError("nothing to publish: the export stage has not produced an OVA yet")
     staged = Path(ctx.state.staged_ova)
@@ -261,7 +281,7 @@ def stage_publish(ctx: BuildContext) -> str | None:
         PublishedFile(digest_file.name, data=f"{ctx.state.staged_ova_sha256}  {final.name}\n".encode()),
         PublishedFile("build-report.json", data=(json.dumps(report, indent=2) + "\n").encode()),
     ])
-    return f"published {final}"
+    return StageOutcome.done(f"published {final}")
 
 
 def build_report(ctx: BuildContext, final: Path) -> dict[str, Any]:
@@ -380,11 +400,10 @@ def build_ova(
                     timing.outcome = "skipped"
                     log.info("skipped (--skip/--only)")
                     continue
-                note = stage.run(ctx)
-                if note:
-                    log.info(note)
-                    if note.startswith("skipped"):
-                        timing.outcome = "skipped"
+                outcome = stage.run(ctx)
+                if outcome.note:
+                    log.info(f"skipped: {outcome.note}" if outcome.status == "skipped" else outcome.note)
+                timing.outcome = outcome.status
             state.mark_done(stage.name)
             if stage.name == "export":
                 state.export_digest = export_digest(cfg)  # what the staged OVA was written from
@@ -418,7 +437,7 @@ def host_file_error(exc: OSError, during: str, *, folders: Sequence[Path] = ()) 
     where = f" ({exc.filename})" if exc.filename else ""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         candidates = [Path(str(exc.filename)).parent] if exc.filename else list(folders)
-        free = "; ".join(f"{shutil.disk_usage(f).free / 2**20:.0f} MiB are free in {f}"
+        free = "; ".join(f"{human_size(shutil.disk_usage(f).free)} are free in {f}"
                          for f in dict.fromkeys(candidates) if f.is_dir())
         free = f"; {free}" if free else ""
         return HostFileError(

@@ -23,6 +23,7 @@ from types import FrameType
 from typing import BinaryIO
 
 from appliance.errors import HostFileError
+from appliance.log import human_size
 
 COPY_CHUNK = 4 * 1024 * 1024
 
@@ -134,6 +135,6 @@ def check_free_space(folder: Path, needed: int, what: str) -> None:
     free = shutil.disk_usage(folder).free
     if free < needed:
         raise HostFileError(
-            f"not enough space in {folder} for {what}: {needed / 2**20:.0f} MiB needed, {free / 2**20:.0f} MiB free",
+            f"not enough space in {folder} for {what}: {human_size(needed)} needed, {human_size(free)} free",
             hint="free space there or set output.dir to a folder on a larger disk, then run the same command again",
         )

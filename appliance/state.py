@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.config import ApplianceConfig, guest_environment, public_dump
+from appliance.digest import sha256_file
 from appliance.errors import StateError, VMSealed
 
 STATE_VERSION = 1
@@ -84,7 +85,7 @@ def export_digest(cfg: ApplianceConfig) -> str:
     eula = ""
     if cfg.output.eula_file:
         try:
-            eula = hashlib.sha256(cfg.path(cfg.output.eula_file).read_bytes()).hexdigest()
+            eula = sha256_file(cfg.path(cfg.output.eula_file))
         except OSError:
             eula = "unreadable"  # the export itself reports the problem
     return _digest({"disk": config_digest(cfg), "settings": data, "eula_sha256": eula,
@@ -162,11 +163,6 @@ class BuildState:
     def mark_done(self, stage: str) -> None:
         if stage not in self.completed:
             self.completed.append(stage)
-
-    def forget_from(self, stage: str, order: list[str]) -> None:
-        """Forget ``stage`` and every stage after it (their results are stale)."""
-        later = set(order[order.index(stage):]) if stage in order else {stage}
-        self.completed = [s for s in self.completed if s not in later]
 
 
 def _check_state(raw: object) -> list[str]:

@@ -36,10 +36,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import IO
 
 from appliance.config import ApplianceConfig, guest_environment
+from appliance.digest import sha256_file
 from appliance.errors import ArtifactError, ConnectionLost, RemoteCommandFailed, StepFailed, UsageError
 from appliance.log import log
 from appliance.scripts import (
@@ -50,7 +52,7 @@ from appliance.scripts import (
     discover_scripts,
 )
 from appliance.ssh import RemoteSession, SSHEndpoint
-from appliance.upload import ensure_remote_dir, remote_sha256, sha256_file, upload_file, upload_files
+from appliance.upload import ensure_remote_dir, remote_sha256, upload_file, upload_files
 
 DEFAULT_STATE_DIR = "/var/lib/csghub-appliance/steps"
 # Where markers live on the guest; tests against a loopback sshd point it somewhere harmless.
@@ -127,10 +129,6 @@ def _sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _sha256_path(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def support_files(script: ProvisionScript, directory: Path) -> list[tuple[Path, str]]:
     """``(local file, path relative to the guest provision dir)`` for every ``files=DIR`` of a script."""
     out: list[tuple[Path, str]] = []
@@ -157,9 +155,9 @@ def step_inputs(
 ) -> StepInputs:
     """The step's inputs: its script, support files, the variables it declares (out of ``env``)
     and, for scripts that declare ``uploads``, ``uploads`` (guest path -> sha256)."""
-    inputs = {"script": _sha256_path(script.path)}
+    inputs = {"script": sha256_file(script.path)}
     for local, relative in support_files(script, directory):
-        inputs[f"file:{relative}"] = _sha256_path(local)
+        inputs[f"file:{relative}"] = sha256_file(local)
     for name, value in step_environment(script, env).items():
         inputs[f"env:{name}"] = _sha256_text(value)
     if script.uses_uploads:
@@ -183,10 +181,20 @@ class PlannedStep:
         return self.script.name
 
 
+class StepOutcome(StrEnum):
+    """How a provisioning step ended (docs/provisioning.md, "Outcomes")."""
+
+    CHANGED = "changed"
+    NO_CHANGES = "no changes"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+    FAILED_PARTIAL = "failed after partial changes"
+
+
 @dataclass
 class StepReport:
     name: str
-    outcome: str  # changed | no changes | skipped | failed | failed after partial changes
+    outcome: StepOutcome
     reason: str
     seconds: float = 0.0
     changes: list[str] = field(default_factory=list)
@@ -198,17 +206,6 @@ class StepReport:
 class ProvisionReport:
     steps: list[StepReport]
     seconds: float
-
-    @property
-    def ran(self) -> list[str]:
-        return [s.name for s in self.steps if s.outcome in ("changed", "no changes")]
-
-    @property
-    def skipped(self) -> list[str]:
-        return [s.name for s in self.steps if s.outcome == "skipped"]
-
-    def outcome_of(self, name: str) -> str:
-        return next(s.outcome for s in self.steps if s.name == name)
 
 
 @dataclass(frozen=True)
@@ -352,7 +349,7 @@ class Provisioner:
         for index, planned in enumerate(steps):
             if not planned.run:
                 log.info(f"– {planned.script.filename}: skipped ({planned.reason})")
-                reports.append(StepReport(planned.name, "skipped", planned.reason))
+                reports.append(StepReport(planned.name, StepOutcome.SKIPPED, planned.reason))
                 continue
             # A step that runs invalidates the markers after it (they were made on top of its old
             # result), except under --only: the user asked for exactly one step.
@@ -362,7 +359,7 @@ class Provisioner:
 
     def _run_with_reconnects(self, planned: PlannedStep, later: Sequence[str]) -> StepReport:
         attempts = self.cfg.provision.reconnect_attempts + 1
-        report = StepReport(planned.name, "failed", planned.reason, log_path=str(self._log_path(planned)))
+        report = StepReport(planned.name, StepOutcome.FAILED, planned.reason, log_path=str(self._log_path(planned)))
         for attempt in range(1, attempts + 1):
             report.attempts = attempt
             try:
@@ -433,14 +430,14 @@ class Provisioner:
                                           group_file=self.group_file)
             except RemoteCommandFailed as exc:
                 report.seconds = time.monotonic() - started
-                report.outcome = "failed after partial changes" if report.changes else "failed"
+                report.outcome = StepOutcome.FAILED_PARTIAL if report.changes else StepOutcome.FAILED
                 timing.outcome = "failed"
                 raise self._failure(script, exc, report, timeout) from None
             report.seconds = result.duration
             if final:
                 # The guest is sealed: the build's key is gone and it powers off. Touch nothing more.
                 self.session.close()
-            report.outcome = "changed" if report.changes else "no changes"
+            report.outcome = StepOutcome.CHANGED if report.changes else StepOutcome.NO_CHANGES
             timing.outcome = "ok"
             summary = f"{len(report.changes)} change(s)" if report.changes else "no changes"
             log.info(f"{script.name}: {summary} in {result.duration:.1f} s; log: {log_path}")
@@ -616,7 +613,7 @@ def describe_plan(steps: Sequence[PlannedStep]) -> Iterator[str]:
 
 
 def _summarize(report: ProvisionReport) -> None:
-    counts: dict[str, int] = {}
+    counts: dict[StepOutcome, int] = {}
     for step in report.steps:
         counts[step.outcome] = counts.get(step.outcome, 0) + 1
     parts = ", ".join(f"{n} {outcome}" for outcome, n in counts.items())

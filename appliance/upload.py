@@ -1,11 +1,14 @@
 """Copy files to the guest over SFTP: fast, verified, skipped when already there.
 
-A large file (the air-gap image bundle is gigabytes) goes up in big pipelined SFTP write
-requests (Paramiko's plain ``SFTPFile.write`` waits for each request's answer; pipelined,
-it keeps many in flight) over a session with large windows, with a progress bar. It is
-written under a temporary name, checked by size and by ``sha256sum`` on the guest, and
-only then renamed into place, so a half-sent file never sits under the final name. When
-the guest already holds a file of the same size and sha256, nothing is sent.
+One transport, the build's own Paramiko session: a large file (the k3s binary, the air-gap
+image bundle) goes up in big pipelined SFTP write requests (Paramiko's plain
+``SFTPFile.write`` waits for each request's answer; pipelined, it keeps many in flight) over
+a session with large windows, with a progress bar. It is written under a temporary name,
+checked by size and by ``sha256sum`` on the guest, and only then renamed into place, so a
+half-sent file never sits under the final name. When the guest already holds a file of the
+same size and sha256, nothing is sent. OpenSSH ``scp`` was a second transport for big files
+until ``benchmarks/sftp_upload.py`` showed no end-to-end gain at the sizes the appliance
+uploads (docs/provisioning.md, "Uploads").
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ from pathlib import Path
 
 import paramiko
 
+from appliance.digest import sha256_file
 from appliance.errors import ConnectionLost, RemoteError
-from appliance.log import log
-from appliance.run import run, which
+from appliance.log import human_size, log
 from appliance.ssh import RemoteSession
 
 # Bytes per SFTP write request: exactly 8 full SSH packets of OpenSSH's session channel
@@ -33,10 +36,6 @@ REQUEST_SIZE = 8 * (32768 - 64) - 29
 READ_SIZE = 4 * 1024 * 1024
 # Files at least this big get a progress bar.
 PROGRESS_MIN_BYTES = 16 * 1024 * 1024
-# Files at least this big go through OpenSSH's scp when it is installed: Paramiko's per-packet
-# Python work caps an SFTP stream at about 0.65 x scp here (docs/provisioning.md). scp runs
-# against the same known_hosts file (strict checking), key and user as the session.
-OPENSSH_MIN_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -51,14 +50,6 @@ class UploadResult:
     @property
     def bytes_per_second(self) -> float:
         return self.size / self.seconds if self.seconds > 0 else 0.0
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(READ_SIZE):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def remote_sha256(session: RemoteSession, paths: Sequence[str], *, sudo: bool = False) -> dict[str, str]:
@@ -84,13 +75,11 @@ def upload_file(
     progress: bool | None = None,
     skip_identical: bool = True,
     request_size: int = REQUEST_SIZE,
-    openssh_min_bytes: int | None = OPENSSH_MIN_BYTES,
 ) -> UploadResult:
     """Upload ``local`` to ``remote`` (an absolute guest path in a directory the login user can write).
 
-    Skipped when the guest file has the same size and sha256. Files of ``openssh_min_bytes``
-    or more go through OpenSSH's ``scp`` when it is installed (``None``: never). Raises
-    ``RemoteError`` if the copy on the guest does not match afterwards.
+    Skipped when the guest file has the same size and sha256. Raises ``RemoteError`` if the
+    copy on the guest does not match afterwards.
     """
     started = time.monotonic()
     size = local.stat().st_size
@@ -99,16 +88,12 @@ def upload_file(
     if skip_identical and _remote_size(sftp, remote) == size:
         local_sum = sha256_file(local)
         if remote_sha256(session, [remote]).get(remote) == local_sum:
-            log.info(f"ok: {remote} already on the guest ({_human(size)}, sha256 matches)")
+            log.info(f"ok: {remote} already on the guest ({human_size(size)}, sha256 matches)")
             return UploadResult(local, remote, size, local_sum, True, time.monotonic() - started)
     partial = posixpath.join(posixpath.dirname(remote), "." + posixpath.basename(remote) + ".part")
     show = progress if progress is not None else size >= PROGRESS_MIN_BYTES
     try:
-        scp = which("scp") if openssh_min_bytes is not None and size >= openssh_min_bytes else None
-        if scp is not None and session.endpoint.identity_files:
-            sent_sum = _send_openssh(scp, session, local, partial, show)
-        else:
-            sent_sum = _send(sftp, local, partial, size, request_size, show)
+        sent_sum = _send(sftp, local, partial, size, request_size, show)
         if local_sum is not None and sent_sum != local_sum:
             raise RemoteError(f"{local} changed while it was being uploaded")
         remote_size = _remote_size(sftp, partial)
@@ -136,7 +121,7 @@ def upload_file(
         _remove_quietly(sftp, partial)
         raise
     seconds = time.monotonic() - started
-    log.debug(f"uploaded {local} -> {remote}: {_human(size)} in {seconds:.1f} s")
+    log.debug(f"uploaded {local} -> {remote}: {human_size(size)} in {seconds:.1f} s")
     return UploadResult(local, remote, size, sent_sum, False, seconds)
 
 
@@ -156,42 +141,6 @@ def upload_files(session: RemoteSession, pairs: Sequence[tuple[Path, str]], *, m
     bad = [r for r, digest in expected.items() if actual.get(r) != digest]
     if bad:
         raise RemoteError(f"uploaded files differ on the guest (sha256 mismatch): {', '.join(bad)}")
-
-
-def _send_openssh(scp: str, session: RemoteSession, local: Path, remote: str, show: bool) -> str:
-    """Copy ``local`` to ``remote`` with OpenSSH's scp while hashing it; return the sha256 sent.
-
-    The host key must already be in the session's known_hosts (the session connected first),
-    and strict checking is on: scp never accepts a key the build has not recorded.
-    """
-    ep = session.endpoint
-    argv = [scp, "-B", "-P", str(ep.port),  # no -q: it would hide why ssh refused
-            "-o", f"UserKnownHostsFile={session.known_hosts}", "-o", "StrictHostKeyChecking=yes",
-            "-o", "IdentitiesOnly=yes", "-o", f"ConnectTimeout={int(session.connect_timeout)}",
-            "-o", "Ciphers=" + ",".join(session.ciphers) + ",chacha20-poly1305@openssh.com,aes128-ctr"]
-    for key in ep.identity_files:
-        argv += ["-i", str(key)]
-    host = f"[{ep.host}]" if ":" in ep.host else ep.host
-    argv += ["--", str(local), f"{ep.user}@{host}:{remote}"]
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        digest = pool.submit(sha256_file, local)  # hashed while scp reads the same file
-        if show:
-            log.info(f"uploading {local.name} ({_human(local.stat().st_size)}) with scp")
-        result = run(argv, check=False, timeout=None)
-        sent = digest.result()
-    if not result.ok:
-        said = result.stderr.lower()
-        if "host key verification failed" in said:
-            raise RemoteError(
-                f"scp of {local} to {ep.host}:{remote} refused the guest's host key: it is not the one this "
-                f"build recorded in {session.known_hosts}",
-                hint="if the VM was recreated outside invoke, `invoke destroy` (or delete that file) forgets it",
-            )
-        dropped = ("lost connection", "connection closed", "connection reset", "broken pipe")
-        if not session.is_connected or any(phrase in said for phrase in dropped):
-            raise ConnectionLost(f"the connection dropped while copying {local} with scp")
-        raise RemoteError(f"scp of {local} to {ep.host}:{remote} failed: {' '.join(result.tail('stderr', 3))}")
-    return sent
 
 
 def ensure_remote_dir(session: RemoteSession, path: str) -> None:
@@ -256,12 +205,3 @@ def _remove_quietly(sftp: paramiko.SFTPClient, path: str) -> None:
         sftp.remove(path)
     except (OSError, EOFError, paramiko.SSHException):
         pass
-
-
-def _human(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GiB"  # pragma: no cover
-

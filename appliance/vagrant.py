@@ -376,9 +376,9 @@ def render(cfg: ApplianceConfig, output: str | Path | None = None, *,
     one, rather than a Vagrantfile that fails at the k3s step). ``output`` (a file or
     directory) defaults to the project directory, where the other tasks look for the VM.
     """
+    from appliance.digest import sha256_file
     from appliance.render import Upload, render_vagrantfile
     from appliance.steps import pinned_uploads
-    from appliance.upload import sha256_file
 
     driver = _provider(cfg, provider).resolve_driver()
     uploads = [

@@ -33,7 +33,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 
@@ -247,12 +247,3 @@ class VBoxSession:
                            f'exec {shlex.join(head)} "$PWD" {shlex.join(tail)} "$@"\n')
         wrapper.chmod(0o755)
         return wrapper
-
-
-
-
-@contextlib.contextmanager
-def vbox_session(workdir: Path, binds: Iterable[Path] = ()) -> Iterator[VBoxSession]:
-    """Build (or reuse) the chroot and run a session in it for the ``with`` block."""
-    with VBoxSession(ensure_chroot(), workdir, binds) as session:
-        yield session

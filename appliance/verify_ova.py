@@ -22,7 +22,10 @@ one-line reason); it raises nothing for bad input. What it promises for any inpu
 
 The tar headers are decoded by Python's ``tarfile`` (``TarInfo.frombuf``: checksum, number
 fields, type); the walk over them is ours, so no member is ever interpreted (no PAX or GNU
-long-name processing, no path handling) and member data is only seeked over.
+long-name processing, no path handling) and member data is only seeked over. ``TarFile.next``
+would read a PAX or GNU long-name member whole into memory by its declared size (a MemoryError
+under the hostile-input test's 1 GiB cap: its ``sparse-pax-3GiB`` case), so tarfile stays the
+header decoder and not the walker.
 """
 
 from __future__ import annotations

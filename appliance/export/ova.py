@@ -31,10 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
+from appliance.digest import sha256_file
 from appliance.errors import CommandFailed, ExportError
 from appliance.export.ovf import DiskFacts, OvfFormat, ovf_descriptor
 from appliance.export.vmdk import SourceLayout, UnsupportedSource, max_vmdk_size, source_layout, write_stream_vmdk
-from appliance.log import log
+from appliance.log import human_size, log
 from appliance.run import run
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -169,16 +170,6 @@ def convert_to_stream_vmdk(source: Path, source_format: str, target: Path) -> No
     )
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    with path.open("rb") as f:
-        while n := f.readinto(buf):
-            digest.update(view[:n])
-    return digest.hexdigest()
-
-
 def manifest_text(entries: Iterable[tuple[str, str]]) -> bytes:
     """Manifest lines ``SHA256(name)= hex`` (the form VirtualBox and ovftool write), LF-terminated."""
     return "".join(f"SHA256({name})= {hexdigest}\n" for name, hexdigest in entries).encode("ascii")
@@ -260,7 +251,7 @@ def write_ova(
         partial.unlink(missing_ok=True)
         sha_partial.unlink(missing_ok=True)
         raise
-    log.success(f"wrote {dest} ({size / 2**20:.1f} MiB, sha256 {digest[:16]}...)")
+    log.success(f"wrote {dest} ({human_size(size)}, sha256 {digest[:16]}...)")
     return OvaResult(
         path=dest, sha256=digest, size=size, sha256_file=sha_file,
         members=names, disk=disk, ovf_format=fmt,
@@ -308,7 +299,7 @@ def _pack_streaming(
     with partial.open("wb", buffering=CHUNK) as raw:
         raw.seek(data_offset)
         with log.step(f"write {disk_name}: streamOptimized, compression level {level}, "
-                      f"{workers or 'all'} worker(s), {layout.data_bytes / 2**20:.0f} MiB of data"):
+                      f"{workers or 'all'} worker(s), {human_size(layout.data_bytes)} of data"):
             if layout.compressed_files:
                 log.info("the disk's chain holds compressed clusters: decompressing "
                          + ", ".join(Path(layout.files[d]).name for d in layout.compressed_files)
@@ -335,7 +326,7 @@ def _pack_streaming(
             raise ExportError(f"archive head ends at {raw.tell()}, the VMDK starts at {data_offset}")
         raw.flush()
         os.fsync(raw.fileno())
-    log.info(f"VMDK: {vmdk.size / 2**20:.1f} MiB, {vmdk.grains} grains, {vmdk.compressor}, {vmdk.workers} worker(s)")
+    log.info(f"VMDK: {human_size(vmdk.size)}, {vmdk.grains} grains, {vmdk.compressor}, {vmdk.workers} worker(s)")
     return disk, size
 
 

@@ -24,10 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from appliance.digest import sha256_file
 from appliance.errors import ExportError, PrerequisiteMissing
-from appliance.export.ova import OvaResult, sha256_file
+from appliance.export.ova import OvaResult
 from appliance.export.ovf import DiskFacts, OvfFormat, read_descriptor
-from appliance.log import log
+from appliance.log import human_size, log
 from appliance.run import run, which
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -250,7 +251,7 @@ def export_virtualbox(
         sha_staged.write_text(f"{result.sha256}  {final.name}\n", encoding="ascii")
         os.replace(staged, final)
         os.replace(sha_staged, final.with_name(final.name + ".sha256"))
-    log.success(f"wrote {final} ({result.size / 2**20:.1f} MiB)")
+    log.success(f"wrote {final} ({human_size(result.size)})")
     return OvaResult(path=final, sha256=result.sha256, size=result.size,
                      sha256_file=final.with_name(final.name + ".sha256"), members=result.members,
                      disk=result.disk, ovf_format=fmt)

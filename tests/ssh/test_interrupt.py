@@ -167,11 +167,11 @@ def test_ctrl_c_during_an_upload_ends_promptly(session: RemoteSession, tmp_path:
         timer.start()
         try:
             with pytest.raises(KeyboardInterrupt):
-                upload_file(session, local, str(remote), openssh_min_bytes=None, skip_identical=False,
+                upload_file(session, local, str(remote), skip_identical=False,
                             request_size=32 * 1024)
         finally:
             timer.cancel()
         assert time.monotonic() - started < 20, "the interrupted upload hung"
         assert not remote.exists(), "a half upload never sits under the final name"
-    upload_file(session, local, str(remote), openssh_min_bytes=None)
+    upload_file(session, local, str(remote))
     assert remote.read_bytes() == local.read_bytes()

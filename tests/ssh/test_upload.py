@@ -100,49 +100,20 @@ def test_dropped_connection_during_upload_is_connection_lost(private_sshd: SSHSe
         dropper = threading.Thread(target=drop_mid_transfer)
         dropper.start()
         with pytest.raises(ConnectionLost):
-            # The Paramiko SFTP path (a file this size would otherwise go through scp).
-            upload_file(s, local, str(remote), skip_identical=False, progress=False, openssh_min_bytes=None)
+            upload_file(s, local, str(remote), skip_identical=False, progress=False)
         dropper.join()
         assert not remote.exists(), "a partial upload sits under the final name"
         upload_file(s, local, str(remote), progress=False)  # reconnects lazily and completes
     assert remote.read_bytes() == local.read_bytes()
 
 
-def test_large_file_goes_through_openssh_scp_with_the_sessions_host_key(
-    session: RemoteSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Above the threshold the copy is OpenSSH's (faster than Paramiko), checked the same way."""
-    import appliance.upload as upload
-
-    calls: list[list[str]] = []
-    real_run = upload.run
-
-    def spy(argv: list[str], **kw: object) -> object:
-        calls.append([str(a) for a in argv])
-        return real_run(argv, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(upload, "run", spy)
+def test_upload_sets_the_mode_and_leaves_only_the_final_file(session: RemoteSession, tmp_path: Path) -> None:
     local = _random_file(tmp_path / "bundle.tar", 3 * 1024 * 1024 + 7)
     remote_dir = tmp_path / "guest"
     remote_dir.mkdir()
     remote = str(remote_dir / "bundle.tar")
-    session.run("true")  # connected: the host key is recorded in the build's known_hosts
-    result = upload_file(session, local, remote, mode=0o640, openssh_min_bytes=1024 * 1024)
-    assert calls and calls[0][0].endswith("scp"), "scp was not used above the threshold"
-    assert "StrictHostKeyChecking=yes" in calls[0] and f"UserKnownHostsFile={session.known_hosts}" in calls[0]
+    result = upload_file(session, local, remote, mode=0o640)
     assert Path(remote).read_bytes() == local.read_bytes()
     assert result.sha256 == hashlib.sha256(local.read_bytes()).hexdigest()
     assert Path(remote).stat().st_mode & 0o777 == 0o640
     assert sorted(p.name for p in remote_dir.iterdir()) == ["bundle.tar"]
-
-
-def test_scp_refuses_a_host_key_the_build_never_recorded(session: RemoteSession, tmp_path: Path) -> None:
-    from appliance.errors import RemoteError
-
-    session.run("true")
-    session.known_hosts.write_text("")  # the recorded key is gone: scp must not accept the server's
-    local = _random_file(tmp_path / "bundle.tar", 2 * 1024 * 1024)
-    (tmp_path / "guest").mkdir()
-    with pytest.raises(RemoteError, match="refused the guest's host key"):
-        upload_file(session, local, str(tmp_path / "guest" / "bundle.tar"), openssh_min_bytes=1024 * 1024)
-    assert not any((tmp_path / "guest").iterdir()), "nothing may be left behind"

@@ -60,24 +60,6 @@ def test_normalize_image(ref: str, stored: str) -> None:
     assert bash(f"normalize_image {shlex.quote(ref)}").strip() == stored
 
 
-def test_workload_states() -> None:
-    lines = (
-        "Deployment csghub/csghub-portal 1 1\n"
-        "Deployment csghub/csghub-server 1 \n"        # no ready replicas yet
-        "StatefulSet csghub/csghub-postgresql 1 1\n"
-        "Deployment csghub/scaled-down 0 \n"          # 0 wanted: ready
-        "DaemonSet kube-system/svclb 1 0\n"
-    )
-    out = bash("workload_states", lines).splitlines()
-    assert out == [
-        "ready Deployment csghub/csghub-portal",
-        "waiting Deployment csghub/csghub-server",
-        "ready StatefulSet csghub/csghub-postgresql",
-        "ready Deployment csghub/scaled-down",
-        "waiting DaemonSet kube-system/svclb",
-    ]
-
-
 def step(script: Path, env: dict[str, str]) -> tuple[int, str]:
     base = {"PATH": os.environ["PATH"], "LANG": "C.UTF-8"}
     result = run(["bash", str(script)], env={**base, **env}, check=False)

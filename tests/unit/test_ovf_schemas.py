@@ -286,7 +286,7 @@ def test_the_build_fetches_the_schemas_and_its_report_records_the_check(
     mirror: Publisher, built_ova: Path, tmp_path: Path, reachable: bool
 ) -> None:
     """fetch stage (stack skipped: only the schemas) -> verify stage (structure only) -> build-report.json."""
-    from appliance.pipeline import BuildContext, BuildOptions, build_report, stage_fetch, stage_verify
+    from appliance.pipeline import BuildContext, BuildOptions, StageOutcome, build_report, stage_fetch, stage_verify
     from appliance.state import BuildState
 
     base = mirror.base if reachable else "http://127.0.0.1:9"
@@ -296,14 +296,14 @@ def test_the_build_fetches_the_schemas_and_its_report_records_the_check(
     digest = sha(built_ova)
     ctx = BuildContext(cfg=cfg, options=BuildOptions(boot_check=False),
                        state=BuildState(staged_ova=str(built_ova), staged_ova_sha256=digest))
-    note = stage_fetch(ctx)
+    outcome = stage_fetch(ctx)
     stage_verify(ctx)
     recorded = build_report(ctx, tmp_path / "dist" / "x.ova")["ova"]["verification"]["checks"]["OVF schema"]
     if reachable:
-        assert note == "OVF schemas only: the k3s and CSGHub steps are skipped"
+        assert outcome == StageOutcome.done("OVF schemas only: the k3s and CSGHub steps are skipped")
         assert recorded == "checked"
     else:
-        assert note is not None and note.startswith("skipped:") and "could not be fetched" in note
+        assert outcome.status == "skipped" and "could not be fetched" in outcome.note
         assert recorded.startswith("not run: the pinned DMTF OVF schemas are not in the cache")
         assert "`invoke fetch`" in recorded
 

@@ -14,12 +14,14 @@ import pytest
 
 from appliance.config import ApplianceConfig, load_config
 from appliance.errors import ApplianceError, Cancelled, UsageError, VagrantError
+from appliance.log import log
 from appliance.pipeline import (
     STAGE_NAMES,
     STAGES,
     BuildContext,
     BuildOptions,
     Stage,
+    StageOutcome,
     build_ova,
     plan_config,
     stage_publish,
@@ -39,7 +41,7 @@ class Recorder:
 
     def stages(self) -> list[Stage]:
         def make(name: str) -> Stage:
-            def run(ctx: BuildContext) -> str | None:
+            def run(ctx: BuildContext) -> StageOutcome:
                 self.ran.append(name)
                 if name == self.fail_at:
                     raise ApplianceError(f"{name} broke")
@@ -47,7 +49,7 @@ class Recorder:
                     raise KeyboardInterrupt
                 if name == "seal":
                     ctx.state.sealed = True
-                return None
+                return StageOutcome.done()
 
             return Stage(name, run, name)
 
@@ -103,6 +105,18 @@ def test_skipped_stage_is_reported_not_run(tmp_path: Path) -> None:
     rec = Recorder()
     build_ova(_cfg(tmp_path), BuildOptions(skip=("fetch", "verify")), stages=rec.stages())
     assert "fetch" not in rec.ran and "verify" not in rec.ran and "publish" in rec.ran
+
+
+def test_stage_outcomes_are_recorded_as_the_stages_report_them(tmp_path: Path) -> None:
+    """A stage's own ``skipped`` outcome and a ``--skip`` both show as skipped; a note alone does not."""
+    stages = Recorder().stages()
+    answers = {"fetch": StageOutcome.skipped("nothing to fetch"), "render": StageOutcome.done("skipped nothing")}
+    stages = [Stage(s.name, (lambda ctx, a=answers[s.name]: a) if s.name in answers else s.run, s.help)
+              for s in stages]
+    first = len(log.timings)
+    build_ova(_cfg(tmp_path), BuildOptions(skip=("verify",)), stages=stages)
+    outcomes = {t.name.split(":")[0]: t.outcome for t in log.timings[first:]}
+    assert outcomes == {name: "skipped" if name in ("fetch", "verify") else "ok" for name in STAGE_NAMES}
 
 
 def _staged(tmp_path: Path, cfg: ApplianceConfig, verified: bool = True) -> BuildContext:

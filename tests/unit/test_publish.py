@@ -10,6 +10,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 from collections.abc import Callable, Iterator
@@ -21,7 +22,7 @@ from appliance import publish
 from appliance.config import ApplianceConfig, load_config
 from appliance.errors import Cancelled, HostFileError
 from appliance.export.ova import write_ova
-from appliance.pipeline import BuildContext, Stage, build_ova, stage_publish
+from appliance.pipeline import BuildContext, Stage, StageOutcome, build_ova, stage_publish
 from appliance.publish import PublishedFile, publish_set
 from appliance.run import run
 from appliance.state import BuildState
@@ -147,7 +148,7 @@ def test_publish_disk_full_is_a_clear_error_and_recorded(tmpfs: Callable[[int], 
     with pytest.raises(HostFileError) as info:
         _publish_only(cfg, _stage_an_ova(cfg, 2 * MiB))
     assert "stage 'publish' failed: no space left on the device" in info.value.message
-    assert "MiB are free in" in info.value.message and info.value.exit_code == 1
+    assert re.search(r"\d(\.\d)? (B|KiB|MiB) are free in", info.value.message) and info.value.exit_code == 1
     assert BuildState.load(cfg.build_dir).last_failure.startswith("publish: stage 'publish' failed: no space left")
     assert _listing(cfg.dist_dir) == []
 
@@ -204,9 +205,9 @@ def test_export_disk_full_is_a_clear_error_and_recorded(tmpfs: Callable[[int], P
     staging = tmpfs(5 * MiB)
     cfg = _cfg(tmp_path, tmp_path / "dist")
 
-    def export(ctx: BuildContext) -> str | None:
+    def export(ctx: BuildContext) -> StageOutcome:
         write_ova(raw, ctx.cfg, staging / "csghub-1.0.0.ova")
-        return None
+        return StageOutcome.done()
 
     with pytest.raises(HostFileError) as info:
         build_ova(cfg, stages=[Stage("export", export, "export")])
@@ -233,9 +234,9 @@ def test_ctrl_c_while_packing_the_ova_leaves_nothing_and_is_recorded(tmp_path: P
 
     monkeypatch.setattr(ova, hook, interrupted)
 
-    def export(ctx: BuildContext) -> str | None:
+    def export(ctx: BuildContext) -> StageOutcome:
         write_ova(raw, ctx.cfg, staging / "csghub-1.0.0.ova")
-        return None
+        return StageOutcome.done()
 
     with pytest.raises(Cancelled) as info:
         build_ova(cfg, stages=[Stage("export", export, "export")])

@@ -11,7 +11,7 @@ import pytest
 
 from appliance.config import ApplianceConfig, load_config
 from appliance.errors import StateError, VagrantError, VMSealed
-from appliance.pipeline import STAGE_NAMES, STAGES, BuildContext, Stage, build_ova
+from appliance.pipeline import STAGE_NAMES, STAGES, BuildContext, Stage, StageOutcome, build_ova
 from appliance.state import NOT_DISK_CONTENT, NOT_EXPORTED, BuildState, config_digest, export_digest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -154,11 +154,11 @@ class Recorder:
         real = {s.name: s for s in STAGES}
 
         def make(name: str) -> Stage:
-            def run(ctx: BuildContext) -> str | None:
+            def run(ctx: BuildContext) -> StageOutcome:
                 if name == "seal":
                     # The real stage's bookkeeping around the seal, with the guest part stood in for.
                     if ctx.state.sealed:
-                        return "skipped: already sealed"
+                        return StageOutcome.skipped("already sealed")
                     ctx.state.seal_started = True
                     ctx.state.save(ctx.cfg.build_dir)
                 if name == self.interrupt_at:
@@ -168,7 +168,7 @@ class Recorder:
                 self.ran.append(name)
                 if name == "seal":
                     ctx.state.sealed = True
-                return None
+                return StageOutcome.done()
 
             return Stage(name, run, name)
 

@@ -34,13 +34,6 @@ normalize_image() {
     fi
 }
 
-# workload_states < "KIND NS/NAME WANTED READY" lines -> "ready|waiting KIND NS/NAME" lines.
-# An empty WANTED counts as 1 (a Deployment without .spec.replicas), an empty READY as 0.
-workload_states() {
-    awk 'NF >= 2 { want = ($3 == "" ? 1 : $3); have = ($4 == "" ? 0 : $4);
-                  print ((have + 0 >= want + 0) ? "ready" : "waiting"), $1, $2 }'
-}
-
 # chart_base DOMAIN [USE_TOP]: the base chart 2.4.0 puts sub-hosts under (casdoor.<base>):
 # the domain minus its first label, or the whole domain when it has two labels or USE_TOP=true.
 chart_base() {
