@@ -64,6 +64,9 @@ class Artifact:
     cache_path: Path
     guest_path: str
     step: str  # the provisioning step that reads it ("k3s" or "csghub")
+    # A bound on the download for files whose size is known to be small (the OVF schemas): a
+    # hostile or broken mirror cannot fill the disk before the digest check refuses the bytes.
+    max_bytes: int | None = None
 
     @property
     def part_path(self) -> Path:
@@ -541,6 +544,10 @@ def fetch_ovf_schemas(cfg: ApplianceConfig, *, lock_path: Path = LOCK_FILE) -> P
     return final
 
 
+# The largest pinned schema is 56 KB; no DMTF or W3C schema file comes near this.
+SCHEMA_FILE_MAX_BYTES = 1 << 20
+
+
 def _fetch_schema_file(cfg: ApplianceConfig, pin: SchemaFile, staging: Path) -> bool:
     """Put ``pin`` into ``staging``, verified; True if it had to be downloaded."""
     target = staging / pin.set / pin.name
@@ -550,7 +557,8 @@ def _fetch_schema_file(cfg: ApplianceConfig, pin: SchemaFile, staging: Path) -> 
         target.unlink()
     url = _schema_url(cfg, pin)
     artifact = Artifact(name=f"OVF schema {pin.rel}", group="ovf_schemas", version=pin.set, url=url,
-                        checksum_url="", setting=OVF_SCHEMA_SETTING, cache_path=target, guest_path="", step="")
+                        checksum_url="", setting=OVF_SCHEMA_SETTING, cache_path=target, guest_path="", step="",
+                        max_bytes=SCHEMA_FILE_MAX_BYTES)
     target.parent.mkdir(parents=True, exist_ok=True)
     _download(artifact, url)
     actual = sha256_file(artifact.part_path)
@@ -655,6 +663,7 @@ def _download(artifact: Artifact, url: str) -> None:
         remaining = int(length) if length and length.isdigit() else None
         total = have + remaining if remaining is not None else None
         if remaining is not None:
+            _refuse_oversize(artifact, total)
             _check_space(artifact, part.parent, remaining, total)
         # Unbuffered, so a full disk surfaces at the write that hit it, not at close.
         with open(part, mode, buffering=0) as out, log.transfer(artifact.name, total, completed=have) as advance:
@@ -698,7 +707,19 @@ def _copy(
                     "command again: it resumes",
                 ) from None
             raise
+        _refuse_oversize(artifact, out.tell())
         advance(len(chunk))
+
+
+def _refuse_oversize(artifact: Artifact, size: int | None) -> None:
+    if artifact.max_bytes is None or size is None or size <= artifact.max_bytes:
+        return
+    artifact.part_path.unlink(missing_ok=True)
+    raise ArtifactError(
+        f"download of {artifact.name} from {artifact.url} is larger than it can be "
+        f"({human_size(size)} or more; at most {human_size(artifact.max_bytes)}); the partial file was deleted",
+        hint=f"{artifact.setting} points at a server that does not serve the pinned file",
+    )
 
 
 def _check_space(artifact: Artifact, directory: Path, remaining: int, total: int | None) -> None:

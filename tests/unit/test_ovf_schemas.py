@@ -19,6 +19,7 @@ import pytest
 
 from appliance.artifacts import (
     LOCK_FILE,
+    SCHEMA_FILE_MAX_BYTES,
     cached_ovf_schemas,
     ensure_ovf_schemas,
     fetch_ovf_schemas,
@@ -166,6 +167,19 @@ def test_a_tampered_file_is_refused_and_nothing_usable_is_cached(mirror: Publish
     assert "/schemas/ovf2/common.xsd" in fetched and "/schemas/ovf1/dsp8023_1.1.1.xsd" not in fetched
     assert cached_ovf_schemas(cfg) == (folder, "")
     assert visible_folders(tmp_path) == [folder.name]
+
+
+def test_a_mirror_serving_a_huge_file_is_cut_off_before_it_fills_the_disk(mirror: Publisher, tmp_path: Path) -> None:
+    cfg = config(tmp_path, mirror.base)
+    huge = mirror.root / "schemas" / "ovf1" / "xml.xsd"
+    huge.write_bytes(b"<" * (SCHEMA_FILE_MAX_BYTES + 1))
+    with pytest.raises(ArtifactError) as err:
+        fetch_ovf_schemas(cfg)
+    text = str(err.value)
+    assert "OVF schema ovf1/xml.xsd" in text and "larger than it can be" in text and "1.0 MiB" in text
+    assert "artifacts.ovf_schema_mirror" in text
+    assert not list((tmp_path / "cache").rglob("*.part"))
+    assert cached_ovf_schemas(cfg)[0] is None
 
 
 def test_a_mirror_missing_a_file_is_a_clear_error(mirror: Publisher, tmp_path: Path) -> None:
