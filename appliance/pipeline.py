@@ -122,7 +122,7 @@ def stage_fetch(ctx: BuildContext) -> StageOutcome:
 def stage_render(ctx: BuildContext) -> StageOutcome:
     from appliance import vagrant
 
-    rendered = vagrant.render(ctx.cfg)
+    rendered = vagrant.render(ctx.cfg, provider=ctx.provider)
     if rendered.libvirt_driver is not None:
         ctx.state.libvirt_driver = rendered.libvirt_driver
     return StageOutcome.done(f"wrote {rendered.path}")
@@ -136,8 +136,8 @@ def stage_up(ctx: BuildContext) -> StageOutcome:
     if ctx.state.seal_started:
         # An interrupted seal: the VM may already lack the build's key or per-copy state. While it
         # still runs, the seal step is simply run again; booting it again is never safe.
-        if vagrant.status(ctx.cfg).running:
-            ctx.endpoint = vagrant.ssh_config(ctx.cfg)
+        if vagrant.status(ctx.cfg, provider=ctx.provider).running:
+            ctx.endpoint = vagrant.ssh_config(ctx.cfg, provider=ctx.provider)
             return StageOutcome.skipped("the seal was interrupted and the VM still runs; the seal step runs again")
         from appliance.errors import VMSealed
 
@@ -146,8 +146,8 @@ def stage_up(ctx: BuildContext) -> StageOutcome:
             "first boot inside the build VM, so the build cannot resume",
             hint="run `invoke destroy` (it removes the VM and build state), then `invoke build-ova` again",
         )
-    vagrant.up(ctx.cfg)
-    ctx.endpoint = vagrant.ssh_config(ctx.cfg)
+    vagrant.up(ctx.cfg, provider=ctx.provider)
+    ctx.endpoint = vagrant.ssh_config(ctx.cfg, provider=ctx.provider)
     return StageOutcome.done()
 
 
@@ -157,7 +157,7 @@ def _provision(ctx: BuildContext, *, only: str | None, skip: Sequence[str]) -> N
     if ctx.endpoint is None:
         from appliance import vagrant
 
-        ctx.endpoint = vagrant.ssh_config(ctx.cfg)
+        ctx.endpoint = vagrant.ssh_config(ctx.cfg, provider=ctx.provider)
     uploads = pinned_uploads(ctx.cfg) if only is None else []
     provision(ctx.cfg, ctx.endpoint, Options(only=only, skip=tuple(skip)), uploads=uploads)
 
