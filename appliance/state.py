@@ -130,9 +130,12 @@ class BuildState:
         except (OSError, UnicodeDecodeError) as exc:
             raise StateError(f"cannot read the build state {path}: {exc}", hint=hint) from None
         try:
-            raw = json.loads(text)
+            raw = json.loads(text, object_pairs_hook=_refuse_duplicate_fields)
         except ValueError as exc:
             raise StateError(f"the build state {path} is not valid JSON (truncated?): {exc}", hint=hint) from None
+        except RecursionError:  # the decoder recurses per level: a deeply nested file must not be a traceback
+            raise StateError(f"the build state {path} is not valid: nested too deeply for a state file",
+                             hint=hint) from None
         problems = _check_state(raw)
         if problems:
             raise StateError(f"the build state {path} is not valid: {'; '.join(problems)}", hint=hint)
@@ -167,6 +170,16 @@ class BuildState:
         """Forget ``stage`` and every stage after it (their results are stale)."""
         later = set(order[order.index(stage):]) if stage in order else {stage}
         self.completed = [s for s in self.completed if s not in later]
+
+
+def _refuse_duplicate_fields(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the last of two equal keys; a file saying "sealed" twice is not guessed at.
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"the field {key!r} appears twice in one object")
+        seen[key] = value
+    return seen
 
 
 def _check_state(raw: object) -> list[str]:

@@ -60,6 +60,8 @@ def test_save_does_not_follow_a_planted_symlink(tmp_path: Path) -> None:
         ('{"version": 1, "seald": true}', "unknown field 'seald'"),
         ('{"version": 7}', "version is 7, this tool reads version 1"),
         ('{"version": true}', "version is True"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ('{"version": 1, "sealed": false, "sealed": true}', "the field 'sealed' appears twice"),
     ],
 )
 def test_bad_state_is_refused_naming_file_and_fix(tmp_path: Path, text: str, fragment: str) -> None:
