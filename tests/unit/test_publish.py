@@ -19,12 +19,12 @@ import pytest
 
 from appliance import publish
 from appliance.config import ApplianceConfig, load_config
-from appliance.errors import Cancelled, HostFileError
+from appliance.errors import Cancelled, HostFileError, UsageError
 from appliance.export.ova import write_ova
 from appliance.pipeline import BuildContext, Stage, build_ova, stage_publish
 from appliance.publish import PublishedFile, publish_set
 from appliance.run import run
-from appliance.state import BuildState
+from appliance.state import BuildState, export_digest
 
 MiB = 2**20
 
@@ -62,7 +62,9 @@ def _stage_an_ova(cfg: ApplianceConfig, size: int) -> BuildState:
     staged.parent.mkdir(parents=True, exist_ok=True)
     staged.write_bytes(os.urandom(size))
     digest = hashlib.sha256(staged.read_bytes()).hexdigest()
-    state = BuildState(staged_ova=str(staged), staged_ova_sha256=digest, verified_sha256=digest)
+    # export_digest: what the real export stage records beside the OVA it wrote.
+    state = BuildState(staged_ova=str(staged), staged_ova_sha256=digest, verified_sha256=digest,
+                       export_digest=export_digest(cfg))
     return state
 
 
@@ -191,6 +193,27 @@ def test_a_staged_ova_changed_after_verify_is_not_published(tmp_path: Path) -> N
     with pytest.raises(HostFileError, match="changed since it was verified"):
         _publish_only(cfg, state)
     assert _listing(cfg.dist_dir) == []
+
+
+
+def test_a_staged_ova_exported_with_other_output_settings_is_not_published(tmp_path: Path) -> None:
+    """Issue 12 item 3 by another door: `--skip export` (or `--only publish`) after an output setting
+    changed would publish the old OVA (old product in its descriptor) with a report of the new config."""
+    from appliance.pipeline import STAGES, BuildOptions
+
+    cfg = _cfg(tmp_path, tmp_path / "dist")
+    state = _stage_an_ova(cfg, 4096)
+    state.sealed, state.completed = True, ["export", "verify"]
+    renamed = _cfg(tmp_path, tmp_path / "dist", "output.product=Renamed")
+    tail = [s for s in STAGES if s.name in ("export", "verify", "publish")]
+    for options in (BuildOptions(skip=("export",)), BuildOptions(only=("publish",))):
+        _publish_only(cfg, state)  # records this config's digests, then saves (publishing for real is fine)
+        for name in _listing(cfg.dist_dir):
+            (cfg.dist_dir / name).unlink()
+        with pytest.raises(UsageError, match="exported with other output settings") as info:
+            build_ova(renamed, options, stages=tail)
+        assert "without --skip export" in (info.value.hint or "")
+        assert _listing(cfg.dist_dir) == []
 
 
 # -- export on a full disk ----------------------------------------------------------------------------
