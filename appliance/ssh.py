@@ -17,12 +17,14 @@
 from __future__ import annotations
 
 import codecs
+import os
 import random
 import re
 import secrets
 import select
 import shlex
 import socket
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -179,9 +181,15 @@ def forget_host_key(known_hosts: Path, endpoint: SSHEndpoint | None = None) -> b
 
 def _save_host_keys(keys: paramiko.HostKeys, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    keys.save(str(tmp))
-    tmp.replace(path)
+    # A temporary file of our own (mkstemp), never a fixed name a planted symlink could redirect.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        keys.save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _fingerprint(key: paramiko.PKey) -> str:
