@@ -223,8 +223,13 @@ def refuse_if_sealed(cfg: ApplianceConfig, action: str) -> None:
     if not state.seal_begun:
         return
     what = "is sealed" if state.sealed else "was being sealed when the seal step was interrupted"
+    if state.sealed:
+        way_out = "`invoke build-ova` exports the sealed VM as it is; `invoke destroy` removes it to start over"
+    else:  # the build's pipeline reruns the seal only while the VM still runs (stage_up); never boots it
+        way_out = ("`invoke build-ova` runs the seal step again while the VM still runs (it never boots it); "
+                   "`invoke destroy` removes it to start over")
     raise VMSealed(
         f"refusing to {action}: the build VM {what}. Booting it would run the appliance's first boot inside "
         "the build VM, and an export after that would ship that boot's host keys and secrets in every copy",
-        hint="`invoke build-ova` exports the sealed VM as it is; `invoke destroy` removes it to start over",
+        hint=way_out,
     )
