@@ -12,6 +12,9 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -265,3 +268,51 @@ def test_ctrl_c_while_packing_the_ova_leaves_nothing_and_is_recorded(tmp_path: P
     assert info.value.exit_code == 130
     assert BuildState.load(cfg.build_dir).last_failure == "interrupted during export"
     assert _listing(staging) == []
+
+
+# -- the real command, a real signal ------------------------------------------------------------------
+
+
+def _cli_publish(tmp_path: Path, dist: Path) -> list[str]:
+    from appliance.config import PROJECT_ROOT
+
+    return [sys.executable, "-m", "invoke", "-r", str(PROJECT_ROOT), "build-ova", "--provider", "libvirt",
+            "--only", "publish", "--set", f"output.build_dir={tmp_path / 'build'}", "--set", f"output.dir={dist}",
+            "--set", "output.version=1.0.0"]
+
+
+def _stage_for_the_cli(tmp_path: Path, dist: Path, size: int) -> ApplianceConfig:
+    from appliance.state import config_digest
+
+    cfg = _cfg(tmp_path, dist)
+    state = _stage_an_ova(cfg, size)
+    state.config_digest = config_digest(cfg)
+    state.save(cfg.build_dir)
+    return cfg
+
+
+def test_cli_ctrl_c_while_publishing_exits_130_and_leaves_nothing(tmp_path: Path) -> None:
+    dist = tmp_path / "dist"
+    cfg = _stage_for_the_cli(tmp_path, dist, 256 * MiB)
+    proc = subprocess.Popen(_cli_publish(tmp_path, dist), cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (dist.is_dir() and any(p.name.endswith(".partial") for p in dist.iterdir())):
+        assert proc.poll() is None and time.monotonic() < deadline, "publishing ended before Ctrl-C could come"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C while the OVA is being copied
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted during stage 'publish'" in err and "Traceback" not in err
+    assert _listing(dist) == [], "no .partial and no part of the set is left"
+    assert BuildState.load(cfg.build_dir).last_failure == "interrupted during publish"
+
+
+def test_cli_publish_to_a_full_disk_exits_1_naming_the_space(tmpfs: Callable[[int], Path], tmp_path: Path) -> None:
+    dist = tmpfs(1 * MiB)
+    cfg = _stage_for_the_cli(tmp_path, dist, 2 * MiB)
+    proc = subprocess.run(_cli_publish(tmp_path, dist), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert f"not enough space in {dist}" in proc.stderr and "Traceback" not in proc.stderr
+    assert _listing(dist) == []
+    assert BuildState.load(cfg.build_dir).last_failure.startswith("publish: not enough space")
