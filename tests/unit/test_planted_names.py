@@ -92,3 +92,28 @@ def test_the_ova_writer_does_not_follow_planted_partial_names(
         assert result.sha256_file.read_text().split()[0] == result.sha256
         assert sorted(p.name for p in staging.iterdir()) == ["csghub-test.ova", "csghub-test.ova.sha256"]
         _plant(staging, ".csghub-test.ova.partial", ".csghub-test.ova.sha256.partial")
+
+
+def test_the_version_lock_and_the_helm_binary_are_not_written_through_planted_names(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    from appliance.artifacts import _unpack_helm, write_lock
+
+    folder = tmp_path / "cache"
+    victim = _plant(folder, "versions.lock.yaml.tmp", "helm.tmp")
+    lock = folder / "versions.lock.yaml"
+    write_lock({"k3s": {"version": "v1"}}, path=lock)
+    tarball = tmp_path / "helm.tar.gz"
+    program = b"#!/bin/sh\necho helm\n"
+    with tarfile.open(tarball, "w:gz") as tar:
+        info = tarfile.TarInfo("linux-amd64/helm")
+        info.size = len(program)
+        tar.addfile(info, io.BytesIO(program))
+    _unpack_helm(tarball, folder / "helm")
+    assert victim.read_text() == PRECIOUS
+    assert "k3s" in lock.read_text() and not lock.is_symlink()
+    helm = folder / "helm"
+    assert helm.read_bytes() == program and helm.stat().st_mode & 0o777 == 0o755
+    assert sorted(p.name for p in folder.iterdir()) == ["helm", "helm.tmp", "versions.lock.yaml",
+                                                        "versions.lock.yaml.tmp"]
