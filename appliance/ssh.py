@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import codecs
+import logging
 import os
 import random
 import re
@@ -177,6 +178,24 @@ def forget_host_key(known_hosts: Path, endpoint: SSHEndpoint | None = None) -> b
     del keys[name]
     _save_host_keys(keys, known_hosts)
     return True
+
+
+PARAMIKO_LOG = "appliance.ssh.paramiko"
+
+
+def _quiet_paramiko_log() -> str:
+    """The log channel of the build's SSH transports: silent.
+
+    Paramiko's transport thread logs a failed banner read (a guest whose sshd is not up yet
+    accepts the connection and closes it) as a full traceback at ERROR level; the retry loop in
+    ``RemoteSession.open`` reports every failed attempt itself, in one line.
+    """
+    logger = logging.getLogger(PARAMIKO_LOG)
+    logger.propagate = False
+    logger.setLevel(logging.CRITICAL + 1)
+    if not logger.handlers:
+        logger.addHandler(logging.NullHandler())
+    return PARAMIKO_LOG
 
 
 def _save_host_keys(keys: paramiko.HostKeys, path: Path) -> None:
@@ -369,6 +388,9 @@ class RemoteSession:
                 if attempt < tries:
                     low, high = self.retry_delay
                     delay = random.uniform(low, high) * min(attempt, 4)
+                    if attempt == 1:  # one line for the wait; each retry after it only under --debug
+                        log.info(f"ssh {self.endpoint}: not answering yet ({_reason(exc)}); retrying up to "
+                                 f"{tries - 1} times")
                     log.debug(f"ssh {self.endpoint}: attempt {attempt}/{tries} failed ({_reason(exc)}); "
                               f"retrying in {delay:.1f} s")
                     time.sleep(delay)
@@ -408,6 +430,7 @@ class RemoteSession:
             supported = tuple(options.ciphers)
             preferred = tuple(c for c in self.ciphers if c in supported)
             options.ciphers = preferred + tuple(c for c in supported if c not in preferred)
+            transport.set_log_channel(_quiet_paramiko_log())
             return transport
 
         files = [str(p) for p in self.endpoint.identity_files]
