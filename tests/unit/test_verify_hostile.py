@@ -432,7 +432,7 @@ ACCEPT: list[tuple[str, Callable[[Parts, Path], Path]]] = [
 # -- running the corpus -------------------------------------------------------------------------
 
 CHILD = r"""
-import json, resource, sys, traceback
+import json, re, resource, sys, traceback
 from pathlib import Path
 resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
 resource.setrlimit(resource.RLIMIT_FSIZE, (128 << 20, 128 << 20))
@@ -450,7 +450,9 @@ for job in jobs:
     except BaseException:
         out[job["id"]] = {"outcome": "crashed", "traceback": traceback.format_exc()}
     out[job["id"]]["work_left"] = sorted(str(q) for q in work.rglob("*"))
-out["_maxrss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# VmHWM, not ru_maxrss: Linux carries the parent's RSS at fork into the child's ru_maxrss, so a
+# big pytest process (the whole suite) would be counted as the verifier's memory.
+out["_maxrss_kib"] = int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
 print(json.dumps(out))
 """
 
