@@ -20,6 +20,7 @@ from appliance.config import ApplianceConfig, guest_environment, public_dump
 from appliance.errors import StateError, VMSealed
 
 STATE_VERSION = 1
+MAX_STATE_BYTES = 16 << 20
 
 # Settings that cannot change what is on the VM's disk: how the build reaches and sizes the VM,
 # how long and how often it waits, where it keeps downloads and writes its outputs. Output
@@ -124,7 +125,12 @@ class BuildState:
         hint = (f"the file records whether the VM is sealed, so it is never guessed: restore or repair {path}, "
                 "or run `invoke destroy` (removes the build VM and this file) and build again")
         try:
-            text = path.read_text(encoding="utf-8")
+            with path.open("rb") as f:
+                raw = f.read(MAX_STATE_BYTES + 1)  # never the whole of a huge file
+            if len(raw) > MAX_STATE_BYTES:
+                raise StateError(f"the build state {path} is larger than {MAX_STATE_BYTES} bytes; this tool "
+                                 "writes a few kilobytes there", hint=hint)
+            text = raw.decode("utf-8")
         except FileNotFoundError:
             return cls()
         except (OSError, UnicodeDecodeError) as exc:

@@ -75,6 +75,14 @@ def test_bad_state_is_refused_naming_file_and_fix(tmp_path: Path, text: str, fra
     assert path.read_text() == text, "the file is kept as it was, for inspection"
 
 
+def test_a_huge_state_file_is_refused_unread(tmp_path: Path) -> None:
+    with (tmp_path / "state.json").open("wb") as f:
+        f.write(b'{"version": 1, "sealed": true}')
+        f.truncate(3 << 30)  # sparse
+    with pytest.raises(StateError, match="is larger than 16777216 bytes"):
+        BuildState.load(tmp_path)
+
+
 def test_unreadable_state_is_refused(tmp_path: Path) -> None:
     (tmp_path / "state.json").mkdir()
     with pytest.raises(StateError, match="cannot read the build state"):
