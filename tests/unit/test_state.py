@@ -263,3 +263,37 @@ def test_cli_up_on_a_sealed_vm_exits_1(tmp_path: Path) -> None:
 def test_state_json_holds_seal_started(tmp_path: Path) -> None:
     BuildState(seal_started=True).save(tmp_path)
     assert json.loads((tmp_path / "state.json").read_text())["seal_started"] is True
+
+
+def test_provision_only_seal_records_the_seal_like_the_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`invoke provision --only seal` left state.json saying "not sealed": `invoke up` then booted the sealed
+    VM and its first boot ran inside the build VM. The guest part is stood in for; the books are real."""
+    from appliance import steps, vagrant
+
+    cfg = _cfg(tmp_path)
+    seen: list[tuple[bool, bool]] = []
+
+    def guest_step(cfg: ApplianceConfig, endpoint: object, **kwargs: object) -> str:
+        state = BuildState.load(cfg.build_dir)
+        seen.append((state.seal_started, state.sealed))  # what a Ctrl-C right now would leave
+        if kwargs.get("only") == "seal" and len(seen) == 2:
+            raise KeyboardInterrupt
+        return "sealed"
+
+    monkeypatch.setattr(vagrant, "ssh_config", lambda cfg: object())
+    monkeypatch.setattr(steps, "pinned_uploads", lambda cfg, skip=(): [])
+    monkeypatch.setattr(steps, "provision", guest_step)
+    assert steps.provision_vagrant_vm(cfg, only="firstboot") == "sealed"
+    assert seen == [(False, False)] and not BuildState.load(cfg.build_dir).seal_begun, "other steps keep no books"
+    with pytest.raises(KeyboardInterrupt):
+        steps.provision_vagrant_vm(cfg, only="seal")
+    state = BuildState.load(cfg.build_dir)
+    assert seen[1] == (True, False) and state.seal_started and not state.sealed
+    with pytest.raises(VMSealed, match="was being sealed"):
+        vagrant.up(cfg)
+    BuildState().save(cfg.build_dir)
+    assert steps.provision_vagrant_vm(cfg, only="seal") == "sealed"
+    state = BuildState.load(cfg.build_dir)
+    assert state.sealed and state.config_digest == config_digest(cfg)
+    with pytest.raises(VMSealed, match="the build VM is sealed"):
+        vagrant.up(cfg)
