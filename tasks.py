@@ -48,6 +48,14 @@ def cli_task(*args: Any, **kwargs: Any) -> Callable[[F], F]:
             except KeyboardInterrupt:
                 log.error("interrupted")
                 raise Exit(code=130) from None
+            except OSError as exc:
+                # A file error no code path turned into an ApplianceError (a full disk, a folder that
+                # cannot be made): one line naming it, never a traceback.
+                if kw.get("debug"):
+                    log.console.print_exception()
+                where = f" ({exc.filename})" if exc.filename else ""
+                log.error(f"{fn.__name__.replace('_', '-')} failed: {exc.strerror or exc}{where}")
+                raise Exit(code=1) from None
 
         params = set(inspect.signature(fn).parameters)
         shared = {k: v for k, v in CONFIG_HELP.items() if k in params or f"{k}_" in params}

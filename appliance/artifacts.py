@@ -38,6 +38,7 @@ import yaml
 from appliance.config import ApplianceConfig
 from appliance.digest import sha256_file
 from appliance.errors import ArtifactError, DigestMismatch
+from appliance.files import write_atomic
 from appliance.log import human_size, log
 
 LOCK_FILE = Path(__file__).resolve().parent / "data" / "versions.lock.yaml"
@@ -201,9 +202,7 @@ def write_lock(lock: dict[str, Any], path: Path = LOCK_FILE) -> None:
         text = ""
     header = text.split(_HEADER_END, 1)[0] if _HEADER_END in text else ""
     body = yaml.safe_dump(lock, sort_keys=False, default_flow_style=False)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(header + body, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, header + body)
 
 
 # -- helm, on the build host ---------------------------------------------------------------------
@@ -262,14 +261,12 @@ def _unpack_helm(tarball: Path, binary: Path) -> None:
             source = tar.extractfile(member)
             if source is None:
                 raise KeyError(member_name)
-            tmp = binary.with_name("helm.tmp")
-            with source, open(tmp, "wb") as out:
-                shutil.copyfileobj(source, out)
+            with source:
+                program = source.read()
     except (tarfile.TarError, KeyError, OSError) as exc:
         raise ArtifactError(f"{tarball} holds no {member_name} ({exc})",
                             hint=f"delete {tarball} and run `invoke fetch` again") from None
-    tmp.chmod(0o755)
-    os.replace(tmp, binary)
+    write_atomic(binary, program, mode=0o755)
 
 
 # -- fetching ---------------------------------------------------------------------------------

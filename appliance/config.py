@@ -683,9 +683,33 @@ def _chart_credentials(data: Mapping[str, Any], sources: _Sources) -> list[Confi
     return [ConfigProblem(sources.of(key), key, message, "***", has_value=True) for key, message in refused]
 
 
+MAX_EULA_BYTES = 1 << 20  # it goes into the OVF descriptor, which verify-ova caps at 4 MiB
+
+
+def _eula_problem(path: Path) -> str | None:
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_EULA_BYTES + 1)
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror or exc}"
+    if len(raw) > MAX_EULA_BYTES:
+        return f"larger than {MAX_EULA_BYTES} bytes; a licence text of at most {MAX_EULA_BYTES} bytes is allowed"
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"not UTF-8 text ({exc.reason} at byte {exc.start}); give a UTF-8 text file"
+    return None
+
+
 def _read_yaml(path: Path, problems: list[ConfigProblem]) -> dict[str, Any] | None:
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            raw = f.read(safeyaml.MAX_BYTES + 1)  # never the whole of a huge file or a device
+        if len(raw) > safeyaml.MAX_BYTES:
+            problems.append(ConfigProblem(str(path), "", f"the config file is larger than {safeyaml.MAX_BYTES} bytes; "
+                                          f"at most {safeyaml.MAX_BYTES} bytes are allowed"))
+            return None
+        text = raw.decode("utf-8")
     except OSError as exc:
         problems.append(ConfigProblem(str(path), "", f"cannot read the config file: {exc.strerror or exc}"))
         return None
@@ -836,6 +860,9 @@ def _cross_checks(data: Mapping[str, Any], sources: _Sources) -> list[ConfigProb
                 sources.of("output.eula_file"), "output.eula_file",
                 "no such file (give a readable text file, or leave empty for no licence)", eula, has_value=True,
             ))
+        elif (why := _eula_problem(ep)) is not None:  # found now, not by the export after the whole build
+            problems.append(ConfigProblem(sources.of("output.eula_file"), "output.eula_file", why, eula,
+                                          has_value=True))
     ssh = data.get("ssh") if isinstance(data.get("ssh"), Mapping) else {}
     assert isinstance(ssh, Mapping)
     key_file = ssh.get("private_key")

@@ -35,6 +35,7 @@ import yaml
 
 from appliance.config import ApplianceConfig
 from appliance.errors import ApplianceError
+from appliance.files import write_atomic
 
 if TYPE_CHECKING:
     from appliance.ssh import RemoteSession
@@ -456,10 +457,7 @@ def write_image_list(entries: Sequence[ImageEntry], directory: Path, pins: Mappi
     """Write ``images.txt`` atomically into ``directory``; returns its path."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "images.txt"
-    tmp = directory / ".images.txt.tmp"
-    tmp.write_text(image_list_text(entries, pins), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, image_list_text(entries, pins))
 
 
 def write_build_image_list(cfg: ApplianceConfig, helm: Path | None = None, lock_path: Path | None = None) -> Path:

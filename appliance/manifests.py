@@ -20,7 +20,6 @@ directory for upload (see ``appliance.artifacts.guest_uploads``).
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 import yaml
 
 from appliance.config import ApplianceConfig
+from appliance.files import write_atomic
 from appliance.values import chart_hostnames, generate_values
 
 RELEASE_NAME = "csghub"
@@ -141,8 +141,6 @@ def write_manifests(cfg: ApplianceConfig, directory: Path | None = None) -> list
     uploads = []
     for name, obj in render_manifests(cfg).items():
         path = out_dir / name
-        tmp = out_dir / f".{name}.tmp"
-        tmp.write_text(manifest_yaml(obj), encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, manifest_yaml(obj))
         uploads.append((path, f"{GUEST_MANIFEST_DIR}/{name}"))
     return uploads

@@ -262,6 +262,13 @@ def stage_publish(ctx: BuildContext) -> StageOutcome:
     if not ctx.state.staged_ova:
         raise UsageError("nothing to publish: the export stage has not produced an OVA yet")
     staged = Path(ctx.state.staged_ova)
+    if ctx.state.export_digest != export_digest(ctx.cfg):
+        # `--skip export` / `--only publish` after an output setting changed: the staged OVA holds the
+        # old product, version or format, and its report would describe the new configuration.
+        raise UsageError(f"{staged.name} was exported with other output settings than this configuration's; "
+                         "it is not published",
+                         hint="run `invoke build-ova` without --skip export (or --only publish): the export "
+                              "reruns with these settings")
     dist = ctx.cfg.dist_dir
     dist.mkdir(parents=True, exist_ok=True)
     final = dist / ctx.ova_name

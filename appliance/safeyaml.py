@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+MAX_BYTES = 4 << 20  # a configuration file; read no further (a 3 GB file, /dev/zero)
 MAX_DEPTH = 64
 MAX_VALUES = 100_000  # after alias expansion: far beyond any real configuration
 MAX_INT_DIGITS = 30

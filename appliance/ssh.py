@@ -17,12 +17,15 @@
 from __future__ import annotations
 
 import codecs
+import logging
+import os
 import random
 import re
 import secrets
 import select
 import shlex
 import socket
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -177,11 +180,35 @@ def forget_host_key(known_hosts: Path, endpoint: SSHEndpoint | None = None) -> b
     return True
 
 
+PARAMIKO_LOG = "appliance.ssh.paramiko"
+
+
+def _quiet_paramiko_log() -> str:
+    """The log channel of the build's SSH transports: silent.
+
+    Paramiko's transport thread logs a failed banner read (a guest whose sshd is not up yet
+    accepts the connection and closes it) as a full traceback at ERROR level; the retry loop in
+    ``RemoteSession.open`` reports every failed attempt itself, in one line.
+    """
+    logger = logging.getLogger(PARAMIKO_LOG)
+    logger.propagate = False
+    logger.setLevel(logging.CRITICAL + 1)
+    if not logger.handlers:
+        logger.addHandler(logging.NullHandler())
+    return PARAMIKO_LOG
+
+
 def _save_host_keys(keys: paramiko.HostKeys, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    keys.save(str(tmp))
-    tmp.replace(path)
+    # A temporary file of our own (mkstemp), never a fixed name a planted symlink could redirect.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        keys.save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _fingerprint(key: paramiko.PKey) -> str:
@@ -361,6 +388,9 @@ class RemoteSession:
                 if attempt < tries:
                     low, high = self.retry_delay
                     delay = random.uniform(low, high) * min(attempt, 4)
+                    if attempt == 1:  # one line for the wait; each retry after it only under --debug
+                        log.info(f"ssh {self.endpoint}: not answering yet ({_reason(exc)}); retrying up to "
+                                 f"{tries - 1} times")
                     log.debug(f"ssh {self.endpoint}: attempt {attempt}/{tries} failed ({_reason(exc)}); "
                               f"retrying in {delay:.1f} s")
                     time.sleep(delay)
@@ -400,6 +430,7 @@ class RemoteSession:
             supported = tuple(options.ciphers)
             preferred = tuple(c for c in self.ciphers if c in supported)
             options.ciphers = preferred + tuple(c for c in supported if c not in preferred)
+            transport.set_log_channel(_quiet_paramiko_log())
             return transport
 
         files = [str(p) for p in self.endpoint.identity_files]

@@ -21,6 +21,7 @@ from appliance.digest import sha256_file
 from appliance.errors import StateError, VMSealed
 
 STATE_VERSION = 1
+MAX_STATE_BYTES = 16 << 20
 
 # Settings that cannot change what is on the VM's disk: how the build reaches and sizes the VM,
 # how long and how often it waits, where it keeps downloads and writes its outputs. Output
@@ -125,15 +126,23 @@ class BuildState:
         hint = (f"the file records whether the VM is sealed, so it is never guessed: restore or repair {path}, "
                 "or run `invoke destroy` (removes the build VM and this file) and build again")
         try:
-            text = path.read_text(encoding="utf-8")
+            with path.open("rb") as f:
+                raw = f.read(MAX_STATE_BYTES + 1)  # never the whole of a huge file
+            if len(raw) > MAX_STATE_BYTES:
+                raise StateError(f"the build state {path} is larger than {MAX_STATE_BYTES} bytes; this tool "
+                                 "writes a few kilobytes there", hint=hint)
+            text = raw.decode("utf-8")
         except FileNotFoundError:
             return cls()
         except (OSError, UnicodeDecodeError) as exc:
             raise StateError(f"cannot read the build state {path}: {exc}", hint=hint) from None
         try:
-            raw = json.loads(text)
+            raw = json.loads(text, object_pairs_hook=_refuse_duplicate_fields)
         except ValueError as exc:
             raise StateError(f"the build state {path} is not valid JSON (truncated?): {exc}", hint=hint) from None
+        except RecursionError:  # the decoder recurses per level: a deeply nested file must not be a traceback
+            raise StateError(f"the build state {path} is not valid: nested too deeply for a state file",
+                             hint=hint) from None
         problems = _check_state(raw)
         if problems:
             raise StateError(f"the build state {path} is not valid: {'; '.join(problems)}", hint=hint)
@@ -163,6 +172,16 @@ class BuildState:
     def mark_done(self, stage: str) -> None:
         if stage not in self.completed:
             self.completed.append(stage)
+
+
+def _refuse_duplicate_fields(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the last of two equal keys; a file saying "sealed" twice is not guessed at.
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"the field {key!r} appears twice in one object")
+        seen[key] = value
+    return seen
 
 
 def _check_state(raw: object) -> list[str]:
@@ -206,8 +225,13 @@ def refuse_if_sealed(cfg: ApplianceConfig, action: str) -> None:
     if not state.seal_begun:
         return
     what = "is sealed" if state.sealed else "was being sealed when the seal step was interrupted"
+    if state.sealed:
+        way_out = "`invoke build-ova` exports the sealed VM as it is; `invoke destroy` removes it to start over"
+    else:  # the build's pipeline reruns the seal only while the VM still runs (stage_up); never boots it
+        way_out = ("`invoke build-ova` runs the seal step again while the VM still runs (it never boots it); "
+                   "`invoke destroy` removes it to start over")
     raise VMSealed(
         f"refusing to {action}: the build VM {what}. Booting it would run the appliance's first boot inside "
         "the build VM, and an export after that would ship that boot's host keys and secrets in every copy",
-        hint="`invoke build-ova` exports the sealed VM as it is; `invoke destroy` removes it to start over",
+        hint=way_out,
     )

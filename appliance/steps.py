@@ -636,4 +636,25 @@ def provision_vagrant_vm(
         for line in describe_plan(steps):
             print(line)
         return steps
+    if options.only is not None and any(s.name == options.only and is_final(s) for s in discover_scripts()):
+        return _seal_recorded(cfg, endpoint, options, uploads)
     return provision(cfg, endpoint, options, uploads=uploads)
+
+
+def _seal_recorded(cfg: ApplianceConfig, endpoint: SSHEndpoint, options: Options,
+                   uploads: list[tuple[Path, str]]) -> ProvisionReport:
+    """``invoke provision --only seal`` keeps the books the build's seal stage keeps.
+
+    Without them ``state.json`` called the sealed VM unsealed, so `invoke up` or `build-ova`
+    booted it again: the appliance's first boot ran inside the build VM (issue 12, item 5).
+    """
+    from appliance.state import BuildState, config_digest
+
+    state = BuildState.load(cfg.build_dir)
+    state.seal_started, state.config_digest = True, config_digest(cfg)
+    state.provider, state.vm_name = cfg.provider, cfg.vm.name
+    state.save(cfg.build_dir)  # before the step: an interrupted seal is never resumed as unsealed
+    report = provision(cfg, endpoint, options, uploads=uploads)
+    state.sealed = True
+    state.save(cfg.build_dir)
+    return report

@@ -23,7 +23,6 @@ Everything here follows ``docs/networking.md`` and the chart's own rules (chart 
 from __future__ import annotations
 
 import copy
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import yaml
 
 from appliance.config import ApplianceConfig, deep_merge
 from appliance.errors import ConfigError, ConfigProblem, UsageError
+from appliance.files import write_atomic
 
 STORAGE_CLASS = "local-path"  # k3s's bundled provisioner
 NODE_PORT_RANGE = (30000, 32767)  # k3s's default --service-node-port-range
@@ -303,11 +303,8 @@ def emit_values(cfg: ApplianceConfig, output: str | None = None) -> Path | None:
         sys.stdout.write(text)
         return None
     path = Path(output)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, text)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise UsageError(f"cannot write the values to {path}: {exc.strerror or exc}") from None
     return path

@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import paramiko
 
@@ -47,6 +48,10 @@ NONCE_OEM_KEY = "csghub-appliance-boot-nonce"
 # Paramiko logs a full traceback for a guest whose sshd is not up yet ("Error reading SSH
 # protocol banner"); its transports log to this silenced channel instead.
 _QUIET_SSH_LOG = "appliance.verify.paramiko"
+# The copy's serial console is written by the image's own code: a flood must not fill the work
+# folder or the verifier's memory. A real boot writes well under 1 MiB there.
+MAX_CONSOLE_BYTES = 32 << 20
+CONSOLE_TAIL_BYTES = 64 << 10
 
 
 @dataclass
@@ -233,7 +238,20 @@ def _qemu_vm(
         stop_processes([pid], 5)
 
 
+def _check_console_size(console: Path) -> None:
+    """Refuse a copy that floods its serial console (the boot stops when this raises)."""
+    try:
+        size = console.stat().st_size
+    except OSError:
+        return
+    if size > MAX_CONSOLE_BYTES:
+        raise VerifyError(f"the copy wrote more than {MAX_CONSOLE_BYTES >> 20} MiB to its serial console "
+                          "(a normal boot writes well under 1 MiB); refused",
+                          ["console tail:\n" + _console_tail(console)])
+
+
 def _read_console(console: Path) -> str:
+    _check_console_size(console)
     try:
         return console.read_text(errors="replace")
     except OSError:
@@ -241,7 +259,12 @@ def _read_console(console: Path) -> str:
 
 
 def _console_tail(console: Path, lines: int = 20) -> str:
-    text = _read_console(console)
+    try:
+        with console.open("rb") as f:  # only the end: the file may be a flood
+            f.seek(max(0, console.stat().st_size - CONSOLE_TAIL_BYTES))
+            text = f.read(CONSOLE_TAIL_BYTES).decode(errors="replace")
+    except OSError:
+        text = ""
     if not text:
         return "(no console output)"
     return "\n".join(f"    {ln}" for ln in text.splitlines()[-lines:])
@@ -313,7 +336,7 @@ def boot_check(
                     log.info(f"HTTP check skipped: {skip} (built without CSGHub)")
                 else:
                     report.http_status = wait_http(f"http://127.0.0.1:{http_host_port}{http_path}", deadline,
-                                                    http_host)
+                                                    http_host, console=console)
         return report
 
 
@@ -391,16 +414,34 @@ def _console_login_check(
         time.sleep(3)
 
 
-def wait_http(url: str, deadline: float, host: str | None = None) -> int:
-    """Poll ``url`` (with ``Host: host``) until it answers 2xx/3xx; a stack still starting answers 404/5xx."""
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # a 3xx is the answer itself; the copy's server never sends the verifier elsewhere
+
+
+# The copy is untrusted: its answer must not make this host fetch other URLs (a redirect to an
+# internal service), and a loopback check never goes through the host's proxy settings.
+_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects())
+
+
+def wait_http(url: str, deadline: float, host: str | None = None, *, console: Path | None = None) -> int:
+    """Poll ``url`` (with ``Host: host``) until it answers 2xx/3xx; a stack still starting answers 404/5xx.
+
+    Redirects are not followed (a 3xx counts as an answer). ``console``: the copy's serial
+    console, checked for a flood while waiting.
+    """
     last = ""
     headers = {"Host": host} if host else {}
     while time.monotonic() < deadline:
+        if console is not None:
+            _check_console_size(console)
         request = urllib.request.Request(url, headers=headers)  # a loopback URL built here
         try:
-            with urllib.request.urlopen(request, timeout=10) as resp:  # redirects are followed
+            with _HTTP.open(request, timeout=10) as resp:
                 return int(resp.status)
         except urllib.error.HTTPError as exc:
+            if 300 <= exc.code < 400:
+                return exc.code
             last = f"HTTP {exc.code}"
         except (urllib.error.URLError, OSError) as exc:
             last = str(exc)

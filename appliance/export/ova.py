@@ -227,6 +227,11 @@ def write_ova(
     partial = dest.parent / f".{dest.name}.partial"
     sha_file = dest.parent / f"{dest.name}.sha256"
     sha_partial = dest.parent / f".{sha_file.name}.partial"
+    # Fixed names, so a hard kill's leftovers are replaced by the next run; but never written
+    # through: whatever sits there is removed and the files are created exclusively ("x"), so a
+    # symlink planted under one of these names is not followed.
+    for leftover in (partial, sha_partial):
+        leftover.unlink(missing_ok=True)
 
     layout = _parallel_layout(disk_image, cfg)
 
@@ -244,7 +249,8 @@ def write_ova(
                 disk, digest, size = _pack_from_qemu_img(
                     disk_image, source_format, Path(work), names, capacity, head, partial, stamp
                 )
-        sha_partial.write_text(f"{digest}  {dest.name}\n", encoding="ascii")
+        with sha_partial.open("x", encoding="ascii") as fh:
+            fh.write(f"{digest}  {dest.name}\n")
         os.replace(partial, dest)
         os.replace(sha_partial, sha_file)
     except BaseException:
@@ -296,7 +302,7 @@ def _pack_streaming(
     ovf_room, mf_room = _blocks(len(ovf_max)), _blocks(len(mf_max))
     data_offset = BLOCK + ovf_room + BLOCK + mf_room + BLOCK
     level, workers = cfg.output.vmdk_compression_level, cfg.output.vmdk_workers
-    with partial.open("wb", buffering=CHUNK) as raw:
+    with partial.open("xb", buffering=CHUNK) as raw:
         raw.seek(data_offset)
         with log.step(f"write {disk_name}: streamOptimized, compression level {level}, "
                       f"{workers or 'all'} worker(s), {human_size(layout.data_bytes)} of data"):
@@ -349,7 +355,7 @@ def _pack_from_qemu_img(
     disk = DiskFacts(href=disk_name, file_size=vmdk_size, capacity=capacity, sha256=sha256_file(vmdk))
     ovf, manifest = head(disk)
     with log.step(f"pack {partial.name.removeprefix('.').removesuffix('.partial')}"):
-        with partial.open("wb") as raw:
+        with partial.open("xb") as raw:
             w = _HashingWriter(raw)
             _write_bytes_member(w, ovf_name, ovf, stamp)
             _write_bytes_member(w, mf_name, manifest, stamp)

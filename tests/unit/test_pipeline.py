@@ -26,7 +26,7 @@ from appliance.pipeline import (
     plan_config,
     stage_publish,
 )
-from appliance.state import BuildState
+from appliance.state import BuildState, export_digest
 
 
 def _cfg(tmp_path: Path, *sets: str) -> ApplianceConfig:
@@ -124,7 +124,8 @@ def _staged(tmp_path: Path, cfg: ApplianceConfig, verified: bool = True) -> Buil
     ova.parent.mkdir(parents=True)
     ova.write_bytes(b"not really an ova, but bytes to copy")
     digest = hashlib.sha256(ova.read_bytes()).hexdigest()
-    state = BuildState(staged_ova=str(ova), staged_ova_sha256=digest, verified_sha256=digest if verified else "")
+    state = BuildState(staged_ova=str(ova), staged_ova_sha256=digest, verified_sha256=digest if verified else "",
+                       export_digest=export_digest(cfg))
     return BuildContext(cfg=cfg, options=BuildOptions(), state=state)
 
 

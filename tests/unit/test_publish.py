@@ -13,6 +13,9 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,12 +23,12 @@ import pytest
 
 from appliance import publish
 from appliance.config import ApplianceConfig, load_config
-from appliance.errors import Cancelled, HostFileError
+from appliance.errors import Cancelled, HostFileError, UsageError
 from appliance.export.ova import write_ova
 from appliance.pipeline import BuildContext, Stage, StageOutcome, build_ova, stage_publish
 from appliance.publish import PublishedFile, publish_set
 from appliance.run import run
-from appliance.state import BuildState
+from appliance.state import BuildState, export_digest
 
 MiB = 2**20
 
@@ -63,7 +66,9 @@ def _stage_an_ova(cfg: ApplianceConfig, size: int) -> BuildState:
     staged.parent.mkdir(parents=True, exist_ok=True)
     staged.write_bytes(os.urandom(size))
     digest = hashlib.sha256(staged.read_bytes()).hexdigest()
-    state = BuildState(staged_ova=str(staged), staged_ova_sha256=digest, verified_sha256=digest)
+    # export_digest: what the real export stage records beside the OVA it wrote.
+    state = BuildState(staged_ova=str(staged), staged_ova_sha256=digest, verified_sha256=digest,
+                       export_digest=export_digest(cfg))
     return state
 
 
@@ -194,6 +199,27 @@ def test_a_staged_ova_changed_after_verify_is_not_published(tmp_path: Path) -> N
     assert _listing(cfg.dist_dir) == []
 
 
+
+def test_a_staged_ova_exported_with_other_output_settings_is_not_published(tmp_path: Path) -> None:
+    """Issue 12 item 3 by another door: `--skip export` (or `--only publish`) after an output setting
+    changed would publish the old OVA (old product in its descriptor) with a report of the new config."""
+    from appliance.pipeline import STAGES, BuildOptions
+
+    cfg = _cfg(tmp_path, tmp_path / "dist")
+    state = _stage_an_ova(cfg, 4096)
+    state.sealed, state.completed = True, ["export", "verify"]
+    renamed = _cfg(tmp_path, tmp_path / "dist", "output.product=Renamed")
+    tail = [s for s in STAGES if s.name in ("export", "verify", "publish")]
+    for options in (BuildOptions(skip=("export",)), BuildOptions(only=("publish",))):
+        _publish_only(cfg, state)  # records this config's digests, then saves (publishing for real is fine)
+        for name in _listing(cfg.dist_dir):
+            (cfg.dist_dir / name).unlink()
+        with pytest.raises(UsageError, match="exported with other output settings") as info:
+            build_ova(renamed, options, stages=tail)
+        assert "without --skip export" in (info.value.hint or "")
+        assert _listing(cfg.dist_dir) == []
+
+
 # -- export on a full disk ----------------------------------------------------------------------------
 
 
@@ -243,3 +269,51 @@ def test_ctrl_c_while_packing_the_ova_leaves_nothing_and_is_recorded(tmp_path: P
     assert info.value.exit_code == 130
     assert BuildState.load(cfg.build_dir).last_failure == "interrupted during export"
     assert _listing(staging) == []
+
+
+# -- the real command, a real signal ------------------------------------------------------------------
+
+
+def _cli_publish(tmp_path: Path, dist: Path) -> list[str]:
+    from appliance.config import PROJECT_ROOT
+
+    return [sys.executable, "-m", "invoke", "-r", str(PROJECT_ROOT), "build-ova", "--provider", "libvirt",
+            "--only", "publish", "--set", f"output.build_dir={tmp_path / 'build'}", "--set", f"output.dir={dist}",
+            "--set", "output.version=1.0.0"]
+
+
+def _stage_for_the_cli(tmp_path: Path, dist: Path, size: int) -> ApplianceConfig:
+    from appliance.state import config_digest
+
+    cfg = _cfg(tmp_path, dist)
+    state = _stage_an_ova(cfg, size)
+    state.config_digest = config_digest(cfg)
+    state.save(cfg.build_dir)
+    return cfg
+
+
+def test_cli_ctrl_c_while_publishing_exits_130_and_leaves_nothing(tmp_path: Path) -> None:
+    dist = tmp_path / "dist"
+    cfg = _stage_for_the_cli(tmp_path, dist, 256 * MiB)
+    proc = subprocess.Popen(_cli_publish(tmp_path, dist), cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (dist.is_dir() and any(p.name.endswith(".partial") for p in dist.iterdir())):
+        assert proc.poll() is None and time.monotonic() < deadline, "publishing ended before Ctrl-C could come"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C while the OVA is being copied
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted during stage 'publish'" in err and "Traceback" not in err
+    assert _listing(dist) == [], "no .partial and no part of the set is left"
+    assert BuildState.load(cfg.build_dir).last_failure == "interrupted during publish"
+
+
+def test_cli_publish_to_a_full_disk_exits_1_naming_the_space(tmpfs: Callable[[int], Path], tmp_path: Path) -> None:
+    dist = tmpfs(1 * MiB)
+    cfg = _stage_for_the_cli(tmp_path, dist, 2 * MiB)
+    proc = subprocess.run(_cli_publish(tmp_path, dist), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert f"not enough space in {dist}" in proc.stderr and "Traceback" not in proc.stderr
+    assert _listing(dist) == []
+    assert BuildState.load(cfg.build_dir).last_failure.startswith("publish: not enough space")

@@ -60,6 +60,8 @@ def test_save_does_not_follow_a_planted_symlink(tmp_path: Path) -> None:
         ('{"version": 1, "seald": true}', "unknown field 'seald'"),
         ('{"version": 7}', "version is 7, this tool reads version 1"),
         ('{"version": true}', "version is True"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ('{"version": 1, "sealed": false, "sealed": true}', "the field 'sealed' appears twice"),
     ],
 )
 def test_bad_state_is_refused_naming_file_and_fix(tmp_path: Path, text: str, fragment: str) -> None:
@@ -71,6 +73,14 @@ def test_bad_state_is_refused_naming_file_and_fix(tmp_path: Path, text: str, fra
     assert fragment in message and str(path) in message
     assert "invoke destroy" in message
     assert path.read_text() == text, "the file is kept as it was, for inspection"
+
+
+def test_a_huge_state_file_is_refused_unread(tmp_path: Path) -> None:
+    with (tmp_path / "state.json").open("wb") as f:
+        f.write(b'{"version": 1, "sealed": true}')
+        f.truncate(3 << 30)  # sparse
+    with pytest.raises(StateError, match="is larger than 16777216 bytes"):
+        BuildState.load(tmp_path)
 
 
 def test_unreadable_state_is_refused(tmp_path: Path) -> None:
@@ -212,7 +222,7 @@ def test_interrupted_seal_is_recorded_and_never_resumed_as_unsealed(tmp_path: Pa
     class Off:
         running = False
 
-    monkeypatch.setattr(vagrant, "status", lambda cfg: Off())
+    monkeypatch.setattr(vagrant, "status", lambda cfg, **kw: Off())
     booted: list[object] = []
     monkeypatch.setattr(vagrant, "up", lambda *a, **k: booted.append(a))
     with pytest.raises(VMSealed, match="seal step was interrupted") as info:
@@ -232,8 +242,10 @@ def test_up_and_provision_refuse_a_sealed_vm(tmp_path: Path) -> None:
         assert "invoke destroy" in str(info.value) and "invoke build-ova" in str(info.value)
     assert not (cfg.build_dir / "vm").exists(), "nothing was rendered or started"
     BuildState(seal_started=True).save(cfg.build_dir)
-    with pytest.raises(VMSealed, match="was being sealed"):
+    with pytest.raises(VMSealed, match="was being sealed") as info:
         up(cfg)
+    # An interrupted seal is not exported as it is: the build reruns the seal while the VM runs.
+    assert "runs the seal step again" in str(info.value) and "exports the sealed VM" not in str(info.value)
 
 
 def test_cli_up_on_a_sealed_vm_exits_1(tmp_path: Path) -> None:
@@ -251,3 +263,37 @@ def test_cli_up_on_a_sealed_vm_exits_1(tmp_path: Path) -> None:
 def test_state_json_holds_seal_started(tmp_path: Path) -> None:
     BuildState(seal_started=True).save(tmp_path)
     assert json.loads((tmp_path / "state.json").read_text())["seal_started"] is True
+
+
+def test_provision_only_seal_records_the_seal_like_the_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`invoke provision --only seal` left state.json saying "not sealed": `invoke up` then booted the sealed
+    VM and its first boot ran inside the build VM. The guest part is stood in for; the books are real."""
+    from appliance import steps, vagrant
+
+    cfg = _cfg(tmp_path)
+    seen: list[tuple[bool, bool]] = []
+
+    def guest_step(cfg: ApplianceConfig, endpoint: object, options: steps.Options, **kwargs: object) -> str:
+        state = BuildState.load(cfg.build_dir)
+        seen.append((state.seal_started, state.sealed))  # what a Ctrl-C right now would leave
+        if options.only == "seal" and len(seen) == 2:
+            raise KeyboardInterrupt
+        return "sealed"
+
+    monkeypatch.setattr(vagrant, "ssh_config", lambda cfg, **kw: object())
+    monkeypatch.setattr(steps, "pinned_uploads", lambda cfg, skip=(): [])
+    monkeypatch.setattr(steps, "provision", guest_step)
+    assert steps.provision_vagrant_vm(cfg, steps.Options(only="firstboot")) == "sealed"
+    assert seen == [(False, False)] and not BuildState.load(cfg.build_dir).seal_begun, "other steps keep no books"
+    with pytest.raises(KeyboardInterrupt):
+        steps.provision_vagrant_vm(cfg, steps.Options(only="seal"))
+    state = BuildState.load(cfg.build_dir)
+    assert seen[1] == (True, False) and state.seal_started and not state.sealed
+    with pytest.raises(VMSealed, match="was being sealed"):
+        vagrant.up(cfg)
+    BuildState().save(cfg.build_dir)
+    assert steps.provision_vagrant_vm(cfg, steps.Options(only="seal")) == "sealed"
+    state = BuildState.load(cfg.build_dir)
+    assert state.sealed and state.config_digest == config_digest(cfg)
+    with pytest.raises(VMSealed, match="the build VM is sealed"):
+        vagrant.up(cfg)

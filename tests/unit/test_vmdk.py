@@ -245,8 +245,9 @@ def test_a_vmdk_source_is_refused_before_anything_is_written(tmp_path: Path) -> 
 def test_ova_from_the_parallel_writer_passes_verify_and_is_reproducible(
     tmp_path: Path, small_disk: Path, make_cfg: Callable[..., ApplianceConfig], ovf_schema_dir: Path
 ) -> None:
-    first = write_ova(small_disk, make_cfg(), tmp_path / "a" / "x.ova")
-    second = write_ova(small_disk, make_cfg("output.vmdk_workers=1"), tmp_path / "b" / "x.ova")
+    # One tar mtime for both: the default (the build time) differs when the two writes straddle a second.
+    first = write_ova(small_disk, make_cfg(), tmp_path / "a" / "x.ova", mtime=1_700_000_000)
+    second = write_ova(small_disk, make_cfg("output.vmdk_workers=1"), tmp_path / "b" / "x.ova", mtime=1_700_000_000)
     assert first.sha256 == second.sha256  # same bytes whatever the worker count
     report = verify_ova(first.path, boot=False, schema_dir=ovf_schema_dir)
     assert report.ovf_format == "ovf10"
