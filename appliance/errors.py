@@ -45,8 +45,17 @@ class ConfigProblem:
         where = f"{self.source}: " if self.source else ""
         key = self.key or "(top level)"
         if self.has_value:
-            return f"{where}{key} = {self.value!r}: {self.message}"
+            return f"{where}{key} = {_as_yaml(self.value)}: {self.message}"
         return f"{where}{key}: {self.message}"
+
+
+def _as_yaml(value: object) -> str:
+    """A value as the user wrote it in YAML: ``~`` and ``yes`` show as null and true, not Python's None and True."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
 
 
 class ConfigError(ApplianceError, ValueError):

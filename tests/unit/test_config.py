@@ -176,3 +176,12 @@ def test_cli_skip_on_the_command_line_counts_like_provision_skip() -> None:
     proc = _invoke("build-ova", "--provider", "libvirt", "--skip", "firstboot", "--set", "vm.cpus=2",
                    "--set", "output.build_dir=")
     assert proc.returncode == 2 and "below CSGHub's minimum of 4 CPUs" in proc.stderr
+
+
+def test_a_problem_shows_the_value_as_yaml_reads_it(tmp_path: Path) -> None:
+    """`--set output.build_dir=~` is YAML's null: the message says null, not Python's None."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["output.build_dir=~", "vm.cpus=yes"], cwd=tmp_path)
+    text = str(err.value)
+    assert "output.build_dir = null:" in text and "vm.cpus = true:" in text
+    assert "None" not in text and "True" not in text
