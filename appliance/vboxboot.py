@@ -7,6 +7,14 @@ exactly as the QEMU boot check does (``appliance.verify_boot``: login with the k
 password, readiness command, HTTP). The VM is powered off, unregistered and deleted at the end,
 whatever happened.
 
+The first-boot proof works as under QEMU: VirtualBox's firmware carries this boot's nonce in
+its SMBIOS OEM strings (type 11), because the verify VM's ``DmiOEMVBoxRev`` (by default
+``vboxRev_<revision>``) is set to ``csghub-appliance-boot-nonce=<nonce>``; the guest reads it from
+``/sys/firmware/dmi/entries/11-*`` exactly as it reads QEMU's ``-smbios type=11``. (Read in
+VirtualBox's DevFwCommon.cpp: the OEM strings table takes that config value whole; the DMI table
+has room for it, 768 bytes.) No VirtualBox can boot here, so the setting is checked against the
+real VBoxManage but the guest side only under QEMU.
+
 VirtualBox's NAT has no "no route out" switch (QEMU's ``restrict=on``): this check proves the
 copy boots and serves in VirtualBox; the offline proof is the QEMU boot check's.
 
@@ -39,18 +47,30 @@ def virtualbox_boot_check(
     login: BootLogin,
     http_port: int | None = None,
     http_host: str | None = None,
+    http_if_stack: bool = False,
     ready_command: str = "systemctl is-system-running --wait || true",
     cpus: int = 2,
     memory_mb: int = 2048,
     timeout: float = 900,
     work_dir: Path | None = None,
     start_timeout: float = START_TIMEOUT,
+    nonce: str | None = None,
 ) -> BootReport:
     """Import ``ova`` into a temporary VirtualBox VM, boot it headless, log in, check; always delete it."""
-    from appliance.verify_boot import BootReport, ConsoleLogin, _console_login_check, _console_tail, _key_login_check
-    from appliance.verify_boot import free_loopback_port as _free_loopback_port
+    from appliance.verify_boot import (
+        BootReport,
+        ConsoleLogin,
+        _console_login_check,
+        _console_tail,
+        _key_login_check,
+        _read_console,
+        console_stack,
+        http_skip_reason,
+        new_boot_nonce,
+    )
     from appliance.verify_boot import wait_http as _wait_http
 
+    nonce = nonce or new_boot_nonce()
     vbm = vboxmanage()
     vm = f"csghub-verify-{uuid.uuid4().hex[:10]}"
     with tempfile.TemporaryDirectory(prefix="vbox-boot-", dir=work_dir) as tmp:
@@ -64,15 +84,7 @@ def virtualbox_boot_check(
             raise VerifyError(f"VirtualBox did not import {ova.name}",
                               [(imported.stdout + imported.stderr).strip()[-800:]])
         try:
-            for rule in nat_rules(vm_info(vm)):
-                run([vbm, "modifyvm", vm, "--natpf1", "delete", rule.name])
-            ssh_port = _free_loopback_port()
-            run([vbm, "modifyvm", vm, "--natpf1", f"verify-ssh,tcp,127.0.0.1,{ssh_port},,22"])
-            http_host_port = None
-            if http_port is not None:
-                http_host_port = _free_loopback_port()
-                run([vbm, "modifyvm", vm, "--natpf1", f"verify-http,tcp,127.0.0.1,{http_host_port},,{http_port}"])
-            run([vbm, "modifyvm", vm, "--uart1", "0x3F8", "4", "--uartmode1", "file", str(console)])
+            ssh_port, http_host_port = prepare_verify_vm(vm, console, nonce, http_port=http_port)
             started = time.monotonic()
             with log.step(f"start {vm} headless in VirtualBox"):
                 result = run([vbm, "startvm", vm, "--type", "headless"], check=False, timeout=start_timeout)
@@ -87,9 +99,11 @@ def virtualbox_boot_check(
                          "or skip the boot with --no-boot",
                 )
             deadline = started + timeout
+            proved = False
             if isinstance(login, ConsoleLogin):
                 seconds, ready_rc, ready_out = _console_login_check(ssh_port, console, ready_command, deadline,
-                                                                    started)
+                                                                    started, nonce)
+                proved = True
             else:
                 seconds, ready_rc, ready_out = _key_login_check(ssh_port, login, console, ready_command, deadline,
                                                                 started)
@@ -97,11 +111,48 @@ def virtualbox_boot_check(
                 raise VerifyError("logged in, but the readiness command failed",
                                   [f"{ready_command!r} exited {ready_rc}: {ready_out.strip()[-500:]}",
                                    "console tail:\n" + _console_tail(console)])
-            report = BootReport(seconds_to_ssh=seconds, ready_output=ready_out.strip())
+            stack = console_stack(_read_console(console))
+            report = BootReport(seconds_to_ssh=seconds, ready_output=ready_out.strip(), first_boot_proved=proved,
+                                stack=stack)
             if http_host_port is not None:
-                report.http_status = _wait_http(f"http://127.0.0.1:{http_host_port}/", deadline, http_host)
+                skip = http_skip_reason(http_if_stack, stack)
+                if skip:
+                    report.http_skipped = skip
+                    log.info(f"HTTP check skipped: {skip} (built without CSGHub)")
+                else:
+                    report.http_status = _wait_http(f"http://127.0.0.1:{http_host_port}/", deadline, http_host,
+                                                    console=console)
             return report
         finally:
             run([vbm, "controlvm", vm, "poweroff"], check=False, timeout=120)
             run([vbm, "unregistervm", vm, "--delete"], check=False, timeout=300)
 
+
+
+def nonce_extradata_key(info: dict[str, str]) -> str:
+    """The CFGM key of the OEM string that carries the nonce, for the VM's firmware (BIOS or EFI)."""
+    device = "efi" if info.get("firmware", "BIOS").upper().startswith("EFI") else "pcbios"
+    return f"VBoxInternal/Devices/{device}/0/Config/DmiOEMVBoxRev"
+
+
+def prepare_verify_vm(vm: str, console: Path, nonce: str, *, http_port: int | None = None) -> tuple[int, int | None]:
+    """Ready an imported VM for the boot check: only our loopback forwards (SSH, and HTTP when
+    asked), the serial console into ``console``, and this boot's nonce in its SMBIOS OEM strings.
+    Returns the host ports (SSH, HTTP or None)."""
+    from appliance.verify_boot import NONCE_OEM_KEY
+    from appliance.verify_boot import free_loopback_port as _free_loopback_port
+
+    vbm = vboxmanage()
+    info = vm_info(vm)
+    for rule in nat_rules(info):
+        run([vbm, "modifyvm", vm, "--natpf1", "delete", rule.name])
+    ssh_port = _free_loopback_port()
+    run([vbm, "modifyvm", vm, "--natpf1", f"verify-ssh,tcp,127.0.0.1,{ssh_port},,22"])
+    http_host_port = None
+    if http_port is not None:
+        http_host_port = _free_loopback_port()
+        run([vbm, "modifyvm", vm, "--natpf1", f"verify-http,tcp,127.0.0.1,{http_host_port},,{http_port}"])
+    run([vbm, "modifyvm", vm, "--uart1", "0x3F8", "4", "--uartmode1", "file", str(console)])
+    # "string:" keeps VirtualBox from reading the value as a number.
+    run([vbm, "setextradata", vm, nonce_extradata_key(info), f"string:{NONCE_OEM_KEY}={nonce}"])
+    return ssh_port, http_host_port

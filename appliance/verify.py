@@ -133,16 +133,14 @@ def verify_ova(
                     from appliance.vboxboot import virtualbox_boot_check
 
                     report.boot = virtualbox_boot_check(path, login=login, http_port=http_port, http_host=http_host,
-                                                        timeout=boot_timeout, work_dir=work, cpus=cpus,
-                                                        memory_mb=memory_mb)
+                                                        http_if_stack=http_if_stack, timeout=boot_timeout,
+                                                        work_dir=work, cpus=cpus, memory_mb=memory_mb)
                 else:
                     report.boot = boot_check(next(iter(disks.values())), login=login, http_port=http_port,
                                              http_host=http_host, http_if_stack=http_if_stack,
                                              timeout=boot_timeout, work_dir=work, cpus=cpus, memory_mb=memory_mb)
             if report.boot.first_boot_proved:
                 proof = "proved by this boot's nonce"
-            elif isinstance(login, ConsoleLogin):
-                proof = "NOT proved: the VirtualBox boot passes no nonce yet"
             else:
                 proof = "not checked: an unsealed image entered with a key"
             report.checks.append(("first boot", proof))
