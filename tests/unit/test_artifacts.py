@@ -15,6 +15,7 @@ import shutil
 import threading
 import urllib.parse
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -103,6 +104,21 @@ def _handler(pub: Publisher) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+@contextmanager
+def serving(pub: Publisher, prefix: str = "") -> Iterator[Publisher]:
+    """``pub`` behind a loopback HTTP server for the block; ``pub.base`` is its URL plus ``prefix``."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(pub))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    pub.base = f"http://127.0.0.1:{server.server_address[1]}{prefix}"
+    try:
+        yield pub
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
 @pytest.fixture
 def publisher(tmp_path: Path) -> Iterator[Publisher]:
     root = tmp_path / "www"
@@ -134,17 +150,8 @@ def publisher(tmp_path: Path) -> Iterator[Publisher]:
             }
         )
     )
-    pub = Publisher(root)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(pub))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    pub.base = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with serving(Publisher(root)) as pub:
         yield pub
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 @pytest.fixture

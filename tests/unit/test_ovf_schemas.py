@@ -10,9 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -30,7 +28,7 @@ from appliance.artifacts import (
 from appliance.config import PROJECT_ROOT, ApplianceConfig, load_config
 from appliance.errors import ArtifactError, DigestMismatch
 from tests.unit.conftest import OVF_SCHEMAS
-from tests.unit.test_artifacts import Publisher, _handler
+from tests.unit.test_artifacts import Publisher, serving
 
 PINS = ovf_schema_pins(read_lock())
 
@@ -43,17 +41,8 @@ def mirror(tmp_path: Path) -> Iterator[Publisher]:
         pytest.skip(f"OVF schemas not found at {OVF_SCHEMAS} (the shared reference data sits next to the clone)")
     root = tmp_path / "www"
     shutil.copytree(OVF_SCHEMAS, root / "schemas")
-    pub = Publisher(root)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(pub))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    pub.base = f"http://127.0.0.1:{server.server_address[1]}/schemas"
-    try:
+    with serving(Publisher(root), "/schemas") as pub:
         yield pub
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 def config(tmp_path: Path, mirror: str) -> ApplianceConfig:
