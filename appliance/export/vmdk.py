@@ -10,7 +10,11 @@ knows where the directory is) and an end-of-stream marker. Facts used here, as V
 - header: magic ``KDMV``, version 3, flags = valid-newline-test | compressed | markers,
   capacity in sectors, grain 128 sectors, 512 entries per grain table, ``gdOffset`` =
   "at end" (all ones) in the header and the real sector in the footer, ``overHead`` = the
-  sector where the first marker is (VirtualBox's sequential reader starts there),
+  sector where the first marker is (VirtualBox's sequential reader starts there): header
+  and descriptor padded to a whole grain (128 sectors), as VirtualBox's own writer does.
+  With ``overHead`` = 2, VirtualBox 7.2's OVA import crashed (a general protection fault in
+  its read-ahead thread, VBoxSVC gone, ``NS_ERROR_ABORT``) in 23 of 40 imports on a loaded
+  host; padded, 0 of 100 (``benchmarks/vbox_import.py``),
   compression 1 (deflate);
 - a grain is deflated as a zlib (RFC 1950) stream of the *whole* grain (the last grain of a
   disk whose size is not a multiple of 64 KiB is padded with zeros: both readers require a
@@ -327,6 +331,11 @@ def _marker(sectors: int, kind: int) -> bytes:
     return struct.pack("<QII", sectors, 0, kind).ljust(SECTOR, b"\0")
 
 
+def _overhead(descriptor_sectors: int) -> int:
+    """Sectors before the first marker: header and descriptor, padded to a whole grain as VirtualBox does."""
+    return -(-(1 + descriptor_sectors) // GRAIN_SECTORS) * GRAIN_SECTORS
+
+
 def _header(capacity_sectors: int, descriptor_sectors: int, gd_offset: int) -> bytes:
     header = struct.pack(
         "<IIIQQQQIQQQB4sH",
@@ -340,7 +349,7 @@ def _header(capacity_sectors: int, descriptor_sectors: int, gd_offset: int) -> b
         GT_ENTRIES,
         0,  # no redundant grain directory
         gd_offset,
-        1 + descriptor_sectors,  # overHead: where the first marker is
+        _overhead(descriptor_sectors),  # overHead: where the first marker is
         0,  # clean
         b"\n \r\n",  # the newline-detection characters
         COMPRESSION_DEFLATE,
@@ -380,12 +389,12 @@ def descriptor_text(name: str, capacity_sectors: int) -> bytes:
 def max_vmdk_size(layout: SourceLayout, name: str) -> int:
     """An upper bound of the VMDK's size: every data grain incompressible, every table written."""
     capacity = layout.virtual_size // SECTOR
-    desc = -(-len(descriptor_text(name, capacity)) // SECTOR) * SECTOR
+    metadata = _overhead(-(-len(descriptor_text(name, capacity)) // SECTOR)) * SECTOR  # header + descriptor
     grains = len({g for r in layout.runs for g in range(r.start // GRAIN, (r.start + r.length - 1) // GRAIN + 1)})
     worst_grain = -(-(12 + len(_zlib_stream(memoryview(os.urandom(GRAIN)), 1)) + 64) // SECTOR) * SECTOR
     tables = -(-layout.virtual_size // GT_SPAN)
     gd = -(-tables * 4 // SECTOR) * SECTOR
-    return SECTOR + desc + grains * worst_grain + tables * (SECTOR + GT_BYTES) + SECTOR + gd + 3 * SECTOR
+    return metadata + grains * worst_grain + tables * (SECTOR + GT_BYTES) + SECTOR + gd + 3 * SECTOR
 
 
 # -- the writer --------------------------------------------------------------------------------
@@ -441,7 +450,7 @@ def _write(layout: SourceLayout, out: _Writable, *, name: str, level: int, worke
 
     w = _Out(out)
     w.write(_header(capacity, desc_sectors, GD_AT_END))
-    w.write(descriptor.ljust(desc_sectors * SECTOR, b"\0"))
+    w.write(descriptor.ljust((_overhead(desc_sectors) - 1) * SECTOR, b"\0"))
 
     directory = [0] * gd_entries
     table = [0] * GT_ENTRIES

@@ -60,6 +60,11 @@ def walk(vmdk: Path) -> tuple[list[int], list[int]]:
     magic, version, flags = struct.unpack_from("<III", data, 0)
     assert (magic, version, flags) == (0x564D444B, 3, 0x30001)
     overhead = struct.unpack_from("<Q", data, 64)[0]
+    # Header and descriptor fill a whole grain, as in VirtualBox's own streams: with less, VirtualBox
+    # 7.2's OVA import crashed under load (appliance/export/vmdk.py, benchmarks/vbox_import.py).
+    assert overhead == GRAIN // SECTOR
+    descriptor = data[SECTOR:overhead * SECTOR].rstrip(b"\0")  # then zeros up to the first marker
+    assert descriptor.startswith(b"# Disk DescriptorFile") and b"\0" not in descriptor
     assert struct.unpack_from("<Q", data, 56)[0] == 0xFFFF_FFFF_FFFF_FFFF  # GD at end
     pos = overhead * SECTOR
     lbas: list[int] = []
