@@ -57,18 +57,7 @@ def virtualbox_boot_check(
     nonce: str | None = None,
 ) -> BootReport:
     """Import ``ova`` into a temporary VirtualBox VM, boot it headless, log in, check; always delete it."""
-    from appliance.verify_boot import (
-        BootReport,
-        ConsoleLogin,
-        _console_login_check,
-        _console_tail,
-        _key_login_check,
-        _read_console,
-        console_stack,
-        http_skip_reason,
-        new_boot_nonce,
-    )
-    from appliance.verify_boot import wait_http as _wait_http
+    from appliance.verify_boot import check_booted_copy, new_boot_nonce
 
     nonce = nonce or new_boot_nonce()
     vbm = vboxmanage()
@@ -98,31 +87,9 @@ def virtualbox_boot_check(
                          "`sudo /sbin/vboxconfig`); or verify on a libvirt/QEMU host (`--provider libvirt`), "
                          "or skip the boot with --no-boot",
                 )
-            deadline = started + timeout
-            proved = False
-            if isinstance(login, ConsoleLogin):
-                seconds, ready_rc, ready_out = _console_login_check(ssh_port, console, ready_command, deadline,
-                                                                    started, nonce)
-                proved = True
-            else:
-                seconds, ready_rc, ready_out = _key_login_check(ssh_port, login, console, ready_command, deadline,
-                                                                started)
-            if ready_rc != 0:
-                raise VerifyError("logged in, but the readiness command failed",
-                                  [f"{ready_command!r} exited {ready_rc}: {ready_out.strip()[-500:]}",
-                                   "console tail:\n" + _console_tail(console)])
-            stack = console_stack(_read_console(console))
-            report = BootReport(seconds_to_ssh=seconds, ready_output=ready_out.strip(), first_boot_proved=proved,
-                                stack=stack)
-            if http_host_port is not None:
-                skip = http_skip_reason(http_if_stack, stack)
-                if skip:
-                    report.http_skipped = skip
-                    log.info(f"HTTP check skipped: {skip} (built without CSGHub)")
-                else:
-                    report.http_status = _wait_http(f"http://127.0.0.1:{http_host_port}/", deadline, http_host,
-                                                    console=console)
-            return report
+            return check_booted_copy(ssh_port, http_host_port, console, login=login, ready_command=ready_command,
+                                     started=started, deadline=started + timeout, nonce=nonce, http_host=http_host,
+                                     http_if_stack=http_if_stack)
         finally:
             run([vbm, "controlvm", vm, "poweroff"], check=False, timeout=120)
             run([vbm, "unregistervm", vm, "--delete"], check=False, timeout=300)

@@ -314,30 +314,49 @@ def boot_check(
         started = time.monotonic()
         deadline = started + timeout
         with _qemu_vm(overlay, forwards, work, cpus, memory_mb, nonce) as console:
-            proved = False
-            if isinstance(login, ConsoleLogin):
-                seconds, ready_rc, ready_out = _console_login_check(ssh_port, console, ready_command, deadline,
-                                                                    started, nonce)
-                proved = True
-            else:
-                seconds, ready_rc, ready_out = _key_login_check(ssh_port, login, console, ready_command, deadline,
-                                                                started)
-            if ready_rc != 0:
-                raise VerifyError("logged in, but the readiness command failed",
-                                  [f"{ready_command!r} exited {ready_rc}: {ready_out.strip()[-500:]}",
-                                   "console tail:\n" + _console_tail(console)])
-            stack = console_stack(_read_console(console))
-            report = BootReport(seconds_to_ssh=seconds, ready_output=ready_out.strip(), first_boot_proved=proved,
-                                stack=stack)
-            if http_host_port is not None:
-                skip = http_skip_reason(http_if_stack, stack)
-                if skip:
-                    report.http_skipped = skip
-                    log.info(f"HTTP check skipped: {skip} (built without CSGHub)")
-                else:
-                    report.http_status = wait_http(f"http://127.0.0.1:{http_host_port}{http_path}", deadline,
-                                                    http_host, console=console)
-        return report
+            return check_booted_copy(ssh_port, http_host_port, console, login=login, ready_command=ready_command,
+                                     started=started, deadline=deadline, nonce=nonce, http_host=http_host,
+                                     http_path=http_path, http_if_stack=http_if_stack)
+
+
+def check_booted_copy(
+    ssh_port: int,
+    http_host_port: int | None,
+    console: Path,
+    *,
+    login: BootLogin,
+    ready_command: str,
+    started: float,
+    deadline: float,
+    nonce: str,
+    http_host: str | None,
+    http_path: str = "/",
+    http_if_stack: bool = False,
+) -> BootReport:
+    """The checks on a started copy, whatever booted it (QEMU here, VirtualBox in ``vboxboot``): log in
+    (a sealed copy's console login must carry ``nonce``: the first-boot proof), run the readiness
+    command, then HTTP unless the copy's status line says it was built without the stack."""
+    proved = False
+    if isinstance(login, ConsoleLogin):
+        seconds, ready_rc, ready_out = _console_login_check(ssh_port, console, ready_command, deadline, started, nonce)
+        proved = True
+    else:
+        seconds, ready_rc, ready_out = _key_login_check(ssh_port, login, console, ready_command, deadline, started)
+    if ready_rc != 0:
+        raise VerifyError("logged in, but the readiness command failed",
+                          [f"{ready_command!r} exited {ready_rc}: {ready_out.strip()[-500:]}",
+                           "console tail:\n" + _console_tail(console)])
+    stack = console_stack(_read_console(console))
+    report = BootReport(seconds_to_ssh=seconds, ready_output=ready_out.strip(), first_boot_proved=proved, stack=stack)
+    if http_host_port is not None:
+        skip = http_skip_reason(http_if_stack, stack)
+        if skip:
+            report.http_skipped = skip
+            log.info(f"HTTP check skipped: {skip} (built without CSGHub)")
+        else:
+            report.http_status = wait_http(f"http://127.0.0.1:{http_host_port}{http_path}", deadline, http_host,
+                                           console=console)
+    return report
 
 
 def _key_login_check(

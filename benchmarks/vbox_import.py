@@ -18,7 +18,6 @@ Usage: python3 benchmarks/vbox_import.py [--runs 40] [--load 2]
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -30,30 +29,15 @@ sys.path[:0] = [str(ROOT)]
 
 from appliance.config import load_config  # noqa: E402
 from appliance.export.ova import write_ova  # noqa: E402
-from appliance.export.vmdk import GRAIN, SECTOR  # noqa: E402
 from appliance.run import stop_processes  # noqa: E402
 from appliance.vboxchroot import VBoxSession, ensure_chroot  # noqa: E402
+from tests.disks import write_awkward_disk  # noqa: E402
 
 BASELINE = ROOT / "tests" / "data" / "vbox" / "vbox-ovf10.ova"
-MiB = 1 << 20
 
 
 def awkward_ova(work: Path) -> Path:
-    raw = work / "awkward.raw"
-    size = 100 * MiB + 3 * SECTOR
-    with raw.open("wb") as f:
-        f.truncate(size)
-        f.seek(MiB)
-        f.write(os.urandom(3 * MiB))
-        f.seek(10 * MiB)
-        f.write(bytes(4 * MiB))
-        f.seek(40 * MiB + 12345)
-        f.write(b"csghub appliance " * 40000)
-        for g in range(600):
-            f.seek(60 * MiB + g * GRAIN + 7)
-            f.write(b"\x5a")
-        f.seek(size - 9)
-        f.write(b"LASTBYTES")
+    raw = write_awkward_disk(work / "awkward.raw")
     cfg = load_config(None, ["vm.cpus=2", "vm.memory_mb=2048", "provision.skip=[k3s, csghub]"], "libvirt", cwd=work)
     return write_ova(raw, cfg, work / "awkward.ova").path
 

@@ -9,7 +9,6 @@ source by ``qemu-img compare``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,34 +16,19 @@ import pytest
 
 from appliance.config import ApplianceConfig
 from appliance.export.ova import write_ova
-from appliance.export.vmdk import GRAIN, SECTOR, write_stream_vmdk
+from appliance.export.vmdk import write_stream_vmdk
 from appliance.run import run
 from appliance.vboxchroot import VBoxSession
+from tests.disks import write_awkward_disk
 
 pytestmark = pytest.mark.vbox
 
-MiB = 1 << 20
 
 
 @pytest.fixture(scope="module")
 def awkward_disk(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A raw disk of 100 MiB + 3 sectors: holes, written zeros, random and text data, data in the last sector."""
-    path = tmp_path_factory.mktemp("vmdkwriter") / "awkward.raw"
-    size = 100 * MiB + 3 * SECTOR
-    with path.open("wb") as f:
-        f.truncate(size)
-        f.seek(MiB)
-        f.write(os.urandom(3 * MiB))
-        f.seek(10 * MiB)
-        f.write(bytes(4 * MiB))  # allocated zeros
-        f.seek(40 * MiB + 12345)
-        f.write(b"csghub appliance " * 40000)
-        for g in range(600):  # one byte in every grain across a grain-table boundary
-            f.seek(60 * MiB + g * GRAIN + 7)
-            f.write(b"\x5a")
-        f.seek(size - 9)
-        f.write(b"LASTBYTES")
-    return path
+    """A raw disk of 100 MiB + 3 sectors (``tests.disks.write_awkward_disk``)."""
+    return write_awkward_disk(tmp_path_factory.mktemp("vmdkwriter") / "awkward.raw")
 
 
 def test_the_ova_imports_and_the_imported_disk_is_the_source(
