@@ -131,7 +131,7 @@ if [[ "$GATE_VERDICT" != ready ]]; then
     "${KC[@]}" get pods -A --field-selector=status.phase!=Running,status.phase!=Succeeded >&2 || true
     die "CSGHub is not ready: $GATE_VERDICT"
 fi
-echo "ok: CSGHub is ready: jobs, workloads, portal, admin login, git SSH and registry all answer"
+echo "ok: CSGHub is ready: jobs, workloads, Knative, portal, csghub-server's API, the admin's OAuth sign-in, git SSH and the registry with this copy's credentials all answer"
 login_host=$(gate_casdoor_host)
 
 # --- offline readiness: every image of the declared set is in the image store ---------------------
@@ -149,6 +149,7 @@ stored_images() {
 # rule as the build host reads it back (read_image_set, lib.sh).
 declare -A pinned_digest=()
 wanted=()
+# shellcheck disable=SC2310  # a pure reader: its one failure is the refusal it prints
 image_lines=$(read_image_set "$IMAGE_SET") || die "$IMAGE_SET is malformed (see above; the build host writes it: appliance/images.py)"
 while read -r name digest; do
     [[ -n "$name" ]] || continue
