@@ -116,8 +116,8 @@ echo "ok: Helm release $NAMESPACE/csghub deployed (chart $CSGHUB_CHART_VERSION)"
 
 # --- the readiness gate ----------------------------------------------------------------------
 # The same gate every copy runs at each boot (csghub-ready): every Job of the release complete,
-# every workload ready, the portal through the gateway, an admin login through Casdoor, git
-# SSH, the registry; it also points k3s at CSGHub's registry (registries.yaml, which 90-seal.sh
+# every workload and KnativeServing ready, the portal and csghub-server's API through the gateway,
+# the admin's sign-in through CSGHub's OAuth flow, git SSH, the registry with this copy's credentials; it also points k3s at CSGHub's registry (registries.yaml, which 90-seal.sh
 # removes again: the credentials are the build's).
 GATE_RETRY_HINT="re-run the build (it resumes at the csghub step)"
 # shellcheck source-path=SCRIPTDIR source=files/common/readiness.sh
