@@ -117,13 +117,18 @@ echo "ok: Helm release $NAMESPACE/csghub deployed (chart $CSGHUB_CHART_VERSION)"
 # --- the readiness gate ----------------------------------------------------------------------
 # The same gate every copy runs at each boot (csghub-ready): every Job of the release complete,
 # every workload and KnativeServing ready, the portal and csghub-server's API through the gateway,
-# the admin's sign-in through CSGHub's OAuth flow, git SSH, the registry with this copy's credentials; it also points k3s at CSGHub's registry (registries.yaml, which 90-seal.sh
-# removes again: the credentials are the build's).
+# the admin's sign-in through CSGHub's OAuth flow, git SSH, the registry with this copy's
+# credentials; it also points k3s at CSGHub's registry (registries.yaml, which 90-seal.sh removes
+# again: the credentials are the build's).
 GATE_RETRY_HINT="re-run the build (it resumes at the csghub step)"
 # shellcheck source-path=SCRIPTDIR source=files/common/readiness.sh
 . "${PROVISION_DIR:-/var/tmp/csghub-provision}/files/common/readiness.sh"
 GATE_POLL_SECONDS=$POLL_SECONDS
 READINESS_STATE=${CSGHUB_READINESS:-/run/csghub-appliance/readiness}
+# A re-run of this step (the failure line says to re-run the build) starts the gate afresh: it
+# forgets the Jobs an earlier run saw failed.
+GATE_FAILED_JOBS=${READINESS_STATE%/*}/failed-jobs
+rm -f "$GATE_FAILED_JOBS"
 remaining=$((deadline - SECONDS))
 ((remaining > 0)) || remaining=1
 readiness_gate "$CSGHUB_DOMAIN" "$remaining" "$READINESS_STATE"

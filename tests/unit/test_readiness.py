@@ -606,7 +606,8 @@ cp {manifests}/* {out}/
         "CSGHUB_LIB": str(FIRSTBOOT / "lib.sh"), "CSGHUB_READINESS_LIB": str(READINESS),
         "CSGHUB_STACK_LIB": str(PROJECT_ROOT / "provision" / "files" / "csghub" / "lib.sh"),
         "CSGHUB_ETC": str(etc), "CSGHUB_STATE": str(appstate), "K3S_REGISTRIES": str(tmp_path / "registries.yaml"),
-        "GATE_HOSTS_FILE": str(tmp_path / "hosts"), "GATE_POLL_SECONDS": "1", **(extra_env or {}),
+        "GATE_HOSTS_FILE": str(tmp_path / "hosts"), "GATE_POLL_SECONDS": "1",
+        "CSGHUB_READINESS": str(tmp_path / "readiness"), **(extra_env or {}),
     }
     subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", wrapper], env=env, check=True,
                    timeout=300)
@@ -618,6 +619,7 @@ MIGRATE_DONE = ["csghub/csghub-casdoor-migrate Complete=True,SuccessCriteriaMet=
 
 
 def test_reconfigure_deletes_finished_jobs_before_the_upgrade(tmp_path: Path) -> None:
+    (tmp_path / "failed-jobs").write_text("csghub/csghub-casdoor-migrate\n")  # seen failed before
     rc, out, err, files = reconfigure_in_namespace(tmp_path, MIGRATE_DONE)
     assert rc == 0, out + err
     domain = "csghub.192.168.56.10.nip.io"
@@ -637,6 +639,7 @@ def test_reconfigure_deletes_finished_jobs_before_the_upgrade(tmp_path: Path) ->
     assert list(registries["mirrors"]) == [f"{domain}:30080"]
     assert (tmp_path / "host" / "calls.log").read_text().count("systemctl restart k3s.service") == 1
     assert "ok: Helm release csghub/csghub upgraded (job kube-system/helm-install-csghub)" in out
+    assert not (tmp_path / "failed-jobs").exists()  # the Jobs run again: the gate's record of failures is gone
     assert f"DOMAIN={domain}" in (tmp_path / "appstate" / "access.env").read_text()
     assert "systemctl restart --no-block csghub-ready.service" in (tmp_path / "host" / "calls.log").read_text()
 

@@ -741,7 +741,7 @@ sync_registries() {
 readiness_gate() {
     local domain=$1 timeout=$2 state=$3 offline=${4:-} deadline facts verdict last="" last_print=0 registries=pending rc
     deadline=$((SECONDS + timeout))
-    # Where the Jobs seen failed are remembered (beside the state file; retry_release forgets them).
+    # Where the Jobs seen failed are remembered (beside the state file; delete_finished_jobs forgets them).
     GATE_FAILED_JOBS=${GATE_FAILED_JOBS:-${state%/*}/failed-jobs}
     while :; do
         facts=$(gate_facts "$domain" 2>/dev/null)
@@ -774,6 +774,13 @@ readiness_gate() {
     done
 }
 
+# gate_failed_jobs_file: where the gate remembers the Jobs it saw failed (beside its state file:
+# /run, so a reboot forgets them with the rest).
+gate_failed_jobs_file() {
+    local state=${CSGHUB_READINESS:-/run/csghub-appliance/readiness}
+    echo "${GATE_FAILED_JOBS:-${state%/*}/failed-jobs}"
+}
+
 # --- keeping the release upgradable (csghub-reconfigure, csghub-status --retry) -----------------
 
 # _gate_release_jobs: "NS/NAME CONDITIONS" for every Job of the release.
@@ -788,7 +795,7 @@ _gate_release_jobs() {
 # domain change changes csghub-casdoor-migrate's) is rejected and strands the release. The
 # upgrade creates them again. Returns 1 when a Job kept running (it is left alone).
 delete_finished_jobs() {
-    local deadline=$((SECONDS + ${1:-600})) facts job state running=""
+    local deadline=$((SECONDS + ${1:-600})) facts job state running="" record
     while :; do
         facts=$(_gate_release_jobs 2>/dev/null | job_facts || true) # the API failing: no job known
         running=$(awk '$3 == "running" { print $2; exit }' <<<"$facts")
@@ -801,6 +808,9 @@ delete_finished_jobs() {
         _gate_kc -n "${job%%/*}" delete job "${job#*/}" --ignore-not-found >/dev/null
         echo "changed: deleted finished job $job (the upgrade runs it again)"
     done <<<"$facts"
+    # The Jobs run again afresh: the gate forgets which of them it saw failed.
+    record=$(gate_failed_jobs_file)
+    rm -f "$record"
     if [[ -n "$running" ]]; then
         echo "error: job $running of the release is still running; an upgrade now would be rejected" >&2
         return 1
@@ -871,17 +881,13 @@ restart_coredns() {
 # revision (with failurePolicy abort the helm-controller waits for that), delete the release's
 # finished Jobs (so failed ones run again), and run the helm-controller's Job again.
 retry_release() {
-    local job failed_revisions now record
+    local job failed_revisions now
     failed_revisions=$(_gate_kc -n "$GATE_RELEASE_NS" get secrets -l "owner=helm,name=$GATE_RELEASE,status=failed" -o name 2>/dev/null || true)
     if [[ -n "$failed_revisions" ]]; then
         _gate_kc -n "$GATE_RELEASE_NS" delete secrets -l "owner=helm,name=$GATE_RELEASE,status=failed" >/dev/null
         echo "changed: forgot the failed Helm revision of $GATE_RELEASE_NS/$GATE_RELEASE (the next run installs or upgrades again)"
     fi
     delete_finished_jobs 0 2>/dev/null || echo "ok: a job of the release is still running; it is left to finish"
-    # The Jobs it re-runs start afresh: the gate forgets that they failed before.
-    record=${GATE_FAILED_JOBS:-}
-    [[ -n "$record" || -z "${CSGHUB_READINESS:-}" ]] || record=${CSGHUB_READINESS%/*}/failed-jobs
-    [[ -z "$record" ]] || rm -f "$record"
     job=$(_gate_kc -n "$GATE_HELMCHART_NS" get helmchart "$GATE_RELEASE" -o 'jsonpath={.status.jobName}' 2>/dev/null || true)
     if [[ -n "$job" ]]; then
         _gate_kc -n "$GATE_HELMCHART_NS" delete job "$job" --ignore-not-found >/dev/null
