@@ -516,6 +516,10 @@ def test_the_gate_matches_the_real_chart(helm_bin: Path) -> None:
     assert redirect in application["redirectUris"] and redirect.endswith("/api/v1/callback/casdoor")
     assert "authorization_code" in application["grantTypes"] and application["tokenFormat"] == "JWT"
     assert application["failedSigninLimit"] == 5  # the lockout the gate waits out
+    assert application["failedSigninFrozenTime"] == 15  # minutes
+    # Knative: the runner's KnativeServing, of the operator's CRD the gate asks for.
+    serving = objects_of_kind(objects, "KnativeServing")
+    assert serving and all(o["apiVersion"].startswith("operator.knative.dev/") for o in serving)
     cert_name = application["cert"]
     seed_cert = next(c for c in seed["certs"] if c["name"] == cert_name)["certificate"]
     certs = _named(objects, "Secret", gate_constant("GATE_CASDOOR_CERTS_SECRET"))["data"]
@@ -776,3 +780,23 @@ echo $? >{out}/rc
     registries = yaml.safe_load((tmp_path / "registries.yaml").read_text())
     assert registries["configs"][f"csghub.localhost:{gateway}"]["auth"] == {
         "username": COPY.registry_user, "password": COPY.registry_password}
+
+
+def test_the_registry_stand_in_takes_the_htpasswd_a_copy_makes() -> None:
+    """The stand-in registry checks the bcrypt hash first boot writes (secrets.sh's bcrypt_hash, through libcrypt), as
+    distribution's htpasswd check (golang.org/x/crypto/bcrypt) does: the right password passes, another does not."""
+    import base64 as b64
+
+    secrets_sh = FIRSTBOOT / "secrets.sh"
+    made = subprocess.run(["bash", "-c", f'. {shlex.quote(str(secrets_sh))}; bcrypt_hash "$1"', "_", "pw-of-this-copy"],
+                          capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    services = COPY.stand_in()
+    services.htpasswd = f"registry:{made}"
+
+    def basic(user: str, password: str) -> str:
+        return "Basic " + b64.b64encode(f"{user}:{password}".encode()).decode()
+
+    assert services.registry_authorized(basic("registry", "pw-of-this-copy"))
+    assert not services.registry_authorized(basic("registry", "another"))
+    assert not services.registry_authorized(basic("docker", "pw-of-this-copy"))
+    assert not services.registry_authorized(None)
