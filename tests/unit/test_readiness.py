@@ -203,6 +203,9 @@ def test_casdoor_bodies_are_json_with_the_secrets_escaped() -> None:
     ("answer", "outcome"),
     [
         ('{"status":"ok","msg":"","data":"a1b2c3d4e5f6a7b8c9d0","data2":null}', "code a1b2c3d4e5f6a7b8c9d0"),
+        # Beego indents JSON outside its prod run mode (the chart sets none).
+        ('{\n  "status": "ok",\n  "msg": "",\n  "data": "a1b2c3d4e5f6a7b8c9d0",\n  "data2": null,\n  "data3": false\n}',
+         "code a1b2c3d4e5f6a7b8c9d0"),
         ('{"status":"error","msg":"You have entered the wrong password or code too many times, please wait for 15 '
          'minutes and try again","data":null}',
          "waiting Casdoor has locked the admin after failed sign-ins (You have entered the wrong password or code too "
@@ -222,7 +225,7 @@ def test_casdoor_bodies_are_json_with_the_secrets_escaped() -> None:
          "waiting Casdoor answered: dial tcp 10.43.0.9:5432: connect: connection refused"),
         ("<html>", "waiting Casdoor answered: <html>"),
     ],
-    ids=["code", "lockout", "password", "client-id", "redirect", "application", "other", "html"],
+    ids=["code", "code-indented", "lockout", "password", "client-id", "redirect", "application", "other", "html"],
 )
 def test_casdoor_code_outcome(answer: str, outcome: str) -> None:
     assert bash("casdoor_code_outcome", answer).stdout.strip() == outcome
