@@ -180,6 +180,7 @@ jwt_signed_by() {
 # url_query_value NAME URL -> the raw value of query parameter NAME in URL (first one), or nothing.
 url_query_value() {
     local pair query=${2#*\?}
+    local -a pairs=()
     [[ "$2" == *\?* ]] || return 0
     IFS='&' read -r -a pairs <<<"$query"
     for pair in "${pairs[@]}"; do
