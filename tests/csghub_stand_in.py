@@ -4,16 +4,23 @@ One loopback HTTP server routes by Host as the chart's HTTPRoutes do (chart 2.4.
 templates/csghub/httproutes.yaml and the casdoor route), and each backend answers as its upstream
 does at the version the chart deploys. Each answer below names the upstream file it was read in:
 
-- Envoy (the gateway's proxy): a Host no route names gets 404 with an empty body
-  (envoyproxy/envoy source/common/router/router.cc, ``NoRouteFound``: ``Http::Code::NotFound``).
-- The portal (``<domain>``, path ``/``): 200 on ``/``, 302 to the login page elsewhere (the portal's
-  Go server redirects a request without a session; csghub chart 2.4.0 portal).
+- Envoy (the gateway's proxy; chart 2.4.0 runs distroless-v1.37.5): a Host no route names gets
+  404 with an empty body (envoyproxy/envoy source/common/router/router.cc, ``decodeHeaders``: no
+  route -> ``sendLocalReply(Http::Code::NotFound, "")``, read in the stored copy of Envoy's main line).
+- The portal (``<domain>``, path ``/``): 200 on ``/``, 302 elsewhere. Not read in the portal's own
+  source (csghub v2.4.0's Go server was not found in the stored copies): it is what issue 23 reports
+  of a real copy, and the gate relies only on the 200 on ``/``.
 - csghub-server v2.4.0 (``<domain>/api``): ``GET /api/v1/models`` answers 200 with its envelope
   ``{"msg": "OK", "data": [...]}`` (api/httpbase/response.go ``OKWithTotal``, api/router/api.go).
-- distribution v2.8.3 (``<domain>/v2``), htpasswd auth: no credentials or wrong ones -> 401 with
-  ``WWW-Authenticate: Basic realm="..."`` and ``{"errors":[{"code":"UNAUTHORIZED",...}]}``; the
-  htpasswd file's bcrypt hash is checked (registry/auth/htpasswd/access.go and htpasswd.go,
-  registry/handlers/app.go); right ones -> 200 ``{}`` with ``Docker-Distribution-API-Version``.
+- distribution v2.8.3 (``<domain>/v2``; the chart's ``registry:2.8.3``), htpasswd auth: no
+  credentials or wrong ones -> 401 with ``WWW-Authenticate: Basic realm="..."`` and the
+  ``UNAUTHORIZED`` "authentication required" error; the htpasswd file's bcrypt hash is checked
+  (tag v2.8.3: registry/auth/htpasswd/access.go ``Authorized``/``challenge.SetHeaders``,
+  registry/api/errcode/register.go); right ones -> 200 ``{}`` with
+  ``Docker-Distribution-API-Version: registry/2.0`` (registry/handlers/app.go ``apiBase``).
+- gitlab-sshd (``GitSshdBanner``): greets ``SSH-2.0-GitLab-SSHD`` (gitlab-shell
+  internal/sshd/server_config.go, ``ServerVersion``; read in the stored copy, not at the exact
+  version CSGHub ships).
 - Casdoor v3.62.0 (``casdoor.<domain>``): ``POST /api/login`` with ``type: "code"`` and the query
   ``clientId``, ``responseType``, ``redirectUri``, ``scope``, ``state`` (controllers/auth.go
   ``Login``/``HandleLoggedIn``, object/token_oauth_util.go ``CheckOAuthLogin``/``GetOAuthCode``);
