@@ -36,7 +36,7 @@ def fake_vboxmanage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, built_ova: 
     import appliance.run as run_module
 
     monkeypatch.setattr(run_module, "_PASSTHROUGH", (*run_module._PASSTHROUGH, "FAKE_VBOX_LOG", "FAKE_VBOX_OVA",
-                                                     "FAKE_VBOX_STATE", "FAKE_VBOX_FAIL"))
+                                                     "FAKE_VBOX_STATE", "FAKE_VBOX_STATES", "FAKE_VBOX_FAIL"))
     return calls
 
 
@@ -109,6 +109,17 @@ def test_running_vm_is_refused(fake_vboxmanage: Path, make_cfg: Callable[..., Ap
     with pytest.raises(ExportError, match="is 'running'; export needs it powered off"):
         export_virtualbox(make_cfg(), tmp_path / "dist")
     assert [c[0] for c in calls_of(fake_vboxmanage)] == ["showvminfo"]
+
+
+def test_a_vm_still_stopping_is_waited_for(fake_vboxmanage: Path, make_cfg: Callable[..., ApplianceConfig],
+                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sealed VM powered itself off a moment ago: its VM process is still tearing down ("stopping")."""
+    monkeypatch.setenv("FAKE_VBOX_STATES", "stopping,stopping,stopping,poweroff")
+    monkeypatch.setattr(vbox.time, "sleep", lambda _s: None)
+    export_virtualbox(make_cfg(), tmp_path / "dist")
+    calls = [c[0] for c in calls_of(fake_vboxmanage)]
+    assert calls[:4] == ["showvminfo"] * 4  # waited until poweroff before the first modifyvm
+    assert "modifyvm" in calls[4:] and calls[-1] == "export"
 
 
 def test_unknown_vm_is_reported_with_vboxmanage_message(
