@@ -24,15 +24,17 @@ clear ``PrerequisiteMissing`` from ``startvm`` within ``start_timeout``, never a
 
 from __future__ import annotations
 
+import json
+import shutil
 import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from appliance.errors import PrerequisiteMissing, VerifyError
-from appliance.export.virtualbox import nat_rules, vboxmanage, vm_info
-from appliance.log import log
+from appliance.errors import CommandFailed, ExportError, PrerequisiteMissing, VerifyError
+from appliance.export.virtualbox import nat_rules, unregister_and_delete, vboxmanage, vm_info
+from appliance.log import human_size, log
 from appliance.run import run
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,8 +57,13 @@ def virtualbox_boot_check(
     work_dir: Path | None = None,
     start_timeout: float = START_TIMEOUT,
     nonce: str | None = None,
+    import_bytes: int | None = None,
 ) -> BootReport:
-    """Import ``ova`` into a temporary VirtualBox VM, boot it headless, log in, check; always delete it."""
+    """Import ``ova`` into a temporary VirtualBox VM, boot it headless, log in, check; always delete it.
+
+    ``import_bytes``: what the imported disk takes (:func:`import_size`); the work folder must have
+    that much room, checked before VirtualBox starts writing.
+    """
     from appliance.verify_boot import check_booted_copy, new_boot_nonce
 
     nonce = nonce or new_boot_nonce()
@@ -65,14 +72,20 @@ def virtualbox_boot_check(
     with tempfile.TemporaryDirectory(prefix="vbox-boot-", dir=work_dir) as tmp:
         work = Path(tmp)
         console = work / "console.log"
-        imported = run([vbm, "import", str(ova.resolve()), "--vsys", "0", "--vmname", vm,
-                        "--basefolder", str(work), "--cpus", str(cpus), "--memory", str(memory_mb),
-                        "--eula", "accept"], timeout=1800, hint="can VirtualBox read the OVA?")
-        # VBoxManage exits 0 even when it refuses an import: its own words decide.
-        if "Successfully imported" not in imported.stdout:
-            raise VerifyError(f"VirtualBox did not import {ova.name}",
-                              [(imported.stdout + imported.stderr).strip()[-800:]])
+        if import_bytes is not None:
+            free = shutil.disk_usage(work).free
+            if import_bytes + FREE_SPACE_MARGIN > free:
+                raise VerifyError(f"VirtualBox's import of {ova.name} needs about {human_size(import_bytes)} in "
+                                  f"{work}, which has {human_size(free)} free",
+                                  ["point TMPDIR at a folder with room, or skip the boot with --no-boot"])
         try:
+            imported = run([vbm, "import", str(ova.resolve()), "--vsys", "0", "--vmname", vm,
+                            "--basefolder", str(work), "--cpus", str(cpus), "--memory", str(memory_mb),
+                            "--eula", "accept"], timeout=1800, hint="can VirtualBox read the OVA?")
+            # VBoxManage exits 0 even when it refuses an import: its own words decide.
+            if "Successfully imported" not in imported.stdout:
+                raise VerifyError(f"VirtualBox did not import {ova.name}",
+                                  [(imported.stdout + imported.stderr).strip()[-800:]])
             ssh_port, http_host_port = prepare_verify_vm(vm, console, nonce, http_port=http_port)
             started = time.monotonic()
             with log.step(f"start {vm} headless in VirtualBox"):
@@ -89,11 +102,45 @@ def virtualbox_boot_check(
                 )
             return check_booted_copy(ssh_port, http_host_port, console, login=login, ready_command=ready_command,
                                      started=started, deadline=started + timeout, nonce=nonce, http_host=http_host,
-                                     http_if_stack=http_if_stack)
+                                     http_if_stack=http_if_stack, stopped=lambda: why_stopped(vm))
         finally:
-            run([vbm, "controlvm", vm, "poweroff"], check=False, timeout=120)
-            run([vbm, "unregistervm", vm, "--delete"], check=False, timeout=300)
+            # Waits until VirtualBox has released the VM's session (a VM that just powered off is
+            # still locked for a moment), and says so when the VM is left registered.
+            try:
+                unregister_and_delete(vm)
+            except ExportError as exc:
+                log.error(f"{exc}" + (f"\n  hint: {exc.hint}" if exc.hint else ""))
 
+
+
+FREE_SPACE_MARGIN = 512 << 20  # the VM's settings, logs and the console file
+
+
+def import_size(vmdk: Path) -> int:
+    """Bytes the disk takes once VirtualBox imports it (expanded, still sparse): the data it holds,
+    as ``qemu-img measure`` counts it."""
+    measured = run(["qemu-img", "measure", "--output=json", "-O", "qcow2", str(vmdk)], timeout=300)
+    try:
+        return int(json.loads(measured.stdout)["required"])
+    except (ValueError, KeyError, TypeError):
+        raise VerifyError(f"qemu-img measure printed no size for {vmdk.name}",
+                          [measured.stdout.strip()[-300:]]) from None
+
+
+# VBoxManage's short state names of a VM that is (still) coming up or running.
+RUNNING_STATES = ("starting", "running")
+
+
+def why_stopped(vm: str) -> str | None:
+    """Why ``vm`` no longer runs (its VMState, e.g. ``aborted`` after a crash), or None while it runs."""
+    try:
+        state = vm_info(vm).get("VMState", "unknown")
+    except CommandFailed as exc:
+        return f"VirtualBox no longer shows the VM: {str(exc).splitlines()[0]}"
+    if state in RUNNING_STATES:
+        return None
+    crashed = " (the VM process crashed or was killed)" if state == "aborted" else ""
+    return f"VirtualBox reports it {state!r}{crashed}"
 
 
 def nonce_extradata_key(info: dict[str, str]) -> str:

@@ -130,11 +130,17 @@ def verify_ova(
                 raise VerifyError(f"{path}: boot check expects one disk, found {len(disks)}")
             with log.step(f"boot a fresh copy ({boot_with})"):
                 if boot_with == "virtualbox":
-                    from appliance.vboxboot import virtualbox_boot_check
+                    from appliance.vboxboot import import_size, virtualbox_boot_check
 
+                    # VirtualBox imports the OVA itself: the disk copied out for the structural
+                    # check has served; what the import will write is measured from it, then it goes.
+                    disk = next(iter(disks.values()))
+                    need = import_size(disk)
+                    disk.unlink()
                     report.boot = virtualbox_boot_check(path, login=login, http_port=http_port, http_host=http_host,
                                                         http_if_stack=http_if_stack, timeout=boot_timeout,
-                                                        work_dir=work, cpus=cpus, memory_mb=memory_mb)
+                                                        work_dir=work, cpus=cpus, memory_mb=memory_mb,
+                                                        import_bytes=need)
                 else:
                     report.boot = boot_check(next(iter(disks.values())), login=login, http_port=http_port,
                                              http_host=http_host, http_if_stack=http_if_stack,

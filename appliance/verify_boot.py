@@ -30,7 +30,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,6 +176,10 @@ class _PasswordShell:
 
     def close(self) -> None:
         self.transport.close()
+
+
+# Says why the VM under test is no longer running, or None while it runs.
+VmWatch = Callable[[], str | None]
 
 
 class _RetryNote:
@@ -332,16 +336,22 @@ def check_booted_copy(
     http_host: str | None,
     http_path: str = "/",
     http_if_stack: bool = False,
+    stopped: VmWatch | None = None,
 ) -> BootReport:
     """The checks on a started copy, whatever booted it (QEMU here, VirtualBox in ``vboxboot``): log in
     (a sealed copy's console login must carry ``nonce``: the first-boot proof), run the readiness
-    command, then HTTP unless the copy's status line says it was built without the stack."""
+    command, then HTTP unless the copy's status line says it was built without the stack.
+
+    ``stopped`` (called at every poll) says why the VM is no longer running, or None while it
+    runs: a VM that aborts fails the check at once instead of at the deadline."""
     proved = False
     if isinstance(login, ConsoleLogin):
-        seconds, ready_rc, ready_out = _console_login_check(ssh_port, console, ready_command, deadline, started, nonce)
+        seconds, ready_rc, ready_out = _console_login_check(ssh_port, console, ready_command, deadline, started, nonce,
+                                                            stopped=stopped)
         proved = True
     else:
-        seconds, ready_rc, ready_out = _key_login_check(ssh_port, login, console, ready_command, deadline, started)
+        seconds, ready_rc, ready_out = _key_login_check(ssh_port, login, console, ready_command, deadline, started,
+                                                        stopped=stopped)
     if ready_rc != 0:
         raise VerifyError("logged in, but the readiness command failed",
                           [f"{ready_command!r} exited {ready_rc}: {ready_out.strip()[-500:]}",
@@ -355,12 +365,21 @@ def check_booted_copy(
             log.info(f"HTTP check skipped: {skip} (built without CSGHub)")
         else:
             report.http_status = wait_http(f"http://127.0.0.1:{http_host_port}{http_path}", deadline, http_host,
-                                           console=console)
+                                           console=console, stopped=stopped)
     return report
 
 
+def _check_running(stopped: VmWatch | None, console: Path | None) -> None:
+    """Fail at once when the VM is no longer running (``stopped`` gives the reason)."""
+    reason = stopped() if stopped is not None else None
+    if reason is not None:
+        raise VerifyError(f"the copy stopped while it was being checked: {reason}",
+                          ["console tail:\n" + _console_tail(console)] if console is not None else [])
+
+
 def _key_login_check(
-    ssh_port: int, login: SSHLogin, console: Path, ready_command: str, deadline: float, started: float
+    ssh_port: int, login: SSHLogin, console: Path, ready_command: str, deadline: float, started: float,
+    *, stopped: VmWatch | None = None,
 ) -> tuple[float, int, str]:
     """Wait until OpenSSH logs in with the key, then run the readiness command."""
     ssh_argv = [
@@ -381,6 +400,7 @@ def _key_login_check(
                 [f"last ssh error: {last_error}", "console tail:\n" + _console_tail(console)],
             )
         note(last_error or f"ssh exit {probe.returncode}")
+        _check_running(stopped, console)
         time.sleep(3)
     seconds = time.monotonic() - started
     log.info(f"SSH answered after {seconds:.0f} s")
@@ -389,7 +409,8 @@ def _key_login_check(
 
 
 def _console_login_check(
-    ssh_port: int, console: Path, ready_command: str, deadline: float, started: float, nonce: str | None = None
+    ssh_port: int, console: Path, ready_command: str, deadline: float, started: float, nonce: str | None = None,
+    *, stopped: VmWatch | None = None,
 ) -> tuple[float, int, str]:
     """Wait for this boot's login line on the console, log in with that password, run the readiness command.
 
@@ -430,6 +451,7 @@ def _console_login_check(
                 f"could not log in to the copy within {deadline - started:.0f} s",
                 [f"last error: {last_error}", "console tail:\n" + _console_tail(console)],
             )
+        _check_running(stopped, console)
         time.sleep(3)
 
 
@@ -443,7 +465,8 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects())
 
 
-def wait_http(url: str, deadline: float, host: str | None = None, *, console: Path | None = None) -> int:
+def wait_http(url: str, deadline: float, host: str | None = None, *, console: Path | None = None,
+              stopped: VmWatch | None = None) -> int:
     """Poll ``url`` (with ``Host: host``) until it answers 2xx/3xx; a stack still starting answers 404/5xx.
 
     Redirects are not followed (a 3xx counts as an answer). ``console``: the copy's serial
@@ -454,6 +477,7 @@ def wait_http(url: str, deadline: float, host: str | None = None, *, console: Pa
     while time.monotonic() < deadline:
         if console is not None:
             _check_console_size(console)
+        _check_running(stopped, console)
         request = urllib.request.Request(url, headers=headers)  # a loopback URL built here
         try:
             with _HTTP.open(request, timeout=10) as resp:

@@ -15,9 +15,10 @@ set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=files/common/lib.sh
 source "${PROVISION_DIR:-/var/tmp/csghub-provision}/files/common/lib.sh"
 
-# What the provisioning scripts and k3s use from the OS. Not iptables, conntrack or socat:
+# What the provisioning scripts and k3s use from the OS (openssl: first boot makes Casdoor's key with
+# it, the readiness gate checks Casdoor's tokens with it). Not iptables, conntrack or socat:
 # k3s ships its own. Not nfs-common or open-iscsi: volumes are local-path (ReadWriteOnce).
-PACKAGES=(ca-certificates curl iproute2 kmod procps systemd-timesyncd)
+PACKAGES=(ca-certificates curl iproute2 kmod openssl procps systemd-timesyncd)
 MODULES=(br_netfilter overlay)
 MODULES_FILE=/etc/modules-load.d/csghub-appliance.conf
 SYSCTL_FILE=/etc/sysctl.d/60-csghub-appliance.conf

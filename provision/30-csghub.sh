@@ -116,14 +116,19 @@ echo "ok: Helm release $NAMESPACE/csghub deployed (chart $CSGHUB_CHART_VERSION)"
 
 # --- the readiness gate ----------------------------------------------------------------------
 # The same gate every copy runs at each boot (csghub-ready): every Job of the release complete,
-# every workload ready, the portal through the gateway, an admin login through Casdoor, git
-# SSH, the registry; it also points k3s at CSGHub's registry (registries.yaml, which 90-seal.sh
-# removes again: the credentials are the build's).
+# every workload and KnativeServing ready, the portal and csghub-server's API through the gateway,
+# the admin's sign-in through CSGHub's OAuth flow, git SSH, the registry with this copy's
+# credentials; it also points k3s at CSGHub's registry (registries.yaml, which 90-seal.sh removes
+# again: the credentials are the build's).
 GATE_RETRY_HINT="re-run the build (it resumes at the csghub step)"
 # shellcheck source-path=SCRIPTDIR source=files/common/readiness.sh
 . "${PROVISION_DIR:-/var/tmp/csghub-provision}/files/common/readiness.sh"
 GATE_POLL_SECONDS=$POLL_SECONDS
 READINESS_STATE=${CSGHUB_READINESS:-/run/csghub-appliance/readiness}
+# A re-run of this step (the failure line says to re-run the build) starts the gate afresh: it
+# forgets the Jobs an earlier run saw failed.
+GATE_FAILED_JOBS=${READINESS_STATE%/*}/failed-jobs
+rm -f "$GATE_FAILED_JOBS"
 remaining=$((deadline - SECONDS))
 ((remaining > 0)) || remaining=1
 readiness_gate "$CSGHUB_DOMAIN" "$remaining" "$READINESS_STATE"
@@ -131,7 +136,7 @@ if [[ "$GATE_VERDICT" != ready ]]; then
     "${KC[@]}" get pods -A --field-selector=status.phase!=Running,status.phase!=Succeeded >&2 || true
     die "CSGHub is not ready: $GATE_VERDICT"
 fi
-echo "ok: CSGHub is ready: jobs, workloads, portal, admin login, git SSH and registry all answer"
+echo "ok: CSGHub is ready: jobs, workloads, Knative, portal, csghub-server's API, the admin's OAuth sign-in, git SSH and the registry with this copy's credentials all answer"
 login_host=$(gate_casdoor_host)
 
 # --- offline readiness: every image of the declared set is in the image store ---------------------
@@ -145,11 +150,13 @@ not_kube_system=--field-selector=metadata.namespace!=kube-system
 stored_images() {
     /usr/local/bin/k3s ctr -n k8s.io images ls -q
 }
-# A line is "NAME" or "NAME DIGEST" (the digest `invoke lock` pinned for it).
+# A line is "NAME" or "NAME DIGEST" (the digest `invoke lock` pinned for it), read by the same
+# rule as the build host reads it back (read_image_set, lib.sh).
 declare -A pinned_digest=()
 wanted=()
-image_lines=$(sort -u "$IMAGE_SET")
-while read -r name digest _; do
+# shellcheck disable=SC2310  # a pure reader: its one failure is the refusal it prints
+image_lines=$(read_image_set "$IMAGE_SET") || die "$IMAGE_SET is malformed (see above; the build host writes it: appliance/images.py)"
+while read -r name digest; do
     [[ -n "$name" ]] || continue
     wanted+=("$name")
     [[ -z "${digest:-}" ]] || pinned_digest[$name]=$digest

@@ -18,24 +18,28 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from appliance.digest import sha256_file
-from appliance.errors import ExportError, PrerequisiteMissing
+from appliance.errors import CommandFailed, ExportError, PrerequisiteMissing
 from appliance.export.ova import OvaResult
 from appliance.export.ovf import DiskFacts, OvfFormat, read_descriptor
 from appliance.log import human_size, log
-from appliance.run import run, which
+from appliance.run import CommandResult, run, which
 
 if TYPE_CHECKING:  # pragma: no cover
     from appliance.config import ApplianceConfig
 
 # States in which VirtualBox can export a machine (its disks are not in use).
 EXPORTABLE_STATES = ("poweroff", "aborted")
+# States that do not end by themselves: no point in waiting for them.
+_RUNNING_STATES = ("running", "paused", "gurumeditation", "saved", "teleported")
 _FORMAT_FLAG = {"ovf10": "--ovf10", "ovf20": "--ovf20"}
 
 
@@ -59,9 +63,19 @@ def _read_quoted(text: str, i: int) -> tuple[str, int]:
     raise ValueError("unterminated quoted value")
 
 
+_NIC_KEY = re.compile(r"nic([0-9]+)")
+_FORWARDING_KEY = re.compile(r"Forwarding\(([0-9]+)\)")
+
+
 def parse_machinereadable(text: str) -> dict[str, str]:
-    """``key="value"`` / ``"key"="value"`` / ``key=value`` lines into a dict (values unescaped)."""
+    """``key="value"`` / ``"key"="value"`` / ``key=value`` lines into a dict (values unescaped).
+
+    VBoxManage 7.2 numbers each adapter's NAT rules from 0 under the same key (``Forwarding(0)``
+    after ``nic1=...``, again after ``nic2=...``): a rule is stored under ``Forwarding<N>(<k>)``,
+    N being the adapter whose ``nicN`` line came last before it, so no adapter's rules overwrite another's.
+    """
     info: dict[str, str] = {}
+    adapter = 1
     i = 0
     while i < len(text):
         if text[i] in "\r\n":
@@ -87,6 +101,10 @@ def parse_machinereadable(text: str) -> dict[str, str]:
         else:
             nl = text.find("\n", i)
             value, i = (text[i:], len(text)) if nl < 0 else (text[i:nl], nl)
+        if nic := _NIC_KEY.fullmatch(key):
+            adapter = int(nic.group(1))
+        elif forwarding := _FORWARDING_KEY.fullmatch(key):
+            key = f"Forwarding{adapter}({forwarding.group(1)})"
         info[key] = value
     return info
 
@@ -104,8 +122,8 @@ class NatRule:
 
 
 def nat_rules(info: dict[str, str], adapter: int = 1) -> list[NatRule]:
-    """The NAT forwards of ``adapter`` (VBoxManage lists adapter 1's as ``Forwarding(N)``)."""
-    prefix = "Forwarding(" if adapter == 1 else f"Forwarding{adapter}("  # newer VBoxManage: per NIC
+    """The NAT forwards of ``adapter`` (``Forwarding<adapter>(k)``, as :func:`parse_machinereadable` keys them)."""
+    prefix = f"Forwarding{adapter}("
     rules = []
     for key, value in info.items():
         if key.startswith(prefix) and key.endswith(")"):
@@ -130,6 +148,103 @@ def vm_info(vm: str) -> dict[str, str]:
         return parse_machinereadable(result.stdout)
     except ValueError as exc:
         raise ExportError(f"cannot parse `VBoxManage showvminfo {vm} --machinereadable`: {exc}") from None
+
+
+# -- waiting for the VM's session to be released ---------------------------------------------------
+#
+# A VM that has just powered off is still locked while its VM process (VBoxHeadless) tears the
+# session down; `unregistervm` then fails with "Cannot unregister the machine ... while it is
+# locked" and `modifyvm` with "already locked for a session (or being unlocked)" (both
+# VBOX_E_INVALID_OBJECT_STATE). `showvminfo --machinereadable` prints `SessionName="..."` while a
+# named session (headless, GUI, a script's) holds the machine (VBoxManageInfo.cpp, VirtualBox
+# 7.2: only when the session state is not Unlocked), and VMState is a transient state
+# ("stopping", "saving", ...) while the VM process still runs. A session opened without a name
+# shows neither, so a command refused for a lock is retried too, a bounded number of times.
+
+# States in which no VM process runs (VBoxManage's short state names).
+SETTLED_STATES = ("poweroff", "aborted", "saved", "teleported", "aborted-saved")
+LOCK_WAIT = 120.0  # seconds a session may take to be released
+LOCK_RETRIES = 6
+
+
+def session_holder(info: dict[str, str]) -> str | None:
+    """What still holds the VM (a named session or a VM process in a transient state), or None."""
+    if info.get("SessionName"):
+        return f"session {info['SessionName']!r}"
+    state = info.get("VMState", "unknown")
+    if state not in SETTLED_STATES:
+        return f"VM state {state!r}"
+    return None
+
+
+def wait_unlocked(vm: str, timeout: float = LOCK_WAIT, poll: float = 1.0) -> dict[str, str]:
+    """Poll ``showvminfo`` until no session holds ``vm`` and no VM process runs; its info then.
+
+    Raises :class:`ExportError` naming the holder when it is still there after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    said = False
+    while True:
+        info = vm_info(vm)
+        holder = session_holder(info)
+        if holder is None:
+            return info
+        if time.monotonic() > deadline:
+            raise ExportError(f"VirtualBox VM {vm!r} is still held ({holder}) after {timeout:.0f} s",
+                              hint=f"close what uses it (VBoxManage showvminfo {vm}), or power it off: "
+                                   f"VBoxManage controlvm {vm} poweroff")
+        if not said:
+            log.info(f"waiting for VirtualBox to release {vm} ({holder})")
+            said = True
+        time.sleep(poll)
+
+
+def refused_for_lock(result: CommandResult) -> bool:
+    """VBoxManage refused because another session holds the machine (VBOX_E_INVALID_OBJECT_STATE)."""
+    return not result.ok and "locked" in result.stderr and "VBOX_E_INVALID_OBJECT_STATE" in result.stderr
+
+
+def run_unlocked(argv: list[str], vm: str, *, timeout: float = 300, attempts: int = LOCK_RETRIES,
+                 lock_wait: float = LOCK_WAIT, hint: str | None = None) -> CommandResult:
+    """Run a VBoxManage command that locks ``vm`` once VirtualBox has released it; retry (bounded)
+    while it is refused for a lock held by an unnamed session. Raises ``CommandFailed`` otherwise."""
+    result: CommandResult | None = None
+    for attempt in range(1, attempts + 1):
+        wait_unlocked(vm, lock_wait)
+        result = run(argv, check=False, timeout=timeout)
+        if not refused_for_lock(result):
+            break
+        log.info(f"VirtualBox still holds {vm} (attempt {attempt}/{attempts}); retrying")
+        time.sleep(min(2.0 * attempt, 10.0))
+    assert result is not None
+    if not result.ok:
+        raise CommandFailed(result, hint=hint)
+    return result
+
+
+def still_registered(vm: str) -> bool:
+    """Whether VirtualBox still lists ``vm`` (``VBoxManage list vms``: ``"NAME" {UUID}`` lines)."""
+    listed = run([vboxmanage(), "list", "vms"], check=False, timeout=60)
+    return any(line.rsplit(" {", 1)[0] == f'"{vm}"' for line in listed.stdout.splitlines())
+
+
+def unregister_and_delete(vm: str, *, lock_wait: float = LOCK_WAIT) -> None:
+    """Power ``vm`` off if it runs, wait until its session is released, unregister it and delete its
+    files. Raises :class:`ExportError` when it is still registered afterwards, naming the command."""
+    vbm = vboxmanage()
+    try:
+        info = vm_info(vm)
+    except CommandFailed:
+        return  # not registered (never imported, or already gone)
+    if info.get("VMState") not in SETTLED_STATES:
+        run([vbm, "controlvm", vm, "poweroff"], check=False, timeout=120)
+    try:
+        run_unlocked([vbm, "unregistervm", vm, "--delete"], vm, lock_wait=lock_wait)
+    except (CommandFailed, ExportError) as exc:
+        if still_registered(vm):
+            raise ExportError(f"VirtualBox VM {vm!r} is still registered: {str(exc).splitlines()[0]}",
+                              hint=f"remove it by hand: VBoxManage unregistervm {vm} --delete") from None
+        raise
 
 
 # -- export ---------------------------------------------------------------------------------------
@@ -167,14 +282,15 @@ def sync_nat_forwards(cfg: ApplianceConfig, vm: str, info: dict[str, str]) -> li
         if p is None or (existing.protocol, existing.host_ip, existing.host_port, existing.guest_port) != (
             p.protocol, p.host_ip, p.host, p.guest
         ):
-            run([vboxmanage(), "modifyvm", vm, "--natpf1", "delete", name])
+            run_unlocked([vboxmanage(), "modifyvm", vm, "--natpf1", "delete", name], vm)
             changes.append(f"deleted forward {name}")
     for name, p in sorted(wanted.items()):
         rule = have.get(name)
         if rule is None or (rule.protocol, rule.host_ip, rule.host_port, rule.guest_port) != (
             p.protocol, p.host_ip, p.host, p.guest
         ):
-            run([vboxmanage(), "modifyvm", vm, "--natpf1", f"{name},{p.protocol},{p.host_ip},{p.host},,{p.guest}"])
+            run_unlocked([vboxmanage(), "modifyvm", vm, "--natpf1",
+                          f"{name},{p.protocol},{p.host_ip},{p.host},,{p.guest}"], vm)
             changes.append(f"added forward {name}")
     return changes
 
@@ -228,8 +344,12 @@ def export_virtualbox(
     """
     vm = vm or cfg.vm.name
     fmt: OvfFormat = ovf_format or cfg.output.ovf_format
-    info = vm_info(vm)
-    state = info.get("VMState", "unknown")
+    state = vm_info(vm).get("VMState", "unknown")
+    if state not in _RUNNING_STATES:
+        # A VM that has just powered itself off (the seal step) may still be held by its VM
+        # process: the modifyvm calls below would be refused.
+        info = wait_unlocked(vm)
+        state = info.get("VMState", "unknown")
     if state not in EXPORTABLE_STATES:
         raise ExportError(f"VM {vm!r} is {state!r}; export needs it powered off",
                           hint="halt it first (vagrant halt)")

@@ -9,7 +9,9 @@ template_images, cronjob_images (image references the cluster's objects name), h
 labelled pinned). The image store follows containerd's naming (stored_name). For the readiness
 gate and csghub-reconfigure: jobs (the release's Jobs, lines "NS/NAME CONDITIONS" as the gate's
 jsonpath prints them), secrets (lines "NAME KEY VALUE"), pod_states (the gate's pod lines),
-helm_failed (failed Helm revisions, as `kubectl get -o name` prints them).
+helm_failed (failed Helm revisions, as `kubectl get -o name` prints them), configmaps (lines "NAME KEY
+VALUE"), knativeservings (lines "NS/NAME READY_STATUS"; the file's presence is the CRD's). A secret's
+VALUE "base64:DATA" is served as DATA (a certificate, already encoded).
 
 The helm-controller's Job behaves like the real one on an upgrade: once this copy's values
 (csghub-appliance-instance.yaml) are there, it fails while a finished Job of the release still
@@ -75,14 +77,27 @@ def kubectl(args: list[str]) -> int:
         name = f"{args[1]}/{args[4]}"
         (STATE / "jobs").write_text("".join(f"{job}\n" for job in lines("jobs") if job.split()[0] != name))
     elif args[:4] == ["-n", "csghub", "get", "secret"] and "jsonpath={.data." in text:
-        key = text.split("jsonpath={.data.", 1)[1].rstrip("}")
+        key = text.split("jsonpath={.data.", 1)[1].rstrip("}").replace("\\.", ".")
         for line in lines("secrets"):
             name, k, value = line.split(" ", 2)
             if name == args[4] and k == key:
-                print(base64.b64encode(value.encode()).decode(), end="")
+                # "base64:DATA": stored as the API serves it already (a multi-line certificate).
+                print(value[7:] if value.startswith("base64:") else base64.b64encode(value.encode()).decode(), end="")
                 break
         else:
             return 1
+    elif args[:4] == ["-n", "csghub", "get", "configmap"] and "jsonpath={.data." in text:
+        # A ConfigMap's value as kubectl prints it (no encoding); a missing key prints nothing.
+        key = text.split("jsonpath={.data.", 1)[1].rstrip("}").replace("\\.", ".")
+        for line in lines("configmaps"):
+            name, k, value = line.split(" ", 2)
+            if name == args[4] and k == key:
+                print(value, end="")
+                break
+    elif args[:3] == ["get", "crd", "knativeservings.operator.knative.dev"]:
+        return 0 if (STATE / "knativeservings").exists() else 1
+    elif args[:3] == ["get", "knativeservings.operator.knative.dev", "-A"]:
+        print("\n".join(lines("knativeservings")))
     elif "get secret csghub-docker-credential" in text:
         return 1
     elif "get secrets -l owner=helm,name=csghub,status=failed" in text:

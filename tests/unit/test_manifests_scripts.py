@@ -9,14 +9,12 @@ is the e2e test's job (tests/e2e/test_full_build.py).
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -27,6 +25,7 @@ from appliance.manifests import manifest_yaml, render_manifests
 from appliance.run import run
 from appliance.values import generate_values
 from tests.chart import CHART_DIR
+from tests.csghub_stand_in import Gateway, GitSshdBanner, make_copy
 
 LIB = PROJECT_ROOT / "provision" / "files" / "csghub" / "lib.sh"
 K3S_STEP = PROJECT_ROOT / "provision" / "20-k3s.sh"
@@ -130,58 +129,41 @@ FAKE_K3S = PROJECT_ROOT / "tests" / "data" / "fake_k3s.py"
 
 ADMIN = ("root", 'pw-"of"-this\\copy')  # the copy's Casdoor admin (quotes and a backslash: JSON escaping)
 REGISTRY = ("registry", "registry-pw-1")
+# This copy's credentials (Secrets and ConfigMaps the k3s stand-in serves); the gateway stand-in's
+# services agree with them unless a test makes one differ.
+COPY = make_copy(ADMIN[1], REGISTRY[1])
 
 
 @pytest.fixture
-def gateway() -> Iterator[int]:
-    """A loopback HTTP server standing in for the gateway's NodePort: the portal (200), the
-    login service (302, and Casdoor's /api/login for the admin), the registry's /v2/ (401 with
-    a Basic challenge, as the chart's htpasswd-protected registry answers)."""
-    hosts: list[str] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-        def reply(self, code: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
-            self.send_response(code)
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_GET(self) -> None:
-            host = self.headers.get("Host", "")
-            hosts.append(host)
-            if self.path == "/v2/" and host.startswith("csghub.localhost:"):
-                self.reply(401, headers={"WWW-Authenticate": 'Basic realm="Registry Realm"'})
-            else:
-                self.reply(200 if host.startswith("csghub.localhost:") else 302)
-
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            ok = (self.headers.get("Host", "").startswith("casdoor.") and self.path == "/api/login"
-                  and body["organization"] == "OpenCSG" and body["application"] == "CSGHub"
-                  and (body["username"], body["password"]) == ADMIN)
-            answer = {"status": "ok", "msg": ""} if ok else {"status": "error", "msg": "password or code is incorrect"}
-            self.reply(200, json.dumps(answer).encode(), {"Content-Type": "application/json"})
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+def stand_in() -> Iterator[Gateway]:
+    """The gateway's NodePort on loopback (tests/csghub_stand_in.py): Envoy's routing, the portal,
+    csghub-server's API, Casdoor and the registry, each answering as upstream does, holding COPY's credentials."""
+    gw = Gateway(COPY.stand_in())
     try:
-        yield server.server_address[1]
+        yield gw
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+        gw.stop()
+
+
+@pytest.fixture
+def gateway(stand_in: Gateway) -> int:
+    return stand_in.port
 
 
 @pytest.fixture(scope="module")
-def git_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    """A real OpenSSH server standing in for gitlab-shell behind the git SSH NodePort (the gate
-    reads its banner)."""
+def git_sshd() -> Iterator[int]:
+    """gitlab-sshd's greeting behind the git SSH NodePort (the gate reads its banner)."""
+    banner = GitSshdBanner()
+    try:
+        yield banner.port
+    finally:
+        banner.stop()
+
+
+@pytest.fixture(scope="module")
+def git_sshd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real OpenSSH server: the build's read-back of the image record talks to it as to the guest, and
+    the gate's banner probe reads it (tests/unit/test_readiness.py)."""
     import sys
 
     sys.path.insert(0, str(PROJECT_ROOT / "tests" / "ssh"))
@@ -192,9 +174,10 @@ def git_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
     try:
-        yield server.port
+        yield server
     finally:
         server.stop()
+
 
 
 def csghub_step_in_namespace(tmp_path: Path, port: int, runs: int, image_list: list[str],
@@ -254,9 +237,7 @@ def fake_state(tmp_path: Path, **files: list[str]) -> None:
 GATE_STATE = {
     "jobs": ["csghub/csghub-server-migrate Complete=True,SuccessCriteriaMet=True,",
              "csghub/csghub-casdoor-migrate Complete=True,", "csghub/csghub-minio-init Complete=True,"],
-    "secrets": [f"csghub-casdoor-init INIT_ADMIN_USER {ADMIN[0]}",
-                f"csghub-casdoor-init INIT_ADMIN_PASSWORD {ADMIN[1]}",
-                f"csghub-registry REGISTRY_USERNAME {REGISTRY[0]}", f"csghub-registry REGISTRY_PASSWORD {REGISTRY[1]}"],
+    **COPY.cluster_state(),
 }
 @pytest.fixture(scope="module")
 def real_image_set(helm_bin: Path) -> list[str]:
@@ -285,11 +266,13 @@ def test_csghub_step_runs_and_second_run_changes_nothing(tmp_path: Path, gateway
     assert "changed: installed /var/lib/rancher/k3s/server/static/charts/csghub-2.4.0.tgz" in out1
     assert "changed: CoreDNS resolves csghub.localhost names to 127.0.0.1" in out1
     # The gate: progress while the StatefulSet starts, then every check passed.
-    # 11 checks: API, release, 3 Jobs, 2 workloads, portal, login (held back until the workloads are
-    # ready: Casdoor locks accounts after failed logins), git SSH, registry.
-    assert "progress: starting (9/11): waiting for statefulset csghub/csghub-postgresql" in out1
+    # 13 checks: API, release, 3 Jobs, 2 workloads, KnativeServing, portal, csghub-server's API, the
+    # admin's OAuth sign-in (held back until the workloads are ready: Casdoor locks accounts after
+    # failed sign-ins), git SSH, registry with credentials.
+    assert "progress: starting (11/13): waiting for statefulset csghub/csghub-postgresql" in out1
     assert "progress: ready" in out1
-    assert "ok: CSGHub is ready: jobs, workloads, portal, admin login, git SSH and registry all answer" in out1
+    assert ("ok: CSGHub is ready: jobs, workloads, Knative, portal, csghub-server's API, the admin's OAuth "
+            "sign-in, git SSH and the registry with this copy's credentials all answer") in out1
     assert (tmp_path / "readiness").read_text() == "ready\n"
     # registries.yaml with the credentials the cluster holds; k3s restarted to read it, once.
     registries = yaml.safe_load((tmp_path / "registries.yaml").read_text())
@@ -332,7 +315,8 @@ def test_csghub_step_fails_with_the_gates_line_when_the_admin_login_is_refused(
     portal = ["docker.io/opencsghq/csghub-portal:v2.4.0-ce"]
     ((rc, _out, err),) = csghub_step_in_namespace(tmp_path, gateway, 1, portal, git_sshd)
     assert rc != 0
-    assert ("CSGHub is not ready: failed: the admin login through Casdoor was refused (password or code is incorrect)"
+    assert ("CSGHub is not ready: failed: the admin's sign-in through CSGHub's OAuth flow failed: the admin's "
+            "password (Secret csghub-casdoor-init) was refused: password or code is incorrect"
             " — sudo k3s kubectl -n csghub logs deploy/csghub-casdoor; then re-run the build") in err
 
 
@@ -397,6 +381,38 @@ def test_csghub_step_checks_digests_the_version_lock_pins(tmp_path: Path, gatewa
     assert f"  {moved}: stored {stand_in_digest(moved)}, the version lock pins sha256:{'0' * 64}" in err
     assert kept + ":" not in err
     assert "1 image(s) differ from the version lock" in err
+
+
+def test_a_pinned_build_records_its_images_and_passes(tmp_path: Path, gateway: int, git_sshd_server: Any) -> None:
+    """`invoke lock` pinned digests for the stand-in images: images.txt carries `NAME DIGEST` lines, the
+    guest step accepts them, and the build host's read-back (over a real SSH session) passes."""
+    import hashlib
+
+    from appliance.artifacts import LOCK_FILE, read_lock, write_lock
+    from appliance.images import ImageEntry, image_list_text, locked_image_digests, record_stored_images
+
+    def stand_in_digest(name: str) -> str:  # what tests/data/fake_k3s.py reports for a stored image
+        return "sha256:" + hashlib.sha256(name.encode()).hexdigest()
+
+    kept, pulled = "docker.io/opencsghq/csghub-portal:v2.4.0-ce", "docker.io/library/redis:7.4.9"
+    unpinned = "docker.io/library/busybox:latest"
+    lock = read_lock(LOCK_FILE)
+    lock["images"] = {"2.4.0": {kept: stand_in_digest(kept), pulled: stand_in_digest(pulled)}}
+    write_lock(lock, tmp_path / "versions.lock.yaml")
+    pins = locked_image_digests(read_lock(tmp_path / "versions.lock.yaml"), "2.4.0")
+    listed = image_list_text([ImageEntry(name, (name,)) for name in sorted([kept, pulled, unpinned])], pins)
+    assert f"{pulled} {stand_in_digest(pulled)}\n" in listed and f"{unpinned}\n" in listed
+    fake_state(tmp_path, workloads=["Deployment csghub/csghub-portal 1 1"],
+               httproutes=["csghub.localhost", "casdoor.csghub.localhost"],
+               pod_images=["opencsghq/csghub-portal:v2.4.0-ce"], store=[kept], pullable=[pulled, unpinned],
+               **GATE_STATE)
+    ((rc, out, err),) = csghub_step_in_namespace(tmp_path, gateway, 1, listed.splitlines(), git_sshd_server.port)
+    assert rc == 0, out + err
+    assert "ok: all 3 images of the declared set are stored and pinned" in out
+    with git_sshd_server.session(known_hosts=tmp_path / "known_hosts") as session:
+        recorded = record_stored_images(session, tmp_path / "artifacts" / "images.txt",
+                                        str(tmp_path / "out" / "1.images"))
+    assert recorded == [{"name": n, "digest": stand_in_digest(n)} for n in sorted([kept, pulled, unpinned])]
 
 
 # -- the k3s step, against stand-ins for k3s, systemd and ip ------------------------------------

@@ -27,7 +27,15 @@ from appliance.config import PROJECT_ROOT, guest_environment, load_config
 from appliance.manifests import manifest_yaml, render_manifests
 from appliance.values import generate_values
 from tests.chart import objects_of_kind, render_chart
-from tests.unit.test_manifests_scripts import ADMIN, gateway, git_sshd  # noqa: F401  (fixtures)
+from tests.csghub_stand_in import Gateway
+from tests.unit.test_manifests_scripts import (  # noqa: F401  (fixtures)
+    ADMIN,
+    COPY,
+    gateway,
+    git_sshd,
+    git_sshd_server,
+    stand_in,
+)
 
 READINESS = PROJECT_ROOT / "provision" / "files" / "common" / "readiness.sh"
 FIRSTBOOT = PROJECT_ROOT / "provision" / "files" / "firstboot"
@@ -55,14 +63,23 @@ def gate_constant(name: str) -> str:
 UP = ["api up", "release deployed", "job csghub/csghub-server-migrate complete",
       "job csghub/csghub-casdoor-migrate complete", "job csghub/csghub-minio-init complete",
       "workload Deployment csghub/csghub-portal ready", "workload StatefulSet csghub/csghub-postgresql ready"]
-ENDPOINTS = ["portal 200", "login ok", "gitssh SSH-2.0-OpenSSH_9.2", "registry 401 Basic"]
+# In the order gate_facts gives them.
+ENDPOINTS = ["knative knative-serving/knative-serving ready", "portal 200", "server 200 OK", "login ok",
+             "gitssh SSH-2.0-GitLab-SSHD", "registry 200 -"]
 RETRY = "; then sudo csghub-status --retry"
 
 
 def test_everything_answering_is_ready() -> None:
     assert verdict(*UP, *ENDPOINTS) == "ready"
-    # The registry may also let us in (anonymous access configured).
-    assert verdict(*UP, *ENDPOINTS[:3], "registry 200 -") == "ready"
+    # Knative left out of this build (no CRD): no knative fact, nothing to wait for.
+    assert verdict(*UP, *ENDPOINTS[1:]) == "ready"
+
+
+def _without(prefix: str, *replacement: str) -> list[str]:
+    """UP and ENDPOINTS with the fact starting with ``prefix`` replaced."""
+    facts = [*UP, *ENDPOINTS]
+    i = next(n for n, f in enumerate(facts) if f.startswith(prefix))
+    return [*facts[:i], *replacement, *facts[i + 1:]]
 
 
 @pytest.mark.parametrize(
@@ -70,23 +87,39 @@ def test_everything_answering_is_ready() -> None:
     [
         (["api down"], "starting (0/1): waiting for the cluster API"),
         (["api up", "release installing"], "starting (1/2): waiting for the Helm release csghub/csghub"),
-        ([*UP[:3], "job csghub/csghub-casdoor-migrate running", *UP[4:], *ENDPOINTS],
-         "starting (10/11): waiting for job csghub/csghub-casdoor-migrate"),
-        ([*UP[:6], "workload StatefulSet csghub/csghub-postgresql waiting", *ENDPOINTS],
-         "starting (10/11): waiting for statefulset csghub/csghub-postgresql"),
-        ([*UP, "portal 503", *ENDPOINTS[1:]],
-         "starting (10/11): waiting for the portal through the gateway (HTTP 503)"),
-        ([*UP, "portal 200", "login down", *ENDPOINTS[2:]],
-         "starting (10/11): waiting for the admin login through Casdoor"),
-        ([*UP, *ENDPOINTS[:2], "gitssh -", ENDPOINTS[3]], "starting (10/11): waiting for git over SSH (no SSH banner)"),
-        # An answer without an auth challenge is not CSGHub's registry (or not through the gateway).
-        ([*UP, *ENDPOINTS[:3], "registry 404 -"], "starting (10/11): waiting for the registry's /v2/ (HTTP 404)"),
-        ([*UP, *ENDPOINTS[:3], "registry 401 Bearer"], "starting (10/11): waiting for the registry's /v2/ (HTTP 401)"),
+        (_without("job csghub/csghub-casdoor-migrate", "job csghub/csghub-casdoor-migrate running"),
+         "starting (12/13): waiting for job csghub/csghub-casdoor-migrate"),
+        (_without("workload StatefulSet", "workload StatefulSet csghub/csghub-postgresql waiting"),
+         "starting (12/13): waiting for statefulset csghub/csghub-postgresql"),
+        (_without("knative", "knative knative-serving/knative-serving waiting"),
+         "starting (12/13): waiting for KnativeServing knative-serving/knative-serving to report Ready"),
+        (_without("knative", "knative none"),
+         "starting (12/13): waiting for a KnativeServing (the Knative operator makes it)"),
+        (_without("portal", "portal 503"), "starting (12/13): waiting for the portal through the gateway (HTTP 503)"),
+        # A redirect on / is not the portal rendering its page (the login service, or a misrouted Host).
+        (_without("portal", "portal 302"), "starting (12/13): waiting for the portal through the gateway (HTTP 302)"),
+        (_without("server", "server 502 -"),
+         "starting (12/13): waiting for csghub-server's API through the gateway (HTTP 502)"),
+        (_without("login", "login down"),
+         "starting (12/13): waiting for the admin's sign-in through CSGHub's OAuth flow"),
+        # Five wrong passwords from anyone lock the admin for a while: that ends by itself.
+        (_without("login", "login waiting Casdoor has locked the admin after failed sign-ins (You have entered the "
+                           "wrong password or code too many times, please wait for 15 minutes and try again)"),
+         "starting (12/13): waiting for the admin's sign-in through CSGHub's OAuth flow (Casdoor has locked the admin "
+         "after failed sign-ins (You have entered the wrong password or code too many times, please wait for 15 "
+         "minutes and try again))"),
+        (_without("gitssh", "gitssh -"), "starting (12/13): waiting for git over SSH (no SSH banner)"),
+        # Not CSGHub's registry (or not through the gateway), or an auth scheme it does not use.
+        (_without("registry", "registry 404 -"),
+         "starting (12/13): waiting for the registry's /v2/ with this copy's credentials (HTTP 404)"),
+        (_without("registry", "registry 401 Bearer"),
+         "starting (12/13): waiting for the registry's /v2/ with this copy's credentials (HTTP 401)"),
         # At build time (online) a missing image is being pulled.
         ([*UP, "pull csghub/csghub-server-0 opencsghq/csghub-server:v2.4.0-ce ErrImagePull", *ENDPOINTS],
-         "starting (11/11): waiting for pulling image opencsghq/csghub-server:v2.4.0-ce for csghub/csghub-server-0"),
+         "starting (13/13): waiting for pulling image opencsghq/csghub-server:v2.4.0-ce for csghub/csghub-server-0"),
     ],
-    ids=["api", "release", "job", "workload", "portal", "login", "gitssh", "registry-404", "registry-bearer", "pull"],
+    ids=["api", "release", "job", "workload", "knative", "knative-none", "portal", "portal-302", "server", "login",
+         "lockout", "gitssh", "registry-404", "registry-bearer", "pull"],
 )
 def test_pending_checks_say_starting_with_counts(facts: list[str], line: str) -> None:
     assert verdict(*facts) == line
@@ -98,12 +131,17 @@ def test_pending_checks_say_starting_with_counts(facts: list[str], line: str) ->
         (["api up", "release failed job helm-install-csghub failed 5 times"],
          "failed: the Helm release csghub/csghub did not install (job helm-install-csghub failed 5 times) — "
          "sudo k3s kubectl -n kube-system logs job/helm-install-csghub" + RETRY),
-        ([*UP[:2], "job csghub/csghub-server-migrate failed", *UP[3:], *ENDPOINTS],
+        (_without("job csghub/csghub-server-migrate", "job csghub/csghub-server-migrate failed"),
          "failed: job csghub/csghub-server-migrate failed — sudo k3s kubectl -n csghub logs job/csghub-server-migrate"
          + RETRY),
-        ([*UP, "portal 200", "login refused password or code is incorrect", *ENDPOINTS[2:]],
-         "failed: the admin login through Casdoor was refused (password or code is incorrect) — "
+        (_without("login", "login refused the admin's password (Secret csghub-casdoor-init) was refused: password or "
+                           "code is incorrect"),
+         "failed: the admin's sign-in through CSGHub's OAuth flow failed: the admin's password (Secret "
+         "csghub-casdoor-init) was refused: password or code is incorrect — "
          "sudo k3s kubectl -n csghub logs deploy/csghub-casdoor" + RETRY),
+        (_without("registry", "registry 401 Basic"),
+         "failed: the registry refused this copy's credentials (Secret csghub-registry: its htpasswd does not take "
+         "REGISTRY_PASSWORD) — sudo k3s kubectl -n csghub logs deploy/csghub-registry" + RETRY),
         # Offline (a copy's boot) a missing image never arrives.
         ([*UP, "pull csghub/csghub-server-0 opencsghq/csghub-server:v2.4.0-ce ImagePullBackOff", "offline yes"],
          "failed: image opencsghq/csghub-server:v2.4.0-ce of pod csghub/csghub-server-0 is not in the image store "
@@ -113,13 +151,17 @@ def test_pending_checks_say_starting_with_counts(facts: list[str], line: str) ->
         ([*UP[:5], "workload StatefulSet csghub/csghub-postgresql waiting", "expired yes"],
          "failed: statefulset csghub/csghub-postgresql not ready in time — "
          "sudo k3s kubectl -n csghub describe statefulset csghub-postgresql" + RETRY),
-        ([*UP, *ENDPOINTS[:2], "gitssh -", ENDPOINTS[3], "expired yes"],
+        ([*_without("gitssh", "gitssh -"), "expired yes"],
          "failed: git over SSH (no SSH banner) not ready in time — "
          "sudo k3s kubectl -n csghub logs deploy/csghub-gitlab-shell" + RETRY),
+        ([*_without("knative", "knative knative-serving/knative-serving waiting"), "expired yes"],
+         "failed: KnativeServing knative-serving/knative-serving to report Ready not ready in time — "
+         "sudo k3s kubectl get knativeservings.operator.knative.dev -A -o yaml" + RETRY),
         (["api down", "expired yes"],
          "failed: the cluster API not ready in time — sudo systemctl status k3s; sudo journalctl -u k3s" + RETRY),
     ],
-    ids=["release", "job", "login", "image-offline", "deadline-workload", "deadline-gitssh", "deadline-api"],
+    ids=["release", "job", "login", "registry", "image-offline", "deadline-workload", "deadline-gitssh",
+         "deadline-knative", "deadline-api"],
 )
 def test_each_failure_gives_its_line(facts: list[str], line: str) -> None:
     assert verdict(*facts) == line
@@ -146,18 +188,97 @@ def test_fact_parsers() -> None:
                                   "pull csghub/q reg:5000/c@sha256:ab ErrImageNeverPull"]
 
 
-def test_casdoor_login_body_is_json_with_the_password_escaped() -> None:
-    body = json.loads(bash(f"casdoor_login_body root {shlex.quote(ADMIN[1])}").stdout)
-    assert body == {"type": "login", "organization": "OpenCSG", "application": "CSGHub", "username": "root",
-                    "password": ADMIN[1], "autoSignin": False}
-    assert bash("casdoor_login_body root $'a\\nb'", check=False).returncode != 0
+def test_casdoor_bodies_are_json_with_the_secrets_escaped() -> None:
+    body = json.loads(bash(f"casdoor_code_login_body root {shlex.quote(ADMIN[1])}").stdout)
+    assert body == {"type": "code", "organization": "OpenCSG", "application": "CSGHub", "username": "root",
+                    "password": ADMIN[1], "autoSignin": True, "signinMethod": "Password"}
+    assert bash("casdoor_code_login_body root $'a\\nb'", check=False).returncode != 0
+    token = json.loads(bash("casdoor_token_body id 'se\"cret' code1").stdout)
+    assert token == {"grant_type": "authorization_code", "client_id": "id", "client_secret": 'se"cret', "code": "code1"}
 
 
-def test_login_outcome() -> None:
-    assert bash("login_outcome", '{"status":"ok","msg":"","data":"x"}').stdout.strip() == "ok"
-    assert bash("login_outcome", '{"status": "error", "msg": "password or code is incorrect"}').stdout.strip() == (
-        "refused password or code is incorrect")
-    assert bash("login_outcome", "<html>").stdout.strip() == "refused no answer Casdoor understands"
+# Casdoor v3.62.0's answers to a type "code" sign-in, as the chart configures it (enableErrorMask on):
+# object/check.go, object/check_util.go, object/token_oauth_util.go, controllers/auth.go.
+@pytest.mark.parametrize(
+    ("answer", "outcome"),
+    [
+        ('{"status":"ok","msg":"","data":"a1b2c3d4e5f6a7b8c9d0","data2":null}', "code a1b2c3d4e5f6a7b8c9d0"),
+        # Beego indents JSON outside its prod run mode (the chart sets none).
+        ('{\n  "status": "ok",\n  "msg": "",\n  "data": "a1b2c3d4e5f6a7b8c9d0",\n  "data2": null,\n  "data3": false\n}',
+         "code a1b2c3d4e5f6a7b8c9d0"),
+        ('{"status":"error","msg":"You have entered the wrong password or code too many times, please wait for 15 '
+         'minutes and try again","data":null}',
+         "waiting Casdoor has locked the admin after failed sign-ins (You have entered the wrong password or code too "
+         "many times, please wait for 15 minutes and try again)"),
+        ('{"status":"error","msg":"password or code is incorrect","data":null}',
+         "refused the admin's password (Secret csghub-casdoor-init) was refused: password or code is incorrect"),
+        ('{"status":"error","msg":"Invalid client_id","data":null}',
+         "refused Casdoor knows no application with the portal's client id (ConfigMap csghub-core, "
+         "CSGHUB_PORTAL_LOGIN_URL): Invalid client_id"),
+        ('{"status":"error","msg":"Redirect URI: http://x/cb doesn\'t exist in the allowed Redirect URI list"}',
+         "refused Casdoor does not allow the portal's redirect URI (ConfigMap csghub-core, CSGHUB_PORTAL_LOGIN_URL): "
+         "Redirect URI: http://x/cb doesn't exist in the allowed Redirect URI list"),
+        ('{"status":"error","msg":"The application: admin/CSGHub does not exist"}',
+         "refused Casdoor refused the sign-in: The application: admin/CSGHub does not exist"),
+        # Anything else may be Casdoor still starting (its database): wait.
+        ('{"status":"error","msg":"dial tcp 10.43.0.9:5432: connect: connection refused"}',
+         "waiting Casdoor answered: dial tcp 10.43.0.9:5432: connect: connection refused"),
+        ("<html>", "waiting Casdoor answered: <html>"),
+    ],
+    ids=["code", "code-indented", "lockout", "password", "client-id", "redirect", "application", "other", "html"],
+)
+def test_casdoor_code_outcome(answer: str, outcome: str) -> None:
+    assert bash("casdoor_code_outcome", answer).stdout.strip() == outcome
+
+
+def test_casdoor_token_outcome() -> None:
+    assert bash("casdoor_token_outcome 200", '{"access_token":"a.b.c","id_token":"a.b.c"}').stdout.strip() == (
+        "token a.b.c")
+    refused = bash("casdoor_token_outcome 401", '{"error":"invalid_client","error_description":"client_secret is '
+                   'invalid for application: [admin/CSGHub], token.CodeChallenge: empty"}').stdout.strip()
+    assert refused == ("refused Casdoor refused csghub-server's OAuth client secret (ConfigMap csghub-core, "
+                       "STARHUB_SERVER_CASDOOR_CLIENT_SECRET): client_secret is invalid for application: "
+                       "[admin/CSGHub], token.CodeChallenge: empty")
+    assert bash("casdoor_token_outcome 400", '{"error":"invalid_grant"}').stdout.strip() == (
+        "waiting Casdoor's token endpoint answered HTTP 400 invalid_grant")
+
+
+def test_jwt_signature_is_checked_against_the_certificate(tmp_path: Path) -> None:
+    """The gate's openssl check accepts a token Casdoor signed with the certificate's key, and no other."""
+    from tests.csghub_stand_in import certificate_pem, new_signing_key
+
+    services = COPY.stand_in()
+    services.codes["c"] = "root"
+    _, answer = services.casdoor_token({"code": "c", "client_id": COPY.client_id, "client_secret": COPY.client_secret})
+    token = answer["access_token"]
+    (tmp_path / "right.pem").write_text(COPY.certificate)
+    (tmp_path / "other.pem").write_text(certificate_pem(new_signing_key()))
+    check = f"jwt_signed_by {token} {tmp_path}/%s.pem && echo yes || echo no"
+    assert bash(check % "right").stdout.strip() == "yes"
+    assert bash(check % "other").stdout.strip() == "no"
+    head, payload, sig = token.split(".")
+    tampered = f"{head}.{payload[:-2]}{'A' if payload[-2] != 'A' else 'B'}{payload[-1]}.{sig}"
+    assert bash(f"jwt_signed_by {tampered} {tmp_path}/right.pem && echo yes || echo no").stdout.strip() == "no"
+    assert bash(f"jwt_signed_by not-a-token {tmp_path}/right.pem && echo yes || echo no").stdout.strip() == "no"
+
+
+def test_url_helpers() -> None:
+    assert bash(f"url_query_value client_id {shlex.quote(COPY.login_url)}").stdout == COPY.client_id
+    assert bash(f"url_query_value redirect_uri {shlex.quote(COPY.login_url)}").stdout == COPY.redirect_uri
+    assert bash("url_query_value nothing 'http://x/?a=1'").stdout == ""
+    assert bash("url_encode 'http://a:1/b c?d=e&f'").stdout == "http%3A%2F%2Fa%3A1%2Fb%20c%3Fd%3De%26f"
+
+
+def test_remembered_job_failures_outlive_the_job() -> None:
+    facts = "job csghub/a complete\njob csghub/b running\n"
+    out = bash("with_remembered_failures $'csghub/c\\ncsghub/b'", facts).stdout.splitlines()
+    # c was seen failed and is gone (its TTL): still failed; b exists again (a retry) and speaks for itself.
+    assert out == ["job csghub/a complete", "job csghub/b running", "job csghub/c failed"]
+    assert bash("knative_facts", "knative-serving/ks True\nx/y False\n").stdout.splitlines() == [
+        "knative knative-serving/ks ready", "knative x/y waiting"]
+    assert bash("knative_facts", "").stdout.strip() == "knative none"
+    assert [bash(f"registry_state {c} {s}").stdout.strip() for c, s in
+            [(200, "-"), (401, "Basic"), (401, "Bearer"), (503, "-")]] == ["ok", "refused", "waiting", "waiting"]
 
 
 def test_registries_yaml_and_hosts_line() -> None:
@@ -215,26 +336,142 @@ def probe_env(port: int, git_port: int = 1) -> dict[str, str]:
     return {"CSGHUB_HTTP_PORT": str(port), "K3S_NODE_IP": "127.0.0.1", "CSGHUB_GIT_SSH_PORT": str(git_port)}
 
 
-def test_ssh_banner_probe_reads_a_real_sshd(git_sshd: int) -> None:  # noqa: F811
-    assert bash("gate_ssh_banner", env=probe_env(1, git_sshd)).stdout.startswith("SSH-2.0-OpenSSH")
+def test_ssh_banner_probe_reads_a_real_sshd_and_the_gitlab_sshd_stand_in(git_sshd_server: Any,  # noqa: F811
+                                                                         git_sshd: int) -> None:  # noqa: F811
+    assert bash("gate_ssh_banner", env=probe_env(1, git_sshd_server.port)).stdout.startswith("SSH-2.0-OpenSSH")
+    assert bash("gate_ssh_banner", env=probe_env(1, git_sshd)).stdout.strip() == "SSH-2.0-GitLab-SSHD"
     # Nothing listening: no banner, promptly.
     assert bash("gate_ssh_banner", env=probe_env(1, 1)).stdout.strip() == "-"
 
 
-def test_http_probes_through_a_loopback_gateway(gateway: int) -> None:  # noqa: F811
+def test_the_gateway_stand_in_routes_as_envoy_and_the_portal_do(gateway: int) -> None:  # noqa: F811
     env = probe_env(gateway)
     assert bash("gate_http_code csghub.localhost /", env=env).stdout.strip() == "200"
-    assert bash("gate_registry_fact csghub.localhost", env=env).stdout.strip() == "registry 401 Basic"
-    secret = {"INIT_ADMIN_USER": ADMIN[0], "INIT_ADMIN_PASSWORD": ADMIN[1]}
-    stub = "gate_secret_value() { case $2 in " + " ".join(
-        f"{k}) printf %s {shlex.quote(v)};;" for k, v in secret.items()) + " esac; };"
-    assert bash(f"{stub} gate_login_fact casdoor.csghub.localhost", env=env).stdout.strip() == "login ok"
-    wrong = stub.replace(shlex.quote(ADMIN[1]), "wrong")
-    assert bash(f"{wrong} gate_login_fact casdoor.csghub.localhost", env=env).stdout.strip() == (
-        "login refused password or code is incorrect")
-    # Nothing listening on the port: down, not refused (refusal fails the gate at once).
-    assert bash(f"{stub} gate_login_fact casdoor.csghub.localhost", env=probe_env(1)).stdout.strip() == "login down"
+    assert bash("gate_http_code csghub.localhost /models", env=env).stdout.strip() == "302"  # the portal: sign in
+    assert bash("gate_http_code unknown.localhost /", env=env).stdout.strip() == "404"  # Envoy: no route
+    assert bash("gate_server_fact csghub.localhost", env=env).stdout.strip() == "server 200 OK"
     assert bash("gate_http_code csghub.localhost /", env=probe_env(1)).stdout.strip() == "000"
+
+
+def cluster(tmp_path: Path, state: dict[str, list[str]]) -> dict[str, str]:
+    """The k3s stand-in on PATH with ``state``; the environment for the gate's probes."""
+    folder = tmp_path / "state"
+    folder.mkdir(exist_ok=True)
+    for name, content in state.items():
+        (folder / name).write_text("".join(f"{x}\n" for x in content))
+    fakebin = tmp_path / "bin"
+    fakebin.mkdir(exist_ok=True)
+    if not (fakebin / "k3s").exists():
+        (fakebin / "k3s").symlink_to(FAKE_K3S)
+    return {"PATH": f"{fakebin}:{os.environ['PATH']}", "FAKE_K3S_STATE": str(folder)}
+
+
+GATE_FACTS_STATE = {
+    "jobs": ["csghub/csghub-server-migrate Complete=True,", "csghub/csghub-casdoor-migrate Complete=True,"],
+    "workloads": ["Deployment csghub/csghub-portal 1 1", "Deployment csghub/csghub-casdoor 1 1"],
+    "httproutes": ["csghub.localhost", "casdoor.csghub.localhost"],
+    **COPY.cluster_state(),
+}
+
+
+def gate_line(tmp_path: Path, port: int, git_port: int, state: dict[str, list[str]] | None = None,
+              extra: str = "") -> str:
+    """One round of the gate (facts from the stand-ins, then the verdict), the release taken as deployed."""
+    env = {**cluster(tmp_path, state or GATE_FACTS_STATE), **probe_env(port, git_port)}
+    snippet = f'gate_release_fact() {{ echo "release deployed"; }}; {extra} gate_facts csghub.localhost | gate_verdict'
+    return bash(snippet, env=env).stdout.strip()
+
+
+def test_a_correct_copy_is_ready(tmp_path: Path, stand_in: Gateway, git_sshd: int) -> None:  # noqa: F811
+    assert gate_line(tmp_path, stand_in.port, git_sshd) == "ready"
+    # What a user does, each through the gateway with this copy's Host names.
+    asked = [(m, h, p) for m, h, p in stand_in.stand_in.requests]
+    assert ("POST", "casdoor.csghub.localhost", "/api/login") in asked
+    assert ("POST", "casdoor.csghub.localhost", "/api/login/oauth/access_token") in asked
+    assert ("GET", "csghub.localhost", "/v2/") in asked
+    assert ("GET", "csghub.localhost", "/api/v1/models") in asked
+
+
+@pytest.mark.parametrize(
+    ("mismatch", "named"),
+    [
+        ("client_secret", "failed: the admin's sign-in through CSGHub's OAuth flow failed: Casdoor refused "
+                          "csghub-server's OAuth client secret (ConfigMap csghub-core, "
+                          "STARHUB_SERVER_CASDOOR_CLIENT_SECRET)"),
+        ("client_id", "failed: the admin's sign-in through CSGHub's OAuth flow failed: Casdoor knows no application "
+                      "with the portal's client id (ConfigMap csghub-core, CSGHUB_PORTAL_LOGIN_URL): "
+                      "Invalid client_id"),
+        ("redirect_uris", "failed: the admin's sign-in through CSGHub's OAuth flow failed: Casdoor does not allow the "
+                          "portal's redirect URI (ConfigMap csghub-core, CSGHUB_PORTAL_LOGIN_URL): Redirect URI: "
+                          "http://csghub.localhost:30080/api/v1/callback/casdoor doesn't exist in the allowed "
+                          "Redirect URI list"),
+        ("signing_key", "failed: the admin's sign-in through CSGHub's OAuth flow failed: Casdoor's token is not signed "
+                        "by the certificate csghub-server checks tokens with (Secret csghub-casdoor-certs, tls.crt)"),
+        ("admin_password", "failed: the admin's sign-in through CSGHub's OAuth flow failed: the admin's password "
+                           "(Secret csghub-casdoor-init) was refused: password or code is incorrect"),
+        ("htpasswd", "failed: the registry refused this copy's credentials (Secret csghub-registry: its htpasswd "
+                     "does not take REGISTRY_PASSWORD)"),
+    ],
+)
+def test_a_copy_whose_services_disagree_fails_naming_what(tmp_path: Path, stand_in: Gateway,  # noqa: F811
+                                                          git_sshd: int, mismatch: str, named: str) -> None:  # noqa: F811
+    """What each copy regenerates at its first boot, held by a service differently from what the cluster says."""
+    from tests.csghub_stand_in import htpasswd_line, new_signing_key
+
+    services = stand_in.stand_in
+    if mismatch == "client_secret":
+        services.client_secret = "another-copys-secret"
+    elif mismatch == "client_id":
+        services.client_id = "another-copys-client-id"
+    elif mismatch == "redirect_uris":
+        services.redirect_uris = ["http://another.localhost:30080/api/v1/callback/casdoor"]
+    elif mismatch == "signing_key":
+        services.signing_key = new_signing_key()  # the chart's fixed key, say, while csghub-server has this copy's
+    elif mismatch == "admin_password":
+        services.admin_password = "another-password"
+    else:
+        services.htpasswd = htpasswd_line(COPY.registry_user, "another-password")
+    line = gate_line(tmp_path, stand_in.port, git_sshd)
+    assert line.startswith(named), line
+    assert line.endswith("; then sudo csghub-status --retry")
+
+
+def test_a_lockout_is_waiting_then_ready_when_it_ends(tmp_path: Path, stand_in: Gateway,  # noqa: F811
+                                                      git_sshd: int) -> None:  # noqa: F811
+    """Five wrong passwords from anyone who reaches the port lock the admin (Casdoor's failedSigninLimit); a working
+    copy is "starting" meanwhile, not "failed", and ready once the lockout ends (2 s here, 15 min upstream)."""
+    import urllib.request
+
+    stand_in.stand_in.frozen_seconds = 2
+    for _ in range(5):
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{stand_in.port}/api/login", method="POST",
+            data=json.dumps({"application": "CSGHub", "organization": "OpenCSG", "username": "root",
+                             "password": "guess", "type": "login"}).encode(),
+            headers={"Host": f"casdoor.csghub.localhost:{stand_in.port}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            assert json.load(answer)["msg"] == "password or code is incorrect"
+    import time
+
+    line = gate_line(tmp_path, stand_in.port, git_sshd)
+    assert line.startswith("starting ("), line
+    assert ("waiting for the admin's sign-in through CSGHub's OAuth flow (Casdoor has locked the admin after failed "
+            "sign-ins (You have entered the wrong password or code too many times, please wait for 1 minutes") in line
+
+    time.sleep(2.2)
+    assert gate_line(tmp_path, stand_in.port, git_sshd) == "ready"
+
+
+def test_a_failed_job_stays_failed_after_kubernetes_deletes_it(tmp_path: Path, stand_in: Gateway,  # noqa: F811
+                                                               git_sshd: int) -> None:  # noqa: F811
+    state = {**GATE_FACTS_STATE, "jobs": ["csghub/csghub-server-migrate Failed=True,"]}
+    record = f"GATE_FAILED_JOBS={tmp_path}/failed-jobs;"
+    first = gate_line(tmp_path, stand_in.port, git_sshd, state, record)
+    assert first.startswith("failed: job csghub/csghub-server-migrate failed"), first
+    gone = {**GATE_FACTS_STATE, "jobs": []}  # its ttlSecondsAfterFinished passed: Kubernetes deleted it
+    assert gate_line(tmp_path, stand_in.port, git_sshd, gone, record) == first
+    # Without the record (the old behaviour) the gate would call it ready.
+    assert gate_line(tmp_path, stand_in.port, git_sshd, gone) == "ready"
 
 
 # -- the names the gate relies on, in the real chart -------------------------------------------------
@@ -271,6 +508,30 @@ def test_the_gate_matches_the_real_chart(helm_bin: Path) -> None:
     application = next(a for a in seed["applications"] if a["name"] == app)
     assert application["organization"] == org and application["enablePassword"] is True
     assert any(u["owner"] == org and u["name"] == admin and u["isAdmin"] for u in seed["users"])
+    # The OAuth sign-in the gate does as the portal does: the login URL's client id and redirect URI are
+    # CSGHub's application in Casdoor's seed, which signs with the certificate csghub-server checks tokens with.
+    core = _named(objects, "ConfigMap", gate_constant("GATE_CORE_CONFIGMAP"))["data"]
+    login_url = core["CSGHUB_PORTAL_LOGIN_URL"]
+    client_id = bash(f"url_query_value client_id {shlex.quote(login_url)}").stdout
+    redirect = bash(f"url_query_value redirect_uri {shlex.quote(login_url)}").stdout
+    assert client_id == application["clientId"] == core["STARHUB_SERVER_CASDOOR_CLIENT_ID"]
+    assert core["STARHUB_SERVER_CASDOOR_CLIENT_SECRET"] == application["clientSecret"]
+    assert redirect in application["redirectUris"] and redirect.endswith("/api/v1/callback/casdoor")
+    assert "authorization_code" in application["grantTypes"] and application["tokenFormat"] == "JWT"
+    assert application["failedSigninLimit"] == 5  # the lockout the gate waits out
+    assert application["failedSigninFrozenTime"] == 15  # minutes
+    # Knative: the runner's KnativeServing, of the operator's CRD the gate asks for.
+    serving = objects_of_kind(objects, "KnativeServing")
+    assert serving and all(o["apiVersion"].startswith("operator.knative.dev/") for o in serving)
+    cert_name = application["cert"]
+    seed_cert = next(c for c in seed["certs"] if c["name"] == cert_name)["certificate"]
+    certs = _named(objects, "Secret", gate_constant("GATE_CASDOOR_CERTS_SECRET"))["data"]
+    assert base64.b64decode(certs["tls.crt"]).decode().strip() == seed_cert.strip()
+    assert core["STARHUB_SERVER_CASDOOR_CERTIFICATE"] == "/starhub-bin/casdoor/tls.crt"
+    # csghub-server's API behind the portal host's /api route.
+    api = [r for r in _named(objects, "HTTPRoute", "csghub-portal")["spec"]["rules"]
+           if any(m.get("path", {}).get("value") == "/api" for m in r["matches"])]
+    assert api and api[0]["backendRefs"][0]["name"] == "csghub-server"
     # The registry: htpasswd auth (a Basic challenge), reached as <domain>:<http port>/v2 through the gateway,
     # which is also the host CSGHub gives spaces (the docker credential) and so the host registries.yaml names.
     assert _named(objects, "ConfigMap", "csghub-registry")["data"]["REGISTRY_AUTH"] == "htpasswd"
@@ -352,7 +613,8 @@ cp {manifests}/* {out}/
         "CSGHUB_LIB": str(FIRSTBOOT / "lib.sh"), "CSGHUB_READINESS_LIB": str(READINESS),
         "CSGHUB_STACK_LIB": str(PROJECT_ROOT / "provision" / "files" / "csghub" / "lib.sh"),
         "CSGHUB_ETC": str(etc), "CSGHUB_STATE": str(appstate), "K3S_REGISTRIES": str(tmp_path / "registries.yaml"),
-        "GATE_HOSTS_FILE": str(tmp_path / "hosts"), "GATE_POLL_SECONDS": "1", **(extra_env or {}),
+        "GATE_HOSTS_FILE": str(tmp_path / "hosts"), "GATE_POLL_SECONDS": "1",
+        "CSGHUB_READINESS": str(tmp_path / "readiness"), **(extra_env or {}),
     }
     subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", wrapper], env=env, check=True,
                    timeout=300)
@@ -364,6 +626,7 @@ MIGRATE_DONE = ["csghub/csghub-casdoor-migrate Complete=True,SuccessCriteriaMet=
 
 
 def test_reconfigure_deletes_finished_jobs_before_the_upgrade(tmp_path: Path) -> None:
+    (tmp_path / "failed-jobs").write_text("csghub/csghub-casdoor-migrate\n")  # seen failed before
     rc, out, err, files = reconfigure_in_namespace(tmp_path, MIGRATE_DONE)
     assert rc == 0, out + err
     domain = "csghub.192.168.56.10.nip.io"
@@ -383,6 +646,7 @@ def test_reconfigure_deletes_finished_jobs_before_the_upgrade(tmp_path: Path) ->
     assert list(registries["mirrors"]) == [f"{domain}:30080"]
     assert (tmp_path / "host" / "calls.log").read_text().count("systemctl restart k3s.service") == 1
     assert "ok: Helm release csghub/csghub upgraded (job kube-system/helm-install-csghub)" in out
+    assert not (tmp_path / "failed-jobs").exists()  # the Jobs run again: the gate's record of failures is gone
     assert f"DOMAIN={domain}" in (tmp_path / "appstate" / "access.env").read_text()
     assert "systemctl restart --no-block csghub-ready.service" in (tmp_path / "host" / "calls.log").read_text()
 
@@ -433,7 +697,10 @@ def test_retry_forgets_a_failed_revision_reruns_finished_jobs_and_the_helm_job(t
     (state / "jobs").write_text("csghub/csghub-server-migrate Failed=True,\ncsghub/csghub-minio-init Complete=True,\n"
                                 "csghub/csghub-casdoor-migrate \n")
     (state / "helm_failed").write_text("secret/sh.helm.release.v1.csghub.v2\n")
-    out = bash("retry_release", env={"PATH": f"{fakebin}:{os.environ['PATH']}", "FAKE_K3S_STATE": str(state)}).stdout
+    (tmp_path / "failed-jobs").write_text("csghub/csghub-server-migrate\n")  # the gate's record of failed Jobs
+    out = bash("retry_release", env={"PATH": f"{fakebin}:{os.environ['PATH']}", "FAKE_K3S_STATE": str(state),
+                                     "CSGHUB_READINESS": str(tmp_path / "readiness")}).stdout
+    assert not (tmp_path / "failed-jobs").exists()  # the Jobs it re-runs start afresh
     assert "changed: forgot the failed Helm revision of csghub/csghub" in out
     assert (state / "helm_failed").read_text() == ""
     assert "changed: deleted finished job csghub/csghub-server-migrate" in out
@@ -449,9 +716,7 @@ def test_retry_forgets_a_failed_revision_reruns_finished_jobs_and_the_helm_job(t
 
 GATE_STATE = {
     "jobs": MIGRATE_DONE,
-    "secrets": [f"csghub-casdoor-init INIT_ADMIN_USER {ADMIN[0]}",
-                f"csghub-casdoor-init INIT_ADMIN_PASSWORD {ADMIN[1]}",
-                "csghub-registry REGISTRY_USERNAME registry", "csghub-registry REGISTRY_PASSWORD pw1"],
+    **COPY.cluster_state(),
     "httproutes": ["csghub.localhost", "casdoor.csghub.localhost"],
 }
 
@@ -516,4 +781,25 @@ echo $? >{out}/rc
     assert f"progress: {line}" in output
     # The copy's registries.yaml, with the credentials the cluster holds.
     registries = yaml.safe_load((tmp_path / "registries.yaml").read_text())
-    assert registries["configs"][f"csghub.localhost:{gateway}"]["auth"] == {"username": "registry", "password": "pw1"}
+    assert registries["configs"][f"csghub.localhost:{gateway}"]["auth"] == {
+        "username": COPY.registry_user, "password": COPY.registry_password}
+
+
+def test_the_registry_stand_in_takes_the_htpasswd_a_copy_makes() -> None:
+    """The stand-in registry checks the bcrypt hash first boot writes (secrets.sh's bcrypt_hash, through libcrypt), as
+    distribution's htpasswd check (golang.org/x/crypto/bcrypt) does: the right password passes, another does not."""
+    import base64 as b64
+
+    secrets_sh = FIRSTBOOT / "secrets.sh"
+    made = subprocess.run(["bash", "-c", f'. {shlex.quote(str(secrets_sh))}; bcrypt_hash "$1"', "_", "pw-of-this-copy"],
+                          capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    services = COPY.stand_in()
+    services.htpasswd = f"registry:{made}"
+
+    def basic(user: str, password: str) -> str:
+        return "Basic " + b64.b64encode(f"{user}:{password}".encode()).decode()
+
+    assert services.registry_authorized(basic("registry", "pw-of-this-copy"))
+    assert not services.registry_authorized(basic("registry", "another"))
+    assert not services.registry_authorized(basic("docker", "pw-of-this-copy"))
+    assert not services.registry_authorized(None)

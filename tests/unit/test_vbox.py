@@ -36,7 +36,7 @@ def fake_vboxmanage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, built_ova: 
     import appliance.run as run_module
 
     monkeypatch.setattr(run_module, "_PASSTHROUGH", (*run_module._PASSTHROUGH, "FAKE_VBOX_LOG", "FAKE_VBOX_OVA",
-                                                     "FAKE_VBOX_STATE", "FAKE_VBOX_FAIL"))
+                                                     "FAKE_VBOX_STATE", "FAKE_VBOX_STATES", "FAKE_VBOX_FAIL"))
     return calls
 
 
@@ -111,6 +111,17 @@ def test_running_vm_is_refused(fake_vboxmanage: Path, make_cfg: Callable[..., Ap
     assert [c[0] for c in calls_of(fake_vboxmanage)] == ["showvminfo"]
 
 
+def test_a_vm_still_stopping_is_waited_for(fake_vboxmanage: Path, make_cfg: Callable[..., ApplianceConfig],
+                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sealed VM powered itself off a moment ago: its VM process is still tearing down ("stopping")."""
+    monkeypatch.setenv("FAKE_VBOX_STATES", "stopping,stopping,stopping,poweroff")
+    monkeypatch.setattr(vbox.time, "sleep", lambda _s: None)
+    export_virtualbox(make_cfg(), tmp_path / "dist")
+    calls = [c[0] for c in calls_of(fake_vboxmanage)]
+    assert calls[:4] == ["showvminfo"] * 4  # waited until poweroff before the first modifyvm
+    assert "modifyvm" in calls[4:] and calls[-1] == "export"
+
+
 def test_unknown_vm_is_reported_with_vboxmanage_message(
     fake_vboxmanage: Path, make_cfg: Callable[..., ApplianceConfig], tmp_path: Path
 ) -> None:
@@ -140,3 +151,37 @@ def test_missing_vboxmanage_is_a_prerequisite_error(
     monkeypatch.setattr(vbox, "which", lambda _name: None)
     with pytest.raises(PrerequisiteMissing, match="VBoxManage is not installed"):
         export_virtualbox(make_cfg(), tmp_path / "dist")
+
+
+def test_nat_rules_are_read_per_adapter_from_a_real_capture() -> None:
+    """VBoxManage 7.2 prints every adapter's first rule as `Forwarding(0)`: each belongs to the `nicN` before it."""
+    info = parse_machinereadable((DATA / "showvminfo-three-nat.txt").read_text())
+    assert [(r.name, r.protocol, r.host_ip, r.host_port, r.guest_port) for r in nat_rules(info, 1)] == [
+        ("a", "tcp", "127.0.0.1", 2222, 22)]
+    assert [(r.name, r.host_port) for r in nat_rules(info, 2)] == [("b", 8080)]
+    assert [(r.name, r.protocol, r.host_port) for r in nat_rules(info, 3)] == [("c", "udp", 5353)]
+    assert nat_rules(info, 4) == []
+
+
+def test_a_copy_that_stops_fails_the_boot_check_at_once(tmp_path: Path) -> None:
+    """The VirtualBox boot watches the VM's state at every poll: an abort fails now, not at the deadline."""
+    import time
+
+    from appliance.errors import VerifyError
+    from appliance.verify_boot import SSHLogin, check_booted_copy, free_loopback_port, wait_http
+
+    console = tmp_path / "console.log"
+    console.write_text("kernel panic\n")
+    key = tmp_path / "id_ed25519"
+    key.write_text("unused: nothing listens\n")
+    port = free_loopback_port()  # nothing listens there
+    stopped = lambda: "VirtualBox reports it 'aborted' (the VM process crashed or was killed)"  # noqa: E731
+    started = time.monotonic()
+    with pytest.raises(VerifyError) as err:
+        check_booted_copy(port, None, console, login=SSHLogin(user="vagrant", key_file=key), ready_command="true",
+                          started=started, deadline=started + 600, nonce="n", http_host=None, stopped=stopped)
+    assert "the copy stopped while it was being checked: VirtualBox reports it 'aborted'" in str(err.value)
+    assert "kernel panic" in str(err.value)
+    with pytest.raises(VerifyError, match="'aborted'"):
+        wait_http(f"http://127.0.0.1:{port}/", time.monotonic() + 600, stopped=stopped)
+    assert time.monotonic() - started < 30

@@ -1,19 +1,26 @@
 # shellcheck shell=bash
 # The readiness gate: CSGHub counts as ready only when it works, not when its pods run.
 # Used by the build (provision/30-csghub.sh) and by every copy at every boot (csghub-ready),
-# so both prove the same thing:
+# so both prove the same thing, each probe doing what a user does:
 #   - the Helm release is deployed, and every Job of the release has completed
-#     (csghub-server-migrate, csghub-casdoor-migrate, csghub-minio-init, the hook Jobs);
-#   - every Deployment, StatefulSet and DaemonSet is ready (user spaces excepted);
-#   - the portal answers through the gateway with the appliance's Host;
-#   - an admin login through Casdoor's API (/api/login) succeeds with this copy's credentials
-#     (Secret csghub-casdoor-init);
-#   - the git SSH port answers with an SSH banner;
-#   - the registry answers /v2/ (401 with a Basic challenge, or 200).
+#     (csghub-server-migrate, csghub-casdoor-migrate, csghub-minio-init, the hook Jobs); a Job
+#     seen failed stays failed for the gate after Kubernetes deletes it (ttlSecondsAfterFinished);
+#   - every Deployment, StatefulSet and DaemonSet is ready (user spaces excepted), and every
+#     KnativeServing reports Ready (spaces and inference run on Knative);
+#   - the portal answers 200 on / through the gateway with the appliance's Host;
+#   - csghub-server's API answers through the gateway (GET /api/v1/models: 200, "msg": "OK");
+#   - the admin signs in through CSGHub's own OAuth flow: Casdoor's /api/login with type "code",
+#     the client id and redirect URI of the portal's login URL (ConfigMap csghub-core), then the
+#     code exchanged at Casdoor's token endpoint with csghub-server's client secret (same
+#     ConfigMap), and the token's signature checked against the certificate csghub-server checks
+#     tokens with (Secret csghub-casdoor-certs);
+#   - the registry lets this copy's credentials in (GET /v2/ with Secret csghub-registry: 200);
+#   - the git SSH port answers with an SSH banner (not yet a clone: see docs/first-boot.md).
+# A lockout or any answer that may change is "starting"; only a definite refusal is "failed".
 # It also points k3s's containerd at CSGHub's own registry (registries.yaml with this copy's
 # credentials, read from Secret csghub-registry), so spaces CSGHub builds can start.
 #
-# Sourced, never executed. Needs bash, curl and `k3s kubectl` only (no Python on the guest).
+# Sourced, never executed. Needs bash, curl, openssl and `k3s kubectl` only (no Python on the guest).
 # The decisions are pure functions (facts on stdin, one status line out) that
 # tests/unit/test_readiness.py runs on the build host with canned facts; the probes around
 # them only collect facts.
@@ -39,6 +46,8 @@ GATE_RETRY_HINT=${GATE_RETRY_HINT:-sudo csghub-status --retry}
 GATE_USER_NAMESPACES=${GATE_USER_NAMESPACES:-spaces}
 # The chart's own names (chart 2.4.0, checked against a real render in tests/unit/test_readiness.py).
 GATE_CASDOOR_SECRET=csghub-casdoor-init
+GATE_CASDOOR_CERTS_SECRET=csghub-casdoor-certs
+GATE_CORE_CONFIGMAP=csghub-core
 GATE_REGISTRY_SECRET=csghub-registry
 GATE_CASDOOR_ORG=OpenCSG
 GATE_CASDOOR_APP=CSGHub
@@ -64,6 +73,16 @@ workload_facts() {
                   print "workload", $1, $2, ((have + 0 >= want + 0) ? "ready" : "waiting") }'
 }
 
+# with_remembered_failures RECORD < "job NS/NAME STATE" lines -> the same lines, plus "job NS/NAME
+# failed" for each Job in RECORD (names seen failed before, one per line) that is gone now: a
+# failed Job is deleted after its ttlSecondsAfterFinished (300 s in chart 2.4.0) and must not then
+# count as done. A Job of that name that exists again (a retry) speaks for itself.
+with_remembered_failures() {
+    awk -v record="$1" 'BEGIN { n = split(record, r, "\n") }
+        { print; seen[$2] = 1 }
+        END { for (i = 1; i <= n; i++) if (r[i] != "" && !(r[i] in seen)) { print "job", r[i], "failed"; seen[r[i]] = 1 } }'
+}
+
 # pull_facts USER_NAMESPACES < "NS/POD IMAGE=REASON ..." lines (one per pod, one word per
 #   container) -> "pull NS/POD IMAGE REASON" for each container that cannot get its image.
 pull_facts() {
@@ -73,17 +92,116 @@ pull_facts() {
                 image = substr($i, 1, length($i) - length(reason) - 1); print "pull", $1, image, reason } } }'
 }
 
-# login_outcome < Casdoor's /api/login answer (JSON) -> "ok" | "refused MESSAGE"
-login_outcome() {
-    local body msg
+# json_field NAME < JSON -> the value of the first string field NAME (escapes kept as sent), or
+# nothing. Enough for Casdoor's flat answers; no jq on the guest.
+json_field() {
+    sed -n "s/.*\"$1\"[[:space:]]*:[[:space:]]*\"\(\([^\"\\\\]\|\\\\.\)*\)\".*/\1/;T;p;q"
+}
+
+# casdoor_code_outcome < Casdoor's /api/login answer to a type "code" sign-in (Casdoor v3.62.0,
+# controllers/auth.go; messages from object/check.go, object/token_oauth_util.go, with the
+# chart's enableErrorMask) -> "code CODE" | "waiting WHY" | "refused WHAT". Only a definite
+# refusal is "refused"; a lockout (five wrong passwords from anyone) ends by itself.
+casdoor_code_outcome() {
+    local body status msg code
     body=$(cat)
-    if [[ "$body" =~ \"status\"[[:space:]]*:[[:space:]]*\"ok\" ]]; then
-        echo ok
+    status=$(json_field status <<<"$body")
+    msg=$(json_field msg <<<"$body")
+    code=$(json_field data <<<"$body")
+    if [[ "$status" == ok && "$code" =~ ^[A-Za-z0-9._-]+$ ]]; then
+        echo "code $code"
         return 0
     fi
-    msg=$(sed -n 's/.*"msg"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p' <<<"$body")
-    msg=${msg%%$'\n'*}
-    echo "refused ${msg:-no answer Casdoor understands}"
+    case "$msg" in
+        *"too many times"*) echo "waiting Casdoor has locked the admin after failed sign-ins ($msg)" ;;
+        "Invalid client_id"*)
+            echo "refused Casdoor knows no application with the portal's client id (ConfigMap $GATE_CORE_CONFIGMAP, CSGHUB_PORTAL_LOGIN_URL): $msg" ;;
+        "Redirect URI"*)
+            echo "refused Casdoor does not allow the portal's redirect URI (ConfigMap $GATE_CORE_CONFIGMAP, CSGHUB_PORTAL_LOGIN_URL): $msg" ;;
+        "password or code is incorrect"* | "The user: "*"doesn't exist"*)
+            echo "refused the admin's password (Secret $GATE_CASDOOR_SECRET) was refused: $msg" ;;
+        *"does not exist"* | *"forbidden"* | *"is not supported"* | *"disabled"* | *"not enabled"*)
+            echo "refused Casdoor refused the sign-in: $msg" ;;
+        *) echo "waiting Casdoor answered: ${msg:-${body:0:120}}" ;;
+    esac
+}
+
+# casdoor_token_outcome HTTP_CODE < the token endpoint's answer (Casdoor v3.62.0,
+# object/token_oauth.go; 401 for invalid_client, controllers/util.go) -> "token JWT" |
+# "refused WHAT" | "waiting WHY".
+casdoor_token_outcome() {
+    local body token error description
+    body=$(cat)
+    token=$(json_field access_token <<<"$body")
+    error=$(json_field error <<<"$body")
+    description=$(json_field error_description <<<"$body")
+    if [[ "$1" == 200 && "$token" =~ ^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$ ]]; then
+        echo "token $token"
+    elif [[ "$error" == invalid_client ]]; then
+        echo "refused Casdoor refused csghub-server's OAuth client secret (ConfigMap $GATE_CORE_CONFIGMAP, STARHUB_SERVER_CASDOOR_CLIENT_SECRET): $description"
+    else
+        echo "waiting Casdoor's token endpoint answered HTTP $1${error:+ $error}"
+    fi
+}
+
+# b64url_decode TEXT -> the bytes (base64url without padding, as in a JWT).
+b64url_decode() {
+    local s=${1//-/+}
+    s=${s//_//}
+    while ((${#s} % 4)); do s+="="; done
+    base64 -d <<<"$s" 2>/dev/null
+}
+
+# jwt_signed_by TOKEN CERT_FILE: whether TOKEN's RS256/RS512 signature verifies with the public
+# key of the PEM certificate CERT_FILE (what csghub-server does with Casdoor's token).
+jwt_signed_by() {
+    local token=$1 cert=$2 head payload sig header alg digest dir rc=0
+    IFS=. read -r head payload sig <<<"$token"
+    [[ -n "$head" && -n "$payload" && -n "$sig" ]] || return 1
+    header=$(b64url_decode "$head") || return 1
+    alg=$(json_field alg <<<"$header")
+    case "$alg" in
+        RS256) digest=-sha256 ;;
+        RS512) digest=-sha512 ;;
+        *) return 1 ;;
+    esac
+    dir=$(mktemp -d) || return 1
+    if openssl x509 -in "$cert" -pubkey -noout >"$dir/key.pem" 2>/dev/null &&
+        b64url_decode "$sig" >"$dir/sig"; then
+        printf '%s.%s' "$head" "$payload" |
+            openssl dgst "$digest" -verify "$dir/key.pem" -signature "$dir/sig" >/dev/null 2>&1 || rc=1
+    else
+        rc=1
+    fi
+    rm -rf "$dir"
+    return "$rc"
+}
+
+# url_query_value NAME URL -> the raw value of query parameter NAME in URL (first one), or nothing.
+url_query_value() {
+    local pair query=${2#*\?}
+    local -a pairs=()
+    [[ "$2" == *\?* ]] || return 0
+    IFS='&' read -r -a pairs <<<"$query"
+    for pair in "${pairs[@]}"; do
+        if [[ "$pair" == "$1="* ]]; then
+            printf '%s' "${pair#*=}"
+            return 0
+        fi
+    done
+}
+
+# url_encode TEXT -> TEXT percent-encoded for a query string (RFC 3986 unreserved kept).
+url_encode() {
+    local LC_ALL=C s=$1 i c out=""
+    for ((i = 0; i < ${#s}; i++)); do
+        c=${s:i:1}
+        case "$c" in
+            [A-Za-z0-9.~_-]) out+=$c ;;
+            *) printf -v c '%%%02X' "'$c"; out+=$c ;;
+        esac
+    done
+    printf '%s' "$out"
 }
 
 # json_string TEXT -> TEXT as a JSON string literal (quotes included). Control characters are
@@ -98,19 +216,40 @@ json_string() {
     printf '"%s"' "$s"
 }
 
-# casdoor_login_body USER PASSWORD -> the JSON Casdoor's /api/login takes for a password login
-# to CSGHub's application (organization OpenCSG, application CSGHub, as chart 2.4.0 seeds them).
-casdoor_login_body() {
+# casdoor_code_login_body USER PASSWORD -> the JSON the portal's sign-in page sends to Casdoor's
+# /api/login for CSGHub's application (organization OpenCSG, application CSGHub, as chart 2.4.0
+# seeds them): a password sign-in that asks for an OAuth code.
+casdoor_code_login_body() {
     local user pass
     user=$(json_string "$1") && pass=$(json_string "$2") || return 1
-    printf '{"type":"login","organization":"%s","application":"%s","username":%s,"password":%s,"autoSignin":false}\n' \
+    printf '{"type":"code","organization":"%s","application":"%s","username":%s,"password":%s,"autoSignin":true,"signinMethod":"Password"}\n' \
         "$GATE_CASDOOR_ORG" "$GATE_CASDOOR_APP" "$user" "$pass"
 }
 
-# registry_ok CODE CHALLENGE: the registry's /v2/ answer counts when it asks for credentials
-# with a Basic challenge (401) or lets us in (200).
-registry_ok() {
-    [[ "$1" == 200 || ("$1" == 401 && "$2" == Basic*) ]]
+# casdoor_token_body CLIENT_ID CLIENT_SECRET CODE -> the token request (authorization_code grant).
+casdoor_token_body() {
+    local id secret code
+    id=$(json_string "$1") && secret=$(json_string "$2") && code=$(json_string "$3") || return 1
+    printf '{"grant_type":"authorization_code","client_id":%s,"client_secret":%s,"code":%s}\n' "$id" "$secret" "$code"
+}
+
+# registry_state CODE CHALLENGE: the registry's answer to GET /v2/ with this copy's credentials
+# -> ok (200) | refused (401 with a Basic challenge: the htpasswd does not take them) | waiting.
+registry_state() {
+    if [[ "$1" == 200 ]]; then
+        echo ok
+    elif [[ "$1" == 401 && "$2" == Basic* ]]; then
+        echo refused
+    else
+        echo waiting
+    fi
+}
+
+# knative_facts < "NS/NAME READY_STATUS" lines (KnativeServing objects) -> "knative NS/NAME
+# ready|waiting" lines, or "knative none" when there is none.
+knative_facts() {
+    awk 'NF >= 1 { n++; print "knative", $1, ($2 == "True" ? "ready" : "waiting") }
+         END { if (!n) print "knative none" }'
 }
 
 # yaml_string TEXT -> TEXT as a double-quoted YAML scalar.
@@ -170,6 +309,8 @@ gate_hint() {
             echo "sudo k3s ctr -n k8s.io images ls | grep ${subject##* } (the image is missing from this image store)"
             ;;
         portal) echo "sudo k3s kubectl -n $GATE_RELEASE_NS logs deploy/csghub-portal" ;;
+        server) echo "sudo k3s kubectl -n $GATE_RELEASE_NS logs deploy/csghub-server" ;;
+        knative) echo "sudo k3s kubectl get knativeservings.operator.knative.dev -A -o yaml" ;;
         login) echo "sudo k3s kubectl -n $GATE_RELEASE_NS logs deploy/csghub-casdoor" ;;
         gitssh) echo "sudo k3s kubectl -n $GATE_RELEASE_NS logs deploy/csghub-gitlab-shell" ;;
         registry) echo "sudo k3s kubectl -n $GATE_RELEASE_NS logs deploy/csghub-registry" ;;
@@ -183,10 +324,12 @@ gate_hint() {
 #   job NS/NAME complete|running|failed
 #   workload KIND NS/NAME ready|waiting
 #   pull NS/POD IMAGE REASON       a container that cannot get its image
+#   knative NS/NAME ready|waiting  a KnativeServing and its Ready condition ("knative none": none yet)
 #   portal CODE                    HTTP status of / through the gateway (000: no answer)
-#   login ok|refused MSG|down      the admin login through Casdoor's API
+#   server CODE OK|-               csghub-server's GET /api/v1/models through the gateway, and its "msg"
+#   login ok|waiting WHY|refused WHAT|down   the admin's sign-in through CSGHub's OAuth flow
 #   gitssh BANNER|-                first line the git SSH port sent
-#   registry CODE CHALLENGE        /v2/ status and WWW-Authenticate scheme (- when none)
+#   registry CODE CHALLENGE        GET /v2/ with this copy's credentials: status and WWW-Authenticate scheme
 #   offline yes                    no internet: a missing image is final
 #   expired yes                    the deadline passed: what is still pending has failed
 gate_verdict() {
@@ -251,20 +394,38 @@ gate_verdict() {
                     _gate_pend pull "$a $b" "pulling image $b for $a"
                 fi
                 ;;
+            knative)
+                total=$((total + 1))
+                case "$b" in
+                    ready) done_count=$((done_count + 1)) ;;
+                    waiting) _gate_pend knative "" "KnativeServing $a to report Ready" ;;
+                    *) _gate_pend knative "" "a KnativeServing (the Knative operator makes it)" ;;
+                esac
+                ;;
             portal)
                 total=$((total + 1))
-                if [[ "$a" =~ ^[23][0-9][0-9]$ ]]; then
+                # The portal renders / itself (200); a redirect there is not the portal answering.
+                if [[ "$a" == 200 ]]; then
                     done_count=$((done_count + 1))
                 else
                     _gate_pend portal "" "the portal through the gateway (HTTP ${a:-000})"
+                fi
+                ;;
+            server)
+                total=$((total + 1))
+                if [[ "$a" == 200 && "$b" == OK ]]; then
+                    done_count=$((done_count + 1))
+                else
+                    _gate_pend server "" "csghub-server's API through the gateway (HTTP ${a:-000})"
                 fi
                 ;;
             login)
                 total=$((total + 1))
                 case "$a" in
                     ok) done_count=$((done_count + 1)) ;;
-                    refused) _gate_fail login "" "the admin login through Casdoor was refused (${line#login refused })" ;;
-                    *) _gate_pend login "" "the admin login through Casdoor" ;;
+                    refused) _gate_fail login "" "the admin's sign-in through CSGHub's OAuth flow failed: ${line#login refused }" ;;
+                    waiting) _gate_pend login "" "the admin's sign-in through CSGHub's OAuth flow (${line#login waiting })" ;;
+                    *) _gate_pend login "" "the admin's sign-in through CSGHub's OAuth flow" ;;
                 esac
                 ;;
             gitssh)
@@ -277,11 +438,11 @@ gate_verdict() {
                 ;;
             registry)
                 total=$((total + 1))
-                if registry_ok "$a" "$b"; then
-                    done_count=$((done_count + 1))
-                else
-                    _gate_pend registry "" "the registry's /v2/ (HTTP ${a:-000})"
-                fi
+                case "$(registry_state "$a" "$b")" in
+                    ok) done_count=$((done_count + 1)) ;;
+                    refused) _gate_fail registry "" "the registry refused this copy's credentials (Secret $GATE_REGISTRY_SECRET: its htpasswd does not take REGISTRY_PASSWORD)" ;;
+                    *) _gate_pend registry "" "the registry's /v2/ with this copy's credentials (HTTP ${a:-000})" ;;
+                esac
                 ;;
             *) ;; # a fact this part does not read
         esac
@@ -352,40 +513,111 @@ gate_http_code() {
     echo "${code:-000}"
 }
 
-# gate_registry_fact HOST -> "registry CODE SCHEME"
+# gate_configmap_value NAME KEY -> the value, or nothing.
+gate_configmap_value() {
+    _gate_kc -n "$GATE_RELEASE_NS" get configmap "$1" -o "jsonpath={.data.${2//./\\.}}" 2>/dev/null || true
+}
+
+# _gate_curl_config USER PASSWORD -> a curl config (read from stdin with -K -) that sends them as
+# Basic credentials: a password never goes on a command line.
+_gate_curl_config() {
+    local u=${1//\\/\\\\} p=${2//\\/\\\\}
+    u=${u//\"/\\\"} p=${p//\"/\\\"}
+    printf 'user = "%s:%s"\n' "$u" "$p"
+}
+
+# gate_registry_fact HOST -> "registry CODE SCHEME": GET /v2/ with this copy's credentials.
 gate_registry_fact() {
-    local headers code scheme
-    headers=$(curl -sS -o /dev/null -D - --max-time 15 \
+    local user pass headers code scheme
+    user=$(gate_secret_value "$GATE_REGISTRY_SECRET" REGISTRY_USERNAME)
+    pass=$(gate_secret_value "$GATE_REGISTRY_SECRET" REGISTRY_PASSWORD)
+    if [[ -z "$user" || -z "$pass" ]]; then
+        echo "registry 000 -"
+        return 0
+    fi
+    headers=$(_gate_curl_config "$user" "$pass" | curl -sS -o /dev/null -D - --max-time 15 -K - \
         --resolve "$1:$CSGHUB_HTTP_PORT:$K3S_NODE_IP" "http://$1:$CSGHUB_HTTP_PORT/v2/" 2>/dev/null | tr -d '\r') || true
     code=$(awk 'NR == 1 { print $2 }' <<<"$headers")
     scheme=$(awk 'tolower($1) == "www-authenticate:" { print $2; exit }' <<<"$headers")
     echo "registry ${code:-000} ${scheme:--}"
 }
 
-# gate_login_fact CASDOOR_HOST -> "login ok|refused MSG|down"
+# gate_server_fact HOST -> "server CODE OK|-": one request through the gateway to csghub-server's API.
+gate_server_fact() {
+    local answer code msg
+    answer=$(curl -sS --max-time 15 -w '\n%{http_code}' --resolve "$1:$CSGHUB_HTTP_PORT:$K3S_NODE_IP" \
+        "http://$1:$CSGHUB_HTTP_PORT/api/v1/models?page=1&per=1" 2>/dev/null) || answer=$'\n000'
+    code=${answer##*$'\n'}
+    msg=$(json_field msg <<<"${answer%$'\n'*}")
+    echo "server ${code:-000} ${msg:--}"
+}
+
+# _gate_casdoor_post HOST PATH -> the answer's body, a newline, and its HTTP status (body on stdin:
+# passwords and secrets never go on a command line).
+_gate_casdoor_post() {
+    curl -sS --max-time 20 -H 'Content-Type: application/json' --data-binary @- -w '\n%{http_code}' \
+        --resolve "$1:$CSGHUB_HTTP_PORT:$K3S_NODE_IP" "http://$1:$CSGHUB_HTTP_PORT$2" 2>/dev/null || printf '\n000'
+}
+
+# gate_login_fact CASDOOR_HOST -> "login ok|waiting WHY|refused WHAT|down": the admin signs in as
+# the portal's sign-in does (Casdoor's /api/login, type "code", with the client id and redirect URI
+# of CSGHUB_PORTAL_LOGIN_URL), the code is exchanged at Casdoor's token endpoint with
+# csghub-server's client secret, and the token must be signed by the certificate csghub-server
+# checks tokens with.
 gate_login_fact() {
-    local user pass body answer code outcome
+    local user pass login_url client_id redirect secret cert_b64 body answer code outcome token dir query client_id_q redirect_q
     user=$(gate_secret_value "$GATE_CASDOOR_SECRET" INIT_ADMIN_USER)
     pass=$(gate_secret_value "$GATE_CASDOOR_SECRET" INIT_ADMIN_PASSWORD)
-    if [[ -z "$user" || -z "$pass" ]]; then
+    login_url=$(gate_configmap_value "$GATE_CORE_CONFIGMAP" CSGHUB_PORTAL_LOGIN_URL)
+    secret=$(gate_configmap_value "$GATE_CORE_CONFIGMAP" STARHUB_SERVER_CASDOOR_CLIENT_SECRET)
+    cert_b64=$(_gate_kc -n "$GATE_RELEASE_NS" get secret "$GATE_CASDOOR_CERTS_SECRET" \
+        -o 'jsonpath={.data.tls\.crt}' 2>/dev/null || true)
+    client_id=$(url_query_value client_id "$login_url")
+    redirect=$(url_query_value redirect_uri "$login_url")
+    if [[ -z "$user" || -z "$pass" || -z "$client_id" || -z "$redirect" || -z "$secret" || -z "$cert_b64" ]]; then
         echo "login down"
         return 0
     fi
-    # The password goes on stdin, never on a command line.
-    body=$(casdoor_login_body "$user" "$pass") || {
-        echo "login refused the credentials hold a control character"
+    body=$(casdoor_code_login_body "$user" "$pass") || {
+        echo "login refused the admin's credentials hold a control character"
         return 0
     }
-    answer=$(curl -sS --max-time 20 -H 'Content-Type: application/json' \
-        --data-binary @- -w '\n%{http_code}' \
-        --resolve "$1:$CSGHUB_HTTP_PORT:$K3S_NODE_IP" "http://$1:$CSGHUB_HTTP_PORT/api/login" 2>/dev/null <<<"$body") || answer=$'\n000'
-    code=${answer##*$'\n'}
-    if [[ "$code" != 200 ]]; then
+    client_id_q=$(url_encode "$client_id")
+    redirect_q=$(url_encode "$redirect")
+    query="clientId=$client_id_q&responseType=code&redirectUri=$redirect_q&scope=read&state=casdoor"
+    answer=$(_gate_casdoor_post "$1" "/api/login?$query" <<<"$body")
+    if [[ "${answer##*$'\n'}" != 200 ]]; then
         echo "login down"
         return 0
     fi
-    outcome=$(login_outcome <<<"${answer%$'\n'*}")
-    echo "login $outcome"
+    outcome=$(casdoor_code_outcome <<<"${answer%$'\n'*}")
+    if [[ "$outcome" != "code "* ]]; then
+        echo "login $outcome"
+        return 0
+    fi
+    code=${outcome#code }
+    body=$(casdoor_token_body "$client_id" "$secret" "$code") || {
+        echo "login refused csghub-server's client secret holds a control character"
+        return 0
+    }
+    answer=$(_gate_casdoor_post "$1" /api/login/oauth/access_token <<<"$body")
+    outcome=$(casdoor_token_outcome "${answer##*$'\n'}" <<<"${answer%$'\n'*}")
+    if [[ "$outcome" != "token "* ]]; then
+        echo "login $outcome"
+        return 0
+    fi
+    token=${outcome#token }
+    dir=$(mktemp -d) || {
+        echo "login waiting no temporary folder"
+        return 0
+    }
+    base64 -d <<<"$cert_b64" >"$dir/cert.pem" 2>/dev/null || true
+    if jwt_signed_by "$token" "$dir/cert.pem"; then
+        echo "login ok"
+    else
+        echo "login refused Casdoor's token is not signed by the certificate csghub-server checks tokens with (Secret $GATE_CASDOOR_CERTS_SECRET, tls.crt)"
+    fi
+    rm -rf "$dir"
 }
 
 # gate_ssh_banner -> the first line the git SSH port sends, or "-".
@@ -407,7 +639,7 @@ gate_casdoor_host() {
 # login is tried only once every job and workload is done: Casdoor locks an account after
 # repeated failed logins, and a half-started stack would only produce noise.
 gate_facts() {
-    local domain=$1 release jobs workloads casdoor portal banner
+    local domain=$1 release jobs workloads casdoor portal banner failed_seen recorded
     if ! _gate_kc get --raw /readyz >/dev/null 2>&1; then
         echo "api down"
         return 0
@@ -419,6 +651,18 @@ gate_facts() {
     jobs=$(_gate_kc get jobs -A -l "app.kubernetes.io/instance=$GATE_RELEASE" \
         -o 'jsonpath={range .items[*]}{.metadata.namespace}/{.metadata.name} {range .status.conditions[*]}{.type}={.status},{end}{"\n"}{end}' \
         2>/dev/null | job_facts || true) # the API failing: no facts, the gate keeps waiting
+    if [[ -n "${GATE_FAILED_JOBS:-}" ]]; then
+        failed_seen=$(awk '$1 == "job" && $3 == "failed" { print $2 }' <<<"$jobs")
+        if [[ -n "$failed_seen" ]]; then
+            mkdir -p "${GATE_FAILED_JOBS%/*}"
+            { cat "$GATE_FAILED_JOBS" 2>/dev/null || true; printf '%s\n' "$failed_seen"; } | sort -u \
+                >"$GATE_FAILED_JOBS.tmp" && mv -f "$GATE_FAILED_JOBS.tmp" "$GATE_FAILED_JOBS"
+        fi
+        if [[ -s "$GATE_FAILED_JOBS" ]]; then
+            recorded=$(<"$GATE_FAILED_JOBS")
+            jobs=$(with_remembered_failures "$recorded" <<<"$jobs")
+        fi
+    fi
     workloads=$({
         _gate_kc get deployments,statefulsets -A \
             -o 'jsonpath={range .items[*]}{.kind} {.metadata.namespace}/{.metadata.name} {.spec.replicas} {.status.readyReplicas}{"\n"}{end}' || true
@@ -430,8 +674,16 @@ gate_facts() {
     _gate_kc get pods -A \
         -o 'jsonpath={range .items[*]}{.metadata.namespace}/{.metadata.name}{range .status.initContainerStatuses[*]} {.image}={.state.waiting.reason}{end}{range .status.containerStatuses[*]} {.image}={.state.waiting.reason}{end}{"\n"}{end}' \
         2>/dev/null | pull_facts "$GATE_USER_NAMESPACES" || true
+    # Knative's operator installs the KnativeServing CRD with the release; without it (Knative
+    # left out of this build) there is nothing to wait for.
+    if _gate_kc get crd knativeservings.operator.knative.dev >/dev/null 2>&1; then
+        _gate_kc get knativeservings.operator.knative.dev -A \
+            -o 'jsonpath={range .items[*]}{.metadata.namespace}/{.metadata.name} {.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' \
+            2>/dev/null | knative_facts || true
+    fi
     portal=$(gate_http_code "$domain" /)
     echo "portal $portal"
+    gate_server_fact "$domain"
     casdoor=$(gate_casdoor_host)
     if [[ -z "$workloads" || -z "$casdoor" ]] || grep -qE '^(job .* (running|failed)|workload .* waiting)$' <<<"$jobs"$'\n'"$workloads"; then
         echo "login down"
@@ -490,6 +742,8 @@ sync_registries() {
 readiness_gate() {
     local domain=$1 timeout=$2 state=$3 offline=${4:-} deadline facts verdict last="" last_print=0 registries=pending rc
     deadline=$((SECONDS + timeout))
+    # Where the Jobs seen failed are remembered (beside the state file; delete_finished_jobs forgets them).
+    GATE_FAILED_JOBS=${GATE_FAILED_JOBS:-${state%/*}/failed-jobs}
     while :; do
         facts=$(gate_facts "$domain" 2>/dev/null)
         if [[ "$registries" == pending && "$facts" == *"release deployed"* ]]; then
@@ -521,6 +775,13 @@ readiness_gate() {
     done
 }
 
+# gate_failed_jobs_file: where the gate remembers the Jobs it saw failed (beside its state file:
+# /run, so a reboot forgets them with the rest).
+gate_failed_jobs_file() {
+    local state=${CSGHUB_READINESS:-/run/csghub-appliance/readiness}
+    echo "${GATE_FAILED_JOBS:-${state%/*}/failed-jobs}"
+}
+
 # --- keeping the release upgradable (csghub-reconfigure, csghub-status --retry) -----------------
 
 # _gate_release_jobs: "NS/NAME CONDITIONS" for every Job of the release.
@@ -535,7 +796,7 @@ _gate_release_jobs() {
 # domain change changes csghub-casdoor-migrate's) is rejected and strands the release. The
 # upgrade creates them again. Returns 1 when a Job kept running (it is left alone).
 delete_finished_jobs() {
-    local deadline=$((SECONDS + ${1:-600})) facts job state running=""
+    local deadline=$((SECONDS + ${1:-600})) facts job state running="" record
     while :; do
         facts=$(_gate_release_jobs 2>/dev/null | job_facts || true) # the API failing: no job known
         running=$(awk '$3 == "running" { print $2; exit }' <<<"$facts")
@@ -548,6 +809,9 @@ delete_finished_jobs() {
         _gate_kc -n "${job%%/*}" delete job "${job#*/}" --ignore-not-found >/dev/null
         echo "changed: deleted finished job $job (the upgrade runs it again)"
     done <<<"$facts"
+    # The Jobs run again afresh: the gate forgets which of them it saw failed.
+    record=$(gate_failed_jobs_file)
+    rm -f "$record"
     if [[ -n "$running" ]]; then
         echo "error: job $running of the release is still running; an upgrade now would be rejected" >&2
         return 1

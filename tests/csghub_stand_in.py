@@ -1,0 +1,345 @@
+"""A stand-in for what answers behind CSGHub's gateway NodePort, for the readiness gate's probes.
+
+One loopback HTTP server routes by Host as the chart's HTTPRoutes do (chart 2.4.0,
+templates/csghub/httproutes.yaml and the casdoor route), and each backend answers as its upstream
+does at the version the chart deploys. Each answer below names the upstream file it was read in:
+
+- Envoy (the gateway's proxy; chart 2.4.0 runs distroless-v1.37.5): a Host no route names gets
+  404 with an empty body (envoyproxy/envoy source/common/router/router.cc, ``decodeHeaders``: no
+  route -> ``sendLocalReply(Http::Code::NotFound, "")``, read in the stored copy of Envoy's main line).
+- The portal (``<domain>``, path ``/``): 200 on ``/``, 302 elsewhere. Not read in the portal's own
+  source (csghub v2.4.0's Go server was not found in the stored copies): it is what issue 23 reports
+  of a real copy, and the gate relies only on the 200 on ``/``.
+- csghub-server v2.4.0 (``<domain>/api``): ``GET /api/v1/models`` answers 200 with its envelope
+  ``{"msg": "OK", "data": [...]}`` (api/httpbase/response.go ``OKWithTotal``, api/router/api.go).
+- distribution v2.8.3 (``<domain>/v2``; the chart's ``registry:2.8.3``), htpasswd auth: no
+  credentials or wrong ones -> 401 with ``WWW-Authenticate: Basic realm="..."`` and the
+  ``UNAUTHORIZED`` "authentication required" error; the htpasswd file's bcrypt hash is checked
+  (tag v2.8.3: registry/auth/htpasswd/access.go ``Authorized``/``challenge.SetHeaders``,
+  registry/api/errcode/register.go); right ones -> 200 ``{}`` with
+  ``Docker-Distribution-API-Version: registry/2.0`` (registry/handlers/app.go ``apiBase``).
+- gitlab-sshd (``GitSshdBanner``): greets ``SSH-2.0-GitLab-SSHD`` (gitlab-shell
+  internal/sshd/server_config.go, ``ServerVersion``; read in the stored copy, not at the exact
+  version CSGHub ships).
+- Casdoor v3.62.0 (``casdoor.<domain>``): ``POST /api/login`` with ``type: "code"`` and the query
+  ``clientId``, ``responseType``, ``redirectUri``, ``scope``, ``state`` (controllers/auth.go
+  ``Login``/``HandleLoggedIn``, object/token_oauth_util.go ``CheckOAuthLogin``/``GetOAuthCode``);
+  wrong passwords counted per user, locked after ``failedSigninLimit`` (5, as chart 2.4.0's CSGHub
+  application sets) for ``failedSigninFrozenTime`` (object/check.go ``checkSigninErrorTimes``,
+  object/check_util.go ``recordSigninErrorInfo``); the chart turns ``enableErrorMask`` on, so a
+  wrong password or an unknown user reads "password or code is incorrect" (i18n/util.go
+  ``Translate``); ``POST /api/login/oauth/access_token`` exchanges the code for an RS256 JWT signed
+  with the application's certificate's key (header ``kid`` = the cert's name), or answers 401
+  ``invalid_client`` for a wrong secret (object/token_oauth.go ``GetAuthorizationCodeToken``,
+  controllers/util.go ``SetTokenErrorHttpStatus``, object/token_jwt.go).
+
+The lockout here lasts ``frozen_seconds`` (upstream: minutes) so a test can wait it out; the
+message still counts minutes, rounded up, as upstream prints them.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import bcrypt
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+REGISTRY_REALM = "Registry Realm"
+
+
+def new_signing_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def certificate_pem(key: rsa.RSAPrivateKey, name: str = "csghub-cert") -> str:
+    """A self-signed certificate for ``key`` (what csghub-server reads from Secret csghub-casdoor-certs)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "admin"),
+                         x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def htpasswd_line(user: str, password: str) -> str:
+    return f"{user}:{bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()}"
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+@dataclass
+class StandIn:
+    """What the copy's services hold (each may be set to disagree with what the cluster tells the gate)."""
+
+    domain: str
+    admin_user: str
+    admin_password: str
+    client_id: str
+    client_secret: str
+    redirect_uris: list[str]
+    signing_key: rsa.RSAPrivateKey
+    htpasswd: str  # the registry's htpasswd file (one "user:bcrypt" line)
+    failed_signin_limit: int = 5
+    frozen_seconds: float = 15 * 60
+    # Casdoor's per-user state and issued codes.
+    wrong_times: int = 0
+    last_wrong: float = 0.0
+    codes: dict[str, str] = field(default_factory=dict)
+    requests: list[tuple[str, str, str]] = field(default_factory=list)  # (method, host, path)
+
+    # -- Casdoor ------------------------------------------------------------------------------
+
+    def casdoor_login(self, query: dict[str, str], form: dict[str, Any]) -> dict[str, Any]:
+        def error(msg: str) -> dict[str, Any]:
+            return {"status": "error", "msg": msg, "data": None}
+
+        if form.get("application") != "CSGHub":
+            return error(f"The application: admin/{form.get('application')} does not exist")
+        # checkSigninErrorTimes, before the password is even looked at.
+        if self.wrong_times >= self.failed_signin_limit:
+            left = self.frozen_seconds - (time.monotonic() - self.last_wrong)
+            if left > 0:
+                minutes = max(1, math.ceil(left / 60))
+                return error("You have entered the wrong password or code too many times, "
+                             f"please wait for {minutes} minutes and try again")
+            self.wrong_times = 0
+        if form.get("username") != self.admin_user or form.get("password") != self.admin_password:
+            if form.get("username") == self.admin_user:
+                self.wrong_times = min(self.wrong_times + 1, self.failed_signin_limit)
+                if self.wrong_times >= self.failed_signin_limit:
+                    self.last_wrong = time.monotonic()
+            return error("password or code is incorrect")  # enableErrorMask hides the remaining chances
+        self.wrong_times = 0
+        if form.get("type") != "code":
+            return {"status": "ok", "msg": "", "data": f"OpenCSG/{self.admin_user}"}
+        response_type = query.get("responseType", "")
+        if response_type not in ("code", "token", "id_token"):
+            return error(f"Grant_type: {response_type} is not supported in this application")
+        if query.get("clientId") != self.client_id:
+            return error("Invalid client_id")
+        if query.get("redirectUri", "") not in self.redirect_uris:
+            return error(f"Redirect URI: {query.get('redirectUri', '')} doesn't exist in the allowed Redirect URI list")
+        code = secrets.token_hex(10)
+        self.codes[code] = self.admin_user
+        return {"status": "ok", "msg": "", "data": code}
+
+    def casdoor_token(self, form: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        code = form.get("code", "")
+        user = self.codes.pop(code, None)
+        if user is None:
+            return 400, {"error": "invalid_grant", "error_description": f"authorization code: [{code}] is invalid"}
+        if form.get("client_id") != self.client_id or form.get("client_secret") != self.client_secret:
+            return 401, {"error": "invalid_client", "error_description":
+                         "client_secret is invalid for application: [admin/CSGHub], token.CodeChallenge: empty"}
+        header = {"alg": "RS256", "kid": "csghub-cert", "typ": "JWT"}
+        now = int(time.time())
+        claims = {"owner": "OpenCSG", "name": user, "iss": f"http://casdoor.{self.domain}", "sub": user,
+                  "aud": [self.client_id], "iat": now, "exp": now + 3600, "tokenType": "access-token"}
+        signing_input = f"{_b64url(json.dumps(header).encode())}.{_b64url(json.dumps(claims).encode())}"
+        signature = self.signing_key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
+        token = f"{signing_input}.{_b64url(signature)}"
+        return 200, {"access_token": token, "id_token": token, "refresh_token": token, "token_type": "Bearer",
+                     "expires_in": 3600, "scope": "read"}
+
+    # -- distribution -------------------------------------------------------------------------
+
+    def registry_authorized(self, authorization: str | None) -> bool:
+        if not authorization or not authorization.startswith("Basic "):
+            return False
+        try:
+            user, _, password = base64.b64decode(authorization[6:]).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return False
+        for line in self.htpasswd.splitlines():
+            name, _, hashed = line.partition(":")
+            if name == user:
+                return bcrypt.checkpw(password.encode(), hashed.encode())
+        return False
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def reply(self, code: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+        self.send_response(code)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def reply_json(self, code: int, data: Any, headers: dict[str, str] | None = None) -> None:
+        self.reply(code, json.dumps(data).encode(), {"Content-Type": "application/json", **(headers or {})})
+
+    def _route(self, method: str) -> None:
+        stand_in = self.server.stand_in
+        host = self.headers.get("Host", "").rsplit(":", 1)[0]
+        url = urlsplit(self.path)
+        stand_in.requests.append((method, host, url.path))
+        query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        if host == stand_in.domain:
+            if url.path == "/v2" or url.path.startswith("/v2/"):
+                if stand_in.registry_authorized(self.headers.get("Authorization")):
+                    self.reply(200, b"{}", {"Content-Type": "application/json",
+                                            "Docker-Distribution-API-Version": "registry/2.0"})
+                else:
+                    self.reply_json(401, {"errors": [{"code": "UNAUTHORIZED", "message": "authentication required",
+                                                      "detail": None}]},
+                                    {"WWW-Authenticate": f'Basic realm="{REGISTRY_REALM}"',
+                                     "Docker-Distribution-API-Version": "registry/2.0"})
+            elif url.path.startswith("/api/"):
+                if method == "GET" and url.path == "/api/v1/models":
+                    self.reply_json(200, {"msg": "OK", "data": []})
+                else:
+                    self.reply_json(404, {"msg": "404 page not found"})
+            elif url.path == "/":
+                self.reply(200, b"<!doctype html><title>CSGHub</title>", {"Content-Type": "text/html"})
+            else:
+                self.reply(302, headers={"Location": "/login"})
+        elif host == f"casdoor.{stand_in.domain}":
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            if method == "POST" and url.path == "/api/login":
+                self.reply_json(200, stand_in.casdoor_login(query, json.loads(raw or b"{}")))
+            elif method == "POST" and url.path == "/api/login/oauth/access_token":
+                form = dict(query)
+                if raw:
+                    form.update(json.loads(raw))
+                code, answer = stand_in.casdoor_token(form)
+                headers = {"WWW-Authenticate": 'Basic realm="OAuth2"'} if code == 401 else {}
+                self.reply_json(code, answer, headers)
+            else:
+                self.reply(200, b"<!doctype html><title>Casdoor</title>", {"Content-Type": "text/html"})
+        else:
+            self.reply(404)
+
+    def do_GET(self) -> None:
+        self._route("GET")
+
+    def do_POST(self) -> None:
+        self._route("POST")
+
+
+class _Server(ThreadingHTTPServer):
+    stand_in: StandIn
+
+
+class Gateway:
+    """The stand-in served on a loopback port (``port``); ``stop()`` ends it."""
+
+    def __init__(self, stand_in: StandIn) -> None:
+        self.stand_in = stand_in
+        self.server = _Server(("127.0.0.1", 0), _Handler)
+        self.server.stand_in = stand_in
+        self.port = int(self.server.server_address[1])
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+
+
+class GitSshdBanner:
+    """A TCP listener that greets as gitlab-shell's gitlab-sshd does (``SSH-2.0-GitLab-SSHD``, the
+    ServerVersion in gitlab-shell internal/sshd/server_config.go) and closes; the gate reads only that line."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = int(self.sock.getsockname()[1])
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(b"SSH-2.0-GitLab-SSHD\r\n")
+
+    def stop(self) -> None:
+        self.sock.close()
+
+
+@dataclass(frozen=True)
+class Copy:
+    """One appliance copy's credentials as its cluster holds them: what the gate reads (Secrets and
+    ConfigMaps, as the k3s stand-in serves them) and, by default, what its services hold too."""
+
+    domain: str
+    admin_user: str
+    admin_password: str
+    client_id: str
+    client_secret: str
+    registry_user: str
+    registry_password: str
+    signing_key: rsa.RSAPrivateKey
+    certificate: str
+    external: str  # the copy's own URL base (chart: common.endpoint.csghub), e.g. http://csghub.localhost:30080
+
+    @property
+    def redirect_uri(self) -> str:
+        return f"{self.external}/api/v1/callback/casdoor"
+
+    @property
+    def login_url(self) -> str:
+        """CSGHUB_PORTAL_LOGIN_URL as chart 2.4.0 writes it (templates/csghub/configmap.yaml)."""
+        casdoor = self.external.replace("://", "://casdoor.", 1)
+        return (f"{casdoor}/login/oauth/authorize?client_id={self.client_id}&response_type=code"
+                f"&redirect_uri={self.redirect_uri}&scope=read&state=casdoor")
+
+    def stand_in(self) -> StandIn:
+        """Services that agree with this copy."""
+        return StandIn(domain=self.domain, admin_user=self.admin_user, admin_password=self.admin_password,
+                       client_id=self.client_id, client_secret=self.client_secret, redirect_uris=[self.redirect_uri],
+                       signing_key=self.signing_key, htpasswd=htpasswd_line(self.registry_user, self.registry_password))
+
+    def cluster_state(self) -> dict[str, list[str]]:
+        """The k3s stand-in's state files (tests/data/fake_k3s.py) for this copy's Secrets and ConfigMaps."""
+        cert = base64.b64encode(self.certificate.encode()).decode()
+        return {
+            "secrets": [f"csghub-casdoor-init INIT_ADMIN_USER {self.admin_user}",
+                        f"csghub-casdoor-init INIT_ADMIN_PASSWORD {self.admin_password}",
+                        f"csghub-registry REGISTRY_USERNAME {self.registry_user}",
+                        f"csghub-registry REGISTRY_PASSWORD {self.registry_password}",
+                        f"csghub-casdoor-certs tls.crt base64:{cert}"],
+            "configmaps": [f"csghub-core CSGHUB_PORTAL_LOGIN_URL {self.login_url}",
+                           f"csghub-core STARHUB_SERVER_CASDOOR_CLIENT_ID {self.client_id}",
+                           f"csghub-core STARHUB_SERVER_CASDOOR_CLIENT_SECRET {self.client_secret}"],
+            "knativeservings": ["knative-serving/knative-serving True"],
+        }
+
+
+def make_copy(admin_password: str, registry_password: str, domain: str = "csghub.localhost") -> Copy:
+    key = new_signing_key()
+    return Copy(domain=domain, admin_user="root", admin_password=admin_password, client_id=secrets.token_hex(16),
+                client_secret=secrets.token_hex(20), registry_user="registry", registry_password=registry_password,
+                signing_key=key, certificate=certificate_pem(key), external=f"http://{domain}:30080")
