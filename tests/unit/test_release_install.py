@@ -104,11 +104,19 @@ class Copy:
                 "K3S_REGISTRIES": str(self.work / "registries.yaml"), "GATE_HOSTS_FILE": str(self.work / "hosts"),
                 "GATE_POLL_SECONDS": "1"}
 
-    def bash(self, snippet: str) -> subprocess.CompletedProcess[str]:
-        """``snippet`` in the copy's shell: its libraries, its env file, k3s's kubectl talking to its cluster."""
+    def bash(self, snippet: str, *, k3s_running: bool = False) -> subprocess.CompletedProcess[str]:
+        """``snippet`` in the copy's shell: its libraries, its env file, k3s's kubectl talking to its cluster.
+
+        With ``k3s_running`` (csghub-reconfigure on a running copy) systemd says k3s is active; what only a real
+        k3s does is left to the caller: CoreDNS's restart, and the helm-controller's upgrade job, which the caller
+        runs right after (``wait_helm_upgrade`` is the last thing the script waits for)."""
         prelude = (f". {FIRSTBOOT / 'lib.sh'}; . {FIRSTBOOT / 'secrets.sh'}; load_appliance_env; "
-                   f". \"$CSGHUB_READINESS_LIB\"; KC=(k3s kubectl); stack_installed() {{ true; }}; "
-                   "systemctl() { return 3; }; ")
+                   f". \"$CSGHUB_READINESS_LIB\"; KC=(k3s kubectl); stack_installed() {{ true; }}; ")
+        if k3s_running:
+            prelude += ("systemctl() { [[ \"$*\" == '-q is-active k3s.service' ]]; }; restart_coredns() { :; }; "
+                        "wait_helm_upgrade() { :; }; ")
+        else:
+            prelude += "systemctl() { return 3; }; "
         return subprocess.run(["bash", "-c", f"set -euo pipefail; {prelude}{snippet}"], capture_output=True,
                               text=True, env=self.env(), timeout=300, check=False)
 
@@ -183,9 +191,9 @@ def _install_copy(edition: str, work: Path, helm: Path, kubectl: Path, cfg: Appl
     assert first_boot.returncode == 0, first_boot.stderr
     _boot(copy, "install")
     copy.snapshots["install"] = copy.snapshot()
-    # csghub-reconfigure --mode address: new domain in the HelmChartConfig, the release's finished Jobs deleted
-    # (their pod templates are immutable), then the helm-controller's upgrade.
-    reconfigure = copy.bash("apply_access address 192.168.56.10 && delete_finished_jobs 30")
+    # csghub-reconfigure --mode address on the running copy (apply_access: the release's finished Jobs deleted, as
+    # their pod templates are immutable; the new domain in the HelmChartConfig), then the helm-controller's upgrade.
+    reconfigure = copy.bash("apply_access address 192.168.56.10", k3s_running=True)
     assert reconfigure.returncode == 0, reconfigure.stderr
     _boot(copy, "reconfigure")
     copy.snapshots["reconfigure"] = copy.snapshot()
@@ -325,17 +333,97 @@ def test_a_k3s_restart_changes_nothing_helm_owns(copies: dict[str, Copy], editio
 def test_precreated_objects_are_only_what_the_chart_renders(copies: dict[str, Copy], edition: str) -> None:
     """Every object first boot created is one the release took over (no Helm-labelled orphans)."""
     copy = copies[edition]
-    manifest = next(r for r in copy.history["install"]).stdout
-    del manifest
     created = [w for w in copy.api.store.writes if w[0] == "create" and w[1] in ("Secret", "ConfigMap")]
-    release = subprocess.run([str(copy.helm.helm), "get", "manifest", "csghub", "-n", NAMESPACE],
-                             capture_output=True, text=True, check=True, timeout=120,
-                             env={"KUBECONFIG": str(copy.api.kubeconfig), "HOME": str(copy.work / "helm"),
-                                  "PATH": os.environ["PATH"]}).stdout
-    in_release = {(d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(release) if d}
+    in_release = {(d["kind"], d["metadata"]["name"]) for d in _release_manifest(copy)}
     precreated = [d for d in yaml.safe_load_all((copy.secrets_dir / "precreated.yaml").read_text())
                   if d and d["kind"] != "Namespace"]
     assert precreated
     for obj in precreated:
         assert (obj["kind"], obj["metadata"]["name"]) in in_release, obj["metadata"]["name"]
     assert created
+
+
+def _release_manifest(copy: Copy) -> list[dict[str, Any]]:
+    proc = subprocess.run([str(copy.helm.helm), "get", "manifest", "csghub", "-n", NAMESPACE], capture_output=True,
+                          text=True, check=True, timeout=120,
+                          env={"KUBECONFIG": str(copy.api.kubeconfig), "HOME": str(copy.work / "helm"),
+                               "PATH": os.environ["PATH"]})
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def _holds(stored: Any, rendered: Any) -> bool:
+    """``stored`` has every field ``rendered`` sets, with its value (the server may add fields of its own)."""
+    if isinstance(rendered, dict):
+        return isinstance(stored, dict) and all(_holds(stored.get(k), v) for k, v in rendered.items())
+    if isinstance(rendered, list):
+        return isinstance(stored, list) and len(stored) == len(rendered) and all(
+            _holds(s, r) for s, r in zip(stored, rendered, strict=True))
+    return bool(stored == rendered)
+
+
+@pytest.mark.parametrize("edition", EDITIONS)
+def test_stored_objects_are_what_helm_last_rendered(copies: dict[str, Copy], edition: str) -> None:
+    """After install, upgrade (three-way patches) and restart, each object of the release holds exactly the fields
+    of the release's last manifest: what a real apiserver converges to; it also holds the stand-in's patches to
+    account (a wrong merge of containers, env or ports would show here)."""
+    copy = copies[edition]
+    manifest = _release_manifest(copy)
+    assert len(manifest) > 100
+    for rendered in manifest:
+        meta = rendered["metadata"]
+        stored = copy.api.store.find(rendered["kind"], meta.get("namespace", NAMESPACE if rendered["kind"] not in (
+            "Namespace", "ClusterRole", "ClusterRoleBinding", "GatewayClass") else ""), meta["name"])
+        assert stored is not None, (rendered["kind"], meta["name"])
+        body = {k: v for k, v in rendered.items() if k not in ("metadata", "status")}
+        if rendered["kind"] == "Secret" and "stringData" in body:
+            body.pop("stringData")
+        assert _holds(stored, body), (rendered["kind"], meta["name"])
+        assert _holds(stored["metadata"], {k: meta[k] for k in ("labels", "annotations") if k in meta})
+
+
+def _fresh_copy(tmp_path: Path, tools: tuple[Path, Path], cfg: ApplianceConfig, api: KubeApi) -> Copy:
+    helm, kubectl = tools
+    _sealed_image(tmp_path, cfg, "ce", kubectl)
+    copy = Copy("ce", tmp_path, api, HelmController(api, helm, tmp_path / "static" / "charts", tmp_path / "helm"),
+                kubectl)
+    proc = copy.bash("csghub_secrets && apply_access nat 10.0.2.15")
+    assert proc.returncode == 0, proc.stderr
+    return copy
+
+
+def test_the_release_waits_for_objects_that_hold_the_copys_credentials(
+        tools: tuple[Path, Path], tmp_path: Path, make_cfg: Callable[..., ApplianceConfig]) -> None:
+    """An object already there with other content (left from elsewhere) is not taken as the copy's: the HelmChart
+    stays out of k3s's folder, so the release cannot install with anything but this copy's credentials."""
+    cfg = make_cfg("provision.skip=[]", "vm.cpus=4", "vm.memory_mb=8192", f"k3s.node_ip={NODE_IP}")
+    with KubeApi(tmp_path) as api:
+        copy = _fresh_copy(tmp_path, tools, cfg, api)
+        api.store.create(BY_GVK[("v1", "Namespace")], "", {"metadata": {"name": NAMESPACE}})
+        api.store.create(CONFIGMAP, NAMESPACE, {"metadata": {"name": "csghub-core"},
+                                                "data": {"STARHUB_JWT_SIGNING_KEY": "someone-elses"}})
+        proc = copy.bash("ensure_release")
+        assert proc.returncode == 1
+        assert "differ from this copy's credentials" in proc.stderr
+        assert not (copy.manifests / "csghub.yaml").exists()
+        # Fixed (the stranger deleted), a rerun creates it and hands the HelmChart over.
+        api.store.delete(CONFIGMAP, NAMESPACE, "csghub-core")
+        proc = copy.bash("ensure_release")
+        assert proc.returncode == 0, proc.stderr
+        kept = (copy.work / "share" / "csghub-helmchart.yaml").read_text()
+        assert (copy.manifests / "csghub.yaml").read_text() == kept
+        assert copy.data("ConfigMap", "csghub-core")["STARHUB_JWT_SIGNING_KEY"] == copy.secrets()["JWT_SIGNING_KEY"]
+        # Once handed over, a rerun touches nothing.
+        writes = len(api.store.writes)
+        proc = copy.bash("ensure_release")
+        assert proc.returncode == 0 and len(api.store.writes) == writes
+
+
+def test_no_release_without_a_cluster_answering(tools: tuple[Path, Path], tmp_path: Path,
+                                                make_cfg: Callable[..., ApplianceConfig]) -> None:
+    cfg = make_cfg("provision.skip=[]", "vm.cpus=4", "vm.memory_mb=8192", f"k3s.node_ip={NODE_IP}")
+    api = KubeApi(tmp_path)  # never started: nothing listens
+    copy = _fresh_copy(tmp_path, tools, cfg, api)
+    api._server.server_close()
+    proc = copy.bash("ensure_release")
+    assert proc.returncode == 1 and "creating this copy's objects failed" in proc.stderr
+    assert not (copy.manifests / "csghub.yaml").exists()

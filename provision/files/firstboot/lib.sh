@@ -361,6 +361,25 @@ ensure_release() {
     echo "changed: handed the HelmChart to k3s ($dest): helm-controller installs CSGHub with this copy's credentials"
 }
 
+# retarget_knative_registries OLD_DOMAIN DOMAIN: the release's KnativeServing names the registry
+# host Knative must not resolve tags on (CSGHub's own, plain HTTP). Chart 2.4.0 creates it as a
+# post-install hook; helm 3.17's first upgrade adopts it with the new render as its "original"
+# (pkg/action/upgrade.go, existingResourceConflict) and a custom resource is patched two-way from
+# that original: the patch is empty and the object keeps the old host. Set it here (the release
+# test, tests/unit/test_release_install.py, fails without it); later upgrades patch it from the
+# previous release's manifest, which then holds it.
+retarget_knative_registries() {
+    local old=$1 new=$2 skip patch
+    skip=$(k3s kubectl --request-timeout=20s -n knative-serving get knativeservings.operator.knative.dev knative-serving \
+        -o 'jsonpath={.spec.config.deployment.registries-skipping-tag-resolving}' 2>/dev/null) || skip=""
+    [[ -n "$skip" && ",$skip," == *",$old,"* || ",$skip," == *",$old:"* ]] || return 0
+    skip=${skip//"$old"/"$new"}
+    patch=$(printf '{"spec":{"config":{"deployment":{"registries-skipping-tag-resolving":"%s"}}}}' "$skip")
+    k3s kubectl --request-timeout=20s -n knative-serving patch knativeservings.operator.knative.dev knative-serving \
+        --type merge -p "$patch" >/dev/null || return 1
+    echo "changed: Knative skips tag resolution for $new (KnativeServing knative-serving)"
+}
+
 # apply_access MODE ADDRESS: record the access mode, and make everything the domain touches
 # follow it. Prints "changed:"/"ok:" lines. With k3s running (csghub-reconfigure) a domain
 # change is carried through the release without stranding it: the release's finished Jobs are
@@ -391,6 +410,7 @@ apply_access() {
                 echo "changed: deleted Secret spaces/csghub-docker-credential (the chart recreates it for $domain)"
             fi
             delete_finished_jobs "${CSGHUB_JOB_WAIT_SECONDS:-600}" || return 1
+            retarget_knative_registries "$old_domain" "$domain" || return 1
         fi
         mkdir -p "$K3S_MANIFESTS" || return 1
         since=$(date +%s)
