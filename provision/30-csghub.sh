@@ -78,6 +78,12 @@ if [[ "$FILE_CHANGED" == yes ]]; then
     echo "changed: CoreDNS resolves $CSGHUB_DOMAIN names to $K3S_NODE_IP inside the cluster"
 fi
 
+# Only CSGHub's own pods reach Redis, which has no password (appliance/manifests.py). The namespace
+# comes with the release: k3s retries the file every 15 s until it exists.
+if [[ -s "$MANIFEST_DIR/csghub-redis-policy.yaml" ]]; then
+    install_if_changed "$MANIFEST_DIR/csghub-redis-policy.yaml" "$K3S_DATA/server/manifests/csghub-redis-policy.yaml" 0600
+fi
+
 release_changed_at=0
 # Kept outside the auto-deploy folder for the copies: 90-seal.sh takes it out of that folder, and a
 # copy's csghub-ready hands it back only after it created its own objects the chart looks up
