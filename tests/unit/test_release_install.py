@@ -435,3 +435,36 @@ def test_no_release_without_a_cluster_answering(tools: tuple[Path, Path], tmp_pa
     proc = copy.bash("ensure_release")
     assert proc.returncode == 1 and "creating this copy's objects failed" in proc.stderr
     assert not (copy.manifests / "csghub.yaml").exists()
+
+
+@pytest.mark.parametrize(("pod_started", "restarted"), [("2000-01-01T00:00:00Z", True),
+                                                         ("2999-01-01T00:00:00Z", False)],
+                         ids=["coredns-started-before-custom", "coredns-started-after"])
+def test_coredns_is_restarted_when_it_started_before_its_custom_names(
+        tools: tuple[Path, Path], tmp_path: Path, make_cfg: Callable[..., ApplianceConfig], pod_started: str,
+        restarted: bool) -> None:
+    """csghub-ready's coredns_follow_custom, with the real kubectl: a CoreDNS pod older than coredns-custom never
+    read it (imports are read at start), so the Deployment is restarted (kubectl rollout restart's patch)."""
+    cfg = make_cfg("provision.skip=[]", "vm.cpus=4", "vm.memory_mb=8192", f"k3s.node_ip={NODE_IP}")
+    with KubeApi(tmp_path) as api:
+        copy = _fresh_copy(tmp_path, tools, cfg, api)
+        deployment = BY_GVK[("apps/v1", "Deployment")]
+        api.store.create(deployment, "kube-system", {
+            "metadata": {"name": "coredns"},
+            "spec": {"selector": {"matchLabels": {"k8s-app": "kube-dns"}},
+                     "template": {"metadata": {"labels": {"k8s-app": "kube-dns"}},
+                                  "spec": {"containers": [{"name": "coredns", "image": "rancher/mirrored-coredns"}]}}}})
+        api.store.create(BY_GVK[("v1", "Pod")], "kube-system", {
+            "metadata": {"name": "coredns-abc", "labels": {"k8s-app": "kube-dns"}},
+            "spec": {"containers": [{"name": "coredns", "image": "rancher/mirrored-coredns"}]},
+            "status": {"phase": "Running", "startTime": pod_started}})
+        deploy_folder(api, copy.manifests)  # coredns-custom from the folder, as k3s applies it
+        assert api.store.find("ConfigMap", "kube-system", "coredns-custom") is not None
+        proc = copy.bash("coredns_follow_custom")
+        assert proc.returncode == 0, proc.stderr
+        template = api.store.get(deployment, "kube-system", "coredns")["spec"]["template"]
+        annotations = (template.get("metadata") or {}).get("annotations") or {}
+        assert ("kubectl.kubernetes.io/restartedAt" in annotations) is restarted, (proc.stdout, annotations)
+        assert ("changed: restarted CoreDNS" in proc.stdout) is restarted
+        # The containers survive the strategic merge patch (merged by name, not replaced).
+        assert template["spec"]["containers"] == [{"name": "coredns", "image": "rancher/mirrored-coredns"}]
