@@ -447,7 +447,9 @@ def test_coredns_is_restarted_when_it_started_before_its_custom_names(
     read it (imports are read at start), so the Deployment is restarted (kubectl rollout restart's patch)."""
     cfg = make_cfg("provision.skip=[]", "vm.cpus=4", "vm.memory_mb=8192", f"k3s.node_ip={NODE_IP}")
     with KubeApi(tmp_path) as api:
-        copy = _fresh_copy(tmp_path, tools, cfg, api)
+        _sealed_image(tmp_path, cfg, "ce", tools[1])  # no first boot needed: CoreDNS is k3s's
+        copy = Copy("ce", tmp_path, api, HelmController(api, tools[0], tmp_path / "static", tmp_path / "helm"),
+                    tools[1])
         deployment = BY_GVK[("apps/v1", "Deployment")]
         api.store.create(deployment, "kube-system", {
             "metadata": {"name": "coredns"},
