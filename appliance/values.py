@@ -193,6 +193,7 @@ def generate_values(cfg: ApplianceConfig) -> dict[str, Any]:
 INTERNAL_CREDENTIAL_KEYS: dict[str, str] = {
     "casdoor.admin.password": "the CSGHub admin (Casdoor root) password",
     "casdoor.applianceCerts": "Casdoor's JWT signing key pair",
+    "casdoor.applianceRadiusSecret": "Casdoor's RADIUS secret",
     "server.xnet.apiToken": "the hub API token (xnet)",
     "server.xnet.apiKey": "the hub API token (xnet)",
     "server.agenticflow.token": "the AgenticHub token",

@@ -272,6 +272,9 @@ def test_stored_credentials_are_the_copys_own(copies: dict[str, Copy], edition: 
     init_data = json.loads(copy.data("ConfigMap", "csghub-casdoor")["init_data.json"])
     root = next(u for u in init_data["users"] if u["name"] == "root")
     assert bcrypt.checkpw(secrets["CSGHUB_ADMIN_PASSWORD"].encode(), root["password"].encode())
+    # Casdoor's RADIUS listener takes the copy's secret, not the chart's word "secret".
+    app_conf = copy.data("ConfigMap", "csghub-casdoor")["app.conf"]
+    assert f'radiusSecret = "{secrets["CASDOOR_RADIUS_SECRET"]}"' in app_conf
     apps = {a["name"]: a for a in init_data["applications"]}
     assert apps["CSGHub"]["clientId"] == secrets["CASDOOR_CSGHUB_CLIENT_ID"]
     assert apps["CSGHub"]["clientSecret"] == secrets["CASDOOR_CSGHUB_CLIENT_SECRET"]

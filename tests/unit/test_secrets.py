@@ -195,7 +195,7 @@ def test_recomputed_derivations_match_a_real_render(helm_bin: Path,
 
 def test_first_boot_reports_and_is_idempotent(copies: tuple[Copy, Copy]) -> None:
     a, _ = copies
-    assert "changed: made 19 credential(s) for this copy" in a.output
+    assert "changed: made 20 credential(s) for this copy" in a.output
     assert "changed: new Casdoor signing key and certificate 'csghub-cert'" in a.output
     assert "now reads this copy's Casdoor certificates" in a.output
     before = {p.name: p.read_bytes() for p in a.secrets_dir.iterdir()}
@@ -218,7 +218,7 @@ def test_secret_files_are_root_only(copies: tuple[Copy, Copy]) -> None:
 
 def test_copies_share_no_secret(copies: tuple[Copy, Copy]) -> None:
     a, b = (c.secrets() for c in copies)
-    assert sorted(a) == sorted(b) and len(a) == 19
+    assert sorted(a) == sorted(b) and len(a) == 20
     for name in a:
         assert a[name] and b[name] and a[name] != b[name], name
     # Within a copy, no two credentials are the same value either.
@@ -241,7 +241,7 @@ def test_no_secret_is_what_the_chart_would_derive_today(copies: tuple[Copy, Copy
 def test_secrets_are_strong_and_fit_their_consumers(copies: tuple[Copy, Copy]) -> None:
     s = copies[0].secrets()
     for name in ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "NATS_PASSWORD", "REGISTRY_PASSWORD", "GITALY_TOKEN",
-                 "REDIS_PASSWORD"):
+                 "REDIS_PASSWORD", "CASDOOR_RADIUS_SECRET"):
         assert re.fullmatch(r"[A-Za-z0-9]{32}", s[name]), name  # ~190 bits; safe inside connection URLs
     assert re.fullmatch(r"[A-Za-z0-9]{24}", s["CSGHUB_ADMIN_PASSWORD"])  # ~142 bits
     assert re.fullmatch(r"[0-9a-f]{64}", s["HUB_API_TOKEN"])
@@ -354,6 +354,12 @@ def test_render_signs_with_this_copys_casdoor_key(copies: tuple[Copy, Copy], ren
         body = fixed.splitlines()[1]
         assert body not in text  # neither the PEM nor its base64 form...
         assert base64.b64encode(fixed.encode()).decode()[:60] not in text
+
+
+def test_render_takes_this_copys_radius_secret(copies: tuple[Copy, Copy], rendered: list[dict[str, Any]]) -> None:
+    app_conf = _by_name(rendered, "ConfigMap")["csghub-casdoor"]["data"]["app.conf"]
+    assert f'radiusSecret = "{copies[0].secrets()["CASDOOR_RADIUS_SECRET"]}"' in app_conf
+    assert 'radiusSecret = "secret"' not in app_conf
 
 
 def test_patched_chart_refuses_to_render_without_a_key(copies: tuple[Copy, Copy], helm_bin: Path,

@@ -55,6 +55,7 @@ SECRET_SPECS=(
     "CASDOOR_ADMIN_CLIENT_SECRET=hex 40"
     "CASDOOR_CSGSHIP_CLIENT_ID=hex 32"
     "CASDOOR_CSGSHIP_CLIENT_SECRET=hex 40"
+    "CASDOOR_RADIUS_SECRET=alnum 32"    # Casdoor's RADIUS listener (chart: the word "secret")
 )
 
 # random_from ALPHABET N: N characters of ALPHABET (at most 256) from the kernel CSPRNG. A byte
@@ -234,6 +235,7 @@ secret_values_yaml() {
         echo "      privateKey: |"
         indent 8 <"$CSGHUB_SECRETS_DIR/casdoor-$name.key"
     done
+    echo "  applianceRadiusSecret: \"$CASDOOR_RADIUS_SECRET\""
     echo "server:"
     echo "  agenticflow:"
     echo "    token: \"$AGENTICFLOW_TOKEN\""
@@ -345,8 +347,10 @@ YAML
 }
 
 # patch_chart_casdoor_certs ARCHIVE: make the chart read Casdoor's JWT certificate and key
-# from the values casdoor.applianceCerts.{csghub,csgship}.{certificate,privateKey} (and fail
-# when they are missing) instead of the fixed pair in its templates. The archive itself
+# from the values casdoor.applianceCerts.{csghub,csgship}.{certificate,privateKey}, and the
+# secret of Casdoor's RADIUS listener (port 1812 in its pod, reachable from every pod, users'
+# Spaces included; it checks users' passwords) from casdoor.applianceRadiusSecret (and fail
+# when they are missing) instead of the fixed text in its templates. The archive itself
 # holds no secret: k3s serves server/static/ without authentication.
 patch_chart_casdoor_certs() {
     local archive=$1 work rc=0 current
@@ -384,11 +388,16 @@ _patch_chart_in() {
         cert != "" && /"privateKey": "-----BEGIN RSA PRIVATE KEY-----/ {
             match($0, /^ */); print substr($0, 1, RLENGTH) "\"privateKey\": " value(cert, "privateKey") > out; n++; cert = ""; next
         }
+        /^ *radiusSecret = "secret"$/ {
+            match($0, /^ */)
+            print substr($0, 1, RLENGTH) "radiusSecret = {{ dig \"applianceRadiusSecret\" \"\" .Values.casdoor | required \"casdoor.applianceRadiusSecret is missing: csghub-firstboot makes this copy'"'"'s RADIUS secret\" | quote }}" > out
+            n++; next
+        }
         { print > out }
         END { print n + 0 }
     ' "$configmap") || return 1
-    if [[ "$n" != 4 ]]; then
-        echo "secrets.sh: expected Casdoor's two fixed certificates and keys in templates/casdoor/configmap.yaml, found $n of 4 lines; chart changed?" >&2
+    if [[ "$n" != 5 ]]; then
+        echo "secrets.sh: expected Casdoor's two fixed certificates and keys and its fixed RADIUS secret in templates/casdoor/configmap.yaml, found $n of 5 lines; chart changed?" >&2
         return 1
     fi
     mv -f "$configmap.new" "$configmap" || return 1
