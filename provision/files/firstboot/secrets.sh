@@ -9,7 +9,7 @@
 #
 # - chart values (written into this copy's HelmChartConfig by instance_manifest, lib.sh):
 #   casdoor.admin.password, server.agenticflow.token, server.xnet.apiToken, and
-#   casdoor.applianceCerts.* which only the chart archive patched here reads;
+#   casdoor.applianceCerts.* and casdoor.applianceRadiusSecret, which only the chart archive patched here reads;
 # - objects the chart `lookup`s and then reuses, labelled so that Helm adopts them: written here
 #   to $PRECREATED_NAME in the secrets folder, created once in the cluster by ensure_release
 #   (lib.sh, run by csghub-ready once k3s is up) and read back before the HelmChart is handed to
