@@ -8,6 +8,9 @@
   ``https://%{KUBERNETES_API}%/static/charts/<file>``, the way k3s installs its own bundled
   charts offline. (Inline ``chartContent`` would put the whole archive, subcharts and all, into
   one API object, close to the API server's request size limit.)
+- ``csghub-redis-policy.yaml``: a NetworkPolicy that admits only CSGHub's own pods to Redis, which runs without a
+  password (:func:`redis_policy_object`). On a copy k3s applies it once ``csghub-ready`` has made the namespace
+  (until then the deploy controller retries it every 15 s).
 - ``coredns-custom.yaml``: the ConfigMap k3s's CoreDNS imports (``*.server`` keys become
   extra server blocks). It makes CSGHub's external names resolve, inside the cluster, to the
   node address k3s is bound to, where the gateway's NodePorts answer: server-side calls to
@@ -109,13 +112,47 @@ def coredns_custom_object(cfg: ApplianceConfig, values: dict[str, Any]) -> dict[
     }
 
 
+# The labels chart 2.4.0 selects its Redis pods with (templates/redis/statefulset.yaml; held against a real render in
+# tests/unit/test_manifests.py).
+REDIS_POD_LABELS = {"app.kubernetes.io/service": "redis", "app.kubernetes.io/instance": RELEASE_NAME,
+                    "app.kubernetes.io/name": "csghub"}
+
+
+def redis_policy_object() -> dict[str, Any]:
+    """A NetworkPolicy that lets only pods of CSGHub's own namespace reach Redis.
+
+    Chart 2.4.0's Redis has no password (``redis.requirePass`` off: turning it on needs every consumer to pass it, and
+    the ``csgship`` subchart's ``REDIS_URL`` has no place for one), and the users' Spaces run in the cluster too
+    (namespace ``spaces``). k3s enforces NetworkPolicies (its embedded network policy controller), so only the
+    server, xnet and AgenticHub pods beside Redis reach ``csghub-redis:6379``.
+    """
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": "csghub-redis-clients",
+            "namespace": RELEASE_NAMESPACE,
+            "labels": {"app.kubernetes.io/managed-by": "csghub-appliance"},
+        },
+        "spec": {
+            "podSelector": {"matchLabels": dict(REDIS_POD_LABELS)},
+            "policyTypes": ["Ingress"],
+            # An empty pod selector without a namespace selector: every pod of this namespace, no other.
+            "ingress": [{"from": [{"podSelector": {}}], "ports": [{"protocol": "TCP", "port": 6379}]}],
+        },
+    }
+
+
 def render_manifests(cfg: ApplianceConfig) -> dict[str, dict[str, Any]]:
     """File name -> Kubernetes object, for ``/var/lib/rancher/k3s/server/manifests/``."""
     values = generate_values(cfg)
-    return {
+    manifests = {
         "csghub.yaml": helmchart_object(cfg, values),
         "coredns-custom.yaml": coredns_custom_object(cfg, values),
     }
+    if ((values.get("global") or {}).get("redis") or {}).get("enabled", True):
+        manifests["csghub-redis-policy.yaml"] = redis_policy_object()
+    return manifests
 
 
 class _BlockDumper(yaml.SafeDumper):

@@ -78,7 +78,17 @@ if [[ "$FILE_CHANGED" == yes ]]; then
     echo "changed: CoreDNS resolves $CSGHUB_DOMAIN names to $K3S_NODE_IP inside the cluster"
 fi
 
+# Only CSGHub's own pods reach Redis, which has no password (appliance/manifests.py). The namespace
+# comes with the release: k3s retries the file every 15 s until it exists.
+if [[ -s "$MANIFEST_DIR/csghub-redis-policy.yaml" ]]; then
+    install_if_changed "$MANIFEST_DIR/csghub-redis-policy.yaml" "$K3S_DATA/server/manifests/csghub-redis-policy.yaml" 0600
+fi
+
 release_changed_at=0
+# Kept outside the auto-deploy folder for the copies: 90-seal.sh takes it out of that folder, and a
+# copy's csghub-ready hands it back only after it created its own objects the chart looks up
+# (ensure_release, provision/files/firstboot/lib.sh).
+install_if_changed "$MANIFEST_DIR/csghub.yaml" /usr/local/share/csghub-appliance/csghub-helmchart.yaml 0600
 install_if_changed "$MANIFEST_DIR/csghub.yaml" "$K3S_DATA/server/manifests/csghub.yaml" 0600
 if [[ "$FILE_CHANGED" == yes ]]; then
     release_changed_at=$(date +%s)

@@ -8,8 +8,8 @@
 # The build VM itself is marked as done, so rebooting it during the build does not run the
 # first-boot service; 90-seal.sh removes that mark.
 # Inputs (environment): APPLIANCE_NAME, APPLIANCE_VERSION, CSGHUB_DOMAIN, CSGHUB_HTTP_PORT,
-# K3S_NODE_IP (written to /etc/csghub-appliance for the first-boot tools), PROVISION_DIR.
-# appliance: env=APPLIANCE_NAME,APPLIANCE_VERSION,CSGHUB_DOMAIN,CSGHUB_HTTP_PORT,K3S_NODE_IP,CSGHUB_GIT_SSH_PORT
+# K3S_NODE_IP, CSGHUB_EDITION (written to /etc/csghub-appliance for the first-boot tools), PROVISION_DIR.
+# appliance: env=APPLIANCE_NAME,APPLIANCE_VERSION,CSGHUB_DOMAIN,CSGHUB_HTTP_PORT,K3S_NODE_IP,CSGHUB_GIT_SSH_PORT,CSGHUB_EDITION
 # appliance: files=firstboot
 # appliance: files=common
 set -euo pipefail
@@ -52,6 +52,7 @@ env_tmp=$(mktemp)
     printf 'CSGHUB_DOMAIN=%q\n' "${CSGHUB_DOMAIN:-csghub.localhost}"
     printf 'CSGHUB_HTTP_PORT=%q\n' "${CSGHUB_HTTP_PORT:-30080}"
     printf 'CSGHUB_GIT_SSH_PORT=%q\n' "${CSGHUB_GIT_SSH_PORT:-30022}"
+    printf 'CSGHUB_EDITION=%q\n' "${CSGHUB_EDITION:-ce}"
     printf 'CSGHUB_NAMESPACE=%q\n' "${CSGHUB_NAMESPACE:-csghub}"
     printf 'CSGHUB_HELMCHART_NAME=%q\n' "${CSGHUB_HELMCHART_NAME:-csghub}"
     printf 'CSGHUB_HELMCHART_NAMESPACE=%q\n' "${CSGHUB_HELMCHART_NAMESPACE:-kube-system}"

@@ -58,6 +58,13 @@ seal_stack() {
     done
     remove "per-copy Helm values" "$server/manifests/csghub-appliance-instance.yaml" \
         "$server/manifests/csghub-appliance-secrets.yaml"
+    # A copy installs CSGHub only after it created its own credentials' objects: csghub-ready
+    # puts the HelmChart back from the copy 30-csghub.sh kept (ensure_release).
+    if [[ -s /usr/local/share/csghub-appliance/csghub-helmchart.yaml ]]; then
+        remove "HelmChart in the auto-deploy folder" "$server/manifests/csghub.yaml"
+    else
+        echo "ok: no kept HelmChart (CSGHub step skipped); auto-deploy folder left as it is"
+    fi
     # Agent identity: certificates, kubeconfigs, node password. Images stay (agent/images is
     # the air-gap bundle, agent/containerd the unpacked image store).
     remove "k3s agent certificates" "$K3S_DATA"/agent/*.crt "$K3S_DATA"/agent/*.key "$K3S_DATA"/agent/*.kubeconfig \

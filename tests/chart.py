@@ -38,6 +38,20 @@ def helm_binary() -> Path | None:
     return Path(found) if found else None
 
 
+def kubectl_binary() -> Path | None:
+    """The kubectl that talks to the tests' API server: $APPLIANCE_KUBECTL, then the pinned one beside the pinned
+    helm (scripts/install-helm.sh takes both from the same package), then PATH."""
+    explicit = os.environ.get("APPLIANCE_KUBECTL")
+    if explicit:
+        return Path(explicit)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    pinned = cache / "csghub-appliance" / "tools" / f"helm-{HELM_VERSION}" / "kubectl"
+    if pinned.is_file():
+        return pinned
+    found = shutil.which("kubectl")
+    return Path(found) if found else None
+
+
 def render_chart(helm: Path, values: Mapping[str, Any] | None = None, *, values_files: list[Path] | None = None,
                  release: str = "csghub", namespace: str = "csghub", chart: Path = CHART_DIR) -> list[dict[str, Any]]:
     """``helm template`` the chart with the given values; returns every rendered object (empty documents dropped).

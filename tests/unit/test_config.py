@@ -37,10 +37,20 @@ def _load(case: dict[str, Any], tmp_path: Path) -> ApplianceConfig:
 
 
 @pytest.mark.parametrize("case", CASES["good"], ids=[c["name"] for c in CASES["good"]])
-def test_good_config(case: dict[str, Any], tmp_path: Path) -> None:
+def test_good_config(case: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.log import log
+
+    warned: list[str] = []
+    monkeypatch.setattr(log, "warning", lambda msg, *args: warned.append(msg))
     cfg = _load(case, tmp_path)
     for key, expected in case["expect"].items():
         assert _get(cfg, key) == expected, key
+    # `warnings`: [key, fragment] pairs, each a warning that names the key; exactly that many.
+    expected_warnings = case.get("warnings", [])
+    if expected_warnings:
+        assert len(warned) == len(expected_warnings), warned
+    for key, fragment in expected_warnings:
+        assert any(w.startswith(f"{key}: ") and fragment in w for w in warned), (key, warned)
 
 
 @pytest.mark.parametrize("case", CASES["bad"], ids=[c["name"] for c in CASES["bad"]])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from appliance.config import PROJECT_ROOT, load_config
+from appliance.config import PROJECT_ROOT, ApplianceConfig, load_config
 from appliance.manifests import manifest_yaml, render_manifests, write_manifests
 from appliance.values import generate_values
 
@@ -116,6 +117,39 @@ def test_write_manifests_writes_files_for_upload(tmp_path: Path) -> None:
     uploads = write_manifests(cfg, tmp_path)
     assert sorted(g for _, g in uploads) == [
         "/var/cache/csghub-appliance/manifests/coredns-custom.yaml",
+        "/var/cache/csghub-appliance/manifests/csghub-redis-policy.yaml",
         "/var/cache/csghub-appliance/manifests/csghub.yaml",
     ]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["coredns-custom.yaml", "csghub.yaml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["coredns-custom.yaml", "csghub-redis-policy.yaml",
+                                                          "csghub.yaml"]
+
+
+@pytest.mark.parametrize("edition", ["ce", "ee"])
+def test_redis_policy_selects_the_charts_redis_and_admits_its_clients(
+        edition: str, helm_bin: Path, make_cfg: Callable[..., ApplianceConfig]) -> None:
+    """Against a real render: the policy selects exactly the pods of the Redis StatefulSet (and its Service), and
+    every workload that connects to csghub-redis runs in the namespace it admits; the users' Spaces do not."""
+    from tests.chart import render_chart
+
+    cfg = make_cfg("provision.skip=[]", "vm.cpus=4", "vm.memory_mb=8192", f"csghub.edition={edition}")
+    policy = render_manifests(cfg)["csghub-redis-policy.yaml"]
+    objects = render_chart(helm_bin, generate_values(cfg))
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+
+    def selected(labels: dict[str, str]) -> bool:
+        return all(labels.get(k) == v for k, v in selector.items())
+
+    pods = {(o["kind"], o["metadata"]["name"]): o["spec"]["template"]["metadata"].get("labels") or {}
+            for o in objects if o["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job")}
+    assert [k for k, labels in pods.items() if selected(labels)] == [("StatefulSet", "csghub-redis")]
+    service = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "csghub-redis")
+    assert service["spec"]["selector"] == selector
+    clients = [o for o in objects if o["kind"] in ("Deployment", "StatefulSet", "Job")
+               and "csghub-redis" in json.dumps(o) and o["metadata"]["name"] != "csghub-redis"]
+    assert {"csghub-server", "csghub-xnet"} <= {o["metadata"]["name"] for o in clients}
+    for client in clients:
+        assert client["metadata"]["namespace"] == policy["metadata"]["namespace"], client["metadata"]["name"]
+    assert policy["spec"]["ingress"] == [{"from": [{"podSelector": {}}], "ports": [{"protocol": "TCP", "port": 6379}]}]
+    # Configured clients (ConfigMaps) name it too, only in that namespace.
+    assert all(o["metadata"]["namespace"] == "csghub" for o in objects
+               if o["kind"] == "ConfigMap" and "csghub-redis" in json.dumps(o))

@@ -48,11 +48,12 @@ def test_manifests_and_image_list_do_not_follow_planted_names(
     from appliance.manifests import write_manifests
 
     folder = tmp_path / "manifests"
-    victim = _plant(folder, ".csghub.yaml.tmp", ".coredns-custom.yaml.tmp", ".images.txt.tmp")
+    victim = _plant(folder, ".csghub.yaml.tmp", ".coredns-custom.yaml.tmp", ".csghub-redis-policy.yaml.tmp",
+                    ".images.txt.tmp")
     written = write_manifests(make_cfg(), folder)
     listed = write_image_list([ImageEntry("docker.io/library/busybox:1.36", ("busybox:1.36",))], folder)
     assert victim.read_text() == PRECIOUS
-    assert {p.name for p, _ in written} == {"csghub.yaml", "coredns-custom.yaml"}
+    assert {p.name for p, _ in written} == {"csghub.yaml", "coredns-custom.yaml", "csghub-redis-policy.yaml"}
     assert "busybox" in listed.read_text()
     for path in (*(p for p, _ in written), listed):
         assert not path.is_symlink() and path.stat().st_size > 0

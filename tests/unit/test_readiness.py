@@ -729,15 +729,16 @@ GATE_STATE = {
         ({"workloads": ["Deployment csghub/csghub-server 1 999"],
           "pod_states": ["csghub/csghub-server-0 docker.io/busybox:latest= "
                          "docker.io/opencsghq/x:v1=ErrImageNeverPull"]},
-         "600", 1, "failed: image docker.io/opencsghq/x:v1 of pod csghub/csghub-server-0 is not in the image store "
+         "600", 3, "failed: image docker.io/opencsghq/x:v1 of pod csghub/csghub-server-0 is not in the image store "
                    "(ErrImageNeverPull)"),
         # Never "starting" forever: the deadline turns what is pending into the failure.
-        ({"workloads": ["StatefulSet csghub/csghub-postgresql 1 999"]}, "3", 1,
+        ({"workloads": ["StatefulSet csghub/csghub-postgresql 1 999"]}, "3", 3,
          "failed: statefulset csghub/csghub-postgresql not ready in time — "
          "sudo k3s kubectl -n csghub describe statefulset csghub-postgresql; then sudo csghub-status --retry"),
     ],
     ids=["ready", "missing-image", "deadline"],
 )
+# rc 3: the gate's "failed" verdict, which csghub-ready.service counts as success (SuccessExitStatus=3).
 def test_a_copys_gate_ends_ready_or_failed(tmp_path: Path, gateway: int, git_sshd: int,  # noqa: F811
                                            extra: dict[str, list[str]], timeout: str, rc: int, line: str) -> None:
     if os.geteuid() != 0 or not shutil.which("unshare"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import jsonschema
 import pytest
 import yaml
 
-from appliance.config import PROJECT_ROOT, deep_merge, load_config
+from appliance.config import PROJECT_ROOT, ApplianceConfig, deep_merge, load_config
 from appliance.errors import ConfigError
 from appliance.values import chart_hostnames, emit_values, generate_values, persistence_plan
 
@@ -149,8 +150,16 @@ def test_values_written_atomically(tmp_path: Path, capsys: pytest.CaptureFixture
     ({"casdoor": {"admin": {"password": "x"}}}, ["casdoor.admin.password"], []),
     ({"global": {"objectStore": {"external": {"accessKey": "a", "secretKey": "b", "endpoint": "http://s3"}}}},
      [], ["global.objectStore.external.accessKey", "global.objectStore.external.secretKey"]),
-    ({"server": {"postgresql": {"password": "p"}, "redis": {"password": "r"}, "objectStore": {"secretKey": "s"}}},
+    ({"server": {"postgresql": {"password": "p", "host": "db.example.com"}, "redis": {"password": "r", "host": "r"},
+                 "objectStore": {"secretKey": "s", "endpoint": "http://s3.example.com"}}},
      [], ["server.postgresql.password", "server.redis.password", "server.objectStore.secretKey"]),
+    # Without an outside host the chart points them at the database, cache and store inside (issue 19).
+    ({"server": {"postgresql": {"password": "p"}, "redis": {"password": "r"}, "objectStore": {"secretKey": "s"}}},
+     ["server.postgresql.password", "server.redis.password", "server.objectStore.secretKey"], []),
+    ({"server": {"environments": {"STARHUB_JWT_SIGNING_KEY": "j", "OPENAI_API_KEY": "o", "GIN_MODE": "release"}},
+      "postgresql": {"environments": {"POSTGRES_PASSWORD": "p"}}},
+     ["server.environments.STARHUB_JWT_SIGNING_KEY", "postgresql.environments.POSTGRES_PASSWORD"],
+     ["server.environments.OPENAI_API_KEY"]),
     ({"notifier": {"smtp": {"password": "m"}, "feiShu": {"appSecret": "f"}},
       "aigateway": {"moderation": {"accessKeyId": "i", "llm": {"apiKey": "k"}}}},
      [], ["notifier.smtp.password", "notifier.feiShu.appSecret", "aigateway.moderation.accessKeyId",
@@ -195,3 +204,24 @@ def test_cli_refuses_an_internal_credential_with_exit_2(tmp_path: Path) -> None:
     assert "csghub.values.nats.password" in proc.stderr
     assert "each copy makes its own" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_env_credential_table_covers_what_the_chart_sets(helm_bin: Path,
+                                                         make_cfg: Callable[..., ApplianceConfig]) -> None:
+    """Every credential-named variable the chart renders (ConfigMap/Secret keys, container env, both editions) is
+    one `<...>.environments.<NAME>` may not set: the table in appliance/values.py cannot fall behind the chart."""
+    from appliance.values import CHART_ENV_CREDENTIALS, ENV_CREDENTIAL_NAME, ENV_NOT_A_CREDENTIAL
+    from tests.chart import render_chart
+
+    rendered: set[str] = set()
+    for edition in ("ce", "ee"):
+        cfg = make_cfg("provision.skip=[]", "vm.cpus=4", "vm.memory_mb=8192", f"csghub.edition={edition}")
+        for obj in render_chart(helm_bin, generate_values(cfg)):
+            names = list(obj.get("data") or {}) if obj["kind"] in ("ConfigMap", "Secret") else []
+            pod = ((obj.get("spec") or {}).get("template") or {}).get("spec") or {}
+            for container in (pod.get("containers") or []) + (pod.get("initContainers") or []):
+                names += [e["name"] for e in container.get("env") or []]
+            rendered |= {n for n in names if re.fullmatch(r"[A-Z][A-Z0-9_]*", n) and ENV_CREDENTIAL_NAME.search(n)
+                         and not ENV_NOT_A_CREDENTIAL.search(n)}
+    assert len(rendered) > 20
+    assert rendered <= CHART_ENV_CREDENTIALS, sorted(rendered - CHART_ENV_CREDENTIALS)

@@ -45,7 +45,6 @@ pytestmark = pytest.mark.vm
 ROOT = Path(__file__).resolve().parents[2]
 GUEST_CHART = "/var/lib/rancher/k3s/server/static/charts/csghub-2.4.0.tgz"
 GUEST_SECRETS = "/var/lib/csghub-appliance/secrets"
-GUEST_SECRETS_MANIFEST = "/var/lib/rancher/k3s/server/manifests/csghub-appliance-secrets.yaml"
 BOOT_TIMEOUT = 420  # seconds from QEMU start to the first-boot login line (TCG: ~60-120 s)
 POWEROFF_TIMEOUT = 300
 MEMORY_MB = 1024
@@ -371,7 +370,7 @@ def _first_boot_facts(build: SealedBuild, vm: Qemu, facts: CopyFacts, *, reconfi
             "/etc/ssh/sshd_config.d/*vagrant* 2>/dev/null; true", sudo=True)
         for user_ in (build.build_user, "csghub"):
             facts.key_refusals.append(key_login_refused(vm.ssh_port, user_, build.key))
-        files = f"{GUEST_SECRETS}/* {GUEST_SECRETS_MANIFEST}"
+        files = f"{GUEST_SECRETS}/*"
         facts.secret_modes = login.run(f"stat -c '%a %U %n' {GUEST_SECRETS} {files}", sudo=True)
         facts.secret_sums = login.run(f"sha256sum {files}", sudo=True)
         facts.secrets_env = login.run(f"cat {GUEST_SECRETS}/secrets.env", sudo=True)
@@ -526,7 +525,7 @@ def test_copies_have_their_own_csghub_credentials(copy_a: CopyFacts, copy_b: Cop
     for facts in (copy_a, copy_b):
         modes = [line.split(" ", 2) for line in facts.secret_modes.splitlines()]
         assert modes[0] == ["700", "root", GUEST_SECRETS]
-        assert len(modes) == 8  # the folder, secrets.env, helm-values.yaml, two key pairs, the k3s manifest
+        assert len(modes) == 8  # the folder, secrets.env, helm-values.yaml, two key pairs, precreated.yaml
         for mode, owner, path in modes[1:]:
             assert (mode, owner) == ("600", "root"), path
         sums.append({path: digest for digest, path in (line.split() for line in facts.secret_sums.splitlines())})
@@ -540,7 +539,7 @@ def test_copies_have_their_own_csghub_credentials(copy_a: CopyFacts, copy_b: Cop
     for path in a:
         assert a[path] != b[path], path
     env_a, env_b = _secret_values(copy_a.secrets_env), _secret_values(copy_b.secrets_env)
-    assert len(env_a) == 18
+    assert len(env_a) == 20
     for name, value in env_a.items():
         assert value != env_b[name], name
 

@@ -878,6 +878,35 @@ restart_coredns() {
     echo "changed: restarted CoreDNS to load the names of $1"
 }
 
+# coredns_stale CUSTOM_CREATED < "POD START" lines -> the pods that started before the
+# coredns-custom ConfigMap existed (RFC 3339 UTC times compare as text). CoreDNS reads the
+# imported server blocks only at start: such a pod does not answer CSGHub's names.
+coredns_stale() {
+    awk -v made="$1" 'NF >= 2 && $2 < made { print $1 }'
+}
+
+# coredns_follow_custom: at every boot, once the API answers: restart CoreDNS when one of its pods
+# started before coredns-custom was created (k3s applies its auto-deploy folder in name order, and
+# a failed or late apply would leave CoreDNS without CSGHub's names until the next restart). A
+# change of coredns-custom later is csghub-reconfigure's (restart_coredns). Prints changed:/ok:.
+coredns_follow_custom() {
+    local made pods stale
+    made=$(_gate_kc -n kube-system get configmap coredns-custom -o 'jsonpath={.metadata.creationTimestamp}' 2>/dev/null) || made=""
+    if [[ -z "$made" ]]; then
+        echo "ok: no coredns-custom ConfigMap (yet); nothing for CoreDNS to load"
+        return 0
+    fi
+    pods=$(_gate_kc -n kube-system get pods -l k8s-app=kube-dns \
+        -o 'jsonpath={range .items[*]}{.metadata.name} {.status.startTime}{"\n"}{end}' 2>/dev/null) || pods=""
+    stale=$(coredns_stale "$made" <<<"$pods")
+    if [[ -z "$stale" ]]; then
+        echo "ok: CoreDNS started after coredns-custom existed"
+        return 0
+    fi
+    _gate_kc -n kube-system rollout restart deployment/coredns >/dev/null || return 1
+    echo "changed: restarted CoreDNS (${stale//$'\n'/ } started before coredns-custom existed)"
+}
+
 # retry_release: what `csghub-status --retry` does after a failure. Forget a failed Helm
 # revision (with failurePolicy abort the helm-controller waits for that), delete the release's
 # finished Jobs (so failed ones run again), and run the helm-controller's Job again.

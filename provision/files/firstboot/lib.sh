@@ -256,6 +256,17 @@ gather_banner() {
 K3S_MANIFESTS=${K3S_MANIFESTS:-/var/lib/rancher/k3s/server/manifests}
 K3S_REGISTRIES=${K3S_REGISTRIES:-/etc/rancher/k3s/registries.yaml}
 INSTANCE_MANIFEST_NAME=csghub-appliance-instance.yaml
+# The HelmChart that installs CSGHub: 30-csghub.sh keeps it here, 90-seal.sh takes it out of the
+# auto-deploy folder, and ensure_release hands it back to k3s only once this copy's objects exist.
+CSGHUB_HELMCHART_KEPT=${CSGHUB_HELMCHART_KEPT:-/usr/local/share/csghub-appliance/csghub-helmchart.yaml}
+HELMCHART_MANIFEST_NAME=csghub.yaml
+# This copy's objects the chart looks up (secrets.sh writes them, ensure_release creates them).
+CSGHUB_SECRETS_DIR=${CSGHUB_SECRETS_DIR:-$CSGHUB_STATE/secrets}
+PRECREATED_NAME=precreated.yaml
+# Prints each object's kind, name and data the same way for the file and for the cluster.
+# (kubectl prints a List for `get -f` and one object at a time for `create --dry-run`.)
+# shellcheck disable=SC2016  # a Go template for kubectl, not for the shell
+PRECREATED_VIEW='{{define "o"}}{{.kind}}/{{.metadata.namespace}}/{{.metadata.name}}{{range $k, $v := .data}} {{$k}}={{printf "%q" $v}}{{end}}{{"\n"}}{{end}}{{if .items}}{{range .items}}{{template "o" .}}{{end}}{{else}}{{template "o" .}}{{end}}'
 # The csghub step's guest library: coredns_custom_manifest and chart_base, the same rules as
 # appliance/manifests.py (tests/unit/test_manifests_scripts.py holds them equal).
 CSGHUB_STACK_LIB=${CSGHUB_STACK_LIB:-/usr/local/lib/csghub-appliance/csghub.sh}
@@ -299,6 +310,76 @@ YAML
     fi
 }
 
+# ensure_release: with k3s up, create this copy's objects the chart looks up (secrets.sh wrote
+# them to $PRECREATED_NAME) where they are missing, read them back, and only then put the
+# HelmChart into k3s's auto-deploy folder, so the release never installs without them (it
+# would take the chart's clock-derived credentials). An object that exists is never replaced:
+# Helm owns it once the release is installed. They are created once, not auto-deployed: k3s's
+# deploy controller re-applies that folder at every start and would reset what Helm rendered.
+# Returns 1, saying why, when it could not; a rerun picks up where it stopped.
+ensure_release() {
+    local precreated="$CSGHUB_SECRETS_DIR/$PRECREATED_NAME" dest="$K3S_MANIFESTS/$HELMCHART_MANIFEST_NAME" \
+        out errors wanted live
+    if [[ ! -r "$CSGHUB_HELMCHART_KEPT" ]]; then
+        echo "ok: no kept HelmChart ($CSGHUB_HELMCHART_KEPT); nothing to install"
+        return 0
+    fi
+    if [[ -f "$dest" ]] && cmp -s "$CSGHUB_HELMCHART_KEPT" "$dest"; then
+        echo "ok: the HelmChart is in k3s's auto-deploy folder"
+        return 0
+    fi
+    if [[ ! -s "$precreated" ]]; then
+        echo "error: $precreated is missing: first boot has not made this copy's credentials (sudo systemctl status csghub-firstboot)" >&2
+        return 1
+    fi
+    # Missing objects are created; "already exists" is what a rerun sees, anything else is a failure.
+    if ! out=$("${KC[@]}" --request-timeout=30s create -f "$precreated" 2>&1); then
+        errors=$(grep -v -e '^[a-z0-9./-]* created$' -e '(AlreadyExists)' <<<"$out" || true)
+        if [[ -n "$errors" ]]; then
+            echo "error: creating this copy's objects failed: ${errors//$'\n'/; }" >&2
+            return 1
+        fi
+    fi
+    # Read back: the cluster must hold exactly what the file says, key by key.
+    wanted=$("${KC[@]}" create --dry-run=client -f "$precreated" -o "go-template=$PRECREATED_VIEW" 2>&1) || {
+        echo "error: cannot read $precreated: $wanted" >&2
+        return 1
+    }
+    live=$("${KC[@]}" --request-timeout=30s get -f "$precreated" -o "go-template=$PRECREATED_VIEW" 2>&1) || {
+        echo "error: cannot read this copy's objects back: $live" >&2
+        return 1
+    }
+    # One line per object (values quoted): compared as sets of lines.
+    wanted=$(sort <<<"$wanted")
+    live=$(sort <<<"$live")
+    if [[ "$wanted" != "$live" ]]; then
+        echo "error: the cluster's objects differ from this copy's credentials ($precreated); delete them and run sudo csghub-status --retry" >&2
+        return 1
+    fi
+    echo "ok: this copy's objects the chart looks up are in the cluster (read back)"
+    install_if_changed -q "$CSGHUB_HELMCHART_KEPT" "$dest" 0600 || return 1
+    echo "changed: handed the HelmChart to k3s ($dest): helm-controller installs CSGHub with this copy's credentials"
+}
+
+# retarget_knative_registries OLD_DOMAIN DOMAIN: the release's KnativeServing names the registry
+# host Knative must not resolve tags on (CSGHub's own, plain HTTP). Chart 2.4.0 creates it as a
+# post-install hook; helm 3.17's first upgrade adopts it with the new render as its "original"
+# (pkg/action/upgrade.go, existingResourceConflict) and a custom resource is patched two-way from
+# that original: the patch is empty and the object keeps the old host. Set it here (the release
+# test, tests/unit/test_release_install.py, fails without it); later upgrades patch it from the
+# previous release's manifest, which then holds it.
+retarget_knative_registries() {
+    local old=$1 new=$2 skip patch
+    skip=$(k3s kubectl --request-timeout=20s -n knative-serving get knativeservings.operator.knative.dev knative-serving \
+        -o 'jsonpath={.spec.config.deployment.registries-skipping-tag-resolving}' 2>/dev/null) || skip=""
+    [[ -n "$skip" && ",$skip," == *",$old,"* || ",$skip," == *",$old:"* ]] || return 0
+    skip=${skip//"$old"/"$new"}
+    patch=$(printf '{"spec":{"config":{"deployment":{"registries-skipping-tag-resolving":"%s"}}}}' "$skip")
+    k3s kubectl --request-timeout=20s -n knative-serving patch knativeservings.operator.knative.dev knative-serving \
+        --type merge -p "$patch" >/dev/null || return 1
+    echo "changed: Knative skips tag resolution for $new (KnativeServing knative-serving)"
+}
+
 # apply_access MODE ADDRESS: record the access mode, and make everything the domain touches
 # follow it. Prints "changed:"/"ok:" lines. With k3s running (csghub-reconfigure) a domain
 # change is carried through the release without stranding it: the release's finished Jobs are
@@ -329,6 +410,7 @@ apply_access() {
                 echo "changed: deleted Secret spaces/csghub-docker-credential (the chart recreates it for $domain)"
             fi
             delete_finished_jobs "${CSGHUB_JOB_WAIT_SECONDS:-600}" || return 1
+            retarget_knative_registries "$old_domain" "$domain" || return 1
         fi
         mkdir -p "$K3S_MANIFESTS" || return 1
         since=$(date +%s)
@@ -361,6 +443,8 @@ apply_access() {
             if [[ "$dns_changed" == yes ]]; then
                 restart_coredns "$domain" 300 || return 1
             fi
+            # A copy whose release was never handed to k3s gets it now, after its objects.
+            ensure_release || return 1
             # registries.yaml is read by k3s only at start and is not part of the chart.
             sync_registries "$domain" || true
             if [[ "$values_changed" == yes || "$old_domain" != "$domain" ]]; then

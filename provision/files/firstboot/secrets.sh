@@ -9,19 +9,23 @@
 #
 # - chart values (written into this copy's HelmChartConfig by instance_manifest, lib.sh):
 #   casdoor.admin.password, server.agenticflow.token, server.xnet.apiToken, and
-#   casdoor.applianceCerts.* which only the chart archive patched here reads;
-# - objects the chart `lookup`s and then reuses (pre-created by k3s's deploy controller from
-#   the auto-deploy manifest $SECRETS_MANIFEST_NAME, labelled so that Helm adopts them).
+#   casdoor.applianceCerts.* and casdoor.applianceRadiusSecret, which only the chart archive patched here reads;
+# - objects the chart `lookup`s and then reuses, labelled so that Helm adopts them: written here
+#   to $PRECREATED_NAME in the secrets folder, created once in the cluster by ensure_release
+#   (lib.sh, run by csghub-ready once k3s is up) and read back before the HelmChart is handed to
+#   k3s. They are never in k3s's auto-deploy folder: its deploy controller re-applies that folder
+#   at every start and would reset what Helm owns to these stubs.
 #
 # The table of every credential, its consumer and its route is in docs/first-boot.md; the unit
 # tests (tests/unit/test_secrets.py) hold it against the real chart.
 #
 # Files (root only): $CSGHUB_SECRETS_DIR/secrets.env, casdoor-{csghub,csgship}.{crt,key},
-# helm-values.yaml, and the manifest in k3s's auto-deploy directory. Nothing leaves the VM.
+# helm-values.yaml, $PRECREATED_NAME (the objects above). Nothing leaves the VM.
 
 CSGHUB_SECRETS_DIR=${CSGHUB_SECRETS_DIR:-$CSGHUB_STATE/secrets}
 K3S_MANIFESTS=${K3S_MANIFESTS:-/var/lib/rancher/k3s/server/manifests}
 K3S_STATIC_CHARTS=${K3S_STATIC_CHARTS:-/var/lib/rancher/k3s/server/static/charts}
+# Where images before this layout had the objects: taken out of the auto-deploy folder.
 SECRETS_MANIFEST_NAME=csghub-appliance-secrets.yaml
 # RSA-3072 is about 128-bit strength; 4096 would cost minutes of first boot under emulation.
 CASDOOR_KEY_BITS=${CASDOOR_KEY_BITS:-3072}
@@ -40,7 +44,7 @@ SECRET_SPECS=(
     "NATS_PASSWORD=alnum 32"
     "REGISTRY_PASSWORD=alnum 32"
     "GITALY_TOKEN=alnum 32"
-    "REDIS_PASSWORD=alnum 32"           # used only if redis.requirePass is turned on
+    "REDIS_PASSWORD=alnum 32"           # kept for redis.requirePass, which the build leaves off (docs/first-boot.md)
     "HUB_API_TOKEN=hex 64"              # 256 bits; server, portal, runner, xnet, agentichub
     "JWT_SIGNING_KEY=hex 40"            # 160 bits; the chart's is sha1 of 8 digits
     "SPACE_SESSION_SECRET_KEY=hex 40"
@@ -51,6 +55,7 @@ SECRET_SPECS=(
     "CASDOOR_ADMIN_CLIENT_SECRET=hex 40"
     "CASDOOR_CSGSHIP_CLIENT_ID=hex 32"
     "CASDOOR_CSGSHIP_CLIENT_SECRET=hex 40"
+    "CASDOOR_RADIUS_SECRET=alnum 32"    # Casdoor's RADIUS listener (chart: the word "secret")
 )
 
 # random_from ALPHABET N: N characters of ALPHABET (at most 256) from the kernel CSPRNG. A byte
@@ -146,6 +151,11 @@ make_secrets() {
         REGISTRY_HTPASSWD=$(bcrypt_hash "$REGISTRY_PASSWORD") || return 1
         made+=(REGISTRY_HTPASSWD)
     fi
+    # Casdoor's stored root password (Secret csghub-casdoor-init, INIT_ADMIN_HTPASSWD).
+    if [[ -z "${CSGHUB_ADMIN_HTPASSWD:-}" ]] || [[ " ${made[*]} " == *" CSGHUB_ADMIN_PASSWORD "* ]]; then
+        CSGHUB_ADMIN_HTPASSWD=$(bcrypt_hash "$CSGHUB_ADMIN_PASSWORD") || return 1
+        made+=(CSGHUB_ADMIN_HTPASSWD)
+    fi
     {
         echo "# This copy's CSGHub credentials, made by csghub-firstboot from /dev/urandom. Root only."
         for spec in "${SECRET_SPECS[@]}"; do
@@ -153,6 +163,7 @@ make_secrets() {
             printf '%s=%s\n' "$name" "${!name}"
         done
         printf 'REGISTRY_HTPASSWD=%s\n' "$REGISTRY_HTPASSWD"
+        printf 'CSGHUB_ADMIN_HTPASSWD=%s\n' "$CSGHUB_ADMIN_HTPASSWD"
     } | install_if_changed -q - "$CSGHUB_SECRETS_DIR/secrets.env" 0600
     if ((${#made[@]})); then
         echo "changed: made ${#made[@]} credential(s) for this copy ($CSGHUB_SECRETS_DIR/secrets.env)"
@@ -224,6 +235,7 @@ secret_values_yaml() {
         echo "      privateKey: |"
         indent 8 <"$CSGHUB_SECRETS_DIR/casdoor-$name.key"
     done
+    echo "  applianceRadiusSecret: \"$CASDOOR_RADIUS_SECRET\""
     echo "server:"
     echo "  agenticflow:"
     echo "    token: \"$AGENTICFLOW_TOKEN\""
@@ -249,12 +261,13 @@ metadata:
 YAML
 }
 
-# secrets_manifest: the objects the chart looks up, with this copy's values. The namespace
-# comes first: the deploy controller applies kinds in the order they first appear.
+# secrets_manifest: the objects the chart looks up and renders (chart 2.4.0 with the build's values:
+# Redis without a password renders no csghub-redis Secret, the community edition no
+# csghub-agenticflow), with this copy's values. The namespace comes first (kubectl creates in file order).
 secrets_manifest() {
     local namespace=${CSGHUB_NAMESPACE:-csghub} b64_postgres_pw b64_minio_user b64_minio_pw b64_nats_user \
-        b64_nats_pw b64_registry_user b64_registry_pw b64_registry_htpasswd b64_gitaly_token b64_redis_pw \
-        b64_casdoor_client_id b64_casdoor_client_secret
+        b64_nats_pw b64_registry_user b64_registry_pw b64_registry_htpasswd b64_gitaly_token \
+        b64_casdoor_client_id b64_casdoor_client_secret b64_admin_user b64_admin_pw b64_admin_htpasswd
     # base64 of each value first: a failure inside a $(...) argument would pass unnoticed.
     b64_postgres_pw=$(b64 "$POSTGRES_PASSWORD")
     b64_minio_user=$(b64 minio)
@@ -265,9 +278,11 @@ secrets_manifest() {
     b64_registry_pw=$(b64 "$REGISTRY_PASSWORD")
     b64_registry_htpasswd=$(b64 "registry:$REGISTRY_HTPASSWD")
     b64_gitaly_token=$(b64 "$GITALY_TOKEN")
-    b64_redis_pw=$(b64 "$REDIS_PASSWORD")
     b64_casdoor_client_id=$(b64 "$CASDOOR_ADMIN_CLIENT_ID")
     b64_casdoor_client_secret=$(b64 "$CASDOOR_ADMIN_CLIENT_SECRET")
+    b64_admin_user=$(b64 root)
+    b64_admin_pw=$(b64 "$CSGHUB_ADMIN_PASSWORD")
+    b64_admin_htpasswd=$(b64 "$CSGHUB_ADMIN_HTPASSWD")
     cat <<YAML
 # Written by csghub-firstboot: this copy's CSGHub credentials, in the objects the chart
 # looks up before it would derive its own (docs/first-boot.md). Root only; do not edit.
@@ -289,10 +304,13 @@ YAML
         "$b64_registry_user" "$b64_registry_pw" "$b64_registry_htpasswd"
     helm_owned Secret csghub-gitaly
     printf 'type: Opaque\ndata:\n  GITALY_TOKEN: %s\n' "$b64_gitaly_token"
-    helm_owned Secret csghub-redis
-    printf 'type: Opaque\ndata:\n  REDIS_PASSWD: %s\n' "$b64_redis_pw"
+    # Every key a template or NOTES.txt reads from it: NOTES.txt `b64dec`s INIT_ADMIN_PASSWORD and
+    # fails the release when it is missing; the htpasswd (Casdoor's stored root password) would
+    # otherwise be hashed again at every render.
     helm_owned Secret csghub-casdoor-init
-    printf 'type: Opaque\ndata:\n  CASDOOR_ADMIN_CLIENT_ID: %s\n  CASDOOR_ADMIN_CLIENT_SECRET: %s\n' \
+    printf 'type: Opaque\ndata:\n  INIT_ADMIN_USER: %s\n  INIT_ADMIN_PASSWORD: %s\n  INIT_ADMIN_HTPASSWD: %s\n' \
+        "$b64_admin_user" "$b64_admin_pw" "$b64_admin_htpasswd"
+    printf '  CASDOOR_ADMIN_CLIENT_ID: %s\n  CASDOOR_ADMIN_CLIENT_SECRET: %s\n' \
         "$b64_casdoor_client_id" "$b64_casdoor_client_secret"
     helm_owned ConfigMap csghub-core
     cat <<YAML
@@ -311,8 +329,11 @@ data:
 YAML
     helm_owned ConfigMap csghub-runner
     printf 'data:\n  STARHUB_SERVER_API_TOKEN: "%s"\n' "$HUB_API_TOKEN"
-    helm_owned ConfigMap csghub-agenticflow
-    printf 'data:\n  FLOWS_ACCESS_TOKEN: "%s"\n' "$AGENTICFLOW_TOKEN"
+    # AgenticHub's flows are enterprise-only: the community chart renders no csghub-agenticflow.
+    if [[ "${CSGHUB_EDITION:-ce}" == ee ]]; then
+        helm_owned ConfigMap csghub-agenticflow
+        printf 'data:\n  FLOWS_ACCESS_TOKEN: "%s"\n' "$AGENTICFLOW_TOKEN"
+    fi
     helm_owned ConfigMap csghub-casdoor
     cat <<YAML
 data:
@@ -326,8 +347,10 @@ YAML
 }
 
 # patch_chart_casdoor_certs ARCHIVE: make the chart read Casdoor's JWT certificate and key
-# from the values casdoor.applianceCerts.{csghub,csgship}.{certificate,privateKey} (and fail
-# when they are missing) instead of the fixed pair in its templates. The archive itself
+# from the values casdoor.applianceCerts.{csghub,csgship}.{certificate,privateKey}, and the
+# secret of Casdoor's RADIUS listener (port 1812 in its pod, reachable from every pod, users'
+# Spaces included; it checks users' passwords) from casdoor.applianceRadiusSecret (and fail
+# when they are missing) instead of the fixed text in its templates. The archive itself
 # holds no secret: k3s serves server/static/ without authentication.
 patch_chart_casdoor_certs() {
     local archive=$1 work rc=0 current
@@ -365,11 +388,16 @@ _patch_chart_in() {
         cert != "" && /"privateKey": "-----BEGIN RSA PRIVATE KEY-----/ {
             match($0, /^ */); print substr($0, 1, RLENGTH) "\"privateKey\": " value(cert, "privateKey") > out; n++; cert = ""; next
         }
+        /^ *radiusSecret = "secret"$/ {
+            match($0, /^ */)
+            print substr($0, 1, RLENGTH) "radiusSecret = {{ dig \"applianceRadiusSecret\" \"\" .Values.casdoor | required \"casdoor.applianceRadiusSecret is missing: csghub-firstboot makes this copy'"'"'s RADIUS secret\" | quote }}" > out
+            n++; next
+        }
         { print > out }
         END { print n + 0 }
     ' "$configmap") || return 1
-    if [[ "$n" != 4 ]]; then
-        echo "secrets.sh: expected Casdoor's two fixed certificates and keys in templates/casdoor/configmap.yaml, found $n of 4 lines; chart changed?" >&2
+    if [[ "$n" != 5 ]]; then
+        echo "secrets.sh: expected Casdoor's two fixed certificates and keys and its fixed RADIUS secret in templates/casdoor/configmap.yaml, found $n of 5 lines; chart changed?" >&2
         return 1
     fi
     mv -f "$configmap.new" "$configmap" || return 1
@@ -406,13 +434,17 @@ csghub_secrets() {
     load_secrets
     values=$(secret_values_yaml)
     install_if_changed -q - "$CSGHUB_SECRETS_DIR/helm-values.yaml" 0600 <<<"$values"
-    mkdir -p "$K3S_MANIFESTS"
     manifest=$(secrets_manifest)
-    install_if_changed -q - "$K3S_MANIFESTS/$SECRETS_MANIFEST_NAME" 0600 <<<"$manifest"
+    install_if_changed -q - "$CSGHUB_SECRETS_DIR/$PRECREATED_NAME" 0600 <<<"$manifest"
     if [[ "$FILE_CHANGED" == yes ]]; then
-        echo "changed: objects the chart looks up hold this copy's credentials ($K3S_MANIFESTS/$SECRETS_MANIFEST_NAME)"
+        echo "changed: objects the chart looks up hold this copy's credentials ($CSGHUB_SECRETS_DIR/$PRECREATED_NAME; csghub-ready creates them before the release)"
     else
         echo "ok: objects the chart looks up already hold this copy's credentials"
+    fi
+    if [[ -e "$K3S_MANIFESTS/$SECRETS_MANIFEST_NAME" ]]; then
+        # k3s would re-apply it at every start, over what Helm owns.
+        rm -f "$K3S_MANIFESTS/$SECRETS_MANIFEST_NAME"
+        echo "changed: removed $K3S_MANIFESTS/$SECRETS_MANIFEST_NAME from k3s's auto-deploy folder"
     fi
     patch_chart_casdoor_certs "$archive"
 }
