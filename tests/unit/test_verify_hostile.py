@@ -19,6 +19,7 @@ on one line, no traceback). The must-accept cases are OVAs laid out as VirtualBo
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -34,9 +35,11 @@ import pytest
 
 from appliance.config import PROJECT_ROOT, ApplianceConfig
 from appliance.export.ova import write_ova
+from appliance.export.vmdk import write_stream_vmdk
 from appliance.run import run
 
 OVF, MF, VMDK = "csghub-test.ovf", "csghub-test.mf", "csghub-test-disk001.vmdk"
+EVIL = "evil.vmdk"  # the unchecked disk an ambiguous OVA smuggles in
 # Absolute paths the archives aim at; none may exist after the run.
 PWNED = f"/tmp/csghub-verify-pwned-{uuid.uuid4().hex[:8]}"
 
@@ -107,6 +110,7 @@ class Parts:
     vmdk: bytes
     ovf20: bytes
     vmdk20: bytes
+    evil: bytes = b""  # a sound streamOptimized VMDK (extent "evil.vmdk") of the same size, other content
 
 
 def sound(p: Parts, ovf: bytes | None = None, vmdk: bytes | None = None, *, vmdk_name: str = VMDK) -> list[Member]:
@@ -409,6 +413,202 @@ def _(p: Parts, d: Path) -> Path:
     return write_tar(d, sound(p, p.ovf.replace(b"</Envelope>", flood + b"</Envelope>")))
 
 
+# -- two readers, two disks (issue 21) ------------------------------------------------------------
+# Each OVA below is sound but for one ambiguity through which VirtualBox 7.2's importer (or QEMU)
+# would take EVIL, an unchecked disk, where our reader takes the checked one. The vbox tier's
+# differential test (tests/vbox/test_vbox_differential.py) imports each with the real VirtualBox
+# and records which disk it got.
+
+FILE_ELEMENT = re.compile(rb"<File [^>]*/>")
+DISK_ELEMENT = re.compile(rb"<Disk [^>]*/>")
+
+
+def evil_file(p: Parts, file_id: str = "file2", extra: str = "") -> bytes:
+    return f'<File {extra}ovf:id="{file_id}" ovf:href="{EVIL}" ovf:size="{len(p.evil)}"/>'.encode()
+
+
+def evil_disk(p: Parts, tag: str = "Disk", extra: str = "") -> bytes:
+    real = DISK_ELEMENT.search(p.ovf)
+    assert real
+    return (real.group(0).replace(b"<Disk ", f"<{tag} {extra}".encode(), 1)
+            .replace(b'ovf:fileRef="file1"', b'ovf:fileRef="file2"'))
+
+
+def ova_of(d: Path, ovf: bytes, files: list[tuple[str, bytes]], manifest: bytes | None = None) -> Path:
+    """The descriptor, a manifest of every member (unless given), then the files in the order given."""
+    listed = mf({OVF: ovf, **dict(files)}) if manifest is None else manifest
+    return write_tar(d, [Member(OVF, ovf), Member(MF, listed), *(Member(n, b) for n, b in files)])
+
+
+def references_plus_evil(p: Parts, ovf: bytes | None = None) -> bytes:
+    """The descriptor with EVIL listed as file2 after the real file."""
+    o = p.ovf if ovf is None else ovf
+    real = FILE_ELEMENT.search(o)
+    assert real
+    return o.replace(real.group(0), real.group(0) + evil_file(p), 1)
+
+
+def before_element(ovf: bytes, end_tag: bytes, insert: bytes) -> bytes:
+    assert end_tag in ovf
+    return ovf.replace(end_tag, insert + end_tag, 1)
+
+
+@case("duplicate-file-id", "File id 'file1' is used twice")
+def _(p: Parts, d: Path) -> Path:
+    real = FILE_ELEMENT.search(p.ovf)
+    assert real
+    o = p.ovf.replace(real.group(0), evil_file(p, "file1") + real.group(0), 1)
+    return ova_of(d, o, [(EVIL, p.evil), (VMDK, p.vmdk)])
+
+
+@case("shadowing-href-foreign-namespace", "File attribute '{urn:x}href' shadows ovf:href")
+def _(p: Parts, d: Path) -> Path:
+    o = p.ovf.replace(b"<File ", f'<File xmlns:x="urn:x" x:href="{EVIL}" '.encode(), 1)
+    return ova_of(d, o, [(VMDK, p.vmdk), (EVIL, p.evil)])
+
+
+@case("shadowing-href-no-namespace", "File attribute 'href' shadows ovf:href")
+def _(p: Parts, d: Path) -> Path:
+    o = p.ovf.replace(b"<File ", f'<File href="{EVIL}" '.encode(), 1)
+    return ova_of(d, o, [(VMDK, p.vmdk), (EVIL, p.evil)])
+
+
+@case("shadowing-id-no-namespace", "File attribute 'id' shadows ovf:id")
+def _(p: Parts, d: Path) -> Path:
+    real = FILE_ELEMENT.search(p.ovf)
+    assert real
+    o = p.ovf.replace(real.group(0), evil_file(p, "file9", 'id="file1" ') + real.group(0), 1)
+    return ova_of(d, o, [(EVIL, p.evil), (VMDK, p.vmdk)])
+
+
+@case("duplicate-disk-id", "disk id 'vmdisk1' is used twice")
+def _(p: Parts, d: Path) -> Path:
+    o = before_element(references_plus_evil(p), b"</DiskSection>", evil_disk(p))
+    return ova_of(d, o, [(VMDK, p.vmdk), (EVIL, p.evil)])
+
+
+@case("disk-in-collection", "a VirtualSystemCollection (in the Envelope)")
+def _(p: Parts, d: Path) -> Path:
+    collection = (b'<VirtualSystemCollection ovf:id="more"><Info>more</Info><DiskSection><Info>disks</Info>'
+                  + evil_disk(p) + b"</DiskSection></VirtualSystemCollection>")
+    o = before_element(references_plus_evil(p), b"</Envelope>", collection)
+    return ova_of(d, o, [(VMDK, p.vmdk), (EVIL, p.evil)])
+
+
+@case("disksection-foreign-namespace", "a DiskSection element outside the OVF namespace")
+def _(p: Parts, d: Path) -> Path:
+    section = (b'<x:DiskSection xmlns:x="urn:x"><x:Info>disks</x:Info>' + evil_disk(p, "x:Disk")
+               + b"</x:DiskSection>")
+    o = references_plus_evil(p)
+    o = o.replace(b"</DiskSection>", b"</DiskSection>" + section, 1)
+    return ova_of(d, o, [(VMDK, p.vmdk), (EVIL, p.evil)])
+
+
+@case("ovf09-disk-section", "an OVF 0.9 <Section> element (in the Envelope)")
+def _(p: Parts, d: Path) -> Path:
+    section = b'<Section xsi:type="ovf:DiskSection_Type"><Info>disks</Info>' + evil_disk(p) + b"</Section>"
+    o = references_plus_evil(p)
+    o = o.replace(b"</DiskSection>", b"</DiskSection>" + section, 1)
+    return ova_of(d, o, [(VMDK, p.vmdk), (EVIL, p.evil)])
+
+
+@case("disk-foreign-namespace", "a Disk element outside the OVF namespace")
+def _(p: Parts, d: Path) -> Path:
+    o = before_element(references_plus_evil(p), b"</DiskSection>", evil_disk(p, "x:Disk", 'xmlns:x="urn:x" '))
+    return ova_of(d, o, [(VMDK, p.vmdk), (EVIL, p.evil)])
+
+
+@case("references-non-file-child", "References holds <Blob>")
+def _(p: Parts, d: Path) -> Path:
+    blob = f'<x:Blob xmlns:x="urn:x" ovf:id="file1" ovf:href="{EVIL}"/>'.encode()
+    o = p.ovf.replace(b"<References>", b"<References>" + blob, 1)
+    return ova_of(d, o, [(EVIL, p.evil), (VMDK, p.vmdk)])
+
+
+@case("two-references", "2 References elements: VirtualBox reads only the first")
+def _(p: Parts, d: Path) -> Path:
+    first = b"<References>" + evil_file(p, "file1") + b"</References>"
+    o = p.ovf.replace(b"<References>", first + b"<References>", 1)
+    return ova_of(d, o, [(EVIL, p.evil), (VMDK, p.vmdk)])
+
+
+@case("gzip-compression", "File attribute 'ovf:compression' is not one both readers read the same way")
+def _(p: Parts, d: Path) -> Path:
+    import gzip
+
+    packed = gzip.compress(p.evil, mtime=0)
+    o = with_disk_attr(p, "size", str(len(packed))).replace(b"<File ", b'<File ovf:compression="gzip" ', 1)
+    return ova_of(d, o, [(VMDK, packed)])
+
+
+@case("chunked-file", "File attribute 'ovf:chunkSize' is not one both readers read the same way")
+def _(p: Parts, d: Path) -> Path:
+    o = p.ovf.replace(b"<File ", b'<File ovf:chunkSize="65536" ', 1)
+    return ova_of(d, o, [(VMDK, p.vmdk)])
+
+
+@case("disk-parent-ref", "Disk attribute 'ovf:parentRef' is not one both readers read the same way")
+def _(p: Parts, d: Path) -> Path:
+    o = p.ovf.replace(b"<Disk ", b'<Disk ovf:parentRef="vmdisk0" ', 1)
+    return ova_of(d, o, [(VMDK, p.vmdk)])
+
+
+@case("empty-manifest", "manifest csghub-test.mf is empty")
+def _(p: Parts, d: Path) -> Path:
+    o = with_disk_attr(p, "size", str(len(p.evil)))
+    return ova_of(d, o, [(VMDK, p.evil)], manifest=b"")
+
+
+@case("whitespace-manifest", "manifest csghub-test.mf is empty")
+def _(p: Parts, d: Path) -> Path:
+    o = with_disk_attr(p, "size", str(len(p.evil)))
+    return ova_of(d, o, [(VMDK, p.evil)], manifest=b" \n\t\n  \n")
+
+
+@case("manifest-without-descriptor", f"tar member {OVF!r} has no digest in the manifest")
+def _(p: Parts, d: Path) -> Path:
+    return ova_of(d, p.ovf, [(VMDK, p.vmdk)], manifest=mf({VMDK: p.vmdk}))
+
+
+@case("hex-size", "is not a decimal number of at most 20 digits")
+def _(p: Parts, d: Path) -> Path:
+    return ova_of(d, with_disk_attr(p, "size", hex(len(p.vmdk))), [(VMDK, p.vmdk)])
+
+
+@case("octal-capacity", "disk capacity '067108864' is not a decimal number")
+def _(p: Parts, d: Path) -> Path:
+    return ova_of(d, with_disk_attr(p, "capacity", "067108864"), [(VMDK, p.vmdk)])
+
+
+@case("case-twin-member", "differ only in case")
+def _(p: Parts, d: Path) -> Path:
+    return ova_of(d, p.ovf, [(VMDK.upper(), p.evil), (VMDK, p.vmdk)])
+
+
+@case("href-looks-like-a-manifest", "differs from the descriptor's or manifest's name only in case")
+def _(p: Parts, d: Path) -> Path:
+    # Before the real manifest, VirtualBox reads this empty one as the manifest (base name matched
+    # without case, first one wins): no digest is checked.
+    shadow = "csghub-test.MF"
+    o = references_plus_evil(p).replace(f'ovf:href="{EVIL}" ovf:size="{len(p.evil)}"'.encode(),
+                                        f'ovf:href="{shadow}" ovf:size="0"'.encode())
+    return ova_of(d, o, [(VMDK, p.vmdk), (shadow, b"")])
+
+
+@case("href-looks-like-a-signature", "VirtualBox reads a member ending in .ovf, .mf or .cert")
+def _(p: Parts, d: Path) -> Path:
+    shadow = "csghub-test.cert"
+    o = references_plus_evil(p).replace(f'ovf:href="{EVIL}" ovf:size="{len(p.evil)}"'.encode(),
+                                        f'ovf:href="{shadow}" ovf:size="4"'.encode())
+    return ova_of(d, o, [(VMDK, p.vmdk), (shadow, b"sig\n")])
+
+
+@case("href-with-parentheses", "a manifest line 'SHA256(name)= hex' cannot hold it unambiguously")
+def _(p: Parts, d: Path) -> Path:
+    name = "disk(1).vmdk"
+    return ova_of(d, with_href(p, name), [(name, p.vmdk)])
+
+
 def virtualbox_ovf20_dialect(ovf20: bytes) -> bytes:
     """Our OVF 2.0 descriptor as VirtualBox writes OVF 2.0: sasd/epasd namespaces with a '.xsd' suffix,
     Items without ElementName, the EthernetPortItem after the StorageItem (../shared/ovf/README.md)."""
@@ -480,7 +680,13 @@ def parts(built_ova: Path, small_disk: Path, make_cfg: Callable[..., ApplianceCo
                     tmp_path_factory.mktemp("ovf20") / "csghub-test.ova")
     with tarfile.open(two.path) as tar:
         got20 = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
-    return Parts(got[OVF], got[VMDK], got20[OVF], got20[VMDK])
+    raw = tmp_path_factory.mktemp("evil") / "evil.raw"
+    with raw.open("wb") as f:
+        f.truncate(64 << 20)
+        f.write(b"EVIL" * 128 * 64)  # the first 32 KiB: what a swapped disk would boot
+    evil = io.BytesIO()
+    write_stream_vmdk(raw, evil, name=EVIL)
+    return Parts(got[OVF], got[VMDK], got20[OVF], got20[VMDK], evil.getvalue())
 
 
 @pytest.fixture(scope="session")
