@@ -43,8 +43,10 @@ from pathlib import Path
 
 from appliance.errors import PrerequisiteMissing
 from appliance.export.ovf import STREAM_OPTIMIZED, DescriptorFacts, read_descriptor, schema_errors
+from appliance.inputs import describe, open_regular
 from appliance.log import log
 from appliance.run import run
+from appliance.verify_vmdk import walk_stream_vmdk
 
 BLOCK = tarfile.BLOCKSIZE
 CHUNK = 4 << 20
@@ -109,6 +111,8 @@ class StructureResult:
     ovf_format: str | None = None
     disks: dict[str, int] = field(default_factory=dict)  # href -> capacity in bytes
     extracted: dict[str, Path] = field(default_factory=dict)  # href -> copy in the work folder
+    # href -> what both importers read from it (appliance.verify_vmdk.VmdkWalk.content_digest)
+    disk_content: dict[str, str] = field(default_factory=dict)
     checks: list[tuple[str, str]] = field(default_factory=list)
     findings: Findings = field(default_factory=Findings)
 
@@ -302,13 +306,13 @@ def check_structure(path: Path, work: Path, schema_dir: Path | None = None, *,
     """
     result = StructureResult()
     try:
-        with path.open("rb") as f:
+        with open_regular(path) as f:
             _check(f, os.fstat(f.fileno()), path, work, result, schema_dir, schema_missing)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             result.findings.add(f"the work folder {work} ran out of space while copying the disk")
         else:
-            result.findings.add(f"reading {path.name} failed: {exc.strerror or exc}")
+            result.findings.add(f"reading {path.name} failed: {describe(exc)}")
     except (RecursionError, MemoryError, ValueError, UnicodeError) as exc:
         # A last line of defence: the checks above bound their input, but a hostile archive must
         # give a finding, never a traceback.
@@ -439,7 +443,7 @@ def _check(f: io.BufferedReader, st: os.stat_result, path: Path, work: Path, res
 
     if not findings and result.extracted:
         for href, copy in result.extracted.items():
-            _check_disk(href, copy, disk_hrefs[href], findings)
+            _check_disk(href, copy, disk_hrefs[href], findings, result.disk_content)
         result.checks.append(("disk format and size", "checked"))
 
 
@@ -533,14 +537,21 @@ def _schema_not_run(result: StructureResult, why: str) -> None:
     result.checks.append(("OVF schema", f"not run: {why}"))
 
 
-def _check_disk(href: str, vmdk: Path, capacity: int, findings: Findings) -> None:
-    """``qemu-img info`` on the copy: streamOptimized, one extent (itself), no backing file, the right size."""
-    with vmdk.open("rb") as f:
-        magic = f.read(4)
-    if magic != b"KDMV":
-        # A text-descriptor VMDK names other files (any file on this host) as its extents.
-        findings.add(f"{href}: not a sparse VMDK (no 'KDMV' header); a descriptor VMDK may name other files")
-        return
+def _check_disk(href: str, vmdk: Path, capacity: int, findings: Findings,
+                content: dict[str, str] | None = None) -> None:
+    """Our own walk of the copy (``appliance.verify_vmdk``: what VirtualBox's sequential reader and
+    QEMU's grain tables read must be one disk; nothing else is opened), then ``qemu-img info``:
+    streamOptimized, one extent (itself), no backing file, the right size.
+    """
+    walk = walk_stream_vmdk(vmdk, href)
+    for problem in walk.problems:
+        findings.add(f"{href}: {problem}")
+    if walk.problems:
+        return  # qemu-img never opens a VMDK the walk refused (capacity 0 would make it open named files)
+    if walk.capacity != capacity:
+        findings.add(f"{href}: VMDK capacity {walk.capacity} differs from the descriptor's capacity {capacity}")
+    if content is not None:
+        content[href] = walk.content_digest
     result = run(["qemu-img", "info", "--output=json", "-f", "vmdk", str(vmdk)], check=False, timeout=120)
     if result.returncode == 127:
         raise PrerequisiteMissing("qemu-img is not installed: the disk check cannot run",
