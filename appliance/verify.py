@@ -31,6 +31,7 @@ from pathlib import Path
 
 from appliance.config import ApplianceConfig
 from appliance.errors import UsageError, VerifyError
+from appliance.inputs import describe, open_regular
 from appliance.log import log
 from appliance.verify_boot import BootLogin, BootReport, ConsoleLogin, SSHLogin, boot_check
 from appliance.verify_ova import NO_SCHEMA_DIR, check_structure
@@ -106,8 +107,7 @@ def verify_ova(
         from appliance.providers import boot_backend_for
 
         boot_with = boot_backend_for(cfg)
-    if not path.is_file():
-        raise UsageError(f"no OVA at {str(path)!r}")
+    _require_regular_ova(path)
     if boot and login is None:
         raise UsageError("the boot check needs a login (user and private key); or skip it with --no-boot")
     report = VerifyReport(path=path)
@@ -149,6 +149,16 @@ def verify_ova(
                 report.checks.append(("HTTP", f"HTTP {report.boot.http_status}" if report.boot.http_status
                                       else f"not checked: {report.boot.http_skipped}"))
     return report
+
+
+def _require_regular_ova(path: Path) -> None:
+    """Exit 2 at once for a missing OVA or one that is a FIFO, directory or device (never blocks)."""
+    try:
+        open_regular(path).close()
+    except FileNotFoundError:
+        raise UsageError(f"no OVA at {str(path)!r}") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read the OVA {str(path)!r}: {describe(exc)}") from None
 
 
 # -- from the command line -------------------------------------------------------------------------
@@ -199,8 +209,7 @@ def verify_from_config(
     from appliance.artifacts import ensure_ovf_schemas
     from appliance.providers import boot_backend_for
 
-    if not path.is_file():
-        raise UsageError(f"no OVA at {str(path)!r}")
+    _require_regular_ova(path)
     login, http_port = boot_access(cfg, ssh_key=ssh_key, http=http) if boot else (None, None)
     schema_dir, schema_missing = ensure_ovf_schemas(cfg, fetch=fetch_schemas)
     report = verify_ova(path, boot=boot, login=login, http_port=http_port, http_host=portal_host(cfg),

@@ -37,6 +37,7 @@ from xml.etree import ElementTree as ET
 from xml.sax.saxutils import escape
 
 from appliance.errors import ExportError, PrerequisiteMissing
+from appliance.inputs import describe, open_regular
 
 if TYPE_CHECKING:  # pragma: no cover
     from appliance.config import ApplianceConfig
@@ -223,11 +224,14 @@ def _eula_text(cfg: ApplianceConfig) -> str | None:
         return None
     path = cfg.path(cfg.output.eula_file)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open_regular(path) as f:
+            text = f.read().decode("utf-8")
     except FileNotFoundError:
         raise ExportError(f"output.eula_file {str(path)!r} does not exist",
                           hint="give a readable UTF-8 text file, or leave output.eula_file empty") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise ExportError(f"output.eula_file {str(path)!r} cannot be read: {describe(exc)}") from None
+    except UnicodeDecodeError as exc:
         raise ExportError(f"output.eula_file {str(path)!r} cannot be read as UTF-8 text: {exc}") from None
     text = text.replace("\r\n", "\n")
     if not text.strip():
