@@ -112,6 +112,9 @@ class BuildState:
     staged_ova_sha256: str = ""
     verified_sha256: str = ""
     verify_report: dict[str, Any] = field(default_factory=dict)  # what verify checked (schema run or not)
+    # HMAC over (verified_sha256, export_digest, verify_report) under a key outside build/
+    # (appliance.receipt): what a hand-written state.json cannot reproduce.
+    verify_receipt: str = ""
     images: list[dict[str, str]] = field(default_factory=list)
     last_failure: str = ""
     updated: str = ""

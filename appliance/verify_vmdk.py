@@ -101,13 +101,34 @@ def raw_content_digest(f: io.BufferedIOBase, size: int) -> str:
     return digest.hexdigest()
 
 
-def walk_stream_vmdk(path: Path, name: str) -> VmdkWalk:
-    """Walk ``path`` (a streamOptimized VMDK whose own file name in the OVA is ``name``)."""
+class _Window(io.RawIOBase):
+    """``length`` bytes of ``f`` from ``base`` on, as a file of its own (a member inside an OVA)."""
+
+    def __init__(self, f: io.BufferedReader, base: int, length: int) -> None:
+        self.f, self.base, self.length, self.pos = f, base, length, 0
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.pos = offset if whence == io.SEEK_SET else self.length + offset if whence == io.SEEK_END else \
+            self.pos + offset
+        return self.pos
+
+    def read(self, size: int = -1) -> bytes:
+        size = self.length - self.pos if size < 0 else min(size, max(0, self.length - self.pos))
+        self.f.seek(self.base + self.pos)
+        data = self.f.read(size)
+        self.pos += len(data)
+        return data
+
+
+def walk_stream_vmdk(path: Path, name: str, window: tuple[int, int] | None = None) -> VmdkWalk:
+    """Walk ``path`` (a streamOptimized VMDK whose own file name in the OVA is ``name``); with
+    ``window`` (offset, length), the VMDK is those bytes of ``path`` (a member of an OVA, read in place)."""
     walk = VmdkWalk()
     try:
-        with open_regular(path) as f:
+        with open_regular(path) as whole:
+            f: io.IOBase = whole if window is None else _Window(whole, *window)
             size = f.seek(0, io.SEEK_END)
-            _walk(f, size, name, walk)
+            _walk(f, size, name, walk)  # type: ignore[arg-type]
     except VmdkRefused as exc:
         walk.problems.append(str(exc))
     except OSError as exc:

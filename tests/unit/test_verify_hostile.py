@@ -1077,3 +1077,22 @@ def test_disks_are_copied_only_into_room_that_exists_and_a_bad_copy_is_deleted(
     result = module.check_structure(good, work, ovf_schema_dir)
     assert any(f.startswith("the disks need") and "which has 10485760 free" in f for f in result.findings)
     assert list(work.iterdir()) == []
+
+
+def test_publish_recheck_walks_disks_in_place(parts: Parts, tmp_path: Path, ovf_schema_dir: Path) -> None:
+    """check_structure(extract=False), publish's re-check: nothing is copied, and each disk's walk
+    inside the archive finds what the walk of the extracted copy finds."""
+    from appliance.verify_ova import check_structure
+
+    work = tmp_path / "work"
+    work.mkdir()
+    good = write_tar(tmp_path / "good.ova", sound(parts))
+    copied = check_structure(good, work, ovf_schema_dir)
+    for p in work.iterdir():
+        p.unlink()
+    in_place = check_structure(good, work, ovf_schema_dir, extract=False)
+    assert in_place.findings == [] and list(work.iterdir()) == []
+    assert in_place.disk_content == copied.disk_content and in_place.disk_content[VMDK]
+    split = next(c[1] for c in CASES if c[0] == "vmdk-grain-table-marker-split")
+    refused = check_structure(split(parts, tmp_path / "split.ova"), work, ovf_schema_dir, extract=False)
+    assert any("disagree" in f for f in refused.findings), refused.findings
