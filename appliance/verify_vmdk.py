@@ -65,6 +65,7 @@ HEADER = struct.Struct("<IIIQQQQIQQQB4sH")
 GRAIN_MARKER = struct.Struct("<QI")
 META_MARKER = struct.Struct("<QII")
 GT_SECTORS = GT_ENTRIES * 4 // SECTOR
+FLAG_REDUNDANT_GT = 1 << 1
 MAX_CAPACITY_BYTES = 1 << 56  # as appliance.export.ovf.MAX_CAPACITY
 MAX_DESCRIPTOR_SECTORS = 2048  # 1 MiB; VirtualBox and our writer use 1-20
 MAX_FINDINGS = 20
@@ -156,10 +157,10 @@ def _header(raw: bytes, what: str) -> tuple[int, ...]:
         raise VmdkRefused(f"{what}: not a sparse VMDK (no 'KDMV' header); a descriptor VMDK may name other files")
     if version != 3:
         raise VmdkRefused(f"{what}: version {version}; a streamOptimized VMDK is version 3")
-    allowed = FLAG_VALID_NEWLINE_TEST | FLAG_COMPRESSED | FLAG_MARKERS
+    allowed = FLAG_VALID_NEWLINE_TEST | FLAG_REDUNDANT_GT | FLAG_COMPRESSED | FLAG_MARKERS
     if flags & ~allowed or not flags & FLAG_COMPRESSED or not flags & FLAG_MARKERS:
         raise VmdkRefused(f"{what}: flags {flags:#x}; a streamOptimized VMDK has compressed grains with markers "
-                          "and nothing else (no redundant or zeroed grain tables)")
+                          "and nothing else (no zeroed grain tables)")
     if capacity == 0:
         raise VmdkRefused(f"{what}: capacity 0; QEMU then opens the extents its embedded descriptor names "
                           "(any file on the host)")
@@ -168,8 +169,9 @@ def _header(raw: bytes, what: str) -> tuple[int, ...]:
     if grain != GRAIN_SECTORS or gtes != GT_ENTRIES or comp != COMPRESSION_DEFLATE:
         raise VmdkRefused(f"{what}: grain {grain} sectors, {gtes} entries per table, compression {comp}; "
                           f"allowed: {GRAIN_SECTORS}, {GT_ENTRIES}, deflate")
-    if rgd != 0 or unclean:
-        raise VmdkRefused(f"{what}: a redundant grain directory or the unclean-shutdown mark")
+    if bool(rgd) != bool(flags & FLAG_REDUNDANT_GT) or unclean:
+        raise VmdkRefused(f"{what}: a redundant grain directory without its flag (or the reverse), or the "
+                          "unclean-shutdown mark")
     if not 1 <= desc_len <= MAX_DESCRIPTOR_SECTORS or desc_off < 1 or desc_off + desc_len > overhead:
         raise VmdkRefused(f"{what}: embedded descriptor at sector {desc_off}, {desc_len} sectors, is not inside the "
                           f"header's overhead of {overhead} sectors")
@@ -214,6 +216,97 @@ def _check_descriptor(text: bytes, capacity: int, name: str) -> None:
         raise VmdkRefused(f"its embedded descriptor's extent has {sectors} sectors, the header {capacity}")
 
 
+_ZERO_GRAIN = bytes(GRAIN)
+
+
+def _grain(f: io.BufferedIOBase, pos: int, lba: int, length: int, size: int, where: str,
+           digest: hashlib._Hash, walk: VmdkWalk) -> None:
+    """Inflate the grain whose marker is at ``pos``: exactly one whole grain, nothing left over.
+
+    The last grain of a disk whose size is not a whole number of grains may instead hold exactly
+    the sectors left (QEMU writes it so); it is read as padded with zeros."""
+    tail = (walk.capacity // SECTOR - lba) * SECTOR
+    whole = GRAIN if tail >= GRAIN else None
+    if length > GRAIN + 1024:
+        raise VmdkRefused(f"{where}: {length} compressed bytes for a {GRAIN}-byte grain")
+    data = _read(f, pos + GRAIN_MARKER.size, length, size, where)
+    inflater = zlib.decompressobj()
+    try:
+        grain = inflater.decompress(data, GRAIN + 1)
+    except zlib.error as exc:
+        raise VmdkRefused(f"{where}: its data does not inflate ({exc})") from None
+    if len(grain) not in (GRAIN, whole or tail) or not inflater.eof or inflater.unused_data \
+            or inflater.unconsumed_tail:
+        raise VmdkRefused(f"{where}: its data is not exactly one deflated {GRAIN}-byte grain")
+    grain += bytes(GRAIN - len(grain))
+    if grain != _ZERO_GRAIN:
+        digest.update(struct.pack("<Q", lba))
+        digest.update(grain)
+        walk.data_grains += 1
+    walk.grains += 1
+
+
+def _tables_in_header(f: io.BufferedIOBase, size: int, gd: int, overhead: int, gd_entries: int,
+                      what: str) -> list[bytes]:
+    """The grain tables a directory in the header area lists (b"" for an empty slot), all inside it."""
+    gd_sectors = -(-gd_entries * 4 // SECTOR)
+    if gd < 1 or gd + gd_sectors > overhead:
+        raise VmdkRefused(f"{what} at sector {gd} is not inside the header's overhead of {overhead} sectors")
+    entries = struct.unpack(f"<{gd_entries}I", _read(f, gd * SECTOR, gd_entries * 4, size, what))
+    tables = []
+    for i, sector in enumerate(entries):
+        if not sector:
+            tables.append(b"")
+            continue
+        if sector + GT_SECTORS > overhead:
+            beyond = " (past the end of the file)" if sector * SECTOR >= size else ""
+            raise VmdkRefused(f"{what} entry {i} points to sector {sector}{beyond}, outside the header's overhead "
+                              f"of {overhead} sectors")
+        tables.append(_read(f, sector * SECTOR, GT_SECTORS * SECTOR, size, "grain table"))
+    return tables
+
+
+def _walk_header_directory(f: io.BufferedIOBase, size: int, header: tuple[int, ...], gd_entries: int,
+                           walk: VmdkWalk) -> None:
+    """QEMU's streamOptimized layout (``qemu-img convert -o subformat=streamOptimized``): the grain
+    directory and tables (and their redundant copies) in the header area, then only grain markers
+    and the end-of-stream marker. Each grain marker, in stream order, must be the next entry the
+    tables list, in LBA order, and the tables may list nothing else."""
+    capacity, rgd, gd, overhead = header[3], header[8], header[9], header[10]
+    tables = _tables_in_header(f, size, gd, overhead, gd_entries, "grain directory")
+    if rgd and _tables_in_header(f, size, rgd, overhead, gd_entries, "redundant grain directory") != tables:
+        raise VmdkRefused("the redundant grain directory and tables differ from the primary ones")
+    listed = ((i * GT_ENTRIES + j, s) for i, t in enumerate(tables) if t
+              for j, s in enumerate(struct.unpack(f"<{GT_ENTRIES}I", t)) if s)
+    digest = hashlib.sha256()
+    pos = overhead * SECTOR
+    while True:
+        head = _read(f, pos, META_MARKER.size, size, "marker")
+        lba, length = GRAIN_MARKER.unpack_from(head)
+        where = f"marker at byte {pos}"
+        expected = next(listed, None)
+        if not length:
+            sectors, _, kind = META_MARKER.unpack_from(head)
+            if kind != MARKER_EOS or sectors:
+                raise VmdkRefused(f"{where}: a metadata marker (type {kind}) in a VMDK whose grain directory is in "
+                                  "its header")
+            if expected is not None:
+                raise VmdkRefused(f"the grain tables list grain {expected[0]} at sector {expected[1]}, which the "
+                                  "stream does not hold (QEMU reads through the table, VirtualBox the markers)")
+            if any(_read(f, pos + SECTOR, size - pos - SECTOR, size, "the end")):
+                raise VmdkRefused(f"{where}: data after the end-of-stream marker")
+            break
+        if lba >= capacity or lba % GRAIN_SECTORS:
+            raise VmdkRefused(f"{where}: LBA {lba} is not a grain inside the capacity of {capacity} sectors")
+        if expected != (lba // GRAIN_SECTORS, pos // SECTOR):
+            raise VmdkRefused(f"grain marker at byte {pos} (LBA {lba}) and the grain tables disagree (QEMU reads "
+                              "through the table, VirtualBox the markers)")
+        _grain(f, pos, lba, length, size, where, digest, walk)
+        pos += -(-(GRAIN_MARKER.size + length) // SECTOR) * SECTOR
+    walk.grain_tables = sum(1 for t in tables if t)
+    walk.content_digest = digest.hexdigest()
+
+
 def _walk(f: io.BufferedIOBase, size: int, name: str, walk: VmdkWalk) -> None:
     if _read(f, 0, min(size, 4), size, "header") != struct.pack("<I", MAGIC):
         raise VmdkRefused("header: not a sparse VMDK (no 'KDMV' header); a descriptor VMDK may name other files")
@@ -221,15 +314,16 @@ def _walk(f: io.BufferedIOBase, size: int, name: str, walk: VmdkWalk) -> None:
     if size % SECTOR:
         raise VmdkRefused(f"its size {size} is not a whole number of sectors")
     capacity, desc_off, desc_len, gd_at, overhead = header[3], header[5], header[6], header[9], header[10]
-    if gd_at != GD_AT_END:
-        raise VmdkRefused("header: the grain directory is not 'at end' (a streamOptimized VMDK keeps it in the "
-                          "footer, where VirtualBox's sequential reader expects it)")
     _check_descriptor(_read(f, desc_off * SECTOR, desc_len * SECTOR, size, "embedded descriptor"), capacity, name)
     walk.capacity = capacity * SECTOR
     gd_entries = -(-capacity // (GRAIN_SECTORS * GT_ENTRIES))
+    if gd_at != GD_AT_END:
+        _walk_header_directory(f, size, header, gd_entries, walk)
+        return
+    if header[2] & FLAG_REDUNDANT_GT:
+        raise VmdkRefused("header: a redundant grain table with the grain directory at the end")
 
     digest = hashlib.sha256()
-    zero = bytes(GRAIN)
     tables: dict[int, int] = {}  # directory index -> sector of the table
     pending: dict[int, int] = {}  # grains since the last table: LBA -> sector of the marker
     last_lba = -1
@@ -253,19 +347,7 @@ def _walk(f: io.BufferedIOBase, size: int, name: str, walk: VmdkWalk) -> None:
                 raise VmdkRefused(f"{where}: a grain of the next table's span before the grain table of the last")
             if length > GRAIN + 1024:
                 raise VmdkRefused(f"{where}: {length} compressed bytes for a {GRAIN}-byte grain")
-            data = _read(f, pos + GRAIN_MARKER.size, length, size, where)
-            inflater = zlib.decompressobj()
-            try:
-                grain = inflater.decompress(data, GRAIN + 1)
-            except zlib.error as exc:
-                raise VmdkRefused(f"{where}: its data does not inflate ({exc})") from None
-            if len(grain) != GRAIN or not inflater.eof or inflater.unused_data or inflater.unconsumed_tail:
-                raise VmdkRefused(f"{where}: its data is not exactly one deflated {GRAIN}-byte grain")
-            if grain != zero:
-                digest.update(struct.pack("<Q", lba))
-                digest.update(grain)
-                walk.data_grains += 1
-            walk.grains += 1
+            _grain(f, pos, lba, length, size, where, digest, walk)
             pending[lba] = pos // SECTOR
             last_lba = lba
             pos += -(-(GRAIN_MARKER.size + length) // SECTOR) * SECTOR

@@ -840,8 +840,9 @@ def _() -> bytes:
     return VmdkLayout([(0, GOOD_GRAIN), (CAPACITY // SECTOR, EVIL_GRAIN)]).serialize()
 
 
-@vmdk_case("vmdk-header-directory-not-at-end", "the grain directory is not 'at end'")
+@vmdk_case("vmdk-header-directory-into-descriptor", "and the grain tables disagree")
 def _() -> bytes:
+    # A grain directory "in the header" (QEMU's layout) that is really the descriptor's text.
     layout = two_grains()
     layout.header_gd = 3
     return layout.serialize()
@@ -1096,3 +1097,36 @@ def test_publish_recheck_walks_disks_in_place(parts: Parts, tmp_path: Path, ovf_
     split = next(c[1] for c in CASES if c[0] == "vmdk-grain-table-marker-split")
     refused = check_structure(split(parts, tmp_path / "split.ova"), work, ovf_schema_dir, extract=False)
     assert any("disagree" in f for f in refused.findings), refused.findings
+
+
+def test_qemu_imgs_own_stream_layout_is_read_and_checked(tmp_path: Path) -> None:
+    """`qemu-img convert -o subformat=streamOptimized` (the export's fallback writer) keeps the grain
+    directory and tables, and their redundant copies, in the header area: the walk reads that
+    layout too, says what qemu-img reads, and refuses it when tables and markers disagree."""
+    from appliance.verify_vmdk import raw_content_digest, walk_stream_vmdk
+
+    raw = tmp_path / "disk.raw"
+    with raw.open("wb") as f:
+        f.truncate(40 * GRAIN * GT_ENTRIES + 3 * SECTOR)  # two tables' spans and a partial last grain
+        for offset, data in ((0, GOOD_GRAIN), (GRAIN, EVIL_GRAIN), (GRAIN * GT_ENTRIES + 7, b"x" * 999)):
+            f.seek(offset)
+            f.write(data)
+        f.seek(40 * GRAIN * GT_ENTRIES + 3 * SECTOR - 5)
+        f.write(b"last!")
+    disk = tmp_path / "q.vmdk"
+    run(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", str(raw), str(disk)])
+    walk = walk_stream_vmdk(disk, "q.vmdk")
+    assert walk.problems == [] and walk.grain_tables >= 2
+    back = tmp_path / "back.raw"
+    run(["qemu-img", "convert", "-f", "vmdk", "-O", "raw", str(disk), str(back)])
+    with back.open("rb") as f:
+        assert raw_content_digest(f, walk.capacity) == walk.content_digest
+    # Swap the first two entries of the first grain table: QEMU would read EVIL first.
+    data = bytearray(disk.read_bytes())
+    header = struct.unpack_from("<IIIQQQQIQQQ", data)
+    table = struct.unpack_from("<I", data, header[9] * SECTOR)[0] * SECTOR
+    first, second = struct.unpack_from("<II", data, table)
+    struct.pack_into("<II", data, table, second, first)
+    disk.write_bytes(bytes(data))
+    problems = walk_stream_vmdk(disk, "q.vmdk").problems
+    assert any("redundant grain directory and tables differ" in p or "disagree" in p for p in problems), problems
