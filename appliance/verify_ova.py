@@ -303,8 +303,8 @@ def check_structure(path: Path, work: Path, schema_dir: Path | None = None, *,
 
     ``schema_dir`` holds the verified DMTF schemas (``ovf1/``, ``ovf2/``); without it the schema
     check does not run and ``schema_missing`` is the reason the report gives. With
-    ``extract=False`` (publish's re-check) nothing is copied: each disk is walked in place, inside
-    the archive, and ``qemu-img`` is not run.
+    ``extract=False`` (publish's re-check) nothing is copied: each disk's layout is walked in place,
+    inside the archive, without inflating its grains (no ``disk_content``), and ``qemu-img`` is not run.
     """
     result = StructureResult()
     try:
@@ -551,14 +551,14 @@ def _check_disk(href: str, vmdk: Path, capacity: int, findings: Findings,
     QEMU's grain tables read must be one disk; nothing else is opened), then ``qemu-img info``:
     streamOptimized, one extent (itself), no backing file, the right size.
     """
-    walk = walk_stream_vmdk(vmdk, href, window)
+    walk = walk_stream_vmdk(vmdk, href, window, inflate=window is None)
     for problem in walk.problems:
         findings.add(f"{href}: {problem}")
     if walk.problems:
         return  # qemu-img never opens a VMDK the walk refused (capacity 0 would make it open named files)
     if walk.capacity != capacity:
         findings.add(f"{href}: VMDK capacity {walk.capacity} differs from the descriptor's capacity {capacity}")
-    if content is not None:
+    if content is not None and walk.content_digest:
         content[href] = walk.content_digest
     if window is not None:
         return  # inside the archive: qemu-img reads files, and the walk above is the stricter reading
