@@ -14,8 +14,12 @@ folder, and bounds memory, disk and time:
   schema (VirtualBox's ``vbox:Machine`` allowed), from the pinned, verified cache folder
   (``appliance.artifacts``); when they are not there the report says the check did not run, why,
   and that ``invoke fetch`` fetches them;
-- disks: each referenced VMDK is a sparse streamOptimized VMDK (``qemu-img info``) with no other
-  extents or parent, its virtual size equals the descriptor's capacity and its size ``ovf:size``.
+- one reading: the descriptor, manifest and member names leave no room for VirtualBox's OVF
+  reader to take other files than ours (``appliance.export.ovf.importer_ambiguities``, docs/export.md);
+- disks: each referenced VMDK is walked by ``appliance.verify_vmdk`` before anything else opens it
+  (VirtualBox's marker reading and QEMU's grain-table reading must be one disk; the embedded
+  descriptor names only the file itself), then ``qemu-img info``: streamOptimized, no other
+  extents or parent; its virtual size equals the descriptor's capacity and its size ``ovf:size``.
 
 Then, with ``boot=True``, ``appliance.verify_boot.boot_check`` boots the copied disk under QEMU
 through a qcow2 overlay, proves that this boot is the copy's first boot (a sealed image), logs
@@ -191,7 +195,15 @@ def boot_access(
         from appliance.basebox import KEY_NAME, cache_dir
 
         key = str(cache_dir() / "keys" / KEY_NAME)
-    return SSHLogin(user=cfg.ssh.user, key_file=Path(key).expanduser()), http_port
+    key_file = Path(key).expanduser()
+    if ssh_key:
+        try:  # read later by Paramiko, which would block on a FIFO: refused now, at once
+            open_regular(key_file).close()
+        except FileNotFoundError:
+            pass  # said later, with the fix ("does not exist")
+        except OSError as exc:
+            raise UsageError(f"cannot read the SSH key {str(key_file)!r}: {describe(exc)}") from None
+    return SSHLogin(user=cfg.ssh.user, key_file=key_file), http_port
 
 
 def verify_from_config(

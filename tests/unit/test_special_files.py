@@ -125,3 +125,15 @@ def test_cli_exits_2_at_once_on_a_fifo(tmp_path: Path, task: list[str], target: 
 def test_error_types_are_hostile_input_exit_2() -> None:
     assert all(e.exit_code == 2 for e in (ConfigError([]), StateError("x"), UsageError("x")))
     assert issubclass(StateError, ApplianceError)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ssh_key_for_the_boot_check(tmp_path: Path, kind: str) -> None:
+    """`verify-ova --ssh-key`: Paramiko would block reading a FIFO when the boot check logs in."""
+    from appliance.verify import boot_access
+
+    key = special(tmp_path / "id_ed25519", kind)
+    cfg = load_config(None, ["provider=libvirt", "provision.skip=[k3s, csghub]", "vm.cpus=2", "vm.memory_mb=2048"],
+                      cwd=tmp_path)
+    err = within_a_second(lambda: boot_access(cfg, ssh_key=str(key)))
+    assert isinstance(err, UsageError) and f"cannot read the SSH key {str(key)!r}: {WHAT[kind]}" in str(err)
