@@ -1130,3 +1130,27 @@ def test_qemu_imgs_own_stream_layout_is_read_and_checked(tmp_path: Path) -> None
     disk.write_bytes(bytes(data))
     problems = walk_stream_vmdk(disk, "q.vmdk").problems
     assert any("redundant grain directory and tables differ" in p or "disagree" in p for p in problems), problems
+
+
+def test_a_vmdk_naming_a_host_fifo_is_refused_at_once(parts: Parts, tmp_path: Path, ovf_schema_dir: Path) -> None:
+    """Capacity 0 and an embedded descriptor naming a FIFO that exists on this host: qemu-img used to
+    open it and stall (120 s, a temporary disk1.vmdk left when killed); now nothing opens it."""
+    import time
+
+    from appliance.verify_ova import check_structure
+
+    fifo = tmp_path / "host.fifo"
+    os.mkfifo(fifo)
+    layout = two_grains()
+    layout.capacity = 0
+    layout.descriptor = (b'# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\n'
+                         b'createType="monolithicFlat"\n' + f'RW 131072 FLAT "{fifo}" 0\n'.encode())
+    disk = layout.serialize()
+    ova = ova_of(tmp_path / "fifo.ova", with_disk_attr(parts, "size", str(len(disk))), [(VMDK, disk)])
+    work = tmp_path / "work"
+    work.mkdir()
+    started = time.monotonic()
+    result = check_structure(ova, work, ovf_schema_dir)
+    assert time.monotonic() - started < 2
+    assert any("capacity 0; QEMU then opens the extents" in f for f in result.findings), result.findings
+    assert list(work.iterdir()) == []
