@@ -1107,11 +1107,11 @@ def test_qemu_imgs_own_stream_layout_is_read_and_checked(tmp_path: Path) -> None
 
     raw = tmp_path / "disk.raw"
     with raw.open("wb") as f:
-        f.truncate(40 * GRAIN * GT_ENTRIES + 3 * SECTOR)  # two tables' spans and a partial last grain
+        f.truncate(3 * GRAIN * GT_ENTRIES + 3 * SECTOR)  # three tables' spans and a partial last grain
         for offset, data in ((0, GOOD_GRAIN), (GRAIN, EVIL_GRAIN), (GRAIN * GT_ENTRIES + 7, b"x" * 999)):
             f.seek(offset)
             f.write(data)
-        f.seek(40 * GRAIN * GT_ENTRIES + 3 * SECTOR - 5)
+        f.seek(3 * GRAIN * GT_ENTRIES + 3 * SECTOR - 5)
         f.write(b"last!")
     disk = tmp_path / "q.vmdk"
     run(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", str(raw), str(disk)])
