@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from appliance import safeyaml
 from appliance.errors import ConfigError, ConfigProblem
+from appliance.inputs import describe, read_regular
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_FILE = "appliance.yaml"
@@ -688,10 +689,9 @@ MAX_EULA_BYTES = 1 << 20  # it goes into the OVF descriptor, which verify-ova ca
 
 def _eula_problem(path: Path) -> str | None:
     try:
-        with path.open("rb") as f:
-            raw = f.read(MAX_EULA_BYTES + 1)
+        raw = read_regular(path, MAX_EULA_BYTES)
     except OSError as exc:
-        return f"cannot be read: {exc.strerror or exc}"
+        return f"cannot be read: {describe(exc)}"
     if len(raw) > MAX_EULA_BYTES:
         return f"larger than {MAX_EULA_BYTES} bytes; a licence text of at most {MAX_EULA_BYTES} bytes is allowed"
     try:
@@ -703,15 +703,14 @@ def _eula_problem(path: Path) -> str | None:
 
 def _read_yaml(path: Path, problems: list[ConfigProblem]) -> dict[str, Any] | None:
     try:
-        with path.open("rb") as f:
-            raw = f.read(safeyaml.MAX_BYTES + 1)  # never the whole of a huge file or a device
+        raw = read_regular(path, safeyaml.MAX_BYTES)  # never the whole of a huge file; never a FIFO or device
         if len(raw) > safeyaml.MAX_BYTES:
             problems.append(ConfigProblem(str(path), "", f"the config file is larger than {safeyaml.MAX_BYTES} bytes; "
                                           f"at most {safeyaml.MAX_BYTES} bytes are allowed"))
             return None
         text = raw.decode("utf-8")
     except OSError as exc:
-        problems.append(ConfigProblem(str(path), "", f"cannot read the config file: {exc.strerror or exc}"))
+        problems.append(ConfigProblem(str(path), "", f"cannot read the config file: {describe(exc)}"))
         return None
     except UnicodeDecodeError as exc:
         problems.append(ConfigProblem(str(path), "", f"not UTF-8 text: {exc.reason} at byte {exc.start}"))
@@ -855,7 +854,7 @@ def _cross_checks(data: Mapping[str, Any], sources: _Sources) -> list[ConfigProb
     if isinstance(eula, str) and eula:
         ep = Path(eula).expanduser()
         ep = ep if ep.is_absolute() else PROJECT_ROOT / ep
-        if not ep.is_file():
+        if not ep.exists():
             problems.append(ConfigProblem(
                 sources.of("output.eula_file"), "output.eula_file",
                 "no such file (give a readable text file, or leave empty for no licence)", eula, has_value=True,

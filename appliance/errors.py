@@ -154,7 +154,12 @@ class Cancelled(ApplianceError):
 
 
 class StateError(ApplianceError):
-    """``build/state.json`` cannot be trusted (unreadable, truncated, wrong types): nothing is guessed."""
+    """``build/state.json`` cannot be trusted (unreadable, truncated, wrong types): nothing is guessed.
+
+    Exit status 2, as for any other hostile input (README: configuration, ``--set`` values and
+    ``build/state.json``)."""
+
+    exit_code = 2
 
 
 class VMSealed(ApplianceError):

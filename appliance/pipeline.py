@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import hashlib
 import json
 import shutil
 import time
@@ -22,8 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from appliance import receipt
 from appliance.config import ApplianceConfig, public_dump
-from appliance.errors import ApplianceError, Cancelled, HostFileError, UsageError, VagrantError
+from appliance.errors import ApplianceError, Cancelled, HostFileError, UsageError, VagrantError, VerifyError
+from appliance.inputs import open_regular
 from appliance.log import StageStatus, human_size, log
 from appliance.scripts import discover_scripts
 from appliance.state import BuildState, config_digest, export_digest
@@ -244,12 +247,47 @@ def stage_verify(ctx: BuildContext) -> StageOutcome:
 
     if not ctx.state.staged_ova:
         raise UsageError("nothing to verify: the export stage has not produced an OVA yet")
-    if ctx.state.verified_sha256 and ctx.state.verified_sha256 == ctx.state.staged_ova_sha256:
+    if verified_by_this_tool(ctx.state):
         return StageOutcome.skipped("this OVA was verified already")
-    report = verify_ova(Path(ctx.state.staged_ova), boot=ctx.options.boot_check, cfg=ctx.cfg)
+    staged = Path(ctx.state.staged_ova)
+    report = verify_ova(staged, boot=ctx.options.boot_check, cfg=ctx.cfg)
+    # What was verified is the file as it is now: hash it again rather than trust state.json's digest.
+    ctx.state.staged_ova_sha256 = file_sha256(staged)
     ctx.state.verified_sha256 = ctx.state.staged_ova_sha256
     ctx.state.verify_report = report.as_dict()
+    ctx.state.verify_receipt = receipt.issue(ctx.state.verified_sha256, ctx.state.export_digest,
+                                             ctx.state.verify_report)
     return StageOutcome.done()
+
+
+def verified_by_this_tool(state: BuildState) -> bool:
+    """The staged OVA's digest is the verified one and the receipt (appliance.receipt) proves verify said so."""
+    return bool(state.verified_sha256) and state.verified_sha256 == state.staged_ova_sha256 and receipt.holds(
+        state.verify_receipt, state.verified_sha256, state.export_digest, state.verify_report)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open_regular(path) as f:
+        while chunk := f.read(4 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def recheck_staged(ctx: BuildContext, staged: Path) -> None:
+    """Publish's own look at the staged OVA (about a second per GB): the structure, the manifest's
+    digests and each disk's walk (in place, nothing copied) must still pass, whatever state.json says."""
+    import tempfile
+
+    from appliance.artifacts import cached_ovf_schemas
+    from appliance.verify_ova import check_structure
+
+    schema_dir, why = cached_ovf_schemas(ctx.cfg)
+    with tempfile.TemporaryDirectory(prefix=".publish-check-", dir=staged.parent) as work:
+        result = check_structure(staged, Path(work), schema_dir, schema_missing=why or "", extract=False)
+    if result.findings:
+        raise VerifyError(f"{staged} does not pass the structural check at publish; nothing was published",
+                          result.findings)
 
 
 def stage_publish(ctx: BuildContext) -> StageOutcome:
@@ -269,9 +307,13 @@ def stage_publish(ctx: BuildContext) -> StageOutcome:
     digest_file = dist / (ctx.ova_name + ".sha256")
     if final.exists() and not ctx.options.force:
         raise UsageError(f"{final} exists already; pass --force to replace it (nothing was overwritten)")
-    verified = ctx.state.verified_sha256 == ctx.state.staged_ova_sha256
+    verified = verified_by_this_tool(ctx.state)
     if not verified and "verify" not in ctx.options.skip:
-        raise UsageError("the staged OVA has not passed verification; it is not published")
+        claimed = ctx.state.verified_sha256 and ctx.state.verified_sha256 == ctx.state.staged_ova_sha256
+        raise UsageError("the staged OVA has not passed verification; it is not published" + (
+            " (state.json says it did, but carries no receipt of this tool's verify stage for it)" if claimed
+            else ""), hint="run `invoke build-ova` (without --only publish): it verifies the staged OVA")
+    recheck_staged(ctx, staged)
     from appliance.publish import PublishedFile, check_free_space, publish_set
 
     report = build_report(ctx, final)
@@ -292,7 +334,7 @@ def build_report(ctx: BuildContext, final: Path) -> dict[str, Any]:
     return {
         "appliance": {"name": ctx.cfg.output.name, "version": ctx.cfg.appliance_version, "ova": final.name},
         "ova": {"sha256": ctx.state.staged_ova_sha256, "size_bytes": staged.stat().st_size,
-                "verified": ctx.state.verified_sha256 == ctx.state.staged_ova_sha256,
+                "verified": verified_by_this_tool(ctx.state),
                 # Which checks ran: says so when OVF schema validation could not run.
                 "verification": ctx.state.verify_report or None},
         "disk": {"path": str(disk) if disk else "", "size_bytes": disk_bytes},

@@ -24,6 +24,15 @@ MAX_INT_DIGITS = 30
 
 _INT_TAG = "tag:yaml.org,2002:int"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+_STR_TAG = "tag:yaml.org,2002:str"
+# What a configuration value can be: text, numbers, booleans, null, dates, lists and mappings.
+# !!binary builds bytes (a UnicodeDecodeError traceback when the config is dumped), !!set a set,
+# !!omap/!!pairs lists of tuples: none of them has a place in a config, a template or Helm values.
+_REFUSED_TAGS = {"tag:yaml.org,2002:binary": "!!binary", "tag:yaml.org,2002:set": "!!set",
+                 "tag:yaml.org,2002:omap": "!!omap", "tag:yaml.org,2002:pairs": "!!pairs"}
+_KEY_KINDS = {"tag:yaml.org,2002:int": "an integer", "tag:yaml.org,2002:null": "null",
+              "tag:yaml.org,2002:bool": "a boolean", "tag:yaml.org,2002:float": "a number",
+              "tag:yaml.org,2002:timestamp": "a date"}
 
 
 class YAMLRefused(ValueError):
@@ -76,6 +85,11 @@ def _check_graph(root: Node) -> None:
             on_path.discard(id(node))
             continue
         count += 1
+        if node.tag in _REFUSED_TAGS:
+            raise YAMLRefused(
+                f"is tagged {_REFUSED_TAGS[node.tag]} at {_line(node)}; allowed: text, numbers, booleans, null, "
+                "lists and mappings", path,
+            )
         if count > MAX_VALUES:
             raise YAMLRefused(
                 f"expands to more than {MAX_VALUES} values (aliases repeating anchors, an "
@@ -101,6 +115,14 @@ def _check_graph(root: Node) -> None:
         elif isinstance(node, MappingNode):
             seen: dict[tuple[str, str], Node] = {}
             for key_node, value_node in node.value:
+                if not isinstance(key_node, ScalarNode) or key_node.tag not in (_STR_TAG, _MERGE_TAG):
+                    what = _KEY_KINDS.get(key_node.tag, "a list or mapping" if not isinstance(key_node, ScalarNode)
+                                          else f"tagged {key_node.tag}")
+                    shown = (key_node.value or "null") if isinstance(key_node, ScalarNode) else "?"
+                    raise YAMLRefused(
+                        f"holds the key {shown} at {_line(key_node)}, {what}: every key must be text "
+                        f"(quote it: '{shown}')", path,
+                    )
                 if isinstance(key_node, ScalarNode) and key_node.tag != _MERGE_TAG:
                     ident = (key_node.tag, key_node.value)
                     if ident in seen:

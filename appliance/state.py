@@ -19,6 +19,7 @@ from typing import Any
 from appliance.config import ApplianceConfig, guest_environment, public_dump
 from appliance.digest import sha256_file
 from appliance.errors import StateError, VMSealed
+from appliance.inputs import describe, read_regular
 
 STATE_VERSION = 1
 MAX_STATE_BYTES = 16 << 20
@@ -111,6 +112,9 @@ class BuildState:
     staged_ova_sha256: str = ""
     verified_sha256: str = ""
     verify_report: dict[str, Any] = field(default_factory=dict)  # what verify checked (schema run or not)
+    # HMAC over (verified_sha256, export_digest, verify_report) under a key outside build/
+    # (appliance.receipt): what a hand-written state.json cannot reproduce.
+    verify_receipt: str = ""
     images: list[dict[str, str]] = field(default_factory=list)
     last_failure: str = ""
     updated: str = ""
@@ -126,16 +130,18 @@ class BuildState:
         hint = (f"the file records whether the VM is sealed, so it is never guessed: restore or repair {path}, "
                 "or run `invoke destroy` (removes the build VM and this file) and build again")
         try:
-            with path.open("rb") as f:
-                raw = f.read(MAX_STATE_BYTES + 1)  # never the whole of a huge file
+            raw = read_regular(path, MAX_STATE_BYTES)  # never the whole of a huge file; never a FIFO
             if len(raw) > MAX_STATE_BYTES:
                 raise StateError(f"the build state {path} is larger than {MAX_STATE_BYTES} bytes; this tool "
                                  "writes a few kilobytes there", hint=hint)
             text = raw.decode("utf-8")
         except FileNotFoundError:
             return cls()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise StateError(f"cannot read the build state {path}: {exc}", hint=hint) from None
+        except OSError as exc:
+            raise StateError(f"cannot read the build state {path}: {describe(exc)}", hint=hint) from None
+        except UnicodeDecodeError as exc:
+            raise StateError(f"cannot read the build state {path}: not UTF-8 ({exc.reason} at byte {exc.start})",
+                             hint=hint) from None
         try:
             raw = json.loads(text, object_pairs_hook=_refuse_duplicate_fields)
         except ValueError as exc:

@@ -14,8 +14,12 @@ folder, and bounds memory, disk and time:
   schema (VirtualBox's ``vbox:Machine`` allowed), from the pinned, verified cache folder
   (``appliance.artifacts``); when they are not there the report says the check did not run, why,
   and that ``invoke fetch`` fetches them;
-- disks: each referenced VMDK is a sparse streamOptimized VMDK (``qemu-img info``) with no other
-  extents or parent, its virtual size equals the descriptor's capacity and its size ``ovf:size``.
+- one reading: the descriptor, manifest and member names leave no room for VirtualBox's OVF
+  reader to take other files than ours (``appliance.export.ovf.importer_ambiguities``, docs/export.md);
+- disks: each referenced VMDK is walked by ``appliance.verify_vmdk`` before anything else opens it
+  (VirtualBox's marker reading and QEMU's grain-table reading must be one disk; the embedded
+  descriptor names only the file itself), then ``qemu-img info``: streamOptimized, no other
+  extents or parent; its virtual size equals the descriptor's capacity and its size ``ovf:size``.
 
 Then, with ``boot=True``, ``appliance.verify_boot.boot_check`` boots the copied disk under QEMU
 through a qcow2 overlay, proves that this boot is the copy's first boot (a sealed image), logs
@@ -31,6 +35,7 @@ from pathlib import Path
 
 from appliance.config import ApplianceConfig
 from appliance.errors import UsageError, VerifyError
+from appliance.inputs import describe, open_regular
 from appliance.log import log
 from appliance.verify_boot import BootLogin, BootReport, ConsoleLogin, SSHLogin, boot_check
 from appliance.verify_ova import NO_SCHEMA_DIR, check_structure
@@ -106,8 +111,7 @@ def verify_ova(
         from appliance.providers import boot_backend_for
 
         boot_with = boot_backend_for(cfg)
-    if not path.is_file():
-        raise UsageError(f"no OVA at {str(path)!r}")
+    _require_regular_ova(path)
     if boot and login is None:
         raise UsageError("the boot check needs a login (user and private key); or skip it with --no-boot")
     report = VerifyReport(path=path)
@@ -157,6 +161,16 @@ def verify_ova(
     return report
 
 
+def _require_regular_ova(path: Path) -> None:
+    """Exit 2 at once for a missing OVA or one that is a FIFO, directory or device (never blocks)."""
+    try:
+        open_regular(path).close()
+    except FileNotFoundError:
+        raise UsageError(f"no OVA at {str(path)!r}") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read the OVA {str(path)!r}: {describe(exc)}") from None
+
+
 # -- from the command line -------------------------------------------------------------------------
 
 
@@ -187,7 +201,15 @@ def boot_access(
         from appliance.basebox import KEY_NAME, cache_dir
 
         key = str(cache_dir() / "keys" / KEY_NAME)
-    return SSHLogin(user=cfg.ssh.user, key_file=Path(key).expanduser()), http_port
+    key_file = Path(key).expanduser()
+    if ssh_key:
+        try:  # read later by Paramiko, which would block on a FIFO: refused now, at once
+            open_regular(key_file).close()
+        except FileNotFoundError:
+            pass  # said later, with the fix ("does not exist")
+        except OSError as exc:
+            raise UsageError(f"cannot read the SSH key {str(key_file)!r}: {describe(exc)}") from None
+    return SSHLogin(user=cfg.ssh.user, key_file=key_file), http_port
 
 
 def verify_from_config(
@@ -205,8 +227,7 @@ def verify_from_config(
     from appliance.artifacts import ensure_ovf_schemas
     from appliance.providers import boot_backend_for
 
-    if not path.is_file():
-        raise UsageError(f"no OVA at {str(path)!r}")
+    _require_regular_ova(path)
     login, http_port = boot_access(cfg, ssh_key=ssh_key, http=http) if boot else (None, None)
     schema_dir, schema_missing = ensure_ovf_schemas(cfg, fetch=fetch_schemas)
     report = verify_ova(path, boot=boot, login=login, http_port=http_port, http_host=portal_host(cfg),

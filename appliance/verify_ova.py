@@ -43,8 +43,10 @@ from pathlib import Path
 
 from appliance.errors import PrerequisiteMissing
 from appliance.export.ovf import STREAM_OPTIMIZED, DescriptorFacts, read_descriptor, schema_errors
+from appliance.inputs import describe, open_regular
 from appliance.log import log
 from appliance.run import run
+from appliance.verify_vmdk import walk_stream_vmdk
 
 BLOCK = tarfile.BLOCKSIZE
 CHUNK = 4 << 20
@@ -109,6 +111,8 @@ class StructureResult:
     ovf_format: str | None = None
     disks: dict[str, int] = field(default_factory=dict)  # href -> capacity in bytes
     extracted: dict[str, Path] = field(default_factory=dict)  # href -> copy in the work folder
+    # href -> what both importers read from it (appliance.verify_vmdk.VmdkWalk.content_digest)
+    disk_content: dict[str, str] = field(default_factory=dict)
     checks: list[tuple[str, str]] = field(default_factory=list)
     findings: Findings = field(default_factory=Findings)
 
@@ -125,6 +129,23 @@ def name_problem(name: str) -> str | None:
         return "it holds control characters"
     if any("\udc80" <= c <= "\udcff" for c in name):  # bytes that were not UTF-8 (surrogateescape)
         return "it is not UTF-8"
+    return None
+
+
+# VirtualBox's OVA reader (ApplianceImplImport.cpp, Appliance::i_readFSOVA) treats every member
+# whose name ends in .ovf, .mf or .cert (any case) as the descriptor, its manifest or its
+# signature, first one winning; a listed file may not look like one of them.
+_SPECIAL_SUFFIXES = (".ovf", ".mf", ".cert")
+
+
+def _special_name(href: str, ovf_name: str, mf_name: str) -> str | None:
+    """Why VirtualBox could take the listed file ``href`` for something else, or None."""
+    if href.casefold() in (ovf_name.casefold(), mf_name.casefold()) and href not in (ovf_name, mf_name):
+        return "it differs from the descriptor's or manifest's name only in case"
+    if href.casefold().endswith(_SPECIAL_SUFFIXES) and href not in (ovf_name, mf_name):
+        return "VirtualBox reads a member ending in .ovf, .mf or .cert as a descriptor, manifest or signature"
+    if "(" in href or ")" in href:
+        return "a manifest line 'SHA256(name)= hex' cannot hold it unambiguously"
     return None
 
 
@@ -277,21 +298,23 @@ NO_SCHEMA_DIR = "no folder of DMTF OVF schemas was given; `invoke fetch` puts th
 
 
 def check_structure(path: Path, work: Path, schema_dir: Path | None = None, *,
-                    schema_missing: str = NO_SCHEMA_DIR) -> StructureResult:
+                    schema_missing: str = NO_SCHEMA_DIR, extract: bool = True) -> StructureResult:
     """Every structural check of ``path``; disks that pass are copied into ``work``.
 
     ``schema_dir`` holds the verified DMTF schemas (``ovf1/``, ``ovf2/``); without it the schema
-    check does not run and ``schema_missing`` is the reason the report gives.
+    check does not run and ``schema_missing`` is the reason the report gives. With
+    ``extract=False`` (publish's re-check) nothing is copied: each disk's layout is walked in place,
+    inside the archive, without inflating its grains (no ``disk_content``), and ``qemu-img`` is not run.
     """
     result = StructureResult()
     try:
-        with path.open("rb") as f:
-            _check(f, os.fstat(f.fileno()), path, work, result, schema_dir, schema_missing)
+        with open_regular(path) as f:
+            _check(f, os.fstat(f.fileno()), path, work, result, schema_dir, schema_missing, extract)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             result.findings.add(f"the work folder {work} ran out of space while copying the disk")
         else:
-            result.findings.add(f"reading {path.name} failed: {exc.strerror or exc}")
+            result.findings.add(f"reading {path.name} failed: {describe(exc)}")
     except (RecursionError, MemoryError, ValueError, UnicodeError) as exc:
         # A last line of defence: the checks above bound their input, but a hostile archive must
         # give a finding, never a traceback.
@@ -305,17 +328,24 @@ def check_structure(path: Path, work: Path, schema_dir: Path | None = None, *,
 
 
 def _check(f: io.BufferedReader, st: os.stat_result, path: Path, work: Path, result: StructureResult,
-           schema_dir: Path | None, schema_missing: str) -> None:
+           schema_dir: Path | None, schema_missing: str, extract: bool = True) -> None:
     findings = result.findings
     members = scan_tar(f, st.st_size, findings)
     result.members = [m.name for m in members]
     result.checks.append(("tar format", "checked"))
     regular = [m for m in members if m.regular]
     by_name: dict[str, TarMember] = {}
+    folded: dict[str, str] = {}
     for m in regular:
         if m.name in by_name:
             findings.add(f"tar member {m.name!r} appears twice")
+        elif m.name.casefold() in folded:
+            # VirtualBox finds a disk's member by RTStrICmp (i_importOpenSourceFile): two names that
+            # differ only in case are one name to it.
+            findings.add(f"tar members {folded[m.name.casefold()]!r} and {m.name!r} differ only in case; "
+                         "VirtualBox matches member names without case")
         by_name.setdefault(m.name, m)
+        folded.setdefault(m.name.casefold(), m.name)
     if not members:
         if not findings:
             findings.add("the archive holds no members (not an OVA)")
@@ -363,11 +393,17 @@ def _check(f: io.BufferedReader, st: os.stat_result, path: Path, work: Path, res
         mf_bytes = _read_member(f, mf, MAX_MANIFEST_BYTES, "manifest", findings)
         if mf_bytes is not None:
             try:
-                manifest = parse_manifest(mf_bytes.decode("utf-8"), findings)
+                text = mf_bytes.decode("utf-8")
             except UnicodeDecodeError:
                 findings.add(f"manifest {mf_name} is not UTF-8 text")
+            else:
+                manifest = parse_manifest(text, findings)
+                if not text.strip():
+                    # VirtualBox imports with an empty manifest and checks nothing (i_readManifestFile:
+                    # "the file could be empty, in which case fDigestTypes is set to 0").
+                    findings.add(f"manifest {mf_name} is empty; it must list a digest of every member")
     for name in by_name:
-        if name != mf_name and manifest and name not in manifest:
+        if name != mf_name and name not in manifest:
             findings.add(f"tar member {name!r} has no digest in the manifest")
     for name in manifest:
         if name not in by_name:
@@ -375,7 +411,7 @@ def _check(f: io.BufferedReader, st: os.stat_result, path: Path, work: Path, res
 
     # Copy the disks out only when everything so far is sound, and only into room that exists.
     copy_to: dict[str, Path] = {}
-    if not findings and disk_hrefs:
+    if not findings and disk_hrefs and extract:
         need = sum(by_name[h].size for h in disk_hrefs) + FREE_SPACE_MARGIN
         free = shutil.disk_usage(work).free
         if need > free:
@@ -385,9 +421,11 @@ def _check(f: io.BufferedReader, st: os.stat_result, path: Path, work: Path, res
             copy_to = {href: work / f"disk{n}.vmdk" for n, href in enumerate(disk_hrefs, 1)}
 
     # One pass: digests of every listed member; the disks copied on the way.
+    compared = 0
     for m in regular:
         if m.name not in manifest:
             continue
+        compared += 1
         algo, listed = manifest[m.name]
         out = copy_to.get(m.name)
         if m is ovf:
@@ -400,12 +438,21 @@ def _check(f: io.BufferedReader, st: os.stat_result, path: Path, work: Path, res
                 result.extracted[m.name] = out
         if got != listed:
             findings.add(f"{m.name}: {algo} digest differs from the manifest (damaged or altered)")
-    result.checks.append(("manifest digests", "checked"))
+    # "checked" only when every member but the manifest itself was compared with a listed digest.
+    whole = compared and compared == len([n for n in by_name if n != mf_name])
+    result.checks.append(("manifest digests", "checked" if whole else
+                          f"NOT checked: {compared} of {len(by_name) - (mf_name in by_name)} members compared"))
 
-    if not findings:
+    if not findings and result.extracted:
         for href, copy in result.extracted.items():
-            _check_disk(href, copy, disk_hrefs[href], findings)
+            _check_disk(href, copy, disk_hrefs[href], findings, result.disk_content)
         result.checks.append(("disk format and size", "checked"))
+    elif not findings and disk_hrefs and not extract:
+        for href in disk_hrefs:
+            member = by_name[href]
+            _check_disk(href, path, disk_hrefs[href], findings, result.disk_content,
+                        window=(member.data_offset, member.size))
+        result.checks.append(("disk format and size", "checked in place"))
 
 
 def _check_references(facts: DescriptorFacts, ovf_name: str, mf_name: str, members: list[TarMember],
@@ -414,8 +461,10 @@ def _check_references(facts: DescriptorFacts, ovf_name: str, mf_name: str, membe
     findings = result.findings
     hrefs: list[str] = []
     sizes: dict[str, int | None] = {}
+    for ambiguity in facts.ambiguities:
+        findings.add(f"descriptor {ovf_name}: {ambiguity}")
     for _, href, size in facts.files:
-        if (problem := name_problem(href)) is not None:
+        if (problem := name_problem(href) or _special_name(href, ovf_name, mf_name)) is not None:
             findings.add(f"References: href {href[:80]!r} is not a plain file name ({problem})")
             continue
         if href in (ovf_name, mf_name) or href in sizes:
@@ -474,6 +523,12 @@ def _check_schema(ovf_bytes: bytes, ovf_name: str, sd: Path | None, schema_missi
     except (PrerequisiteMissing, ImportError, OSError, StopIteration) as exc:
         _schema_not_run(result, f"the schemas in {sd} could not be loaded: {str(exc)[:200] or type(exc).__name__}")
         return
+    except (LookupError, ValueError, TypeError) as exc:
+        # xmlschema raises on some hostile input instead of reporting it, e.g. XMLSchemaKeyError
+        # for an xsi:type naming a type no schema declares (OVF 0.9's "ovf:DiskSection_Type").
+        result.findings.add(f"descriptor {ovf_name} cannot be validated against the OVF schema: "
+                            f"{str(exc)[:200] or type(exc).__name__}")
+        return
     for e in errors[:20]:
         result.findings.add(f"descriptor {ovf_name} breaks the OVF schema: {e}")
     if len(errors) > 20:
@@ -490,14 +545,23 @@ def _schema_not_run(result: StructureResult, why: str) -> None:
     result.checks.append(("OVF schema", f"not run: {why}"))
 
 
-def _check_disk(href: str, vmdk: Path, capacity: int, findings: Findings) -> None:
-    """``qemu-img info`` on the copy: streamOptimized, one extent (itself), no backing file, the right size."""
-    with vmdk.open("rb") as f:
-        magic = f.read(4)
-    if magic != b"KDMV":
-        # A text-descriptor VMDK names other files (any file on this host) as its extents.
-        findings.add(f"{href}: not a sparse VMDK (no 'KDMV' header); a descriptor VMDK may name other files")
-        return
+def _check_disk(href: str, vmdk: Path, capacity: int, findings: Findings,
+                content: dict[str, str] | None = None, window: tuple[int, int] | None = None) -> None:
+    """Our own walk of the copy (``appliance.verify_vmdk``: what VirtualBox's sequential reader and
+    QEMU's grain tables read must be one disk; nothing else is opened), then ``qemu-img info``:
+    streamOptimized, one extent (itself), no backing file, the right size.
+    """
+    walk = walk_stream_vmdk(vmdk, href, window, inflate=window is None)
+    for problem in walk.problems:
+        findings.add(f"{href}: {problem}")
+    if walk.problems:
+        return  # qemu-img never opens a VMDK the walk refused (capacity 0 would make it open named files)
+    if walk.capacity != capacity:
+        findings.add(f"{href}: VMDK capacity {walk.capacity} differs from the descriptor's capacity {capacity}")
+    if content is not None and walk.content_digest:
+        content[href] = walk.content_digest
+    if window is not None:
+        return  # inside the archive: qemu-img reads files, and the walk above is the stricter reading
     result = run(["qemu-img", "info", "--output=json", "-f", "vmdk", str(vmdk)], check=False, timeout=120)
     if result.returncode == 127:
         raise PrerequisiteMissing("qemu-img is not installed: the disk check cannot run",

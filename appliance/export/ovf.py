@@ -28,7 +28,7 @@ from __future__ import annotations
 import itertools
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -37,6 +37,7 @@ from xml.etree import ElementTree as ET
 from xml.sax.saxutils import escape
 
 from appliance.errors import ExportError, PrerequisiteMissing
+from appliance.inputs import describe, open_regular
 
 if TYPE_CHECKING:  # pragma: no cover
     from appliance.config import ApplianceConfig
@@ -223,11 +224,14 @@ def _eula_text(cfg: ApplianceConfig) -> str | None:
         return None
     path = cfg.path(cfg.output.eula_file)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open_regular(path) as f:
+            text = f.read().decode("utf-8")
     except FileNotFoundError:
         raise ExportError(f"output.eula_file {str(path)!r} does not exist",
                           hint="give a readable UTF-8 text file, or leave output.eula_file empty") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise ExportError(f"output.eula_file {str(path)!r} cannot be read: {describe(exc)}") from None
+    except UnicodeDecodeError as exc:
         raise ExportError(f"output.eula_file {str(path)!r} cannot be read as UTF-8 text: {exc}") from None
     text = text.replace("\r\n", "\n")
     if not text.strip():
@@ -357,6 +361,8 @@ class DescriptorFacts:
     ovf_format: OvfFormat
     files: tuple[tuple[str, str, int | None], ...]  # (id, href, size or None)
     disks: tuple[tuple[str, str, int, str], ...]  # (diskId, fileRef, capacity in bytes, format URL)
+    # Where VirtualBox's OVF reader could read this descriptor differently (see importer_ambiguities).
+    ambiguities: tuple[str, ...] = ()
 
 
 _UNITS = {"byte": 1, "kilobytes": 1 << 10, "megabytes": 1 << 20, "gigabytes": 1 << 30}
@@ -365,13 +371,17 @@ _UNITS = {"byte": 1, "kilobytes": 1 << 10, "megabytes": 1 << 20, "gigabytes": 1 
 MAX_DECIMAL_DIGITS = 20
 MAX_UNIT_EXPONENT = 60
 MAX_CAPACITY = 1 << 56  # 64 PiB, far above any disk VirtualBox or VMware creates
-_DECIMAL = re.compile(f"[0-9]{{1,{MAX_DECIMAL_DIGITS}}}")
+# Canonical decimal only: VirtualBox reads these numbers with RTStrToInt64Ex(..., base 0), which
+# takes "0x10" as hex and "010" as octal (and refuses surrounding spaces); Python would read both
+# as decimal. One reading for both means digits only, no leading zero, no sign, no spaces.
+_DECIMAL = re.compile(f"0|[1-9][0-9]{{0,{MAX_DECIMAL_DIGITS - 1}}}")
 
 
 def _bounded_int(what: str, text: str, limit: int) -> int:
-    if not _DECIMAL.fullmatch(text.strip()):
-        raise ValueError(f"{what} {text[:40]!r} is not a decimal number of at most {MAX_DECIMAL_DIGITS} digits")
-    value = int(text.strip())
+    if not _DECIMAL.fullmatch(text):
+        raise ValueError(f"{what} {text[:40]!r} is not a decimal number of at most {MAX_DECIMAL_DIGITS} digits "
+                         "(digits only, no leading zero, sign or space)")
+    value = int(text)
     if value > limit:
         raise ValueError(f"{what} {value} is larger than the allowed {limit}")
     return value
@@ -431,9 +441,133 @@ def read_descriptor(data: bytes) -> DescriptorFacts:
     disks = []
     for d in root.findall(f"{{{ns}}}DiskSection/{{{ns}}}Disk"):
         cap = _capacity_bytes(d.get(f"{{{ns}}}capacity", "0"), d.get(f"{{{ns}}}capacityAllocationUnits"))
+        populated = d.get(f"{{{ns}}}populatedSize")
+        if populated is not None:
+            _bounded_int("ovf:populatedSize", populated, MAX_CAPACITY)
         disks.append((d.get(f"{{{ns}}}diskId", ""), d.get(f"{{{ns}}}fileRef", ""), cap,
                       d.get(f"{{{ns}}}format", "")))
-    return DescriptorFacts(fmt, tuple(files), tuple(disks))  # type: ignore[arg-type]
+    return DescriptorFacts(fmt, tuple(files), tuple(disks),  # type: ignore[arg-type]
+                           tuple(importer_ambiguities(root, ns)))
+
+
+# What VirtualBox 7.2's OVF reader (src/VBox/Main/xml/ovfreader.cpp, OVFReader::parse,
+# LoopThruSections, HandleDiskSection; IPRT's xml.cpp ElementNode::findAttribute,
+# findChildElement, findChildElementFromId) reads, and how: elements and attributes by their
+# *local* name in any namespace, the first match winning; disks from every DiskSection it meets
+# at the Envelope level and, recursively, inside VirtualSystemCollections (and OVF 0.9's
+# <Section xsi:type="ovf:DiskSection_Type">); a Disk's file from the first References child
+# whose "id" matches, File or not; duplicate diskIds overwrite (std::map, the last wins). Our
+# reader takes ovf:-qualified names at fixed places. Wherever the two could pick differently the
+# descriptor is refused; docs/export.md lists each rule.
+_FILE_ATTRS = {"id", "href", "size"}
+_DISK_ATTRS = {"diskId", "fileRef", "capacity", "capacityAllocationUnits", "format", "populatedSize"}
+# Element names VirtualBox's reader acts on wherever it walks (Envelope's children and, through
+# VirtualSystemCollection, theirs); only the places our reader reads are allowed.
+_WATCHED = {"References", "DiskSection", "VirtualSystemCollection", "Section", "Content"}
+_SECTION_PARENTS = {"Envelope", "VirtualSystem", "VirtualSystemCollection"}
+MAX_AMBIGUITIES = 20
+
+
+def _local(tag: str) -> tuple[str, str]:
+    """(namespace, local name) of an ElementTree tag or attribute name."""
+    if tag.startswith("{"):
+        ns, _, local = tag[1:].partition("}")
+        return ns, local
+    return "", tag
+
+
+def importer_ambiguities(root: ET.Element, ns: str) -> list[str]:
+    """Every place where VirtualBox's OVF reader could read ``root`` differently from ours."""
+    found: list[str] = []
+    add = found.append
+    ovf = f"{{{ns}}}"
+
+    for parent in root.iter():
+        for child in parent:
+            if not isinstance(child.tag, str):
+                continue  # comments, processing instructions
+            cns, local = _local(child.tag)
+            if local not in _WATCHED:
+                continue
+            at_top = parent is root
+            if local in ("Section", "Content") and _local(parent.tag)[1] not in _SECTION_PARENTS:
+                continue  # VirtualBox reads OVF 0.9 sections only in these
+            if local in ("References", "DiskSection") and at_top and cns == ns:
+                continue
+            where = "the Envelope" if at_top else f"<{_local(parent.tag)[1]}>"
+            if local == "VirtualSystemCollection":
+                add(f"a VirtualSystemCollection (in {where}): VirtualBox imports the disks of every system in it; "
+                    "an appliance OVA holds one VirtualSystem")
+            elif local in ("Section", "Content"):
+                add(f"an OVF 0.9 <{local}> element (in {where}): VirtualBox reads it by its type attribute")
+            else:
+                qualified = "outside the OVF namespace" if cns != ns else f"inside {where}"
+                add(f"a {local} element {qualified}: VirtualBox reads every {local} it finds by its local name, "
+                    "only Envelope/" + local + " in the OVF namespace is read the same way by both")
+    references = [c for c in root if isinstance(c.tag, str) and _local(c.tag)[1] == "References"]
+    if len(references) > 1:
+        add(f"{len(references)} References elements: VirtualBox reads only the first")
+
+    ids: set[str] = set()
+    hrefs: dict[str, str] = {}
+    for ref in references[:1]:
+        for child in ref:
+            if not isinstance(child.tag, str):
+                continue
+            if child.tag != f"{ovf}File":
+                add(f"References holds <{_local(child.tag)[1]}>: VirtualBox looks a disk's file up among every "
+                    "child of References by its id; only ovf:File is allowed")
+                continue
+            _attribute_problems(child, ns, _FILE_ATTRS, (), "File", add)
+            fid, href = child.get(f"{ovf}id", ""), child.get(f"{ovf}href", "")
+            if fid in ids:
+                add(f"File id {fid[:80]!r} is used twice: VirtualBox takes the first, a last-wins reader the last")
+            ids.add(fid)
+            folded = href.casefold()
+            if folded in hrefs:
+                add(f"File href {href[:80]!r} is listed twice (VirtualBox compares member names without case)")
+            hrefs[folded] = href
+
+    disk_ids: set[str] = set()
+    for section in root.findall(f"{ovf}DiskSection"):
+        for child in section:
+            if not isinstance(child.tag, str):
+                continue
+            cns, local = _local(child.tag)
+            if local == "Disk" and cns != ns:
+                add("a Disk element outside the OVF namespace: VirtualBox reads it as a disk")
+                continue
+            if child.tag != f"{ovf}Disk":
+                continue
+            _attribute_problems(child, ns, _DISK_ATTRS, (("uuid", NS_VBOX),), "Disk", add)
+            disk_id = child.get(f"{ovf}diskId", "")
+            if disk_id in disk_ids:
+                add(f"disk id {disk_id[:80]!r} is used twice: VirtualBox keeps the last, which a first-wins reader "
+                    "would not")
+            disk_ids.add(disk_id)
+    if len(found) > MAX_AMBIGUITIES:
+        found[MAX_AMBIGUITIES:] = [f"... and {len(found) - MAX_AMBIGUITIES} more such places"]
+    return found
+
+
+def _attribute_problems(element: ET.Element, ns: str, allowed: set[str], extra: tuple[tuple[str, str], ...],
+                        what: str, add: Callable[[str], None]) -> None:
+    """Attributes VirtualBox could read in place of ours (same local name, other namespace) or that we ignore."""
+    for name in element.attrib:
+        ans, local = _local(name)
+        if ans == ns and local in allowed:
+            continue
+        if (local, ans) in extra:
+            continue
+        prefix = {ns: "ovf:", NS_VBOX: "vbox:", "": ""}.get(ans, f"{{{ans}}}")
+        shown = prefix + local
+        if local in allowed:
+            add(f"{what} attribute {shown[:120]!r} shadows ovf:{local}: VirtualBox reads attributes by local name, "
+                "the first one winning")
+        else:
+            add(f"{what} attribute {shown[:120]!r} is not one both readers read the same way "
+                f"(allowed: {', '.join('ovf:' + a for a in sorted(allowed))}"
+                + "".join(f", {'vbox' if n == NS_VBOX else n}:{a}" for a, n in extra) + ")")
 
 
 # -- schema validation ---------------------------------------------------------------------------

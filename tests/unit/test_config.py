@@ -195,3 +195,13 @@ def test_a_problem_shows_the_value_as_yaml_reads_it(tmp_path: Path) -> None:
     text = str(err.value)
     assert "output.build_dir = null:" in text and "vm.cpus = true:" in text
     assert "None" not in text and "True" not in text
+
+
+@pytest.mark.parametrize("how", ["set", "file"])
+def test_cli_binary_value_exits_2_naming_the_key(tmp_path: Path, how: str) -> None:
+    """`!!binary` used to end in a UnicodeDecodeError traceback from model_dump (issue 21)."""
+    (tmp_path / "bin.yaml").write_text("csghub:\n  values:\n    a: !!binary /w==\n")
+    args = ["--set", "csghub.values.a=!!binary /w=="] if how == "set" else ["--config", str(tmp_path / "bin.yaml")]
+    proc = _invoke("config", *args)
+    assert proc.returncode == 2, proc.stderr
+    assert "csghub.values.a" in proc.stderr and "!!binary" in proc.stderr and "Traceback" not in proc.stderr

@@ -6,7 +6,6 @@ on files in a temporary directory.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -26,7 +25,8 @@ from appliance.pipeline import (
     plan_config,
     stage_publish,
 )
-from appliance.state import BuildState, export_digest
+from appliance.state import BuildState
+from tests.staged import stage_verified_ova
 
 
 def _cfg(tmp_path: Path, *sets: str) -> ApplianceConfig:
@@ -120,12 +120,7 @@ def test_stage_outcomes_are_recorded_as_the_stages_report_them(tmp_path: Path) -
 
 
 def _staged(tmp_path: Path, cfg: ApplianceConfig, verified: bool = True) -> BuildContext:
-    ova = tmp_path / "build" / "staging" / "x.ova"
-    ova.parent.mkdir(parents=True)
-    ova.write_bytes(b"not really an ova, but bytes to copy")
-    digest = hashlib.sha256(ova.read_bytes()).hexdigest()
-    state = BuildState(staged_ova=str(ova), staged_ova_sha256=digest, verified_sha256=digest if verified else "",
-                       export_digest=export_digest(cfg))
+    state = stage_verified_ova(cfg, tmp_path / "build" / "staging" / "x.ova", verified=verified)
     return BuildContext(cfg=cfg, options=BuildOptions(), state=state)
 
 

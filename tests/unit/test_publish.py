@@ -23,12 +23,13 @@ import pytest
 
 from appliance import publish
 from appliance.config import ApplianceConfig, load_config
-from appliance.errors import Cancelled, HostFileError, UsageError
+from appliance.errors import Cancelled, HostFileError, UsageError, VerifyError
 from appliance.export.ova import write_ova
 from appliance.pipeline import BuildContext, Stage, StageOutcome, build_ova, stage_publish
 from appliance.publish import PublishedFile, publish_set
 from appliance.run import run
-from appliance.state import BuildState, export_digest
+from appliance.state import BuildState
+from tests.staged import stage_verified_ova
 
 MiB = 2**20
 
@@ -61,15 +62,8 @@ def _cfg(tmp_path: Path, dist: Path, *sets: str) -> ApplianceConfig:
 
 
 def _stage_an_ova(cfg: ApplianceConfig, size: int) -> BuildState:
-    """A verified staged 'OVA' (random bytes: publishing only copies it) recorded in state.json."""
-    staged = cfg.build_dir / "staging" / "csghub-1.0.0.ova"
-    staged.parent.mkdir(parents=True, exist_ok=True)
-    staged.write_bytes(os.urandom(size))
-    digest = hashlib.sha256(staged.read_bytes()).hexdigest()
-    # export_digest: what the real export stage records beside the OVA it wrote.
-    state = BuildState(staged_ova=str(staged), staged_ova_sha256=digest, verified_sha256=digest,
-                       export_digest=export_digest(cfg))
-    return state
+    """A verified staged OVA (a real one, ``size`` random bytes on its disk) recorded in state.json."""
+    return stage_verified_ova(cfg, cfg.build_dir / "staging" / "csghub-1.0.0.ova", size)
 
 
 def _publish_only(cfg: ApplianceConfig, state: BuildState, **options: object) -> BuildContext:
@@ -194,9 +188,29 @@ def test_a_staged_ova_changed_after_verify_is_not_published(tmp_path: Path) -> N
     cfg = _cfg(tmp_path, tmp_path / "dist")
     state = _stage_an_ova(cfg, 4096)
     Path(state.staged_ova).write_bytes(b"tampered")
-    with pytest.raises(HostFileError, match="changed since it was verified"):
+    with pytest.raises(VerifyError, match="does not pass the structural check at publish"):
         _publish_only(cfg, state)
     assert _listing(cfg.dist_dir) == []
+
+
+def test_a_forged_state_does_not_publish(tmp_path: Path) -> None:
+    """Issue 21: a well-typed state.json naming a sound OVA with its real sha256, "verified", but not
+    written by this tool's verify stage (no receipt, or a receipt for other facts), publishes nothing."""
+    cfg = _cfg(tmp_path, tmp_path / "dist")
+    forged = stage_verified_ova(cfg, cfg.build_dir / "staging" / "csghub-1.0.0.ova", verified=False)
+    forged.verified_sha256 = forged.staged_ova_sha256  # what the forger writes
+    forged.verify_report = {"checks": {"boot": "checked"}}
+    for receipt_value in ("", "0" * 64, stage_verified_ova(cfg, tmp_path / "other" / "x.ova").verify_receipt):
+        forged.verify_receipt = receipt_value
+        with pytest.raises(UsageError, match="carries no receipt of this tool's verify stage"):
+            _publish_only(cfg, forged)
+        assert not cfg.dist_dir.exists() or _listing(cfg.dist_dir) == []
+    # The same OVA with the receipt the verify stage issues publishes, and the report says verified.
+    from appliance import receipt
+
+    forged.verify_receipt = receipt.issue(forged.staged_ova_sha256, forged.export_digest, forged.verify_report)
+    _publish_only(cfg, forged)
+    assert json.loads((cfg.dist_dir / "build-report.json").read_text())["ova"]["verified"] is True
 
 
 
@@ -279,13 +293,14 @@ def _cli_publish(tmp_path: Path, dist: Path) -> list[str]:
 
     return [sys.executable, "-m", "invoke", "-r", str(PROJECT_ROOT), "build-ova", "--provider", "libvirt",
             "--only", "publish", "--set", f"output.build_dir={tmp_path / 'build'}", "--set", f"output.dir={dist}",
-            "--set", "output.version=1.0.0"]
+            "--set", "output.version=1.0.0", "--set", "output.vmdk_compression_level=1"]
 
 
 def _stage_for_the_cli(tmp_path: Path, dist: Path, size: int) -> ApplianceConfig:
     from appliance.state import config_digest
 
-    cfg = _cfg(tmp_path, dist)
+    # Level 1: the big, incompressible disks these tests need are written (and re-checked) fastest.
+    cfg = _cfg(tmp_path, dist, "output.vmdk_compression_level=1")
     state = _stage_an_ova(cfg, size)
     state.config_digest = config_digest(cfg)
     state.save(cfg.build_dir)

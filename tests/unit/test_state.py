@@ -89,7 +89,7 @@ def test_unreadable_state_is_refused(tmp_path: Path) -> None:
         BuildState.load(tmp_path)
 
 
-def test_cli_broken_state_exits_1_without_traceback(tmp_path: Path) -> None:
+def test_cli_broken_state_exits_2_without_traceback(tmp_path: Path) -> None:
     build = tmp_path / "build"
     build.mkdir()
     (build / "state.json").write_text('{"version": 1, "sealed": "no"}')
@@ -97,7 +97,7 @@ def test_cli_broken_state_exits_1_without_traceback(tmp_path: Path) -> None:
         [sys.executable, "-m", "invoke", "up", "--provider", "libvirt", "--set", f"output.build_dir={build}"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 2, proc.stderr  # hostile input, as the README says
     assert "state.json is not valid: sealed is 'no'" in proc.stderr and "Traceback" not in proc.stderr
 
 

@@ -19,13 +19,16 @@ on one line, no traceback). The must-accept cases are OVAs laid out as VirtualBo
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
 import tarfile
 import uuid
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +36,29 @@ from pathlib import Path
 import pytest
 
 from appliance.config import PROJECT_ROOT, ApplianceConfig
+from appliance.export import vmdk as vmdk_mod
 from appliance.export.ova import write_ova
+from appliance.export.vmdk import (
+    FLAG_COMPRESSED,
+    FLAG_MARKERS,
+    FLAG_VALID_NEWLINE_TEST,
+    GD_AT_END,
+    GRAIN,
+    GRAIN_SECTORS,
+    GT_BYTES,
+    GT_ENTRIES,
+    MARKER_EOS,
+    MARKER_FOOTER,
+    MARKER_GD,
+    MARKER_GT,
+    SECTOR,
+    descriptor_text,
+    write_stream_vmdk,
+)
 from appliance.run import run
 
 OVF, MF, VMDK = "csghub-test.ovf", "csghub-test.mf", "csghub-test-disk001.vmdk"
+EVIL = "evil.vmdk"  # the unchecked disk an ambiguous OVA smuggles in
 # Absolute paths the archives aim at; none may exist after the run.
 PWNED = f"/tmp/csghub-verify-pwned-{uuid.uuid4().hex[:8]}"
 
@@ -107,6 +129,7 @@ class Parts:
     vmdk: bytes
     ovf20: bytes
     vmdk20: bytes
+    evil: bytes = b""  # a sound streamOptimized VMDK (extent "evil.vmdk") of the same size, other content
 
 
 def sound(p: Parts, ovf: bytes | None = None, vmdk: bytes | None = None, *, vmdk_name: str = VMDK) -> list[Member]:
@@ -409,6 +432,453 @@ def _(p: Parts, d: Path) -> Path:
     return write_tar(d, sound(p, p.ovf.replace(b"</Envelope>", flood + b"</Envelope>")))
 
 
+# -- two readers, two disks (issue 21) ------------------------------------------------------------
+# Each OVA below is sound but for one ambiguity through which VirtualBox 7.2's importer (or QEMU)
+# would take EVIL, an unchecked disk, where our reader takes the checked one. The vbox tier's
+# differential test (tests/vbox/test_vbox_differential.py) imports each with the real VirtualBox
+# and records which disk it got.
+
+FILE_ELEMENT = re.compile(rb"<File [^>]*/>")
+DISK_ELEMENT = re.compile(rb"<Disk [^>]*/>")
+
+
+def evil_file(p: Parts, file_id: str = "file2", extra: str = "") -> bytes:
+    return f'<File {extra}ovf:id="{file_id}" ovf:href="{EVIL}" ovf:size="{len(p.evil)}"/>'.encode()
+
+
+def evil_disk(p: Parts, tag: str = "Disk", extra: str = "") -> bytes:
+    real = DISK_ELEMENT.search(p.ovf)
+    assert real
+    return (real.group(0).replace(b"<Disk ", f"<{tag} {extra}".encode(), 1)
+            .replace(b'ovf:fileRef="file1"', b'ovf:fileRef="file2"'))
+
+
+def ova_of(d: Path, ovf: bytes, files: list[tuple[str, bytes]], manifest: bytes | None = None) -> Path:
+    """The descriptor, a manifest of every member (unless given), then the files in the order given."""
+    listed = mf({OVF: ovf, **dict(files)}) if manifest is None else manifest
+    return write_tar(d, [Member(OVF, ovf), Member(MF, listed), *(Member(n, b) for n, b in files)])
+
+
+def references_plus_evil(p: Parts, ovf: bytes | None = None) -> bytes:
+    """The descriptor with EVIL listed as file2 after the real file."""
+    o = p.ovf if ovf is None else ovf
+    real = FILE_ELEMENT.search(o)
+    assert real
+    return o.replace(real.group(0), real.group(0) + evil_file(p), 1)
+
+
+def before_element(ovf: bytes, end_tag: bytes, insert: bytes) -> bytes:
+    assert end_tag in ovf
+    return ovf.replace(end_tag, insert + end_tag, 1)
+
+
+@case("duplicate-file-id", "File id 'file1' is used twice")
+def _(p: Parts, d: Path) -> Path:
+    real = FILE_ELEMENT.search(p.ovf)
+    assert real
+    o = p.ovf.replace(real.group(0), evil_file(p, "file1") + real.group(0), 1)
+    return ova_of(d, o, [(EVIL, p.evil), (VMDK, p.vmdk)])
+
+
+@case("shadowing-href-foreign-namespace", "File attribute '{urn:x}href' shadows ovf:href")
+def _(p: Parts, d: Path) -> Path:
+    o = p.ovf.replace(b"<File ", f'<File xmlns:x="urn:x" x:href="{EVIL}" '.encode(), 1)
+    return ova_of(d, o, [(VMDK, p.vmdk), (EVIL, p.evil)])
+
+
+@case("shadowing-href-no-namespace", "File attribute 'href' shadows ovf:href")
+def _(p: Parts, d: Path) -> Path:
+    o = p.ovf.replace(b"<File ", f'<File href="{EVIL}" '.encode(), 1)
+    return ova_of(d, o, [(VMDK, p.vmdk), (EVIL, p.evil)])
+
+
+@case("shadowing-id-no-namespace", "File attribute 'id' shadows ovf:id")
+def _(p: Parts, d: Path) -> Path:
+    real = FILE_ELEMENT.search(p.ovf)
+    assert real
+    o = p.ovf.replace(real.group(0), evil_file(p, "file9", 'id="file1" ') + real.group(0), 1)
+    return ova_of(d, o, [(EVIL, p.evil), (VMDK, p.vmdk)])
+
+
+@case("duplicate-disk-id", "disk id 'vmdisk1' is used twice")
+def _(p: Parts, d: Path) -> Path:
+    o = before_element(references_plus_evil(p), b"</DiskSection>", evil_disk(p))
+    return ova_of(d, o, [(VMDK, p.vmdk), (EVIL, p.evil)])
+
+
+@case("disk-in-collection", "a VirtualSystemCollection (in the Envelope)")
+def _(p: Parts, d: Path) -> Path:
+    collection = (b'<VirtualSystemCollection ovf:id="more"><Info>more</Info><DiskSection><Info>disks</Info>'
+                  + evil_disk(p) + b"</DiskSection></VirtualSystemCollection>")
+    o = before_element(references_plus_evil(p), b"</Envelope>", collection)
+    return ova_of(d, o, [(VMDK, p.vmdk), (EVIL, p.evil)])
+
+
+@case("disksection-foreign-namespace", "a DiskSection element outside the OVF namespace")
+def _(p: Parts, d: Path) -> Path:
+    section = (b'<x:DiskSection xmlns:x="urn:x"><x:Info>disks</x:Info>' + evil_disk(p, "x:Disk")
+               + b"</x:DiskSection>")
+    o = references_plus_evil(p)
+    o = o.replace(b"</DiskSection>", b"</DiskSection>" + section, 1)
+    return ova_of(d, o, [(VMDK, p.vmdk), (EVIL, p.evil)])
+
+
+@case("ovf09-disk-section", "an OVF 0.9 <Section> element (in the Envelope)")
+def _(p: Parts, d: Path) -> Path:
+    section = b'<Section xsi:type="ovf:DiskSection_Type"><Info>disks</Info>' + evil_disk(p) + b"</Section>"
+    o = references_plus_evil(p)
+    o = o.replace(b"</DiskSection>", b"</DiskSection>" + section, 1)
+    return ova_of(d, o, [(VMDK, p.vmdk), (EVIL, p.evil)])
+
+
+@case("disk-foreign-namespace", "a Disk element outside the OVF namespace")
+def _(p: Parts, d: Path) -> Path:
+    o = before_element(references_plus_evil(p), b"</DiskSection>", evil_disk(p, "x:Disk", 'xmlns:x="urn:x" '))
+    return ova_of(d, o, [(VMDK, p.vmdk), (EVIL, p.evil)])
+
+
+@case("references-non-file-child", "References holds <Blob>")
+def _(p: Parts, d: Path) -> Path:
+    blob = f'<x:Blob xmlns:x="urn:x" ovf:id="file1" ovf:href="{EVIL}"/>'.encode()
+    o = p.ovf.replace(b"<References>", b"<References>" + blob, 1)
+    return ova_of(d, o, [(EVIL, p.evil), (VMDK, p.vmdk)])
+
+
+@case("two-references", "2 References elements: VirtualBox reads only the first")
+def _(p: Parts, d: Path) -> Path:
+    first = b"<References>" + evil_file(p, "file1") + b"</References>"
+    o = p.ovf.replace(b"<References>", first + b"<References>", 1)
+    return ova_of(d, o, [(EVIL, p.evil), (VMDK, p.vmdk)])
+
+
+@case("gzip-compression", "File attribute 'ovf:compression' is not one both readers read the same way")
+def _(p: Parts, d: Path) -> Path:
+    import gzip
+
+    packed = gzip.compress(p.evil, mtime=0)
+    o = with_disk_attr(p, "size", str(len(packed))).replace(b"<File ", b'<File ovf:compression="gzip" ', 1)
+    return ova_of(d, o, [(VMDK, packed)])
+
+
+@case("chunked-file", "File attribute 'ovf:chunkSize' is not one both readers read the same way")
+def _(p: Parts, d: Path) -> Path:
+    o = p.ovf.replace(b"<File ", b'<File ovf:chunkSize="65536" ', 1)
+    return ova_of(d, o, [(VMDK, p.vmdk)])
+
+
+@case("disk-parent-ref", "Disk attribute 'ovf:parentRef' is not one both readers read the same way")
+def _(p: Parts, d: Path) -> Path:
+    o = p.ovf.replace(b"<Disk ", b'<Disk ovf:parentRef="vmdisk0" ', 1)
+    return ova_of(d, o, [(VMDK, p.vmdk)])
+
+
+@case("empty-manifest", "manifest csghub-test.mf is empty")
+def _(p: Parts, d: Path) -> Path:
+    o = with_disk_attr(p, "size", str(len(p.evil)))
+    return ova_of(d, o, [(VMDK, p.evil)], manifest=b"")
+
+
+@case("whitespace-manifest", "manifest csghub-test.mf is empty")
+def _(p: Parts, d: Path) -> Path:
+    o = with_disk_attr(p, "size", str(len(p.evil)))
+    return ova_of(d, o, [(VMDK, p.evil)], manifest=b" \n\t\n  \n")
+
+
+@case("manifest-without-descriptor", f"tar member {OVF!r} has no digest in the manifest")
+def _(p: Parts, d: Path) -> Path:
+    return ova_of(d, p.ovf, [(VMDK, p.vmdk)], manifest=mf({VMDK: p.vmdk}))
+
+
+@case("hex-size", "is not a decimal number of at most 20 digits")
+def _(p: Parts, d: Path) -> Path:
+    return ova_of(d, with_disk_attr(p, "size", hex(len(p.vmdk))), [(VMDK, p.vmdk)])
+
+
+@case("octal-capacity", "disk capacity '067108864' is not a decimal number")
+def _(p: Parts, d: Path) -> Path:
+    return ova_of(d, with_disk_attr(p, "capacity", "067108864"), [(VMDK, p.vmdk)])
+
+
+@case("case-twin-member", "differ only in case")
+def _(p: Parts, d: Path) -> Path:
+    return ova_of(d, p.ovf, [(VMDK.upper(), p.evil), (VMDK, p.vmdk)])
+
+
+@case("href-looks-like-a-manifest", "differs from the descriptor's or manifest's name only in case")
+def _(p: Parts, d: Path) -> Path:
+    # Before the real manifest, VirtualBox reads this empty one as the manifest (base name matched
+    # without case, first one wins): no digest is checked.
+    shadow = "csghub-test.MF"
+    o = references_plus_evil(p).replace(f'ovf:href="{EVIL}" ovf:size="{len(p.evil)}"'.encode(),
+                                        f'ovf:href="{shadow}" ovf:size="0"'.encode())
+    return ova_of(d, o, [(VMDK, p.vmdk), (shadow, b"")])
+
+
+@case("href-looks-like-a-signature", "VirtualBox reads a member ending in .ovf, .mf or .cert")
+def _(p: Parts, d: Path) -> Path:
+    shadow = "csghub-test.cert"
+    o = references_plus_evil(p).replace(f'ovf:href="{EVIL}" ovf:size="{len(p.evil)}"'.encode(),
+                                        f'ovf:href="{shadow}" ovf:size="4"'.encode())
+    return ova_of(d, o, [(VMDK, p.vmdk), (shadow, b"sig\n")])
+
+
+@case("href-with-parentheses", "a manifest line 'SHA256(name)= hex' cannot hold it unambiguously")
+def _(p: Parts, d: Path) -> Path:
+    name = "disk(1).vmdk"
+    return ova_of(d, with_href(p, name), [(name, p.vmdk)])
+
+
+# -- VMDKs two readers read differently (issue 21) ------------------------------------------------
+# VirtualBox's OVA import reads a streamOptimized VMDK by its markers, in stream order; QEMU by the
+# footer's grain directory and the grain tables. Each VMDK below is laid out as our writer (and
+# VirtualBox) lays it out, header and descriptor padded to a whole grain, except for the one
+# thing the case is about.
+
+GOOD_GRAIN = b"GOOD" * (GRAIN // 4)
+EVIL_GRAIN = b"EVIL" * (GRAIN // 4)
+CAPACITY = 64 << 20
+
+
+@dataclass
+class VmdkLayout:
+    """A streamOptimized VMDK before serialisation; cases change fields, ``bytes()`` writes it."""
+
+    grains: list[tuple[int, bytes]]  # (LBA, the 64 KiB grain), in stream order
+    capacity: int = CAPACITY // SECTOR  # sectors (header and footer)
+    descriptor: bytes = b""
+    flags: int = FLAG_VALID_NEWLINE_TEST | FLAG_COMPRESSED | FLAG_MARKERS
+    header_gd: int = GD_AT_END
+    tables: dict[int, list[int]] | None = None  # None: made from the grains; else index -> 512 entries
+    directory: list[int] | None = None  # None: made from the tables
+    footer_gd: int | None = None
+    inflated_size: int = GRAIN  # how much of each grain is deflated (a short grain below GRAIN)
+    extra_marker: bytes = b""  # a metadata marker (and data) written right before the grain directory
+    tail: bytes = b""  # bytes after the end-of-stream marker
+
+    def serialize(self, name: str = VMDK) -> bytes:
+        desc = self.descriptor or descriptor_text(name, self.capacity)
+        desc_sectors = -(-len(desc) // SECTOR)
+        overhead = vmdk_mod._overhead(desc_sectors)
+
+        def header(gd: int) -> bytes:
+            raw = bytearray(vmdk_mod._header(self.capacity, desc_sectors, gd))
+            raw[8:12] = struct.pack("<I", self.flags)
+            return bytes(raw)
+
+        out = bytearray(header(self.header_gd) + desc.ljust((overhead - 1) * SECTOR, b"\0"))
+        made: dict[int, list[int]] = {}
+        span = GRAIN_SECTORS * GT_ENTRIES
+        places: dict[int, int] = {}  # table index -> the sector its entries are written at
+        for number, (lba, grain) in enumerate(self.grains):
+            index = lba // span
+            made.setdefault(index, [0] * GT_ENTRIES)[(lba // GRAIN_SECTORS) % GT_ENTRIES] = len(out) // SECTOR
+            out += vmdk_mod._grain_record(lba, zlib.compress(grain[:self.inflated_size]))
+            if number + 1 == len(self.grains) or self.grains[number + 1][0] // span != index:
+                out += vmdk_mod._marker(GT_BYTES // SECTOR, MARKER_GT)  # the table after its span's grains
+                places[index] = len(out) // SECTOR
+                out += bytes(GT_BYTES)
+        for index, entries in (made if self.tables is None else self.tables).items():
+            at = places[index] * SECTOR
+            out[at:at + GT_BYTES] = struct.pack(f"<{GT_ENTRIES}I", *entries)
+        out += self.extra_marker
+        gd_entries = -(-self.capacity // span)
+        directory = self.directory if self.directory is not None else [places.get(i, 0) for i in range(gd_entries)]
+        gd_sectors = -(-gd_entries * 4 // SECTOR)
+        out += vmdk_mod._marker(gd_sectors, MARKER_GD)
+        gd_at = len(out) // SECTOR
+        out += struct.pack(f"<{gd_entries}I", *directory).ljust(gd_sectors * SECTOR, b"\0")
+        out += vmdk_mod._marker(1, MARKER_FOOTER) + header(gd_at if self.footer_gd is None else self.footer_gd)
+        out += vmdk_mod._marker(0, MARKER_EOS) + self.tail
+        return bytes(out)
+
+
+def two_grains() -> VmdkLayout:
+    return VmdkLayout([(0, GOOD_GRAIN), (GRAIN_SECTORS, EVIL_GRAIN)])
+
+
+def sound_table(layout: VmdkLayout) -> list[int]:
+    """The first grain table of ``layout`` as the writer makes it."""
+    sound = layout.serialize()
+    at = sound.index(vmdk_mod._marker(GT_BYTES // SECTOR, MARKER_GT)) + SECTOR
+    return list(struct.unpack_from(f"<{GT_ENTRIES}I", sound, at))
+
+
+def vmdk_case(case_id: str, expected: str) -> Callable[[Callable[[], bytes]], Callable[[], bytes]]:
+    """A case whose OVA is sound around the VMDK the function returns (size, capacity, manifest)."""
+    def add(make: Callable[[], bytes]) -> Callable[[], bytes]:
+        def build(p: Parts, d: Path) -> Path:
+            disk = make()
+            return ova_of(d, with_disk_attr(p, "size", str(len(disk))), [(VMDK, disk)])
+        CASES.append((case_id, build, expected))
+        VMDK_CASES[case_id] = make
+        return make
+    return add
+
+
+VMDK_CASES: dict[str, Callable[[], bytes]] = {}
+
+
+@vmdk_case("vmdk-grain-table-marker-split", "disagree (QEMU reads through the table, VirtualBox the markers)")
+def _() -> bytes:
+    layout = two_grains()
+    table = sound_table(layout)
+    table[0], table[1] = table[1], table[0]  # QEMU reads EVIL at LBA 0 and GOOD at 128, VirtualBox the reverse
+    layout.tables = {0: table}
+    return layout.serialize()
+
+
+@vmdk_case("vmdk-directory-past-eof", "grain directory at byte")
+def _() -> bytes:
+    layout = two_grains()
+    layout.directory = [1 << 30] + [0] * (CAPACITY // (GRAIN * GT_ENTRIES) - 1)
+    return layout.serialize()
+
+
+@vmdk_case("vmdk-capacity-zero-fifo", "capacity 0; QEMU then opens the extents")
+def _() -> bytes:
+    layout = two_grains()
+    layout.capacity = 0
+    layout.descriptor = (b'# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\n'
+                         b'createType="monolithicFlat"\n' + f'RW 131072 FLAT "{PWNED}.fifo" 0\n'.encode())
+    return layout.serialize()
+
+
+@vmdk_case("vmdk-extent-names-host-file", "names the extent '/etc/passwd', not the file itself")
+def _() -> bytes:
+    layout = two_grains()
+    layout.descriptor = descriptor_text(VMDK, CAPACITY // SECTOR).replace(f'"{VMDK}"'.encode(), b'"/etc/passwd"')
+    return layout.serialize()
+
+
+@vmdk_case("vmdk-two-extents", "names 2 extents; one, the file itself, is allowed")
+def _() -> bytes:
+    layout = two_grains()
+    text = descriptor_text(VMDK, CAPACITY // SECTOR)
+    line = f'RW {CAPACITY // SECTOR} SPARSE "{VMDK}"\n'.encode()
+    layout.descriptor = text.replace(line, line + line)
+    return layout.serialize()
+
+
+@vmdk_case("vmdk-flat-extent", "names an extent other than one SPARSE file")
+def _() -> bytes:
+    layout = two_grains()
+    text = descriptor_text(VMDK, CAPACITY // SECTOR)
+    line = f'RW {CAPACITY // SECTOR} SPARSE "{VMDK}"\n'.encode()
+    layout.descriptor = text.replace(line, line + b'RW 128 FLAT "/etc/shadow" 0\n')
+    return layout.serialize()
+
+
+@vmdk_case("vmdk-parent-file-hint", "names a parent file '/etc/passwd'")
+def _() -> bytes:
+    layout = two_grains()
+    layout.descriptor = descriptor_text(VMDK, CAPACITY // SECTOR).replace(
+        b"parentCID=ffffffff\n", b'parentCID=ffffffff\nparentFileNameHint="/etc/passwd"\n')
+    return layout.serialize()
+
+
+@vmdk_case("vmdk-parent-cid", "names a parent disk (parentCID=12345678)")
+def _() -> bytes:
+    layout = two_grains()
+    layout.descriptor = descriptor_text(VMDK, CAPACITY // SECTOR).replace(b"parentCID=ffffffff",
+                                                                          b"parentCID=12345678")
+    return layout.serialize()
+
+
+@vmdk_case("vmdk-grains-out-of-order", "grains must come in increasing order")
+def _() -> bytes:
+    return VmdkLayout([(GRAIN_SECTORS, EVIL_GRAIN), (0, GOOD_GRAIN)]).serialize()
+
+
+@vmdk_case("vmdk-grain-not-in-table", "disagree (QEMU reads through the table, VirtualBox the markers)")
+def _() -> bytes:
+    layout = two_grains()
+    table = sound_table(layout)
+    table[1] = 0  # VirtualBox writes EVIL at LBA 128, QEMU reads zeros there
+    layout.tables = {0: table}
+    return layout.serialize()
+
+
+@vmdk_case("vmdk-table-points-at-descriptor", "disagree (QEMU reads through the table, VirtualBox the markers)")
+def _() -> bytes:
+    layout = two_grains()
+    table = sound_table(layout)
+    table[2] = 1  # a grain QEMU would read from the descriptor's sector
+    layout.tables = {0: table}
+    return layout.serialize()
+
+
+@vmdk_case("vmdk-footer-names-another-directory", "the grain directory is at sector")
+def _() -> bytes:
+    layout = two_grains()
+    layout.footer_gd = 3
+    return layout.serialize()
+
+
+@vmdk_case("vmdk-short-grain", "is not exactly one deflated 65536-byte grain")
+def _() -> bytes:
+    layout = two_grains()
+    layout.inflated_size = 4096
+    return layout.serialize()
+
+
+@vmdk_case("vmdk-bytes-after-end", "bytes after the end-of-stream marker")
+def _() -> bytes:
+    layout = two_grains()
+    layout.tail = vmdk_mod._grain_record(2 * GRAIN_SECTORS, zlib.compress(EVIL_GRAIN))
+    return layout.serialize()
+
+
+@vmdk_case("vmdk-unknown-marker", "unknown marker type 4")
+def _() -> bytes:
+    layout = two_grains()
+    layout.extra_marker = vmdk_mod._marker(1, 4) + bytes(SECTOR)
+    return layout.serialize()
+
+
+@vmdk_case("vmdk-grain-beyond-capacity", "is not a grain inside the capacity")
+def _() -> bytes:
+    return VmdkLayout([(0, GOOD_GRAIN), (CAPACITY // SECTOR, EVIL_GRAIN)]).serialize()
+
+
+@vmdk_case("vmdk-header-directory-into-descriptor", "and the grain tables disagree")
+def _() -> bytes:
+    # A grain directory "in the header" (QEMU's layout) that is really the descriptor's text.
+    layout = two_grains()
+    layout.header_gd = 3
+    return layout.serialize()
+
+
+@vmdk_case("vmdk-zeroed-grain-table-flag", "flags 0x30005")
+def _() -> bytes:
+    layout = two_grains()
+    layout.flags |= 1 << 2
+    return layout.serialize()
+
+
+@vmdk_case("vmdk-descriptor-capacity-differs", "extent has 262144 sectors, the header 131072")
+def _() -> bytes:
+    layout = two_grains()
+    layout.descriptor = descriptor_text(VMDK, 2 * CAPACITY // SECTOR)
+    return layout.serialize()
+
+
+def test_the_vmdk_builder_makes_what_both_readers_accept(tmp_path: Path) -> None:
+    """The crafted VMDKs differ from a sound one only in their case: the sound one passes the walk
+    and qemu-img reads GOOD then EVIL from it."""
+    from appliance.verify_vmdk import raw_content_digest, walk_stream_vmdk
+
+    disk = tmp_path / VMDK
+    disk.write_bytes(two_grains().serialize())
+    walk = walk_stream_vmdk(disk, VMDK)
+    assert walk.problems == [] and walk.grains == 2 and walk.capacity == CAPACITY
+    raw = tmp_path / "disk.raw"
+    run(["qemu-img", "convert", "-f", "vmdk", "-O", "raw", str(disk), str(raw)])
+    data = raw.read_bytes()
+    assert data[:GRAIN] == GOOD_GRAIN and data[GRAIN:2 * GRAIN] == EVIL_GRAIN and not any(data[2 * GRAIN:])
+    with raw.open("rb") as f:
+        assert raw_content_digest(f, CAPACITY) == walk.content_digest
+
+
 def virtualbox_ovf20_dialect(ovf20: bytes) -> bytes:
     """Our OVF 2.0 descriptor as VirtualBox writes OVF 2.0: sasd/epasd namespaces with a '.xsd' suffix,
     Items without ElementName, the EthernetPortItem after the StorageItem (../shared/ovf/README.md)."""
@@ -480,7 +950,13 @@ def parts(built_ova: Path, small_disk: Path, make_cfg: Callable[..., ApplianceCo
                     tmp_path_factory.mktemp("ovf20") / "csghub-test.ova")
     with tarfile.open(two.path) as tar:
         got20 = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
-    return Parts(got[OVF], got[VMDK], got20[OVF], got20[VMDK])
+    raw = tmp_path_factory.mktemp("evil") / "evil.raw"
+    with raw.open("wb") as f:
+        f.truncate(64 << 20)
+        f.write(b"EVIL" * 128 * 64)  # the first 32 KiB: what a swapped disk would boot
+    evil = io.BytesIO()
+    write_stream_vmdk(raw, evil, name=EVIL)
+    return Parts(got[OVF], got[VMDK], got20[OVF], got20[VMDK], evil.getvalue())
 
 
 @pytest.fixture(scope="session")
@@ -575,19 +1051,6 @@ def test_invoke_verify_ova_exits_1_with_a_one_line_reason(parts: Parts, tmp_path
     assert list((tmp_path / "work").iterdir()) == []
 
 
-def test_a_vmdk_with_a_parent_disk_is_refused(tmp_path: Path, small_disk: Path) -> None:
-    """qemu-img would open the named parent on this host: the disk check refuses it (and checks KDMV)."""
-    from appliance.verify_ova import Findings, _check_disk
-
-    child = tmp_path / "child.vmdk"
-    base = tmp_path / "base.vmdk"
-    run(["qemu-img", "create", "-q", "-f", "vmdk", str(base), "64M"])
-    run(["qemu-img", "create", "-q", "-f", "vmdk", "-F", "vmdk", "-b", str(base), str(child)])
-    findings = Findings()
-    _check_disk(VMDK, child, 64 << 20, findings)
-    assert any("names a parent disk" in f for f in findings), findings
-
-
 def test_disks_are_copied_only_into_room_that_exists_and_a_bad_copy_is_deleted(
     parts: Parts, tmp_path: Path, ovf_schema_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -614,4 +1077,80 @@ def test_disks_are_copied_only_into_room_that_exists_and_a_bad_copy_is_deleted(
     monkeypatch.setattr(module.shutil, "disk_usage", lambda _: Usage())
     result = module.check_structure(good, work, ovf_schema_dir)
     assert any(f.startswith("the disks need") and "which has 10485760 free" in f for f in result.findings)
+    assert list(work.iterdir()) == []
+
+
+def test_publish_recheck_walks_disks_in_place(parts: Parts, tmp_path: Path, ovf_schema_dir: Path) -> None:
+    """check_structure(extract=False), publish's re-check: nothing is copied, and each disk's walk
+    inside the archive finds what the walk of the extracted copy finds."""
+    from appliance.verify_ova import check_structure
+
+    work = tmp_path / "work"
+    work.mkdir()
+    good = write_tar(tmp_path / "good.ova", sound(parts))
+    copied = check_structure(good, work, ovf_schema_dir)
+    for p in work.iterdir():
+        p.unlink()
+    in_place = check_structure(good, work, ovf_schema_dir, extract=False)
+    assert in_place.findings == [] and list(work.iterdir()) == []
+    assert copied.disk_content[VMDK] and in_place.disk_content == {}  # the layout only: nothing inflated
+    split = next(c[1] for c in CASES if c[0] == "vmdk-grain-table-marker-split")
+    refused = check_structure(split(parts, tmp_path / "split.ova"), work, ovf_schema_dir, extract=False)
+    assert any("disagree" in f for f in refused.findings), refused.findings
+
+
+def test_qemu_imgs_own_stream_layout_is_read_and_checked(tmp_path: Path) -> None:
+    """`qemu-img convert -o subformat=streamOptimized` (the export's fallback writer) keeps the grain
+    directory and tables, and their redundant copies, in the header area: the walk reads that
+    layout too, says what qemu-img reads, and refuses it when tables and markers disagree."""
+    from appliance.verify_vmdk import raw_content_digest, walk_stream_vmdk
+
+    raw = tmp_path / "disk.raw"
+    with raw.open("wb") as f:
+        f.truncate(3 * GRAIN * GT_ENTRIES + 3 * SECTOR)  # three tables' spans and a partial last grain
+        for offset, data in ((0, GOOD_GRAIN), (GRAIN, EVIL_GRAIN), (GRAIN * GT_ENTRIES + 7, b"x" * 999)):
+            f.seek(offset)
+            f.write(data)
+        f.seek(3 * GRAIN * GT_ENTRIES + 3 * SECTOR - 5)
+        f.write(b"last!")
+    disk = tmp_path / "q.vmdk"
+    run(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", str(raw), str(disk)])
+    walk = walk_stream_vmdk(disk, "q.vmdk")
+    assert walk.problems == [] and walk.grain_tables >= 2
+    back = tmp_path / "back.raw"
+    run(["qemu-img", "convert", "-f", "vmdk", "-O", "raw", str(disk), str(back)])
+    with back.open("rb") as f:
+        assert raw_content_digest(f, walk.capacity) == walk.content_digest
+    # Swap the first two entries of the first grain table: QEMU would read EVIL first.
+    data = bytearray(disk.read_bytes())
+    header = struct.unpack_from("<IIIQQQQIQQQ", data)
+    table = struct.unpack_from("<I", data, header[9] * SECTOR)[0] * SECTOR
+    first, second = struct.unpack_from("<II", data, table)
+    struct.pack_into("<II", data, table, second, first)
+    disk.write_bytes(bytes(data))
+    problems = walk_stream_vmdk(disk, "q.vmdk").problems
+    assert any("redundant grain directory and tables differ" in p or "disagree" in p for p in problems), problems
+
+
+def test_a_vmdk_naming_a_host_fifo_is_refused_at_once(parts: Parts, tmp_path: Path, ovf_schema_dir: Path) -> None:
+    """Capacity 0 and an embedded descriptor naming a FIFO that exists on this host: qemu-img used to
+    open it and stall (120 s, a temporary disk1.vmdk left when killed); now nothing opens it."""
+    import time
+
+    from appliance.verify_ova import check_structure
+
+    fifo = tmp_path / "host.fifo"
+    os.mkfifo(fifo)
+    layout = two_grains()
+    layout.capacity = 0
+    layout.descriptor = (b'# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\n'
+                         b'createType="monolithicFlat"\n' + f'RW 131072 FLAT "{fifo}" 0\n'.encode())
+    disk = layout.serialize()
+    ova = ova_of(tmp_path / "fifo.ova", with_disk_attr(parts, "size", str(len(disk))), [(VMDK, disk)])
+    work = tmp_path / "work"
+    work.mkdir()
+    started = time.monotonic()
+    result = check_structure(ova, work, ovf_schema_dir)
+    assert time.monotonic() - started < 2
+    assert any("capacity 0; QEMU then opens the extents" in f for f in result.findings), result.findings
     assert list(work.iterdir()) == []
