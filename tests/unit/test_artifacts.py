@@ -301,7 +301,11 @@ def test_guest_uploads_name_the_cached_files_and_manifests(tmp_path: Path) -> No
     # The image set (appliance/images.py writes it before provisioning) travels with the manifests.
     images = tmp_path / "build" / "manifests" / "images.txt"
     assert uploads[images] == "/var/cache/csghub-appliance/manifests/images.txt"
-    assert len(uploads) == 6
+    # Only CSGHub's own pods reach its password-less Redis (issue 19): the policy travels too.
+    policy = tmp_path / "build" / "manifests" / "csghub-redis-policy.yaml"
+    assert uploads[policy] == "/var/cache/csghub-appliance/manifests/csghub-redis-policy.yaml"
+    assert yaml.safe_load(policy.read_text())["kind"] == "NetworkPolicy"
+    assert len(uploads) == 7
 
 
 def test_default_lock_names_the_default_versions() -> None:
