@@ -407,6 +407,35 @@ def image_list_text(entries: Sequence[ImageEntry], pins: Mapping[str, str] | Non
     return "".join(f"{e.name} {pins[e.name]}\n" if e.name in pins else f"{e.name}\n" for e in entries)
 
 
+_IMAGE_LIST_LINE = re.compile(r"([\x21-\x7e]+)(?: (sha256:[0-9a-f]{64}))?")
+
+
+def parse_image_list(text: str, source: str = "images.txt") -> list[tuple[str, str | None]]:
+    """``images.txt`` -> ``[(NAME, DIGEST or None)]`` in file order: one ``NAME`` or ``NAME DIGEST`` per line.
+
+    The one reading of the declared set on the build host; ``read_image_set`` in
+    provision/files/csghub/lib.sh is its exact mirror on the guest (tests/unit/test_images.py feeds
+    both the same lines). Blank lines are skipped; any other shape (a third field, a digest that is
+    not ``sha256:`` and 64 lower-case hex digits, tabs, surrounding spaces, a character outside printable
+    ASCII) or a name listed twice is refused, naming the line.
+    """
+    entries: list[tuple[str, str | None]] = []
+    seen: set[str] = set()
+    hint = "the build host writes it (appliance/images.py): `invoke provision` writes it again"
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line:
+            continue
+        match = _IMAGE_LIST_LINE.fullmatch(line)
+        if not match:
+            raise ImageError(f"{source} line {number} is not `NAME` or `NAME sha256:DIGEST`: {line[:200]!r}",
+                             hint=hint)
+        if match.group(1) in seen:
+            raise ImageError(f"{source} line {number} lists {match.group(1)} a second time", hint=hint)
+        seen.add(match.group(1))
+        entries.append((match.group(1), match.group(2)))
+    return entries
+
+
 # -- rendering the chart ------------------------------------------------------------------------------
 
 
@@ -573,3 +602,29 @@ def pin_recorded_images(cfg: ApplianceConfig, lock_path: Path | None = None) -> 
         log.success(f"pinned {changed} image digest(s) of chart {cfg.csghub.chart_version} in the version lock")
     else:
         log.info(f"the version lock already pins the {len(stored)} image digests the last build recorded")
+
+
+def record_stored_images(session: RemoteSession, declared_list: Path,
+                         stored_path: str = GUEST_STORED_LIST) -> list[dict[str, str]]:
+    """The guest's record of the images it stored, checked against the declared set the build uploaded.
+
+    Every declared image must be in the record, and one whose digest the version lock pinned must
+    carry that digest (the guest step already refused a moved tag; this catches a record left by
+    an older run). Raises :class:`VerifyError` naming the images that do not match.
+    """
+    from appliance.errors import VerifyError
+
+    stored = read_stored_images(session, stored_path)
+    declared = (parse_image_list(declared_list.read_text(encoding="utf-8"), str(declared_list))
+                if declared_list.is_file() else [])
+    hint = "run `invoke provision --only csghub` again"
+    lacking = unrecorded([name for name, _ in declared], stored)
+    if lacking:
+        raise VerifyError(f"the guest recorded no digest for {len(lacking)} declared image(s)", lacking, hint=hint)
+    recorded = {image["name"]: image["digest"] for image in stored}
+    moved = [f"{name}: recorded {recorded[name]}, pinned {digest}"
+             for name, digest in declared if digest is not None and recorded[name] != digest]
+    if moved:
+        raise VerifyError(f"the guest recorded another digest than the version lock pins for {len(moved)} image(s)",
+                          moved, hint=hint)
+    return stored

@@ -145,11 +145,12 @@ not_kube_system=--field-selector=metadata.namespace!=kube-system
 stored_images() {
     /usr/local/bin/k3s ctr -n k8s.io images ls -q
 }
-# A line is "NAME" or "NAME DIGEST" (the digest `invoke lock` pinned for it).
+# A line is "NAME" or "NAME DIGEST" (the digest `invoke lock` pinned for it), read by the same
+# rule as the build host reads it back (read_image_set, lib.sh).
 declare -A pinned_digest=()
 wanted=()
-image_lines=$(sort -u "$IMAGE_SET")
-while read -r name digest _; do
+image_lines=$(read_image_set "$IMAGE_SET") || die "$IMAGE_SET is malformed (see above; the build host writes it: appliance/images.py)"
+while read -r name digest; do
     [[ -n "$name" ]] || continue
     wanted+=("$name")
     [[ -z "${digest:-}" ]] || pinned_digest[$name]=$digest

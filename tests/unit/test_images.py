@@ -21,11 +21,13 @@ import yaml
 
 from appliance.config import PROJECT_ROOT, ApplianceConfig
 from appliance.images import (
+    ImageEntry,
     ImageError,
     helm_template,
     image_list_text,
     image_set,
     normalize_image,
+    parse_image_list,
     parse_stored_images,
     rendered_images,
     runtime_images,
@@ -336,6 +338,60 @@ def test_fetch_helm_verifies_and_unpacks_the_pinned_release(
     monkeypatch.setenv("APPLIANCE_HELM", str(tmp_path / "nothing"))
     with pytest.raises(ArtifactError, match="not an executable"):
         fetch_helm(cfg, lock_path=lock)
+
+
+# -- images.txt: one reading on the host, its mirror on the guest ---------------------------------------------
+
+PIN = "sha256:" + "e" * 64
+IMAGE_LISTS = [
+    "docker.io/library/busybox:latest\n",
+    f"docker.io/library/busybox:latest\n\ndocker.io/library/redis:7.4.9 {PIN}\n",
+    f"docker.io/library/redis:7.4.9 {PIN}",  # no final newline
+    "",
+    # Refused, each naming its line:
+    f"a\nb {PIN} extra\n",
+    "a sha256:short\n",
+    f"a SHA256:{'E' * 64}\n",
+    f"a  {PIN}\n",
+    f"a\t{PIN}\n",
+    " a\n",
+    "a \n",
+    "a\r\n",
+    "caf\u00e9:1\n",
+    "a\na\n",
+    f"a\nb\na {PIN}\n",
+]
+
+
+def bash_read_image_set(path: Path) -> tuple[int, list[str], str]:
+    proc = subprocess.run(["bash", "-c", f'. {shlex.quote(str(LIB))}; read_image_set "$1"', "_", str(path)],
+                          capture_output=True, text=True, check=False, env={"PATH": os.environ["PATH"]})
+    return proc.returncode, proc.stdout.splitlines(), proc.stderr
+
+
+@pytest.mark.parametrize("text", IMAGE_LISTS)
+def test_host_and_guest_read_images_txt_alike(text: str, tmp_path: Path) -> None:
+    """parse_image_list (host) and read_image_set (guest, lib.sh) accept and refuse the same lines."""
+    path = tmp_path / "images.txt"
+    path.write_bytes(text.encode())
+    rc, lines, err = bash_read_image_set(path)
+    try:
+        entries = parse_image_list(text, str(path))
+    except ImageError as exc:
+        line = str(exc).split(" line ", 1)[1].split(" ", 1)[0]
+        assert rc == 1 and f"{path} line {line} " in err, (str(exc), err)
+        return
+    assert rc == 0, err
+    assert [" ".join(filter(None, entry)) for entry in entries] == lines
+    assert entries == [(ln.split(" ")[0], ln.split(" ")[1] if " " in ln else None) for ln in lines]
+
+
+def test_images_txt_as_the_build_writes_it_reads_back_with_its_pins() -> None:
+    entries = [ImageEntry("docker.io/library/busybox:latest", ("busybox",)),
+               ImageEntry("docker.io/library/redis:7.4.9", ("redis:7.4.9",))]
+    text = image_list_text(entries, {"docker.io/library/redis:7.4.9": PIN})
+    assert parse_image_list(text) == [("docker.io/library/busybox:latest", None),
+                                      ("docker.io/library/redis:7.4.9", PIN)]
 
 
 # -- the guest's record, read back for the build report ------------------------------------------------------

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -179,9 +180,9 @@ def gateway() -> Iterator[int]:
 
 
 @pytest.fixture(scope="module")
-def git_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+def git_sshd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A real OpenSSH server standing in for gitlab-shell behind the git SSH NodePort (the gate
-    reads its banner)."""
+    reads its banner); the build's read-back of the image record talks to it as to the guest."""
     import sys
 
     sys.path.insert(0, str(PROJECT_ROOT / "tests" / "ssh"))
@@ -192,9 +193,14 @@ def git_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
     try:
-        yield server.port
+        yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def git_sshd(git_sshd_server: Any) -> int:
+    return int(git_sshd_server.port)
 
 
 def csghub_step_in_namespace(tmp_path: Path, port: int, runs: int, image_list: list[str],
@@ -397,6 +403,38 @@ def test_csghub_step_checks_digests_the_version_lock_pins(tmp_path: Path, gatewa
     assert f"  {moved}: stored {stand_in_digest(moved)}, the version lock pins sha256:{'0' * 64}" in err
     assert kept + ":" not in err
     assert "1 image(s) differ from the version lock" in err
+
+
+def test_a_pinned_build_records_its_images_and_passes(tmp_path: Path, gateway: int, git_sshd_server: Any) -> None:
+    """`invoke lock` pinned digests for the stand-in images: images.txt carries `NAME DIGEST` lines, the
+    guest step accepts them, and the build host's read-back (over a real SSH session) passes."""
+    import hashlib
+
+    from appliance.artifacts import LOCK_FILE, read_lock, write_lock
+    from appliance.images import ImageEntry, image_list_text, locked_image_digests, record_stored_images
+
+    def stand_in_digest(name: str) -> str:  # what tests/data/fake_k3s.py reports for a stored image
+        return "sha256:" + hashlib.sha256(name.encode()).hexdigest()
+
+    kept, pulled = "docker.io/opencsghq/csghub-portal:v2.4.0-ce", "docker.io/library/redis:7.4.9"
+    unpinned = "docker.io/library/busybox:latest"
+    lock = read_lock(LOCK_FILE)
+    lock["images"] = {"2.4.0": {kept: stand_in_digest(kept), pulled: stand_in_digest(pulled)}}
+    write_lock(lock, tmp_path / "versions.lock.yaml")
+    pins = locked_image_digests(read_lock(tmp_path / "versions.lock.yaml"), "2.4.0")
+    listed = image_list_text([ImageEntry(name, (name,)) for name in sorted([kept, pulled, unpinned])], pins)
+    assert f"{pulled} {stand_in_digest(pulled)}\n" in listed and f"{unpinned}\n" in listed
+    fake_state(tmp_path, workloads=["Deployment csghub/csghub-portal 1 1"],
+               httproutes=["csghub.localhost", "casdoor.csghub.localhost"],
+               pod_images=["opencsghq/csghub-portal:v2.4.0-ce"], store=[kept], pullable=[pulled, unpinned],
+               **GATE_STATE)
+    ((rc, out, err),) = csghub_step_in_namespace(tmp_path, gateway, 1, listed.splitlines(), git_sshd_server.port)
+    assert rc == 0, out + err
+    assert "ok: all 3 images of the declared set are stored and pinned" in out
+    with git_sshd_server.session(known_hosts=tmp_path / "known_hosts") as session:
+        recorded = record_stored_images(session, tmp_path / "artifacts" / "images.txt",
+                                        str(tmp_path / "out" / "1.images"))
+    assert recorded == [{"name": n, "digest": stand_in_digest(n)} for n in sorted([kept, pulled, unpinned])]
 
 
 # -- the k3s step, against stand-ins for k3s, systemd and ip ------------------------------------

@@ -34,6 +34,30 @@ normalize_image() {
     fi
 }
 
+# read_image_set FILE: the declared image set (images.txt, written by the build host), checked
+# line by line and printed back as it was: "NAME" or "NAME DIGEST" per line (DIGEST: sha256: and
+# 64 lower-case hex digits, pinned by `invoke lock`), blank lines skipped. The exact mirror of
+# appliance/images.py's parse_image_list (tests/unit/test_images.py feeds both the same lines): any
+# other shape, or a name listed twice, prints the line's number on stderr and returns 1.
+read_image_set() {
+    local LC_ALL=C file=$1 line number=0
+    local -A seen=()
+    while IFS= read -r line || [[ -n "$line" ]]; do
+        number=$((number + 1))
+        [[ -n "$line" ]] || continue
+        if [[ ! "$line" =~ ^([[:graph:]]+)(\ (sha256:[0-9a-f]{64}))?$ ]]; then
+            echo "$file line $number is not \`NAME\` or \`NAME sha256:DIGEST\`: ${line:0:200}" >&2
+            return 1
+        fi
+        if [[ -n "${seen[${BASH_REMATCH[1]}]:-}" ]]; then
+            echo "$file line $number lists ${BASH_REMATCH[1]} a second time" >&2
+            return 1
+        fi
+        seen[${BASH_REMATCH[1]}]=1
+        printf '%s\n' "$line"
+    done <"$file"
+}
+
 # chart_base DOMAIN [USE_TOP]: the base chart 2.4.0 puts sub-hosts under (casdoor.<base>):
 # the domain minus its first label, or the whole domain when it has two labels or USE_TOP=true.
 chart_base() {
