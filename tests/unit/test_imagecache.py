@@ -1,0 +1,285 @@
+"""The image cache against a real registry (Debian's docker-registry, TLS from a test CA) and real containerd.
+
+Images are made here, tiny: an OCI image and a Docker v2 one sharing a base layer, and a multi-arch index.
+Every name is a ``docker.io/...`` name fetched through an ``images.mirrors`` rewrite to the loopback registry,
+so the names stay the chart's while the bytes come from the mirror.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.artifacts import LOCK_FILE, read_lock
+from appliance.config import ApplianceConfig, load_config
+from appliance.imagecache import (
+    ImageFetchError,
+    fetch_images,
+    image_store,
+    lock_images,
+    missing_images,
+    write_archive,
+)
+from appliance.images import helm_template, image_set, locked_image_digests
+from appliance.values import generate_values
+from tests.chart import CHART_DIR
+from tests.containerd import Containerd, containerd_missing
+from tests.registry import Registry, image_blobs, multi_arch_blobs, registry_missing, write_layout
+
+SHARED = {"base/os-release": b"ID=tiny\n"}
+PORTAL = "docker.io/opencsghq/portal:v1"  # OCI manifest, layers: shared + own
+REDIS = "docker.io/library/redis:7"  # Docker v2 schema 2, layers: shared + own
+TOOL = "docker.io/multi/tool:1"  # multi-arch index (amd64 + arm64)
+
+
+def by_index(facts: dict[str, Any]) -> str:
+    """The multi-arch image named by its index digest, as the chart names Knative's images."""
+    return f"docker.io/multi/tool@{facts['index']}"
+
+
+def _skip_unless_tools() -> None:
+    why = registry_missing()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+
+
+def _start(base: Path, user: str | None = None, password: str | None = None) -> Registry:
+    _skip_unless_tools()
+    base.mkdir(parents=True, exist_ok=True)
+    registry = Registry(base, user, password)
+    registry.start()
+    return registry
+
+
+def _fill(registry: Registry, work: Path) -> dict[str, Any]:
+    """Push the three test images; returns facts the tests check against."""
+    portal, portal_blobs = image_blobs([SHARED, {"portal/index.html": b"<h1>portal</h1>\n"}])
+    redis, redis_blobs = image_blobs([SHARED, {"usr/bin/redis": b"redis\n"}])
+    index, index_blobs, amd64 = multi_arch_blobs([{"tool": b"tool\n"}])
+    registry.push_layout(write_layout(work / "portal", portal, portal_blobs), "opencsghq/portal:v1")
+    registry.push_layout(write_layout(work / "redis", redis, redis_blobs), "library/redis:7", docker_v2=True)
+    registry.push_layout(write_layout(work / "tool", index, index_blobs), "multi/tool:1", all_images=True)
+    return {"portal": portal.digest, "index": index.digest, "amd64": amd64.digest, "shared_layer": portal_blobs[2]}
+
+
+def _cfg(tmp: Path, registry: Registry, **extra: str) -> ApplianceConfig:
+    sets = [f"artifacts.cache_dir={tmp / 'cache'}", f"images.ca_dir={registry.ca_dir}",
+            f'images.mirrors={{"docker.io": "{registry.host}"}}', f"output.build_dir={tmp / 'build'}"]
+    return load_config(None, sets + [f"{k}={v}" for k, v in extra.items()], "libvirt", cwd=tmp)
+
+
+def _lock(tmp: Path) -> Path:
+    path = tmp / "versions.lock.yaml"
+    shutil.copy(LOCK_FILE, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Registry, dict[str, Any]]]:
+    base = tmp_path_factory.mktemp("registry")
+    reg = _start(base / "reg")
+    try:
+        yield reg, _fill(reg, base / "images")
+    finally:
+        reg.stop()
+
+
+def _pins(cfg: ApplianceConfig, lock_path: Path, *extra: str) -> list[tuple[str, str | None]]:
+    pins = locked_image_digests(read_lock(lock_path), cfg.csghub.chart_version)
+    return [(name, pins.get(name)) for name in (PORTAL, REDIS, TOOL, *extra)]
+
+
+def test_lock_pins_fetch_shares_layers_and_a_second_fetch_transfers_nothing(
+        tmp_path: Path, registry: tuple[Registry, dict[str, Any]]) -> None:
+    reg, facts = registry
+    cfg = _cfg(tmp_path, reg)
+    lock_path = _lock(tmp_path)
+    lock_images(cfg, [PORTAL, REDIS, TOOL, by_index(facts)], lock_path)
+    lock = read_lock(lock_path)
+    pinned = _pins(cfg, lock_path, by_index(facts))
+    assert dict(pinned)[PORTAL] == facts["portal"]
+    assert dict(pinned)[TOOL] == facts["amd64"]  # the index resolved to linux/amd64 ...
+    assert lock["image_indexes"][cfg.csghub.chart_version][TOOL] == {"index": facts["index"],
+                                                                     "platform": "linux/amd64"}  # ... and recorded
+    assert dict(pinned)[by_index(facts)] == facts["index"]  # named by digest: that digest
+    assert missing_images(cfg, pinned) == [PORTAL, REDIS, TOOL, by_index(facts)]
+
+    images = fetch_images(cfg, pinned)
+    assert [(i.name, i.digest, i.fetched) for i in images] == [(n, d, True) for n, d in pinned]
+    store = image_store(cfg)
+    index = json.loads((store / "index.json").read_text())
+    stored = {m["annotations"]["org.opencontainers.image.ref.name"]: m for m in index["manifests"]}
+    assert {n: m["digest"] for n, m in stored.items()} == dict(pinned)  # the registry's manifests, as served
+    assert stored[REDIS]["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
+    shared = facts["shared_layer"].digest
+    assert (store / "blobs" / "sha256" / shared.split(":")[1]).is_file()
+    blob_files = list((store / "blobs" / "sha256").iterdir())
+    referenced = set()
+    manifests = [m["digest"] for m in index["manifests"]]
+    while manifests:
+        digest = manifests.pop()
+        referenced.add(digest)
+        doc = json.loads((store / "blobs" / "sha256" / digest.split(":")[1]).read_bytes())
+        if "manifests" in doc:  # the index: only its linux/amd64 manifest is kept
+            manifests += [m["digest"] for m in doc["manifests"] if m["platform"]["architecture"] == "amd64"]
+        else:
+            referenced |= {doc["config"]["digest"], *(layer["digest"] for layer in doc["layers"])}
+    assert sorted(f.name for f in blob_files) == sorted(d.split(":")[1] for d in referenced)  # each blob once
+    assert missing_images(cfg, pinned) == []
+
+    def no_network(argv: Any) -> bytes:
+        raise AssertionError(f"a second fetch ran skopeo {argv}")
+
+    again = fetch_images(cfg, pinned, skopeo=no_network)
+    assert [i.fetched for i in again] == [False] * 4
+
+
+def test_a_registry_serving_other_bytes_is_refused_naming_the_image(tmp_path: Path) -> None:
+    reg = _start(tmp_path / "reg")
+    try:
+        facts = _fill(reg, tmp_path / "images")
+        cfg = _cfg(tmp_path, reg)
+        lock_path = _lock(tmp_path)
+        lock_images(cfg, [PORTAL], lock_path)
+        # The registry's stored layer changes under the same digest (same length: only the bytes differ).
+        layer = reg.blob_file(facts["shared_layer"].digest)
+        layer.write_bytes(bytes(b ^ 0xFF for b in layer.read_bytes()))
+        with pytest.raises(ImageFetchError, match=f"fetching {PORTAL}"):
+            fetch_images(cfg, _pins(cfg, lock_path)[:1])
+        # A manifest that is not the pinned one (the tag was pushed again) is refused before any blob moves.
+        other, other_blobs = image_blobs([{"x": b"other\n"}])
+        reg.push_layout(write_layout(tmp_path / "other", other, other_blobs), "opencsghq/portal:v1")
+        manifest = reg.blob_file(facts["portal"])
+        manifest.write_bytes(reg.blob_file(other.digest).read_bytes())
+        with pytest.raises(ImageFetchError, match=f"{PORTAL}: the registry served a manifest with digest "
+                                                  f"{other.digest} for the pinned {facts['portal']}"):
+            fetch_images(cfg, _pins(cfg, lock_path)[:1])
+        assert missing_images(cfg, _pins(cfg, lock_path)[:1]) == [PORTAL]
+    finally:
+        reg.stop()
+
+
+def test_credentials_come_from_the_auth_file_and_appear_nowhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capfd: pytest.CaptureFixture[str]) -> None:
+    password = "s3cret-" + os.urandom(6).hex()
+    reg = _start(tmp_path / "reg", "builder", password)
+    try:
+        _fill(reg, tmp_path / "images")
+        cfg = _cfg(tmp_path, reg)
+        lock_path = _lock(tmp_path)
+        with pytest.raises(ImageFetchError, match=f"resolving {PORTAL}"):  # no credentials: refused
+            lock_images(cfg, [PORTAL], lock_path)
+        auth = tmp_path / "home" / "auth.json"
+        auth.parent.mkdir()
+        import base64
+
+        token = base64.b64encode(f"builder:{password}".encode()).decode()
+        auth.write_text(json.dumps({"auths": {reg.host: {"auth": token}}}))
+        monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth))
+        lock_images(cfg, [PORTAL, REDIS], lock_path)
+        fetch_images(cfg, _pins(cfg, lock_path)[:2])
+        write_archive(image_store(cfg), [(n, d) for n, d in _pins(cfg, lock_path)[:2] if d], tmp_path / "out.tar")
+    finally:
+        reg.stop()
+    out, err = capfd.readouterr()
+    for secret in (password, token):
+        assert secret not in out + err
+        for root in (tmp_path / "cache", tmp_path / "out.tar", lock_path):
+            files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]
+            assert files
+            for path in files:
+                assert secret.encode() not in path.read_bytes(), path
+
+
+@pytest.fixture(scope="module")
+def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]:
+    why = containerd_missing()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    daemon = Containerd(tmp_path_factory.mktemp("containerd"))
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+def test_the_archive_imported_into_containerd_holds_exactly_the_set(
+        tmp_path: Path, registry: tuple[Registry, dict[str, Any]], containerd: Containerd) -> None:
+    reg, facts = registry
+    cfg = _cfg(tmp_path, reg)
+    lock_path = _lock(tmp_path)
+    lock_images(cfg, [PORTAL, REDIS, TOOL, by_index(facts)], lock_path)
+    pinned = [(n, d) for n, d in _pins(cfg, lock_path, by_index(facts)) if d]
+    fetch_images(cfg, pinned)
+    archive = tmp_path / "images.tar"
+    write_archive(image_store(cfg), pinned, archive)
+    started = time.monotonic()
+    containerd.ctr("images", "import", str(archive))  # what the csghub step runs (k3s ctr), unpacking
+    took = time.monotonic() - started
+    listed = containerd.ctr("images", "ls").stdout.splitlines()[1:]
+    got = sorted((line.split()[0], line.split()[2]) for line in listed)
+    assert got == sorted(pinned), got
+    print(f"import of {len(pinned)} images ({archive.stat().st_size} B) took {took:.2f} s")
+
+
+@pytest.fixture(scope="module")
+def chart_names(helm_bin: Path) -> list[str]:
+    cfg = load_config(None, ["provision.skip=[]", "vm.cpus=4", "vm.memory_mb=8192"], "libvirt")
+    objects = helm_template(helm_bin, CHART_DIR, generate_values(cfg), k3s_version=cfg.k3s.version)
+    return [entry.name for entry in image_set(objects)]
+
+
+def test_the_real_charts_image_set_goes_through_lock_and_fetch(tmp_path: Path, chart_names: list[str]) -> None:
+    """Every name of chart 2.4.0's set through lock -> fetch, each a tiny stand-in pushed under that name.
+
+    Knative's images are named by digest; a stand-in cannot have those digests, so for them the test shows
+    that the lock pins the name's own digest and that a registry without those bytes is refused by name.
+    """
+    reg = _start(tmp_path / "reg")
+    try:
+        tiny, tiny_blobs = image_blobs([{"stand-in": b"tiny\n"}])
+        layout = write_layout(tmp_path / "tiny", tiny, tiny_blobs)
+        registries = sorted({name.split("/", 1)[0] for name in chart_names})
+        mirrors = {host: f"{reg.host}/{host.replace(':', '-')}" for host in registries}
+        by_tag = [name for name in chart_names if "@" not in name]
+        by_digest = [name for name in chart_names if "@" in name]
+        for name in by_tag:
+            host, path = name.split("/", 1)
+            reg.push_layout(layout, f"{mirrors[host].split('/', 1)[1]}/{path}")
+        cfg = load_config(None, [f"artifacts.cache_dir={tmp_path / 'cache'}", f"images.ca_dir={reg.ca_dir}",
+                                 f"images.mirrors={json.dumps(mirrors)}"], "libvirt", cwd=tmp_path)
+        lock_path = _lock(tmp_path)
+        lock_images(cfg, chart_names, lock_path)
+        pins = locked_image_digests(read_lock(lock_path), cfg.csghub.chart_version)
+        assert sorted(pins) == sorted(chart_names)
+        assert all(pins[name] == tiny.digest for name in by_tag)
+        assert all(pins[name] == name.split("@", 1)[1] for name in by_digest)
+        pinned = [(name, pins[name]) for name in by_tag]
+        images = fetch_images(cfg, pinned)
+        assert len(images) == len(by_tag) >= 20
+        assert missing_images(cfg, [(name, pins.get(name)) for name in chart_names]) == by_digest
+        # One tiny layer, one config, one manifest, stored once for all the names.
+        assert len(list((image_store(cfg) / "blobs" / "sha256").iterdir())) == 3
+        with pytest.raises(ImageFetchError, match=f"fetching {by_digest[0]}"):
+            fetch_images(cfg, [(by_digest[0], pins[by_digest[0]])])
+    finally:
+        reg.stop()
+
+
+def test_an_unpinned_set_is_refused_before_any_fetch(tmp_path: Path) -> None:
+    cfg = load_config(None, [f"artifacts.cache_dir={tmp_path}"], "libvirt", cwd=tmp_path)
+    with pytest.raises(ImageFetchError, match=r"1 image.*no digest in the version lock: docker\.io/library/redis:7"):
+        fetch_images(cfg, [(REDIS, None)], skopeo=lambda argv: subprocess.check_output(["false"]))
