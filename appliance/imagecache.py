@@ -401,17 +401,71 @@ def write_archive(store: Path, images: Sequence[tuple[str, str]], path: Path) ->
 
 
 def build_archive(cfg: ApplianceConfig, pinned: Sequence[tuple[str, str | None]]) -> Path:
-    """``build/images/images.tar`` from the cache, for upload; refuses when any image is not cached."""
+    """``build/images/images.tar`` from the cache, for upload; refuses when any image is not cached.
+
+    Written again only when the set changed (``images.tar.set`` holds the set it was written for).
+    """
     lacking = missing_images(cfg, pinned)
     if lacking:
         raise ImageFetchError(f"{len(lacking)} image(s) of the set are not in the image cache: "
                               f"{', '.join(lacking[:5])}{' ...' if len(lacking) > 5 else ''}",
                               hint="run `invoke fetch` (after `invoke lock --images`)")
     path = cfg.build_dir / "images" / "images.tar"
-    images = [(name, digest) for name, digest in pinned if digest]
+    images = sorted((name, digest) for name, digest in pinned if digest)
+    listing = "".join(f"{name} {digest}\n" for name, digest in images)
+    record = path.with_name(path.name + ".set")
+    if path.is_file() and record.is_file() and record.read_text(encoding="utf-8") == listing:
+        return path
+    record.unlink(missing_ok=True)
     size = write_archive(image_store(cfg), images, path)
+    write_atomic(record, listing)
     log.info(f"image archive for the guest: {len(images)} images, {human_size(size)} ({path})")
     return path
+
+
+# -- the stages' entries ------------------------------------------------------------------------------------
+
+
+def declared_pins(cfg: ApplianceConfig) -> list[tuple[str, str | None]]:
+    """``(name, pinned digest or None)`` of the image set the build wrote (``build/manifests/images.txt``)."""
+    from appliance.images import parse_image_list
+
+    path = cfg.build_dir / "manifests" / "images.txt"
+    if not path.is_file():
+        raise ImageFetchError(f"no image set at {path}", hint="run `invoke fetch` (it renders the chart and writes it)")
+    return parse_image_list(path.read_text(encoding="utf-8"), str(path))
+
+
+def lock_image_set(cfg: ApplianceConfig, lock_path: Path | None = None) -> list[Resolved]:
+    """``invoke lock --images``: pin every image of the set, then write ``images.txt`` with the pins."""
+    from appliance.images import write_build_image_list
+
+    write_build_image_list(cfg, lock_path=lock_path)
+    resolved = lock_images(cfg, [name for name, _ in declared_pins(cfg)], lock_path)
+    write_build_image_list(cfg, lock_path=lock_path)
+    return resolved
+
+
+def fetch_image_set(cfg: ApplianceConfig, *, required: bool) -> list[CachedImage]:
+    """Fetch the set ``images.txt`` lists. Nothing pinned yet: an error if ``required`` (a build), else a note."""
+    pinned = declared_pins(cfg)
+    if not required and not any(digest for _, digest in pinned):
+        log.warning(f"no digest of the {len(pinned)} images is pinned yet: images not fetched "
+                    "(run `invoke lock --images` on a host that reaches the registries)")
+        return []
+    return fetch_images(cfg, pinned)
+
+
+def image_uploads(cfg: ApplianceConfig) -> list[tuple[Path, str]]:
+    """The archive of the set for the csghub step, when every image is pinned and cached; else none (the
+    step then fails naming what is missing: the guest never pulls)."""
+    pinned = declared_pins(cfg)
+    lacking = missing_images(cfg, pinned)
+    if lacking:
+        log.warning(f"{len(lacking)} of {len(pinned)} images are not in the image cache: the csghub step will name "
+                    "them (run `invoke lock --images`, then `invoke fetch`)")
+        return []
+    return [(build_archive(cfg, pinned), GUEST_IMAGE_ARCHIVE)]
 
 
 def remove_store(cfg: ApplianceConfig) -> None:

@@ -116,6 +116,9 @@ def stage_fetch(ctx: BuildContext) -> StageOutcome:
         from appliance.images import write_build_image_list
 
         write_build_image_list(ctx.cfg)
+        from appliance.imagecache import fetch_image_set
+
+        fetch_image_set(ctx.cfg, required=True)  # the guest never pulls: every image comes from here
     return StageOutcome.done()
 
 
