@@ -27,7 +27,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import tarfile
 import time
 from collections.abc import Callable, Sequence
@@ -468,5 +467,19 @@ def image_uploads(cfg: ApplianceConfig) -> list[tuple[Path, str]]:
     return [(build_archive(cfg, pinned), GUEST_IMAGE_ARCHIVE)]
 
 
-def remove_store(cfg: ApplianceConfig) -> None:
-    shutil.rmtree(image_store(cfg), ignore_errors=True)
+def report_images(cfg: ApplianceConfig, recorded: Sequence[dict[str, str]]) -> dict[str, Any]:
+    """build-report.json's image section: every recorded image with its digest and size (as the cache
+    holds it: manifest, config and compressed layers), the sum over images, and the bytes of the
+    distinct blobs (shared layers once); a size is null for an image the cache does not hold."""
+    store = image_store(cfg)
+    listed: list[dict[str, Any]] = []
+    present: list[CachedImage] = []
+    for image in recorded:
+        size = None
+        if cached(store, image["name"], image["digest"]):
+            size = image_size(store, image["digest"])
+            present.append(CachedImage(image["name"], image["digest"], size, fetched=False))
+        listed.append({"name": image["name"], "digest": image["digest"], "size_bytes": size})
+    return {"count": len(listed), "images": listed,
+            "total_bytes": sum(i.size for i in present), "distinct_blob_bytes": store_size(store, present),
+            "sizes_known": len(present)}

@@ -26,6 +26,7 @@ from appliance.imagecache import (
     image_store,
     lock_images,
     missing_images,
+    report_images,
     write_archive,
 )
 from appliance.images import helm_template, image_set, locked_image_digests
@@ -136,6 +137,11 @@ def test_lock_pins_fetch_shares_layers_and_a_second_fetch_transfers_nothing(
             referenced |= {doc["config"]["digest"], *(layer["digest"] for layer in doc["layers"])}
     assert sorted(f.name for f in blob_files) == sorted(d.split(":")[1] for d in referenced)  # each blob once
     assert missing_images(cfg, pinned) == []
+    report = report_images(cfg, [{"name": n, "digest": str(d)} for n, d in pinned])
+    sizes = {i["name"]: i["size_bytes"] for i in report["images"]}
+    assert sizes == {i.name: i.size for i in images} and all(sizes.values())
+    assert report["total_bytes"] == sum(sizes.values())
+    assert report["distinct_blob_bytes"] == sum(f.stat().st_size for f in blob_files) < report["total_bytes"]
 
     def no_network(argv: Any) -> bytes:
         raise AssertionError(f"a second fetch ran skopeo {argv}")
