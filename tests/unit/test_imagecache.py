@@ -7,10 +7,12 @@ so the names stay the chart's while the bytes come from the mirror.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -289,3 +291,79 @@ def test_an_unpinned_set_is_refused_before_any_fetch(tmp_path: Path) -> None:
     cfg = load_config(None, [f"artifacts.cache_dir={tmp_path}"], "libvirt", cwd=tmp_path)
     with pytest.raises(ImageFetchError, match=r"1 image.*no digest in the version lock: docker\.io/library/redis:7"):
         fetch_images(cfg, [(REDIS, None)], skopeo=lambda argv: subprocess.check_output(["false"]))
+
+
+def test_a_bundle_carries_the_cache_to_a_host_without_network(
+        tmp_path: Path, registry: tuple[Registry, dict[str, Any]]) -> None:
+    """fetch -> --bundle on the "online" host; --from-bundle in a process whose network namespace has no
+    interface but loopback-down (unshare -n): the set is cached, a fetch transfers nothing; a damaged
+    bundle is refused naming the file, and nothing of it reaches the cache."""
+    from appliance.bundle import BundleError, read_bundle, write_bundle
+
+    reg, facts = registry
+    online = _cfg(tmp_path / "online", reg)
+    lock_path = _lock(tmp_path)
+    names = [PORTAL, REDIS, by_index(facts)]
+    lock_images(online, names, lock_path)
+    pinned = _pins(online, lock_path, by_index(facts))
+    pinned = [p for p in pinned if p[0] in names]
+    fetch_images(online, pinned)
+    bundle = tmp_path / "cache.bundle"
+    write_bundle(online, bundle)
+
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("cutting the network needs root and unshare(1)")
+    offline_dir = tmp_path / "offline"
+    script = (
+        "import sys, json\n"
+        "from pathlib import Path\n"
+        "from appliance.config import load_config\n"
+        "from appliance.bundle import read_bundle\n"
+        "from appliance.imagecache import fetch_images, missing_images\n"
+        f"cfg = load_config(None, ['artifacts.cache_dir={offline_dir / 'cache'}'], 'libvirt', cwd=Path('{tmp_path}'))\n"
+        f"read_bundle(cfg, Path('{bundle}'))\n"
+        f"pinned = {pinned!r}\n"
+        "assert missing_images(cfg, pinned) == []\n"
+        "def no_network(argv): raise SystemExit(f'skopeo {argv} ran offline')\n"
+        "print(json.dumps([i.fetched for i in fetch_images(cfg, pinned, skopeo=no_network)]))\n"
+    )
+    proc = subprocess.run(["unshare", "--net", sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[-1]) == [False] * len(pinned)
+
+    # A damaged copy: one blob's bytes changed inside the bundle.
+    import tarfile
+
+    damaged = tmp_path / "damaged.bundle"
+    with tarfile.open(bundle) as src, tarfile.open(damaged, "w", format=tarfile.PAX_FORMAT) as dst:
+        for member in src:
+            data = src.extractfile(member)
+            content = data.read() if data else None
+            if content is not None and member.name.endswith(facts["shared_layer"].digest.split(":")[1]):
+                content = bytes([content[0] ^ 1]) + content[1:]
+            dst.addfile(member, io.BytesIO(content) if content is not None else None)
+    fresh = load_config(None, [f"artifacts.cache_dir={tmp_path / 'fresh'}"], "libvirt", cwd=tmp_path)
+    with pytest.raises(BundleError, match=f"{facts['shared_layer'].digest.split(':')[1]} does not match its sha256"):
+        read_bundle(fresh, damaged)
+    assert not (tmp_path / "fresh" / "images").exists()
+
+
+def test_doctor_says_what_is_cached_and_what_is_missing(
+        tmp_path: Path, registry: tuple[Registry, dict[str, Any]]) -> None:
+    from appliance.doctor import check_image_cache
+    from appliance.images import ImageEntry, write_image_list
+
+    reg, _ = registry
+    cfg = _cfg(tmp_path, reg, **{"provision.skip": "[]"})
+    assert [(c.verdict, c.found) for c in check_image_cache(cfg)] == [("warn", "image set not computed yet")]
+    lock_path = _lock(tmp_path)
+    lock_images(cfg, [PORTAL, REDIS], lock_path)
+    pins = {n: str(d) for n, d in _pins(cfg, lock_path)[:2]}
+    write_image_list([ImageEntry(n, (n,)) for n in (PORTAL, REDIS, TOOL)], cfg.build_dir / "manifests", pins)
+    fetch_images(cfg, [(PORTAL, pins[PORTAL])])
+    (check,) = check_image_cache(cfg)
+    assert (check.verdict, check.found) == ("warn", f"1 of 3 cached; missing: {REDIS}, {TOOL}")
+    assert check.fix == "invoke lock --images, then invoke fetch"  # TOOL has no pin
+    write_image_list([ImageEntry(PORTAL, (PORTAL,))], cfg.build_dir / "manifests", pins)
+    assert [(c.verdict, c.found) for c in check_image_cache(cfg)] == [("ok", "all 1 images of the set cached by digest")]
