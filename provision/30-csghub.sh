@@ -74,6 +74,7 @@ stored_images() {
 }
 declare -A pinned_digest=()
 wanted=()
+# shellcheck disable=SC2310  # read_image_set returns its verdict itself (`return 1`), set -e or not
 image_lines=$(read_image_set "$IMAGE_SET") || die "$IMAGE_SET is malformed (see above; the build host writes it: appliance/images.py)"
 while read -r name digest; do
     [[ -n "$name" ]] || continue

@@ -181,6 +181,17 @@ class Registry:
         argv += [f"oci:{layout}:latest", f"docker://{self.host}/{repo_tag}"]
         subprocess.run(argv, check=True, capture_output=True, timeout=120, env={**os.environ, "HOME": str(self.base)})
 
+    def blob_downloads(self, since: int = 0) -> list[str]:
+        """Digests of the blobs served (GET, status 200) after byte ``since`` of the access log."""
+        found = []
+        for line in (self.base / "registry.log").read_bytes()[since:].decode(errors="replace").splitlines():
+            if '"GET /v2/' in line and "/blobs/" in line and '" 200 ' in line:
+                found.append(line.split("/blobs/", 1)[1].split(" ", 1)[0])
+        return found
+
+    def log_size(self) -> int:
+        return (self.base / "registry.log").stat().st_size
+
     def blob_file(self, digest: str) -> Path:
         hexd = digest.split(":", 1)[1]
         return self.storage / "docker" / "registry" / "v2" / "blobs" / "sha256" / hexd[:2] / hexd / "data"

@@ -366,4 +366,35 @@ def test_doctor_says_what_is_cached_and_what_is_missing(
     assert (check.verdict, check.found) == ("warn", f"1 of 3 cached; missing: {REDIS}, {TOOL}")
     assert check.fix == "invoke lock --images, then invoke fetch"  # TOOL has no pin
     write_image_list([ImageEntry(PORTAL, (PORTAL,))], cfg.build_dir / "manifests", pins)
-    assert [(c.verdict, c.found) for c in check_image_cache(cfg)] == [("ok", "all 1 images of the set cached by digest")]
+    (check,) = check_image_cache(cfg)
+    assert (check.verdict, check.found) == ("ok", "all 1 images of the set cached by digest")
+
+
+def test_an_interrupted_fetch_resumes_at_the_missing_blobs(
+        tmp_path: Path, registry: tuple[Registry, dict[str, Any]]) -> None:
+    """The registry's access log shows what each fetch downloaded: after an interruption that left the shared base
+    layer in the cache but not the image's own layer, only the own layer (and nothing twice) is downloaded."""
+    reg, facts = registry
+    cfg = _cfg(tmp_path, reg)
+    lock_path = _lock(tmp_path)
+    lock_images(cfg, [PORTAL, REDIS], lock_path)
+    portal_digest, redis_digest = (d for _, d in _pins(cfg, lock_path)[:2])
+    assert portal_digest and redis_digest
+    start = reg.log_size()
+    fetch_images(cfg, [(PORTAL, portal_digest)])
+    shared = facts["shared_layer"].digest
+    first = reg.blob_downloads(start)
+    assert shared in first and len(first) == len(set(first))
+    # REDIS shares the base layer: "interrupted" = its copy never finished, the base layer is cached already.
+    start = reg.log_size()
+    fetch_images(cfg, [(PORTAL, portal_digest), (REDIS, redis_digest)])
+    second = reg.blob_downloads(start)
+    redis_manifest = json.loads((image_store(cfg) / "blobs" / "sha256" / redis_digest.split(":")[1]).read_bytes())
+    own = [layer["digest"] for layer in redis_manifest["layers"] if layer["digest"] != shared]
+    assert shared not in second and set(own) <= set(second), second
+    # An own layer removed from the cache (a blob that never completed) is the only layer fetched again.
+    (image_store(cfg) / "blobs" / "sha256" / own[0].split(":")[1]).unlink()
+    start = reg.log_size()
+    again = fetch_images(cfg, [(PORTAL, portal_digest), (REDIS, redis_digest)])
+    assert [i.fetched for i in again] == [False, True]
+    assert [d for d in reg.blob_downloads(start) if d != redis_manifest["config"]["digest"]] == [own[0]]
