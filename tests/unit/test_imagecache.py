@@ -398,3 +398,31 @@ def test_an_interrupted_fetch_resumes_at_the_missing_blobs(
     again = fetch_images(cfg, [(PORTAL, portal_digest), (REDIS, redis_digest)])
     assert [i.fetched for i in again] == [False, True]
     assert [d for d in reg.blob_downloads(start) if d != redis_manifest["config"]["digest"]] == [own[0]]
+
+
+@pytest.mark.parametrize("evil", ["cache/../escaped", "/etc/escaped", "cache/link", "cache/unlisted"])
+def test_a_hostile_bundle_is_refused_and_nothing_lands(tmp_path: Path, evil: str) -> None:
+    import tarfile
+
+    from appliance.bundle import BundleError, read_bundle
+
+    listed = {"format": 1, "files": [{"path": "escaped" if "escaped" in evil else "ok", "size": 1,
+                                      "sha256": "ca978112ca1bbdcafac231b39a23dc4da786eff8147c4e72b9807785afee48bb"}]}
+    bundle = tmp_path / "evil.bundle"
+    with tarfile.open(bundle, "w") as tar:
+        raw = json.dumps(listed).encode()
+        info = tarfile.TarInfo("bundle.json")
+        info.size = len(raw)
+        tar.addfile(info, io.BytesIO(raw))
+        info = tarfile.TarInfo(evil)
+        if evil == "cache/link":
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(info)
+        else:
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"a"))
+    cfg = load_config(None, [f"artifacts.cache_dir={tmp_path / 'cache'}"], "libvirt", cwd=tmp_path)
+    with pytest.raises(BundleError, match=r"refusing member|is not listed|is not a bundle index"):
+        read_bundle(cfg, bundle)
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "cache" / "link").exists()
+    assert not list((tmp_path / "cache").rglob("*")) if (tmp_path / "cache").exists() else True
