@@ -41,6 +41,7 @@ from appliance.files import write_atomic
 from appliance.log import human_size, log
 
 PLATFORM = ("linux", "amd64")
+LOCK_WORKERS = 4
 GUEST_IMAGE_ARCHIVE = "/var/cache/csghub-appliance/images/images.tar"
 MANIFEST_TYPES = {
     "application/vnd.oci.image.manifest.v1+json",
@@ -145,10 +146,14 @@ def resolve_image(cfg: ApplianceConfig, name: str, skopeo: Runner | None = None)
 
 def lock_images(cfg: ApplianceConfig, names: Sequence[str], lock_path: Path | None = None) -> list[Resolved]:
     """Pin each name's current ``linux/amd64`` digest (and the index it came from) in the version lock."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from appliance.artifacts import LOCK_FILE, read_lock, write_lock
 
     path = lock_path or LOCK_FILE
-    resolved = [resolve_image(cfg, name) for name in names]
+    # Read-only questions to the registries: several at once (a skopeo process each).
+    with ThreadPoolExecutor(max_workers=LOCK_WORKERS) as pool:
+        resolved = list(pool.map(lambda name: resolve_image(cfg, name), names))
     lock = read_lock(path)
     chart = cfg.csghub.chart_version
     pins = dict((lock.get("images") or {}).get(chart) or {})

@@ -264,9 +264,14 @@ def test_the_real_charts_image_set_goes_through_lock_and_fetch(tmp_path: Path, c
         mirrors = {host: f"{reg.host}/{host.replace(':', '-')}" for host in registries}
         by_tag = [name for name in chart_names if "@" not in name]
         by_digest = [name for name in chart_names if "@" in name]
-        for name in by_tag:
+        from concurrent.futures import ThreadPoolExecutor
+
+        def push(name: str) -> None:
             host, path = name.split("/", 1)
             reg.push_layout(layout, f"{mirrors[host].split('/', 1)[1]}/{path}")
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            list(pool.map(push, by_tag))
         cfg = load_config(None, [f"artifacts.cache_dir={tmp_path / 'cache'}", f"images.ca_dir={reg.ca_dir}",
                                  f"images.mirrors={json.dumps(mirrors)}"], "libvirt", cwd=tmp_path)
         lock_path = _lock(tmp_path)
