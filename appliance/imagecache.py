@@ -74,6 +74,8 @@ def _skopeo(argv: Sequence[str], *, what: str) -> bytes:
     except CommandFailed as exc:
         tail = " ".join(exc.result.tail("stderr", 3)) if exc.result else str(exc)
         raise ImageFetchError(f"{what}: skopeo failed: {tail[-600:]}") from None
+    # run() decodes text: a manifest is JSON in UTF-8 and comes back byte for byte; one that would
+    # not (a CR LF line end) fails its digest check and is refused, never accepted altered.
     return result.stdout.encode()
 
 
