@@ -89,7 +89,7 @@ for ref in "${wanted[@]}"; do
 done
 if ((${#absent[@]} > 0)) && [[ -s "$IMAGE_ARCHIVE" ]]; then
     echo "progress: importing ${#absent[@]} image(s) from $IMAGE_ARCHIVE"
-    /usr/local/bin/k3s ctr -n k8s.io images import "$IMAGE_ARCHIVE" >/dev/null ||
+    /usr/local/bin/k3s ctr -n k8s.io images import --platform linux/amd64 "$IMAGE_ARCHIVE" >/dev/null ||
         die "importing $IMAGE_ARCHIVE into containerd failed (see above)"
     echo "changed: imported the image set from $IMAGE_ARCHIVE"
 fi

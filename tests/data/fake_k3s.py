@@ -183,8 +183,8 @@ def ctr(args: list[str]) -> int:
             pinned = ref in lines("pinned")
             print(f"{ref} x {fake_digest(ref)} 1.0 KiB linux/amd64 " +
                   ("io.cri-containerd.pinned=pinned" if pinned else "-"))
-    elif args[:2] == ["images", "import"] and len(args) == 3:
-        return import_archive(args[2])
+    elif args[:4] == ["images", "import", "--platform", "linux/amd64"] and len(args) == 5:
+        return import_archive(args[4])
     elif args[:2] == ["images", "label"]:
         if args[2] not in lines("store"):
             print(f"ctr: image \"{args[2]}\": not found", file=sys.stderr)

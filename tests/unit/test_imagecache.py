@@ -235,7 +235,8 @@ def test_the_archive_imported_into_containerd_holds_exactly_the_set(
     archive = tmp_path / "images.tar"
     write_archive(image_store(cfg), pinned, archive)
     started = time.monotonic()
-    containerd.ctr("images", "import", str(archive))  # what the csghub step runs (k3s ctr), unpacking
+    # What the csghub step runs (k3s ctr), unpacking.
+    containerd.ctr("images", "import", "--platform", "linux/amd64", str(archive))
     took = time.monotonic() - started
     listed = containerd.ctr("images", "ls").stdout.splitlines()[1:]
     got = sorted((line.split()[0], line.split()[2]) for line in listed)
