@@ -432,3 +432,31 @@ def test_a_hostile_bundle_is_refused_and_nothing_lands(tmp_path: Path, evil: str
         read_bundle(cfg, bundle)
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "cache" / "link").exists()
     assert not list((tmp_path / "cache").rglob("*")) if (tmp_path / "cache").exists() else True
+
+
+def test_the_build_uploads_the_archive_only_when_the_whole_set_is_cached(
+        tmp_path: Path, registry: tuple[Registry, dict[str, Any]]) -> None:
+    from appliance.imagecache import GUEST_IMAGE_ARCHIVE, image_uploads
+    from appliance.images import ImageEntry, write_image_list
+
+    reg, _ = registry
+    cfg = _cfg(tmp_path, reg)
+    lock_path = _lock(tmp_path)
+    lock_images(cfg, [PORTAL, REDIS], lock_path)
+    pins = {n: str(d) for n, d in _pins(cfg, lock_path)[:2]}
+    write_image_list([ImageEntry(n, (n,)) for n in pins], cfg.build_dir / "manifests", pins)
+    fetch_images(cfg, [(PORTAL, pins[PORTAL])])
+    assert image_uploads(cfg) == []  # REDIS is not cached: the csghub step will name it
+    fetch_images(cfg, list(pins.items()))
+    ((archive, guest),) = image_uploads(cfg)
+    assert guest == GUEST_IMAGE_ARCHIVE
+    import tarfile
+
+    with tarfile.open(archive) as tar:
+        member = tar.extractfile("index.json")
+        assert member is not None
+        index = json.load(member)
+    named = {(m["annotations"]["io.containerd.image.name"], m["digest"]) for m in index["manifests"]}
+    assert named == set(pins.items())
+    written = archive.stat().st_mtime_ns
+    assert image_uploads(cfg) == [(archive, guest)] and archive.stat().st_mtime_ns == written  # unchanged set: kept
