@@ -214,31 +214,56 @@ def verify_ova(c: Context, path: str, config: str | None = None, set_: list[str]
                        fetch_schemas=not no_fetch)
 
 
-@cli_task(help={"update_lock": "Also record the verified digests in the version lock (same as `invoke lock`)."})
+@cli_task(help={"update_lock": "Also record the verified digests in the version lock (same as `invoke lock`).",
+                "bundle": "Then write the whole cache into this one file, for a build host without internet.",
+                "from_bundle": "First verify this bundle (`--bundle`) and place its files in the cache."})
 def fetch(c: Context, config: str | None = None, set_: list[str] | None = None, provider: str | None = None,
-          update_lock: bool = False, debug: bool = False) -> None:
-    """Download k3s, its air-gap images, the CSGHub chart, helm and the OVF schemas into the cache, verified
-    (resumes)."""
+          update_lock: bool = False, bundle: str | None = None, from_bundle: str | None = None,
+          debug: bool = False) -> None:
+    """Download k3s, its air-gap images, the CSGHub chart, helm, the OVF schemas and the pinned container
+    images into the cache, verified (resumes)."""
+    from pathlib import Path
+
     from appliance.artifacts import fetch_artifacts, fetch_helm, fetch_ovf_schemas
 
     cfg = config_from_flags(config, set_, provider, resolve=False)
+    if from_bundle:
+        from appliance.bundle import read_bundle
+
+        read_bundle(cfg, Path(from_bundle))
     fetch_artifacts(cfg, update_lock=update_lock)
     fetch_helm(cfg, update_lock=update_lock)
     fetch_ovf_schemas(cfg)
+    if "csghub" not in cfg.provision.skip:
+        from appliance.imagecache import fetch_image_set
+        from appliance.images import write_build_image_list
+
+        write_build_image_list(cfg)
+        fetch_image_set(cfg, required=False)
+    if bundle:
+        from appliance.bundle import write_bundle
+
+        write_bundle(cfg, Path(bundle))
 
 
-@cli_task()
+@cli_task(help={"images": "Also ask the registries what each image's tag points to now (linux/amd64) and pin "
+                          "those digests (skopeo; mirrors and credentials as `invoke fetch` uses them)."})
 def lock(c: Context, config: str | None = None, set_: list[str] | None = None, provider: str | None = None,
-         debug: bool = False) -> None:
+         images: bool = False, debug: bool = False) -> None:
     """Fetch and verify the artifacts, then pin their sha256 digests (and the image digests the last build
-    recorded) in appliance/data/versions.lock.yaml."""
+    recorded, or with --images those the registries answer) in appliance/data/versions.lock.yaml."""
     from appliance.artifacts import fetch_artifacts, fetch_helm
     from appliance.images import pin_recorded_images
 
     cfg = config_from_flags(config, set_, provider, resolve=False)
     fetch_artifacts(cfg, update_lock=True)
     fetch_helm(cfg, update_lock=True)
-    pin_recorded_images(cfg)
+    if images:
+        from appliance.imagecache import lock_image_set
+
+        lock_image_set(cfg)
+    else:
+        pin_recorded_images(cfg)
 
 
 @cli_task(help={"output": "Write the values to this file instead of printing them."})

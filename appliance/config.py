@@ -344,6 +344,32 @@ class ArtifactsSettings(_Section):
     )
 
 
+class ImagesSettings(_Section):
+    mirrors: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Registry mirrors for fetching the image set on the build host: registry host -> mirror "
+            "(`host[:port][/path]`), e.g. `{docker.io: mirror.corp:5000/dockerhub}`. Only where images are "
+            "fetched from changes: inside the appliance they keep the chart's names. Credentials come from "
+            "your container auth file (`REGISTRY_AUTH_FILE`, else `$XDG_RUNTIME_DIR/containers/auth.json`, "
+            "else `~/.docker/config.json`); proxies from `HTTPS_PROXY`/`NO_PROXY`."
+        ),
+    )
+    ca_dir: str = Field(
+        "", description="A folder of extra CA certificates (`*.crt`) trusted for the registries (empty: the system's)."
+    )
+
+    @field_validator("mirrors")
+    @classmethod
+    def _mirror_hosts(cls, value: dict[str, str]) -> dict[str, str]:
+        for registry, mirror in value.items():
+            if not re.fullmatch(r"[A-Za-z0-9.-]+(:[0-9]+)?", registry):
+                raise ValueError(f"{registry!r} is not a registry host (host or host:port, e.g. docker.io)")
+            if not re.fullmatch(r"[A-Za-z0-9.-]+(:[0-9]+)?(/[a-z0-9._-]+)*", mirror):
+                raise ValueError(f"mirror {mirror!r} for {registry} is not `host[:port][/path]` (no scheme)")
+        return value
+
+
 class ProvisionSettings(_Section):
     skip: list[str] = Field(
         default_factory=list, description="Provisioning steps to skip, by name (e.g. `[k3s, csghub]`)."
@@ -417,6 +443,9 @@ class ApplianceConfig(_Section):
     csghub: CSGHubSettings = Field(default_factory=CSGHubSettings, description="CSGHub Helm release.")
     artifacts: ArtifactsSettings = Field(
         default_factory=ArtifactsSettings, description="Where pinned artifacts are downloaded from and cached."
+    )
+    images: ImagesSettings = Field(
+        default_factory=ImagesSettings, description="Where the image set is fetched from on the build host."
     )
     provision: ProvisionSettings = Field(default_factory=ProvisionSettings, description="Provisioning steps.")
     output: OutputSettings = Field(default_factory=OutputSettings, description="Artifacts.")

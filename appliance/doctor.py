@@ -152,6 +152,26 @@ def check_resources(cfg: ApplianceConfig) -> list[Check]:
     return checks
 
 
+def check_image_cache(cfg: ApplianceConfig) -> list[Check]:
+    """What the image cache holds of the set the build needs (the guest never pulls)."""
+    if "csghub" in cfg.provision.skip:
+        return []
+    from appliance.imagecache import ImageFetchError, declared_pins, missing_images
+
+    try:
+        pinned = declared_pins(cfg)
+    except ImageFetchError:
+        return [Check("image cache", "warn", "image set not computed yet", "invoke fetch")]
+    lacking = missing_images(cfg, pinned)
+    unpinned = sum(1 for _, digest in pinned if not digest)
+    if not lacking:
+        return [Check("image cache", "ok", f"all {len(pinned)} images of the set cached by digest")]
+    found = f"{len(pinned) - len(lacking)} of {len(pinned)} cached; missing: {', '.join(lacking[:3])}" + (
+        f" (+{len(lacking) - 3} more)" if len(lacking) > 3 else "")
+    fix = "invoke lock --images, then invoke fetch" if unpinned else "invoke fetch (or --from-bundle FILE)"
+    return [Check("image cache", "warn", found, fix)]
+
+
 def collect_checks(cfg: ApplianceConfig) -> list[Check]:
     """Every check for ``cfg.provider`` (already resolved from ``auto``): the provider's own among them."""
     from appliance.providers import provider_for
@@ -159,6 +179,7 @@ def collect_checks(cfg: ApplianceConfig) -> list[Check]:
     provider = provider_for(cfg)
     probes: list[Callable[[], list[Check]]] = [
         check_vagrant, provider.host_checks, lambda: check_base_box_tools(cfg), lambda: check_resources(cfg),
+        lambda: check_image_cache(cfg),
     ]
     return [c for probe in probes for c in probe()]
 

@@ -119,6 +119,9 @@ def stage_fetch(ctx: BuildContext) -> StageOutcome:
         from appliance.images import write_build_image_list
 
         write_build_image_list(ctx.cfg)
+        from appliance.imagecache import fetch_image_set
+
+        fetch_image_set(ctx.cfg, required=True)  # the guest never pulls: every image comes from here
     return StageOutcome.done()
 
 
@@ -327,6 +330,14 @@ def stage_publish(ctx: BuildContext) -> StageOutcome:
     return StageOutcome.done(f"published {final}")
 
 
+def _image_report(ctx: BuildContext) -> dict[str, Any] | None:
+    if not ctx.state.images:
+        return None
+    from appliance.imagecache import report_images
+
+    return report_images(ctx.cfg, ctx.state.images)
+
+
 def build_report(ctx: BuildContext, final: Path) -> dict[str, Any]:
     staged = Path(ctx.state.staged_ova)
     disk = Path(ctx.state.disk_image) if ctx.state.disk_image else None
@@ -341,6 +352,8 @@ def build_report(ctx: BuildContext, final: Path) -> dict[str, Any]:
         "versions": {"k3s": ctx.cfg.k3s.version if ctx.cfg.stack_enabled else None,
                      "csghub_chart": ctx.cfg.csghub.chart_version if ctx.cfg.stack_enabled else None,
                      "images": ctx.state.images},
+        # Every image with digest and size, and the totals (appliance/imagecache.py).
+        "images": _image_report(ctx),
         "provider": ctx.cfg.provider,
         "libvirt_driver": ctx.state.libvirt_driver or None,
         "stages": [

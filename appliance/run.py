@@ -31,6 +31,8 @@ _PASSTHROUGH = (
     "VAGRANT_HOME", "VAGRANT_DEFAULT_PROVIDER", "VAGRANT_LOG", "VAGRANT_EXPERIMENTAL", "LIBVIRT_DEFAULT_URI",
     "VBOX_USER_HOME", "VBOX_INSTALL_PATH", "VBOX_MSI_INSTALL_PATH",
     "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
+    # skopeo finds the user's registry credentials itself (containers-auth.json(5)); we never read them
+    "REGISTRY_AUTH_FILE", "DOCKER_CONFIG",
 )
 
 

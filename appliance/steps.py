@@ -594,6 +594,10 @@ def pinned_uploads(cfg: ApplianceConfig, skip: Sequence[str] = ()) -> list[tuple
 
         write_build_image_list(narrowed)  # the image set of exactly these values
     uploads = guest_uploads(narrowed)
+    if "csghub" not in skipped and narrowed_chart_cached(narrowed):
+        from appliance.imagecache import image_uploads
+
+        uploads += image_uploads(narrowed)  # the images, from the host's cache: the guest never pulls
     missing = [str(local) for local, _ in uploads if not local.is_file()]
     if missing:
         raise ArtifactError(f"not in the artifact cache: {', '.join(missing)}", hint="run `invoke fetch` first")

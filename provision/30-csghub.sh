@@ -1,17 +1,18 @@
 #!/bin/bash
-# Install CSGHub on k3s from the uploaded chart archive with k3s's helm-controller: the chart
-# goes to k3s's static file server, the HelmChart and the coredns-custom ConfigMap (both
-# generated on the build host from the config: `invoke values`, appliance/manifests.py) to
-# the auto-deploy directory. Then wait, bounded and with progress, until the readiness gate
-# (provision/files/common/readiness.sh, the one every copy runs) says CSGHub works; make sure
-# every image of the declared image set (images.txt, computed on the build host from the
-# rendered chart) is in the guest's image store (pulled now, while the build has internet;
-# pinned so that image GC never drops it), fail listing any that is missing or any the cluster
-# runs that the set lacks; print the URL and where the credentials are.
+# Install CSGHub on k3s from the uploaded chart archive with k3s's helm-controller. First the
+# images: the declared image set (images.txt, computed on the build host from the rendered chart)
+# is imported from the archive the build host fetched by digest (images.tar; the guest never
+# pulls), checked by name and digest and pinned so that image GC never drops it; any missing
+# image fails the step by name. Then the chart goes to k3s's static file server, the HelmChart
+# and the coredns-custom ConfigMap (both generated on the build host from the config: `invoke
+# values`, appliance/manifests.py) to the auto-deploy directory. Then wait, bounded and with
+# progress, until the readiness gate (provision/files/common/readiness.sh, the one every copy
+# runs) says CSGHub works; fail listing any image the cluster runs that the set lacks; print the
+# URL and where the credentials are.
 #
 # Inputs (environment): CSGHUB_CHART_VERSION, CSGHUB_DOMAIN, CSGHUB_HTTP_PORT, K3S_NODE_IP,
 # CSGHUB_GIT_SSH_PORT, optional CSGHUB_READY_TIMEOUT (seconds, default 3600),
-# CSGHUB_POLL_SECONDS (default 10), ARTIFACT_DIR, MANIFEST_DIR.
+# CSGHUB_POLL_SECONDS (default 10), ARTIFACT_DIR, MANIFEST_DIR, IMAGE_ARCHIVE.
 # appliance: env=CSGHUB_CHART_VERSION,CSGHUB_DOMAIN,CSGHUB_HTTP_PORT,K3S_NODE_IP,CSGHUB_GIT_SSH_PORT
 # appliance: files=csghub
 # appliance: files=common
@@ -45,6 +46,7 @@ CHART="csghub-$CSGHUB_CHART_VERSION.tgz"
 # shellcheck source-path=SCRIPTDIR source=files/csghub/lib.sh
 . "$LIB"
 IMAGE_SET="$MANIFEST_DIR/images.txt"
+IMAGE_ARCHIVE=${IMAGE_ARCHIVE:-/var/cache/csghub-appliance/images/images.tar}
 for f in "$ARTIFACT_DIR/$CHART" "$MANIFEST_DIR/csghub.yaml" "$MANIFEST_DIR/coredns-custom.yaml" "$IMAGE_SET"; do
     [[ -s "$f" ]] || die "missing $f (the runner uploads the chart 'invoke fetch' cached and the generated manifests and image list)"
 done
@@ -58,6 +60,72 @@ deadline=$((SECONDS + READY_TIMEOUT))
 # The guest-side helpers (chart_base, coredns_custom_manifest) stay installed for
 # csghub-reconfigure, which must redo the in-cluster DNS when a copy's domain changes.
 install_if_changed "$LIB" /usr/local/lib/csghub-appliance/csghub.sh 0644
+
+# --- images from the build host: the guest never pulls ----------------------------------------------
+# images.txt is the image set the build host computed (appliance/images.py: the chart rendered with
+# these values, walked structurally, plus the runtime images of appliance/data/images.yaml), one
+# "NAME DIGEST" per line, NAME exactly as containerd stores it, DIGEST pinned by `invoke lock`.
+# images.tar (appliance/imagecache.py) is that set fetched on the build host by digest: one OCI
+# archive, each image named by io.containerd.image.name. Import it before the release starts (so no
+# pod pulls), then check that the store holds every image of the set at its pinned digest, pin
+# each (image GC never drops a pinned one), and fail naming any missing: nothing is pulled here.
+stored_images() {
+    /usr/local/bin/k3s ctr -n k8s.io images ls -q
+}
+declare -A pinned_digest=()
+wanted=()
+# shellcheck disable=SC2310  # read_image_set returns its verdict itself (`return 1`), set -e or not
+image_lines=$(read_image_set "$IMAGE_SET") || die "$IMAGE_SET is malformed (see above; the build host writes it: appliance/images.py)"
+while read -r name digest; do
+    [[ -n "$name" ]] || continue
+    wanted+=("$name")
+    [[ -z "${digest:-}" ]] || pinned_digest[$name]=$digest
+done <<<"$image_lines"
+((${#wanted[@]} > 0)) || die "$IMAGE_SET lists no image (the build host writes it: appliance/images.py)"
+have=$(stored_images | sort -u)
+absent=()
+for ref in "${wanted[@]}"; do
+    grep -qxF "$ref" <<<"$have" || absent+=("$ref")
+done
+if ((${#absent[@]} > 0)) && [[ -s "$IMAGE_ARCHIVE" ]]; then
+    echo "progress: importing ${#absent[@]} image(s) from $IMAGE_ARCHIVE"
+    /usr/local/bin/k3s ctr -n k8s.io images import --platform linux/amd64 "$IMAGE_ARCHIVE" >/dev/null ||
+        die "importing $IMAGE_ARCHIVE into containerd failed (see above)"
+    echo "changed: imported the image set from $IMAGE_ARCHIVE"
+fi
+have=$(stored_images | sort -u)
+pinned=$(/usr/local/bin/k3s ctr -n k8s.io images ls | awk 'NR > 1 && /io\.cri-containerd\.pinned=pinned/ { print $1 }')
+missing=()
+for ref in "${wanted[@]}"; do
+    if grep -qxF "$ref" <<<"$have"; then
+        if ! grep -qxF "$ref" <<<"$pinned"; then
+            /usr/local/bin/k3s ctr -n k8s.io images label "$ref" io.cri-containerd.pinned=pinned >/dev/null
+            echo "changed: pinned $ref"
+        fi
+    else
+        missing+=("$ref")
+    fi
+done
+if ((${#missing[@]} > 0)); then
+    echo "missing images (the build host fetches them: \`invoke lock --images\`, \`invoke fetch\`; the guest never pulls):" >&2
+    printf '  %s\n' "${missing[@]}" >&2
+    die "${#missing[@]} of ${#wanted[@]} images of the declared set are not in the image store"
+fi
+# NAME DIGEST of every stored image of the set (ctr's table: REF TYPE DIGEST ...).
+digests=$(/usr/local/bin/k3s ctr -n k8s.io images ls | awk 'NR > 1 { print $1, $3 }' | sort -u |
+    awk 'NR == FNR { want[$0] = 1; next } ($1 in want)' <(printf '%s\n' "${wanted[@]}") -)
+moved=()
+for ref in "${!pinned_digest[@]}"; do
+    have_digest=$(awk -v ref="$ref" '$1 == ref { print $2; exit }' <<<"$digests")
+    [[ "$have_digest" == "${pinned_digest[$ref]}" ]] ||
+        moved+=("$ref: stored ${have_digest:-nothing}, the version lock pins ${pinned_digest[$ref]}")
+done
+if ((${#moved[@]} > 0)); then
+    echo "images whose digest differs from the one the version lock pins:" >&2
+    printf '  %s\n' "${moved[@]}" >&2
+    die "${#moved[@]} image(s) differ from the version lock (\`invoke fetch\` on the build host, then build again)"
+fi
+echo "ok: all ${#wanted[@]} images of the declared set are stored and pinned"
 
 # --- chart, DNS, release ---------------------------------------------------------------------
 # k3s serves server/static/ at https://<api>/static/, which the HelmChart's chart URL names.
@@ -149,76 +217,9 @@ fi
 echo "ok: CSGHub is ready: jobs, workloads, Knative, portal, csghub-server's API, the admin's OAuth sign-in, git SSH and the registry with this copy's credentials all answer"
 login_host=$(gate_casdoor_host)
 
-# --- offline readiness: every image of the declared set is in the image store ---------------------
-# images.txt is the image set the build host computed (appliance/images.py: the chart rendered with
-# these values, walked structurally, plus the runtime images of appliance/data/images.yaml), one
-# name per line exactly as containerd stores it. Pull what is missing (while the build has
-# internet), pin every image (image GC never drops a pinned one), fail naming what is missing, and
-# fail as well when the live cluster runs an image the set does not declare (drift: the set is
-# out of date). kube-system is k3s's own and comes from its pinned air-gap bundle.
+# --- no drift: every image the running cluster names is in the set ---------------------------------
+# kube-system is k3s's own and comes from its pinned air-gap bundle.
 not_kube_system=--field-selector=metadata.namespace!=kube-system
-stored_images() {
-    /usr/local/bin/k3s ctr -n k8s.io images ls -q
-}
-# A line is "NAME" or "NAME DIGEST" (the digest `invoke lock` pinned for it), read by the same
-# rule as the build host reads it back (read_image_set, lib.sh).
-declare -A pinned_digest=()
-wanted=()
-# shellcheck disable=SC2310  # a pure reader: its one failure is the refusal it prints
-image_lines=$(read_image_set "$IMAGE_SET") || die "$IMAGE_SET is malformed (see above; the build host writes it: appliance/images.py)"
-while read -r name digest; do
-    [[ -n "$name" ]] || continue
-    wanted+=("$name")
-    [[ -z "${digest:-}" ]] || pinned_digest[$name]=$digest
-done <<<"$image_lines"
-((${#wanted[@]} > 0)) || die "$IMAGE_SET lists no image (the build host writes it: appliance/images.py)"
-have=$(stored_images | sort -u)
-absent=()
-for ref in "${wanted[@]}"; do
-    grep -qxF "$ref" <<<"$have" || absent+=("$ref")
-done
-n=0
-for ref in "${absent[@]}"; do
-    n=$((n + 1))
-    echo "progress: pulling image $n/${#absent[@]}: $ref"
-    if pull_err=$(/usr/local/bin/k3s crictl pull "$ref" 2>&1 >/dev/null); then
-        echo "changed: pulled $ref"
-    else
-        echo "warning: pulling $ref failed: ${pull_err##*$'\n'}" >&2
-    fi
-done
-have=$(stored_images | sort -u)
-pinned=$(/usr/local/bin/k3s ctr -n k8s.io images ls | awk 'NR > 1 && /io\.cri-containerd\.pinned=pinned/ { print $1 }')
-missing=()
-for ref in "${wanted[@]}"; do
-    if grep -qxF "$ref" <<<"$have"; then
-        if ! grep -qxF "$ref" <<<"$pinned"; then
-            /usr/local/bin/k3s ctr -n k8s.io images label "$ref" io.cri-containerd.pinned=pinned >/dev/null
-            echo "changed: pinned $ref"
-        fi
-    else
-        missing+=("$ref")
-    fi
-done
-if ((${#missing[@]} > 0)); then
-    echo "missing images (the appliance would need the internet to start them):" >&2
-    printf '  %s\n' "${missing[@]}" >&2
-    die "${#missing[@]} of ${#wanted[@]} images of the declared set are not in the image store"
-fi
-# NAME DIGEST of every stored image of the set (ctr's table: REF TYPE DIGEST ...).
-digests=$(/usr/local/bin/k3s ctr -n k8s.io images ls | awk 'NR > 1 { print $1, $3 }' | sort -u |
-    awk 'NR == FNR { want[$0] = 1; next } ($1 in want)' <(printf '%s\n' "${wanted[@]}") -)
-moved=()
-for ref in "${!pinned_digest[@]}"; do
-    have_digest=$(awk -v ref="$ref" '$1 == ref { print $2; exit }' <<<"$digests")
-    [[ "$have_digest" == "${pinned_digest[$ref]}" ]] ||
-        moved+=("$ref: stored ${have_digest:-nothing}, the version lock pins ${pinned_digest[$ref]}")
-done
-if ((${#moved[@]} > 0)); then
-    echo "images whose tag no longer resolves to the digest the version lock pins:" >&2
-    printf '  %s\n' "${moved[@]}" >&2
-    die "${#moved[@]} image(s) differ from the version lock (a tag was re-pushed? check, then \`invoke lock\` after a build to accept the new digests)"
-fi
 # Every image the cluster's objects name; fails when any query does: a drift check that cannot
 # look must not pass.
 live_refs=$(
@@ -243,7 +244,7 @@ fi
 mkdir -p "${IMAGES_LIST%/*}"
 printf '%s\n' "$digests" >"$IMAGES_LIST.tmp"
 mv "$IMAGES_LIST.tmp" "$IMAGES_LIST"
-echo "ok: all ${#wanted[@]} images of the declared set are stored and pinned (list with digests: $IMAGES_LIST)"
+echo "ok: the cluster runs only images of the declared set (list with digests: $IMAGES_LIST)"
 
 # --- where to go --------------------------------------------------------------------------------
 echo "CSGHub: http://$CSGHUB_DOMAIN:$CSGHUB_HTTP_PORT/  (login service: http://$login_host:$CSGHUB_HTTP_PORT/)"

@@ -81,9 +81,11 @@ seal_stack() {
     # CSGHub's data (PostgreSQL, MinIO, Gitaly, registry...) lives in PVCs: this copy starts empty.
     remove "PVC data" "$K3S_DATA"/storage/* /var/lib/kubelet/pods/* /var/lib/cni/*
     remove "pod logs" /var/log/pods/* /var/log/containers/*
-    # The runner's uploads (k3s binary, image bundle, chart, generated manifests) were copied
-    # into place by the k3s and csghub steps: these are second copies, build-only.
-    remove "uploaded build artifacts" /var/cache/csghub-appliance/artifacts /var/cache/csghub-appliance/manifests
+    # The runner's uploads (k3s binary, image bundle, chart, generated manifests, the image set's
+    # archive) were copied or imported into place by the k3s and csghub steps: these are second
+    # copies, build-only (the archive alone is as large as the whole image store).
+    remove "uploaded build artifacts" /var/cache/csghub-appliance/artifacts /var/cache/csghub-appliance/manifests \
+        /var/cache/csghub-appliance/images
 }
 
 # --- per-copy appliance state -------------------------------------------------------------

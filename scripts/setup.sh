@@ -15,6 +15,8 @@ APT_PACKAGES=(
   openssh-server openssh-client shellcheck sudo
   # tests check image names against real containerd; helm (for rendering the real chart) comes from npm
   containerd unzip
+  # the image set is fetched on the build host with skopeo; tests run a real registry (distribution 2.8)
+  skopeo docker-registry
   # build tooling
   python3-pip git ca-certificates
 )
@@ -31,6 +33,11 @@ if [ "${#missing[@]}" -gt 0 ]; then
   $SUDO apt-get update -qq
   # --no-install-recommends: vagrant-libvirt's recommends pull a host kernel and libguestfs.
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  # docker-registry's package starts a registry on :5000 where systemd runs: the tests start their own, on
+  # loopback, and a build host needs none.
+  if [[ " ${missing[*]} " == *" docker-registry "* ]] && [ -d /run/systemd/system ]; then
+    $SUDO systemctl disable --now docker-registry.service >/dev/null 2>&1 || true
+  fi
 else
   echo "setup: Debian packages already installed"
 fi

@@ -5,7 +5,8 @@ $FAKE_K3S_STATE, and records what it was asked in $FAKE_K3S_STATE/calls.log.
 
 State files: workloads (lines "KIND NS/NAME WANTED READY_AFTER_N_POLLS"), pod_images,
 template_images, cronjob_images (image references the cluster's objects name), httproutes, store
-(names in the image store), pullable (stored names `crictl pull` can fetch), pinned (names
+(names in the image store), digests (NAME DIGEST of imported images), pullable (stored names
+`crictl pull` can fetch), pulls (every pull attempt, written by the stand-in), pinned (names
 labelled pinned). The image store follows containerd's naming (stored_name). For the readiness
 gate and csghub-reconfigure: jobs (the release's Jobs, lines "NS/NAME CONDITIONS" as the gate's
 jsonpath prints them), secrets (lines "NAME KEY VALUE"), pod_states (the gate's pod lines),
@@ -149,7 +150,33 @@ def stored_name(ref: str) -> str:
 
 
 def fake_digest(name: str) -> str:
+    """The digest of a stored image: the one its archive gave it (`ctr images import`), else made up."""
+    for line in lines("digests"):
+        stored, digest = line.split(" ")
+        if stored == name:
+            return digest
     return "sha256:" + hashlib.sha256(name.encode()).hexdigest()
+
+
+def import_archive(path: str) -> int:
+    """`ctr images import` of an OCI archive: each manifest of its index.json stored under its
+    io.containerd.image.name annotation at its digest, as containerd 1.6's importer names it
+    (archive/importer.go; checked against a real containerd in tests/unit/test_imagecache.py)."""
+    import json
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        member = tar.extractfile("index.json")
+        assert member is not None
+        index = json.load(member)
+    store = lines("store")
+    with open(STATE / "store", "a") as f, open(STATE / "digests", "a") as d:
+        for manifest in index["manifests"]:
+            name = manifest["annotations"]["io.containerd.image.name"]
+            if name not in store:
+                f.write(name + "\n")
+            d.write(f"{name} {manifest['digest']}\n")
+    return 0
 
 
 def ctr(args: list[str]) -> int:
@@ -171,6 +198,8 @@ def ctr(args: list[str]) -> int:
             pinned = ref in lines("pinned")
             print(f"{ref} x {fake_digest(ref)} 1.0 KiB linux/amd64 " +
                   ("io.cri-containerd.pinned=pinned" if pinned else "-"))
+    elif args[:4] == ["images", "import", "--platform", "linux/amd64"] and len(args) == 5:
+        return import_archive(args[4])
     elif args[:2] == ["images", "label"]:
         if args[2] not in lines("store"):
             print(f"ctr: image \"{args[2]}\": not found", file=sys.stderr)
@@ -185,7 +214,11 @@ def ctr(args: list[str]) -> int:
 
 def crictl(args: list[str]) -> int:
     # The "registry" holds the images named in `pullable` (by stored name); a pull stores the image
-    # under the name containerd gives the reference, as the real CRI does.
+    # under the name containerd gives the reference, as the real CRI does. Every pull attempt is
+    # recorded in `pulls`: the build's guest must make none.
+    if args[0] == "pull":
+        with open(STATE / "pulls", "a") as f:
+            f.write(args[1] + "\n")
     if args[0] == "pull" and stored_name(args[1]) in lines("pullable"):
         if stored_name(args[1]) not in lines("store"):
             with open(STATE / "store", "a") as f:

@@ -372,3 +372,41 @@ def test_skipped_steps_need_no_artifacts(tmp_path: Path, lock: Path) -> None:
     assert fetch_artifacts(cfg, lock_path=lock, needed_only=True) == []  # no request: port 9 is closed
     only_k3s = load_config(None, ["provision.skip=[csghub]", f"output.build_dir={tmp_path / 'build'}"])
     assert [Path(g).name for _, g in guest_uploads(only_k3s)] == ["k3s", "k3s-airgap-images-amd64.tar.zst"]
+
+
+def test_a_bundle_made_online_fetches_the_artifacts_with_the_network_cut(publisher: Publisher, tmp_path: Path,
+                                                                         lock: Path) -> None:
+    """`invoke fetch --bundle` on a host with the publisher; `--from-bundle` then the same fetch in a process whose
+    network namespace is cut (unshare --net): every artifact verified from the cache, no request possible."""
+    import json
+    import subprocess
+    import sys
+
+    from appliance.bundle import write_bundle
+
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("cutting the network needs root and unshare(1)")
+    online = config(publisher, tmp_path / "online")
+    fetched = fetch_artifacts(online, lock_path=lock)
+    bundle = tmp_path / "cache.bundle"
+    write_bundle(online, bundle)
+    requests = len(publisher.requests)
+    script = (
+        "import json\n"
+        "from pathlib import Path\n"
+        "from appliance.artifacts import fetch_artifacts\n"
+        "from appliance.bundle import read_bundle\n"
+        "from appliance.config import load_config\n"
+        f"cfg = load_config(None, ['artifacts.k3s_mirror={publisher.base}/k3s-io/k3s/releases/download',\n"
+        f"    'artifacts.chart_repo={publisher.base}/csghub', 'artifacts.cache_dir={tmp_path / 'offline'}'],\n"
+        f"    cwd=Path('{tmp_path}'))\n"
+        f"read_bundle(cfg, Path('{bundle}'))\n"
+        f"results = fetch_artifacts(cfg, lock_path=Path('{lock}'))\n"
+        "print(json.dumps([[r.artifact.name, r.sha256, r.downloaded] for r in results]))\n"
+    )
+    proc = subprocess.run(["unshare", "--net", sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert proc.returncode == 0, proc.stderr
+    offline = json.loads(proc.stdout.splitlines()[-1])
+    assert offline == [[r.artifact.name, r.sha256, False] for r in fetched]
+    assert len(publisher.requests) == requests

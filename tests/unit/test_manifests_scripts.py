@@ -121,8 +121,8 @@ def test_guest_coredns_manifest_equals_the_build_time_one(domain: str, use_top: 
 # k3s cannot run here, so tests/data/fake_k3s.py answers the script's kubectl/ctr/crictl
 # queries from state files. The step runs for real otherwise: in a private mount namespace
 # (tmpfs over /usr/local and /var/lib, invisible to the host) it installs the chart and the
-# manifests, waits with progress, checks HTTP against a real server on loopback, pulls, pins
-# and lists images, and a second run must change nothing.
+# manifests, waits with progress, checks HTTP against a real server on loopback, imports the
+# uploaded image archive, pins and lists images (pulling none), and a second run must change nothing.
 
 FAKE_K3S = PROJECT_ROOT / "tests" / "data" / "fake_k3s.py"
 
@@ -179,9 +179,21 @@ def git_sshd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         server.stop()
 
 
+def stand_in_archive(tmp_path: Path, names: list[str]) -> tuple[Path, str]:
+    """The archive the build uploads (appliance/imagecache.py's write_archive), every name a tiny real
+    image; (its path, the image's digest)."""
+    from appliance.imagecache import write_archive
+    from tests.registry import image_blobs, write_layout
+
+    manifest, blobs = image_blobs([{"stand-in": b"tiny\n"}])
+    store = write_layout(tmp_path / "image-store", manifest, blobs)
+    archive = tmp_path / "images.tar"
+    write_archive(store, [(name, manifest.digest) for name in names], archive)
+    return archive, manifest.digest
+
 
 def csghub_step_in_namespace(tmp_path: Path, port: int, runs: int, image_list: list[str],
-                             git_port: int) -> list[tuple[int, str, str]]:
+                             git_port: int, archive: Path | None = None) -> list[tuple[int, str, str]]:
     if os.geteuid() != 0 or not shutil.which("unshare"):
         pytest.skip("the csghub step run needs root and unshare(1) for a private mount namespace")
     art = tmp_path / "artifacts"
@@ -218,6 +230,7 @@ done
         # The gate's files, kept out of the host's /etc and /run.
         "CSGHUB_READINESS": str(tmp_path / "readiness"), "K3S_REGISTRIES": str(tmp_path / "registries.yaml"),
         "GATE_HOSTS_FILE": str(tmp_path / "hosts"), "FAKE_HOST_STATE": str(tmp_path / "host"),
+        "IMAGE_ARCHIVE": str(archive or tmp_path / "no-images.tar"),
     }
     env["PATH"] = f"{fakebin}:{env['PATH']}"
     run(["unshare", "--mount", "--propagation", "private", "bash", "-c", wrapper], env=env, timeout=300)
@@ -258,10 +271,12 @@ def test_csghub_step_runs_and_second_run_changes_nothing(tmp_path: Path, gateway
         template_images=["docker.io/opencsghq/postgres:15.18", "docker.io/redis:7.4.9"],
         cronjob_images=["opencsghq/dataflow:v2.4.0-argo"],
         store=["docker.io/opencsghq/csghub-portal:v2.4.0-ce", "docker.io/library/busybox:latest"],
-        pullable=real_image_set,
+        pullable=real_image_set,  # a registry the guest could reach: it must not try
         **GATE_STATE,
     )
-    (rc1, out1, err1), (rc2, out2, err2) = csghub_step_in_namespace(tmp_path, gateway, 2, real_image_set, git_sshd)
+    archive, digest = stand_in_archive(tmp_path, real_image_set)
+    (rc1, out1, err1), (rc2, out2, err2) = csghub_step_in_namespace(tmp_path, gateway, 2, real_image_set, git_sshd,
+                                                                    archive)
     assert rc1 == 0, out1 + err1
     assert "changed: installed /var/lib/rancher/k3s/server/static/charts/csghub-2.4.0.tgz" in out1
     assert "changed: CoreDNS resolves csghub.localhost names to 127.0.0.1" in out1
@@ -281,12 +296,12 @@ def test_csghub_step_runs_and_second_run_changes_nothing(tmp_path: Path, gateway
     assert auth == {"username": REGISTRY[0], "password": REGISTRY[1]}
     assert "127.0.0.1 csghub.localhost # csghub-appliance" in (tmp_path / "hosts").read_text()
     assert (tmp_path / "host" / "calls.log").read_text().count("systemctl restart k3s.service") == 1
-    # Exactly the declared set is pulled (with progress), and every image of it is pinned.
+    # The set comes from the uploaded archive, before the release starts; nothing is pulled.
     n = len(real_image_set)
-    pulled = sorted(line.split(" ", 2)[2] for line in out1.splitlines() if line.startswith("changed: pulled "))
-    assert pulled == sorted(set(real_image_set) - {"docker.io/opencsghq/csghub-portal:v2.4.0-ce",
-                                                   "docker.io/library/busybox:latest"})
-    assert f"progress: pulling image 1/{n - 2}: " in out1
+    assert f"progress: importing {n - 2} image(s) from {archive}" in out1
+    assert out1.index("changed: imported the image set") < out1.index("changed: installed /var/lib/rancher")
+    assert not (tmp_path / "state" / "pulls").exists()
+    assert "crictl" not in (tmp_path / "state" / "calls.log").read_text()
     assert out1.count("changed: pinned ") == n
     assert f"ok: all {n} images of the declared set are stored and pinned" in out1
     # The store now holds the set under containerd's names: the stand-in's store is checked against a
@@ -296,7 +311,8 @@ def test_csghub_step_runs_and_second_run_changes_nothing(tmp_path: Path, gateway
     # The list the build report reads back: every image with the digest the store reports for it.
     with_digests = [line.split(" ") for line in (tmp_path / "out" / "1.images").read_text().splitlines()]
     assert [name for name, _ in with_digests] == sorted(real_image_set)
-    assert all(digest.startswith("sha256:") and len(digest) == 71 for _, digest in with_digests)
+    assert all(d.startswith("sha256:") and len(d) == 71 for _, d in with_digests)
+    assert all(d == digest for _, d in with_digests)  # the archive's digests (an import replaces a record)
     assert f"CSGHub: http://csghub.localhost:{gateway}/" in out1
     assert "get secret csghub-casdoor-init" in out1
     assert rc2 == 0, out2 + err2
@@ -310,9 +326,9 @@ def test_csghub_step_fails_with_the_gates_line_when_the_admin_login_is_refused(
     state = dict(GATE_STATE)
     wrong = "csghub-casdoor-init INIT_ADMIN_PASSWORD wrong"
     state["secrets"] = [*GATE_STATE["secrets"][:1], wrong, *GATE_STATE["secrets"][2:]]
-    fake_state(tmp_path, workloads=["Deployment csghub/csghub-portal 1 1"],
-               httproutes=["csghub.localhost", "casdoor.csghub.localhost"], **state)
     portal = ["docker.io/opencsghq/csghub-portal:v2.4.0-ce"]
+    fake_state(tmp_path, workloads=["Deployment csghub/csghub-portal 1 1"],
+               httproutes=["csghub.localhost", "casdoor.csghub.localhost"], store=portal, **state)
     ((rc, _out, err),) = csghub_step_in_namespace(tmp_path, gateway, 1, portal, git_sshd)
     assert rc != 0
     assert ("CSGHub is not ready: failed: the admin's sign-in through CSGHub's OAuth flow failed: the admin's "
@@ -330,15 +346,17 @@ def test_csghub_step_fails_naming_a_missing_image(tmp_path: Path, gateway: int, 
         workloads=["Deployment csghub/csghub-portal 1 1"],
         httproutes=["csghub.localhost", "casdoor.csghub.localhost"],
         pod_images=["opencsghq/csghub-portal:v2.4.0-ce"],
-        pullable=[name for name in real_image_set if name != unavailable],
+        pullable=real_image_set,  # reachable, yet never asked
         **GATE_STATE,
     )
-    ((rc, out, err),) = csghub_step_in_namespace(tmp_path, gateway, 1, real_image_set, git_sshd)
+    archive, _ = stand_in_archive(tmp_path, [name for name in real_image_set if name != unavailable])
+    ((rc, out, err),) = csghub_step_in_namespace(tmp_path, gateway, 1, real_image_set, git_sshd, archive)
     assert rc != 0
-    assert f"warning: pulling {unavailable} failed" in err
-    assert f"missing images (the appliance would need the internet to start them):\n  {unavailable}\n" in err
+    assert not (tmp_path / "state" / "pulls").exists()
+    assert f"the guest never pulls):\n  {unavailable}\n" in err
     assert f"1 of {len(real_image_set)} images of the declared set are not in the image store" in err
     assert "ok: all" not in out
+    assert "changed: installed /var/lib/rancher" not in out  # before the release starts
 
 
 def test_csghub_step_fails_on_an_image_the_set_does_not_declare(tmp_path: Path, gateway: int, git_sshd: int) -> None:
@@ -371,14 +389,14 @@ def test_csghub_step_checks_digests_the_version_lock_pins(tmp_path: Path, gatewa
         httproutes=["csghub.localhost", "casdoor.csghub.localhost"],
         pod_images=["opencsghq/csghub-portal:v2.4.0-ce"],
         store=[kept],
-        pullable=[moved],
         **GATE_STATE,
     )
+    archive, digest = stand_in_archive(tmp_path, [moved])
     listed = [f"{kept} {stand_in_digest(kept)}", f"{moved} sha256:{'0' * 64}"]
-    ((rc, _out, err),) = csghub_step_in_namespace(tmp_path, gateway, 1, listed, git_sshd)
+    ((rc, _out, err),) = csghub_step_in_namespace(tmp_path, gateway, 1, listed, git_sshd, archive)
     assert rc != 0
-    assert "images whose tag no longer resolves to the digest the version lock pins:" in err
-    assert f"  {moved}: stored {stand_in_digest(moved)}, the version lock pins sha256:{'0' * 64}" in err
+    assert "images whose digest differs from the one the version lock pins:" in err
+    assert f"  {moved}: stored {digest}, the version lock pins sha256:{'0' * 64}" in err
     assert kept + ":" not in err
     assert "1 image(s) differ from the version lock" in err
 
@@ -396,23 +414,25 @@ def test_a_pinned_build_records_its_images_and_passes(tmp_path: Path, gateway: i
 
     kept, pulled = "docker.io/opencsghq/csghub-portal:v2.4.0-ce", "docker.io/library/redis:7.4.9"
     unpinned = "docker.io/library/busybox:latest"
+    archive, digest = stand_in_archive(tmp_path, [pulled, unpinned])
     lock = read_lock(LOCK_FILE)
-    lock["images"] = {"2.4.0": {kept: stand_in_digest(kept), pulled: stand_in_digest(pulled)}}
+    lock["images"] = {"2.4.0": {kept: stand_in_digest(kept), pulled: digest}}
     write_lock(lock, tmp_path / "versions.lock.yaml")
     pins = locked_image_digests(read_lock(tmp_path / "versions.lock.yaml"), "2.4.0")
     listed = image_list_text([ImageEntry(name, (name,)) for name in sorted([kept, pulled, unpinned])], pins)
-    assert f"{pulled} {stand_in_digest(pulled)}\n" in listed and f"{unpinned}\n" in listed
+    assert f"{pulled} {digest}\n" in listed and f"{unpinned}\n" in listed
     fake_state(tmp_path, workloads=["Deployment csghub/csghub-portal 1 1"],
                httproutes=["csghub.localhost", "casdoor.csghub.localhost"],
-               pod_images=["opencsghq/csghub-portal:v2.4.0-ce"], store=[kept], pullable=[pulled, unpinned],
-               **GATE_STATE)
-    ((rc, out, err),) = csghub_step_in_namespace(tmp_path, gateway, 1, listed.splitlines(), git_sshd_server.port)
+               pod_images=["opencsghq/csghub-portal:v2.4.0-ce"], store=[kept], **GATE_STATE)
+    ((rc, out, err),) = csghub_step_in_namespace(tmp_path, gateway, 1, listed.splitlines(), git_sshd_server.port,
+                                                 archive)
     assert rc == 0, out + err
     assert "ok: all 3 images of the declared set are stored and pinned" in out
     with git_sshd_server.session(known_hosts=tmp_path / "known_hosts") as session:
         recorded = record_stored_images(session, tmp_path / "artifacts" / "images.txt",
                                         str(tmp_path / "out" / "1.images"))
-    assert recorded == [{"name": n, "digest": stand_in_digest(n)} for n in sorted([kept, pulled, unpinned])]
+    assert recorded == [{"name": n, "digest": stand_in_digest(n) if n == kept else digest}
+                        for n in sorted([kept, pulled, unpinned])]
 
 
 # -- the k3s step, against stand-ins for k3s, systemd and ip ------------------------------------
