@@ -176,16 +176,41 @@ def test_fact_parsers() -> None:
     jobs = bash("job_facts", "csghub/a Complete=True,SuccessCriteriaMet=True,\ncsghub/b \n"
                              "csghub/c FailureTarget=True,Failed=True,\n").stdout.splitlines()
     assert jobs == ["job csghub/a complete", "job csghub/b running", "job csghub/c failed"]
-    workloads = bash("workload_facts spaces", "Deployment csghub/portal 1 1\nDeployment csghub/server  \n"
-                                              "Deployment spaces/user-app 1 0\nDaemonSet kube-system/x 1 0\n").stdout
+    workloads = bash("workload_facts spaces",
+                     "Deployment csghub/portal want=1 ready=1 gen=3 seen=3 updated=1 total=1\n"
+                     "Deployment csghub/server want= ready= gen=1 seen= updated= total=\n"
+                     "Deployment spaces/user-app want=1 ready=0 gen=1 seen=1 updated=1 total=1\n"
+                     "DaemonSet kube-system/x want=1 ready=0 gen=1 seen=1 updated=1\n"
+                     "DaemonSet kube-system/y want=0 ready= gen=1 seen=1 updated=\n").stdout
     assert workloads.splitlines() == ["workload Deployment csghub/portal ready",
                                       "workload Deployment csghub/server waiting",
-                                      "workload DaemonSet kube-system/x waiting"]
+                                      "workload DaemonSet kube-system/x waiting",
+                                      "workload DaemonSet kube-system/y ready"]
     pulls = bash("pull_facts spaces", "csghub/p docker.io/busybox:latest= docker.io/a/b:1=ErrImagePull\n"
                                       "spaces/u x:1=ImagePullBackOff\n"
                                       "csghub/q reg:5000/c@sha256:ab=ErrImageNeverPull\n").stdout
     assert pulls.splitlines() == ["pull csghub/p docker.io/a/b:1 ErrImagePull",
                                   "pull csghub/q reg:5000/c@sha256:ab ErrImageNeverPull"]
+
+
+@pytest.mark.parametrize(("line", "state"), [
+    # A rollout (first boot's upgrade, a reconfigure): the old pod is ready, the new one is not.
+    ("Deployment csghub/csghub-server want=1 ready=1 gen=2 seen=2 updated=1 total=2", "waiting"),
+    ("Deployment csghub/csghub-server want=1 ready=1 gen=2 seen=2 updated=0 total=1", "waiting"),
+    # The controller has not yet seen the change the upgrade made.
+    ("Deployment csghub/csghub-server want=1 ready=1 gen=3 seen=2 updated=1 total=1", "waiting"),
+    ("StatefulSet csghub/csghub-registry want=1 ready=1 gen=2 seen=2 updated=0 total=1", "waiting"),
+    ("DaemonSet kube-system/svclb want=1 ready=1 gen=2 seen=2 updated=0", "waiting"),
+    ("DaemonSet kube-system/svclb want=1 ready=1 gen=2 seen=1 updated=1", "waiting"),
+    # Done: every replica runs the current template and is ready.
+    ("Deployment csghub/csghub-server want=2 ready=2 gen=4 seen=4 updated=2 total=2", "ready"),
+    ("StatefulSet csghub/csghub-registry want=1 ready=1 gen=2 seen=2 updated=1 total=1", "ready"),
+    ("DaemonSet kube-system/svclb want=1 ready=1 gen=2 seen=2 updated=1", "ready"),
+])
+def test_a_workload_in_rollout_is_not_ready(line: str, state: str) -> None:
+    """Ready pods of the old template do not make a workload ready (kubectl rollout status's rule)."""
+    kind, name = line.split()[:2]
+    assert bash("workload_facts spaces", line + "\n").stdout.strip() == f"workload {kind} {name} {state}"
 
 
 def test_casdoor_bodies_are_json_with_the_secrets_escaped() -> None:

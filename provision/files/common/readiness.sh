@@ -64,13 +64,23 @@ job_facts() {
                   print "job", $1, state }'
 }
 
-# workload_facts USER_NAMESPACES < "KIND NS/NAME WANTED READY" lines
-#   -> "workload KIND NS/NAME ready|waiting" lines. An empty WANTED counts as 1 (a Deployment
-#   without .spec.replicas), an empty READY as 0; workloads in USER_NAMESPACES are left out.
+# workload_facts USER_NAMESPACES < "KIND NS/NAME KEY=VALUE..." lines -> "workload KIND NS/NAME
+#   ready|waiting" lines; workloads in USER_NAMESPACES are left out. Keys (an empty value counts
+#   as 0, an empty want as 1): want (replicas asked for), ready, gen (metadata.generation), seen
+#   (status.observedGeneration), updated (replicas of the current pod template), total (a
+#   Deployment's pods of any template). Ready as `kubectl rollout status` sees it: the controller
+#   has seen the last change, every replica runs the current template and is ready, and no pod of
+#   an older template is left. Ready pods alone are not enough: during a rollout (first boot's
+#   upgrade, a reconfigure) the old pods stay ready and keep answering with the old Secrets, so a
+#   new pod that never starts would pass, and an old one refusing the new credentials would fail.
 workload_facts() {
     awk -v skip=" $1 " 'NF >= 2 { split($2, p, "/"); if (index(skip, " " p[1] " ")) next
-                  want = ($3 == "" ? 1 : $3); have = ($4 == "" ? 0 : $4)
-                  print "workload", $1, $2, ((have + 0 >= want + 0) ? "ready" : "waiting") }'
+                  split("", f)
+                  for (i = 3; i <= NF; i++) { eq = index($i, "="); if (eq) f[substr($i, 1, eq - 1)] = substr($i, eq + 1) }
+                  want = (f["want"] == "" ? 1 : f["want"] + 0)
+                  ok = (f["ready"] + 0 >= want && f["updated"] + 0 >= want && f["seen"] + 0 >= f["gen"] + 0)
+                  if ($1 == "Deployment" && f["total"] + 0 > f["updated"] + 0) ok = 0
+                  print "workload", $1, $2, (ok ? "ready" : "waiting") }'
 }
 
 # with_remembered_failures RECORD < "job NS/NAME STATE" lines -> the same lines, plus "job NS/NAME
@@ -665,9 +675,9 @@ gate_facts() {
     fi
     workloads=$({
         _gate_kc get deployments,statefulsets -A \
-            -o 'jsonpath={range .items[*]}{.kind} {.metadata.namespace}/{.metadata.name} {.spec.replicas} {.status.readyReplicas}{"\n"}{end}' || true
+            -o 'jsonpath={range .items[*]}{.kind} {.metadata.namespace}/{.metadata.name} want={.spec.replicas} ready={.status.readyReplicas} gen={.metadata.generation} seen={.status.observedGeneration} updated={.status.updatedReplicas} total={.status.replicas}{"\n"}{end}' || true
         _gate_kc get daemonsets -A \
-            -o 'jsonpath={range .items[*]}{.kind} {.metadata.namespace}/{.metadata.name} {.status.desiredNumberScheduled} {.status.numberReady}{"\n"}{end}' || true
+            -o 'jsonpath={range .items[*]}{.kind} {.metadata.namespace}/{.metadata.name} want={.status.desiredNumberScheduled} ready={.status.numberReady} gen={.metadata.generation} seen={.status.observedGeneration} updated={.status.updatedNumberScheduled}{"\n"}{end}' || true
     } 2>/dev/null | workload_facts "$GATE_USER_NAMESPACES")
     [[ -n "$jobs" ]] && echo "$jobs"
     [[ -n "$workloads" ]] && echo "$workloads"
