@@ -236,7 +236,7 @@ def test_casdoor_bodies_are_json_with_the_secrets_escaped() -> None:
          "waiting Casdoor has locked the admin after failed sign-ins (You have entered the wrong password or code too "
          "many times, please wait for 15 minutes and try again)"),
         ('{"status":"error","msg":"password or code is incorrect","data":null}',
-         "refused the admin's password (Secret csghub-casdoor-init) was refused: password or code is incorrect"),
+         "password the admin's password (Secret csghub-casdoor-init) was refused: password or code is incorrect"),
         ('{"status":"error","msg":"Invalid client_id","data":null}',
          "refused Casdoor knows no application with the portal's client id (ConfigMap csghub-core, "
          "CSGHUB_PORTAL_LOGIN_URL): Invalid client_id"),
@@ -459,6 +459,30 @@ def test_a_copy_whose_services_disagree_fails_naming_what(tmp_path: Path, stand_
     line = gate_line(tmp_path, stand_in.port, git_sshd)
     assert line.startswith(named), line
     assert line.endswith("; then sudo csghub-status --retry")
+
+
+def test_a_password_the_admin_changed_after_a_proved_sign_in_is_no_failure(
+        tmp_path: Path, stand_in: Gateway, git_sshd: int) -> None:  # noqa: F811
+    """CSGHub lets the admin change the password the Secret holds: a copy where the Secret's password signed in once
+    stays ready when it is refused later, and the gate stops trying it (each try counts towards Casdoor's lockout)."""
+    record = tmp_path / "state" / "admin-signin"
+    remember = f"GATE_SIGNIN_RECORD={record};"
+    services = stand_in.stand_in
+    assert gate_line(tmp_path, stand_in.port, git_sshd, extra=remember) == "ready"
+    assert record.read_text().startswith("proved ") and COPY.admin_password not in record.read_text()
+    assert oct(record.stat().st_mode & 0o777) == "0o600"
+
+    services.admin_password = "changed-by-the-admin"
+    assert gate_line(tmp_path, stand_in.port, git_sshd, extra=remember) == "ready"
+    assert record.read_text().startswith("changed ")
+    assert services.wrong_times == 1
+    assert gate_line(tmp_path, stand_in.port, git_sshd, extra=remember) == "ready"
+    assert services.wrong_times == 1, "the gate tried a password it knows was changed"
+
+    # A refusal of a password never proved here is a broken copy, as before (and without a record at all).
+    record.write_text("proved " + "0" * 64 + "\n")
+    line = gate_line(tmp_path, stand_in.port, git_sshd, extra=remember)
+    assert line.startswith("failed: the admin's sign-in through CSGHub's OAuth flow failed: the admin's password"), line
 
 
 def test_a_lockout_is_waiting_then_ready_when_it_ends(tmp_path: Path, stand_in: Gateway,  # noqa: F811

@@ -110,8 +110,9 @@ json_field() {
 
 # casdoor_code_outcome < Casdoor's /api/login answer to a type "code" sign-in (Casdoor v3.62.0,
 # controllers/auth.go; messages from object/check.go, object/token_oauth_util.go, with the
-# chart's enableErrorMask) -> "code CODE" | "waiting WHY" | "refused WHAT". Only a definite
-# refusal is "refused"; a lockout (five wrong passwords from anyone) ends by itself.
+# chart's enableErrorMask) -> "code CODE" | "waiting WHY" | "password WHAT" (the admin's password
+# was refused) | "refused WHAT". Only a definite refusal is "password" or "refused"; a lockout (five
+# wrong passwords from anyone) ends by itself.
 casdoor_code_outcome() {
     local body status msg code
     body=$(cat)
@@ -129,7 +130,7 @@ casdoor_code_outcome() {
         "Redirect URI"*)
             echo "refused Casdoor does not allow the portal's redirect URI (ConfigMap $GATE_CORE_CONFIGMAP, CSGHUB_PORTAL_LOGIN_URL): $msg" ;;
         "password or code is incorrect"* | "The user: "*"doesn't exist"*)
-            echo "refused the admin's password (Secret $GATE_CASDOOR_SECRET) was refused: $msg" ;;
+            echo "password the admin's password (Secret $GATE_CASDOOR_SECRET) was refused: $msg" ;;
         *"does not exist"* | *"forbidden"* | *"is not supported"* | *"disabled"* | *"not enabled"*)
             echo "refused Casdoor refused the sign-in: $msg" ;;
         *) echo "waiting Casdoor answered: ${msg:-${body:0:120}}" ;;
@@ -337,7 +338,9 @@ gate_hint() {
 #   knative NS/NAME ready|waiting  a KnativeServing and its Ready condition ("knative none": none yet)
 #   portal CODE                    HTTP status of / through the gateway (000: no answer)
 #   server CODE OK|-               csghub-server's GET /api/v1/models through the gateway, and its "msg"
-#   login ok|waiting WHY|refused WHAT|down   the admin's sign-in through CSGHub's OAuth flow
+#   login ok|changed|waiting WHY|refused WHAT|down   the admin's sign-in through CSGHub's OAuth flow
+#                                  ("changed": proved on this copy before, refused now: the admin
+#                                  changed the password, which CSGHub lets them do)
 #   gitssh BANNER|-                first line the git SSH port sent
 #   registry CODE CHALLENGE        GET /v2/ with this copy's credentials: status and WWW-Authenticate scheme
 #   offline yes                    no internet: a missing image is final
@@ -432,7 +435,7 @@ gate_verdict() {
             login)
                 total=$((total + 1))
                 case "$a" in
-                    ok) done_count=$((done_count + 1)) ;;
+                    ok | changed) done_count=$((done_count + 1)) ;;
                     refused) _gate_fail login "" "the admin's sign-in through CSGHub's OAuth flow failed: ${line#login refused }" ;;
                     waiting) _gate_pend login "" "the admin's sign-in through CSGHub's OAuth flow (${line#login waiting })" ;;
                     *) _gate_pend login "" "the admin's sign-in through CSGHub's OAuth flow" ;;
@@ -576,8 +579,23 @@ _gate_casdoor_post() {
 # checks tokens with.
 gate_login_fact() {
     local user pass login_url client_id redirect secret cert_b64 body answer code outcome token dir query client_id_q redirect_q
+    local fingerprint="" record=""
     user=$(gate_secret_value "$GATE_CASDOOR_SECRET" INIT_ADMIN_USER)
     pass=$(gate_secret_value "$GATE_CASDOOR_SECRET" INIT_ADMIN_PASSWORD)
+    # The admin may change the password the Secret holds (CSGHub's profile page, Casdoor's admin
+    # page): once it signed in on this copy and is refused later, that is what happened, not a
+    # broken copy. GATE_SIGNIN_RECORD (csghub-ready sets it; the build does not) remembers, per
+    # user and password (a SHA-256 fingerprint, never the password), "proved" or "changed"; after
+    # "changed" the gate stops trying that password: each try would count towards Casdoor's lockout.
+    if [[ -n "${GATE_SIGNIN_RECORD:-}" && -n "$user" && -n "$pass" ]]; then
+        fingerprint=$(printf '%s\n%s' "$user" "$pass" | sha256sum)
+        fingerprint=${fingerprint%% *}
+        record=$(cat "$GATE_SIGNIN_RECORD" 2>/dev/null || true)
+        if [[ "$record" == "changed $fingerprint" ]]; then
+            echo "login changed"
+            return 0
+        fi
+    fi
     login_url=$(gate_configmap_value "$GATE_CORE_CONFIGMAP" CSGHUB_PORTAL_LOGIN_URL)
     secret=$(gate_configmap_value "$GATE_CORE_CONFIGMAP" STARHUB_SERVER_CASDOOR_CLIENT_SECRET)
     cert_b64=$(_gate_kc -n "$GATE_RELEASE_NS" get secret "$GATE_CASDOOR_CERTS_SECRET" \
@@ -601,6 +619,15 @@ gate_login_fact() {
         return 0
     fi
     outcome=$(casdoor_code_outcome <<<"${answer%$'\n'*}")
+    if [[ "$outcome" == "password "* ]]; then
+        if [[ -n "$fingerprint" && "$record" == "proved $fingerprint" ]]; then
+            _gate_signin_record "changed $fingerprint"
+            echo "login changed"
+        else
+            echo "login refused ${outcome#password }"
+        fi
+        return 0
+    fi
     if [[ "$outcome" != "code "* ]]; then
         echo "login $outcome"
         return 0
@@ -623,11 +650,20 @@ gate_login_fact() {
     }
     base64 -d <<<"$cert_b64" >"$dir/cert.pem" 2>/dev/null || true
     if jwt_signed_by "$token" "$dir/cert.pem"; then
+        [[ -z "$fingerprint" || "$record" == "proved $fingerprint" ]] || _gate_signin_record "proved $fingerprint"
         echo "login ok"
     else
         echo "login refused Casdoor's token is not signed by the certificate csghub-server checks tokens with (Secret $GATE_CASDOOR_CERTS_SECRET, tls.crt)"
     fi
     rm -rf "$dir"
+}
+
+# _gate_signin_record LINE: replace GATE_SIGNIN_RECORD's content with LINE (root only).
+# A record that cannot be written only costs the leniency it would give.
+_gate_signin_record() {
+    if mkdir -p "${GATE_SIGNIN_RECORD%/*}" && (umask 077 && printf '%s\n' "$1" >"$GATE_SIGNIN_RECORD.tmp"); then
+        mv -f "$GATE_SIGNIN_RECORD.tmp" "$GATE_SIGNIN_RECORD" || true
+    fi
 }
 
 # gate_ssh_banner -> the first line the git SSH port sends, or "-".
