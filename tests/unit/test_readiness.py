@@ -417,6 +417,42 @@ def test_a_correct_copy_is_ready(tmp_path: Path, stand_in: Gateway, git_sshd: in
     assert ("GET", "csghub.localhost", "/api/v1/models") in asked
 
 
+def test_the_probes_go_to_the_node_not_through_a_proxy_or_curlrc(tmp_path: Path, stand_in: Gateway,  # noqa: F811
+                                                                 git_sshd: int) -> None:  # noqa: F811
+    """A proxy in the environment or root's ~/.curlrc would get the admin's password and the registry's credentials
+    (and --resolve does not apply through a proxy): the gate's curl ignores both."""
+    import socket
+
+    heard: list[bytes] = []
+    proxy = socket.socket()
+    proxy.bind(("127.0.0.1", 0))
+    proxy.listen(8)
+    proxy.settimeout(0.2)
+    port = proxy.getsockname()[1]
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".curlrc").write_text(f"proxy = http://127.0.0.1:{port}\n")
+    extra = (f"export HOME={home} http_proxy=http://127.0.0.1:{port} HTTP_PROXY=http://127.0.0.1:{port} "
+             f"all_proxy=http://127.0.0.1:{port};")
+    try:
+        line = gate_line(tmp_path, stand_in.port, git_sshd, extra=extra)
+        while True:
+            try:
+                conn, _ = proxy.accept()
+            except OSError:
+                break
+            with conn:
+                conn.settimeout(0.5)
+                try:
+                    heard.append(conn.recv(65536))
+                except OSError:
+                    heard.append(b"(connected)")
+    finally:
+        proxy.close()
+    assert heard == [], heard
+    assert line == "ready"
+
+
 @pytest.mark.parametrize(
     ("mismatch", "named"),
     [

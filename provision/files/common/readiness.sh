@@ -516,12 +516,17 @@ gate_release_fact() {
     fi
 }
 
+# _gate_curl ARGS...: curl straight to the node address. No proxy from the environment (it would
+# get the admin's password and the registry's credentials, and --resolve does not apply through
+# it) and no ~/.curlrc (-q, which must come first): every option the probes rely on is theirs.
+_gate_curl() { curl -q --noproxy '*' "$@"; }
+
 # gate_http_code HOST PATH: the status code for http://HOST:PORT/PATH through the node address,
 # with the Host header a browser sends.
 gate_http_code() {
     local code
     # curl writes 000 itself when nothing answered (and exits non-zero).
-    code=$(curl -sS -o /dev/null -w '%{http_code}' --max-time 15 \
+    code=$(_gate_curl -sS -o /dev/null -w '%{http_code}' --max-time 15 \
         --resolve "$1:$CSGHUB_HTTP_PORT:$K3S_NODE_IP" "http://$1:$CSGHUB_HTTP_PORT$2" 2>/dev/null) || true
     echo "${code:-000}"
 }
@@ -548,7 +553,7 @@ gate_registry_fact() {
         echo "registry 000 -"
         return 0
     fi
-    headers=$(_gate_curl_config "$user" "$pass" | curl -sS -o /dev/null -D - --max-time 15 -K - \
+    headers=$(_gate_curl_config "$user" "$pass" | _gate_curl -sS -o /dev/null -D - --max-time 15 -K - \
         --resolve "$1:$CSGHUB_HTTP_PORT:$K3S_NODE_IP" "http://$1:$CSGHUB_HTTP_PORT/v2/" 2>/dev/null | tr -d '\r') || true
     code=$(awk 'NR == 1 { print $2 }' <<<"$headers")
     scheme=$(awk 'tolower($1) == "www-authenticate:" { print $2; exit }' <<<"$headers")
@@ -558,7 +563,7 @@ gate_registry_fact() {
 # gate_server_fact HOST -> "server CODE OK|-": one request through the gateway to csghub-server's API.
 gate_server_fact() {
     local answer code msg
-    answer=$(curl -sS --max-time 15 -w '\n%{http_code}' --resolve "$1:$CSGHUB_HTTP_PORT:$K3S_NODE_IP" \
+    answer=$(_gate_curl -sS --max-time 15 -w '\n%{http_code}' --resolve "$1:$CSGHUB_HTTP_PORT:$K3S_NODE_IP" \
         "http://$1:$CSGHUB_HTTP_PORT/api/v1/models?page=1&per=1" 2>/dev/null) || answer=$'\n000'
     code=${answer##*$'\n'}
     msg=$(json_field msg <<<"${answer%$'\n'*}")
@@ -568,7 +573,7 @@ gate_server_fact() {
 # _gate_casdoor_post HOST PATH -> the answer's body, a newline, and its HTTP status (body on stdin:
 # passwords and secrets never go on a command line).
 _gate_casdoor_post() {
-    curl -sS --max-time 20 -H 'Content-Type: application/json' --data-binary @- -w '\n%{http_code}' \
+    _gate_curl -sS --max-time 20 -H 'Content-Type: application/json' --data-binary @- -w '\n%{http_code}' \
         --resolve "$1:$CSGHUB_HTTP_PORT:$K3S_NODE_IP" "http://$1:$CSGHUB_HTTP_PORT$2" 2>/dev/null || printf '\n000'
 }
 
