@@ -189,5 +189,7 @@ def test_full_build_serves_the_portal(release_host: None, tmp_path: Path) -> Non
         assert wait_for_status(url, f"{names['portal']}:{port.host}", 200, deadline) == 200
         assert wait_for_status(url, f"{names['casdoor']}:{port.host}", 200, deadline) == 200
     finally:
-        unregister_and_delete(name)  # waits until VirtualBox has released the VM's session
-        run(invoke_argv("destroy", sets), cwd=PROJECT_ROOT, check=False, timeout=1800)
+        try:
+            unregister_and_delete(name)  # waits until VirtualBox has released the VM's session
+        finally:  # the build VM goes even when the imported one could not be removed
+            run(invoke_argv("destroy", sets), cwd=PROJECT_ROOT, check=False, timeout=1800)
