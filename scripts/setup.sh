@@ -15,6 +15,8 @@ APT_PACKAGES=(
   openssh-server openssh-client shellcheck sudo
   # tests check image names against real containerd; helm (for rendering the real chart) comes from npm
   containerd unzip
+  # the readiness gate's registry push and pull is tested against the real registry (distribution 2.8)
+  docker-registry
   # build tooling
   python3-pip git ca-certificates
 )

@@ -65,7 +65,7 @@ UP = ["api up", "release deployed", "job csghub/csghub-server-migrate complete",
       "workload Deployment csghub/csghub-portal ready", "workload StatefulSet csghub/csghub-postgresql ready"]
 # In the order gate_facts gives them.
 ENDPOINTS = ["knative knative-serving/knative-serving ready", "portal 200", "server 200 OK", "login ok",
-             "gitssh SSH-2.0-GitLab-SSHD", "registry 200 -"]
+             "gitssh SSH-2.0-GitLab-SSHD", "registry 200 - pushed"]
 RETRY = "; then sudo csghub-status --retry"
 
 
@@ -114,12 +114,15 @@ def _without(prefix: str, *replacement: str) -> list[str]:
          "starting (12/13): waiting for the registry's /v2/ with this copy's credentials (HTTP 404)"),
         (_without("registry", "registry 401 Bearer"),
          "starting (12/13): waiting for the registry's /v2/ with this copy's credentials (HTTP 401)"),
+        # /v2/ lets the credentials in, but a push does not go through (yet: the object store starting, say).
+        (_without("registry", "registry 200 - waiting manifest-push 500"),
+         "starting (12/13): waiting for a push and pull of a test image to the registry (manifest-push 500)"),
         # At build time (online) a missing image is being pulled.
         ([*UP, "pull csghub/csghub-server-0 opencsghq/csghub-server:v2.4.0-ce ErrImagePull", *ENDPOINTS],
          "starting (13/13): waiting for pulling image opencsghq/csghub-server:v2.4.0-ce for csghub/csghub-server-0"),
     ],
     ids=["api", "release", "job", "workload", "knative", "knative-none", "portal", "portal-302", "server", "login",
-         "lockout", "gitssh", "registry-404", "registry-bearer", "pull"],
+         "lockout", "gitssh", "registry-404", "registry-bearer", "registry-push", "pull"],
 )
 def test_pending_checks_say_starting_with_counts(facts: list[str], line: str) -> None:
     assert verdict(*facts) == line
@@ -142,6 +145,9 @@ def test_pending_checks_say_starting_with_counts(facts: list[str], line: str) ->
         (_without("registry", "registry 401 Basic"),
          "failed: the registry refused this copy's credentials (Secret csghub-registry: its htpasswd does not take "
          "REGISTRY_PASSWORD) — sudo k3s kubectl -n csghub logs deploy/csghub-registry" + RETRY),
+        (_without("registry", "registry 200 - refused layer-upload"),
+         "failed: the registry let this copy's credentials read but refused a push (layer-upload: HTTP 401) — "
+         "sudo k3s kubectl -n csghub logs deploy/csghub-registry" + RETRY),
         # Offline (a copy's boot) a missing image never arrives.
         ([*UP, "pull csghub/csghub-server-0 opencsghq/csghub-server:v2.4.0-ce ImagePullBackOff", "offline yes"],
          "failed: image opencsghq/csghub-server:v2.4.0-ce of pod csghub/csghub-server-0 is not in the image store "
@@ -160,7 +166,8 @@ def test_pending_checks_say_starting_with_counts(facts: list[str], line: str) ->
         (["api down", "expired yes"],
          "failed: the cluster API not ready in time — sudo systemctl status k3s; sudo journalctl -u k3s" + RETRY),
     ],
-    ids=["release", "job", "login", "registry", "image-offline", "deadline-workload", "deadline-gitssh",
+    ids=["release", "job", "login", "registry", "registry-push", "image-offline", "deadline-workload",
+         "deadline-gitssh",
          "deadline-knative", "deadline-api"],
 )
 def test_each_failure_gives_its_line(facts: list[str], line: str) -> None:
@@ -302,8 +309,10 @@ def test_remembered_job_failures_outlive_the_job() -> None:
     assert bash("knative_facts", "knative-serving/ks True\nx/y False\n").stdout.splitlines() == [
         "knative knative-serving/ks ready", "knative x/y waiting"]
     assert bash("knative_facts", "").stdout.strip() == "knative none"
-    assert [bash(f"registry_state {c} {s}").stdout.strip() for c, s in
-            [(200, "-"), (401, "Basic"), (401, "Bearer"), (503, "-")]] == ["ok", "refused", "waiting", "waiting"]
+    assert [bash(f"registry_state {c} {s} {push}").stdout.strip() for c, s, push in
+            [(200, "-", "pushed"), (200, "-", "refused"), (200, "-", "waiting"), (200, "-", "-"), (401, "Basic", "-"),
+             (401, "Bearer", "-"), (503, "-", "-")]] == ["ok", "pushrefused", "waiting", "waiting", "refused",
+                                                         "waiting", "waiting"]
 
 
 def test_registries_yaml_and_hosts_line() -> None:

@@ -244,11 +244,15 @@ casdoor_token_body() {
     printf '{"grant_type":"authorization_code","client_id":%s,"client_secret":%s,"code":%s}\n' "$id" "$secret" "$code"
 }
 
-# registry_state CODE CHALLENGE: the registry's answer to GET /v2/ with this copy's credentials
-# -> ok (200) | refused (401 with a Basic challenge: the htpasswd does not take them) | waiting.
+# registry_state CODE CHALLENGE PUSH: the registry's answer to GET /v2/ with this copy's
+# credentials, and how a push and pull with them went (gate_registry_push_pull's word)
+# -> ok (200, pushed) | refused (401 with a Basic challenge: the htpasswd does not take them) |
+# pushrefused (a push step answered 401) | waiting.
 registry_state() {
-    if [[ "$1" == 200 ]]; then
+    if [[ "$1" == 200 && "${3:-}" == pushed ]]; then
         echo ok
+    elif [[ "$1" == 200 && "${3:-}" == refused ]]; then
+        echo pushrefused
     elif [[ "$1" == 401 && "$2" == Basic* ]]; then
         echo refused
     else
@@ -342,11 +346,13 @@ gate_hint() {
 #                                  ("changed": proved on this copy before, refused now: the admin
 #                                  changed the password, which CSGHub lets them do)
 #   gitssh BANNER|-                first line the git SSH port sent
-#   registry CODE CHALLENGE        GET /v2/ with this copy's credentials: status and WWW-Authenticate scheme
+#   registry CODE CHALLENGE PUSH...  GET /v2/ with this copy's credentials: status and WWW-Authenticate
+#                                  scheme, then the push and pull of a test image: pushed | refused STEP |
+#                                  waiting STEP STATUS (- when /v2/ did not answer 200)
 #   offline yes                    no internet: a missing image is final
 #   expired yes                    the deadline passed: what is still pending has failed
 gate_verdict() {
-    local kind a b c rest total=0 done_count=0 pending="" pending_check="" pending_subject=""
+    local kind a b c rest push total=0 done_count=0 pending="" pending_check="" pending_subject=""
     local failed="" offline=no expired=no
     local -a lines=()
     mapfile -t lines
@@ -451,10 +457,18 @@ gate_verdict() {
                 ;;
             registry)
                 total=$((total + 1))
-                case "$(registry_state "$a" "$b")" in
+                read -r _ _ _ push <<<"$line"
+                case "$(registry_state "$a" "$b" "${push%% *}")" in
                     ok) done_count=$((done_count + 1)) ;;
+                    pushrefused) _gate_fail registry "" "the registry let this copy's credentials read but refused a push (${push#refused }: HTTP 401)" ;;
                     refused) _gate_fail registry "" "the registry refused this copy's credentials (Secret $GATE_REGISTRY_SECRET: its htpasswd does not take REGISTRY_PASSWORD)" ;;
-                    *) _gate_pend registry "" "the registry's /v2/ with this copy's credentials (HTTP ${a:-000})" ;;
+                    *)
+                        if [[ "$a" == 200 ]]; then
+                            _gate_pend registry "" "a push and pull of a test image to the registry (${push#waiting })"
+                        else
+                            _gate_pend registry "" "the registry's /v2/ with this copy's credentials (HTTP ${a:-000})"
+                        fi
+                        ;;
                 esac
                 ;;
             *) ;; # a fact this part does not read
@@ -544,9 +558,10 @@ _gate_curl_config() {
     printf 'user = "%s:%s"\n' "$u" "$p"
 }
 
-# gate_registry_fact HOST -> "registry CODE SCHEME": GET /v2/ with this copy's credentials.
+# gate_registry_fact HOST -> "registry CODE SCHEME PUSH": GET /v2/ with this copy's credentials,
+# then (on 200) a push and pull of a test image with them (gate_registry_push_pull).
 gate_registry_fact() {
-    local user pass headers code scheme
+    local user pass headers code scheme push
     user=$(gate_secret_value "$GATE_REGISTRY_SECRET" REGISTRY_USERNAME)
     pass=$(gate_secret_value "$GATE_REGISTRY_SECRET" REGISTRY_PASSWORD)
     if [[ -z "$user" || -z "$pass" ]]; then
@@ -557,7 +572,131 @@ gate_registry_fact() {
         --resolve "$1:$CSGHUB_HTTP_PORT:$K3S_NODE_IP" "http://$1:$CSGHUB_HTTP_PORT/v2/" 2>/dev/null | tr -d '\r') || true
     code=$(awk 'NR == 1 { print $2 }' <<<"$headers")
     scheme=$(awk 'tolower($1) == "www-authenticate:" { print $2; exit }' <<<"$headers")
-    echo "registry ${code:-000} ${scheme:--}"
+    push=-
+    [[ "$code" != 200 ]] || push=$(gate_registry_push_pull "$1" "$user" "$pass")
+    echo "registry ${code:-000} ${scheme:--} $push"
+}
+
+# The image the gate pushes and pulls: one empty layer, always the same bytes, so a push at every
+# boot stores nothing new.
+GATE_REGISTRY_REPO=csghub-appliance/readiness
+GATE_REGISTRY_TAG=probe
+_GATE_MANIFEST_TYPE=application/vnd.docker.distribution.manifest.v2+json
+
+# _gate_registry_call CURL_CONFIG METHOD URL BODY_FILE|- OUT_FILE [HEADER...] -> the answer's
+# headers (CR removed). The credentials come in CURL_CONFIG, on curl's stdin.
+_gate_registry_call() {
+    local config=$1 method=$2 url=$3 body=$4 out=$5 header
+    local -a args=(-sS -X "$method" -o "$out" -D - --max-time 30 -K - -H 'Expect:'
+        --resolve "${url#http://}")
+    args[-1]=${args[-1]%%/*}
+    args[-1]=${args[-1]}:$K3S_NODE_IP
+    [[ "$body" == - ]] || args+=(--data-binary "@$body")
+    shift 5
+    for header in "$@"; do args+=(-H "$header"); done
+    printf '%s' "$config" | _gate_curl "${args[@]}" "$url" 2>/dev/null | tr -d '\r' || true
+}
+
+# _gate_header NAME < headers -> the value of the last header NAME (case-insensitive), or nothing;
+# _gate_status < headers -> the status of the last answer (000 when none).
+_gate_header() { awk -v n="${1,,}:" 'tolower($1) == n { v = $2 } END { print v }'; }
+
+# _gate_sha256 FILE -> its SHA-256 (hex); _gate_size FILE -> its size in bytes.
+_gate_sha256() {
+    local sum
+    sum=$(sha256sum <"$1") || return 1
+    echo "${sum%% *}"
+}
+_gate_size() {
+    local size
+    size=$(wc -c <"$1") || return 1
+    echo "$((size))"
+}
+_gate_status() { awk '/^HTTP\// { c = $2 } END { print (c == "" ? "000" : c) }'; }
+
+# _gate_upload_blob CONFIG BASE FILE -> "ok" or "STATUS STEP": a monolithic blob upload (POST
+# /v2/REPO/blobs/uploads/, then PUT the bytes to its Location with ?digest=).
+_gate_upload_blob() {
+    local config=$1 base=$2 file=$3 digest headers status location
+    digest=sha256:$(_gate_sha256 "$file") || return 1
+    headers=$(_gate_registry_call "$config" POST "$base/v2/$GATE_REGISTRY_REPO/blobs/uploads/" - /dev/null)
+    status=$(_gate_status <<<"$headers")
+    if [[ "$status" != 202 ]]; then
+        echo "$status upload"
+        return 0
+    fi
+    location=$(_gate_header Location <<<"$headers")
+    [[ "$location" == /* ]] && location=$base$location
+    [[ "$location" == *\?* ]] && location+="&digest=$digest" || location+="?digest=$digest"
+    headers=$(_gate_registry_call "$config" PUT "$location" "$file" /dev/null 'Content-Type: application/octet-stream')
+    status=$(_gate_status <<<"$headers")
+    [[ "$status" == 201 ]] && echo ok || echo "$status blob"
+}
+
+# gate_registry_push_pull HOST USER PASSWORD -> "pushed" | "refused STEP" (401: the credentials
+# were refused) | "waiting STEP STATUS": push a one-layer image to CSGHub's registry (both blobs
+# and the manifest) and pull it back (the manifest by tag, with the digest pushed, and the layer),
+# with this copy's credentials, through the gateway, as `docker push`/`pull` do.
+gate_registry_push_pull() {
+    local base=http://$1:$CSGHUB_HTTP_PORT config dir step status headers layer_digest diff_id config_digest config_size layer_size answer
+    config=$(_gate_curl_config "$2" "$3")
+    dir=$(mktemp -d) || {
+        echo "waiting tmp 000"
+        return 0
+    }
+    # An empty tar, compressed without a name or time: the same bytes every time.
+    if ! { tar -cf "$dir/layer.tar" -T /dev/null && gzip -n -c "$dir/layer.tar" >"$dir/layer" &&
+        layer_digest=sha256:$(_gate_sha256 "$dir/layer") && diff_id=sha256:$(_gate_sha256 "$dir/layer.tar") &&
+        printf '{"architecture":"amd64","os":"linux","config":{},"rootfs":{"type":"layers","diff_ids":["%s"]}}' \
+            "$diff_id" >"$dir/config" && config_digest=sha256:$(_gate_sha256 "$dir/config") &&
+        config_size=$(_gate_size "$dir/config") && layer_size=$(_gate_size "$dir/layer") &&
+        printf '{"schemaVersion":2,"mediaType":"%s","config":{"mediaType":"application/vnd.docker.container.image.v1+json","size":%d,"digest":"%s"},"layers":[{"mediaType":"application/vnd.docker.image.rootfs.diff.tar.gzip","size":%d,"digest":"%s"}]}' \
+            "$_GATE_MANIFEST_TYPE" "$config_size" "$config_digest" "$layer_size" "$layer_digest" >"$dir/manifest"; }; then
+        rm -rf "$dir"
+        echo "waiting making-the-test-image 000"
+        return 0
+    fi
+    answer=""
+    for step in layer config; do
+        status=$(_gate_upload_blob "$config" "$base" "$dir/$step")
+        if [[ "$status" != ok ]]; then
+            answer="${status%% *} $step-${status#* }"
+            break
+        fi
+    done
+    if [[ -z "$answer" ]]; then
+        headers=$(_gate_registry_call "$config" PUT "$base/v2/$GATE_REGISTRY_REPO/manifests/$GATE_REGISTRY_TAG" \
+            "$dir/manifest" /dev/null "Content-Type: $_GATE_MANIFEST_TYPE")
+        status=$(_gate_status <<<"$headers")
+        [[ "$status" == 201 ]] || answer="$status manifest-push"
+    fi
+    if [[ -z "$answer" ]]; then
+        headers=$(_gate_registry_call "$config" GET "$base/v2/$GATE_REGISTRY_REPO/manifests/$GATE_REGISTRY_TAG" \
+            - "$dir/pulled" "Accept: $_GATE_MANIFEST_TYPE")
+        status=$(_gate_status <<<"$headers")
+        if [[ "$status" != 200 ]]; then
+            answer="$status manifest-pull"
+        elif ! cmp -s "$dir/manifest" "$dir/pulled"; then
+            answer="200 manifest-pull-differs"
+        fi
+    fi
+    if [[ -z "$answer" ]]; then
+        headers=$(_gate_registry_call "$config" GET "$base/v2/$GATE_REGISTRY_REPO/blobs/$layer_digest" - "$dir/pulled")
+        status=$(_gate_status <<<"$headers")
+        if [[ "$status" != 200 ]]; then
+            answer="$status layer-pull"
+        elif ! cmp -s "$dir/layer" "$dir/pulled"; then
+            answer="200 layer-pull-differs"
+        fi
+    fi
+    rm -rf "$dir"
+    if [[ -z "$answer" ]]; then
+        echo pushed
+    elif [[ "${answer%% *}" == 401 ]]; then
+        echo "refused ${answer#* }"
+    else
+        echo "waiting ${answer#* } ${answer%% *}"
+    fi
 }
 
 # gate_server_fact HOST -> "server CODE OK|-": one request through the gateway to csghub-server's API.
