@@ -103,6 +103,7 @@ class StandIn:
     wrong_times: int = 0
     last_wrong: float = 0.0
     codes: dict[str, str] = field(default_factory=dict)
+    code_redirects: dict[str, str] = field(default_factory=dict)
     requests: list[tuple[str, str, str]] = field(default_factory=list)  # (method, host, path)
     # The registry's storage.
     uploads: dict[str, bytes] = field(default_factory=dict)
@@ -143,6 +144,7 @@ class StandIn:
             return error(f"Redirect URI: {query.get('redirectUri', '')} doesn't exist in the allowed Redirect URI list")
         code = secrets.token_hex(10)
         self.codes[code] = self.admin_user
+        self.code_redirects[code] = query.get("redirectUri", "")
         return {"status": "ok", "msg": "", "data": code}
 
     def casdoor_token(self, form: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -153,6 +155,9 @@ class StandIn:
         if form.get("client_id") != self.client_id or form.get("client_secret") != self.client_secret:
             return 401, {"error": "invalid_client", "error_description":
                          "client_secret is invalid for application: [admin/CSGHub], token.CodeChallenge: empty"}
+        # Newer Casdoor (controllers/token.go reads redirect_uri) checks it against the code's, as RFC 6749 4.1.3 asks.
+        if form.get("redirect_uri", "") != self.code_redirects.pop(code, ""):
+            return 400, {"error": "invalid_grant", "error_description": "redirect_uri does not match"}
         header = {"alg": "RS256", "kid": "csghub-cert", "typ": "JWT"}
         now = int(time.time())
         claims = {"owner": "OpenCSG", "name": user, "iss": f"http://casdoor.{self.domain}", "sub": user,

@@ -225,8 +225,9 @@ def test_casdoor_bodies_are_json_with_the_secrets_escaped() -> None:
     assert body == {"type": "code", "organization": "OpenCSG", "application": "CSGHub", "username": "root",
                     "password": ADMIN[1], "autoSignin": True, "signinMethod": "Password"}
     assert bash("casdoor_code_login_body root $'a\\nb'", check=False).returncode != 0
-    token = json.loads(bash("casdoor_token_body id 'se\"cret' code1").stdout)
-    assert token == {"grant_type": "authorization_code", "client_id": "id", "client_secret": 'se"cret', "code": "code1"}
+    token = json.loads(bash("casdoor_token_body id 'se\"cret' code1 http://h/api/v1/callback/casdoor").stdout)
+    assert token == {"grant_type": "authorization_code", "client_id": "id", "client_secret": 'se"cret', "code": "code1",
+                     "redirect_uri": "http://h/api/v1/callback/casdoor"}
 
 
 # Casdoor v3.62.0's answers to a type "code" sign-in, as the chart configures it (enableErrorMask on):

@@ -237,11 +237,16 @@ casdoor_code_login_body() {
         "$GATE_CASDOOR_ORG" "$GATE_CASDOOR_APP" "$user" "$pass"
 }
 
-# casdoor_token_body CLIENT_ID CLIENT_SECRET CODE -> the token request (authorization_code grant).
+# casdoor_token_body CLIENT_ID CLIENT_SECRET CODE REDIRECT_URI -> the token request
+# (authorization_code grant). The redirect URI of the sign-in goes with it, as RFC 6749 4.1.3 asks:
+# newer Casdoor reads it from the token request (controllers/token.go, TokenRequest.RedirectUri)
+# to check it against the code's; older ones ignore the field.
 casdoor_token_body() {
-    local id secret code
-    id=$(json_string "$1") && secret=$(json_string "$2") && code=$(json_string "$3") || return 1
-    printf '{"grant_type":"authorization_code","client_id":%s,"client_secret":%s,"code":%s}\n' "$id" "$secret" "$code"
+    local id secret code redirect
+    id=$(json_string "$1") && secret=$(json_string "$2") && code=$(json_string "$3") &&
+        redirect=$(json_string "$4") || return 1
+    printf '{"grant_type":"authorization_code","client_id":%s,"client_secret":%s,"code":%s,"redirect_uri":%s}\n' \
+        "$id" "$secret" "$code" "$redirect"
 }
 
 # registry_state CODE CHALLENGE PUSH: the registry's answer to GET /v2/ with this copy's
@@ -777,7 +782,7 @@ gate_login_fact() {
         return 0
     fi
     code=${outcome#code }
-    body=$(casdoor_token_body "$client_id" "$secret" "$code") || {
+    body=$(casdoor_token_body "$client_id" "$secret" "$code" "$redirect") || {
         echo "login refused csghub-server's client secret holds a control character"
         return 0
     }
