@@ -17,7 +17,9 @@ does at the version the chart deploys. Each answer below names the upstream file
   ``UNAUTHORIZED`` "authentication required" error; the htpasswd file's bcrypt hash is checked
   (tag v2.8.3: registry/auth/htpasswd/access.go ``Authorized``/``challenge.SetHeaders``,
   registry/api/errcode/register.go); right ones -> 200 ``{}`` with
-  ``Docker-Distribution-API-Version: registry/2.0`` (registry/handlers/app.go ``apiBase``).
+  ``Docker-Distribution-API-Version: registry/2.0`` (registry/handlers/app.go ``apiBase``); blob uploads,
+  manifests and pulls as ``StandIn.registry_call`` says, checked against the real registry (Debian's
+  docker-registry, distribution 2.8) in tests/unit/test_registry_probe.py.
 - gitlab-sshd (``GitSshdBanner``): greets ``SSH-2.0-GitLab-SSHD`` (gitlab-shell
   internal/sshd/server_config.go, ``ServerVersion``; read in the stored copy, not at the exact
   version CSGHub ships).
@@ -31,7 +33,9 @@ does at the version the chart deploys. Each answer below names the upstream file
   ``Translate``); ``POST /api/login/oauth/access_token`` exchanges the code for an RS256 JWT signed
   with the application's certificate's key (header ``kid`` = the cert's name), or answers 401
   ``invalid_client`` for a wrong secret (object/token_oauth.go ``GetAuthorizationCodeToken``,
-  controllers/util.go ``SetTokenErrorHttpStatus``, object/token_jwt.go).
+  controllers/util.go ``SetTokenErrorHttpStatus``, object/token_jwt.go), or 400 ``invalid_grant`` when the
+  request's ``redirect_uri`` is not the code's (controllers/token.go of Casdoor's main line reads it; not
+  confirmed at v3.62.0).
 
 The lockout here lasts ``frozen_seconds`` (upstream: minutes) so a test can wait it out; the
 message still counts minutes, rounded up, as upstream prints them.
