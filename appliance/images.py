@@ -436,6 +436,12 @@ def parse_image_list(text: str, source: str = "images.txt") -> list[tuple[str, s
     return entries
 
 
+def read_image_list(path: Path) -> list[tuple[str, str | None]]:
+    """:func:`parse_image_list` of the file ``path``. Bytes that are not UTF-8 reach the parser as they
+    are (undecodable bytes kept as surrogates), which refuses their line by number as the guest does."""
+    return parse_image_list(path.read_bytes().decode("utf-8", "surrogateescape"), str(path))
+
+
 # -- rendering the chart ------------------------------------------------------------------------------
 
 
@@ -615,8 +621,7 @@ def record_stored_images(session: RemoteSession, declared_list: Path,
     from appliance.errors import VerifyError
 
     stored = read_stored_images(session, stored_path)
-    declared = (parse_image_list(declared_list.read_text(encoding="utf-8"), str(declared_list))
-                if declared_list.is_file() else [])
+    declared = read_image_list(declared_list) if declared_list.is_file() else []
     hint = "run `invoke provision --only csghub` again"
     lacking = unrecorded([name for name, _ in declared], stored)
     if lacking:

@@ -16,6 +16,7 @@ APT_PACKAGES=(
   # tests check image names against real containerd; helm (for rendering the real chart) comes from npm
   containerd unzip
   # the image set is fetched on the build host with skopeo; tests run a real registry (distribution 2.8)
+  # for the image cache and the readiness gate's registry push and pull
   skopeo docker-registry
   # build tooling
   python3-pip git ca-certificates

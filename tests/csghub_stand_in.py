@@ -17,7 +17,9 @@ does at the version the chart deploys. Each answer below names the upstream file
   ``UNAUTHORIZED`` "authentication required" error; the htpasswd file's bcrypt hash is checked
   (tag v2.8.3: registry/auth/htpasswd/access.go ``Authorized``/``challenge.SetHeaders``,
   registry/api/errcode/register.go); right ones -> 200 ``{}`` with
-  ``Docker-Distribution-API-Version: registry/2.0`` (registry/handlers/app.go ``apiBase``).
+  ``Docker-Distribution-API-Version: registry/2.0`` (registry/handlers/app.go ``apiBase``); blob uploads,
+  manifests and pulls as ``StandIn.registry_call`` says, checked against the real registry (Debian's
+  docker-registry, distribution 2.8) in tests/unit/test_registry_probe.py.
 - gitlab-sshd (``GitSshdBanner``): greets ``SSH-2.0-GitLab-SSHD`` (gitlab-shell
   internal/sshd/server_config.go, ``ServerVersion``; read in the stored copy, not at the exact
   version CSGHub ships).
@@ -31,7 +33,9 @@ does at the version the chart deploys. Each answer below names the upstream file
   ``Translate``); ``POST /api/login/oauth/access_token`` exchanges the code for an RS256 JWT signed
   with the application's certificate's key (header ``kid`` = the cert's name), or answers 401
   ``invalid_client`` for a wrong secret (object/token_oauth.go ``GetAuthorizationCodeToken``,
-  controllers/util.go ``SetTokenErrorHttpStatus``, object/token_jwt.go).
+  controllers/util.go ``SetTokenErrorHttpStatus``, object/token_jwt.go), or 400 ``invalid_grant`` when the
+  request's ``redirect_uri`` is not the code's (controllers/token.go of Casdoor's main line reads it; not
+  confirmed at v3.62.0).
 
 The lockout here lasts ``frozen_seconds`` (upstream: minutes) so a test can wait it out; the
 message still counts minutes, rounded up, as upstream prints them.
@@ -103,7 +107,12 @@ class StandIn:
     wrong_times: int = 0
     last_wrong: float = 0.0
     codes: dict[str, str] = field(default_factory=dict)
+    code_redirects: dict[str, str] = field(default_factory=dict)
     requests: list[tuple[str, str, str]] = field(default_factory=list)  # (method, host, path)
+    # The registry's storage.
+    uploads: dict[str, bytes] = field(default_factory=dict)
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    manifests: dict[str, bytes] = field(default_factory=dict)
 
     # -- Casdoor ------------------------------------------------------------------------------
 
@@ -139,6 +148,7 @@ class StandIn:
             return error(f"Redirect URI: {query.get('redirectUri', '')} doesn't exist in the allowed Redirect URI list")
         code = secrets.token_hex(10)
         self.codes[code] = self.admin_user
+        self.code_redirects[code] = query.get("redirectUri", "")
         return {"status": "ok", "msg": "", "data": code}
 
     def casdoor_token(self, form: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -149,6 +159,9 @@ class StandIn:
         if form.get("client_id") != self.client_id or form.get("client_secret") != self.client_secret:
             return 401, {"error": "invalid_client", "error_description":
                          "client_secret is invalid for application: [admin/CSGHub], token.CodeChallenge: empty"}
+        # Newer Casdoor (controllers/token.go reads redirect_uri) checks it against the code's, as RFC 6749 4.1.3 asks.
+        if form.get("redirect_uri", "") != self.code_redirects.pop(code, ""):
+            return 400, {"error": "invalid_grant", "error_description": "redirect_uri does not match"}
         header = {"alg": "RS256", "kid": "csghub-cert", "typ": "JWT"}
         now = int(time.time())
         claims = {"owner": "OpenCSG", "name": user, "iss": f"http://casdoor.{self.domain}", "sub": user,
@@ -173,6 +186,59 @@ class StandIn:
             if name == user:
                 return bcrypt.checkpw(password.encode(), hashed.encode())
         return False
+
+
+    def registry_call(self, method: str, path: str, query: dict[str, str], body: bytes,
+                      base: str) -> tuple[int, bytes, dict[str, str]]:
+        """An authorized request under /v2/, as distribution v2.8.3 answers it (registry/handlers/app.go
+        ``apiBase``; blobupload.go ``StartBlobUpload`` 202 with an absolute Location, ``PutBlobUploadComplete``
+        201 or DIGEST_INVALID; manifests.go ``PutManifest`` 201 or MANIFEST_BLOB_UNKNOWN, ``GetManifest``;
+        blob.go ``GetBlob``). Checked against the real registry in tests/unit/test_registry_probe.py."""
+        import hashlib
+        import uuid
+
+        def error(code: int, name: str, message: str) -> tuple[int, bytes, dict[str, str]]:
+            return code, json.dumps({"errors": [{"code": name, "message": message, "detail": None}]}).encode(), \
+                {"Content-Type": "application/json"}
+
+        if path == "/v2/":
+            return 200, b"{}", {"Content-Type": "application/json"}
+        name, _, rest = path[len("/v2/"):].partition("/blobs/")
+        if rest == "uploads/" and method == "POST":
+            upload = uuid.uuid4().hex
+            self.uploads[upload] = b""
+            return 202, b"", {"Location": f"{base}/v2/{name}/blobs/uploads/{upload}?_state=opaque",
+                              "Docker-Upload-UUID": upload, "Range": "0-0"}
+        if rest.startswith("uploads/") and method == "PUT":
+            upload = rest[len("uploads/"):]
+            if upload not in self.uploads:
+                return error(404, "BLOB_UPLOAD_UNKNOWN", "blob upload unknown to registry")
+            data = self.uploads.pop(upload) + body
+            digest = "sha256:" + hashlib.sha256(data).hexdigest()
+            if query.get("digest") != digest:
+                return error(400, "DIGEST_INVALID", "provided digest did not match uploaded content")
+            self.blobs[digest] = data
+            return 201, b"", {"Location": f"{base}/v2/{name}/blobs/{digest}", "Docker-Content-Digest": digest}
+        if rest and method == "GET":
+            if rest not in self.blobs:
+                return error(404, "BLOB_UNKNOWN", "blob unknown to registry")
+            return 200, self.blobs[rest], {"Content-Type": "application/octet-stream", "Docker-Content-Digest": rest}
+        name, _, reference = path[len("/v2/"):].partition("/manifests/")
+        if reference and method == "PUT":
+            manifest = json.loads(body)
+            wanted = [manifest["config"]["digest"], *(layer["digest"] for layer in manifest["layers"])]
+            if any(digest not in self.blobs for digest in wanted):
+                return error(400, "MANIFEST_BLOB_UNKNOWN", "blob unknown to registry")
+            digest = "sha256:" + hashlib.sha256(body).hexdigest()
+            self.manifests[f"{name}:{reference}"] = body
+            return 201, b"", {"Location": f"{base}/v2/{name}/manifests/{digest}", "Docker-Content-Digest": digest}
+        if reference and method == "GET":
+            if f"{name}:{reference}" not in self.manifests:
+                return error(404, "MANIFEST_UNKNOWN", "manifest unknown")
+            body = self.manifests[f"{name}:{reference}"]
+            return 200, body, {"Content-Type": json.loads(body)["mediaType"],
+                               "Docker-Content-Digest": "sha256:" + hashlib.sha256(body).hexdigest()}
+        return error(404, "UNSUPPORTED", "The operation is unsupported.")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -201,8 +267,11 @@ class _Handler(BaseHTTPRequestHandler):
         if host == stand_in.domain:
             if url.path == "/v2" or url.path.startswith("/v2/"):
                 if stand_in.registry_authorized(self.headers.get("Authorization")):
-                    self.reply(200, b"{}", {"Content-Type": "application/json",
-                                            "Docker-Distribution-API-Version": "registry/2.0"})
+                    length = int(self.headers.get("Content-Length") or 0)
+                    code, body, headers = stand_in.registry_call(
+                        method, url.path, query, self.rfile.read(length) if length else b"",
+                        f"http://{self.headers.get('Host', '')}")
+                    self.reply(code, body, {"Docker-Distribution-API-Version": "registry/2.0", **headers})
                 else:
                     self.reply_json(401, {"errors": [{"code": "UNAUTHORIZED", "message": "authentication required",
                                                       "detail": None}]},
@@ -239,6 +308,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self._route("POST")
+
+    def do_PUT(self) -> None:
+        self._route("PUT")
 
 
 class _Server(ThreadingHTTPServer):

@@ -222,6 +222,13 @@ def run_unlocked(argv: list[str], vm: str, *, timeout: float = 300, attempts: in
     return result
 
 
+def not_registered(result: CommandResult) -> bool:
+    """``showvminfo`` failed because VirtualBox knows no such VM ("Could not find a registered machine
+    named ...", VBOX_E_OBJECT_NOT_FOUND), not for another reason."""
+    return not result.ok and ("Could not find a registered machine" in result.stderr
+                              or "VBOX_E_OBJECT_NOT_FOUND" in result.stderr)
+
+
 def still_registered(vm: str) -> bool:
     """Whether VirtualBox still lists ``vm`` (``VBoxManage list vms``: ``"NAME" {UUID}`` lines)."""
     listed = run([vboxmanage(), "list", "vms"], check=False, timeout=60)
@@ -234,8 +241,15 @@ def unregister_and_delete(vm: str, *, lock_wait: float = LOCK_WAIT) -> None:
     vbm = vboxmanage()
     try:
         info = vm_info(vm)
-    except CommandFailed:
-        return  # not registered (never imported, or already gone)
+    except CommandFailed as exc:
+        if not_registered(exc.result):
+            return  # never imported, or already gone
+        # VBoxSVC not answering, say: the VM (tens of GB) may well be there; never a silent success.
+        said = " ".join(exc.result.tail("stderr", 2)) or f"exit status {exc.result.returncode}"
+        raise ExportError(f"cannot tell whether VirtualBox VM {vm!r} is still registered: "
+                          f"VBoxManage showvminfo said: {said}",
+                          hint=f"look (VBoxManage list vms) and remove it: "
+                               f"VBoxManage unregistervm {vm} --delete") from None
     if info.get("VMState") not in SETTLED_STATES:
         run([vbm, "controlvm", vm, "poweroff"], check=False, timeout=120)
     try:

@@ -111,8 +111,9 @@ def kubectl(args: list[str]) -> int:
         polls = bump("workload_polls")
         for line in lines("workloads"):
             kind, name, want, ready_after = line.split()
+            # As the gate's jsonpath prints them; before it is ready the rollout has not begun.
             ready = want if polls >= int(ready_after) else "0"
-            print(f"{kind} {name} {want} {ready}")
+            print(f"{kind} {name} want={want} ready={ready} gen=2 seen=2 updated={ready} total={want}")
     elif args[:3] == ["get", "daemonsets", "-A"]:
         pass
     elif "get httproutes" in text:

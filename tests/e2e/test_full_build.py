@@ -147,7 +147,7 @@ def imported(output: str) -> bool:
 
 def test_full_build_serves_the_portal(release_host: None, tmp_path: Path) -> None:
     from appliance.export.virtualbox import unregister_and_delete
-    from appliance.images import parse_image_list
+    from appliance.images import read_image_list
 
     work = tmp_path / "work"
     work.mkdir()
@@ -170,7 +170,7 @@ def test_full_build_serves_the_portal(release_host: None, tmp_path: Path) -> Non
         assert len(ovas) == 1, ovas
         report = json.loads((work / "dist" / "build-report.json").read_text())
         images_txt = work / "build" / "manifests" / "images.txt"
-        declared = [n for n, _ in parse_image_list(images_txt.read_text(), str(images_txt))]
+        declared = [n for n, _ in read_image_list(images_txt)]
         assert report_problems(report, declared) == []
 
         # Import the OVA as an evaluator would, start it, and reach CSGHub through the NAT forward on
@@ -189,5 +189,7 @@ def test_full_build_serves_the_portal(release_host: None, tmp_path: Path) -> Non
         assert wait_for_status(url, f"{names['portal']}:{port.host}", 200, deadline) == 200
         assert wait_for_status(url, f"{names['casdoor']}:{port.host}", 200, deadline) == 200
     finally:
-        unregister_and_delete(name)  # waits until VirtualBox has released the VM's session
-        run(invoke_argv("destroy", sets), cwd=PROJECT_ROOT, check=False, timeout=1800)
+        try:
+            unregister_and_delete(name)  # waits until VirtualBox has released the VM's session
+        finally:  # the build VM goes even when the imported one could not be removed
+            run(invoke_argv("destroy", sets), cwd=PROJECT_ROOT, check=False, timeout=1800)

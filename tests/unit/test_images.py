@@ -29,6 +29,7 @@ from appliance.images import (
     normalize_image,
     parse_image_list,
     parse_stored_images,
+    read_image_list,
     rendered_images,
     runtime_images,
     unrecorded,
@@ -360,12 +361,14 @@ IMAGE_LISTS = [
     "caf\u00e9:1\n",
     "a\na\n",
     f"a\nb\na {PIN}\n",
+    "a\nb\x00c\n",  # bash's `read` drops a NUL without a word
 ]
 
 
 def bash_read_image_set(path: Path) -> tuple[int, list[str], str]:
     proc = subprocess.run(["bash", "-c", f'. {shlex.quote(str(LIB))}; read_image_set "$1"', "_", str(path)],
-                          capture_output=True, text=True, check=False, env={"PATH": os.environ["PATH"]})
+                          capture_output=True, text=True, errors="surrogateescape", check=False,
+                          env={"PATH": os.environ["PATH"]})
     return proc.returncode, proc.stdout.splitlines(), proc.stderr
 
 
@@ -384,6 +387,16 @@ def test_host_and_guest_read_images_txt_alike(text: str, tmp_path: Path) -> None
     assert rc == 0, err
     assert [" ".join(filter(None, entry)) for entry in entries] == lines
     assert entries == [(ln.split(" ")[0], ln.split(" ")[1] if " " in ln else None) for ln in lines]
+
+
+def test_an_images_txt_that_is_not_utf8_is_refused_by_line_on_host_and_guest(tmp_path: Path) -> None:
+    path = tmp_path / "images.txt"
+    path.write_bytes(b"docker.io/library/busybox:latest\ncaf\xe9:1\n")
+    with pytest.raises(ImageError) as err:
+        read_image_list(path)
+    assert f"{path} line 2 is not" in str(err.value)
+    rc, _, guest_err = bash_read_image_set(path)
+    assert rc == 1 and f"{path} line 2 is not" in guest_err
 
 
 def test_images_txt_as_the_build_writes_it_reads_back_with_its_pins() -> None:

@@ -65,7 +65,7 @@ UP = ["api up", "release deployed", "job csghub/csghub-server-migrate complete",
       "workload Deployment csghub/csghub-portal ready", "workload StatefulSet csghub/csghub-postgresql ready"]
 # In the order gate_facts gives them.
 ENDPOINTS = ["knative knative-serving/knative-serving ready", "portal 200", "server 200 OK", "login ok",
-             "gitssh SSH-2.0-GitLab-SSHD", "registry 200 -"]
+             "gitssh SSH-2.0-GitLab-SSHD", "registry 200 - pushed"]
 RETRY = "; then sudo csghub-status --retry"
 
 
@@ -114,12 +114,15 @@ def _without(prefix: str, *replacement: str) -> list[str]:
          "starting (12/13): waiting for the registry's /v2/ with this copy's credentials (HTTP 404)"),
         (_without("registry", "registry 401 Bearer"),
          "starting (12/13): waiting for the registry's /v2/ with this copy's credentials (HTTP 401)"),
+        # /v2/ lets the credentials in, but a push does not go through (yet: the object store starting, say).
+        (_without("registry", "registry 200 - waiting manifest-push 500"),
+         "starting (12/13): waiting for a push and pull of a test image to the registry (manifest-push 500)"),
         # At build time (online) a missing image is being pulled.
         ([*UP, "pull csghub/csghub-server-0 opencsghq/csghub-server:v2.4.0-ce ErrImagePull", *ENDPOINTS],
          "starting (13/13): waiting for pulling image opencsghq/csghub-server:v2.4.0-ce for csghub/csghub-server-0"),
     ],
     ids=["api", "release", "job", "workload", "knative", "knative-none", "portal", "portal-302", "server", "login",
-         "lockout", "gitssh", "registry-404", "registry-bearer", "pull"],
+         "lockout", "gitssh", "registry-404", "registry-bearer", "registry-push", "pull"],
 )
 def test_pending_checks_say_starting_with_counts(facts: list[str], line: str) -> None:
     assert verdict(*facts) == line
@@ -142,6 +145,9 @@ def test_pending_checks_say_starting_with_counts(facts: list[str], line: str) ->
         (_without("registry", "registry 401 Basic"),
          "failed: the registry refused this copy's credentials (Secret csghub-registry: its htpasswd does not take "
          "REGISTRY_PASSWORD) — sudo k3s kubectl -n csghub logs deploy/csghub-registry" + RETRY),
+        (_without("registry", "registry 200 - refused layer-upload"),
+         "failed: the registry let this copy's credentials read but refused a push (layer-upload: HTTP 401) — "
+         "sudo k3s kubectl -n csghub logs deploy/csghub-registry" + RETRY),
         # Offline (a copy's boot) a missing image never arrives.
         ([*UP, "pull csghub/csghub-server-0 opencsghq/csghub-server:v2.4.0-ce ImagePullBackOff", "offline yes"],
          "failed: image opencsghq/csghub-server:v2.4.0-ce of pod csghub/csghub-server-0 is not in the image store "
@@ -160,7 +166,8 @@ def test_pending_checks_say_starting_with_counts(facts: list[str], line: str) ->
         (["api down", "expired yes"],
          "failed: the cluster API not ready in time — sudo systemctl status k3s; sudo journalctl -u k3s" + RETRY),
     ],
-    ids=["release", "job", "login", "registry", "image-offline", "deadline-workload", "deadline-gitssh",
+    ids=["release", "job", "login", "registry", "registry-push", "image-offline", "deadline-workload",
+         "deadline-gitssh",
          "deadline-knative", "deadline-api"],
 )
 def test_each_failure_gives_its_line(facts: list[str], line: str) -> None:
@@ -176,11 +183,16 @@ def test_fact_parsers() -> None:
     jobs = bash("job_facts", "csghub/a Complete=True,SuccessCriteriaMet=True,\ncsghub/b \n"
                              "csghub/c FailureTarget=True,Failed=True,\n").stdout.splitlines()
     assert jobs == ["job csghub/a complete", "job csghub/b running", "job csghub/c failed"]
-    workloads = bash("workload_facts spaces", "Deployment csghub/portal 1 1\nDeployment csghub/server  \n"
-                                              "Deployment spaces/user-app 1 0\nDaemonSet kube-system/x 1 0\n").stdout
+    workloads = bash("workload_facts spaces",
+                     "Deployment csghub/portal want=1 ready=1 gen=3 seen=3 updated=1 total=1\n"
+                     "Deployment csghub/server want= ready= gen=1 seen= updated= total=\n"
+                     "Deployment spaces/user-app want=1 ready=0 gen=1 seen=1 updated=1 total=1\n"
+                     "DaemonSet kube-system/x want=1 ready=0 gen=1 seen=1 updated=1\n"
+                     "DaemonSet kube-system/y want=0 ready= gen=1 seen=1 updated=\n").stdout
     assert workloads.splitlines() == ["workload Deployment csghub/portal ready",
                                       "workload Deployment csghub/server waiting",
-                                      "workload DaemonSet kube-system/x waiting"]
+                                      "workload DaemonSet kube-system/x waiting",
+                                      "workload DaemonSet kube-system/y ready"]
     pulls = bash("pull_facts spaces", "csghub/p docker.io/busybox:latest= docker.io/a/b:1=ErrImagePull\n"
                                       "spaces/u x:1=ImagePullBackOff\n"
                                       "csghub/q reg:5000/c@sha256:ab=ErrImageNeverPull\n").stdout
@@ -188,13 +200,34 @@ def test_fact_parsers() -> None:
                                   "pull csghub/q reg:5000/c@sha256:ab ErrImageNeverPull"]
 
 
+@pytest.mark.parametrize(("line", "state"), [
+    # A rollout (first boot's upgrade, a reconfigure): the old pod is ready, the new one is not.
+    ("Deployment csghub/csghub-server want=1 ready=1 gen=2 seen=2 updated=1 total=2", "waiting"),
+    ("Deployment csghub/csghub-server want=1 ready=1 gen=2 seen=2 updated=0 total=1", "waiting"),
+    # The controller has not yet seen the change the upgrade made.
+    ("Deployment csghub/csghub-server want=1 ready=1 gen=3 seen=2 updated=1 total=1", "waiting"),
+    ("StatefulSet csghub/csghub-registry want=1 ready=1 gen=2 seen=2 updated=0 total=1", "waiting"),
+    ("DaemonSet kube-system/svclb want=1 ready=1 gen=2 seen=2 updated=0", "waiting"),
+    ("DaemonSet kube-system/svclb want=1 ready=1 gen=2 seen=1 updated=1", "waiting"),
+    # Done: every replica runs the current template and is ready.
+    ("Deployment csghub/csghub-server want=2 ready=2 gen=4 seen=4 updated=2 total=2", "ready"),
+    ("StatefulSet csghub/csghub-registry want=1 ready=1 gen=2 seen=2 updated=1 total=1", "ready"),
+    ("DaemonSet kube-system/svclb want=1 ready=1 gen=2 seen=2 updated=1", "ready"),
+])
+def test_a_workload_in_rollout_is_not_ready(line: str, state: str) -> None:
+    """Ready pods of the old template do not make a workload ready (kubectl rollout status's rule)."""
+    kind, name = line.split()[:2]
+    assert bash("workload_facts spaces", line + "\n").stdout.strip() == f"workload {kind} {name} {state}"
+
+
 def test_casdoor_bodies_are_json_with_the_secrets_escaped() -> None:
     body = json.loads(bash(f"casdoor_code_login_body root {shlex.quote(ADMIN[1])}").stdout)
     assert body == {"type": "code", "organization": "OpenCSG", "application": "CSGHub", "username": "root",
                     "password": ADMIN[1], "autoSignin": True, "signinMethod": "Password"}
     assert bash("casdoor_code_login_body root $'a\\nb'", check=False).returncode != 0
-    token = json.loads(bash("casdoor_token_body id 'se\"cret' code1").stdout)
-    assert token == {"grant_type": "authorization_code", "client_id": "id", "client_secret": 'se"cret', "code": "code1"}
+    token = json.loads(bash("casdoor_token_body id 'se\"cret' code1 http://h/api/v1/callback/casdoor").stdout)
+    assert token == {"grant_type": "authorization_code", "client_id": "id", "client_secret": 'se"cret', "code": "code1",
+                     "redirect_uri": "http://h/api/v1/callback/casdoor"}
 
 
 # Casdoor v3.62.0's answers to a type "code" sign-in, as the chart configures it (enableErrorMask on):
@@ -211,7 +244,7 @@ def test_casdoor_bodies_are_json_with_the_secrets_escaped() -> None:
          "waiting Casdoor has locked the admin after failed sign-ins (You have entered the wrong password or code too "
          "many times, please wait for 15 minutes and try again)"),
         ('{"status":"error","msg":"password or code is incorrect","data":null}',
-         "refused the admin's password (Secret csghub-casdoor-init) was refused: password or code is incorrect"),
+         "password the admin's password (Secret csghub-casdoor-init) was refused: password or code is incorrect"),
         ('{"status":"error","msg":"Invalid client_id","data":null}',
          "refused Casdoor knows no application with the portal's client id (ConfigMap csghub-core, "
          "CSGHUB_PORTAL_LOGIN_URL): Invalid client_id"),
@@ -277,8 +310,10 @@ def test_remembered_job_failures_outlive_the_job() -> None:
     assert bash("knative_facts", "knative-serving/ks True\nx/y False\n").stdout.splitlines() == [
         "knative knative-serving/ks ready", "knative x/y waiting"]
     assert bash("knative_facts", "").stdout.strip() == "knative none"
-    assert [bash(f"registry_state {c} {s}").stdout.strip() for c, s in
-            [(200, "-"), (401, "Basic"), (401, "Bearer"), (503, "-")]] == ["ok", "refused", "waiting", "waiting"]
+    assert [bash(f"registry_state {c} {s} {push}").stdout.strip() for c, s, push in
+            [(200, "-", "pushed"), (200, "-", "refused"), (200, "-", "waiting"), (200, "-", "-"), (401, "Basic", "-"),
+             (401, "Bearer", "-"), (503, "-", "-")]] == ["ok", "pushrefused", "waiting", "waiting", "refused",
+                                                         "waiting", "waiting"]
 
 
 def test_registries_yaml_and_hosts_line() -> None:
@@ -392,6 +427,42 @@ def test_a_correct_copy_is_ready(tmp_path: Path, stand_in: Gateway, git_sshd: in
     assert ("GET", "csghub.localhost", "/api/v1/models") in asked
 
 
+def test_the_probes_go_to_the_node_not_through_a_proxy_or_curlrc(tmp_path: Path, stand_in: Gateway,  # noqa: F811
+                                                                 git_sshd: int) -> None:  # noqa: F811
+    """A proxy in the environment or root's ~/.curlrc would get the admin's password and the registry's credentials
+    (and --resolve does not apply through a proxy): the gate's curl ignores both."""
+    import socket
+
+    heard: list[bytes] = []
+    proxy = socket.socket()
+    proxy.bind(("127.0.0.1", 0))
+    proxy.listen(8)
+    proxy.settimeout(0.2)
+    port = proxy.getsockname()[1]
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".curlrc").write_text(f"proxy = http://127.0.0.1:{port}\n")
+    extra = (f"export HOME={home} http_proxy=http://127.0.0.1:{port} HTTP_PROXY=http://127.0.0.1:{port} "
+             f"all_proxy=http://127.0.0.1:{port};")
+    try:
+        line = gate_line(tmp_path, stand_in.port, git_sshd, extra=extra)
+        while True:
+            try:
+                conn, _ = proxy.accept()
+            except OSError:
+                break
+            with conn:
+                conn.settimeout(0.5)
+                try:
+                    heard.append(conn.recv(65536))
+                except OSError:
+                    heard.append(b"(connected)")
+    finally:
+        proxy.close()
+    assert heard == [], heard
+    assert line == "ready"
+
+
 @pytest.mark.parametrize(
     ("mismatch", "named"),
     [
@@ -436,13 +507,38 @@ def test_a_copy_whose_services_disagree_fails_naming_what(tmp_path: Path, stand_
     assert line.endswith("; then sudo csghub-status --retry")
 
 
+def test_a_password_the_admin_changed_after_a_proved_sign_in_is_no_failure(
+        tmp_path: Path, stand_in: Gateway, git_sshd: int) -> None:  # noqa: F811
+    """CSGHub lets the admin change the password the Secret holds: a copy where the Secret's password signed in once
+    stays ready when it is refused later, and the gate stops trying it (each try counts towards Casdoor's lockout)."""
+    record = tmp_path / "state" / "admin-signin"
+    remember = f"GATE_SIGNIN_RECORD={record};"
+    services = stand_in.stand_in
+    assert gate_line(tmp_path, stand_in.port, git_sshd, extra=remember) == "ready"
+    assert record.read_text().startswith("proved ") and COPY.admin_password not in record.read_text()
+    assert oct(record.stat().st_mode & 0o777) == "0o600"
+
+    services.admin_password = "changed-by-the-admin"
+    assert gate_line(tmp_path, stand_in.port, git_sshd, extra=remember) == "ready"
+    assert record.read_text().startswith("changed ")
+    assert services.wrong_times == 1
+    assert gate_line(tmp_path, stand_in.port, git_sshd, extra=remember) == "ready"
+    assert services.wrong_times == 1, "the gate tried a password it knows was changed"
+
+    # A refusal of a password never proved here is a broken copy, as before (and without a record at all).
+    record.write_text("proved " + "0" * 64 + "\n")
+    line = gate_line(tmp_path, stand_in.port, git_sshd, extra=remember)
+    assert line.startswith("failed: the admin's sign-in through CSGHub's OAuth flow failed: the admin's password"), line
+
+
 def test_a_lockout_is_waiting_then_ready_when_it_ends(tmp_path: Path, stand_in: Gateway,  # noqa: F811
                                                       git_sshd: int) -> None:  # noqa: F811
     """Five wrong passwords from anyone who reaches the port lock the admin (Casdoor's failedSigninLimit); a working
-    copy is "starting" meanwhile, not "failed", and ready once the lockout ends (2 s here, 15 min upstream)."""
+    copy is "starting" meanwhile, not "failed", and ready once the lockout ends (15 min upstream; ended here by
+    shortening it, not by sleeping: a test that raced a 2 s lockout passed or failed with the machine's load)."""
     import urllib.request
 
-    stand_in.stand_in.frozen_seconds = 2
+    stand_in.stand_in.frozen_seconds = 600
     for _ in range(5):
         request = urllib.request.Request(
             f"http://127.0.0.1:{stand_in.port}/api/login", method="POST",
@@ -451,14 +547,13 @@ def test_a_lockout_is_waiting_then_ready_when_it_ends(tmp_path: Path, stand_in: 
             headers={"Host": f"casdoor.csghub.localhost:{stand_in.port}", "Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=10) as answer:
             assert json.load(answer)["msg"] == "password or code is incorrect"
-    import time
 
     line = gate_line(tmp_path, stand_in.port, git_sshd)
     assert line.startswith("starting ("), line
     assert ("waiting for the admin's sign-in through CSGHub's OAuth flow (Casdoor has locked the admin after failed "
-            "sign-ins (You have entered the wrong password or code too many times, please wait for 1 minutes") in line
+            "sign-ins (You have entered the wrong password or code too many times, please wait for 10 minutes") in line
 
-    time.sleep(2.2)
+    stand_in.stand_in.frozen_seconds = 0  # the lockout's time is up
     assert gate_line(tmp_path, stand_in.port, git_sshd) == "ready"
 
 

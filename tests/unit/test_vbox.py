@@ -131,6 +131,21 @@ def test_unknown_vm_is_reported_with_vboxmanage_message(
     assert "VBoxManage list vms" in str(err.value)
 
 
+def test_removing_a_vm_virtualbox_cannot_describe_is_no_silent_success(
+    fake_vboxmanage: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only "no such VM" means there is nothing to remove; any other showvminfo failure is reported."""
+    from appliance.errors import ExportError
+    from appliance.export.virtualbox import unregister_and_delete
+
+    unregister_and_delete("no-such-vm")  # never imported: nothing to do
+    monkeypatch.setenv("FAKE_VBOX_FAIL", "showvminfo")
+    with pytest.raises(ExportError) as err:
+        unregister_and_delete("csghub-appliance")
+    assert "cannot tell whether VirtualBox VM 'csghub-appliance' is still registered" in str(err.value)
+    assert "simulated failure" in str(err.value) or "Appliance write failed" in str(err.value)
+
+
 def test_failed_export_leaves_nothing_behind(
     fake_vboxmanage: Path, make_cfg: Callable[..., ApplianceConfig], tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch

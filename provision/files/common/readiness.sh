@@ -64,13 +64,23 @@ job_facts() {
                   print "job", $1, state }'
 }
 
-# workload_facts USER_NAMESPACES < "KIND NS/NAME WANTED READY" lines
-#   -> "workload KIND NS/NAME ready|waiting" lines. An empty WANTED counts as 1 (a Deployment
-#   without .spec.replicas), an empty READY as 0; workloads in USER_NAMESPACES are left out.
+# workload_facts USER_NAMESPACES < "KIND NS/NAME KEY=VALUE..." lines -> "workload KIND NS/NAME
+#   ready|waiting" lines; workloads in USER_NAMESPACES are left out. Keys (an empty value counts
+#   as 0, an empty want as 1): want (replicas asked for), ready, gen (metadata.generation), seen
+#   (status.observedGeneration), updated (replicas of the current pod template), total (a
+#   Deployment's pods of any template). Ready as `kubectl rollout status` sees it: the controller
+#   has seen the last change, every replica runs the current template and is ready, and no pod of
+#   an older template is left. Ready pods alone are not enough: during a rollout (first boot's
+#   upgrade, a reconfigure) the old pods stay ready and keep answering with the old Secrets, so a
+#   new pod that never starts would pass, and an old one refusing the new credentials would fail.
 workload_facts() {
     awk -v skip=" $1 " 'NF >= 2 { split($2, p, "/"); if (index(skip, " " p[1] " ")) next
-                  want = ($3 == "" ? 1 : $3); have = ($4 == "" ? 0 : $4)
-                  print "workload", $1, $2, ((have + 0 >= want + 0) ? "ready" : "waiting") }'
+                  split("", f)
+                  for (i = 3; i <= NF; i++) { eq = index($i, "="); if (eq) f[substr($i, 1, eq - 1)] = substr($i, eq + 1) }
+                  want = (f["want"] == "" ? 1 : f["want"] + 0)
+                  ok = (f["ready"] + 0 >= want && f["updated"] + 0 >= want && f["seen"] + 0 >= f["gen"] + 0)
+                  if ($1 == "Deployment" && f["total"] + 0 > f["updated"] + 0) ok = 0
+                  print "workload", $1, $2, (ok ? "ready" : "waiting") }'
 }
 
 # with_remembered_failures RECORD < "job NS/NAME STATE" lines -> the same lines, plus "job NS/NAME
@@ -100,8 +110,9 @@ json_field() {
 
 # casdoor_code_outcome < Casdoor's /api/login answer to a type "code" sign-in (Casdoor v3.62.0,
 # controllers/auth.go; messages from object/check.go, object/token_oauth_util.go, with the
-# chart's enableErrorMask) -> "code CODE" | "waiting WHY" | "refused WHAT". Only a definite
-# refusal is "refused"; a lockout (five wrong passwords from anyone) ends by itself.
+# chart's enableErrorMask) -> "code CODE" | "waiting WHY" | "password WHAT" (the admin's password
+# was refused) | "refused WHAT". Only a definite refusal is "password" or "refused"; a lockout (five
+# wrong passwords from anyone) ends by itself.
 casdoor_code_outcome() {
     local body status msg code
     body=$(cat)
@@ -119,7 +130,7 @@ casdoor_code_outcome() {
         "Redirect URI"*)
             echo "refused Casdoor does not allow the portal's redirect URI (ConfigMap $GATE_CORE_CONFIGMAP, CSGHUB_PORTAL_LOGIN_URL): $msg" ;;
         "password or code is incorrect"* | "The user: "*"doesn't exist"*)
-            echo "refused the admin's password (Secret $GATE_CASDOOR_SECRET) was refused: $msg" ;;
+            echo "password the admin's password (Secret $GATE_CASDOOR_SECRET) was refused: $msg" ;;
         *"does not exist"* | *"forbidden"* | *"is not supported"* | *"disabled"* | *"not enabled"*)
             echo "refused Casdoor refused the sign-in: $msg" ;;
         *) echo "waiting Casdoor answered: ${msg:-${body:0:120}}" ;;
@@ -226,18 +237,27 @@ casdoor_code_login_body() {
         "$GATE_CASDOOR_ORG" "$GATE_CASDOOR_APP" "$user" "$pass"
 }
 
-# casdoor_token_body CLIENT_ID CLIENT_SECRET CODE -> the token request (authorization_code grant).
+# casdoor_token_body CLIENT_ID CLIENT_SECRET CODE REDIRECT_URI -> the token request
+# (authorization_code grant). The redirect URI of the sign-in goes with it, as RFC 6749 4.1.3 asks:
+# newer Casdoor reads it from the token request (controllers/token.go, TokenRequest.RedirectUri)
+# to check it against the code's; older ones ignore the field.
 casdoor_token_body() {
-    local id secret code
-    id=$(json_string "$1") && secret=$(json_string "$2") && code=$(json_string "$3") || return 1
-    printf '{"grant_type":"authorization_code","client_id":%s,"client_secret":%s,"code":%s}\n' "$id" "$secret" "$code"
+    local id secret code redirect
+    id=$(json_string "$1") && secret=$(json_string "$2") && code=$(json_string "$3") &&
+        redirect=$(json_string "$4") || return 1
+    printf '{"grant_type":"authorization_code","client_id":%s,"client_secret":%s,"code":%s,"redirect_uri":%s}\n' \
+        "$id" "$secret" "$code" "$redirect"
 }
 
-# registry_state CODE CHALLENGE: the registry's answer to GET /v2/ with this copy's credentials
-# -> ok (200) | refused (401 with a Basic challenge: the htpasswd does not take them) | waiting.
+# registry_state CODE CHALLENGE PUSH: the registry's answer to GET /v2/ with this copy's
+# credentials, and how a push and pull with them went (gate_registry_push_pull's word)
+# -> ok (200, pushed) | refused (401 with a Basic challenge: the htpasswd does not take them) |
+# pushrefused (a push step answered 401) | waiting.
 registry_state() {
-    if [[ "$1" == 200 ]]; then
+    if [[ "$1" == 200 && "${3:-}" == pushed ]]; then
         echo ok
+    elif [[ "$1" == 200 && "${3:-}" == refused ]]; then
+        echo pushrefused
     elif [[ "$1" == 401 && "$2" == Basic* ]]; then
         echo refused
     else
@@ -327,13 +347,17 @@ gate_hint() {
 #   knative NS/NAME ready|waiting  a KnativeServing and its Ready condition ("knative none": none yet)
 #   portal CODE                    HTTP status of / through the gateway (000: no answer)
 #   server CODE OK|-               csghub-server's GET /api/v1/models through the gateway, and its "msg"
-#   login ok|waiting WHY|refused WHAT|down   the admin's sign-in through CSGHub's OAuth flow
+#   login ok|changed|waiting WHY|refused WHAT|down   the admin's sign-in through CSGHub's OAuth flow
+#                                  ("changed": proved on this copy before, refused now: the admin
+#                                  changed the password, which CSGHub lets them do)
 #   gitssh BANNER|-                first line the git SSH port sent
-#   registry CODE CHALLENGE        GET /v2/ with this copy's credentials: status and WWW-Authenticate scheme
+#   registry CODE CHALLENGE PUSH...  GET /v2/ with this copy's credentials: status and WWW-Authenticate
+#                                  scheme, then the push and pull of a test image: pushed | refused STEP |
+#                                  waiting STEP STATUS (- when /v2/ did not answer 200)
 #   offline yes                    no internet: a missing image is final
 #   expired yes                    the deadline passed: what is still pending has failed
 gate_verdict() {
-    local kind a b c rest total=0 done_count=0 pending="" pending_check="" pending_subject=""
+    local kind a b c rest push total=0 done_count=0 pending="" pending_check="" pending_subject=""
     local failed="" offline=no expired=no
     local -a lines=()
     mapfile -t lines
@@ -422,7 +446,7 @@ gate_verdict() {
             login)
                 total=$((total + 1))
                 case "$a" in
-                    ok) done_count=$((done_count + 1)) ;;
+                    ok | changed) done_count=$((done_count + 1)) ;;
                     refused) _gate_fail login "" "the admin's sign-in through CSGHub's OAuth flow failed: ${line#login refused }" ;;
                     waiting) _gate_pend login "" "the admin's sign-in through CSGHub's OAuth flow (${line#login waiting })" ;;
                     *) _gate_pend login "" "the admin's sign-in through CSGHub's OAuth flow" ;;
@@ -438,10 +462,18 @@ gate_verdict() {
                 ;;
             registry)
                 total=$((total + 1))
-                case "$(registry_state "$a" "$b")" in
+                read -r _ _ _ push <<<"$line"
+                case "$(registry_state "$a" "$b" "${push%% *}")" in
                     ok) done_count=$((done_count + 1)) ;;
+                    pushrefused) _gate_fail registry "" "the registry let this copy's credentials read but refused a push (${push#refused }: HTTP 401)" ;;
                     refused) _gate_fail registry "" "the registry refused this copy's credentials (Secret $GATE_REGISTRY_SECRET: its htpasswd does not take REGISTRY_PASSWORD)" ;;
-                    *) _gate_pend registry "" "the registry's /v2/ with this copy's credentials (HTTP ${a:-000})" ;;
+                    *)
+                        if [[ "$a" == 200 ]]; then
+                            _gate_pend registry "" "a push and pull of a test image to the registry (${push#waiting })"
+                        else
+                            _gate_pend registry "" "the registry's /v2/ with this copy's credentials (HTTP ${a:-000})"
+                        fi
+                        ;;
                 esac
                 ;;
             *) ;; # a fact this part does not read
@@ -503,12 +535,17 @@ gate_release_fact() {
     fi
 }
 
+# _gate_curl ARGS...: curl straight to the node address. No proxy from the environment (it would
+# get the admin's password and the registry's credentials, and --resolve does not apply through
+# it) and no ~/.curlrc (-q, which must come first): every option the probes rely on is theirs.
+_gate_curl() { curl -q --noproxy '*' "$@"; }
+
 # gate_http_code HOST PATH: the status code for http://HOST:PORT/PATH through the node address,
 # with the Host header a browser sends.
 gate_http_code() {
     local code
     # curl writes 000 itself when nothing answered (and exits non-zero).
-    code=$(curl -sS -o /dev/null -w '%{http_code}' --max-time 15 \
+    code=$(_gate_curl -sS -o /dev/null -w '%{http_code}' --max-time 15 \
         --resolve "$1:$CSGHUB_HTTP_PORT:$K3S_NODE_IP" "http://$1:$CSGHUB_HTTP_PORT$2" 2>/dev/null) || true
     echo "${code:-000}"
 }
@@ -526,26 +563,151 @@ _gate_curl_config() {
     printf 'user = "%s:%s"\n' "$u" "$p"
 }
 
-# gate_registry_fact HOST -> "registry CODE SCHEME": GET /v2/ with this copy's credentials.
+# gate_registry_fact HOST -> "registry CODE SCHEME PUSH": GET /v2/ with this copy's credentials,
+# then (on 200) a push and pull of a test image with them (gate_registry_push_pull).
 gate_registry_fact() {
-    local user pass headers code scheme
+    local user pass headers code scheme push
     user=$(gate_secret_value "$GATE_REGISTRY_SECRET" REGISTRY_USERNAME)
     pass=$(gate_secret_value "$GATE_REGISTRY_SECRET" REGISTRY_PASSWORD)
     if [[ -z "$user" || -z "$pass" ]]; then
         echo "registry 000 -"
         return 0
     fi
-    headers=$(_gate_curl_config "$user" "$pass" | curl -sS -o /dev/null -D - --max-time 15 -K - \
+    headers=$(_gate_curl_config "$user" "$pass" | _gate_curl -sS -o /dev/null -D - --max-time 15 -K - \
         --resolve "$1:$CSGHUB_HTTP_PORT:$K3S_NODE_IP" "http://$1:$CSGHUB_HTTP_PORT/v2/" 2>/dev/null | tr -d '\r') || true
     code=$(awk 'NR == 1 { print $2 }' <<<"$headers")
     scheme=$(awk 'tolower($1) == "www-authenticate:" { print $2; exit }' <<<"$headers")
-    echo "registry ${code:-000} ${scheme:--}"
+    push=-
+    [[ "$code" != 200 ]] || push=$(gate_registry_push_pull "$1" "$user" "$pass")
+    echo "registry ${code:-000} ${scheme:--} $push"
+}
+
+# The image the gate pushes and pulls: one empty layer, always the same bytes, so a push at every
+# boot stores nothing new.
+GATE_REGISTRY_REPO=csghub-appliance/readiness
+GATE_REGISTRY_TAG=probe
+_GATE_MANIFEST_TYPE=application/vnd.docker.distribution.manifest.v2+json
+
+# _gate_registry_call CURL_CONFIG METHOD URL BODY_FILE|- OUT_FILE [HEADER...] -> the answer's
+# headers (CR removed). The credentials come in CURL_CONFIG, on curl's stdin.
+_gate_registry_call() {
+    local config=$1 method=$2 url=$3 body=$4 out=$5 header
+    local -a args=(-sS -X "$method" -o "$out" -D - --max-time 30 -K - -H 'Expect:'
+        --resolve "${url#http://}")
+    args[-1]=${args[-1]%%/*}
+    args[-1]=${args[-1]}:$K3S_NODE_IP
+    [[ "$body" == - ]] || args+=(--data-binary "@$body")
+    shift 5
+    for header in "$@"; do args+=(-H "$header"); done
+    printf '%s' "$config" | _gate_curl "${args[@]}" "$url" 2>/dev/null | tr -d '\r' || true
+}
+
+# _gate_header NAME < headers -> the value of the last header NAME (case-insensitive), or nothing;
+# _gate_status < headers -> the status of the last answer (000 when none).
+_gate_header() { awk -v n="${1,,}:" 'tolower($1) == n { v = $2 } END { print v }'; }
+
+# _gate_sha256 FILE -> its SHA-256 (hex); _gate_size FILE -> its size in bytes.
+_gate_sha256() {
+    local sum
+    sum=$(sha256sum <"$1") || return 1
+    echo "${sum%% *}"
+}
+_gate_size() {
+    local size
+    size=$(wc -c <"$1") || return 1
+    echo "$((size))"
+}
+_gate_status() { awk '/^HTTP\// { c = $2 } END { print (c == "" ? "000" : c) }'; }
+
+# _gate_upload_blob CONFIG BASE FILE -> "ok" or "STATUS STEP": a monolithic blob upload (POST
+# /v2/REPO/blobs/uploads/, then PUT the bytes to its Location with ?digest=).
+_gate_upload_blob() {
+    local config=$1 base=$2 file=$3 digest headers status location
+    digest=sha256:$(_gate_sha256 "$file") || return 1
+    headers=$(_gate_registry_call "$config" POST "$base/v2/$GATE_REGISTRY_REPO/blobs/uploads/" - /dev/null)
+    status=$(_gate_status <<<"$headers")
+    if [[ "$status" != 202 ]]; then
+        echo "$status upload"
+        return 0
+    fi
+    location=$(_gate_header Location <<<"$headers")
+    [[ "$location" == /* ]] && location=$base$location
+    [[ "$location" == *\?* ]] && location+="&digest=$digest" || location+="?digest=$digest"
+    headers=$(_gate_registry_call "$config" PUT "$location" "$file" /dev/null 'Content-Type: application/octet-stream')
+    status=$(_gate_status <<<"$headers")
+    [[ "$status" == 201 ]] && echo ok || echo "$status blob"
+}
+
+# gate_registry_push_pull HOST USER PASSWORD -> "pushed" | "refused STEP" (401: the credentials
+# were refused) | "waiting STEP STATUS": push a one-layer image to CSGHub's registry (both blobs
+# and the manifest) and pull it back (the manifest by tag, with the digest pushed, and the layer),
+# with this copy's credentials, through the gateway, as `docker push`/`pull` do.
+gate_registry_push_pull() {
+    local base=http://$1:$CSGHUB_HTTP_PORT config dir step status headers layer_digest diff_id config_digest config_size layer_size answer
+    config=$(_gate_curl_config "$2" "$3")
+    dir=$(mktemp -d) || {
+        echo "waiting tmp 000"
+        return 0
+    }
+    # An empty tar, compressed without a name or time: the same bytes every time.
+    if ! { tar -cf "$dir/layer.tar" -T /dev/null && gzip -n -c "$dir/layer.tar" >"$dir/layer" &&
+        layer_digest=sha256:$(_gate_sha256 "$dir/layer") && diff_id=sha256:$(_gate_sha256 "$dir/layer.tar") &&
+        printf '{"architecture":"amd64","os":"linux","config":{},"rootfs":{"type":"layers","diff_ids":["%s"]}}' \
+            "$diff_id" >"$dir/config" && config_digest=sha256:$(_gate_sha256 "$dir/config") &&
+        config_size=$(_gate_size "$dir/config") && layer_size=$(_gate_size "$dir/layer") &&
+        printf '{"schemaVersion":2,"mediaType":"%s","config":{"mediaType":"application/vnd.docker.container.image.v1+json","size":%d,"digest":"%s"},"layers":[{"mediaType":"application/vnd.docker.image.rootfs.diff.tar.gzip","size":%d,"digest":"%s"}]}' \
+            "$_GATE_MANIFEST_TYPE" "$config_size" "$config_digest" "$layer_size" "$layer_digest" >"$dir/manifest"; }; then
+        rm -rf "$dir"
+        echo "waiting making-the-test-image 000"
+        return 0
+    fi
+    answer=""
+    for step in layer config; do
+        status=$(_gate_upload_blob "$config" "$base" "$dir/$step")
+        if [[ "$status" != ok ]]; then
+            answer="${status%% *} $step-${status#* }"
+            break
+        fi
+    done
+    if [[ -z "$answer" ]]; then
+        headers=$(_gate_registry_call "$config" PUT "$base/v2/$GATE_REGISTRY_REPO/manifests/$GATE_REGISTRY_TAG" \
+            "$dir/manifest" /dev/null "Content-Type: $_GATE_MANIFEST_TYPE")
+        status=$(_gate_status <<<"$headers")
+        [[ "$status" == 201 ]] || answer="$status manifest-push"
+    fi
+    if [[ -z "$answer" ]]; then
+        headers=$(_gate_registry_call "$config" GET "$base/v2/$GATE_REGISTRY_REPO/manifests/$GATE_REGISTRY_TAG" \
+            - "$dir/pulled" "Accept: $_GATE_MANIFEST_TYPE")
+        status=$(_gate_status <<<"$headers")
+        if [[ "$status" != 200 ]]; then
+            answer="$status manifest-pull"
+        elif ! cmp -s "$dir/manifest" "$dir/pulled"; then
+            answer="200 manifest-pull-differs"
+        fi
+    fi
+    if [[ -z "$answer" ]]; then
+        headers=$(_gate_registry_call "$config" GET "$base/v2/$GATE_REGISTRY_REPO/blobs/$layer_digest" - "$dir/pulled")
+        status=$(_gate_status <<<"$headers")
+        if [[ "$status" != 200 ]]; then
+            answer="$status layer-pull"
+        elif ! cmp -s "$dir/layer" "$dir/pulled"; then
+            answer="200 layer-pull-differs"
+        fi
+    fi
+    rm -rf "$dir"
+    if [[ -z "$answer" ]]; then
+        echo pushed
+    elif [[ "${answer%% *}" == 401 ]]; then
+        echo "refused ${answer#* }"
+    else
+        echo "waiting ${answer#* } ${answer%% *}"
+    fi
 }
 
 # gate_server_fact HOST -> "server CODE OK|-": one request through the gateway to csghub-server's API.
 gate_server_fact() {
     local answer code msg
-    answer=$(curl -sS --max-time 15 -w '\n%{http_code}' --resolve "$1:$CSGHUB_HTTP_PORT:$K3S_NODE_IP" \
+    answer=$(_gate_curl -sS --max-time 15 -w '\n%{http_code}' --resolve "$1:$CSGHUB_HTTP_PORT:$K3S_NODE_IP" \
         "http://$1:$CSGHUB_HTTP_PORT/api/v1/models?page=1&per=1" 2>/dev/null) || answer=$'\n000'
     code=${answer##*$'\n'}
     msg=$(json_field msg <<<"${answer%$'\n'*}")
@@ -555,7 +717,7 @@ gate_server_fact() {
 # _gate_casdoor_post HOST PATH -> the answer's body, a newline, and its HTTP status (body on stdin:
 # passwords and secrets never go on a command line).
 _gate_casdoor_post() {
-    curl -sS --max-time 20 -H 'Content-Type: application/json' --data-binary @- -w '\n%{http_code}' \
+    _gate_curl -sS --max-time 20 -H 'Content-Type: application/json' --data-binary @- -w '\n%{http_code}' \
         --resolve "$1:$CSGHUB_HTTP_PORT:$K3S_NODE_IP" "http://$1:$CSGHUB_HTTP_PORT$2" 2>/dev/null || printf '\n000'
 }
 
@@ -566,8 +728,23 @@ _gate_casdoor_post() {
 # checks tokens with.
 gate_login_fact() {
     local user pass login_url client_id redirect secret cert_b64 body answer code outcome token dir query client_id_q redirect_q
+    local fingerprint="" record=""
     user=$(gate_secret_value "$GATE_CASDOOR_SECRET" INIT_ADMIN_USER)
     pass=$(gate_secret_value "$GATE_CASDOOR_SECRET" INIT_ADMIN_PASSWORD)
+    # The admin may change the password the Secret holds (CSGHub's profile page, Casdoor's admin
+    # page): once it signed in on this copy and is refused later, that is what happened, not a
+    # broken copy. GATE_SIGNIN_RECORD (csghub-ready sets it; the build does not) remembers, per
+    # user and password (a SHA-256 fingerprint, never the password), "proved" or "changed"; after
+    # "changed" the gate stops trying that password: each try would count towards Casdoor's lockout.
+    if [[ -n "${GATE_SIGNIN_RECORD:-}" && -n "$user" && -n "$pass" ]]; then
+        fingerprint=$(printf '%s\n%s' "$user" "$pass" | sha256sum)
+        fingerprint=${fingerprint%% *}
+        record=$(cat "$GATE_SIGNIN_RECORD" 2>/dev/null || true)
+        if [[ "$record" == "changed $fingerprint" ]]; then
+            echo "login changed"
+            return 0
+        fi
+    fi
     login_url=$(gate_configmap_value "$GATE_CORE_CONFIGMAP" CSGHUB_PORTAL_LOGIN_URL)
     secret=$(gate_configmap_value "$GATE_CORE_CONFIGMAP" STARHUB_SERVER_CASDOOR_CLIENT_SECRET)
     cert_b64=$(_gate_kc -n "$GATE_RELEASE_NS" get secret "$GATE_CASDOOR_CERTS_SECRET" \
@@ -591,12 +768,21 @@ gate_login_fact() {
         return 0
     fi
     outcome=$(casdoor_code_outcome <<<"${answer%$'\n'*}")
+    if [[ "$outcome" == "password "* ]]; then
+        if [[ -n "$fingerprint" && "$record" == "proved $fingerprint" ]]; then
+            _gate_signin_record "changed $fingerprint"
+            echo "login changed"
+        else
+            echo "login refused ${outcome#password }"
+        fi
+        return 0
+    fi
     if [[ "$outcome" != "code "* ]]; then
         echo "login $outcome"
         return 0
     fi
     code=${outcome#code }
-    body=$(casdoor_token_body "$client_id" "$secret" "$code") || {
+    body=$(casdoor_token_body "$client_id" "$secret" "$code" "$redirect") || {
         echo "login refused csghub-server's client secret holds a control character"
         return 0
     }
@@ -613,11 +799,20 @@ gate_login_fact() {
     }
     base64 -d <<<"$cert_b64" >"$dir/cert.pem" 2>/dev/null || true
     if jwt_signed_by "$token" "$dir/cert.pem"; then
+        [[ -z "$fingerprint" || "$record" == "proved $fingerprint" ]] || _gate_signin_record "proved $fingerprint"
         echo "login ok"
     else
         echo "login refused Casdoor's token is not signed by the certificate csghub-server checks tokens with (Secret $GATE_CASDOOR_CERTS_SECRET, tls.crt)"
     fi
     rm -rf "$dir"
+}
+
+# _gate_signin_record LINE: replace GATE_SIGNIN_RECORD's content with LINE (root only).
+# A record that cannot be written only costs the leniency it would give.
+_gate_signin_record() {
+    if mkdir -p "${GATE_SIGNIN_RECORD%/*}" && (umask 077 && printf '%s\n' "$1" >"$GATE_SIGNIN_RECORD.tmp"); then
+        mv -f "$GATE_SIGNIN_RECORD.tmp" "$GATE_SIGNIN_RECORD" || true
+    fi
 }
 
 # gate_ssh_banner -> the first line the git SSH port sends, or "-".
@@ -665,9 +860,9 @@ gate_facts() {
     fi
     workloads=$({
         _gate_kc get deployments,statefulsets -A \
-            -o 'jsonpath={range .items[*]}{.kind} {.metadata.namespace}/{.metadata.name} {.spec.replicas} {.status.readyReplicas}{"\n"}{end}' || true
+            -o 'jsonpath={range .items[*]}{.kind} {.metadata.namespace}/{.metadata.name} want={.spec.replicas} ready={.status.readyReplicas} gen={.metadata.generation} seen={.status.observedGeneration} updated={.status.updatedReplicas} total={.status.replicas}{"\n"}{end}' || true
         _gate_kc get daemonsets -A \
-            -o 'jsonpath={range .items[*]}{.kind} {.metadata.namespace}/{.metadata.name} {.status.desiredNumberScheduled} {.status.numberReady}{"\n"}{end}' || true
+            -o 'jsonpath={range .items[*]}{.kind} {.metadata.namespace}/{.metadata.name} want={.status.desiredNumberScheduled} ready={.status.numberReady} gen={.metadata.generation} seen={.status.observedGeneration} updated={.status.updatedNumberScheduled}{"\n"}{end}' || true
     } 2>/dev/null | workload_facts "$GATE_USER_NAMESPACES")
     [[ -n "$jobs" ]] && echo "$jobs"
     [[ -n "$workloads" ]] && echo "$workloads"

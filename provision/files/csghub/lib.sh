@@ -40,8 +40,14 @@ normalize_image() {
 # appliance/images.py's parse_image_list (tests/unit/test_images.py feeds both the same lines): any
 # other shape, or a name listed twice, prints the line's number on stderr and returns 1.
 read_image_set() {
-    local LC_ALL=C file=$1 line number=0
+    local LC_ALL=C file=$1 line number=0 text
     local -A seen=()
+    # `read` drops NUL bytes without a word ("a<NUL>b" would read as "ab"): they come through as
+    # \001, a control character the line's rule refuses, as the build host's reading does.
+    if ! text=$(tr '\000' '\001' <"$file"); then
+        echo "$file cannot be read" >&2
+        return 1
+    fi
     while IFS= read -r line || [[ -n "$line" ]]; do
         number=$((number + 1))
         [[ -n "$line" ]] || continue
@@ -55,7 +61,7 @@ read_image_set() {
         fi
         seen[${BASH_REMATCH[1]}]=1
         printf '%s\n' "$line"
-    done <"$file"
+    done <<<"$text"
 }
 
 # chart_base DOMAIN [USE_TOP]: the base chart 2.4.0 puts sub-hosts under (casdoor.<base>):
