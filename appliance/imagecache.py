@@ -146,16 +146,21 @@ def resolve_image(cfg: ApplianceConfig, name: str, skopeo: Runner | None = None)
     return Resolved(name, digest, index)
 
 
-def lock_images(cfg: ApplianceConfig, names: Sequence[str], lock_path: Path | None = None) -> list[Resolved]:
-    """Pin each name's current ``linux/amd64`` digest (and the index it came from) in the version lock."""
+def resolve_images(cfg: ApplianceConfig, names: Sequence[str]) -> list[Resolved]:
+    """Each name's current ``linux/amd64`` digest; read-only questions to the registries, several at once
+    (a skopeo process each)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    with ThreadPoolExecutor(max_workers=LOCK_WORKERS) as pool:
+        return list(pool.map(lambda name: resolve_image(cfg, name), names))
+
+
+def lock_images(cfg: ApplianceConfig, names: Sequence[str], lock_path: Path | None = None) -> list[Resolved]:
+    """Pin each name's current ``linux/amd64`` digest (and the index it came from) in the version lock."""
     from appliance.artifacts import LOCK_FILE, read_lock, write_lock
 
     path = lock_path or LOCK_FILE
-    # Read-only questions to the registries: several at once (a skopeo process each).
-    with ThreadPoolExecutor(max_workers=LOCK_WORKERS) as pool:
-        resolved = list(pool.map(lambda name: resolve_image(cfg, name), names))
+    resolved = resolve_images(cfg, names)
     lock = read_lock(path)
     chart = cfg.csghub.chart_version
     pins = dict((lock.get("images") or {}).get(chart) or {})
@@ -452,13 +457,42 @@ def lock_image_set(cfg: ApplianceConfig, lock_path: Path | None = None) -> list[
     return resolved
 
 
+def resolve_unpinned(cfg: ApplianceConfig) -> int:
+    """Give every image of the set that neither the version lock nor an earlier run of this build pins
+    the digest its tag points to now, recorded in ``build/image-digests.json`` (never in the lock) and
+    written into ``images.txt``; the number resolved. A build with an unpinned lock so still fetches,
+    uploads and checks by digest, and a resumed build keeps the digests it started with."""
+    from appliance.images import record_build_resolved_digests
+
+    declared = declared_pins(cfg)
+    unpinned = [name for name, digest in declared if not digest]
+    if not unpinned:
+        return 0
+    log.warning(f"{len(unpinned)} image(s) of the set have no digest in the version lock: resolving their tags now "
+                "for linux/amd64; this build records the digests (build/image-digests.json and the build report) "
+                "but a rebuild may get others. `invoke lock --images` pins them for every build")
+    resolved = resolve_images(cfg, unpinned)
+    now = {r.name: r.digest for r in resolved}
+    record_build_resolved_digests(cfg, now)
+    # The same set, now with every digest (write_build_image_list adds them too when it runs again).
+    text = "".join(f"{name} {digest or now[name]}\n" for name, digest in declared)
+    write_atomic(cfg.build_dir / "manifests" / "images.txt", text)
+    return len(resolved)
+
+
 def fetch_image_set(cfg: ApplianceConfig, *, required: bool) -> list[CachedImage]:
-    """Fetch the set ``images.txt`` lists. Nothing pinned yet: an error if ``required`` (a build), else a note."""
+    """Fetch the set ``images.txt`` lists. A build (``required``) resolves unpinned tags first
+    (:func:`resolve_unpinned`); ``invoke fetch`` fetches what is pinned and says what is not."""
+    if required:
+        resolve_unpinned(cfg)
     pinned = declared_pins(cfg)
-    if not required and not any(digest for _, digest in pinned):
-        log.warning(f"no digest of the {len(pinned)} images is pinned yet: images not fetched "
-                    "(run `invoke lock --images` on a host that reaches the registries)")
-        return []
+    unpinned = [name for name, digest in pinned if not digest]
+    if not required and unpinned:
+        log.warning(f"{len(unpinned)} of the {len(pinned)} images have no digest pinned yet: not fetched "
+                    "(run `invoke lock --images` on a host that reaches the registries; a build resolves them)")
+        pinned = [(name, digest) for name, digest in pinned if digest]
+        if not pinned:
+            return []
     return fetch_images(cfg, pinned)
 
 

@@ -516,12 +516,74 @@ def write_build_image_list(cfg: ApplianceConfig, helm: Path | None = None, lock_
     objects = helm_template(helm, chart, generate_values(cfg), k3s_version=cfg.k3s.version,
                             release=RELEASE_NAME, namespace=RELEASE_NAMESPACE)
     entries = image_set(objects, RELEASE_NAME)
-    pins = locked_image_digests(read_lock(lock_path), cfg.csghub.chart_version)
+    locked = locked_image_digests(read_lock(lock_path), cfg.csghub.chart_version)
+    # The lock wins; a digest this build resolved itself (imagecache.resolve_unpinned) fills the rest.
+    pins = {**build_resolved_digests(cfg), **locked}
     path = write_image_list(entries, cfg.build_dir / "manifests", pins)
-    pinned = sum(1 for e in entries if e.name in pins)
+    pinned = sum(1 for e in entries if e.name in locked)
+    resolved = sum(1 for e in entries if e.name in pins and e.name not in locked)
     log.info(f"image set: {len(entries)} images the appliance stores offline, {pinned} with a digest pinned in the "
-             f"version lock ({path})")
+             f"version lock{f', {resolved} resolved by this build' if resolved else ''} ({path})")
     return path
+
+
+# -- digests this build resolved itself (images the lock does not pin) ----------------------------------
+
+BUILD_DIGESTS_FILE = "image-digests.json"
+_BUILD_DIGESTS_LIMIT = 1 << 20
+
+
+def build_digests_path(cfg: ApplianceConfig) -> Path:
+    return cfg.build_dir / BUILD_DIGESTS_FILE
+
+
+def build_resolved_digests(cfg: ApplianceConfig) -> dict[str, str]:
+    """Image name -> digest this build resolved for a tag the version lock does not pin (this chart
+    version), from ``build/image-digests.json``; kept so a resumed build keeps the same digests.
+
+    The file is the build's own state, and hostile like state.json: anything but a small JSON object of
+    ``{chart version: {name: "sha256:<64 hex>"}}`` is refused naming the file."""
+    import json
+
+    from appliance.inputs import read_regular
+
+    path = build_digests_path(cfg)
+    if not path.exists():
+        return {}
+    hint = f"delete {path}: the next `invoke fetch` or build resolves the tags again"
+    try:
+        raw = read_regular(path, _BUILD_DIGESTS_LIMIT)
+    except OSError as exc:
+        raise ImageError(f"cannot read {path}: {exc.strerror or exc}", hint=hint) from None
+    if len(raw) > _BUILD_DIGESTS_LIMIT:
+        raise ImageError(f"{path} is larger than {_BUILD_DIGESTS_LIMIT} bytes", hint=hint)
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ImageError(f"{path} is not valid JSON ({exc})", hint=hint) from None
+    section = data.get(cfg.csghub.chart_version, {}) if isinstance(data, dict) else None
+    if not isinstance(section, dict) or not all(
+            isinstance(name, str) and _IMAGE_LIST_LINE.fullmatch(f"{name} {digest}") and isinstance(digest, str)
+            for name, digest in section.items()):
+        raise ImageError(f"{path} must map each chart version to {{image name: \"sha256:<64 hex>\"}}", hint=hint)
+    return dict(section)
+
+
+def record_build_resolved_digests(cfg: ApplianceConfig, digests: Mapping[str, str]) -> Path:
+    """Add ``digests`` (name -> digest resolved now) to ``build/image-digests.json`` for this chart version."""
+    import json
+
+    from appliance.files import write_atomic
+
+    path = build_digests_path(cfg)
+    known = build_resolved_digests(cfg)
+    try:
+        whole = json.loads(path.read_bytes()) if path.exists() else {}
+    except ValueError:  # pragma: no cover - build_resolved_digests refused it already
+        whole = {}
+    whole[cfg.csghub.chart_version] = dict(sorted({**known, **digests}.items()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_atomic(path, json.dumps(whole, indent=2, sort_keys=True) + "\n")
 
 
 # -- digests pinned in the version lock (`invoke lock`) --------------------------------------------------

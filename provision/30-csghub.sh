@@ -118,7 +118,7 @@ moved=()
 for ref in "${!pinned_digest[@]}"; do
     have_digest=$(awk -v ref="$ref" '$1 == ref { print $2; exit }' <<<"$digests")
     [[ "$have_digest" == "${pinned_digest[$ref]}" ]] ||
-        moved+=("$ref: stored ${have_digest:-nothing}, the version lock pins ${pinned_digest[$ref]}")
+        moved+=("$ref: stored ${have_digest:-nothing}, images.txt names ${pinned_digest[$ref]} (the version lock's pin or the digest this build resolved)")
 done
 if ((${#moved[@]} > 0)); then
     echo "images whose digest differs from the one the version lock pins:" >&2

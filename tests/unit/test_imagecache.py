@@ -460,3 +460,53 @@ def test_the_build_uploads_the_archive_only_when_the_whole_set_is_cached(
     assert named == set(pins.items())
     written = archive.stat().st_mtime_ns
     assert image_uploads(cfg) == [(archive, guest)] and archive.stat().st_mtime_ns == written  # unchanged set: kept
+
+
+def test_a_build_resolves_tags_the_lock_does_not_pin_and_keeps_them_on_resume(
+        tmp_path: Path, registry: tuple[Registry, dict[str, Any]]) -> None:
+    """The repository's lock pins no image yet: a build must still fetch by digest (not stop, not pull
+    in the guest), record what it resolved outside the lock, and keep those digests when resumed."""
+    from appliance.imagecache import fetch_image_set
+    from appliance.images import build_resolved_digests
+
+    reg, facts = registry
+    cfg = _cfg(tmp_path, reg)
+    listed = cfg.build_dir / "manifests" / "images.txt"
+    listed.parent.mkdir(parents=True)
+    listed.write_text(f"{PORTAL}\n{TOOL}\n")
+    lock_before = LOCK_FILE.read_bytes()
+
+    images = fetch_image_set(cfg, required=True)
+    assert {(i.name, i.digest) for i in images} == {(PORTAL, facts["portal"]), (TOOL, facts["amd64"])}
+    assert listed.read_text() == f"{PORTAL} {facts['portal']}\n{TOOL} {facts['amd64']}\n"
+    assert build_resolved_digests(cfg) == {PORTAL: facts["portal"], TOOL: facts["amd64"]}
+    assert LOCK_FILE.read_bytes() == lock_before  # recorded for this build, never pinned behind the user's back
+
+    # Resumed: the tag moved meanwhile, but this build keeps the digest it started with.
+    other, other_blobs = image_blobs([{"portal/index.html": b"<h1>re-pushed</h1>\n"}])
+    reg.push_layout(write_layout(tmp_path / "moved", other, other_blobs), "opencsghq/portal:v1")
+    try:
+        from appliance.imagecache import resolve_unpinned
+        from appliance.images import ImageEntry, image_list_text
+
+        # As write_build_image_list writes the set again on resume: the lock's pins, then this build's.
+        pins = build_resolved_digests(cfg)
+        listed.write_text(image_list_text([ImageEntry(PORTAL, (PORTAL,)), ImageEntry(TOOL, (TOOL,))], pins))
+        assert resolve_unpinned(cfg) == 0
+        assert {(i.name, i.digest, i.fetched) for i in fetch_image_set(cfg, required=True)} == {
+            (PORTAL, facts["portal"], False), (TOOL, facts["amd64"], False)}
+    finally:  # the module's registry serves the original again for the other tests
+        portal, portal_blobs = image_blobs([SHARED, {"portal/index.html": b"<h1>portal</h1>\n"}])
+        reg.push_layout(write_layout(tmp_path / "back", portal, portal_blobs), "opencsghq/portal:v1")
+
+
+@pytest.mark.parametrize("content", ["[]", "{\"2.4.0\": {\"x\": \"sha256:12\"}}", "{\"2.4.0\": {\"a b\": 1}}", "{"])
+def test_a_damaged_build_digest_record_is_refused_naming_the_file(tmp_path: Path, content: str) -> None:
+    from appliance.images import ImageError, build_digests_path, build_resolved_digests
+
+    cfg = load_config(None, [f"output.build_dir={tmp_path / 'build'}"], "libvirt", cwd=tmp_path)
+    path = build_digests_path(cfg)
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    with pytest.raises(ImageError, match=r"image-digests\.json"):
+        build_resolved_digests(cfg)
