@@ -13,6 +13,9 @@ from pathlib import Path
 
 
 def sha256_file(path: Path) -> str:
-    """The sha256 of ``path``'s bytes, as 64 lowercase hex digits."""
-    with path.open("rb") as f:
+    """The sha256 of ``path``'s bytes, as 64 lowercase hex digits; a FIFO, directory or device is refused
+    (``appliance.inputs.NotRegularFile``) instead of blocking or reading forever."""
+    from appliance.inputs import open_regular
+
+    with open_regular(path) as f:
         return hashlib.file_digest(f, "sha256").hexdigest()

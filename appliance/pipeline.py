@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import hashlib
 import json
 import shutil
 import time
@@ -25,8 +24,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from appliance import receipt
 from appliance.config import ApplianceConfig, public_dump
+from appliance.digest import sha256_file
 from appliance.errors import ApplianceError, Cancelled, HostFileError, UsageError, VagrantError, VerifyError
-from appliance.inputs import open_regular
 from appliance.log import StageStatus, human_size, log
 from appliance.scripts import discover_scripts
 from appliance.state import BuildState, config_digest, export_digest
@@ -255,7 +254,7 @@ def stage_verify(ctx: BuildContext) -> StageOutcome:
     staged = Path(ctx.state.staged_ova)
     report = verify_ova(staged, boot=ctx.options.boot_check, cfg=ctx.cfg)
     # What was verified is the file as it is now: hash it again rather than trust state.json's digest.
-    ctx.state.staged_ova_sha256 = file_sha256(staged)
+    ctx.state.staged_ova_sha256 = sha256_file(staged)
     ctx.state.verified_sha256 = ctx.state.staged_ova_sha256
     ctx.state.verify_report = report.as_dict()
     ctx.state.verify_receipt = receipt.issue(ctx.state.verified_sha256, ctx.state.export_digest,
@@ -267,14 +266,6 @@ def verified_by_this_tool(state: BuildState) -> bool:
     """The staged OVA's digest is the verified one and the receipt (appliance.receipt) proves verify said so."""
     return bool(state.verified_sha256) and state.verified_sha256 == state.staged_ova_sha256 and receipt.holds(
         state.verify_receipt, state.verified_sha256, state.export_digest, state.verify_report)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open_regular(path) as f:
-        while chunk := f.read(4 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def recheck_staged(ctx: BuildContext, staged: Path) -> None:

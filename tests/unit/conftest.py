@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from appliance.config import PROJECT_ROOT
+from tests.containerd import Containerd, containerd_missing
+
+# -- containerd (image names and archives, tests/containerd.py) ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]:
+    """A real containerd on a private socket for the module, stopped by PID; CI must have it."""
+    why = containerd_missing()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    daemon = Containerd(tmp_path_factory.mktemp("containerd"))
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
 
 # -- OVF / OVA (export and verify tests) ------------------------------------------------------
 

@@ -34,7 +34,7 @@ from appliance.imagecache import (
 from appliance.images import helm_template, image_set, locked_image_digests
 from appliance.values import generate_values
 from tests.chart import CHART_DIR
-from tests.containerd import Containerd, containerd_missing
+from tests.containerd import Containerd
 from tests.registry import Registry, image_blobs, multi_arch_blobs, registry_missing, write_layout
 
 SHARED = {"base/os-release": b"ID=tiny\n"}
@@ -207,21 +207,6 @@ def test_credentials_come_from_the_auth_file_and_appear_nowhere(tmp_path: Path, 
             assert files
             for path in files:
                 assert secret.encode() not in path.read_bytes(), path
-
-
-@pytest.fixture(scope="module")
-def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]:
-    why = containerd_missing()
-    if why:
-        if os.environ.get("CI"):
-            pytest.fail(why)
-        pytest.skip(why)
-    daemon = Containerd(tmp_path_factory.mktemp("containerd"))
-    daemon.start()
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
 
 
 def test_the_archive_imported_into_containerd_holds_exactly_the_set(

@@ -37,7 +37,7 @@ from appliance.images import (
 )
 from appliance.values import generate_values
 from tests.chart import CHART_DIR
-from tests.containerd import Containerd, containerd_missing, docker_archive
+from tests.containerd import Containerd, docker_archive
 
 LIB = PROJECT_ROOT / "provision" / "files" / "csghub" / "lib.sh"
 FAKE_K3S = PROJECT_ROOT / "tests" / "data" / "fake_k3s.py"
@@ -71,21 +71,6 @@ def bash_normalize(refs: list[str]) -> list[str]:
 
 
 # -- the real thing: containerd ------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]:
-    why = containerd_missing()
-    if why:
-        if os.environ.get("CI"):
-            pytest.fail(why)
-        pytest.skip(why)
-    daemon = Containerd(tmp_path_factory.mktemp("containerd"))
-    daemon.start()
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
 
 
 def stored_names(containerd: Containerd, tmp_path: Path, refs: list[str]) -> list[str]:
