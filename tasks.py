@@ -19,6 +19,7 @@ from invoke.exceptions import Exit
 from appliance.config import ApplianceConfig, load_config, resolve_provider
 from appliance.errors import ApplianceError
 from appliance.log import debugging, log
+from appliance.run import Terminated, termination_as_interrupt
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -38,15 +39,15 @@ def cli_task(*args: Any, **kwargs: Any) -> Callable[[F], F]:
         @functools.wraps(fn)
         def inner(c: Context, *a: Any, **kw: Any) -> Any:
             try:
-                with debugging(bool(kw.get("debug"))):
+                with debugging(bool(kw.get("debug"))), termination_as_interrupt():
                     return fn(c, *a, **kw)
             except ApplianceError as exc:
                 if kw.get("debug"):
                     log.console.print_exception()
                 log.error(str(exc))
                 raise Exit(code=exc.exit_code) from None
-            except KeyboardInterrupt:
-                log.error("interrupted")
+            except KeyboardInterrupt as exc:
+                log.error(f"interrupted ({exc})" if isinstance(exc, Terminated) else "interrupted")
                 raise Exit(code=130) from None
             except OSError as exc:
                 # A file error no code path turned into an ApplianceError (a full disk, a folder that

@@ -121,6 +121,20 @@ def detect_libvirt_driver(*, refresh: bool = False, cache_dir: Path | None = Non
     return driver, reason
 
 
+def record_kvm_failure(reason: str, *, cache_dir: Path | None = None) -> None:
+    """A real guest stopped under KVM although the probe chose it: remember TCG for the rest of this boot.
+
+    The probe's payload ran, but a full guest did not (``KVM internal error`` at its first
+    protected-mode ``iret`` is one way): the next ``auto`` decision, by any task, is TCG.
+    """
+    cache = (cache_dir or _probe_cache_dir()) / CACHE_NAME
+    record = {"boot_id": boot_id(), "driver": "qemu", "reason": f"a real guest stopped under KVM ({reason})"}
+    try:
+        cache.write_text(json.dumps(record) + "\n")
+    except OSError as exc:
+        log.debug(f"cannot record the KVM failure in {cache}: {exc}")
+
+
 def resolve_libvirt_driver(configured: str) -> str:
     """The driver to render: the configured one, or for ``auto`` the probe's answer, loudly."""
     if configured != "auto":
