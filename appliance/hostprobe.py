@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ PROBE_TIMEOUT = 15.0
 # Hardware KVM starts and runs the payload in well under a second; anything this slow is emulated.
 KVM_MAX_SECONDS = 3.0
 CACHE_NAME = "libvirt-driver.json"
+# Lines of a QEMU log that say why a guest stopped (QEMU 7.2: accel/kvm/kvm-all.c prints
+# "KVM internal error. Suberror: %d"; every other error is prefixed with the program's name).
+_QEMU_FAILURE = re.compile(r"qemu-system-\S+: .*|.*(?:error|failed|terminating on signal|could not).*", re.I)
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,15 @@ def detect_libvirt_driver(*, refresh: bool = False, cache_dir: Path | None = Non
     except OSError as exc:
         log.debug(f"cannot cache the KVM probe in {cache}: {exc}")
     return driver, reason
+
+
+def qemu_failure_lines(text: str, limit: int = 3) -> list[str]:
+    """The lines of a QEMU log that say why the guest stopped (KVM internal error first)."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    kvm = [ln for ln in lines if ln.startswith("KVM internal error")]
+    if kvm:
+        return kvm[-1:]
+    return [ln for ln in lines if _QEMU_FAILURE.fullmatch(ln)][-limit:]
 
 
 def record_kvm_failure(reason: str, *, cache_dir: Path | None = None) -> None:

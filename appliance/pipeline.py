@@ -147,6 +147,8 @@ def stage_up(ctx: BuildContext) -> StageOutcome:
             hint="run `invoke destroy` (it removes the VM and build state), then `invoke build-ova` again",
         )
     vagrant.up(ctx.cfg, provider=ctx.provider)
+    # `up` may have fallen back from KVM to TCG: the report says what the VM really runs under.
+    ctx.state.libvirt_driver = vagrant.rendered_driver(ctx.cfg) or ctx.state.libvirt_driver
     ctx.endpoint = vagrant.ssh_config(ctx.cfg, provider=ctx.provider)
     return StageOutcome.done()
 

@@ -43,6 +43,7 @@ from typing import Any
 import paramiko
 
 from appliance.errors import GuestStopped, PrerequisiteMissing, UsageError, VerifyError
+from appliance.hostprobe import qemu_failure_lines
 from appliance.log import log
 from appliance.run import run, start_background, stop_processes, which
 
@@ -206,10 +207,6 @@ def free_loopback_port() -> int:
 
 # QEMU's run states (qapi/run-state.json, QEMU 7.2) in which the guest still runs or is about to.
 _RUNNING_STATES = {"running", "prelaunch", "inmigrate", "finish-migrate", "postmigrate", "restore-vm", "save-vm"}
-# Lines of QEMU's stderr that say why a guest stopped (accel/kvm/kvm-all.c: "KVM internal error. Suberror: %d").
-_QEMU_FAILURE = re.compile(r"qemu-system-\S+: .*|.*(?:error|failed|terminating on signal|could not).*", re.I)
-
-
 class Qmp:
     """A minimal QMP client (docs/interop/qmp-spec.txt, QEMU 7.2): one connection per command.
 
@@ -246,15 +243,6 @@ class Qmp:
             return str(self.execute("query-status")["return"]["status"])
         except (OSError, ValueError, KeyError):
             return None
-
-
-def qemu_failure_lines(text: str, limit: int = 3) -> list[str]:
-    """The lines of a QEMU log that say why the guest stopped (KVM internal error first)."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    kvm = [ln for ln in lines if ln.startswith("KVM internal error")]
-    if kvm:
-        return kvm[-1:]
-    return [ln for ln in lines if _QEMU_FAILURE.fullmatch(ln)][-limit:]
 
 
 @dataclass

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from appliance.config import ApplianceConfig
 from appliance.doctor import Check, tool_check
-from appliance.errors import PrerequisiteMissing, UsageError, VagrantError
+from appliance.errors import GuestStopped, PrerequisiteMissing, UsageError, VagrantError
 from appliance.log import log
 from appliance.providers.base import Exported, Provider, require
 from appliance.run import run, which
@@ -32,6 +32,69 @@ def domain_name(cfg: ApplianceConfig) -> str:
     from appliance.vagrant import MACHINE
 
     return f"{cfg.vm.name}_{MACHINE}"
+
+
+# -- watching a booting domain --------------------------------------------------------------------
+
+QEMU_LOG_DIR = Path("/var/log/libvirt/qemu")
+# `virsh domstate --reason` states in which a domain is still on its way up (libvirt 9:
+# tools/virsh-domain-monitor.c); a domain is "shut off" before Vagrant starts it.
+_STARTING = {("paused", "starting up"), ("paused", "booting"), ("paused", "migration"), ("paused", "snapshot")}
+
+
+def parse_domstate(text: str) -> tuple[str, str]:
+    """``("paused", "crashed")`` from ``virsh domstate --reason`` output ``paused (crashed)``."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    m = re.fullmatch(r"(.+?)\s*\((.*)\)", line)
+    return (m.group(1).strip(), m.group(2).strip()) if m else (line, "")
+
+
+def domain_log_reason(domain: str, log_dir: Path = QEMU_LOG_DIR) -> str:
+    """Why the domain's QEMU stopped, from libvirt's log of its latest start (``<log_dir>/<domain>.log``)."""
+    from appliance.hostprobe import qemu_failure_lines
+
+    path = log_dir / f"{domain}.log"
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return f"no log at {path}"
+    latest = text.rsplit(": starting up ", 1)[-1]  # libvirt marks each start of the domain
+    lines = qemu_failure_lines(latest)
+    return "; ".join(lines) if lines else f"nothing in {path} says why"
+
+
+class DomainWatch:
+    """While ``vagrant up`` waits: is the build VM's domain still running? (``None``: yes, or not started yet.)
+
+    A domain that was running and now is paused (``KVM internal error``, ``virsh suspend``),
+    crashed or shut off will never get an address: ``GuestStopped`` names its state and the
+    reason from libvirt's domain log, so ``up`` fails in seconds instead of at its timeout.
+    """
+
+    def __init__(self, cfg: ApplianceConfig, driver: str, log_dir: Path = QEMU_LOG_DIR) -> None:
+        self.uri, self.domain, self.driver, self.log_dir = cfg.libvirt.uri, domain_name(cfg), driver, log_dir
+        self.seen_running = False
+
+    def __call__(self) -> GuestStopped | None:
+        probe = run(["virsh", "-c", self.uri, "domstate", "--reason", self.domain], check=False, timeout=30)
+        if not probe.ok:
+            return None  # not defined yet
+        state, reason = parse_domstate(probe.stdout)
+        if state == "running":
+            self.seen_running = True
+            return None
+        if (state, reason) in _STARTING or (state == "shut off" and not self.seen_running):
+            return None
+        if state not in ("paused", "shut off", "crashed", "pmsuspended"):
+            return None  # running, or "blocked" (waiting on I/O): alive
+        why = domain_log_reason(self.domain, self.log_dir)
+        return GuestStopped(
+            f"the libvirt domain {self.domain} stopped running under {self.driver}: {state} ({reason}): {why}",
+            reason=why, accelerator=self.driver,
+            hint=("KVM does not run this guest here: set libvirt.driver=qemu (TCG), or auto to let the tool "
+                  "fall back; then `invoke destroy` and run again" if self.driver == "kvm"
+                  else f"see {self.log_dir / (self.domain + '.log')}; `invoke destroy` removes the VM"),
+        )
 
 
 # -- checks (doctor and preflight) ------------------------------------------------------------------
@@ -141,6 +204,12 @@ class LibvirtProvider(Provider):
 
     def vagrant_env(self) -> dict[str, str]:
         return {"LIBVIRT_DEFAULT_URI": self.cfg.libvirt.uri}
+
+    def guest_watch(self, driver: str | None) -> DomainWatch:
+        return DomainWatch(self.cfg, driver or self.cfg.libvirt.driver)
+
+    def can_fall_back(self, driver: str | None) -> bool:
+        return self.cfg.libvirt.driver == "auto" and driver == "kvm"
 
     def vagrantfile_inputs(self, driver: str | None) -> dict[str, str]:
         inputs = super().vagrantfile_inputs(driver)
