@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from appliance.config import ApplianceConfig
+from appliance.config import BUILT_BOX, ApplianceConfig
 from appliance.digest import sha256_file
 from appliance.errors import PrerequisiteMissing, VagrantError
 from appliance.image import CUSTOMIZE_FILES, ImageSpec, build_raw_disk, remove_tree
@@ -336,6 +336,35 @@ def build_base_box(
                                  suite=suite)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@dataclass(frozen=True)
+class BoxCheck:
+    """What ``ensure_base_box`` did: ``built`` (built or taken from the cache, and added) and why."""
+
+    added: bool
+    note: str
+
+
+def ensure_base_box(cfg: ApplianceConfig) -> BoxCheck:
+    """The build's first need, from nothing: Vagrant has ``vm.box`` for the configured provider.
+
+    Present: nothing is done. Missing and ours (``csghub/debian12``): ``build_base_box`` makes
+    it exactly as ``invoke base-box`` does (from the cache when the same inputs were built
+    before, else from the Debian archive). Missing and not ours: nothing is done here; ``up``
+    says how to get it.
+    """
+    from appliance.vagrant import box_list
+
+    provider = box_provider(cfg)
+    have = [b for b in box_list() if b.name == cfg.vm.box and (b.provider or provider.name) == provider.name]
+    if have:
+        return BoxCheck(False, f"Vagrant has {cfg.vm.box} {have[-1].version} ({provider.name})")
+    if cfg.vm.box != BUILT_BOX:
+        return BoxCheck(False, f"vm.box {cfg.vm.box} is not built by this tool: `vagrant box add` it")
+    box = build_base_box(cfg)
+    how = "built from the Debian archive" if box.built else f"taken from the cache ({box.box_file})"
+    return BoxCheck(True, f"{box.name} {box.version} ({box.provider}) {how} and added to Vagrant")
 
 
 def box_provider(cfg: ApplianceConfig) -> Provider:

@@ -114,6 +114,12 @@ def detect_libvirt_driver(*, refresh: bool = False, cache_dir: Path | None = Non
             pass
     if which("qemu-system-x86_64") is None:
         return "qemu", "qemu-system-x86_64 is not installed, so KVM cannot be tested"
+    from appliance.libvirtd import kvm_access, qemu_user
+
+    access = kvm_access(qemu_user())
+    if not access.allowed and os.path.exists("/dev/kvm"):
+        # libvirt starts QEMU as this user: that root could run the payload would prove nothing.
+        return "qemu", f"libvirt runs QEMU as {access.user}, which cannot open /dev/kvm ({access.detail})"
     kvm_usable = os.path.exists("/dev/kvm") and os.access("/dev/kvm", os.R_OK | os.W_OK)
     kvm = run_payload("kvm") if kvm_usable else None
     tcg = run_payload("tcg") if kvm is not None else None

@@ -1,6 +1,6 @@
 """``invoke build-ova``: the whole build as a declared list of stages.
 
-fetch -> render -> up -> provision -> seal -> halt -> export -> verify -> publish
+fetch -> render -> base-box -> up -> provision -> seal -> halt -> export -> verify -> publish
 
 Each stage is a function taking the ``BuildContext``; the list below is the pipeline.
 A stage that is switched off stays in the list and reports itself skipped. The runner
@@ -126,6 +126,15 @@ def stage_render(ctx: BuildContext) -> StageOutcome:
     if rendered.libvirt_driver is not None:
         ctx.state.libvirt_driver = rendered.libvirt_driver
     return StageOutcome.done(f"wrote {rendered.path}")
+
+
+def stage_base_box(ctx: BuildContext) -> StageOutcome:
+    if ctx.state.seal_begun:
+        return StageOutcome.skipped("the VM is sealed already; it needs no box")
+    from appliance.basebox import ensure_base_box
+
+    box = ensure_base_box(ctx.cfg)
+    return StageOutcome.done(box.note) if box.added else StageOutcome.skipped(box.note)
 
 
 def stage_up(ctx: BuildContext) -> StageOutcome:
@@ -321,6 +330,7 @@ def build_report(ctx: BuildContext, final: Path) -> dict[str, Any]:
 STAGES: list[Stage] = [
     Stage("fetch", stage_fetch, "download and verify pinned artifacts into the cache"),
     Stage("render", stage_render, "write the Vagrantfile into build/vm"),
+    Stage("base-box", stage_base_box, "build the base box vm.box when Vagrant lacks it (cached, as `invoke base-box`)"),
     Stage("up", stage_up, "create and boot the VM"),
     Stage("provision", stage_provision, "run the provisioning steps (resumable)"),
     Stage("seal", stage_seal, "remove per-instance state and secrets"),

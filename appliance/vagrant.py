@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import paramiko
 
-from appliance.config import ApplianceConfig
+from appliance.config import BUILT_BOX, ApplianceConfig
 from appliance.errors import CommandFailed, GuestStopped, PrerequisiteMissing, VagrantError
 from appliance.log import log
 from appliance.run import CommandResult, run, which
@@ -312,7 +312,9 @@ def _hint_for(output: str, phase: str | None, *, timed_out: bool) -> str | None:
     if re.search(r"box '[^']+' could not be found|could not be found or\s+could not be accessed", output):
         return "build and add the base box first: `invoke base-box`"
     if "Error while connecting to Libvirt" in output or "Failed to connect socket" in output:
-        return "start libvirt: `systemctl start libvirtd` (without systemd: `virtlogd -d && libvirtd -d`)"
+        from appliance.libvirtd import start_hint
+
+        return start_hint()
     if "provider 'libvirt' could not be found" in output:
         return "install the plugin: `apt-get install -y --no-install-recommends vagrant-libvirt`"
     if "already taken" in output:
@@ -349,7 +351,7 @@ def check_box(cfg: ApplianceConfig, provider_name: str) -> None:
     if not any(b.name == cfg.vm.box and (b.provider or provider_name) == provider_name for b in boxes):
         have = ", ".join(sorted({f"{b.name} ({b.provider})" for b in boxes})) or "none"
         version = f" --box-version {cfg.vm.box_version}" if cfg.vm.box_version else ""
-        build = (f"`invoke base-box --provider {provider_name}`" if cfg.vm.box == "csghub/debian12"
+        build = (f"`invoke base-box --provider {provider_name}`" if cfg.vm.box == BUILT_BOX
                  else f"`vagrant box add {cfg.vm.box}{version} --provider {provider_name}`")
         raise VagrantError(
             f"Vagrant has no box {cfg.vm.box!r} for provider {provider_name} (boxes here: {have})",
@@ -420,12 +422,14 @@ def status(cfg: ApplianceConfig, *, provider: Provider | None = None) -> Machine
 
 def up(
     cfg: ApplianceConfig, *, provision: bool = False, timeout: float | None = None, render_first: bool = False,
-    provider: Provider | None = None,
+    provider: Provider | None = None, build_box: bool = False,
 ) -> MachineState:
     """Boot the VM from the project's Vagrantfile; a running VM is left as it is.
 
     ``render_first`` (re-)renders the Vagrantfile first (``invoke up``); otherwise it is
-    rendered only when missing (the build pipeline renders it in its own stage).
+    rendered only when missing (the build pipeline renders it in its own stage). ``build_box``
+    (``invoke up``) builds the base box first when a new VM needs it and Vagrant lacks it (the
+    pipeline has its own ``base-box`` stage).
 
     Raises ``VMSealed`` when the VM is sealed (or its seal started) and ``VagrantError`` for a
     VM in a state ``up`` cannot handle, a missing box, or a
@@ -459,6 +463,10 @@ def up(
     if not current.exists:
         # A new VM has new host keys: forget whatever an earlier VM of this build presented.
         forget_host_key(known_hosts_path(cfg))
+        if build_box:
+            from appliance.basebox import ensure_base_box
+
+            log.info(f"base box: {ensure_base_box(cfg).note}")
         check_box(cfg, provider.name)
         provider.before_create()
     driver = rendered_driver(cfg)

@@ -21,8 +21,6 @@ from appliance.providers.base import Exported, Provider, require
 from appliance.run import run, which
 
 APT = "apt-get install --no-install-recommends "
-START_LIBVIRT = ("start it: `systemctl start libvirtd` (without systemd: `virtlogd -d && libvirtd -d`; "
-                 "docs/vm-lifecycle.md lists what libvirtd needs on a host without libvirt-daemon-system)")
 PLUGIN = "vagrant-libvirt"
 DEFAULT_POOL_DIR = "/var/lib/libvirt/images"
 
@@ -117,7 +115,24 @@ def reachable_check(cfg: ApplianceConfig) -> Check:
     if probe.ok:
         return Check("libvirt", "ok", f"reachable at {uri}")
     why = " ".join(probe.tail("stderr", 2)) or "no answer"
-    return Check("libvirt", "fail", f"not reachable at {uri}: {why}", START_LIBVIRT)
+    from appliance.libvirtd import start_hint
+
+    return Check("libvirt", "fail", f"not reachable at {uri}: {why}", start_hint(uri))
+
+
+def kvm_user_check(cfg: ApplianceConfig) -> Check:
+    """Can the user libvirt runs QEMU as open /dev/kvm? (Root probing KVM proves nothing about that user.)"""
+    from appliance.libvirtd import kvm_access, qemu_user
+
+    access = kvm_access(qemu_user())
+    name = f"/dev/kvm for libvirt's QEMU user ({access.user})"
+    if access.allowed:
+        return Check(name, "ok", access.detail)
+    if cfg.libvirt.driver == "qemu":
+        return Check(name, "ok", f"not needed (libvirt.driver qemu): {access.detail}")
+    verdict = "fail" if cfg.libvirt.driver == "kvm" else "warn"
+    return Check(name, verdict, f"cannot open it, so libvirt's guests run under TCG emulation: {access.detail}",
+                 access.fix)
 
 
 def plugin_check() -> Check:
@@ -157,6 +172,7 @@ def check_libvirt(cfg: ApplianceConfig) -> list[Check]:
     ]
     if checks[2].verdict == "ok":
         checks.append(reachable_check(cfg))
+    checks.append(kvm_user_check(cfg))
     if which("vagrant"):
         checks.append(plugin_check())
     checks.append(acceleration_check(cfg))
@@ -223,7 +239,11 @@ class LibvirtProvider(Provider):
         require([virsh_check, lambda: reachable_check(self.cfg)])
 
     def preflight(self) -> None:
-        require([virsh_check, lambda: reachable_check(self.cfg), plugin_check])
+        from appliance.libvirtd import ensure_running
+
+        require([virsh_check])
+        ensure_running(self.cfg.libvirt.uri)  # root without systemd: starts libvirtd itself, and says so
+        require([lambda: reachable_check(self.cfg), plugin_check])
         ensure_storage_pool(self.cfg)
 
     def before_create(self) -> None:
