@@ -126,7 +126,7 @@ def docs(c: Context, debug: bool = False) -> None:
 def build_ova(c: Context, config: str | None = None, set_: list[str] | None = None, provider: str | None = None,
               skip: str = "", only: str = "", force: bool = False, on_error: str = "keep",
               no_boot_check: bool = False, debug: bool = False) -> None:
-    """Build the OVA: fetch, render, base-box, up, provision, seal, halt, export, verify, publish (resumable)."""
+    """Build the OVA: fetch, base-box, render, up, provision, seal, halt, export, verify, publish (resumable)."""
     from appliance.errors import UsageError
     from appliance.pipeline import BuildOptions, skipped_steps
     from appliance.pipeline import build_ova as run_build

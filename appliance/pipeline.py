@@ -1,6 +1,6 @@
 """``invoke build-ova``: the whole build as a declared list of stages.
 
-fetch -> render -> base-box -> up -> provision -> seal -> halt -> export -> verify -> publish
+fetch -> base-box -> render -> up -> provision -> seal -> halt -> export -> verify -> publish
 
 Each stage is a function taking the ``BuildContext``; the list below is the pipeline.
 A stage that is switched off stays in the list and reports itself skipped. The runner
@@ -329,8 +329,8 @@ def build_report(ctx: BuildContext, final: Path) -> dict[str, Any]:
 
 STAGES: list[Stage] = [
     Stage("fetch", stage_fetch, "download and verify pinned artifacts into the cache"),
-    Stage("render", stage_render, "write the Vagrantfile into build/vm"),
     Stage("base-box", stage_base_box, "build the base box vm.box when Vagrant lacks it (cached, as `invoke base-box`)"),
+    Stage("render", stage_render, "write the Vagrantfile into build/vm"),
     Stage("up", stage_up, "create and boot the VM"),
     Stage("provision", stage_provision, "run the provisioning steps (resumable)"),
     Stage("seal", stage_seal, "remove per-instance state and secrets"),

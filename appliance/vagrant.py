@@ -446,6 +446,11 @@ def up(
     refuse_if_sealed(cfg, "boot the VM")  # a sealed disk's next boot is the appliance's first boot
     provider = _provider(cfg, provider)
     provider.preflight()
+    if build_box and not _has_machine(cfg):
+        # Before the render: the KVM probe boots this box's kernel.
+        from appliance.basebox import ensure_base_box
+
+        log.info(f"base box: {ensure_base_box(cfg).note}")
     if render_first:
         render(cfg, provider=provider)
     else:
@@ -463,10 +468,6 @@ def up(
     if not current.exists:
         # A new VM has new host keys: forget whatever an earlier VM of this build presented.
         forget_host_key(known_hosts_path(cfg))
-        if build_box:
-            from appliance.basebox import ensure_base_box
-
-            log.info(f"base box: {ensure_base_box(cfg).note}")
         check_box(cfg, provider.name)
         provider.before_create()
     driver = rendered_driver(cfg)

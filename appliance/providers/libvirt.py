@@ -154,7 +154,7 @@ def acceleration_check(cfg: ApplianceConfig) -> Check:
         return Check("acceleration", "ok", "driver qemu (TCG emulation) chosen in config")
     from appliance.hostprobe import detect_libvirt_driver
 
-    driver, why = detect_libvirt_driver()
+    driver, why = detect_libvirt_driver(uri=cfg.libvirt.uri, machine_type=cfg.libvirt.machine_type)
     if driver == "kvm":
         return Check("acceleration", "ok", f"KVM works ({why})")
     verdict = "fail" if cfg.libvirt.driver == "kvm" else "warn"
@@ -216,7 +216,12 @@ class LibvirtProvider(Provider):
     def resolve_driver(self) -> str | None:
         from appliance.hostprobe import resolve_libvirt_driver
 
-        return resolve_libvirt_driver(self.cfg.libvirt.driver)
+        if self.cfg.libvirt.driver == "auto":
+            from appliance.libvirtd import ensure_running
+
+            ensure_running(self.cfg.libvirt.uri)  # the probe boots the box's kernel through libvirt
+        return resolve_libvirt_driver(self.cfg.libvirt.driver, uri=self.cfg.libvirt.uri,
+                                      machine_type=self.cfg.libvirt.machine_type)
 
     def vagrant_env(self) -> dict[str, str]:
         return {"LIBVIRT_DEFAULT_URI": self.cfg.libvirt.uri}

@@ -4,7 +4,9 @@ A domain suspended while Vagrant waits for its address (`virsh suspend`, as libv
 guest after a ``KVM internal error``) fails `up` with the domain's state and libvirt's reason,
 well within a minute instead of at vm.boot_timeout. Under ``libvirt.driver=auto`` with the
 probe's answer set to KVM (what this host's probe says), a guest KVM cannot run here is removed
-and booted once more under TCG. One TCG boot in all, plus a domain that is stopped early.
+and booted once more under TCG. And the KVM probe's own boot (the base box's kernel through a
+transient libvirt domain) agrees with what libvirt does: its choice, booted the same way, reaches
+userspace. One TCG boot to SSH in all, one kernel boot, plus a domain that is stopped early.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from appliance import hostprobe, vagrant
+from appliance import hostprobe, libvirtd, vagrant
 from appliance.config import ApplianceConfig
 from appliance.errors import GuestStopped
 from appliance.providers.libvirt import domain_name
 from appliance.run import run
 
 pytestmark = pytest.mark.vm
+URI = "qemu:///system"
 
 
 def test_a_suspended_domain_fails_up_within_a_minute(base_box: object, vm_config: Callable[..., ApplianceConfig],
@@ -77,3 +80,24 @@ def test_auto_boots_again_under_tcg_when_kvm_cannot_run_the_guest(
         print(f"up with driver {driver} in {time.monotonic() - started:.0f} s")
     finally:
         vagrant.destroy(cfg)
+
+
+def test_the_probes_choice_boots_the_box_kernel_to_userspace_through_libvirt(
+    base_box: object, libvirt_env: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from appliance.basebox import box_kernel
+
+    monkeypatch.setattr(hostprobe, "_probe_cache_dir", lambda: tmp_path)
+    driver, why = hostprobe.detect_libvirt_driver(refresh=True, uri=URI)
+    access = libvirtd.kvm_access(libvirtd.qemu_user())
+    if access.allowed:
+        assert "the base box's kernel" in why, why  # the faithful probe ran, not the payload
+        assert json.loads((tmp_path / hostprobe.CACHE_NAME).read_text())["probe"] == hostprobe.KERNEL_PROBE
+    else:
+        # libvirt's QEMU user cannot open /dev/kvm (here: 0600 root, and no qemu.conf naming root): TCG, said why.
+        assert driver == "qemu" and f"libvirt runs QEMU as {access.user}, which cannot open /dev/kvm" in why
+    kernel = box_kernel()
+    assert kernel is not None
+    boot = hostprobe.boot_box_kernel(driver, kernel, uri=URI)
+    assert boot.reached_userspace, f"{driver}: {boot.detail}\n{boot.console[-2000:]}"
+    assert hostprobe.USERSPACE_LINE in boot.console and hostprobe.POWER_DOWN_LINE in boot.console
