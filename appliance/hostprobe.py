@@ -175,9 +175,11 @@ def boot_box_kernel(driver: str, kernel: BoxKernel, *, uri: str = "qemu:///syste
         xml = folder / "domain.xml"
         xml.write_text(probe_domain_xml(name, driver, machine_type, vmlinuz, initrd, console))
         started = time.monotonic()
-        created = run(["virsh", "-c", uri, "create", str(xml)], check=False, timeout=60)
+        # libvirt itself may take a minute to start a domain on a loaded host (measured: 35-70 s here).
+        created = run(["virsh", "-c", uri, "create", str(xml)], check=False, timeout=180)
         if not created.ok:
-            why = "; ".join(qemu_failure_lines(created.stderr)) or " ".join(created.tail("stderr", 2))
+            why = "; ".join(qemu_failure_lines(created.stderr)) or " ".join(created.tail("stderr", 2)) or \
+                ("no answer within 180 s" if created.timed_out else f"virsh exit status {created.returncode}")
             return KernelBoot(driver, False, time.monotonic() - started, f"libvirt could not start it: {why}")
         try:
             detail = _wait_for_power_off(uri, name, timeout)
