@@ -79,6 +79,7 @@ class LibvirtEnv:
     network: str
     network_cidr: str
     vm_prefix: str
+    daemons: _Daemons | None = None
 
     def virsh(self, *args: str, check: bool = True) -> str:
         return run(["virsh", "-c", self.uri, *args], check=check, timeout=60).stdout
@@ -194,6 +195,32 @@ class _Daemons:
             finally:
                 (SHARED_STATE / "daemons.json").write_text(json.dumps(state))
 
+    def stop_for_the_product(self) -> str:
+        """Stop the daemons so that the product starts them itself (a test "from nothing"); "" when done, else why
+        not. Only daemons a VM-test fixture started, and only while no other session uses them."""
+        with self._locked():
+            others = [f.name for f in self._live_sessions() if f != self.me]
+            if others:
+                return f"another pytest session (PID {', '.join(others)}) uses libvirtd"
+            state_file = SHARED_STATE / "daemons.json"
+            state = json.loads(state_file.read_text()) if state_file.exists() else {}
+            if not state.get("started"):
+                return "libvirtd was not started by a VM-test fixture: it is someone else's to stop"
+            for _program, pid in reversed(state["started"]):
+                _stop_pid(int(pid))
+            state["started"] = []
+            state_file.write_text(json.dumps(state))
+            return ""
+
+    def adopt(self, started: list[list[object]]) -> None:
+        """Record daemons the product started (``[[program, pid], ...]``) as started for the tests: the last
+        session out stops them, as it stops the fixture's own."""
+        with self._locked():
+            state_file = SHARED_STATE / "daemons.json"
+            state = json.loads(state_file.read_text()) if state_file.exists() else {"wrote_qemu_conf": False}
+            state["started"] = list(state.get("started", [])) + started
+            state_file.write_text(json.dumps(state))
+
     def release(self) -> None:
         """Unregister; the last live session stops the daemons a fixture started (by PID)."""
         with self._locked():
@@ -267,7 +294,7 @@ def libvirt_env() -> Iterator[LibvirtEnv]:
         pool_dir.chmod(0o755)
         cidr = daemons.claim_network(lambda reserved: _free_network(URI, reserved))
         env = LibvirtEnv(URI, f"csghub-vmtest-{token}", pool_dir, f"csghub-vmtest-{token}", cidr,
-                         f"{VM_PREFIX}{token}-")
+                         f"{VM_PREFIX}{token}-", daemons)
         env.virsh("pool-define-as", env.pool, "dir", "--target", str(pool_dir))
         env.virsh("pool-start", env.pool)
         try:
