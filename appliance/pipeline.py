@@ -122,6 +122,8 @@ def stage_fetch(ctx: BuildContext) -> StageOutcome:
 def stage_render(ctx: BuildContext) -> StageOutcome:
     from appliance import vagrant
 
+    # libvirt as root without systemd: started here, so the KVM probe can boot the box's kernel through it.
+    ctx.provider.start_services()
     rendered = vagrant.render(ctx.cfg, provider=ctx.provider)
     if rendered.libvirt_driver is not None:
         ctx.state.libvirt_driver = rendered.libvirt_driver

@@ -81,6 +81,11 @@ class Provider(ABC):
         """Before asking Vagrant about the VM: raise ``PrerequisiteMissing`` if the hypervisor does not answer."""
         return None  # nothing to do unless a provider says otherwise
 
+    def start_services(self) -> None:
+        """Before the build renders (its driver probe may boot through the hypervisor): start what the provider
+        may start on this host. Never from a plain ``invoke render``."""
+        return None  # nothing to do unless a provider says otherwise
+
     def preflight(self) -> None:
         """Before ``vagrant up``: the checks that must pass, then the explicit set-up the provider needs."""
         return None  # nothing to do unless a provider says otherwise

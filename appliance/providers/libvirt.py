@@ -216,10 +216,6 @@ class LibvirtProvider(Provider):
     def resolve_driver(self) -> str | None:
         from appliance.hostprobe import resolve_libvirt_driver
 
-        if self.cfg.libvirt.driver == "auto":
-            from appliance.libvirtd import ensure_running
-
-            ensure_running(self.cfg.libvirt.uri)  # the probe boots the box's kernel through libvirt
         return resolve_libvirt_driver(self.cfg.libvirt.driver, uri=self.cfg.libvirt.uri,
                                       machine_type=self.cfg.libvirt.machine_type)
 
@@ -242,6 +238,11 @@ class LibvirtProvider(Provider):
 
     def check_reachable(self) -> None:
         require([virsh_check, lambda: reachable_check(self.cfg)])
+
+    def start_services(self) -> None:
+        from appliance.libvirtd import ensure_running
+
+        ensure_running(self.cfg.libvirt.uri)  # root without systemd: starts libvirtd itself, and says so
 
     def preflight(self) -> None:
         from appliance.libvirtd import ensure_running
