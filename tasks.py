@@ -19,6 +19,7 @@ from invoke.exceptions import Exit
 from appliance.config import ApplianceConfig, load_config, resolve_provider
 from appliance.errors import ApplianceError
 from appliance.log import debugging, log
+from appliance.run import Terminated, termination_as_interrupt
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -38,15 +39,15 @@ def cli_task(*args: Any, **kwargs: Any) -> Callable[[F], F]:
         @functools.wraps(fn)
         def inner(c: Context, *a: Any, **kw: Any) -> Any:
             try:
-                with debugging(bool(kw.get("debug"))):
+                with debugging(bool(kw.get("debug"))), termination_as_interrupt():
                     return fn(c, *a, **kw)
             except ApplianceError as exc:
                 if kw.get("debug"):
                     log.console.print_exception()
                 log.error(str(exc))
                 raise Exit(code=exc.exit_code) from None
-            except KeyboardInterrupt:
-                log.error("interrupted")
+            except KeyboardInterrupt as exc:
+                log.error(f"interrupted ({exc})" if isinstance(exc, Terminated) else "interrupted")
                 raise Exit(code=130) from None
             except OSError as exc:
                 # A file error no code path turned into an ApplianceError (a full disk, a folder that
@@ -125,7 +126,7 @@ def docs(c: Context, debug: bool = False) -> None:
 def build_ova(c: Context, config: str | None = None, set_: list[str] | None = None, provider: str | None = None,
               skip: str = "", only: str = "", force: bool = False, on_error: str = "keep",
               no_boot_check: bool = False, debug: bool = False) -> None:
-    """Build the OVA: fetch, render, up, provision, seal, halt, export, verify, publish (resumable)."""
+    """Build the OVA: fetch, base-box, render, up, provision, seal, halt, export, verify, publish (resumable)."""
     from appliance.errors import UsageError
     from appliance.pipeline import BuildOptions, skipped_steps
     from appliance.pipeline import build_ova as run_build
@@ -158,10 +159,10 @@ def base_box(c: Context, config: str | None = None, set_: list[str] | None = Non
 @cli_task(help={"provision": "Also run Vagrant's shell provisioners (default: boot only)."})
 def up(c: Context, config: str | None = None, set_: list[str] | None = None, provider: str | None = None,
        provision: bool = False, debug: bool = False) -> None:
-    """Render the Vagrantfile into build/vm and boot the VM with Vagrant."""
+    """Render the Vagrantfile into build/vm and boot the VM with Vagrant (building the base box when missing)."""
     from appliance.vagrant import up as vagrant_up
 
-    vagrant_up(config_from_flags(config, set_, provider), provision=provision, render_first=True)
+    vagrant_up(config_from_flags(config, set_, provider), provision=provision, render_first=True, build_box=True)
 
 
 @cli_task(help={"force": "Power the VM off instead of shutting it down cleanly."})

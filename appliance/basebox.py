@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from appliance.config import ApplianceConfig
+from appliance.config import BUILT_BOX, ApplianceConfig
 from appliance.digest import sha256_file
 from appliance.errors import PrerequisiteMissing, VagrantError
 from appliance.image import CUSTOMIZE_FILES, ImageSpec, build_raw_disk, remove_tree
@@ -338,6 +338,35 @@ def build_base_box(
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+@dataclass(frozen=True)
+class BoxCheck:
+    """What ``ensure_base_box`` did: ``built`` (built or taken from the cache, and added) and why."""
+
+    added: bool
+    note: str
+
+
+def ensure_base_box(cfg: ApplianceConfig) -> BoxCheck:
+    """The build's first need, from nothing: Vagrant has ``vm.box`` for the configured provider.
+
+    Present: nothing is done. Missing and ours (``csghub/debian12``): ``build_base_box`` makes
+    it exactly as ``invoke base-box`` does (from the cache when the same inputs were built
+    before, else from the Debian archive). Missing and not ours: nothing is done here; ``up``
+    says how to get it.
+    """
+    from appliance.vagrant import box_list
+
+    provider = box_provider(cfg)
+    have = [b for b in box_list() if b.name == cfg.vm.box and (b.provider or provider.name) == provider.name]
+    if have:
+        return BoxCheck(False, f"Vagrant has {cfg.vm.box} {have[-1].version} ({provider.name})")
+    if cfg.vm.box != BUILT_BOX:
+        return BoxCheck(False, f"vm.box {cfg.vm.box} is not built by this tool: `vagrant box add` it")
+    box = build_base_box(cfg)
+    how = "built from the Debian archive" if box.built else f"taken from the cache ({box.box_file})"
+    return BoxCheck(True, f"{box.name} {box.version} ({box.provider}) {how} and added to Vagrant")
+
+
 def box_provider(cfg: ApplianceConfig) -> Provider:
     """The provider the box is for: the configured one (``auto`` resolved as ``invoke up`` would)."""
     from appliance.config import resolve_provider
@@ -396,6 +425,8 @@ def _build_locked(
             for old in box_dir.iterdir():
                 if old.suffix in (".box", ".json") and old.stem != box_file.stem:
                     old.unlink()
+                elif old.suffix == KERNEL_DIR_SUFFIX and old.stem != box_file.stem:
+                    remove_tree(old)  # the KVM probe's copy of an older box's kernel
             built = True
         finally:
             remove_tree(workdir)
@@ -420,3 +451,59 @@ def _build_locked(
         name=name, version=version, provider=kind, box_file=box_file, private_key=key,
         size_bytes=size, inputs_sha256=digest, built=built, added=added,
     )
+
+
+# -- the box's own kernel, for the KVM probe ------------------------------------------------------
+
+KERNEL_DIR_SUFFIX = ".kernel"
+
+
+@dataclass(frozen=True)
+class BoxKernel:
+    """The kernel and initramfs inside a cached libvirt base box (``appliance.hostprobe`` boots them)."""
+
+    vmlinuz: Path
+    initrd: Path
+
+
+def box_kernel(root: Path | None = None) -> BoxKernel | None:
+    """The kernel and initramfs of the newest cached libvirt box, taken out of its disk once and kept
+    beside it (``<box>.kernel/``); None when no box is cached (or the tools to read it are missing)."""
+    boxes = sorted(((root or cache_dir()) / PROVIDER).glob("*.box"), key=lambda p: p.stat().st_mtime)
+    if not boxes:
+        return None
+    box = boxes[-1]
+    folder = box.with_suffix(KERNEL_DIR_SUFFIX)
+    kernel = BoxKernel(folder / "vmlinuz", folder / "initrd.img")
+    if kernel.vmlinuz.is_file() and kernel.initrd.is_file():
+        return kernel
+    if which("debugfs") is None or which("qemu-img") is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="box-kernel-", dir=box.parent) as tmp:
+        work = Path(tmp)
+        with tarfile.open(box) as tar:
+            tar.extract("box.img", work, filter="data")
+        raw = work / "disk.raw"
+        run(["qemu-img", "convert", "-O", "raw", str(work / "box.img"), str(raw)], timeout=600)
+        (work / "box.img").unlink()
+        # The root filesystem starts 1 MiB into the disk (appliance.image); debugfs reads it there, unmounted.
+        from appliance.image import PARTITION_OFFSET
+
+        device = f"{raw}?offset={PARTITION_OFFSET}"
+        listing = run(["debugfs", "-R", "ls -p /boot", device], timeout=120).stdout
+        names = [f.split("/")[5] for f in listing.splitlines() if f.count("/") >= 6]
+        vmlinuz = sorted(n for n in names if n.startswith("vmlinuz-"))
+        initrd = sorted(n for n in names if n.startswith("initrd.img-"))
+        if not vmlinuz or not initrd:
+            log.debug(f"no kernel in {box}'s /boot: {names}")
+            return None
+        out = work / "out"
+        out.mkdir()
+        for name, target in ((vmlinuz[-1], "vmlinuz"), (initrd[-1], "initrd.img")):
+            run(["debugfs", "-R", f"dump /boot/{name} {out / target}", device], timeout=120)
+        for part in out.iterdir():
+            part.chmod(0o644)  # libvirt's QEMU user reads them
+        out.chmod(0o755)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(out, folder)
+    return kernel

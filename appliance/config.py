@@ -73,6 +73,9 @@ def _control_character(text: str, *, multiline: bool) -> str | None:
     return None
 
 
+# The base box `invoke base-box` (and the build's base-box stage) builds locally; the default vm.box.
+BUILT_BOX = "csghub/debian12"
+
 class _Section(BaseModel):
     # strict: a boolean or a float is never taken for an integer (`cpus: true`, `memory_mb: 4096.0`).
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True)
@@ -136,7 +139,7 @@ class VMSettings(_Section):
     )
     disk_gb: int = Field(200, ge=8, le=4096, description="Virtual disk size in GB (sparse; CSGHub publishes 200 GB).")
     box: str = Field(
-        "csghub/debian12",
+        BUILT_BOX,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$",
         description="Vagrant base box (`invoke base-box` builds `csghub/debian12` locally).",
     )

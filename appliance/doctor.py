@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from appliance.config import ApplianceConfig
+from appliance.config import BUILT_BOX, ApplianceConfig
 from appliance.errors import PrerequisiteMissing
 from appliance.log import log
 from appliance.run import run, which
@@ -110,7 +110,7 @@ def command_version(argv: list[str]) -> tuple[int, ...]:
 
 
 def check_base_box_tools(cfg: ApplianceConfig) -> list[Check]:
-    if cfg.vm.box != "csghub/debian12":
+    if cfg.vm.box != BUILT_BOX:
         return []  # a public box (e.g. for macOS/Windows hosts) needs no local build tools
     apt = "apt-get install --no-install-recommends "
     return [

@@ -99,6 +99,19 @@ class VagrantError(ApplianceError):
     """Vagrant failed, or the VM is in a state the requested action cannot handle."""
 
 
+class GuestStopped(ApplianceError):
+    """A VM being booted stopped running: paused, crashed, or its QEMU exited (``reason`` says which and why).
+
+    ``accelerator`` is what it ran under (``kvm`` or ``tcg``/``qemu``): with libvirt driver
+    ``auto``, a guest that stopped under KVM is booted once more under TCG.
+    """
+
+    def __init__(self, message: str, *, reason: str, accelerator: str, hint: str | None = None) -> None:
+        self.reason = reason
+        self.accelerator = accelerator
+        super().__init__(message, hint=hint)
+
+
 class RemoteError(ApplianceError):
     """Connecting to the guest, or running something on it, failed."""
 

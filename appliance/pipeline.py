@@ -1,6 +1,6 @@
 """``invoke build-ova``: the whole build as a declared list of stages.
 
-fetch -> render -> up -> provision -> seal -> halt -> export -> verify -> publish
+fetch -> base-box -> render -> up -> provision -> seal -> halt -> export -> verify -> publish
 
 Each stage is a function taking the ``BuildContext``; the list below is the pipeline.
 A stage that is switched off stays in the list and reports itself skipped. The runner
@@ -127,10 +127,21 @@ def stage_fetch(ctx: BuildContext) -> StageOutcome:
 def stage_render(ctx: BuildContext) -> StageOutcome:
     from appliance import vagrant
 
+    # libvirt as root without systemd: started here, so the KVM probe can boot the box's kernel through it.
+    ctx.provider.start_services()
     rendered = vagrant.render(ctx.cfg, provider=ctx.provider)
     if rendered.libvirt_driver is not None:
         ctx.state.libvirt_driver = rendered.libvirt_driver
     return StageOutcome.done(f"wrote {rendered.path}")
+
+
+def stage_base_box(ctx: BuildContext) -> StageOutcome:
+    if ctx.state.seal_begun:
+        return StageOutcome.skipped("the VM is sealed already; it needs no box")
+    from appliance.basebox import ensure_base_box
+
+    box = ensure_base_box(ctx.cfg)
+    return StageOutcome.done(box.note) if box.added else StageOutcome.skipped(box.note)
 
 
 def stage_up(ctx: BuildContext) -> StageOutcome:
@@ -152,6 +163,8 @@ def stage_up(ctx: BuildContext) -> StageOutcome:
             hint="run `invoke destroy` (it removes the VM and build state), then `invoke build-ova` again",
         )
     vagrant.up(ctx.cfg, provider=ctx.provider)
+    # `up` may have fallen back from KVM to TCG: the report says what the VM really runs under.
+    ctx.state.libvirt_driver = vagrant.rendered_driver(ctx.cfg) or ctx.state.libvirt_driver
     ctx.endpoint = vagrant.ssh_config(ctx.cfg, provider=ctx.provider)
     return StageOutcome.done()
 
@@ -358,6 +371,7 @@ def build_report(ctx: BuildContext, final: Path) -> dict[str, Any]:
 
 STAGES: list[Stage] = [
     Stage("fetch", stage_fetch, "download and verify pinned artifacts into the cache"),
+    Stage("base-box", stage_base_box, "build the base box vm.box when Vagrant lacks it (cached, as `invoke base-box`)"),
     Stage("render", stage_render, "write the Vagrantfile into build/vm"),
     Stage("up", stage_up, "create and boot the VM"),
     Stage("provision", stage_provision, "run the provisioning steps (resumable)"),

@@ -102,7 +102,7 @@ def glob_escape(name: str) -> str:
 
 @contextlib.contextmanager
 def _ctrl_c_held_back() -> Iterator[None]:
-    """Defer SIGINT over a short critical section, then deliver it as ``KeyboardInterrupt``."""
+    """Defer SIGINT (and SIGTERM, SIGHUP) over a short critical section, then deliver it as ``KeyboardInterrupt``."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -111,11 +111,12 @@ def _ctrl_c_held_back() -> Iterator[None]:
     def remember(signum: int, frame: FrameType | None) -> None:
         pending.append(signum)
 
-    previous = signal.signal(signal.SIGINT, remember)
+    previous = {sig: signal.signal(sig, remember) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if pending:
         raise KeyboardInterrupt
 

@@ -14,7 +14,8 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,12 +109,18 @@ def run(
     on_line: Callable[[str, str], None] | None = None,
     hint: str | None = None,
     input_text: str | None = None,
+    watchdog: Callable[[], BaseException | None] | None = None,
+    watch_every: float = 2.0,
 ) -> CommandResult:
     """Run ``argv`` and return its result; raise ``CommandFailed`` on failure unless ``check=False``.
 
     ``stream=True`` prints each output line as it arrives (and still captures it);
     ``on_line(stream_name, line)`` sees every line either way. ``env`` adds to the
     minimal environment from :func:`command_env`.
+
+    ``watchdog`` is called every ``watch_every`` seconds while the command runs; when it returns
+    an exception (something the command waits for can no longer happen, e.g. the VM it boots
+    stopped), the command is interrupted as on Ctrl-C and that exception is raised.
     """
     args = tuple(os.fspath(a) for a in argv)
     log.debug("$ %s", shlex.join(args))
@@ -157,20 +164,29 @@ def run(
         proc.stdin.write(input_text)
         proc.stdin.close()
     timed_out = False
+    deadline = None if timeout is None else started + timeout
     try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        proc.kill()
-        proc.wait()
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            wait = remaining if watchdog is None else min(watch_every, remaining if remaining is not None else 1e9)
+            try:
+                proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                if deadline is not None and time.monotonic() >= deadline:
+                    timed_out = True
+                    proc.kill()
+                    proc.wait()
+                    break
+            stop = watchdog() if watchdog is not None else None
+            if stop is not None:
+                _interrupt(proc)
+                for t in readers:
+                    t.join(timeout=5)
+                raise stop
     except KeyboardInterrupt:
         # Give the child the same interrupt, let it finish cleanly, then pass the interrupt on.
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _interrupt(proc)
         raise
     for t in readers:
         t.join()
@@ -188,6 +204,63 @@ def run(
     if not result.ok and check:
         raise CommandFailed(result, hint=hint)
     return result
+
+
+def _interrupt(proc: subprocess.Popen[str], grace: float = 30) -> None:
+    """Interrupt a child as Ctrl-C would (SIGINT), give it ``grace`` seconds to finish cleanly, then kill it."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def start_background(argv: Sequence[str | os.PathLike[str]], output: Path,
+                     env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start a long-lived child (a VM's QEMU) with its stdout and stderr in ``output``; the caller owns it.
+
+    The child gets its own session, so a terminal's Ctrl-C reaches only this tool, which stops
+    the child by its PID (``stop_processes``) on every way out, Ctrl-C and SIGTERM included.
+    """
+    args = tuple(os.fspath(a) for a in argv)
+    log.debug("$ %s &", shlex.join(args))
+    with output.open("ab") as sink:
+        return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
+                                env=command_env(env), start_new_session=True)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived (``timeout``, ``systemctl stop``, a closed terminal): handled as Ctrl-C."""
+
+
+@contextmanager
+def termination_as_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM and SIGHUP raise ``Terminated`` (a ``KeyboardInterrupt``) in the main thread.
+
+    So every cleanup that runs on Ctrl-C runs on them too: the children this tool started are
+    stopped by PID, and the build state is saved for resume. A second signal during that
+    cleanup is ignored, so the cleanup is not itself cut short.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def handler(signum: int, _frame: object) -> None:
+        if received:
+            return
+        received.append(signum)
+        raise Terminated(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def which(program: str) -> str | None:

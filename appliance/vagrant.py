@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING
 
 import paramiko
 
-from appliance.config import ApplianceConfig
-from appliance.errors import CommandFailed, PrerequisiteMissing, VagrantError
+from appliance.config import BUILT_BOX, ApplianceConfig
+from appliance.errors import CommandFailed, GuestStopped, PrerequisiteMissing, VagrantError
 from appliance.log import log
 from appliance.run import CommandResult, run, which
 from appliance.ssh import SSHEndpoint, forget_host_key, known_hosts_path
@@ -217,9 +217,11 @@ class Vagrant:
 
     def run(self, *args: str, show: bool = False, timeout: float | None = QUERY_TIMEOUT,
             on_line: Callable[[str, str], None] | None = None,
-            phase: Callable[[], str] | None = None) -> CommandResult:
+            phase: Callable[[], str] | None = None,
+            watchdog: Callable[[], GuestStopped | None] | None = None) -> CommandResult:
         """Run ``vagrant ARGS``; ``show`` prints its output (``Progress: N%`` thinned); a failure or
-        timeout raises ``VagrantError`` (``phase`` names what it was doing, for the message)."""
+        timeout raises ``VagrantError`` (``phase`` names what it was doing, for the message).
+        ``watchdog``: see ``appliance.run.run`` (``up`` passes the provider's check of the booting VM)."""
         progress = ProgressThrottle()
 
         def each_line(stream: str, line: str) -> None:
@@ -230,7 +232,8 @@ class Vagrant:
                 on_line(stream, text)
 
         try:
-            return run([self.executable, *args], cwd=self.root, env=self.env, on_line=each_line, timeout=timeout)
+            return run([self.executable, *args], cwd=self.root, env=self.env, on_line=each_line, timeout=timeout,
+                       watchdog=watchdog, watch_every=3.0)
         except CommandFailed as exc:
             # Named as a user would say it: `vagrant box add`, `vagrant up` (no flags, machine or paths).
             words = [a for a in args[:2] if not a.startswith("-") and a != MACHINE and "/" not in a]
@@ -309,7 +312,9 @@ def _hint_for(output: str, phase: str | None, *, timed_out: bool) -> str | None:
     if re.search(r"box '[^']+' could not be found|could not be found or\s+could not be accessed", output):
         return "build and add the base box first: `invoke base-box`"
     if "Error while connecting to Libvirt" in output or "Failed to connect socket" in output:
-        return "start libvirt: `systemctl start libvirtd` (without systemd: `virtlogd -d && libvirtd -d`)"
+        from appliance.libvirtd import start_hint
+
+        return start_hint()
     if "provider 'libvirt' could not be found" in output:
         return "install the plugin: `apt-get install -y --no-install-recommends vagrant-libvirt`"
     if "already taken" in output:
@@ -346,7 +351,7 @@ def check_box(cfg: ApplianceConfig, provider_name: str) -> None:
     if not any(b.name == cfg.vm.box and (b.provider or provider_name) == provider_name for b in boxes):
         have = ", ".join(sorted({f"{b.name} ({b.provider})" for b in boxes})) or "none"
         version = f" --box-version {cfg.vm.box_version}" if cfg.vm.box_version else ""
-        build = (f"`invoke base-box --provider {provider_name}`" if cfg.vm.box == "csghub/debian12"
+        build = (f"`invoke base-box --provider {provider_name}`" if cfg.vm.box == BUILT_BOX
                  else f"`vagrant box add {cfg.vm.box}{version} --provider {provider_name}`")
         raise VagrantError(
             f"Vagrant has no box {cfg.vm.box!r} for provider {provider_name} (boxes here: {have})",
@@ -417,23 +422,35 @@ def status(cfg: ApplianceConfig, *, provider: Provider | None = None) -> Machine
 
 def up(
     cfg: ApplianceConfig, *, provision: bool = False, timeout: float | None = None, render_first: bool = False,
-    provider: Provider | None = None,
+    provider: Provider | None = None, build_box: bool = False,
 ) -> MachineState:
     """Boot the VM from the project's Vagrantfile; a running VM is left as it is.
 
     ``render_first`` (re-)renders the Vagrantfile first (``invoke up``); otherwise it is
-    rendered only when missing (the build pipeline renders it in its own stage).
+    rendered only when missing (the build pipeline renders it in its own stage). ``build_box``
+    (``invoke up``) builds the base box first when a new VM needs it and Vagrant lacks it (the
+    pipeline has its own ``base-box`` stage).
 
     Raises ``VMSealed`` when the VM is sealed (or its seal started) and ``VagrantError`` for a
     VM in a state ``up`` cannot handle, a missing box, or a
     boot that does not finish within ``timeout`` (default: vm.boot_timeout plus a margin
     for creating the disk and domain); the error names the phase it was in.
+
+    While Vagrant waits, the provider's watch checks the VM every few seconds: a VM that stopped
+    running (libvirt: paused, crashed, shut off) raises ``GuestStopped`` with the reason from
+    the hypervisor's log at once. Under libvirt driver ``auto``, a VM that KVM could not run is
+    removed and booted once more under TCG, loudly, and the probe's cache is corrected.
     """
     from appliance.state import refuse_if_sealed
 
     refuse_if_sealed(cfg, "boot the VM")  # a sealed disk's next boot is the appliance's first boot
     provider = _provider(cfg, provider)
     provider.preflight()
+    if build_box and not _has_machine(cfg):
+        # Before the render: the KVM probe boots this box's kernel.
+        from appliance.basebox import ensure_base_box
+
+        log.info(f"base box: {ensure_base_box(cfg).note}")
     if render_first:
         render(cfg, provider=provider)
     else:
@@ -453,6 +470,47 @@ def up(
         forget_host_key(known_hosts_path(cfg))
         check_box(cfg, provider.name)
         provider.before_create()
+    driver = rendered_driver(cfg)
+    limit = timeout if timeout is not None else cfg.vm.boot_timeout + UP_MARGIN_SECONDS
+    try:
+        _run_up(cfg, provider, driver, provision=provision, limit=limit)
+    except GuestStopped as exc:
+        if not provider.can_fall_back(driver):
+            raise
+        from appliance.hostprobe import record_kvm_failure
+
+        record_kvm_failure(exc.reason)
+        log.warning(f"KVM could not run {cfg.vm.name} ({exc.reason}); removing it and booting it again under TCG "
+                    "emulation (slower); TCG is used for every boot on this host until it restarts")
+        destroy(cfg, provider=provider)
+        # The domain is defined anew from a Vagrantfile that names TCG, whatever the probe's cache says.
+        tcg = cfg.model_copy(update={"libvirt": cfg.libvirt.model_copy(update={"driver": "qemu"})})
+        from appliance.providers import provider_for
+
+        render(tcg, provider=provider_for(tcg))
+        forget_host_key(known_hosts_path(cfg))
+        _run_up(cfg, provider, rendered_driver(cfg), provision=provision, limit=limit)
+    final = status(cfg, provider=provider)
+    if not final.running:
+        raise VagrantError(f"`vagrant up` finished but {cfg.vm.name} is {final.state!r}, not running")
+    return final
+
+
+_QEMU_ERROR = re.compile(r"(KVM internal error.*|Could not access KVM kernel module.*|qemu-system-\S+: .*)")
+
+
+def qemu_start_failure(message: str) -> str:
+    """QEMU's own lines inside a failed ``vagrant up`` (vagrant-libvirt wraps them in a Ruby error), or ""."""
+    found = []
+    for line in message.splitlines():
+        m = _QEMU_ERROR.search(line)
+        if m:
+            found.append(re.sub(r"\s*\(Libvirt::Error\)\s*$", "", m.group(1)).strip())
+    return "; ".join(dict.fromkeys(found))
+
+
+def _run_up(cfg: ApplianceConfig, provider: Provider, driver: str | None, *, provision: bool, limit: float) -> None:
+    """One ``vagrant up``, watched: a VM that stops running (or a KVM that cannot start it) is ``GuestStopped``."""
     phase = ["starting vagrant"]
 
     def watch(_stream: str, line: str) -> None:
@@ -461,16 +519,31 @@ def up(
             phase[0] = new
             log.debug(f"up: phase {new}")
 
-    limit = timeout if timeout is not None else cfg.vm.boot_timeout + UP_MARGIN_SECONDS
-    with log.step(f"vagrant up {cfg.vm.name} ({provider.name})"):
-        _project(cfg, provider).run(
-            "up", MACHINE, "--provision" if provision else "--no-provision", f"--provider={provider.name}",
-            show=True, timeout=limit, on_line=watch, phase=lambda: phase[0],
-        )
-    final = status(cfg, provider=provider)
-    if not final.running:
-        raise VagrantError(f"`vagrant up` finished but {cfg.vm.name} is {final.state!r}, not running")
-    return final
+    with log.step(f"vagrant up {cfg.vm.name} ({provider.name}{', ' + driver if driver else ''})"):
+        try:
+            _project(cfg, provider).run(
+                "up", MACHINE, "--provision" if provision else "--no-provision", f"--provider={provider.name}",
+                show=True, timeout=limit, on_line=watch, phase=lambda: phase[0], watchdog=provider.guest_watch(driver),
+            )
+        except VagrantError as exc:
+            # QEMU died as libvirt started it under KVM (vagrant-libvirt shows it inside a Ruby error).
+            why = qemu_start_failure(exc.message) if driver == "kvm" else ""
+            if why:
+                raise GuestStopped(f"{exc.message}\n  KVM could not start {cfg.vm.name}: {why}",
+                                   reason=why, accelerator="kvm",
+                                   hint="set libvirt.driver=qemu (TCG), or auto to let the tool fall back; "
+                                        "`invoke doctor` shows whether libvirt's QEMU user can open /dev/kvm") from None
+            raise
+
+
+def rendered_driver(cfg: ApplianceConfig) -> str | None:
+    """The libvirt driver the project's Vagrantfile names (``lv.driver = "kvm"``), or None (none, or VirtualBox)."""
+    try:
+        text = (project_dir(cfg) / "Vagrantfile").read_text()
+    except OSError:
+        return None
+    found = re.search(r"^\s*lv\.driver = ['\"](\w+)['\"]", text, re.M)
+    return found.group(1) if found else None
 
 
 def halt(cfg: ApplianceConfig, *, force: bool = False, provider: Provider | None = None) -> MachineState:

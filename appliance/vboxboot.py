@@ -32,7 +32,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from appliance.errors import CommandFailed, ExportError, PrerequisiteMissing, VerifyError
+from appliance.errors import CommandFailed, ExportError, GuestStopped, PrerequisiteMissing, VerifyError
 from appliance.export.virtualbox import nat_rules, unregister_and_delete, vboxmanage, vm_info
 from appliance.log import human_size, log
 from appliance.run import run
@@ -102,7 +102,7 @@ def virtualbox_boot_check(
                 )
             return check_booted_copy(ssh_port, http_host_port, console, login=login, ready_command=ready_command,
                                      started=started, deadline=started + timeout, nonce=nonce, http_host=http_host,
-                                     http_if_stack=http_if_stack, stopped=lambda: why_stopped(vm))
+                                     http_if_stack=http_if_stack, watch=lambda: stopped_guest(vm, console))
         finally:
             # Waits until VirtualBox has released the VM's session (a VM that just powered off is
             # still locked for a moment), and says so when the VM is left registered.
@@ -129,6 +129,19 @@ def import_size(vmdk: Path) -> int:
 
 # VBoxManage's short state names of a VM that is (still) coming up or running.
 RUNNING_STATES = ("starting", "running")
+
+
+def stopped_guest(vm: str, console: Path) -> GuestStopped | None:
+    """The boot check's watch (``verify_boot.GuestWatch``): ``GuestStopped`` with VirtualBox's reason and
+    the console's tail once ``vm`` no longer runs (an abort fails the check at once), else None."""
+    from appliance.verify_boot import console_tail
+
+    reason = why_stopped(vm)
+    if reason is None:
+        return None
+    tail = console_tail(console)
+    return GuestStopped(f"the copy stopped while it was being checked: {reason}\nconsole tail:\n{tail}",
+                        reason=reason, accelerator="virtualbox")
 
 
 def why_stopped(vm: str) -> str | None:

@@ -62,7 +62,8 @@ class VerifyReport:
         if self.boot is not None:
             boot = {"seconds_to_ssh": round(self.boot.seconds_to_ssh, 1), "ready": self.boot.ready_output,
                     "first_boot_proved": self.boot.first_boot_proved, "stack": self.boot.stack,
-                    "http_status": self.boot.http_status, "http_skipped": self.boot.http_skipped or None}
+                    "http_status": self.boot.http_status, "http_skipped": self.boot.http_skipped or None,
+                    "accelerator": self.boot.accelerator or None, "kvm_failure": self.boot.kvm_failure or None}
         return {"ovf_format": self.ovf_format, "checks": dict(self.checks), "boot": boot}
 
 
@@ -82,11 +83,13 @@ def verify_ova(
     cpus: int = 2,
     memory_mb: int = 2048,
     boot_with: str = "qemu",
+    driver: str = "auto",
 ) -> VerifyReport:
     """Check ``path`` structurally (all failures at once), then boot a copy unless ``boot=False``.
 
-    ``boot_with`` is ``qemu`` (the extracted disk under QEMU: KVM if it works, else TCG, no
-    route out) or ``virtualbox`` (the OVA imported into a temporary VirtualBox VM, see
+    ``boot_with`` is ``qemu`` (the extracted disk under QEMU, no route out; ``driver`` as
+    ``libvirt.driver``: ``kvm``, ``qemu`` for TCG, ``auto`` for KVM if it works, else TCG) or
+    ``virtualbox`` (the OVA imported into a temporary VirtualBox VM, see
     ``appliance.vboxboot``).
 
     With ``cfg`` and no ``login``, the boot check's login and HTTP port come from the
@@ -108,6 +111,7 @@ def verify_ova(
         http_host = http_host or portal_host(cfg)
         boot_timeout = cfg.vm.verify_timeout
         cpus, memory_mb = min(cfg.vm.cpus, os.cpu_count() or 1), cfg.vm.memory_mb
+        driver = cfg.libvirt.driver
         from appliance.providers import boot_backend_for
 
         boot_with = boot_backend_for(cfg)
@@ -148,7 +152,8 @@ def verify_ova(
                 else:
                     report.boot = boot_check(next(iter(disks.values())), login=login, http_port=http_port,
                                              http_host=http_host, http_if_stack=http_if_stack,
-                                             timeout=boot_timeout, work_dir=work, cpus=cpus, memory_mb=memory_mb)
+                                             timeout=boot_timeout, work_dir=work, cpus=cpus, memory_mb=memory_mb,
+                                             driver=driver)
             if report.boot.first_boot_proved:
                 proof = "proved by this boot's nonce"
             else:
@@ -234,7 +239,7 @@ def verify_from_config(
                         schema_dir=schema_dir, schema_missing=schema_missing,
                         http_if_stack=http is None, boot_timeout=cfg.vm.verify_timeout,
                         cpus=min(cfg.vm.cpus, os.cpu_count() or 1), memory_mb=cfg.vm.memory_mb,
-                        boot_with=boot_backend_for(cfg))
+                        boot_with=boot_backend_for(cfg), driver=cfg.libvirt.driver)
     for name, outcome in report.checks:
         log.info(f"{name}: {outcome}")
     if report.boot:

@@ -22,10 +22,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 import re
 import secrets
+import shutil
+import signal
 import socket
+import subprocess
 import tempfile
 import time
 import urllib.error
@@ -38,9 +42,10 @@ from typing import Any
 
 import paramiko
 
-from appliance.errors import PrerequisiteMissing, UsageError, VerifyError
+from appliance.errors import GuestStopped, PrerequisiteMissing, UsageError, VerifyError
+from appliance.hostprobe import qemu_failure_lines
 from appliance.log import log
-from appliance.run import run, stop_processes, which
+from appliance.run import run, start_background, stop_processes, which
 
 # The SMBIOS OEM string (type 11) that carries the boot nonce; read in the guest from
 # /sys/firmware/dmi/entries/11-*/raw by csghub-firstboot.
@@ -64,6 +69,8 @@ class BootReport:
     first_boot_proved: bool = False
     stack: str | None = None  # the image's own status line: "installed", "absent", or None (no line)
     http_skipped: str = ""  # why HTTP was not checked, when it was not
+    accelerator: str = ""  # what the copy ran under: kvm or tcg (QEMU boots; "" for VirtualBox)
+    kvm_failure: str = ""  # why the copy was booted again under TCG, when KVM could not run it
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,8 @@ class ConsoleLogin:
 
 
 BootLogin = SSHLogin | ConsoleLogin
+# Says whether the booted copy stopped running (``None``: it still runs); every wait checks it.
+GuestWatch = Callable[[], GuestStopped | None]
 _LOGIN_LINE = re.compile(r"^CSGHUB-APPLIANCE-LOGIN user=(\S+) password=(\S+)(?: firstboot=(\S+))?\s*$", re.M)
 _HOSTKEY_LINE = re.compile(r"^CSGHUB-APPLIANCE-HOSTKEY (\S+) (SHA256:\S+)\s*$", re.M)
 _STATUS_LINE = re.compile(r"^CSGHUB-APPLIANCE-STATUS stack=(\S+)", re.M)
@@ -178,10 +187,6 @@ class _PasswordShell:
         self.transport.close()
 
 
-# Says why the VM under test is no longer running, or None while it runs.
-VmWatch = Callable[[], str | None]
-
-
 class _RetryNote:
     """Says once that the guest is not answering yet, then retries quietly."""
 
@@ -200,31 +205,128 @@ def free_loopback_port() -> int:
         return int(s.getsockname()[1])
 
 
+# QEMU's run states (qapi/run-state.json, QEMU 7.2) in which the guest still runs or is about to.
+_RUNNING_STATES = {"running", "prelaunch", "inmigrate", "finish-migrate", "postmigrate", "restore-vm", "save-vm"}
+class Qmp:
+    """A minimal QMP client (docs/interop/qmp-spec.txt, QEMU 7.2): one connection per command.
+
+    QEMU's QMP socket serves one client at a time; connecting per command leaves it free
+    between our queries (for a person, or a test, who wants to ``stop`` the guest).
+    """
+
+    def __init__(self, path: Path, timeout: float = 5) -> None:
+        self.path = path
+        self.timeout = timeout
+
+    def execute(self, command: str) -> dict[str, Any]:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(self.timeout)
+            sock.connect(str(self.path))
+            reader = sock.makefile("rb")
+            reader.readline()  # the greeting
+            for name in ("qmp_capabilities", command):
+                sock.sendall(json.dumps({"execute": name}).encode() + b"\n")
+                while True:
+                    line = reader.readline()
+                    if not line:
+                        raise OSError("QMP connection closed")
+                    reply = dict(json.loads(line))
+                    if "event" not in reply:  # events (STOP, RESUME...) may come before the answer
+                        break
+                if "error" in reply:
+                    raise OSError(f"QMP {name}: {reply['error']}")
+            return reply
+
+    def status(self) -> str | None:
+        """QEMU's run state (``running``, ``paused``, ``internal-error``...), or None when QMP does not answer."""
+        try:
+            return str(self.execute("query-status")["return"]["status"])
+        except (OSError, ValueError, KeyError):
+            return None
+
+
+@dataclass
+class QemuGuest:
+    """A copy's QEMU, started by this tool: its process, QMP socket and log; ``check`` says if it stopped."""
+
+    process: subprocess.Popen[bytes]
+    qmp: Qmp
+    log_file: Path
+    accel: str
+    console: Path
+    started: float
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def _why(self) -> str:
+        try:
+            text = self.log_file.read_text(errors="replace")
+        except OSError:
+            text = ""
+        return "; ".join(qemu_failure_lines(text)) or "QEMU's log says nothing more"
+
+    def check(self) -> GuestStopped | None:
+        """``GuestStopped`` naming the reason when the copy no longer runs (QEMU exited, paused, crashed)."""
+        code = self.process.poll()
+        if code is not None:
+            what = f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() \
+                else f"exit status {code}"
+            return self._stopped(f"QEMU (PID {self.pid}) exited ({what})")
+        state = self.qmp.status()
+        if state is not None and state not in _RUNNING_STATES:
+            return self._stopped(f"QEMU reports the guest {state}")
+        return None
+
+    def _stopped(self, what: str) -> GuestStopped:
+        after = time.monotonic() - self.started
+        reason = self._why()
+        return GuestStopped(
+            f"the copy stopped running under {self.accel.upper()} after {after:.0f} s: {what}: {reason}",
+            reason=reason, accelerator=self.accel,
+            hint=("KVM does not run this guest here: set libvirt.driver=qemu (TCG), or `auto` to let the "
+                  "tool fall back" if self.accel == "kvm" else f"see QEMU's log {self.log_file}"),
+        )
+
+
+def choose_accelerator(driver: str) -> tuple[str, str]:
+    """``(kvm|tcg, why)`` for the verify boot from ``libvirt.driver``: ``kvm``, ``qemu`` or ``auto`` (the probe)."""
+    if driver == "kvm":
+        return "kvm", "libvirt.driver is kvm"
+    if driver == "qemu":
+        return "tcg", "libvirt.driver is qemu"
+    from appliance.hostprobe import detect_libvirt_driver
+
+    probed, why = detect_libvirt_driver()
+    return ("kvm" if probed == "kvm" else "tcg"), why
+
+
 @contextmanager
 def _qemu_vm(
-    overlay: Path, forwards: dict[int, int], work: Path, cpus: int, memory_mb: int, nonce: str
-) -> Iterator[Path]:
-    """Start QEMU (daemonized, stopped by its PID on exit); yields the serial console log.
+    overlay: Path, forwards: dict[int, int], work: Path, cpus: int, memory_mb: int, nonce: str, accel: str
+) -> Iterator[QemuGuest]:
+    """Start QEMU (our child, stopped by its PID on every way out); yields the running guest.
 
-    KVM when the host probe (the libvirt driver's) shows it really runs a guest, else TCG. The
-    user network is ``restrict=on``: the copy has no route out (its port forwards still work),
-    so a pass proves it comes up offline.
+    The user network is ``restrict=on``: the copy has no route out (its port forwards still
+    work), so a pass proves it comes up offline.
     """
     qemu = which("qemu-system-x86_64")
     if qemu is None:
         raise PrerequisiteMissing("qemu-system-x86_64 is not installed",
                                   hint="apt-get install --no-install-recommends qemu-system-x86")
-    from appliance.hostprobe import detect_libvirt_driver
-
-    driver, why = detect_libvirt_driver()
-    accel, cpu = ("kvm", "host") if driver == "kvm" else ("tcg", "max")
-    log.info(f"boot check under {accel.upper()} ({why})")
-    pidfile, console = work / "qemu.pid", work / "console.log"
+    cpu = "host" if accel == "kvm" else "max"
+    console, qemu_log = work / "console.log", work / f"qemu-{accel}.log"
+    # A unix socket's path must stay under 108 bytes: a short folder of its own, not the work folder.
+    qmp_dir = Path(tempfile.mkdtemp(prefix="csghub-qmp-"))
+    qmp_path = qmp_dir / "qmp.sock"
+    console.unlink(missing_ok=True)  # a retry's console starts empty
     hostfwd = ",".join(f"hostfwd=tcp:127.0.0.1:{host}-:{guest}" for host, guest in forwards.items())
     argv = [
-        qemu, "-daemonize", "-pidfile", str(pidfile), "-name", "verify-ova",
+        qemu, "-name", "verify-ova",
         "-machine", f"pc,accel={accel}", "-cpu", cpu, "-smp", str(cpus), "-m", str(memory_mb),
         "-display", "none", "-serial", f"file:{console}", "-monitor", "none",
+        "-qmp", f"unix:{qmp_path},server=on,wait=off",
         # This boot's nonce, for the first-boot proof (read-only firmware data in the guest).
         "-smbios", f"type=11,value={NONCE_OEM_KEY}={nonce}",
         # SATA (AHCI) and an Intel E1000, as the OVA describes: a guest that boots here has the
@@ -234,12 +336,16 @@ def _qemu_vm(
         "-device", "ide-hd,drive=disk0,bus=ahci.0",
         "-netdev", f"user,id=net0,restrict=on,{hostfwd}", "-device", "e1000,netdev=net0",
     ]
-    run(argv, timeout=60, hint="QEMU could not start the VM")
-    pid = int(pidfile.read_text().strip())
+    process = start_background(argv, qemu_log)
+    guest = QemuGuest(process, Qmp(qmp_path), qemu_log, accel, console, time.monotonic())
+    # For whoever watches this boot (tests): QEMU's PID and QMP socket.
+    (work / "qemu.json").write_text(json.dumps({"pid": process.pid, "qmp": str(qmp_path)}) + "\n")
     try:
-        yield console
+        yield guest
     finally:
-        stop_processes([pid], 5)
+        stop_processes([process.pid], 5)
+        process.wait()
+        shutil.rmtree(qmp_dir, ignore_errors=True)
 
 
 def _check_console_size(console: Path) -> None:
@@ -251,7 +357,7 @@ def _check_console_size(console: Path) -> None:
     if size > MAX_CONSOLE_BYTES:
         raise VerifyError(f"the copy wrote more than {MAX_CONSOLE_BYTES >> 20} MiB to its serial console "
                           "(a normal boot writes well under 1 MiB); refused",
-                          ["console tail:\n" + _console_tail(console)])
+                          ["console tail:\n" + console_tail(console)])
 
 
 def _read_console(console: Path) -> str:
@@ -262,7 +368,7 @@ def _read_console(console: Path) -> str:
         return ""
 
 
-def _console_tail(console: Path, lines: int = 20) -> str:
+def console_tail(console: Path, lines: int = 20) -> str:
     try:
         with console.open("rb") as f:  # only the end: the file may be a flood
             f.seek(max(0, console.stat().st_size - CONSOLE_TAIL_BYTES))
@@ -289,6 +395,7 @@ def boot_check(
     work_dir: Path | None = None,
     nonce: str | None = None,
     overlay: Path | None = None,
+    driver: str = "auto",
 ) -> BootReport:
     """Boot ``vmdk`` through a qcow2 overlay, wait for SSH, log in; check HTTP when ``http_port`` is set.
 
@@ -299,28 +406,69 @@ def boot_check(
     not installed. ``vmdk`` is only read. ``nonce`` (default: a fresh one) is this boot's nonce.
     ``overlay``: boot this existing qcow2 overlay of ``vmdk`` instead of a fresh one (it keeps what
     the boot wrote: tests use it to boot one copy twice).
+
+    ``driver`` is ``libvirt.driver``: ``kvm``, ``qemu`` (TCG) or ``auto`` (the host probe decides).
+    A copy that stops running (QEMU exited, the guest paused or crashed) fails the check at once
+    with QEMU's reason (``GuestStopped``); under ``auto``, a copy that stopped under KVM is booted
+    once more under TCG, and the probe's cached answer is corrected for the rest of this host boot.
     """
     if isinstance(login, SSHLogin) and not login.key_file.is_file():
         raise UsageError(f"SSH key {str(login.key_file)!r} does not exist")
+    if driver not in ("auto", "kvm", "qemu"):
+        raise UsageError(f"libvirt.driver {driver!r}: allowed values are auto, kvm and qemu")
     nonce = nonce or new_boot_nonce()
+    accel, why = choose_accelerator(driver)
+    kvm_failure = ""
     with tempfile.TemporaryDirectory(prefix="boot-check-", dir=work_dir) as tmp:
         work = Path(tmp)
-        if overlay is None:
-            overlay = work / "overlay.qcow2"
-            run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "vmdk", "-b", str(vmdk.resolve()),
-                 str(overlay)])
-        ssh_port = free_loopback_port()
-        forwards = {ssh_port: 22}
-        http_host_port = None
-        if http_port is not None:
-            http_host_port = free_loopback_port()
-            forwards[http_host_port] = http_port
-        started = time.monotonic()
-        deadline = started + timeout
-        with _qemu_vm(overlay, forwards, work, cpus, memory_mb, nonce) as console:
-            return check_booted_copy(ssh_port, http_host_port, console, login=login, ready_command=ready_command,
-                                     started=started, deadline=deadline, nonce=nonce, http_host=http_host,
-                                     http_path=http_path, http_if_stack=http_if_stack)
+        while True:
+            log.info(f"boot check under {accel.upper()} ({why})")
+            try:
+                report = _boot_once(vmdk, work, overlay, accel, login=login, http_port=http_port,
+                                  http_host=http_host, http_path=http_path, http_if_stack=http_if_stack,
+                                  ready_command=ready_command, cpus=cpus, memory_mb=memory_mb, timeout=timeout,
+                                  nonce=nonce)
+                report.accelerator, report.kvm_failure = accel, kvm_failure
+                return report
+            except GuestStopped as exc:
+                if not (driver == "auto" and accel == "kvm"):
+                    raise
+                from appliance.hostprobe import record_kvm_failure
+
+                record_kvm_failure(exc.reason)
+                log.warning(f"KVM could not run the copy ({exc.reason}); booting it again under TCG emulation "
+                            "(slower), and TCG is used for every boot on this host until it restarts")
+                accel, why, kvm_failure = "tcg", "the KVM boot stopped", exc.reason
+
+
+def _boot_once(
+    vmdk: Path, work: Path, overlay: Path | None, accel: str, *, login: BootLogin, http_port: int | None,
+    http_host: str | None, http_path: str, http_if_stack: bool, ready_command: str, cpus: int, memory_mb: int,
+    timeout: float, nonce: str,
+) -> BootReport:
+    if overlay is None:
+        overlay = work / "overlay.qcow2"
+        overlay.unlink(missing_ok=True)  # a retry boots a fresh copy too
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "vmdk", "-b", str(vmdk.resolve()), str(overlay)])
+    ssh_port = free_loopback_port()
+    forwards = {ssh_port: 22}
+    http_host_port = None
+    if http_port is not None:
+        http_host_port = free_loopback_port()
+        forwards[http_host_port] = http_port
+    started = time.monotonic()
+    deadline = started + timeout
+    with _qemu_vm(overlay, forwards, work, cpus, memory_mb, nonce, accel) as guest:
+        return check_booted_copy(ssh_port, http_host_port, guest.console, login=login, ready_command=ready_command,
+                                 started=started, deadline=deadline, nonce=nonce, http_host=http_host,
+                                 http_path=http_path, http_if_stack=http_if_stack, watch=guest.check)
+
+
+def _raise_if_stopped(watch: GuestWatch | None) -> None:
+    if watch is not None:
+        stopped = watch()
+        if stopped is not None:
+            raise stopped
 
 
 def check_booted_copy(
@@ -336,26 +484,24 @@ def check_booted_copy(
     http_host: str | None,
     http_path: str = "/",
     http_if_stack: bool = False,
-    stopped: VmWatch | None = None,
+    watch: GuestWatch | None = None,
 ) -> BootReport:
     """The checks on a started copy, whatever booted it (QEMU here, VirtualBox in ``vboxboot``): log in
     (a sealed copy's console login must carry ``nonce``: the first-boot proof), run the readiness
-    command, then HTTP unless the copy's status line says it was built without the stack.
-
-    ``stopped`` (called at every poll) says why the VM is no longer running, or None while it
-    runs: a VM that aborts fails the check at once instead of at the deadline."""
+    command, then HTTP unless the copy's status line says it was built without the stack. ``watch``
+    (when given) says whether the copy stopped running; every wait checks it, so a dead copy fails at once."""
     proved = False
     if isinstance(login, ConsoleLogin):
         seconds, ready_rc, ready_out = _console_login_check(ssh_port, console, ready_command, deadline, started, nonce,
-                                                            stopped=stopped)
+                                                            watch=watch)
         proved = True
     else:
         seconds, ready_rc, ready_out = _key_login_check(ssh_port, login, console, ready_command, deadline, started,
-                                                        stopped=stopped)
+                                                        watch=watch)
     if ready_rc != 0:
         raise VerifyError("logged in, but the readiness command failed",
                           [f"{ready_command!r} exited {ready_rc}: {ready_out.strip()[-500:]}",
-                           "console tail:\n" + _console_tail(console)])
+                           "console tail:\n" + console_tail(console)])
     stack = console_stack(_read_console(console))
     report = BootReport(seconds_to_ssh=seconds, ready_output=ready_out.strip(), first_boot_proved=proved, stack=stack)
     if http_host_port is not None:
@@ -365,21 +511,13 @@ def check_booted_copy(
             log.info(f"HTTP check skipped: {skip} (built without CSGHub)")
         else:
             report.http_status = wait_http(f"http://127.0.0.1:{http_host_port}{http_path}", deadline, http_host,
-                                           console=console, stopped=stopped)
+                                           console=console, watch=watch)
     return report
-
-
-def _check_running(stopped: VmWatch | None, console: Path | None) -> None:
-    """Fail at once when the VM is no longer running (``stopped`` gives the reason)."""
-    reason = stopped() if stopped is not None else None
-    if reason is not None:
-        raise VerifyError(f"the copy stopped while it was being checked: {reason}",
-                          ["console tail:\n" + _console_tail(console)] if console is not None else [])
 
 
 def _key_login_check(
     ssh_port: int, login: SSHLogin, console: Path, ready_command: str, deadline: float, started: float,
-    *, stopped: VmWatch | None = None,
+    watch: GuestWatch | None = None,
 ) -> tuple[float, int, str]:
     """Wait until OpenSSH logs in with the key, then run the readiness command."""
     ssh_argv = [
@@ -390,27 +528,28 @@ def _key_login_check(
     note = _RetryNote()
     last_error = ""
     while True:
-        probe = run([*ssh_argv, "true"], check=False, timeout=60)
+        _raise_if_stopped(watch)
+        probe = run([*ssh_argv, "true"], check=False, timeout=60, watchdog=watch)
         if probe.ok:
             break
         last_error = " ".join(probe.tail("stderr", 2))
         if time.monotonic() > deadline:
             raise VerifyError(
                 f"the copy did not accept SSH within {deadline - started:.0f} s",
-                [f"last ssh error: {last_error}", "console tail:\n" + _console_tail(console)],
+                [f"last ssh error: {last_error}", "console tail:\n" + console_tail(console)],
             )
         note(last_error or f"ssh exit {probe.returncode}")
-        _check_running(stopped, console)
         time.sleep(3)
     seconds = time.monotonic() - started
     log.info(f"SSH answered after {seconds:.0f} s")
-    ready = run([*ssh_argv, ready_command], check=False, timeout=max(30.0, deadline - time.monotonic()))
+    ready = run([*ssh_argv, ready_command], check=False, timeout=max(30.0, deadline - time.monotonic()),
+                watchdog=watch)
     return seconds, ready.returncode, ready.stdout + ready.stderr
 
 
 def _console_login_check(
     ssh_port: int, console: Path, ready_command: str, deadline: float, started: float, nonce: str | None = None,
-    *, stopped: VmWatch | None = None,
+    watch: GuestWatch | None = None,
 ) -> tuple[float, int, str]:
     """Wait for this boot's login line on the console, log in with that password, run the readiness command.
 
@@ -420,6 +559,7 @@ def _console_login_check(
     last_error = "no CSGHUB-APPLIANCE-LOGIN line on the serial console yet"
     note = _RetryNote()
     while True:
+        _raise_if_stopped(watch)
         creds = console_credentials(_read_console(console))
         if creds is not None and nonce is not None and creds.first_boot_nonce != nonce:
             seen = creds.first_boot_nonce or "none"
@@ -428,7 +568,7 @@ def _console_login_check(
                 [f"the login line carries first-boot nonce {seen!r}, not this boot's {nonce!r}",
                  "a sealed image must reach its first boot only when a copy starts; rebuild it "
                  "(the build VM was booted after the seal?)",
-                 "console tail:\n" + _console_tail(console)],
+                 "console tail:\n" + console_tail(console)],
             )
         if creds is not None:
             try:
@@ -449,9 +589,8 @@ def _console_login_check(
         if time.monotonic() > deadline:
             raise VerifyError(
                 f"could not log in to the copy within {deadline - started:.0f} s",
-                [f"last error: {last_error}", "console tail:\n" + _console_tail(console)],
+                [f"last error: {last_error}", "console tail:\n" + console_tail(console)],
             )
-        _check_running(stopped, console)
         time.sleep(3)
 
 
@@ -466,7 +605,7 @@ _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect
 
 
 def wait_http(url: str, deadline: float, host: str | None = None, *, console: Path | None = None,
-              stopped: VmWatch | None = None) -> int:
+              watch: GuestWatch | None = None) -> int:
     """Poll ``url`` (with ``Host: host``) until it answers 2xx/3xx; a stack still starting answers 404/5xx.
 
     Redirects are not followed (a 3xx counts as an answer). ``console``: the copy's serial
@@ -475,9 +614,9 @@ def wait_http(url: str, deadline: float, host: str | None = None, *, console: Pa
     last = ""
     headers = {"Host": host} if host else {}
     while time.monotonic() < deadline:
+        _raise_if_stopped(watch)
         if console is not None:
             _check_console_size(console)
-        _check_running(stopped, console)
         request = urllib.request.Request(url, headers=headers)  # a loopback URL built here
         try:
             with _HTTP.open(request, timeout=10) as resp:

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
-  # VM lifecycle: Vagrant with the libvirt provider, QEMU, libvirt without systemd units needed
+  # VM lifecycle: Vagrant with the libvirt provider, QEMU, libvirt (its system units: below)
   vagrant vagrant-libvirt libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
   qemu-system-x86 qemu-utils dnsmasq-base iptables
   # base box from the Debian archive
@@ -21,6 +21,27 @@ APT_PACKAGES=(
   # build tooling
   python3-pip git ca-certificates
 )
+
+# With systemd as PID 1 (sd_booted: /run/systemd/system exists), the distribution's libvirt system
+# package gives libvirtd its units and starts it, makes the libvirt-qemu user (in the kvm group)
+# and the default network. Without systemd (containers, CI) that package cannot start anything:
+# the same one-time preparation is done below by the tool itself, and `invoke up` starts the
+# daemons when they are not running.
+SYSTEMD_DIR="${CSGHUB_SETUP_SYSTEMD_DIR:-/run/systemd/system}"
+if [ -d "$SYSTEMD_DIR" ]; then
+  APT_PACKAGES+=(libvirt-daemon-system)
+fi
+# VirtualBox hosts: Debian's Vagrant refuses VirtualBox 7.1+; HashiCorp's (installed below, pinned
+# and checked) is an AppImage, which needs FUSE 2.
+if command -v VBoxManage >/dev/null 2>&1; then
+  APT_PACKAGES+=(libfuse2)
+fi
+if [ "${1:-}" = "--plan" ]; then
+  # What this host would get, without changing anything (tests/unit/test_setup_plan.py).
+  echo "apt: ${APT_PACKAGES[*]}"
+  if [ -d "$SYSTEMD_DIR" ]; then echo "libvirt: systemd (libvirt-daemon-system)"; else echo "libvirt: prepared by the tool (no systemd)"; fi
+  exit 0
+fi
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
@@ -52,4 +73,12 @@ bash scripts/install-helm.sh
 
 PY="${PYTHON:-python3}"
 "$PY" -m pip install -q --disable-pip-version-check -e '.[test]'
+
+if [ ! -d "$SYSTEMD_DIR" ]; then
+  # What libvirt-daemon-system's postinst would make (log folder, libvirt-qemu user in kvm).
+  $SUDO "$PY" -m appliance.libvirtd prepare
+fi
+# Where VirtualBox 7.1+ is installed and the Vagrant on PATH cannot drive it: HashiCorp's Vagrant of a
+# pinned version into /usr/local/bin, checked against the pin and HashiCorp's SHA256SUMS (a no-op elsewhere).
+$SUDO "$PY" -m appliance.hashicorp_vagrant ensure
 echo "setup: done ($("$PY" -m invoke --version | head -1))"

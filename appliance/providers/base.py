@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from appliance.errors import PrerequisiteMissing
+from appliance.errors import GuestStopped, PrerequisiteMissing
 
 if TYPE_CHECKING:  # pragma: no cover
     from appliance.config import ApplianceConfig
@@ -81,6 +81,11 @@ class Provider(ABC):
         """Before asking Vagrant about the VM: raise ``PrerequisiteMissing`` if the hypervisor does not answer."""
         return None  # nothing to do unless a provider says otherwise
 
+    def start_services(self) -> None:
+        """Before the build renders (its driver probe may boot through the hypervisor): start what the provider
+        may start on this host. Never from a plain ``invoke render``."""
+        return None  # nothing to do unless a provider says otherwise
+
     def preflight(self) -> None:
         """Before ``vagrant up``: the checks that must pass, then the explicit set-up the provider needs."""
         return None  # nothing to do unless a provider says otherwise
@@ -88,6 +93,14 @@ class Provider(ABC):
     def before_create(self) -> None:
         """Before ``vagrant up`` creates a new VM: refuse what would collide with it."""
         return None  # nothing to do unless a provider says otherwise
+
+    def guest_watch(self, driver: str | None) -> Callable[[], GuestStopped | None] | None:
+        """While ``vagrant up`` runs: a check that says when the booting VM stopped running (``None``: none)."""
+        return None
+
+    def can_fall_back(self, driver: str | None) -> bool:
+        """Whether a VM that stopped under ``driver`` is booted once more without hardware acceleration."""
+        return False
 
     def after_halt(self, project: Path) -> None:
         """After the VM stopped (halted by Vagrant or powered off by itself): release what outlived it."""

@@ -15,14 +15,12 @@ from pathlib import Path
 
 from appliance.config import ApplianceConfig
 from appliance.doctor import Check, tool_check
-from appliance.errors import PrerequisiteMissing, UsageError, VagrantError
+from appliance.errors import GuestStopped, PrerequisiteMissing, UsageError, VagrantError
 from appliance.log import log
 from appliance.providers.base import Exported, Provider, require
 from appliance.run import run, which
 
 APT = "apt-get install --no-install-recommends "
-START_LIBVIRT = ("start it: `systemctl start libvirtd` (without systemd: `virtlogd -d && libvirtd -d`; "
-                 "docs/vm-lifecycle.md lists what libvirtd needs on a host without libvirt-daemon-system)")
 PLUGIN = "vagrant-libvirt"
 DEFAULT_POOL_DIR = "/var/lib/libvirt/images"
 
@@ -32,6 +30,69 @@ def domain_name(cfg: ApplianceConfig) -> str:
     from appliance.vagrant import MACHINE
 
     return f"{cfg.vm.name}_{MACHINE}"
+
+
+# -- watching a booting domain --------------------------------------------------------------------
+
+QEMU_LOG_DIR = Path("/var/log/libvirt/qemu")
+# `virsh domstate --reason` states in which a domain is still on its way up (libvirt 9:
+# tools/virsh-domain-monitor.c); a domain is "shut off" before Vagrant starts it.
+_STARTING = {("paused", "starting up"), ("paused", "booting"), ("paused", "migration"), ("paused", "snapshot")}
+
+
+def parse_domstate(text: str) -> tuple[str, str]:
+    """``("paused", "crashed")`` from ``virsh domstate --reason`` output ``paused (crashed)``."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    m = re.fullmatch(r"(.+?)\s*\((.*)\)", line)
+    return (m.group(1).strip(), m.group(2).strip()) if m else (line, "")
+
+
+def domain_log_reason(domain: str, log_dir: Path = QEMU_LOG_DIR) -> str:
+    """Why the domain's QEMU stopped, from libvirt's log of its latest start (``<log_dir>/<domain>.log``)."""
+    from appliance.hostprobe import qemu_failure_lines
+
+    path = log_dir / f"{domain}.log"
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return f"no log at {path}"
+    latest = text.rsplit(": starting up ", 1)[-1]  # libvirt marks each start of the domain
+    lines = qemu_failure_lines(latest)
+    return "; ".join(lines) if lines else f"nothing in {path} says why"
+
+
+class DomainWatch:
+    """While ``vagrant up`` waits: is the build VM's domain still running? (``None``: yes, or not started yet.)
+
+    A domain that was running and now is paused (``KVM internal error``, ``virsh suspend``),
+    crashed or shut off will never get an address: ``GuestStopped`` names its state and the
+    reason from libvirt's domain log, so ``up`` fails in seconds instead of at its timeout.
+    """
+
+    def __init__(self, cfg: ApplianceConfig, driver: str, log_dir: Path = QEMU_LOG_DIR) -> None:
+        self.uri, self.domain, self.driver, self.log_dir = cfg.libvirt.uri, domain_name(cfg), driver, log_dir
+        self.seen_running = False
+
+    def __call__(self) -> GuestStopped | None:
+        probe = run(["virsh", "-c", self.uri, "domstate", "--reason", self.domain], check=False, timeout=30)
+        if not probe.ok:
+            return None  # not defined yet
+        state, reason = parse_domstate(probe.stdout)
+        if state == "running":
+            self.seen_running = True
+            return None
+        if (state, reason) in _STARTING or (state == "shut off" and not self.seen_running):
+            return None
+        if state not in ("paused", "shut off", "crashed", "pmsuspended"):
+            return None  # running, or "blocked" (waiting on I/O): alive
+        why = domain_log_reason(self.domain, self.log_dir)
+        return GuestStopped(
+            f"the libvirt domain {self.domain} stopped running under {self.driver}: {state} ({reason}): {why}",
+            reason=why, accelerator=self.driver,
+            hint=("KVM does not run this guest here: set libvirt.driver=qemu (TCG), or auto to let the tool "
+                  "fall back; then `invoke destroy` and run again" if self.driver == "kvm"
+                  else f"see {self.log_dir / (self.domain + '.log')}; `invoke destroy` removes the VM"),
+        )
 
 
 # -- checks (doctor and preflight) ------------------------------------------------------------------
@@ -54,7 +115,24 @@ def reachable_check(cfg: ApplianceConfig) -> Check:
     if probe.ok:
         return Check("libvirt", "ok", f"reachable at {uri}")
     why = " ".join(probe.tail("stderr", 2)) or "no answer"
-    return Check("libvirt", "fail", f"not reachable at {uri}: {why}", START_LIBVIRT)
+    from appliance.libvirtd import start_hint
+
+    return Check("libvirt", "fail", f"not reachable at {uri}: {why}", start_hint(uri))
+
+
+def kvm_user_check(cfg: ApplianceConfig) -> Check:
+    """Can the user libvirt runs QEMU as open /dev/kvm? (Root probing KVM proves nothing about that user.)"""
+    from appliance.libvirtd import kvm_access, qemu_user
+
+    access = kvm_access(qemu_user())
+    name = f"/dev/kvm for libvirt's QEMU user ({access.user})"
+    if access.allowed:
+        return Check(name, "ok", access.detail)
+    if cfg.libvirt.driver == "qemu":
+        return Check(name, "ok", f"not needed (libvirt.driver qemu): {access.detail}")
+    verdict = "fail" if cfg.libvirt.driver == "kvm" else "warn"
+    return Check(name, verdict, f"cannot open it, so libvirt's guests run under TCG emulation: {access.detail}",
+                 access.fix)
 
 
 def plugin_check() -> Check:
@@ -76,7 +154,7 @@ def acceleration_check(cfg: ApplianceConfig) -> Check:
         return Check("acceleration", "ok", "driver qemu (TCG emulation) chosen in config")
     from appliance.hostprobe import detect_libvirt_driver
 
-    driver, why = detect_libvirt_driver()
+    driver, why = detect_libvirt_driver(uri=cfg.libvirt.uri, machine_type=cfg.libvirt.machine_type)
     if driver == "kvm":
         return Check("acceleration", "ok", f"KVM works ({why})")
     verdict = "fail" if cfg.libvirt.driver == "kvm" else "warn"
@@ -94,6 +172,7 @@ def check_libvirt(cfg: ApplianceConfig) -> list[Check]:
     ]
     if checks[2].verdict == "ok":
         checks.append(reachable_check(cfg))
+    checks.append(kvm_user_check(cfg))
     if which("vagrant"):
         checks.append(plugin_check())
     checks.append(acceleration_check(cfg))
@@ -137,10 +216,17 @@ class LibvirtProvider(Provider):
     def resolve_driver(self) -> str | None:
         from appliance.hostprobe import resolve_libvirt_driver
 
-        return resolve_libvirt_driver(self.cfg.libvirt.driver)
+        return resolve_libvirt_driver(self.cfg.libvirt.driver, uri=self.cfg.libvirt.uri,
+                                      machine_type=self.cfg.libvirt.machine_type)
 
     def vagrant_env(self) -> dict[str, str]:
         return {"LIBVIRT_DEFAULT_URI": self.cfg.libvirt.uri}
+
+    def guest_watch(self, driver: str | None) -> DomainWatch:
+        return DomainWatch(self.cfg, driver or self.cfg.libvirt.driver)
+
+    def can_fall_back(self, driver: str | None) -> bool:
+        return self.cfg.libvirt.driver == "auto" and driver == "kvm"
 
     def vagrantfile_inputs(self, driver: str | None) -> dict[str, str]:
         inputs = super().vagrantfile_inputs(driver)
@@ -153,8 +239,17 @@ class LibvirtProvider(Provider):
     def check_reachable(self) -> None:
         require([virsh_check, lambda: reachable_check(self.cfg)])
 
+    def start_services(self) -> None:
+        from appliance.libvirtd import ensure_running
+
+        ensure_running(self.cfg.libvirt.uri)  # root without systemd: starts libvirtd itself, and says so
+
     def preflight(self) -> None:
-        require([virsh_check, lambda: reachable_check(self.cfg), plugin_check])
+        from appliance.libvirtd import ensure_running
+
+        require([virsh_check])
+        ensure_running(self.cfg.libvirt.uri)  # root without systemd: starts libvirtd itself, and says so
+        require([lambda: reachable_check(self.cfg), plugin_check])
         ensure_storage_pool(self.cfg)
 
     def before_create(self) -> None:

@@ -97,7 +97,7 @@ def test_sealed_vm_refuses_a_changed_config(tmp_path: Path) -> None:
 def test_skip_only_split_stages_and_steps(tmp_path: Path) -> None:
     _, stages = plan_config(_cfg(tmp_path), BuildOptions(skip=("verify",)))
     assert "verify" not in stages and "export" in stages
-    with pytest.raises(UsageError, match="unknown stage or step: nonsense; stages: fetch, render"):
+    with pytest.raises(UsageError, match="unknown stage or step: nonsense; stages: fetch, base-box, render"):
         plan_config(_cfg(tmp_path), BuildOptions(skip=("nonsense",)))
 
 
@@ -158,3 +158,10 @@ def test_publish_refuses_unverified_ova(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="not passed verification"):
         stage_publish(ctx)
     assert not (tmp_path / "dist").exists() or not any((tmp_path / "dist").iterdir())
+
+
+def test_the_base_box_stage_can_be_skipped_by_name(tmp_path: Path) -> None:
+    _, stages = plan_config(_cfg(tmp_path), BuildOptions(skip=("base-box",)))
+    assert "base-box" not in stages and stages.index("render") < stages.index("up")
+    _, all_stages = plan_config(_cfg(tmp_path), BuildOptions())
+    assert all_stages.index("base-box") < all_stages.index("render")  # the KVM probe boots the box's kernel

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance import hostprobe
+from appliance import hostprobe, libvirtd
 from appliance.hostprobe import ProbeRun, decide_driver, detect_libvirt_driver, resolve_libvirt_driver, run_payload
 from appliance.run import which
 
@@ -56,6 +56,9 @@ def test_the_answer_is_cached_for_this_boot_only(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(hostprobe, "run_payload", fake_payload)
     monkeypatch.setattr(hostprobe.os.path, "exists", lambda p: True)
     monkeypatch.setattr(hostprobe.os, "access", lambda p, m: True)
+    # libvirt's QEMU user may open /dev/kvm, and no base box is cached: the payload decides.
+    monkeypatch.setattr(libvirtd, "kvm_access", lambda user: libvirtd.KvmAccess(user, True, "allowed"))
+    monkeypatch.setattr(hostprobe, "_kernel_probe_inputs", lambda uri: None)
     driver, _ = detect_libvirt_driver(cache_dir=tmp_path)
     assert driver == "qemu" and calls == ["kvm", "tcg"]
     assert json.loads(cache.read_text())["boot_id"] == hostprobe.boot_id()

@@ -178,11 +178,12 @@ def test_nat_rules_are_read_per_adapter_from_a_real_capture() -> None:
     assert nat_rules(info, 4) == []
 
 
-def test_a_copy_that_stops_fails_the_boot_check_at_once(tmp_path: Path) -> None:
+def test_a_copy_that_stops_fails_the_boot_check_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The VirtualBox boot watches the VM's state at every poll: an abort fails now, not at the deadline."""
     import time
 
-    from appliance.errors import VerifyError
+    from appliance import vboxboot
+    from appliance.errors import GuestStopped
     from appliance.verify_boot import SSHLogin, check_booted_copy, free_loopback_port, wait_http
 
     console = tmp_path / "console.log"
@@ -190,13 +191,16 @@ def test_a_copy_that_stops_fails_the_boot_check_at_once(tmp_path: Path) -> None:
     key = tmp_path / "id_ed25519"
     key.write_text("unused: nothing listens\n")
     port = free_loopback_port()  # nothing listens there
-    stopped = lambda: "VirtualBox reports it 'aborted' (the VM process crashed or was killed)"  # noqa: E731
+    states = iter(["running", "aborted"])
+    monkeypatch.setattr(vboxboot, "vm_info", lambda vm: {"VMState": next(states, "aborted")})
+    watch = lambda: vboxboot.stopped_guest("csghub-verify", console)  # noqa: E731
+    assert watch() is None  # running: the check goes on
     started = time.monotonic()
-    with pytest.raises(VerifyError) as err:
+    with pytest.raises(GuestStopped) as err:
         check_booted_copy(port, None, console, login=SSHLogin(user="vagrant", key_file=key), ready_command="true",
-                          started=started, deadline=started + 600, nonce="n", http_host=None, stopped=stopped)
+                          started=started, deadline=started + 600, nonce="n", http_host=None, watch=watch)
     assert "the copy stopped while it was being checked: VirtualBox reports it 'aborted'" in str(err.value)
     assert "kernel panic" in str(err.value)
-    with pytest.raises(VerifyError, match="'aborted'"):
-        wait_http(f"http://127.0.0.1:{port}/", time.monotonic() + 600, stopped=stopped)
+    with pytest.raises(GuestStopped, match="'aborted'"):
+        wait_http(f"http://127.0.0.1:{port}/", time.monotonic() + 600, watch=watch)
     assert time.monotonic() - started < 30

@@ -15,9 +15,10 @@ Fixtures other VM tests reuse:
     this session's tests left behind: domains named ``<vm_prefix>*``, the network, the pool
     and its directory.
     To let libvirtd start on a host without libvirt-daemon-system (like this one) it first
-    creates what that package would: /var/log/libvirt/qemu, the ``libvirt-qemu`` system user
-    (libvirtd 9 resolves it even when qemu.conf names another user), and, only when no
-    /etc/libvirt/qemu.conf exists, one that runs QEMU as root (removed again at the end).
+    runs the product's own one-time preparation (``appliance.libvirtd.prepare_host``, what
+    that package would make: /var/log/libvirt/qemu, the ``libvirt-qemu`` system user, which
+    libvirtd 9 resolves even when qemu.conf names another user), and, only when no
+    /etc/libvirt/qemu.conf exists, writes one that runs QEMU as root (removed again at the end).
     The whole tier is skipped, with the reason, when any of vagrant, the vagrant-libvirt
     plugin, libvirtd, virsh, qemu-system-x86_64 or dnsmasq (libvirt networks need it:
     dnsmasq-base) is missing, or when we are not root.
@@ -47,7 +48,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import tempfile
 import time
 import uuid
@@ -58,12 +58,11 @@ from pathlib import Path
 import pytest
 
 from appliance.config import ApplianceConfig, load_config
+from appliance.libvirtd import LIBVIRT_SOCKET, VIRTLOGD_SOCKET, socket_answers
 from appliance.run import run, which
 
 URI = "qemu:///system"
 VM_PREFIX = "csghub-vmtest-"
-LIBVIRT_SOCKET = Path("/run/libvirt/libvirt-sock")
-VIRTLOGD_SOCKET = Path("/run/libvirt/virtlogd-sock")
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
 DAEMON_START_TIMEOUT = 30.0
 # Shared by every pytest session on this host: who uses the daemons, who started them.
@@ -80,6 +79,7 @@ class LibvirtEnv:
     network: str
     network_cidr: str
     vm_prefix: str
+    daemons: _Daemons | None = None
 
     def virsh(self, *args: str, check: bool = True) -> str:
         return run(["virsh", "-c", self.uri, *args], check=check, timeout=60).stdout
@@ -97,18 +97,6 @@ class LibvirtEnv:
 
 def _names(text: str) -> list[str]:
     return [ln.strip() for ln in text.splitlines() if ln.strip()]
-
-
-def _socket_answers(path: Path) -> bool:
-    if not path.exists():
-        return False
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(2)
-        try:
-            s.connect(str(path))
-        except OSError:
-            return False
-    return True
 
 
 def _missing_prerequisites() -> list[str]:
@@ -171,29 +159,26 @@ class _Daemons:
             return cidr
 
     def _start(self, program: str, sock: Path, started: list[list[object]]) -> None:
-        pid_file = SHARED_STATE / f"{program}.pid"
-        run([program, "-d", "--pid-file", str(pid_file)], timeout=DAEMON_START_TIMEOUT)
-        deadline = time.monotonic() + DAEMON_START_TIMEOUT
-        while time.monotonic() < deadline:
-            if pid_file.exists() and _socket_answers(sock):
-                started.append([program, int(pid_file.read_text().strip())])
-                return
-            time.sleep(0.2)
-        log_file = Path("/var/log/libvirt") / f"{program}.log"
-        tail = log_file.read_text(errors="replace").splitlines()[-5:] if log_file.exists() else []
-        pytest.skip(f"{program} did not start within {DAEMON_START_TIMEOUT:.0f} s: " + " | ".join(tail))
+        from appliance.errors import PrerequisiteMissing
+        from appliance.libvirtd import start_daemon
+
+        try:
+            started.append([program, start_daemon(program, sock, SHARED_STATE / f"{program}.pid",
+                                                  DAEMON_START_TIMEOUT)])
+        except PrerequisiteMissing as exc:
+            pytest.skip(exc.message)
 
     def ensure_running(self) -> None:
         with self._locked():
             self.me.write_text("")
-            if _socket_answers(LIBVIRT_SOCKET):
+            if socket_answers(LIBVIRT_SOCKET):
                 return
             state: dict[str, object] = {"started": [], "wrote_qemu_conf": False}
-            # What libvirt-daemon-system would have set up; libvirtd refuses to start without it.
-            Path("/var/log/libvirt/qemu").mkdir(parents=True, exist_ok=True)
-            if run(["getent", "passwd", "libvirt-qemu"], check=False).returncode != 0:
-                run(["useradd", "--system", "--no-create-home", "--home-dir", "/var/lib/libvirt", "--user-group",
-                     "--shell", "/usr/sbin/nologin", "libvirt-qemu"])
+            # What libvirt-daemon-system would have set up (the product's own one-time preparation,
+            # as `up` does it); libvirtd refuses to start without it.
+            from appliance.libvirtd import prepare_host
+
+            prepare_host()
             if not QEMU_CONF.exists():
                 QEMU_CONF.parent.mkdir(parents=True, exist_ok=True)
                 QEMU_CONF.write_text(
@@ -204,11 +189,37 @@ class _Daemons:
             started: list[list[object]] = []
             state["started"] = started
             try:
-                if not _socket_answers(VIRTLOGD_SOCKET):
+                if not socket_answers(VIRTLOGD_SOCKET):
                     self._start("virtlogd", VIRTLOGD_SOCKET, started)
                 self._start("libvirtd", LIBVIRT_SOCKET, started)
             finally:
                 (SHARED_STATE / "daemons.json").write_text(json.dumps(state))
+
+    def stop_for_the_product(self) -> str:
+        """Stop the daemons so that the product starts them itself (a test "from nothing"); "" when done, else why
+        not. Only daemons a VM-test fixture started, and only while no other session uses them."""
+        with self._locked():
+            others = [f.name for f in self._live_sessions() if f != self.me]
+            if others:
+                return f"another pytest session (PID {', '.join(others)}) uses libvirtd"
+            state_file = SHARED_STATE / "daemons.json"
+            state = json.loads(state_file.read_text()) if state_file.exists() else {}
+            if not state.get("started"):
+                return "libvirtd was not started by a VM-test fixture: it is someone else's to stop"
+            for _program, pid in reversed(state["started"]):
+                _stop_pid(int(pid))
+            state["started"] = []
+            state_file.write_text(json.dumps(state))
+            return ""
+
+    def adopt(self, started: list[list[object]]) -> None:
+        """Record daemons the product started (``[[program, pid], ...]``) as started for the tests: the last
+        session out stops them, as it stops the fixture's own."""
+        with self._locked():
+            state_file = SHARED_STATE / "daemons.json"
+            state = json.loads(state_file.read_text()) if state_file.exists() else {"wrote_qemu_conf": False}
+            state["started"] = list(state.get("started", [])) + started
+            state_file.write_text(json.dumps(state))
 
     def release(self) -> None:
         """Unregister; the last live session stops the daemons a fixture started (by PID)."""
@@ -283,7 +294,7 @@ def libvirt_env() -> Iterator[LibvirtEnv]:
         pool_dir.chmod(0o755)
         cidr = daemons.claim_network(lambda reserved: _free_network(URI, reserved))
         env = LibvirtEnv(URI, f"csghub-vmtest-{token}", pool_dir, f"csghub-vmtest-{token}", cidr,
-                         f"{VM_PREFIX}{token}-")
+                         f"{VM_PREFIX}{token}-", daemons)
         env.virsh("pool-define-as", env.pool, "dir", "--target", str(pool_dir))
         env.virsh("pool-start", env.pool)
         try:
