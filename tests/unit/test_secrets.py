@@ -8,8 +8,8 @@ as tests/unit/test_firstboot.py does, each on its own copy of the real chart 2.4
   here and checked against a real ``helm template`` of the chart);
 - reach the chart: values it reads show up in a real helm render in place of the derived ones; objects it ``lookup``s
   (``helm template`` never performs lookups) are pre-created under exactly the name and key the templates read;
-- replace Casdoor's fixed signing key pair (the patched archive renders this copy's certificate, and refuses to render
-  without one).
+- replace Casdoor's fixed signing key pair, its RADIUS secret and the internal API's "signing-key" (the patched
+  archive renders this copy's, and refuses to render without them).
 """
 
 from __future__ import annotations
