@@ -22,6 +22,7 @@ import re
 import shutil
 import subprocess
 import tarfile
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -362,13 +363,11 @@ def internal_api_secrets(objects: list[dict[str, Any]]) -> dict[str, str]:
     """Where the key of csghub-server's internal API is (chart 2.4.0): Gitaly's and gitlab-shell's configuration
     (the HS256 key of the JWTs they send) and the server's environment (the key it checks them with)."""
     config_maps = _by_name(objects, "ConfigMap")
-    toml = config_maps["csghub-gitaly"]["data"]["config.toml"]
-    gitlab = toml[toml.index("[gitlab]"):]
-    gitaly = re.search(r'^\s*secret = "([^"]*)"$', gitlab, re.MULTILINE)
+    gitaly = tomllib.loads(config_maps["csghub-gitaly"]["data"]["config.toml"])["gitlab"]
     shell = yaml.safe_load(config_maps["csghub-gitlab-shell"]["data"]["config.yml"])
     server = _by_name(objects, "Deployment")["csghub-server"]["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in server.get("env") or []}
-    return {"gitaly [gitlab] secret": gitaly.group(1) if gitaly else "",
+    return {"gitaly [gitlab] secret": gitaly.get("secret", ""),
             "gitlab-shell secret": shell.get("secret", ""),
             "server STARHUB_SERVER_GITALY_JWT_SECRET": env.get("STARHUB_SERVER_GITALY_JWT_SECRET", "")}
 
