@@ -194,6 +194,7 @@ INTERNAL_CREDENTIAL_KEYS: dict[str, str] = {
     "casdoor.admin.password": "the CSGHub admin (Casdoor root) password",
     "casdoor.applianceCerts": "Casdoor's JWT signing key pair",
     "casdoor.applianceRadiusSecret": "Casdoor's RADIUS secret",
+    "gitaly.applianceJwtSecret": "the key of csghub-server's internal API (Gitaly, gitlab-shell)",
     "server.xnet.apiToken": "the hub API token (xnet)",
     "server.xnet.apiKey": "the hub API token (xnet)",
     "server.agenticflow.token": "the AgenticHub token",
@@ -210,7 +211,9 @@ CREDENTIAL_LEAVES = frozenset({
 })
 # Environment variables the chart itself sets to a credential of a service inside the appliance (in the
 # ConfigMaps, Secrets and container environments of chart 2.4.0, both editions; tests/unit/test_values.py holds this
-# list against a real render). Setting one through `<...>.environments.<NAME>` replaces the copy's own value.
+# list against a real render), and the ones first boot adds to the copy's values (secrets.sh, secret_values_yaml:
+# STARHUB_SERVER_GITALY_JWT_SECRET, the key of csghub-server's internal API, which the chart leaves at csghub-server's
+# default "signing-key"). Setting one through `<...>.environments.<NAME>` replaces the copy's own value.
 CHART_ENV_CREDENTIALS = frozenset({
     "ADMIN_CLIENT_SECRET", "CASDOOR_ADMIN_CLIENT_SECRET", "CSGHUB_API_ACCESS_TOKEN", "CSGHUB_CLIENT_SECRET",
     "CSGHUB_PORTAL_PRIVATE_S3_ACCESS_KEY_ID", "CSGHUB_PORTAL_PRIVATE_S3_ACCESS_KEY_SECRET",
@@ -222,7 +225,7 @@ CHART_ENV_CREDENTIALS = frozenset({
     "STARHUB_SERVER_CASDOOR_CLIENT_SECRET", "STARHUB_SERVER_GITALY_TOKEN", "STARHUB_SERVER_S3_ACCESS_KEY_ID",
     "STARHUB_SERVER_S3_ACCESS_KEY_SECRET", "STARHUB_SERVER_SPACE_SESSION_SECRET_KEY", "STARHUB_SERVER_XNET_API_KEY",
     "STARHUB_SERVER_CASDOOR_CLIENT_ID", "CASDOOR_ADMIN_CLIENT_ID", "REDIS_PASSWD", "NATS_USERNAME",
-    "MINIO_ROOT_USER", "REGISTRY_USERNAME",
+    "MINIO_ROOT_USER", "REGISTRY_USERNAME", "STARHUB_SERVER_GITALY_JWT_SECRET",
 })
 # An environment variable named like a credential (a value, not the name of a Secret or a setting about one).
 ENV_CREDENTIAL_NAME = re.compile(r"(PASSWORD|PASSWD|SECRET|TOKEN|API_?KEY|SIGNING_KEY|SECRET_?KEY|ACCESS_KEY"

@@ -38,7 +38,7 @@ from appliance.manifests import manifest_yaml, render_manifests
 from tests.chart import CHART_DIR, kubectl_binary
 from tests.k3s_sim import HelmController, HelmRun, deploy_folder
 from tests.kubeapi import BY_GVK, KubeApi
-from tests.unit.test_secrets import chart_derived_values
+from tests.unit.test_secrets import chart_derived_values, internal_api_secrets
 
 ROOT = Path(__file__).resolve().parents[2]
 FIRSTBOOT = ROOT / "provision" / "files" / "firstboot"
@@ -135,6 +135,11 @@ class Copy:
         if kind == "Secret":
             return {k: base64.b64decode(v).decode() for k, v in data.items()}
         return dict(data)
+
+    def internal_api_secrets(self) -> dict[str, str]:
+        """The internal API's key where Gitaly, gitlab-shell and csghub-server hold it, in the stored objects."""
+        return internal_api_secrets([obj for obj in self.api.objects()
+                                     if obj["metadata"].get("namespace") == NAMESPACE])
 
     def snapshot(self) -> dict[tuple[str, str, str], dict[str, Any]]:
         out = {}
@@ -275,6 +280,9 @@ def test_stored_credentials_are_the_copys_own(copies: dict[str, Copy], edition: 
     # Casdoor's RADIUS listener takes the copy's secret, not the chart's word "secret".
     app_conf = copy.data("ConfigMap", "csghub-casdoor")["app.conf"]
     assert f'radiusSecret = "{secrets["CASDOOR_RADIUS_SECRET"]}"' in app_conf
+    # Gitaly and gitlab-shell sign their calls to csghub-server's internal API with the copy's key, and the server
+    # checks them with the same one.
+    assert copy.internal_api_secrets() == dict.fromkeys(copy.internal_api_secrets(), secrets["GITALY_JWT_SECRET"])
     apps = {a["name"]: a for a in init_data["applications"]}
     assert apps["CSGHub"]["clientId"] == secrets["CASDOOR_CSGHUB_CLIENT_ID"]
     assert apps["CSGHub"]["clientSecret"] == secrets["CASDOOR_CSGHUB_CLIENT_SECRET"]
@@ -320,6 +328,9 @@ def test_two_copies_share_no_credential(copies: dict[str, Copy]) -> None:
     for (kind, name, key) in CREDENTIAL_FIELDS:
         assert a.data(kind, name)[key] != b.data(kind, name)[key], (kind, name, key)
     assert a.data("Secret", "csghub-casdoor-certs") != b.data("Secret", "csghub-casdoor-certs")
+    # The internal API's key: each copy's own (the chart's and csghub-server's is "signing-key" everywhere).
+    keys_a, keys_b = set(a.internal_api_secrets().values()), set(b.internal_api_secrets().values())
+    assert len(keys_a) == len(keys_b) == 1 and not keys_a & keys_b and "signing-key" not in keys_a | keys_b
     tokens_a = {t for _, t in _tokens(a)}
     shared = {(where, t) for where, t in _tokens(b) if t in tokens_a and t in set(b.secrets().values())}
     assert not shared

@@ -8,8 +8,8 @@ as tests/unit/test_firstboot.py does, each on its own copy of the real chart 2.4
   here and checked against a real ``helm template`` of the chart);
 - reach the chart: values it reads show up in a real helm render in place of the derived ones; objects it ``lookup``s
   (``helm template`` never performs lookups) are pre-created under exactly the name and key the templates read;
-- replace Casdoor's fixed signing key pair (the patched archive renders this copy's certificate, and refuses to render
-  without one).
+- replace Casdoor's fixed signing key pair, its RADIUS secret and the internal API's "signing-key" (the patched
+  archive renders this copy's, and refuses to render without them).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import re
 import shutil
 import subprocess
 import tarfile
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -195,14 +196,16 @@ def test_recomputed_derivations_match_a_real_render(helm_bin: Path,
 
 def test_first_boot_reports_and_is_idempotent(copies: tuple[Copy, Copy]) -> None:
     a, _ = copies
-    assert "changed: made 20 credential(s) for this copy" in a.output
+    assert "changed: made 21 credential(s) for this copy" in a.output
     assert "changed: new Casdoor signing key and certificate 'csghub-cert'" in a.output
-    assert "now reads this copy's Casdoor certificates" in a.output
+    assert "now reads this copy's Casdoor certificates and internal API secret" in a.output
     before = {p.name: p.read_bytes() for p in a.secrets_dir.iterdir()}
+    chart = a.chart.read_bytes()
     again = _bash("csghub_secrets", a.env())
     assert again.returncode == 0, again.stderr
     assert "changed:" not in again.stdout
     assert {p.name: p.read_bytes() for p in a.secrets_dir.iterdir()} == before
+    assert a.chart.read_bytes() == chart  # the patched archive is recognised, not patched twice
 
 
 def test_secret_files_are_root_only(copies: tuple[Copy, Copy]) -> None:
@@ -218,7 +221,7 @@ def test_secret_files_are_root_only(copies: tuple[Copy, Copy]) -> None:
 
 def test_copies_share_no_secret(copies: tuple[Copy, Copy]) -> None:
     a, b = (c.secrets() for c in copies)
-    assert sorted(a) == sorted(b) and len(a) == 20
+    assert sorted(a) == sorted(b) and len(a) == 21
     for name in a:
         assert a[name] and b[name] and a[name] != b[name], name
     # Within a copy, no two credentials are the same value either.
@@ -241,7 +244,7 @@ def test_no_secret_is_what_the_chart_would_derive_today(copies: tuple[Copy, Copy
 def test_secrets_are_strong_and_fit_their_consumers(copies: tuple[Copy, Copy]) -> None:
     s = copies[0].secrets()
     for name in ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "NATS_PASSWORD", "REGISTRY_PASSWORD", "GITALY_TOKEN",
-                 "REDIS_PASSWORD", "CASDOOR_RADIUS_SECRET"):
+                 "REDIS_PASSWORD", "CASDOOR_RADIUS_SECRET", "GITALY_JWT_SECRET"):
         assert re.fullmatch(r"[A-Za-z0-9]{32}", s[name]), name  # ~190 bits; safe inside connection URLs
     assert re.fullmatch(r"[A-Za-z0-9]{24}", s["CSGHUB_ADMIN_PASSWORD"])  # ~142 bits
     assert re.fullmatch(r"[0-9a-f]{64}", s["HUB_API_TOKEN"])
@@ -356,26 +359,61 @@ def test_render_signs_with_this_copys_casdoor_key(copies: tuple[Copy, Copy], ren
         assert base64.b64encode(fixed.encode()).decode()[:60] not in text
 
 
-def test_render_takes_this_copys_radius_secret(copies: tuple[Copy, Copy], rendered: list[dict[str, Any]]) -> None:
+def internal_api_secrets(objects: list[dict[str, Any]]) -> dict[str, str]:
+    """Where the key of csghub-server's internal API is (chart 2.4.0): Gitaly's and gitlab-shell's configuration
+    (the HS256 key of the JWTs they send) and the server's environment (the key it checks them with)."""
+    config_maps = _by_name(objects, "ConfigMap")
+    gitaly = tomllib.loads(config_maps["csghub-gitaly"]["data"]["config.toml"])["gitlab"]
+    shell = yaml.safe_load(config_maps["csghub-gitlab-shell"]["data"]["config.yml"])
+    server = _by_name(objects, "Deployment")["csghub-server"]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in server.get("env") or []}
+    return {"gitaly [gitlab] secret": gitaly.get("secret", ""),
+            "gitlab-shell secret": shell.get("secret", ""),
+            "server STARHUB_SERVER_GITALY_JWT_SECRET": env.get("STARHUB_SERVER_GITALY_JWT_SECRET", "")}
+
+
+def test_render_takes_this_copys_radius_and_internal_api_secrets(copies: tuple[Copy, Copy],
+                                                                 rendered: list[dict[str, Any]]) -> None:
     app_conf = _by_name(rendered, "ConfigMap")["csghub-casdoor"]["data"]["app.conf"]
     assert f'radiusSecret = "{copies[0].secrets()["CASDOOR_RADIUS_SECRET"]}"' in app_conf
     assert 'radiusSecret = "secret"' not in app_conf
+    # Gitaly and gitlab-shell sign with the copy's key, and csghub-server checks with the same one (its default,
+    # when the variable is unset, is the chart's "signing-key": csghub-server v2.4.0 common/config/config.go).
+    jwt = copies[0].secrets()["GITALY_JWT_SECRET"]
+    assert internal_api_secrets(rendered) == dict.fromkeys(internal_api_secrets(rendered), jwt)
+    assert "signing-key" not in yaml.safe_dump_all(rendered)
 
 
 def test_patched_chart_refuses_to_render_without_a_key(copies: tuple[Copy, Copy], helm_bin: Path,
                                                        tmp_path: Path,
                                                        make_cfg: Callable[..., ApplianceConfig]) -> None:
     chart = _patched_chart_dir(copies[0], tmp_path)
+    build = generate_values(make_cfg("provision.skip=[]", "vm.cpus=4", "vm.memory_mb=8192"))
+    # Each value the patch reads, left out alone: the release does not render (rather than use the chart's text).
+    without_certs = _instance_values(copies[0])
+    del without_certs["casdoor"]["applianceCerts"]
     with pytest.raises(RuntimeError, match=r"casdoor\.applianceCerts\.csghub\.\w+ is missing"):
-        render_chart(helm_bin, generate_values(make_cfg("provision.skip=[]", "vm.cpus=4", "vm.memory_mb=8192")),
-                     chart=chart)
+        render_chart(helm_bin, deep_merge(build, without_certs), chart=chart)
+    without_jwt = _instance_values(copies[0])
+    del without_jwt["gitaly"]["applianceJwtSecret"]
+    with pytest.raises(RuntimeError, match=r"gitaly\.applianceJwtSecret is missing"):
+        render_chart(helm_bin, deep_merge(build, without_jwt), chart=chart)
 
 
-def test_chart_patch_refuses_an_unknown_chart(tmp_path: Path) -> None:
-    """A chart whose Casdoor templates changed is reported, not half-patched."""
+@pytest.mark.parametrize(("template", "text", "message"), [
+    ("casdoor/secret.yaml", "data:\n  tls.crt: {{ .Values.x }}\n",
+     "expected the fixed tls.crt/tls.key in templates/casdoor/secret.yaml, found 0 of 2"),
+    ("gitaly/configmap.yaml", "data:\n  config.toml: |\n    [gitlab]\n    secret_file = \"/x\"\n",
+     "expected one fixed 'secret = \"signing-key\"' in templates/gitaly/configmap.yaml, found 0"),
+    ("gitlab-shell/configmap.yaml", "secret: \"signing-key\"\nx:\n  secret: \"signing-key\"\n",
+     "expected one fixed 'secret: \"signing-key\"' in templates/gitlab-shell/configmap.yaml, found 2"),
+])
+def test_chart_patch_refuses_an_unknown_chart(tmp_path: Path, template: str, text: str, message: str) -> None:
+    """A chart whose patched templates changed is reported, and the archive left as it was, not half-patched."""
     src = tmp_path / "csghub"
-    shutil.copytree(CHART_DIR / "templates" / "casdoor", src / "templates" / "casdoor")
-    (src / "templates" / "casdoor" / "secret.yaml").write_text("data:\n  tls.crt: {{ .Values.x }}\n")
+    for part in ("casdoor", "gitaly", "gitlab-shell"):
+        shutil.copytree(CHART_DIR / "templates" / part, src / "templates" / part)
+    (src / "templates" / template).write_text(text)
     archive = tmp_path / "static" / "csghub-9.9.9.tgz"
     archive.parent.mkdir()
     with tarfile.open(archive, "w:gz") as tar:
@@ -383,8 +421,9 @@ def test_chart_patch_refuses_an_unknown_chart(tmp_path: Path) -> None:
     before = archive.read_bytes()
     proc = _bash(f"patch_chart_casdoor_certs {archive}", {})
     assert proc.returncode == 1
-    assert "expected the fixed tls.crt/tls.key in templates/casdoor/secret.yaml, found 0 of 2" in proc.stderr
+    assert message in proc.stderr
     assert archive.read_bytes() == before
+    assert sorted(p.name for p in archive.parent.iterdir()) == ["csghub-9.9.9.tgz"]  # no leftover
 
 
 # -- what the chart looks up: pre-created under the name and key its templates read ------------------------------------

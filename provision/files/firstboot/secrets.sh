@@ -9,7 +9,9 @@
 #
 # - chart values (written into this copy's HelmChartConfig by instance_manifest, lib.sh):
 #   casdoor.admin.password, server.agenticflow.token, server.xnet.apiToken, and
-#   casdoor.applianceCerts.* and casdoor.applianceRadiusSecret, which only the chart archive patched here reads;
+#   casdoor.applianceCerts.*, casdoor.applianceRadiusSecret and gitaly.applianceJwtSecret, which only the chart
+#   archive patched here reads, and server.environments.STARHUB_SERVER_GITALY_JWT_SECRET (the same secret, for
+#   csghub-server's check of it);
 # - objects the chart `lookup`s and then reuses, labelled so that Helm adopts them: written here
 #   to $PRECREATED_NAME in the secrets folder, created once in the cluster by ensure_release
 #   (lib.sh, run by csghub-ready once k3s is up) and read back before the HelmChart is handed to
@@ -30,8 +32,9 @@ SECRETS_MANIFEST_NAME=csghub-appliance-secrets.yaml
 # RSA-3072 is about 128-bit strength; 4096 would cost minutes of first boot under emulation.
 CASDOOR_KEY_BITS=${CASDOOR_KEY_BITS:-3072}
 CASDOOR_CERT_DAYS=7300 # 20 years, as the chart's own certificates
-# The marker the chart patch leaves in templates/casdoor/secret.yaml.
+# The markers the chart patch leaves in templates/casdoor/secret.yaml and templates/gitaly/configmap.yaml.
 CHART_PATCH_MARK=applianceCerts
+CHART_PATCH_MARK_GITALY=applianceJwtSecret
 CHART_TOP=csghub # the archive's top directory: the chart's name
 
 # Name=how-to-make, in the order written to secrets.env. Alphabets are what every consumer
@@ -56,6 +59,9 @@ SECRET_SPECS=(
     "CASDOOR_CSGSHIP_CLIENT_ID=hex 32"
     "CASDOOR_CSGSHIP_CLIENT_SECRET=hex 40"
     "CASDOOR_RADIUS_SECRET=alnum 32"    # Casdoor's RADIUS listener (chart: the word "secret")
+    # The HS256 key of the JWTs Gitaly and gitlab-shell present to csghub-server's internal API (chart and
+    # csghub-server's default: "signing-key"); in TOML, YAML and an environment variable.
+    "GITALY_JWT_SECRET=alnum 32"
 )
 
 # random_from ALPHABET N: N characters of ALPHABET (at most 256) from the kernel CSPRNG. A byte
@@ -236,7 +242,15 @@ secret_values_yaml() {
         indent 8 <"$CSGHUB_SECRETS_DIR/casdoor-$name.key"
     done
     echo "  applianceRadiusSecret: \"$CASDOOR_RADIUS_SECRET\""
+    echo "gitaly:"
+    echo "  applianceJwtSecret: \"$GITALY_JWT_SECRET\""
     echo "server:"
+    # csghub-server checks those JWTs with this key (csghub-server v2.4.0 common/config/config.go, GitalyServer.
+    # JWTSecret). The chart passes server.environments only to the server's own Deployment and Job, as plain env
+    # values (it has no Secret route for them); .Values.environments would put it in csghub-core, which every
+    # CSGHub Deployment reads.
+    echo "  environments:"
+    echo "    STARHUB_SERVER_GITALY_JWT_SECRET: \"$GITALY_JWT_SECRET\""
     echo "  agenticflow:"
     echo "    token: \"$AGENTICFLOW_TOKEN\""
     echo "  xnet:"
@@ -347,16 +361,20 @@ YAML
 }
 
 # patch_chart_casdoor_certs ARCHIVE: make the chart read Casdoor's JWT certificate and key
-# from the values casdoor.applianceCerts.{csghub,csgship}.{certificate,privateKey}, and the
+# from the values casdoor.applianceCerts.{csghub,csgship}.{certificate,privateKey}, the
 # secret of Casdoor's RADIUS listener (port 1812 in its pod, reachable from every pod, users'
-# Spaces included; it checks users' passwords) from casdoor.applianceRadiusSecret (and fail
+# Spaces included; it checks users' passwords) from casdoor.applianceRadiusSecret, and the
+# key Gitaly and gitlab-shell sign their calls to csghub-server's internal API with (which
+# hands out users' git tokens: docs/first-boot.md) from gitaly.applianceJwtSecret (and fail
 # when they are missing) instead of the fixed text in its templates. The archive itself
-# holds no secret: k3s serves server/static/ without authentication.
+# holds no secret: k3s serves server/static/ without authentication. All or nothing: the
+# archive is replaced only once every file is patched.
 patch_chart_casdoor_certs() {
-    local archive=$1 work rc=0 current
+    local archive=$1 work rc=0 current gitaly
     current=$(tar -xzOf "$archive" "$CHART_TOP/templates/casdoor/secret.yaml" 2>/dev/null || true)
-    if [[ "$current" == *"$CHART_PATCH_MARK"* ]]; then
-        echo "ok: chart ${archive##*/} already reads this copy's Casdoor certificates"
+    gitaly=$(tar -xzOf "$archive" "$CHART_TOP/templates/gitaly/configmap.yaml" 2>/dev/null || true)
+    if [[ "$current" == *"$CHART_PATCH_MARK"* && "$gitaly" == *"$CHART_PATCH_MARK_GITALY"* ]]; then
+        echo "ok: chart ${archive##*/} already reads this copy's Casdoor certificates and internal API secret"
         return 0
     fi
     work=$(mktemp -d)
@@ -415,9 +433,36 @@ _patch_chart_in() {
         return 1
     fi
     mv -f "$secret.new" "$secret" || return 1
+    _patch_gitaly_jwt_secret "$work/$top/templates/gitaly/configmap.yaml" 'secret = "signing-key"' 'secret = ' || return 1
+    _patch_gitaly_jwt_secret "$work/$top/templates/gitlab-shell/configmap.yaml" 'secret: "signing-key"' 'secret: ' || return 1
     tar -czf "$archive.new" -C "$work" --owner=0 --group=0 --numeric-owner "$top" || return 1
     chmod 0644 "$archive.new" && mv -f "$archive.new" "$archive" || return 1
-    echo "changed: chart ${archive##*/} now reads this copy's Casdoor certificates from its values (was: one fixed key pair in every copy)"
+    echo "changed: chart ${archive##*/} now reads this copy's Casdoor certificates and internal API secret from its values (was: one fixed key pair and \"signing-key\" in every copy)"
+}
+
+# _patch_gitaly_jwt_secret TEMPLATE FIXED_LINE KEY: replace the one line FIXED_LINE (after its indent) of
+# TEMPLATE by KEY and gitaly.applianceJwtSecret, quoted (a TOML and a YAML string alike); fail unless
+# exactly one such line is there.
+_patch_gitaly_jwt_secret() {
+    local template=$1 n
+    if [[ ! -f "$template" ]]; then
+        echo "secrets.sh: the chart has no templates/${template#*/templates/}; cannot replace the internal API secret \"signing-key\"" >&2
+        return 1
+    fi
+    n=$(awk -v fixed="$2" -v key="$3" -v out="$template.new" '
+        substr($0, match($0, /[^ ]/)) == fixed && RSTART > 0 {
+            print substr($0, 1, RSTART - 1) key "{{ dig \"applianceJwtSecret\" \"\" .Values.gitaly | required \"gitaly.applianceJwtSecret is missing: csghub-firstboot makes this copy'"'"'s internal API secret\" | quote }}" > out
+            n++; next
+        }
+        { print > out }
+        END { print n + 0 }
+    ' "$template") || return 1
+    if [[ "$n" != 1 ]]; then
+        echo "secrets.sh: expected one fixed '$2' in templates/${template#*/templates/}, found $n; chart changed?" >&2
+        rm -f "$template.new"
+        return 1
+    fi
+    mv -f "$template.new" "$template"
 }
 
 # csghub_secrets: everything above, for an image that carries the CSGHub chart.
