@@ -15,11 +15,12 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import tarfile
 import time
 from pathlib import Path
+
+from appliance.run import stop_processes
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -92,13 +93,8 @@ class Containerd:
     def stop(self) -> None:
         if self.process is None:
             return
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
+        stop_processes([self.process.pid], grace=20)  # by PID: TERM, then KILL
+        self.process.wait(timeout=10)
         self.process = None
 
 

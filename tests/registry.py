@@ -18,7 +18,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tarfile
@@ -27,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import bcrypt
+
+from appliance.run import stop_processes
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -109,11 +110,17 @@ def multi_arch_blobs(layers: list[dict[str, bytes]]) -> tuple[Blob, list[Blob], 
 
 
 class Registry:
-    """One ``docker-registry`` process with TLS (and basic auth when ``user`` is given)."""
+    """One ``docker-registry`` process with TLS (and basic auth when ``user`` is given).
 
-    def __init__(self, base: Path, user: str | None = None, password: str | None = None) -> None:
+    ``tls=False`` serves plain HTTP (as the chart's in-cluster registry does behind its gateway);
+    ``htpasswd_hash`` is the user's htpasswd hash as the caller made it (default: bcrypt here), and
+    ``realm`` the basic-auth realm announced."""
+
+    def __init__(self, base: Path, user: str | None = None, password: str | None = None, *, tls: bool = True,
+                 htpasswd_hash: str | None = None, realm: str = "test") -> None:
         self.base = base
         self.user, self.password = user, password
+        self.tls, self.htpasswd_hash, self.realm = tls, htpasswd_hash, realm
         self.port = _free_port()
         self.host = f"127.0.0.1:{self.port}"
         self.storage = base / "storage"
@@ -139,19 +146,22 @@ class Registry:
         return crt, key
 
     def start(self, timeout: float = 20) -> None:
-        crt, key = self._tls()
+        tls = ""
+        if self.tls:
+            crt, key = self._tls()
+            tls = f"  tls:\n    certificate: {crt}\n    key: {key}\n"
         auth = ""
         if self.user:
             assert self.password is not None
             htpasswd = self.base / "htpasswd"
-            hashed = bcrypt.hashpw(self.password.encode(), bcrypt.gensalt(rounds=4)).decode()
+            hashed = self.htpasswd_hash or bcrypt.hashpw(self.password.encode(), bcrypt.gensalt(rounds=4)).decode()
             htpasswd.write_text(f"{self.user}:{hashed}\n")
-            auth = f"auth:\n  htpasswd:\n    realm: test\n    path: {htpasswd}\n"
+            auth = f"auth:\n  htpasswd:\n    realm: {self.realm}\n    path: {htpasswd}\n"
         config = self.base / "config.yml"
         config.write_text(
             "version: 0.1\nlog:\n  level: info\n"
             f"storage:\n  filesystem:\n    rootdirectory: {self.storage}\n  delete:\n    enabled: true\n"
-            f"http:\n  addr: 127.0.0.1:{self.port}\n  tls:\n    certificate: {crt}\n    key: {key}\n" + auth
+            f"http:\n  addr: 127.0.0.1:{self.port}\n" + tls + auth
         )
         with open(self.base / "registry.log", "wb") as log:
             self.process = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log, stderr=log,
@@ -199,11 +209,6 @@ class Registry:
     def stop(self) -> None:
         if self.process is None:
             return
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
+        stop_processes([self.process.pid], grace=10)  # by PID: TERM, then KILL
+        self.process.wait(timeout=10)
         self.process = None
