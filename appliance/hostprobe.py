@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from appliance.errors import ApplianceError
+from appliance.libvirtd import QEMU_LOG_DIR
 from appliance.log import log
 from appliance.run import run, which
 
@@ -204,12 +205,7 @@ def _wait_for_power_off(uri: str, name: str, timeout: float) -> str:
             return ""  # gone: a transient domain disappears when it powers off
         text = state.stdout.strip()
         if text.startswith(("paused", "crashed", "shut off")) and "starting up" not in text:
-            log_text = ""
-            try:
-                log_text = (Path("/var/log/libvirt/qemu") / f"{name}.log").read_text(errors="replace")
-            except OSError:
-                pass
-            why = "; ".join(qemu_failure_lines(log_text.rsplit(": starting up ", 1)[-1]))
+            why = "; ".join(domain_failure_lines(name) or [])
             return f"the guest stopped: {text}" + (f": {why}" if why else "")
         time.sleep(0.5)
     return f"it did not power off within {timeout:.0f} s (the guest hangs)"
@@ -292,6 +288,16 @@ def _kernel_probe_inputs(uri: str) -> BoxKernel | None:
     if kernel is None or not run(["virsh", "-c", uri, "uri"], check=False, timeout=30).ok:
         return None
     return kernel
+
+
+def domain_failure_lines(domain: str, log_dir: Path = QEMU_LOG_DIR) -> list[str] | None:
+    """QEMU's failure lines in libvirt's log of ``domain``'s latest start (``<log_dir>/<domain>.log``;
+    libvirt marks each start with ``: starting up``); None when there is no log to read."""
+    try:
+        text = (log_dir / f"{domain}.log").read_text(errors="replace")
+    except OSError:
+        return None
+    return qemu_failure_lines(text.rsplit(": starting up ", 1)[-1])
 
 
 def qemu_failure_lines(text: str, limit: int = 3) -> list[str]:

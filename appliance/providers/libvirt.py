@@ -16,6 +16,7 @@ from pathlib import Path
 from appliance.config import ApplianceConfig
 from appliance.doctor import Check, tool_check
 from appliance.errors import GuestStopped, PrerequisiteMissing, UsageError, VagrantError
+from appliance.libvirtd import QEMU_LOG_DIR
 from appliance.log import log
 from appliance.providers.base import Exported, Provider, require
 from appliance.run import run, which
@@ -34,7 +35,6 @@ def domain_name(cfg: ApplianceConfig) -> str:
 
 # -- watching a booting domain --------------------------------------------------------------------
 
-QEMU_LOG_DIR = Path("/var/log/libvirt/qemu")
 # `virsh domstate --reason` states in which a domain is still on its way up (libvirt 9:
 # tools/virsh-domain-monitor.c); a domain is "shut off" before Vagrant starts it.
 _STARTING = {("paused", "starting up"), ("paused", "booting"), ("paused", "migration"), ("paused", "snapshot")}
@@ -49,15 +49,12 @@ def parse_domstate(text: str) -> tuple[str, str]:
 
 def domain_log_reason(domain: str, log_dir: Path = QEMU_LOG_DIR) -> str:
     """Why the domain's QEMU stopped, from libvirt's log of its latest start (``<log_dir>/<domain>.log``)."""
-    from appliance.hostprobe import qemu_failure_lines
+    from appliance.hostprobe import domain_failure_lines
 
+    lines = domain_failure_lines(domain, log_dir)
     path = log_dir / f"{domain}.log"
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
+    if lines is None:
         return f"no log at {path}"
-    latest = text.rsplit(": starting up ", 1)[-1]  # libvirt marks each start of the domain
-    lines = qemu_failure_lines(latest)
     return "; ".join(lines) if lines else f"nothing in {path} says why"
 
 
