@@ -235,7 +235,10 @@ def fetch(c: Context, config: str | None = None, set_: list[str] | None = None, 
     fetch_artifacts(cfg, update_lock=update_lock)
     fetch_helm(cfg, update_lock=update_lock)
     fetch_ovf_schemas(cfg)
-    if "csghub" not in cfg.provision.skip:
+    from appliance.guest import NEED_IMAGE_SET
+    from appliance.scripts import declared_needs
+
+    if NEED_IMAGE_SET in declared_needs(cfg.provision.skip):
         from appliance.imagecache import fetch_image_set
         from appliance.images import write_build_image_list
 

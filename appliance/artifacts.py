@@ -9,8 +9,11 @@ publisher ships beside it (``sha256sum-amd64.txt``; the ``digest`` in the chart 
 progress bar, and only reach their final name once verified; a mismatch deletes the partial
 file. A cached file is re-hashed, not re-downloaded: a second build makes no request at all.
 
-:func:`fetch_artifacts` is the stage entry; :func:`guest_uploads` tells the provisioning
-runner which cached file goes where in the guest.
+:func:`fetch_artifacts` is the stage entry. This module is also the host's provider of each
+need a step declares (``# appliance: needs=``, vocabulary in ``appliance.guest``):
+:func:`need_uploads` says which host file goes where in the guest for one need, and
+:func:`guest_uploads` for every need of the steps that run. No function here asks which step
+needs what.
 
 The DMTF OVF schemas that ``verify-ova`` validates descriptors against are a fourth, host-only
 download (:func:`fetch_ovf_schemas`): seventeen files pinned by URL and sha256 in the lock, fetched
@@ -28,7 +31,7 @@ import shutil
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -39,7 +42,9 @@ from appliance.config import ApplianceConfig
 from appliance.digest import sha256_file
 from appliance.errors import ArtifactError, DigestMismatch
 from appliance.files import write_atomic
+from appliance.guest import NEED_CHART, NEED_IMAGE_SET, NEED_K3S_BINARY, NEED_K3S_IMAGES, NEED_MANIFESTS, NEEDS
 from appliance.log import human_size, log
+from appliance.scripts import declared_needs
 
 LOCK_FILE = Path(__file__).resolve().parent / "data" / "versions.lock.yaml"
 GUEST_ARTIFACT_DIR = "/var/cache/csghub-appliance/artifacts"
@@ -47,6 +52,11 @@ K3S_CHECKSUM_FILE = "sha256sum-amd64.txt"
 CHUNK = 1024 * 1024
 TIMEOUT = 60  # seconds without progress before a connection is given up
 USER_AGENT = "csghub-appliance"
+K3S_GROUP = "k3s"  # the version lock's section for k3s's files, and their cache folder
+# The publisher's file names in a k3s release, and the need each one serves.
+K3S_FILES = {"k3s": NEED_K3S_BINARY, "k3s-airgap-images-amd64.tar.zst": NEED_K3S_IMAGES}
+CHART_NAME = "csghub"  # the chart's name in its repository's index.yaml (archive: <name>-<version>.tgz)
+CHART_GROUP = "csghub_chart"  # its section in the version lock
 
 # The lock file's header is kept verbatim when `invoke lock` rewrites the data below it.
 _HEADER_END = "lock_version:"
@@ -57,14 +67,14 @@ class Artifact:
     """One pinned download."""
 
     name: str  # the publisher's file name, also the key in the lock
-    group: str  # "k3s", "csghub_chart" or "helm": the lock section
+    group: str  # K3S_GROUP, CHART_GROUP or "helm": the lock section
     version: str
     url: str
     checksum_url: str  # the publisher's checksum file or chart index
     setting: str  # the config key that moves the download to a mirror
     cache_path: Path
     guest_path: str
-    step: str  # the provisioning step that reads it ("k3s" or "csghub")
+    need: str  # the need it serves (appliance.guest.NEEDS); "" for host-only downloads
     # A bound on the download for files whose size is known to be small (the OVF schemas): a
     # hostile or broken mirror cannot fill the disk before the digest check refuses the bytes.
     max_bytes: int | None = None
@@ -105,60 +115,111 @@ def planned_artifacts(cfg: ApplianceConfig) -> list[Artifact]:
     # GitHub release tags contain '+', which must travel as %2B in a URL path.
     k3s_folder = f"{cfg.artifacts.k3s_mirror}/{urllib.parse.quote(k3s_version, safe='')}"
     chart_version = cfg.csghub.chart_version
-    chart_name = f"csghub-{chart_version}.tgz"
+    chart_name = f"{CHART_NAME}-{chart_version}.tgz"
     out = [
         Artifact(
             name=name,
-            group="k3s",
+            group=K3S_GROUP,
             version=k3s_version,
             url=f"{k3s_folder}/{name}",
             checksum_url=f"{k3s_folder}/{K3S_CHECKSUM_FILE}",
             setting="artifacts.k3s_mirror",
-            cache_path=root / "k3s" / k3s_version / name,
+            cache_path=root / K3S_GROUP / k3s_version / name,
             guest_path=f"{GUEST_ARTIFACT_DIR}/{name}",
-            step="k3s",
+            need=need,
         )
-        for name in ("k3s", "k3s-airgap-images-amd64.tar.zst")
+        for name, need in K3S_FILES.items()
     ]
     out.append(
         Artifact(
             name=chart_name,
-            group="csghub_chart",
+            group=CHART_GROUP,
             version=chart_version,
             url=f"{cfg.artifacts.chart_repo}/{chart_name}",
             checksum_url=f"{cfg.artifacts.chart_repo}/index.yaml",
             setting="artifacts.chart_repo",
             cache_path=root / "charts" / chart_name,
             guest_path=f"{GUEST_ARTIFACT_DIR}/{chart_name}",
-            step="csghub",
+            need=NEED_CHART,
         )
     )
     return out
 
 
+# What the host itself needs to provide a need, beyond the need's own files: the image set is
+# computed from the chart, rendered on the build host.
+_HOST_INPUTS: dict[str, frozenset[str]] = {NEED_IMAGE_SET: frozenset({NEED_CHART})}
+
+
+def host_needs(needs: Collection[str]) -> frozenset[str]:
+    """``needs`` and what the host needs to provide them (the chart for the image set)."""
+    return frozenset(needs).union(*(_HOST_INPUTS.get(n, frozenset()) for n in needs))
+
+
 def _needed(cfg: ApplianceConfig) -> list[Artifact]:
-    """The artifacts of the steps the build runs (``provision.skip`` drops the others)."""
-    return [a for a in planned_artifacts(cfg) if a.step not in cfg.provision.skip]
+    """The downloads the steps that run need (``provision.skip`` drops the needs of the others)."""
+    wanted = host_needs(declared_needs(cfg.provision.skip))
+    return [a for a in planned_artifacts(cfg) if a.need in wanted]
 
 
-def guest_uploads(cfg: ApplianceConfig) -> list[tuple[Path, str]]:
-    """(host path, guest path) for every file the k3s and csghub steps read (skipped steps: none).
+@dataclass(frozen=True)
+class GuestUpload:
+    """One host file a step needs on the guest: the need it serves, the host file, the guest path."""
 
-    The cached artifacts (fetch them first: :func:`fetch_artifacts`) plus the Kubernetes
-    manifests generated from the config, written here under ``build/manifests/``, and the image set
-    (``images.txt``, computed from the rendered chart: :mod:`appliance.images`). The guest
-    paths are the ones ``provision/20-k3s.sh`` and ``provision/30-csghub.sh`` look in. A step
-    marker must hash these files too: a changed value changes a manifest, not the environment.
-    """
-    from appliance.images import GUEST_IMAGE_LIST
+    need: str
+    local: Path
+    guest: str
+
+
+def _artifact_uploads(cfg: ApplianceConfig, need: str) -> list[GuestUpload]:
+    return [GuestUpload(need, a.cache_path, a.guest_path) for a in planned_artifacts(cfg) if a.need == need]
+
+
+def _manifest_uploads(cfg: ApplianceConfig, need: str) -> list[GuestUpload]:
     from appliance.manifests import write_manifests  # the manifests need the values, not the reverse
 
-    uploads = [(a.cache_path, a.guest_path) for a in _needed(cfg)]
-    if "csghub" not in cfg.provision.skip:
-        uploads += write_manifests(cfg)
-        # Written by appliance.images.write_build_image_list (the fetch stage, and before provisioning).
-        uploads.append((cfg.build_dir / "manifests" / "images.txt", GUEST_IMAGE_LIST))
+    return [GuestUpload(need, local, guest) for local, guest in write_manifests(cfg)]
+
+
+def _image_set_uploads(cfg: ApplianceConfig, need: str) -> list[GuestUpload]:
+    """images.txt for exactly these values (computed when the chart is cached; else reported missing)
+    and, when every image is pinned and cached, their archive: the guest never pulls."""
+    from appliance.imagecache import image_uploads
+    from appliance.images import GUEST_IMAGE_LIST, write_build_image_list
+
+    chart_cached = all(up.local.is_file() for up in _artifact_uploads(cfg, NEED_CHART))
+    if chart_cached:
+        write_build_image_list(cfg)
+    uploads = [GuestUpload(need, cfg.build_dir / "manifests" / "images.txt", GUEST_IMAGE_LIST)]
+    if chart_cached:
+        uploads += [GuestUpload(need, local, guest) for local, guest in image_uploads(cfg)]
     return uploads
+
+
+# The host's provider of each need (appliance.guest.NEEDS): what it puts on the guest.
+_PROVIDERS: dict[str, Callable[[ApplianceConfig, str], list[GuestUpload]]] = {
+    NEED_K3S_BINARY: _artifact_uploads,
+    NEED_K3S_IMAGES: _artifact_uploads,
+    NEED_CHART: _artifact_uploads,
+    NEED_MANIFESTS: _manifest_uploads,
+    NEED_IMAGE_SET: _image_set_uploads,
+}
+assert set(_PROVIDERS) == set(NEEDS), "every need has exactly one host provider"
+
+
+def need_uploads(cfg: ApplianceConfig, need: str) -> list[GuestUpload]:
+    """The files the host provides for one need. Generated ones (manifests, images.txt) are
+    written here, under ``build/manifests/``; cached downloads must be fetched first
+    (:func:`fetch_artifacts`). A step marker hashes these files too: a changed value changes a
+    manifest, not the environment."""
+    return _PROVIDERS[need](cfg, need)
+
+
+def guest_uploads(cfg: ApplianceConfig, needs: Collection[str] | None = None) -> list[GuestUpload]:
+    """Every file the host provides for ``needs`` (default: the needs of the steps ``cfg`` runs),
+    in the vocabulary's order."""
+    wanted = declared_needs(cfg.provision.skip) if needs is None else needs
+    return [up for need in NEEDS if need in wanted for up in need_uploads(cfg, need)]
 
 
 # -- the lock -------------------------------------------------------------------------------
@@ -173,7 +234,7 @@ def read_lock(path: Path = LOCK_FILE) -> dict[str, Any]:
         raise ArtifactError(f"the version lock {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict) or data.get("lock_version") != 1:
         raise ArtifactError(f"the version lock {path} is not a lock_version 1 file")
-    for group in ("k3s", "csghub_chart", "helm", "images"):
+    for group in (K3S_GROUP, CHART_GROUP, "helm", "images"):
         section = data.setdefault(group, {})
         if not isinstance(section, dict):
             raise ArtifactError(f"the version lock {path}: `{group}` must be a mapping of versions")
@@ -219,7 +280,7 @@ def helm_artifact(cfg: ApplianceConfig) -> Artifact:
     return Artifact(
         name=name, group="helm", version=HELM_VERSION, url=url, checksum_url=url + ".sha256sum",
         setting="artifacts.helm_mirror", cache_path=cache_dir(cfg) / "helm" / HELM_VERSION / name,
-        guest_path="", step="csghub",
+        guest_path="", need="",
     )
 
 
@@ -285,7 +346,7 @@ def fetch_artifacts(
     with log.step("fetch artifacts"):
         artifacts = _needed(cfg) if needed_only else planned_artifacts(cfg)
         if not artifacts:
-            log.info("nothing to fetch: the k3s and csghub steps are skipped")
+            log.info("nothing to fetch: no step that runs needs a pinned download")
         for artifact in artifacts:
             results.append(_fetch_one(artifact, locked_digest(lock, artifact)))
         if update_lock:
@@ -367,7 +428,7 @@ def _publisher_digest(artifact: Artifact) -> tuple[str, str]:
     """The sha256 the publisher ships beside the artifact."""
     text = _get_text(artifact, artifact.checksum_url)
     where = artifact.checksum_url
-    if artifact.group in ("k3s", "helm"):
+    if artifact.group in (K3S_GROUP, "helm"):
         for line in text.splitlines():
             parts = line.split()
             if len(parts) == 2 and parts[1].lstrip("*") == artifact.name:
@@ -380,7 +441,7 @@ def _publisher_digest(artifact: Artifact) -> tuple[str, str]:
         index = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ArtifactError(f"the chart index {where} is not valid YAML: {exc}") from None
-    entries = (index or {}).get("entries", {}).get("csghub", []) if isinstance(index, dict) else []
+    entries = (index or {}).get("entries", {}).get(CHART_NAME, []) if isinstance(index, dict) else []
     for entry in entries or []:
         if isinstance(entry, dict) and str(entry.get("version")) == artifact.version:
             digest = entry.get("digest")
@@ -554,7 +615,7 @@ def _fetch_schema_file(cfg: ApplianceConfig, pin: SchemaFile, staging: Path) -> 
         target.unlink()
     url = _schema_url(cfg, pin)
     artifact = Artifact(name=f"OVF schema {pin.rel}", group="ovf_schemas", version=pin.set, url=url,
-                        checksum_url="", setting=OVF_SCHEMA_SETTING, cache_path=target, guest_path="", step="",
+                        checksum_url="", setting=OVF_SCHEMA_SETTING, cache_path=target, guest_path="", need="",
                         max_bytes=SCHEMA_FILE_MAX_BYTES)
     target.parent.mkdir(parents=True, exist_ok=True)
     _download(artifact, url)

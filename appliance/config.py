@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import shlex
 import shutil
 import unicodedata
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,16 +33,9 @@ DEFAULT_CONFIG_FILE = "appliance.yaml"
 # CSGHub's published sizing (OpenCSG docs): minimum 4 cores / 8 GiB, recommended 8 / 16.
 CSGHUB_MIN_CPUS = 4
 CSGHUB_MIN_MEMORY_MB = 8192
-# Below this a Debian guest with sshd cannot boot usefully at all.
+# Below this a Debian guest with sshd cannot boot usefully at all. CSGHub's sizing applies unless a
+# step that declares `# appliance: stack` is skipped (appliance.scripts.stack_enabled_for).
 ABSOLUTE_MIN_MEMORY_MB = 512
-# The steps that need CSGHub's sizing; skipping either (a test or base VM) lifts the minimum.
-STACK_STEPS = ("k3s", "csghub")
-
-
-def stack_enabled_for(skip: Iterable[str]) -> bool:
-    """The one rule: CSGHub is in the image unless either stack step is skipped."""
-    skipped = set(skip)
-    return not any(s in skipped for s in STACK_STEPS)
 
 
 def _env(name: str) -> dict[str, Any]:
@@ -460,6 +452,9 @@ class ApplianceConfig(_Section):
 
     @property
     def stack_enabled(self) -> bool:
+        """CSGHub is part of the build: no step that declares ``# appliance: stack`` is skipped."""
+        from appliance.scripts import stack_enabled_for  # the steps' headers say which steps those are
+
         return stack_enabled_for(self.provision.skip)
 
     def path(self, relative: str) -> Path:
@@ -820,9 +815,12 @@ def _cross_checks(data: Mapping[str, Any], sources: _Sources) -> list[ConfigProb
     assert isinstance(vm, Mapping) and isinstance(prov, Mapping)
     skip = prov.get("skip") if isinstance(prov.get("skip"), list) else []
     assert isinstance(skip, list)
+    from appliance.scripts import stack_enabled_for, stack_steps  # the steps' headers name the stack steps
+
     stack = stack_enabled_for(s for s in skip if isinstance(s, str))
-    hint = ("skip the k3s and csghub steps (provision.skip=[k3s, csghub] in the config, or --skip k3s,csghub) "
-            "for a VM without CSGHub")
+    names = stack_steps()
+    hint = (f"skip the {' and '.join(names)} steps (provision.skip=[{', '.join(names)}] in the config, or "
+            f"--skip {','.join(names)}) for a VM without CSGHub")
     mem = vm.get("memory_mb")
     mem_ok = isinstance(mem, int) and not isinstance(mem, bool)
     if stack and mem_ok and ABSOLUTE_MIN_MEMORY_MB <= mem < CSGHUB_MIN_MEMORY_MB:  # type: ignore[operator]
@@ -1003,36 +1001,6 @@ def resolve_provider(cfg: ApplianceConfig) -> tuple[ApplianceConfig, str | None]
         return cfg, None
     chosen, why = detect_provider()
     return cfg.model_copy(update={"provider": chosen}), f"provider auto -> {chosen} ({why})"
-
-
-def guest_environment(cfg: ApplianceConfig) -> dict[str, str]:
-    """The environment variables the provisioning scripts receive, from fields marked ``env``."""
-    env: dict[str, str] = {}
-
-    def walk(model: BaseModel) -> None:
-        for name, field in type(model).model_fields.items():
-            value = getattr(model, name)
-            extra = field.json_schema_extra
-            if isinstance(extra, dict) and "env" in extra:
-                env[str(extra["env"])] = _env_value(value)
-            elif isinstance(value, BaseModel):
-                walk(value)
-
-    walk(cfg)
-    env["APPLIANCE_VERSION"] = cfg.appliance_version
-    http = cfg.http_port()
-    env["CSGHUB_HTTP_PORT"] = str(http.guest if http else 30080)
-    git = next((p for p in cfg.network.forwarded_ports if p.name == "git-ssh"), None)
-    env["CSGHUB_GIT_SSH_PORT"] = str(git.guest if git else 30022)  # the readiness gate's git check
-    return dict(sorted(env.items()))
-
-
-def _env_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list):
-        return shlex.join(str(v) for v in value)
-    return str(value)
 
 
 def public_dump(cfg: ApplianceConfig) -> dict[str, Any]:

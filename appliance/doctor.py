@@ -154,7 +154,10 @@ def check_resources(cfg: ApplianceConfig) -> list[Check]:
 
 def check_image_cache(cfg: ApplianceConfig) -> list[Check]:
     """What the image cache holds of the set the build needs (the guest never pulls)."""
-    if "csghub" in cfg.provision.skip:
+    from appliance.guest import NEED_IMAGE_SET
+    from appliance.scripts import declared_needs
+
+    if NEED_IMAGE_SET not in declared_needs(cfg.provision.skip):
         return []
     from appliance.imagecache import ImageFetchError, declared_pins, missing_images
 

@@ -26,8 +26,9 @@ from appliance import receipt
 from appliance.config import ApplianceConfig, public_dump
 from appliance.digest import sha256_file
 from appliance.errors import ApplianceError, Cancelled, HostFileError, UsageError, VagrantError, VerifyError
+from appliance.guest import NEED_IMAGE_SET
 from appliance.log import StageStatus, human_size, log
-from appliance.scripts import discover_scripts
+from appliance.scripts import declared_needs, discover_scripts, final_steps
 from appliance.state import BuildState, config_digest, export_digest
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -108,13 +109,15 @@ def stage_fetch(ctx: BuildContext) -> StageOutcome:
     # The verify stage's OVF schemas: without them (offline) the build goes on and its report says
     # that schema validation did not run; a mirror serving other bytes stops the build here.
     schemas, _ = ensure_ovf_schemas(ctx.cfg)
-    if not ctx.cfg.stack_enabled:
+    needs = declared_needs(ctx.cfg.provision.skip)
+    if not needs:
         if schemas:
-            return StageOutcome.done("OVF schemas only: the k3s and CSGHub steps are skipped")
-        return StageOutcome.skipped("the k3s and CSGHub steps are skipped, and the OVF schemas could not be fetched")
+            return StageOutcome.done("OVF schemas only: no step that runs needs anything from the host")
+        return StageOutcome.skipped("no step that runs needs anything from the host, and the OVF schemas "
+                                    "could not be fetched")
 
     fetch_artifacts(ctx.cfg, needed_only=True)
-    if "csghub" not in ctx.cfg.provision.skip:
+    if NEED_IMAGE_SET in needs:
         from appliance.images import write_build_image_list
 
         write_build_image_list(ctx.cfg)
@@ -184,14 +187,15 @@ def stage_provision(ctx: BuildContext) -> StageOutcome:
     if ctx.state.seal_begun:
         return StageOutcome.skipped(
             "the VM is already sealed" if ctx.state.sealed else "the seal step has started")
-    _provision(ctx, only=None, skip=[SEAL_STEP])
-    if "csghub" not in ctx.cfg.provision.skip:
+    _provision(ctx, only=None, skip=final_steps())
+    if NEED_IMAGE_SET in declared_needs(ctx.cfg.provision.skip):
         _record_images(ctx)
     return StageOutcome.done()
 
 
 def _record_images(ctx: BuildContext) -> None:
-    """Read back what the csghub step stored (name + digest of every image) for build-report.json."""
+    """Read back what the step that needs the image set stored (name + digest of every image) for
+    build-report.json."""
     from appliance.images import record_stored_images
     from appliance.ssh import RemoteSession
 
@@ -201,19 +205,24 @@ def _record_images(ctx: BuildContext) -> None:
     log.info(f"recorded {len(ctx.state.images)} images with their digests for the build report")
 
 
-SEAL_STEP = "seal"
+def final_step() -> str:
+    """The step the seal stage runs: the one script that declares ``# appliance: final``."""
+    finals = final_steps()
+    if len(finals) != 1:
+        raise UsageError(f"the seal stage runs the one provisioning step that declares `# appliance: final`; "
+                         f"provision/ has {len(finals)} ({', '.join(finals) or 'none'}): cannot seal the VM")
+    return finals[0]
 
 
 def stage_seal(ctx: BuildContext) -> StageOutcome:
     if ctx.state.sealed:
         return StageOutcome.skipped("already sealed")
-    if SEAL_STEP not in {s.name for s in discover_scripts()}:
-        raise UsageError(f"no provision/NN-{SEAL_STEP}.sh script: cannot seal the VM")
+    seal_step = final_step()
     # From here on the build's own key may no longer open the VM: record that before anything
     # else, so an interrupted seal is never resumed as an unsealed VM.
     ctx.state.seal_started = True
     ctx.state.save(ctx.cfg.build_dir)
-    _provision(ctx, only=SEAL_STEP, skip=[])
+    _provision(ctx, only=seal_step, skip=[])
     ctx.state.sealed = True
     return StageOutcome.done()
 
@@ -408,7 +417,7 @@ def skipped_steps(options: BuildOptions) -> list[str]:
     _, skip_steps = _split_names(options.skip)
     _, only_steps = _split_names(options.only)
     if only_steps:
-        keep = set(only_steps) | {SEAL_STEP}
+        keep = set(only_steps) | set(final_steps())
         skip_steps += [s.name for s in discover_scripts() if s.name not in keep]
     return skip_steps
 

@@ -25,7 +25,8 @@ from typing import Any
 import jinja2
 import yaml
 
-from appliance.config import PROJECT_ROOT, ApplianceConfig, guest_environment
+from appliance.config import PROJECT_ROOT, ApplianceConfig
+from appliance.guest import guest_environment
 from appliance.scripts import GUEST_PROVISION_DIR, PROVISION_DIR, PROVISION_DIR_VARIABLE, selected_scripts
 
 TEMPLATE = PROJECT_ROOT / "Vagrantfile.j2"
@@ -33,12 +34,13 @@ TEMPLATE = PROJECT_ROOT / "Vagrantfile.j2"
 
 @dataclass(frozen=True)
 class Upload:
-    """A host file the Vagrant path uploads before provisioning (pinned artifacts)."""
+    """A host file the Vagrant path uploads before provisioning (what the steps' needs name)."""
 
     name: str  # unique file name in the guest's staging folder
     source: str
     destination: str
-    sha256: str  # part of the markers of the steps that declare `uploads`
+    sha256: str  # part of the markers of the steps that declare its need
+    need: str = ""  # the need it serves (appliance.guest.NEEDS)
 
 
 @dataclass(frozen=True)
@@ -117,10 +119,10 @@ def vagrant_steps(cfg: ApplianceConfig, provision_dir: Path, uploads: Sequence[U
     Sealing ends a VM's life as a build machine (its key is removed, it powers off): only
     ``invoke build-ova`` seals, right before it exports; a developer's ``vagrant up`` never does.
     """
-    from appliance.steps import STEP_WRAPPER, resolve_state_dir, step_environment, step_inputs
+    from appliance.steps import STEP_WRAPPER, digests_by_need, resolve_state_dir, step_environment, step_inputs
 
     env = {**guest_environment(cfg), PROVISION_DIR_VARIABLE: GUEST_PROVISION_DIR}
-    digests = {up.destination: up.sha256 for up in uploads}
+    digests = digests_by_need([(up.need, up.destination, up.sha256) for up in uploads])
     state_dir = resolve_state_dir(None)
     steps = []
     for script in selected_scripts(list(cfg.provision.skip), provision_dir, include_final=False):
@@ -131,6 +133,17 @@ def vagrant_steps(cfg: ApplianceConfig, provision_dir: Path, uploads: Sequence[U
         step_env = {**step_environment(script, env), **inputs.wrapper_env(state_dir)}
         steps.append(VagrantStep(script.name, command, step_env, script.reboot_after))
     return steps
+
+
+def pinned_render_uploads(cfg: ApplianceConfig) -> list[Upload]:
+    """What the steps ``vagrant up`` runs need from the host (``appliance.steps.pinned_uploads``), as
+    the Vagrantfile uploads them; ``ArtifactError`` when the cache lacks one (``invoke fetch``)."""
+    from appliance.digest import sha256_file
+    from appliance.steps import pinned_uploads
+
+    return [Upload(name=f"{i:02d}-{up.local.name}", source=str(up.local), destination=up.guest,
+                   sha256=sha256_file(up.local), need=up.need)
+            for i, up in enumerate(pinned_uploads(cfg))]
 
 
 def _install_uploads_command(uploads: Sequence[Upload]) -> str:

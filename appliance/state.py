@@ -16,9 +16,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from appliance.config import ApplianceConfig, guest_environment, public_dump
+from appliance.config import ApplianceConfig, public_dump
 from appliance.digest import sha256_file
 from appliance.errors import StateError, VMSealed
+from appliance.guest import guest_environment
 from appliance.inputs import describe, read_regular
 
 STATE_VERSION = 1

@@ -40,15 +40,18 @@ from enum import StrEnum
 from pathlib import Path
 from typing import IO
 
-from appliance.config import ApplianceConfig, guest_environment
+from appliance.artifacts import GuestUpload
+from appliance.config import ApplianceConfig
 from appliance.digest import sha256_file
 from appliance.errors import ArtifactError, ConnectionLost, RemoteCommandFailed, StepFailed, UsageError
+from appliance.guest import guest_environment
 from appliance.log import log
 from appliance.scripts import (
     GUEST_PROVISION_DIR,
     PROVISION_DIR,
     PROVISION_DIR_VARIABLE,
     ProvisionScript,
+    declared_needs,
     discover_scripts,
 )
 from appliance.ssh import RemoteSession, SSHEndpoint
@@ -151,19 +154,28 @@ def step_environment(script: ProvisionScript, env: Mapping[str, str]) -> dict[st
 
 
 def step_inputs(
-    script: ProvisionScript, env: Mapping[str, str], directory: Path, uploads: Mapping[str, str] | None = None
+    script: ProvisionScript, env: Mapping[str, str], directory: Path,
+    uploads: Mapping[str, Mapping[str, str]] | None = None,
 ) -> StepInputs:
     """The step's inputs: its script, support files, the variables it declares (out of ``env``)
-    and, for scripts that declare ``uploads``, ``uploads`` (guest path -> sha256)."""
+    and the files of the needs it declares (``uploads``: need -> guest path -> sha256)."""
     inputs = {"script": sha256_file(script.path)}
     for local, relative in support_files(script, directory):
         inputs[f"file:{relative}"] = sha256_file(local)
     for name, value in step_environment(script, env).items():
         inputs[f"env:{name}"] = _sha256_text(value)
-    if script.uses_uploads:
-        for guest_path, digest in (uploads or {}).items():
+    for need in script.needs:
+        for guest_path, digest in (uploads or {}).get(need, {}).items():
             inputs[f"upload:{guest_path}"] = digest
     return StepInputs(script.name, dict(sorted(inputs.items())))
+
+
+def digests_by_need(uploads: Sequence[tuple[str, str, str]]) -> dict[str, dict[str, str]]:
+    """``(need, guest path, sha256)`` triples as :func:`step_inputs` takes them."""
+    out: dict[str, dict[str, str]] = {}
+    for need, guest, digest in uploads:
+        out.setdefault(need, {})[guest] = digest
+    return out
 
 
 # -- the plan ---------------------------------------------------------------------------------
@@ -235,7 +247,7 @@ class Provisioner:
         state_dir: str | None = None,
         reboot_timeout: float = REBOOT_TIMEOUT,
         guest_dir: str = GUEST_PROVISION_DIR,
-        uploads: Sequence[tuple[Path, str]] = (),
+        uploads: Sequence[GuestUpload] = (),
     ) -> None:
         self.cfg = cfg
         self.session = session
@@ -247,10 +259,10 @@ class Provisioner:
         self.log_dir = cfg.build_dir / "logs"
         self.guest_dir = guest_dir
         self.env = {**guest_environment(cfg), "PROVISION_DIR": guest_dir}
-        # Pinned artifacts and generated manifests (host path, root-owned guest path), hashed once.
+        # What the steps need from the host (artifacts, manifests, the image set), hashed once.
         self.uploads = list(uploads)
-        self.upload_digests = {guest: sha256_file(local) for local, guest in self.uploads}
-        self.uploads_installed = False
+        self.upload_digests = digests_by_need([(up.need, up.guest, sha256_file(up.local)) for up in self.uploads])
+        self.installed_needs: set[str] = set()
 
     # -- planning -----------------------------------------------------------------------
 
@@ -408,8 +420,7 @@ class Provisioner:
             log_file.write(f"# {script.filename} attempt {attempt}, "
                            f"{datetime.now(UTC).isoformat(timespec='seconds')}, timeout {timeout} s\n")
             self._prepare(script, later)
-            if script.uses_uploads:
-                self._install_uploads()
+            self._install_uploads(script.needs)
             started = time.monotonic()
 
             def on_line(stream: str, line: str) -> None:
@@ -477,18 +488,21 @@ class Provisioner:
         by_remote.update({f"{self.guest_dir}/{rel}": local for local, rel in files})
         upload_files(self.session, [(local, remote) for remote, local in by_remote.items()])
 
-    def _install_uploads(self) -> None:
-        """Put every pinned upload at its guest path, once per run; identical files are not sent again.
+    def _install_uploads(self, needs: Sequence[str]) -> None:
+        """Put the files of ``needs`` at their guest paths, each need once per run; identical files
+        are not sent again.
 
         SFTP writes as the login user, so a changed file goes to the provision dir first and is
         then installed into its root-owned place.
         """
-        if self.uploads_installed or not self.uploads:
+        wanted = [up for up in self.uploads if up.need in needs and up.need not in self.installed_needs]
+        if not wanted:
             return
-        present = remote_sha256(self.session, [guest for _, guest in self.uploads], sudo=True)
+        present = remote_sha256(self.session, [up.guest for up in wanted], sudo=True)
         staging = f"{self.guest_dir}/uploads"
-        for local, guest in self.uploads:
-            digest = self.upload_digests[guest]
+        for up in wanted:
+            local, guest = up.local, up.guest
+            digest = self.upload_digests[up.need][guest]
             if present.get(guest) == digest:
                 log.info(f"ok: {guest} already on the guest (sha256 matches)")
                 continue
@@ -500,7 +514,7 @@ class Provisioner:
                 timeout=600,
             )
             log.info(f"changed: {guest} installed ({digest[:12]})")
-        self.uploads_installed = True
+        self.installed_needs.update(up.need for up in wanted)
 
     def _failure(
         self, script: ProvisionScript, exc: RemoteCommandFailed, report: StepReport, timeout: int
@@ -538,7 +552,7 @@ def _session(cfg: ApplianceConfig, endpoint: SSHEndpoint) -> RemoteSession:
 @contextmanager
 def _provisioner(
     cfg: ApplianceConfig, endpoint: SSHEndpoint, directory: Path, state_dir: str | None,
-    uploads: Sequence[tuple[Path, str]],
+    uploads: Sequence[GuestUpload],
 ) -> Iterator[Provisioner]:
     with _session(cfg, endpoint) as session:
         yield Provisioner(cfg, session, directory=directory, state_dir=state_dir, uploads=uploads)
@@ -551,12 +565,12 @@ def provision(
     *,
     directory: Path = PROVISION_DIR,
     state_dir: str | None = None,
-    uploads: Sequence[tuple[Path, str]] = (),
+    uploads: Sequence[GuestUpload] = (),
 ) -> ProvisionReport:
     """Run the steps that need running on the guest at ``endpoint``; stop at the first failure.
 
-    ``uploads`` are (host file, guest path) pairs the steps marked ``# appliance: uploads``
-    read (``appliance.artifacts.guest_uploads``); they are part of those steps' markers.
+    ``uploads`` are the files the host provides for the steps' needs (``# appliance: needs=``,
+    :func:`pinned_uploads`); each step receives, and its marker hashes, those of its own needs.
     """
     with log.step("provision"), _provisioner(cfg, endpoint, directory, state_dir, uploads) as provisioner:
         report = provisioner.run(options)
@@ -571,43 +585,28 @@ def plan(
     *,
     directory: Path = PROVISION_DIR,
     state_dir: str | None = None,
-    uploads: Sequence[tuple[Path, str]] = (),
+    uploads: Sequence[GuestUpload] = (),
 ) -> list[PlannedStep]:
     """What ``provision`` would do: each step, run or skip, and why. Reads the markers; changes nothing."""
     with _provisioner(cfg, endpoint, directory, state_dir, uploads) as provisioner:
         return provisioner.plan(options)
 
 
-def pinned_uploads(cfg: ApplianceConfig, skip: Sequence[str] = ()) -> list[tuple[Path, str]]:
-    """The artifacts and manifests the steps that will run need (none when the stack is skipped).
+def pinned_uploads(
+    cfg: ApplianceConfig, skip: Sequence[str] = (), *, directory: Path = PROVISION_DIR
+) -> list[GuestUpload]:
+    """What the steps that will run need from the host (``# appliance: needs=``), each need from
+    its host provider (``appliance.artifacts.need_uploads``); none when no such step runs.
 
     Raises ``ArtifactError`` when an artifact is not in the cache yet (``invoke fetch``).
     """
-    skipped = sorted(set(cfg.provision.skip) | set(skip))
-    if all(name in skipped for name in ("k3s", "csghub")):
-        return []
     from appliance.artifacts import guest_uploads
 
-    narrowed = cfg.model_copy(update={"provision": cfg.provision.model_copy(update={"skip": skipped})})
-    if "csghub" not in skipped and narrowed_chart_cached(narrowed):
-        from appliance.images import write_build_image_list
-
-        write_build_image_list(narrowed)  # the image set of exactly these values
-    uploads = guest_uploads(narrowed)
-    if "csghub" not in skipped and narrowed_chart_cached(narrowed):
-        from appliance.imagecache import image_uploads
-
-        uploads += image_uploads(narrowed)  # the images, from the host's cache: the guest never pulls
-    missing = [str(local) for local, _ in uploads if not local.is_file()]
+    uploads = guest_uploads(cfg, declared_needs(set(cfg.provision.skip) | set(skip), directory))
+    missing = [str(up.local) for up in uploads if not up.local.is_file()]
     if missing:
         raise ArtifactError(f"not in the artifact cache: {', '.join(missing)}", hint="run `invoke fetch` first")
     return uploads
-
-
-def narrowed_chart_cached(cfg: ApplianceConfig) -> bool:
-    from appliance.artifacts import planned_artifacts
-
-    return all(a.cache_path.is_file() for a in planned_artifacts(cfg) if a.group == "csghub_chart")
 
 
 def describe_plan(steps: Sequence[PlannedStep]) -> Iterator[str]:
@@ -646,7 +645,7 @@ def provision_vagrant_vm(
 
 
 def _seal_recorded(cfg: ApplianceConfig, endpoint: SSHEndpoint, options: Options,
-                   uploads: list[tuple[Path, str]]) -> ProvisionReport:
+                   uploads: list[GuestUpload]) -> ProvisionReport:
     """``invoke provision --only seal`` keeps the books the build's seal stage keeps.
 
     Without them ``state.json`` called the sealed VM unsealed, so `invoke up` or `build-ova`

@@ -381,15 +381,10 @@ def render(cfg: ApplianceConfig, output: str | Path | None = None, *,
     one, rather than a Vagrantfile that fails at the k3s step). ``output`` (a file or
     directory) defaults to the project directory, where the other tasks look for the VM.
     """
-    from appliance.digest import sha256_file
-    from appliance.render import Upload, render_vagrantfile
-    from appliance.steps import pinned_uploads
+    from appliance.render import pinned_render_uploads, render_vagrantfile
 
     driver = _provider(cfg, provider).resolve_driver()
-    uploads = [
-        Upload(name=f"{i:02d}-{local.name}", source=str(local), destination=guest, sha256=sha256_file(local))
-        for i, (local, guest) in enumerate(pinned_uploads(cfg))
-    ]
+    uploads = pinned_render_uploads(cfg)
     target = project_dir(cfg) / "Vagrantfile" if output is None else output
     path = render_vagrantfile(cfg, target, libvirt_driver=driver, uploads=uploads)
     return RenderedProject(path, driver)

@@ -37,6 +37,7 @@ from appliance.config import ApplianceConfig
 from appliance.errors import UsageError, VerifyError
 from appliance.inputs import describe, open_regular
 from appliance.log import log
+from appliance.scripts import seals
 from appliance.verify_boot import BootLogin, BootReport, ConsoleLogin, SSHLogin, boot_check
 from appliance.verify_ova import NO_SCHEMA_DIR, check_structure
 
@@ -190,8 +191,8 @@ def boot_access(
 ) -> tuple[BootLogin, int | None]:
     """Login and guest HTTP port for the boot check, from the configuration.
 
-    Login: with ``ssh_key``, ``cfg.ssh.user`` and that key. Otherwise a sealed image (the
-    ``seal`` step is part of the build) is entered the way its owner would: with the first-boot
+    Login: with ``ssh_key``, ``cfg.ssh.user`` and that key. Otherwise a sealed image (a step
+    that declares ``# appliance: final`` is part of the build) is entered the way its owner would: with the first-boot
     password the copy prints on its console (``ConsoleLogin``); an unsealed one with
     ``ssh.private_key``, else the base box's build key. HTTP: the ``http`` forward's guest port
     when the stack is part of the build (``http=None``), or as forced by ``http``.
@@ -199,7 +200,7 @@ def boot_access(
     check_http = cfg.stack_enabled if http is None else http
     forward = cfg.http_port()
     http_port = forward.guest if (check_http and forward is not None) else None
-    if not ssh_key and "seal" not in cfg.provision.skip:
+    if not ssh_key and seals(cfg.provision.skip):
         return ConsoleLogin(), http_port
     key = ssh_key or cfg.ssh.private_key
     if not key:

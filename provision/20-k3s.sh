@@ -11,7 +11,8 @@
 # appliance: env=K3S_VERSION,K3S_NODE_IP,K3S_EXTRA_ARGS
 # appliance: files=k3s
 # appliance: files=common
-# appliance: uploads
+# appliance: needs=k3s-binary,k3s-images
+# appliance: stack
 # appliance: timeout=1200
 set -euo pipefail
 

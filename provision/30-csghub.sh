@@ -16,7 +16,8 @@
 # appliance: env=CSGHUB_CHART_VERSION,CSGHUB_DOMAIN,CSGHUB_HTTP_PORT,K3S_NODE_IP,CSGHUB_GIT_SSH_PORT
 # appliance: files=csghub
 # appliance: files=common
-# appliance: uploads
+# appliance: needs=chart,manifests,image-set
+# appliance: stack
 # appliance: timeout=5400
 set -euo pipefail
 

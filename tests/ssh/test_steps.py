@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from sshd_server import SSHServer
 
+from appliance.artifacts import GuestUpload
 from appliance.config import ApplianceConfig, load_config
 from appliance.errors import StepFailed, UsageError
 from appliance.scripts import discover_scripts
@@ -317,17 +318,17 @@ def test_reboot_after_waits_for_a_new_boot_id(private_sshd: SSHServer, tmp_path:
 
 
 def test_pinned_uploads_are_installed_hashed_and_not_resent(rig: Rig) -> None:
-    """Artifacts reach their guest path before a step marked `uploads`; a changed one reruns that step."""
+    """Artifacts reach their guest path before a step that declares their need; a changed one reruns that step."""
     artifact = rig.tmp / "cache" / "bundle.tar"
     artifact.parent.mkdir()
     artifact.write_bytes(b"v1" * 50_000)
     dest = rig.tmp / "guest-artifacts" / "sub dir" / "bundle.tar"  # a space: the install command is quoted
     rig.write("15-k3s.sh", sh(f'cat "{dest}" | sha256sum > "$WORK/seen"', 'echo "changed: consumed"',
-                              header=("uploads",)))
+                              header=("needs=k3s-images",)))
 
     def run() -> dict[str, str]:
         provisioner = Provisioner(rig.cfg(), rig.session, directory=rig.scripts, state_dir=str(rig.state),
-                                  guest_dir=str(rig.guest), uploads=[(artifact, str(dest))])
+                                  guest_dir=str(rig.guest), uploads=[GuestUpload("k3s-images", artifact, str(dest))])
         outcomes = {s.name: s.outcome for s in provisioner.run(Options()).steps}
         return {name: outcomes[name] for name in ("base", "k3s")}
 

@@ -26,6 +26,7 @@ import yaml
 from appliance.artifacts import LOCK_FILE, fetch_artifacts, guest_uploads, planned_artifacts, read_lock
 from appliance.config import ApplianceConfig, load_config
 from appliance.errors import ArtifactError
+from appliance.guest import NEEDS
 from appliance.run import run
 
 K3S_VERSION = "v1.34.3+k3s1"
@@ -292,7 +293,14 @@ def test_update_lock_pins_digests_and_keeps_header(publisher: Publisher, tmp_pat
 
 def test_guest_uploads_name_the_cached_files_and_manifests(tmp_path: Path) -> None:
     cfg = load_config(None, ["artifacts.cache_dir=/var/cache/x", f"output.build_dir={tmp_path / 'build'}"])
-    uploads = dict(guest_uploads(cfg))
+    listed = guest_uploads(cfg)
+    uploads = {up.local: up.guest for up in listed}
+    # Each file serves the need a step declares (`# appliance: needs=`), which decides who receives it.
+    by_need = {up.need: sorted(Path(up.guest).name for up in listed if up.need == need) for need in NEEDS
+               for up in listed if up.need == need}
+    assert by_need == {"k3s-binary": ["k3s"], "k3s-images": ["k3s-airgap-images-amd64.tar.zst"],
+                       "chart": ["csghub-2.4.0.tgz"], "image-set": ["images.txt"],
+                       "manifests": ["coredns-custom.yaml", "csghub-redis-policy.yaml", "csghub.yaml"]}
     assert uploads[Path(f"/var/cache/x/k3s/{K3S_VERSION}/k3s")] == "/var/cache/csghub-appliance/artifacts/k3s"
     assert uploads[Path("/var/cache/x/charts/csghub-2.4.0.tgz")].endswith("/artifacts/csghub-2.4.0.tgz")
     manifest = tmp_path / "build" / "manifests" / "csghub.yaml"
@@ -371,7 +379,7 @@ def test_skipped_steps_need_no_artifacts(tmp_path: Path, lock: Path) -> None:
     assert guest_uploads(cfg) == []
     assert fetch_artifacts(cfg, lock_path=lock, needed_only=True) == []  # no request: port 9 is closed
     only_k3s = load_config(None, ["provision.skip=[csghub]", f"output.build_dir={tmp_path / 'build'}"])
-    assert [Path(g).name for _, g in guest_uploads(only_k3s)] == ["k3s", "k3s-airgap-images-amd64.tar.zst"]
+    assert [Path(up.guest).name for up in guest_uploads(only_k3s)] == ["k3s", "k3s-airgap-images-amd64.tar.zst"]
 
 
 def test_a_bundle_made_online_fetches_the_artifacts_with_the_network_cut(publisher: Publisher, tmp_path: Path,

@@ -11,8 +11,9 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from appliance.config import ApplianceConfig, guest_environment, load_config, parse_set
+from appliance.config import ApplianceConfig, load_config, parse_set
 from appliance.errors import ConfigError
+from appliance.guest import guest_environment
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 CASES = yaml.safe_load((DATA / "config_cases.yaml").read_text())

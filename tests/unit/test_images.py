@@ -452,7 +452,7 @@ def test_provisioning_uploads_the_image_set_of_the_values_it_installs(
                            check=True, capture_output=True)
         else:
             artifact.cache_path.write_bytes(b"stand-in")
-    uploads = dict(pinned_uploads(cfg))
+    uploads = {up.local: up.guest for up in pinned_uploads(cfg)}
     images = cfg.build_dir / "manifests" / "images.txt"
     assert uploads[images] == "/var/cache/csghub-appliance/manifests/images.txt"
     assert "docker.io/library/busybox:latest\n" in images.read_text()

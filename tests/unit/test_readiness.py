@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
-from appliance.config import PROJECT_ROOT, guest_environment, load_config
+from appliance.config import PROJECT_ROOT, load_config
+from appliance.guest import guest_environment
 from appliance.manifests import manifest_yaml, render_manifests
 from appliance.values import generate_values
 from tests.chart import objects_of_kind, render_chart

@@ -14,10 +14,11 @@ import pytest
 
 from appliance import hostprobe, vagrant
 from appliance.artifacts import guest_uploads
-from appliance.config import ApplianceConfig, guest_environment, load_config
+from appliance.config import ApplianceConfig, load_config
 from appliance.errors import ArtifactError
+from appliance.guest import guest_environment
 from appliance.scripts import GUEST_PROVISION_DIR, discover_scripts
-from appliance.steps import pinned_uploads, step_inputs
+from appliance.steps import digests_by_need, pinned_uploads, step_inputs
 
 
 def _cfg(tmp_path: Path, *sets: str) -> ApplianceConfig:
@@ -70,7 +71,7 @@ def test_render_probes_auto_and_carries_uploads_and_the_runners_markers(
         if artifact.group == "csghub_chart":
             subprocess.run([str(helm_bin), "package", str(CHART_DIR), "-d", str(artifact.cache_path.parent)],
                            check=True, capture_output=True)
-    for local, _guest in guest_uploads(cfg):
+    for local in (up.local for up in guest_uploads(cfg)):
         if not local.exists():
             local.parent.mkdir(parents=True, exist_ok=True)
             local.write_bytes(b"artifact " + local.name.encode())
@@ -82,7 +83,8 @@ def test_render_probes_auto_and_carries_uploads_and_the_runners_markers(
 
     uploads = pinned_uploads(cfg)
     assert uploads and all(f"destination: '{GUEST_PROVISION_DIR}/uploads/" in text for _ in uploads)
-    digests = {guest: hashlib.sha256(local.read_bytes()).hexdigest() for local, guest in uploads}
+    digests = digests_by_need([(up.need, up.guest, hashlib.sha256(up.local.read_bytes()).hexdigest())
+                               for up in uploads])
     markers = _markers(text)
     assert sorted(markers) == ["base", "csghub", "firstboot", "k3s"]  # never seal
     # Each marker is what the SSH runner computes for the same step (appliance.steps.step_inputs).
@@ -96,7 +98,14 @@ def test_render_probes_auto_and_carries_uploads_and_the_runners_markers(
     assert isinstance(k3s_inputs, dict)
     assert {k for k in k3s_inputs if k.startswith("env:")} == {
         "env:K3S_EXTRA_ARGS", "env:K3S_NODE_IP", "env:K3S_VERSION", "env:PROVISION_DIR"}
-    assert any(k.startswith("upload:") for k in k3s_inputs)
+    # Each step hashes the files of its own needs only: a changed chart value (a manifest) reruns csghub, not k3s.
+    assert sorted(k for k in k3s_inputs if k.startswith("upload:")) == [
+        "upload:/var/cache/csghub-appliance/artifacts/k3s",
+        "upload:/var/cache/csghub-appliance/artifacts/k3s-airgap-images-amd64.tar.zst"]
+    csghub_inputs = markers["csghub"]["inputs"]
+    assert isinstance(csghub_inputs, dict)
+    assert "upload:/var/cache/csghub-appliance/manifests/csghub.yaml" in csghub_inputs
+    assert "upload:/var/cache/csghub-appliance/manifests/images.txt" in csghub_inputs
     base_inputs = markers["base"]["inputs"]
     assert isinstance(base_inputs, dict) and not any(k.startswith("upload:") for k in base_inputs)
 
