@@ -28,7 +28,7 @@ from appliance.digest import sha256_file
 from appliance.errors import ApplianceError, Cancelled, HostFileError, UsageError, VagrantError, VerifyError
 from appliance.guest import NEED_IMAGE_SET
 from appliance.log import StageStatus, human_size, log
-from appliance.scripts import declared_needs, discover_scripts, final_steps
+from appliance.scripts import PROVISION_DIR, declared_needs, discover_scripts, final_steps
 from appliance.state import BuildState, config_digest, export_digest
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -205,9 +205,9 @@ def _record_images(ctx: BuildContext) -> None:
     log.info(f"recorded {len(ctx.state.images)} images with their digests for the build report")
 
 
-def final_step() -> str:
+def final_step(directory: Path = PROVISION_DIR) -> str:
     """The step the seal stage runs: the one script that declares ``# appliance: final``."""
-    finals = final_steps()
+    finals = final_steps(directory)
     if len(finals) != 1:
         raise UsageError(f"the seal stage runs the one provisioning step that declares `# appliance: final`; "
                          f"provision/ has {len(finals)} ({', '.join(finals) or 'none'}): cannot seal the VM")

@@ -211,3 +211,17 @@ def test_a_header_line_the_runner_cannot_take_is_refused(tmp_path: Path, header:
     with pytest.raises(UsageError, match=message) as err:
         discover_scripts(tmp_path)
     assert re.search(r"header keys: final, reboot-after, stack|known: |comma-separated", str(err.value))  # the fix
+
+
+def test_the_seal_stage_runs_the_step_that_declares_final(steps_with_extra: Path) -> None:
+    from appliance.errors import UsageError
+    from appliance.pipeline import final_step
+
+    assert final_step() == "seal" == final_step(steps_with_extra)
+    (steps_with_extra / "95-wipe.sh").write_text("#!/bin/bash\n# appliance: final\ntrue\n")
+    with pytest.raises(UsageError, match=r"provision/ has 2 \(seal, wipe\): cannot seal the VM"):
+        final_step(steps_with_extra)
+    for name in ("90-seal.sh", "95-wipe.sh"):
+        (steps_with_extra / name).unlink()
+    with pytest.raises(UsageError, match=r"provision/ has 0 \(none\)"):
+        final_step(steps_with_extra)
