@@ -9,11 +9,9 @@ publisher ships beside it (``sha256sum-amd64.txt``; the ``digest`` in the chart 
 progress bar, and only reach their final name once verified; a mismatch deletes the partial
 file. A cached file is re-hashed, not re-downloaded: a second build makes no request at all.
 
-:func:`fetch_artifacts` is the stage entry. This module is also the host's provider of each
-need a step declares (``# appliance: needs=``, vocabulary in ``appliance.guest``):
-:func:`need_uploads` says which host file goes where in the guest for one need, and
-:func:`guest_uploads` for every need of the steps that run. No function here asks which step
-needs what.
+:func:`fetch_artifacts` is the stage entry; with ``needed_only`` it fetches what the steps that
+run declare they need (``# appliance: needs=``), never asking which step that is.
+``appliance.needs`` says which cached file goes where in the guest.
 
 The DMTF OVF schemas that ``verify-ova`` validates descriptors against are a fourth, host-only
 download (:func:`fetch_ovf_schemas`): seventeen files pinned by URL and sha256 in the lock, fetched
@@ -42,7 +40,7 @@ from appliance.config import ApplianceConfig
 from appliance.digest import sha256_file
 from appliance.errors import ArtifactError, DigestMismatch
 from appliance.files import write_atomic
-from appliance.guest import NEED_CHART, NEED_IMAGE_SET, NEED_K3S_BINARY, NEED_K3S_IMAGES, NEED_MANIFESTS, NEEDS
+from appliance.guest import NEED_CHART, NEED_IMAGE_SET, NEED_K3S_BINARY, NEED_K3S_IMAGES
 from appliance.log import human_size, log
 from appliance.scripts import declared_needs
 
@@ -160,66 +158,6 @@ def _needed(cfg: ApplianceConfig) -> list[Artifact]:
     """The downloads the steps that run need (``provision.skip`` drops the needs of the others)."""
     wanted = host_needs(declared_needs(cfg.provision.skip))
     return [a for a in planned_artifacts(cfg) if a.need in wanted]
-
-
-@dataclass(frozen=True)
-class GuestUpload:
-    """One host file a step needs on the guest: the need it serves, the host file, the guest path."""
-
-    need: str
-    local: Path
-    guest: str
-
-
-def _artifact_uploads(cfg: ApplianceConfig, need: str) -> list[GuestUpload]:
-    return [GuestUpload(need, a.cache_path, a.guest_path) for a in planned_artifacts(cfg) if a.need == need]
-
-
-def _manifest_uploads(cfg: ApplianceConfig, need: str) -> list[GuestUpload]:
-    from appliance.manifests import write_manifests  # the manifests need the values, not the reverse
-
-    return [GuestUpload(need, local, guest) for local, guest in write_manifests(cfg)]
-
-
-def _image_set_uploads(cfg: ApplianceConfig, need: str) -> list[GuestUpload]:
-    """images.txt for exactly these values (computed when the chart is cached; else reported missing)
-    and, when every image is pinned and cached, their archive: the guest never pulls."""
-    from appliance.imagecache import image_uploads
-    from appliance.images import GUEST_IMAGE_LIST, write_build_image_list
-
-    chart_cached = all(up.local.is_file() for up in _artifact_uploads(cfg, NEED_CHART))
-    if chart_cached:
-        write_build_image_list(cfg)
-    uploads = [GuestUpload(need, cfg.build_dir / "manifests" / "images.txt", GUEST_IMAGE_LIST)]
-    if chart_cached:
-        uploads += [GuestUpload(need, local, guest) for local, guest in image_uploads(cfg)]
-    return uploads
-
-
-# The host's provider of each need (appliance.guest.NEEDS): what it puts on the guest.
-_PROVIDERS: dict[str, Callable[[ApplianceConfig, str], list[GuestUpload]]] = {
-    NEED_K3S_BINARY: _artifact_uploads,
-    NEED_K3S_IMAGES: _artifact_uploads,
-    NEED_CHART: _artifact_uploads,
-    NEED_MANIFESTS: _manifest_uploads,
-    NEED_IMAGE_SET: _image_set_uploads,
-}
-assert set(_PROVIDERS) == set(NEEDS), "every need has exactly one host provider"
-
-
-def need_uploads(cfg: ApplianceConfig, need: str) -> list[GuestUpload]:
-    """The files the host provides for one need. Generated ones (manifests, images.txt) are
-    written here, under ``build/manifests/``; cached downloads must be fetched first
-    (:func:`fetch_artifacts`). A step marker hashes these files too: a changed value changes a
-    manifest, not the environment."""
-    return _PROVIDERS[need](cfg, need)
-
-
-def guest_uploads(cfg: ApplianceConfig, needs: Collection[str] | None = None) -> list[GuestUpload]:
-    """Every file the host provides for ``needs`` (default: the needs of the steps ``cfg`` runs),
-    in the vocabulary's order."""
-    wanted = declared_needs(cfg.provision.skip) if needs is None else needs
-    return [up for need in NEEDS if need in wanted for up in need_uploads(cfg, need)]
 
 
 # -- the lock -------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ never by step name:
   settings marked ``json_schema_extra={"env": NAME}`` in ``appliance.config`` plus a few derived
   ones. A step receives only the names it declares.
 - **Needs** (``needs=``): what a step reads from the host besides its script and support files.
-  Each name is one host provider (``appliance.artifacts.need_uploads``): the files it
+  Each name is one host provider (``appliance.needs.need_uploads``): the files it
   puts on the guest before the step runs, what ``invoke fetch`` and the build's fetch stage
   download for it, and the step marker entries (``upload:<guest path>``) that make a changed
   file rerun exactly the steps that need it.

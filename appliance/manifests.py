@@ -18,7 +18,7 @@
   the upstream resolver, which has never heard of ``csghub.localhost``.
 
 :func:`render_manifests` is the entry; :func:`write_manifests` puts them under the build
-directory for upload (see ``appliance.artifacts.guest_uploads``).
+directory for upload (see ``appliance.needs.guest_uploads``).
 """
 
 from __future__ import annotations

@@ -40,12 +40,12 @@ from enum import StrEnum
 from pathlib import Path
 from typing import IO
 
-from appliance.artifacts import GuestUpload
 from appliance.config import ApplianceConfig
 from appliance.digest import sha256_file
 from appliance.errors import ArtifactError, ConnectionLost, RemoteCommandFailed, StepFailed, UsageError
 from appliance.guest import guest_environment
 from appliance.log import log
+from appliance.needs import GuestUpload
 from appliance.scripts import (
     GUEST_PROVISION_DIR,
     PROVISION_DIR,
@@ -596,11 +596,11 @@ def pinned_uploads(
     cfg: ApplianceConfig, skip: Sequence[str] = (), *, directory: Path = PROVISION_DIR
 ) -> list[GuestUpload]:
     """What the steps that will run need from the host (``# appliance: needs=``), each need from
-    its host provider (``appliance.artifacts.need_uploads``); none when no such step runs.
+    its host provider (``appliance.needs.need_uploads``); none when no such step runs.
 
     Raises ``ArtifactError`` when an artifact is not in the cache yet (``invoke fetch``).
     """
-    from appliance.artifacts import guest_uploads
+    from appliance.needs import guest_uploads
 
     uploads = guest_uploads(cfg, declared_needs(set(cfg.provision.skip) | set(skip), directory))
     missing = [str(up.local) for up in uploads if not up.local.is_file()]

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from sshd_server import SSHServer
 
-from appliance.artifacts import GuestUpload
 from appliance.config import ApplianceConfig, load_config
 from appliance.errors import StepFailed, UsageError
+from appliance.needs import GuestUpload
 from appliance.scripts import discover_scripts
 from appliance.ssh import RemoteSession
 from appliance.steps import Options, Provisioner, describe_plan

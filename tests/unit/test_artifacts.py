@@ -23,10 +23,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from appliance.artifacts import LOCK_FILE, fetch_artifacts, guest_uploads, planned_artifacts, read_lock
+from appliance.artifacts import LOCK_FILE, fetch_artifacts, planned_artifacts, read_lock
 from appliance.config import ApplianceConfig, load_config
 from appliance.errors import ArtifactError
 from appliance.guest import NEEDS
+from appliance.needs import guest_uploads
 from appliance.run import run
 
 K3S_VERSION = "v1.34.3+k3s1"

@@ -113,7 +113,7 @@ def test_the_scan_finds_a_planted_step_name(tmp_path: Path) -> None:
 
 
 def test_every_need_has_a_host_provider_and_a_documented_name() -> None:
-    from appliance.artifacts import _PROVIDERS
+    from appliance.needs import _PROVIDERS
 
     assert set(_PROVIDERS) == set(NEEDS)
     docs = (PROJECT_ROOT / "docs" / "provisioning.md").read_text(encoding="utf-8")

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from appliance import hostprobe, vagrant
-from appliance.artifacts import guest_uploads
 from appliance.config import ApplianceConfig, load_config
 from appliance.errors import ArtifactError
 from appliance.guest import guest_environment
+from appliance.needs import guest_uploads
 from appliance.scripts import GUEST_PROVISION_DIR, discover_scripts
 from appliance.steps import digests_by_need, pinned_uploads, step_inputs
 
