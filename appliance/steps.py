@@ -5,8 +5,9 @@ Think ``make``, not Packer's start-over:
 - After a step succeeds, a marker on the guest (``<state dir>/<name>.done``, JSON) records
   the sha256 of its inputs: the script, its support files, each environment variable
   it declares (``# appliance: env=...``) and so receives (hashed, so values never land on
-  disk), and each file of the needs it declares (``# appliance: needs=...``). Like mkosi's cache manifest, the list of inputs is explicit and sorted. The
-  marker's content is computed here once; the guest-side wrapper
+  disk), and each file of the needs it declares (``# appliance: needs=...``). Like mkosi's
+  cache manifest, the list of inputs is explicit and sorted. The marker's content is computed
+  here once; the guest-side wrapper
   ``provision/files/common/run-step.sh`` writes it when the step succeeds, for this runner
   and for the rendered Vagrantfile's shell provisioners alike.
 - A rerun skips steps that are done and unchanged, re-runs a changed step (saying which
