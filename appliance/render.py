@@ -40,7 +40,7 @@ class Upload:
     source: str
     destination: str
     sha256: str  # part of the markers of the steps that declare its need
-    need: str = ""  # the need it serves (appliance.guest.NEEDS)
+    need: str  # the need it serves (appliance.guest.NEEDS)
 
 
 @dataclass(frozen=True)

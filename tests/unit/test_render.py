@@ -207,8 +207,8 @@ def test_vagrant_validate_rejects_broken_render(tmp_path: Path) -> None:
 def test_uploads_are_staged_then_installed_with_quoting() -> None:
     from appliance.render import Upload
 
-    ups = [Upload("00-k3s", "/cache/k3s", "/var/cache/csghub-appliance/artifacts/k3s", "a" * 64),
-           Upload("01-odd", "/cache/odd", "/var/cache/a b;$(id)", "b" * 64)]
+    ups = [Upload("00-k3s", "/cache/k3s", "/var/cache/csghub-appliance/artifacts/k3s", "a" * 64, "k3s-binary"),
+           Upload("01-odd", "/cache/odd", "/var/cache/a b;$(id)", "b" * 64, "chart")]
     text = render_text(_cfg("libvirt"), output_dir=PROJECT_ROOT, provision_dir=FIXTURE_STEPS, uploads=ups,
                        libvirt_driver="qemu")
     assert "destination: '/var/tmp/csghub-provision/uploads/00-k3s'" in text
