@@ -6,8 +6,8 @@ repeatable) < ``--provider X``. Unknown keys are errors. Every problem in every 
 reported in one ``ConfigError``, each naming its source, key path, value and what is allowed.
 
 A setting is declared exactly once, as a field here. Its description is the reference text
-(``docs/configuration.md`` is generated from it), and ``json_schema_extra={"env": NAME}``
-marks the settings the provisioning scripts receive as environment variables.
+(``docs/configuration.md`` is generated from it). Which settings the provisioning scripts
+receive, and under which variable names, is the guest contract's business: ``appliance.guest``.
 """
 
 from __future__ import annotations
@@ -36,10 +36,6 @@ CSGHUB_MIN_MEMORY_MB = 8192
 # Below this a Debian guest with sshd cannot boot usefully at all. CSGHub's sizing applies unless a
 # step that declares `# appliance: stack` is skipped (appliance.scripts.stack_enabled_for).
 ABSOLUTE_MIN_MEMORY_MB = 512
-
-
-def _env(name: str) -> dict[str, Any]:
-    return {"env": name}
 
 
 def _check_ipv4(value: str) -> str:
@@ -120,7 +116,6 @@ class VMSettings(_Section):
         "csghub",
         pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
         description="Guest hostname.",
-        json_schema_extra=_env("APPLIANCE_HOSTNAME"),
     )
     cpus: int = Field(8, ge=1, le=64, description="Virtual CPUs (CSGHub: 4 minimum, 8 recommended).")
     memory_mb: int = Field(
@@ -252,15 +247,13 @@ class K3sSettings(_Section):
             "k3s release (pinned in the version lock). v1.34.3+k3s1 is what CSGHub 2.4.0's own installer pins, "
             "and Kubernetes 1.34 is within the range Envoy Gateway 1.7 (bundled by the chart) supports."
         ),
-        json_schema_extra=_env("K3S_VERSION"),
     )
     node_ip: str = Field(
         "10.254.254.1",
         description="Address the appliance owns (dummy interface) that k3s binds to, so an IP change cannot break it.",
-        json_schema_extra=_env("K3S_NODE_IP"),
     )
     extra_args: list[str] = Field(
-        default_factory=list, description="Extra `k3s server` arguments.", json_schema_extra=_env("K3S_EXTRA_ARGS")
+        default_factory=list, description="Extra `k3s server` arguments."
     )
 
     @field_validator("node_ip")
@@ -274,10 +267,9 @@ class CSGHubSettings(_Section):
         "2.4.0",
         pattern=r"^[0-9]+\.[0-9]+\.[0-9]+$",
         description="CSGHub Helm chart version (pinned in the version lock).",
-        json_schema_extra=_env("CSGHUB_CHART_VERSION"),
     )
     edition: Literal["ce", "ee"] = Field(
-        "ce", description="`ce` (Community) or `ee` (Enterprise).", json_schema_extra=_env("CSGHUB_EDITION")
+        "ce", description="`ce` (Community) or `ee` (Enterprise)."
     )
     domain: str = Field(
         "csghub.localhost",
@@ -287,7 +279,6 @@ class CSGHubSettings(_Section):
             "External domain. The default `csghub.localhost` needs no DNS: browsers resolve `*.localhost` to the "
             "host's loopback, where the NAT forwards listen."
         ),
-        json_schema_extra=_env("CSGHUB_DOMAIN"),
     )
     image_registry: str = Field(
         "",
@@ -296,7 +287,6 @@ class CSGHubSettings(_Section):
             "Registry CSGHub's images are pulled from at build time (empty: the chart's docker.io). Users in "
             "mainland China: `opencsg-registry.cn-beijing.cr.aliyuncs.com` (OpenCSG's documented mirror)."
         ),
-        json_schema_extra=_env("CSGHUB_IMAGE_REGISTRY"),
     )
     values: dict[str, Any] = Field(
         default_factory=dict, description="Free-form Helm values, merged last over the generated ones."
@@ -383,13 +373,11 @@ class OutputSettings(_Section):
         "csghub",
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$",
         description="Appliance file name stem.",
-        json_schema_extra=_env("APPLIANCE_NAME"),
     )
     version: str = Field(
         "",
         pattern=r"^([0-9A-Za-z][0-9A-Za-z_.+-]{0,62})?$",
         description="Appliance version (empty: the CSGHub chart version).",
-        json_schema_extra=_env("APPLIANCE_VERSION"),
     )
     ovf_format: Literal["ovf10", "ovf20"] = Field(
         "ovf10", description="OVF 1.0 (VirtualBox's default) or OVF 2.0."

@@ -4,8 +4,9 @@ Two vocabularies, both read by the steps' ``# appliance:`` headers (``appliance.
 never by step name:
 
 - **The guest environment** (``env=``): the variables :func:`guest_environment` makes from the
-  settings marked ``json_schema_extra={"env": NAME}`` in ``appliance.config`` plus a few derived
-  ones. A step receives only the names it declares.
+  settings named in :data:`SETTING_VARIABLES` plus a few derived ones
+  (:data:`DERIVED_VARIABLES`). A step receives only the names it declares. The settings model
+  (``appliance.config``) knows nothing of this; ``docs/configuration.md`` shows the names.
 - **Needs** (``needs=``): what a step reads from the host besides its script and support files.
   Each name is one host provider (``appliance.needs.need_uploads``): the files it
   puts on the guest before the step runs, what ``invoke fetch`` and the build's fetch stage
@@ -16,11 +17,10 @@ never by step name:
 from __future__ import annotations
 
 import shlex
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel
-
-from appliance.config import ApplianceConfig
+if TYPE_CHECKING:  # pragma: no cover
+    from appliance.config import ApplianceConfig
 
 NEED_K3S_BINARY = "k3s-binary"
 NEED_K3S_IMAGES = "k3s-images"
@@ -40,25 +40,49 @@ NEEDS: dict[str, str] = {
 }
 
 
+# The settings a step may receive, by variable name: the setting's key in the configuration.
+SETTING_VARIABLES: dict[str, str] = {
+    "APPLIANCE_HOSTNAME": "vm.hostname",
+    "APPLIANCE_NAME": "output.name",
+    "APPLIANCE_VERSION": "output.version",  # its value: the derived one below
+    "CSGHUB_CHART_VERSION": "csghub.chart_version",
+    "CSGHUB_DOMAIN": "csghub.domain",
+    "CSGHUB_EDITION": "csghub.edition",
+    "CSGHUB_IMAGE_REGISTRY": "csghub.image_registry",
+    "K3S_EXTRA_ARGS": "k3s.extra_args",
+    "K3S_NODE_IP": "k3s.node_ip",
+    "K3S_VERSION": "k3s.version",
+}
+# Variables made from more than one setting, with what they hold.
+DERIVED_VARIABLES: dict[str, str] = {
+    "APPLIANCE_VERSION": "output.version, else csghub.chart_version",
+    "CSGHUB_HTTP_PORT": "the guest port of the `http` forward (30080 without one)",
+    "CSGHUB_GIT_SSH_PORT": "the guest port of the `git-ssh` forward (30022 without one): the readiness gate's "
+                           "git check",
+}
+
+
+def variable_names() -> frozenset[str]:
+    """Every name :func:`guest_environment` sets (they do not depend on the values)."""
+    return frozenset(SETTING_VARIABLES) | frozenset(DERIVED_VARIABLES)
+
+
+def setting_value(cfg: ApplianceConfig, key: str) -> Any:
+    """The value of a dotted setting key (``k3s.version``)."""
+    value: Any = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def guest_environment(cfg: ApplianceConfig) -> dict[str, str]:
-    """The environment variables the provisioning scripts receive, from fields marked ``env``."""
-    env: dict[str, str] = {}
-
-    def walk(model: BaseModel) -> None:
-        for name, field in type(model).model_fields.items():
-            value = getattr(model, name)
-            extra = field.json_schema_extra
-            if isinstance(extra, dict) and "env" in extra:
-                env[str(extra["env"])] = _env_value(value)
-            elif isinstance(value, BaseModel):
-                walk(value)
-
-    walk(cfg)
+    """The environment variables the provisioning scripts may receive (each step gets those it declares)."""
+    env = {name: _env_value(setting_value(cfg, key)) for name, key in SETTING_VARIABLES.items()}
     env["APPLIANCE_VERSION"] = cfg.appliance_version
     http = cfg.http_port()
     env["CSGHUB_HTTP_PORT"] = str(http.guest if http else 30080)
     git = next((p for p in cfg.network.forwarded_ports if p.name == "git-ssh"), None)
-    env["CSGHUB_GIT_SSH_PORT"] = str(git.guest if git else 30022)  # the readiness gate's git check
+    env["CSGHUB_GIT_SSH_PORT"] = str(git.guest if git else 30022)
     return dict(sorted(env.items()))
 
 

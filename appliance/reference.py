@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from appliance.config import PROJECT_ROOT, ApplianceConfig
+from appliance.guest import SETTING_VARIABLES
 
 REFERENCE_PATH = PROJECT_ROOT / "docs" / "configuration.md"
 
@@ -56,14 +57,14 @@ def _type_name(field: FieldInfo) -> str:
 def _section(model: type[BaseModel], prefix: str, lines: list[str]) -> None:
     rows = []
     subsections = []
+    variables = {key: name for name, key in SETTING_VARIABLES.items()}
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             subsections.append((key, ann, field))
             continue
-        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-        env = f"`{extra['env']}`" if "env" in extra else ""
+        env = f"`{variables[key]}`" if key in variables else ""
         default = json.dumps(_default(field))
         desc = (field.description or "").replace("|", "\\|")
         rows.append(f"| `{key}` | {_type_name(field)} | `{default}` | {env} | {desc} |")

@@ -39,11 +39,12 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
-from appliance.config import PROJECT_ROOT, ApplianceConfig
 from appliance.errors import UsageError
-from appliance.guest import NEEDS, guest_environment
+from appliance.guest import NEEDS, variable_names
 
-PROVISION_DIR = PROJECT_ROOT / "provision"
+# The checkout's provision/ folder (appliance.config.PROJECT_ROOT / "provision"; computed here so
+# that the steps' headers can be read without the settings model).
+PROVISION_DIR = Path(__file__).resolve().parent.parent / "provision"
 GUEST_PROVISION_DIR = "/var/tmp/csghub-provision"
 _NAME = re.compile(r"^(\d{2})-([a-z0-9][a-z0-9-]*)\.sh$")
 _HEADER = re.compile(r"^#\s*appliance:\s*([a-z-]+)(?:=(\S*))?\s*$")
@@ -59,7 +60,7 @@ PROVISION_DIR_VARIABLE = "PROVISION_DIR"
 def guest_variable_names() -> frozenset[str]:
     """Every variable a step may declare with ``env=``: the guest environment's names (which do
     not depend on the values) and ``PROVISION_DIR``."""
-    return frozenset(guest_environment(ApplianceConfig())) | {PROVISION_DIR_VARIABLE}
+    return variable_names() | {PROVISION_DIR_VARIABLE}
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,8 @@ def _declared_names(path: Path, key: str, value: str, known: frozenset[str], kin
         )
     for name in names:
         if name not in known or (key == "env" and not _VARIABLE.match(name)):
-            described = "(set by the config fields marked env)" if key == "env" else "(appliance.guest.NEEDS)"
+            described = "(appliance.guest: SETTING_VARIABLES, DERIVED_VARIABLES)" if key == "env" \
+                else "(appliance.guest.NEEDS)"
             raise UsageError(
                 f"{path.name}: `# appliance: {key}=` names {name!r}, which is not a "
                 f"{'guest variable' if key == 'env' else kind}",

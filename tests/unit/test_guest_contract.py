@@ -123,6 +123,23 @@ def test_every_need_has_a_host_provider_and_a_documented_name() -> None:
     assert declared == set(NEEDS), "every need is declared by a step of provision/"
 
 
+def test_every_guest_variable_is_a_setting_or_derived() -> None:
+    """The guest environment is declared in appliance.guest, not in the settings model: each name
+    maps to a real setting (a typo fails here) and only those and the derived ones reach a step."""
+    from appliance.guest import DERIVED_VARIABLES, SETTING_VARIABLES, guest_environment, setting_value
+    from appliance.scripts import guest_variable_names
+
+    cfg = load_config(None, ["csghub.domain=hub.example", "k3s.extra_args={--a,b c}"], cwd=Path("/"))
+    env = guest_environment(cfg)
+    for name, key in SETTING_VARIABLES.items():
+        section, _, field = key.rpartition(".")
+        model = setting_value(cfg, section) if section else cfg
+        assert field in type(model).model_fields, f"{name}: {key} is not a setting"
+    assert env["CSGHUB_DOMAIN"] == "hub.example" and env["K3S_EXTRA_ARGS"] == "--a 'b c'"
+    assert set(env) == set(SETTING_VARIABLES) | set(DERIVED_VARIABLES)
+    assert guest_variable_names() == set(env) | {"PROVISION_DIR"}
+
+
 # -- a new step declaring a need gets it, no host code changed ---------------------------------
 
 
