@@ -495,3 +495,56 @@ def test_a_damaged_build_digest_record_is_refused_naming_the_file(tmp_path: Path
     path.write_text(content)
     with pytest.raises(ImageError, match=r"image-digests\.json"):
         build_resolved_digests(cfg)
+
+
+def test_a_parallel_fetch_stores_every_image_and_downloads_each_layer_once_and_resumes(
+        tmp_path: Path, registry: tuple[Registry, dict[str, Any]]) -> None:
+    """Six images sharing a base layer, fetched four at a time into the one store: every image listed with
+    its blobs verified, the shared layer and each own layer downloaded once (the registry's access log),
+    the config blobs once per image at most; an image whose copy fails leaves the others cached, and the
+    next fetch downloads only what that image still lacks."""
+    from appliance.imagecache import _skopeo, staging_dir
+
+    reg, facts = registry
+    names = [f"docker.io/par/img{i}:1" for i in range(6)]
+    own_layers = {}
+    for i, name in enumerate(names):
+        manifest, blobs = image_blobs([SHARED, {f"own/{i}": f"image {i}\n".encode()}])
+        reg.push_layout(write_layout(tmp_path / f"img{i}", manifest, blobs), f"par/img{i}:1")
+        own_layers[name] = blobs[3].digest
+    cfg = _cfg(tmp_path, reg)
+    lock_path = _lock(tmp_path)
+    lock_images(cfg, names, lock_path)
+    pins = locked_image_digests(read_lock(lock_path), cfg.csghub.chart_version)
+    pinned: list[tuple[str, str | None]] = [(n, pins[n]) for n in names]
+
+    failing = names[4]
+
+    def copy_fails_for_one(argv: Any) -> bytes:
+        if argv[0] == "copy" and "/par/img4@" in " ".join(argv):
+            raise ImageFetchError(f"fetching {failing}: the link dropped (test)")
+        return _skopeo(argv, what="test")
+
+    start = reg.log_size()
+    with pytest.raises(ImageFetchError, match="the link dropped"):
+        fetch_images(cfg, pinned, skopeo=copy_fails_for_one, workers=4)
+    first = reg.blob_downloads(start)
+    assert missing_images(cfg, pinned) == [failing]
+    shared = facts["shared_layer"].digest
+    assert first.count(shared) == 1, first
+    assert sorted(d for d in first if d in own_layers.values()) == sorted(
+        d for n, d in own_layers.items() if n != failing)  # each once; the failed image's never
+
+    start = reg.log_size()
+    again = fetch_images(cfg, pinned, workers=4)
+    assert [(i.name, i.fetched) for i in again] == [(n, n == failing) for n in names]
+    second = reg.blob_downloads(start)
+    assert [d for d in second if d == shared or d in own_layers.values()] == [own_layers[failing]]
+    store = image_store(cfg)
+    index = json.loads((store / "index.json").read_text())
+    assert sorted(m["annotations"]["org.opencontainers.image.ref.name"] for m in index["manifests"]) == sorted(names)
+    for path in (store / "blobs" / "sha256").iterdir():
+        import hashlib
+
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name  # no blob torn by a parallel writer
+    assert not list(staging_dir(store).glob("*/blobs/sha256/*"))  # the finished copies' folders are gone
