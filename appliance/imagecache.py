@@ -307,9 +307,10 @@ def _copy_manifest(cfg: ApplianceConfig, store: Path, name: str, source: str, ra
     it writes it); the blobs the manifest names then move into the store by digest. The registry's manifest
     and config are kept as served.
 
-    Why not straight into the store: skopeo's OCI layout writer updates the layout's ``index.json`` by
-    reading and rewriting it, with no lock (containers/image v5 ``oci/layout/oci_dest.go``, Commit), so
-    parallel copies into one layout can lose each other's entries. Each copy gets its own layout instead,
+    Why not straight into the store: skopeo's OCI layout writer keeps the layout's ``index.json`` as it read
+    it when the copy started and writes it back whole when the copy ends, with no lock (containers/image v5
+    ``oci/layout/oci_dest.go``: ``newImageDestination`` reads it, ``Commit`` writes it), so parallel copies
+    into one layout can lose each other's entries. Each copy gets its own layout instead,
     seeded with hard links to the blobs the store already holds (skopeo reuses a blob whose file exists,
     ``TryReusingBlob``): a layer shared with an image fetched earlier is not downloaded again. The folder is
     named after the image, so an interrupted copy resumes with the blobs it finished.
