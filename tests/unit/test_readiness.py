@@ -4,9 +4,9 @@ The gate's decisions are pure bash functions: canned facts in, one status line o
 right line. The names the gate relies on (Jobs, Secrets and their keys, Casdoor's organization and application, the
 registry route and its auth, the git SSH listener) are checked against the real chart 2.4.0 rendered by a real helm.
 The probes run against real components where they run here (a real OpenSSH sshd and `git upload-pack` behind the
-gitlab-sshd stand-in, curl against a loopback HTTP server for the gateway). csghub-reconfigure runs for real in a private mount namespace against the k3s stand-in
-(tests/data/fake_k3s.py), whose helm-controller rejects an upgrade while a finished Job of the release still exists,
-as Kubernetes does (a Job's pod template is immutable).
+gitlab-sshd stand-in, curl against a loopback HTTP server for the gateway). csghub-reconfigure runs for real in a
+private mount namespace against the k3s stand-in (tests/data/fake_k3s.py), whose helm-controller rejects an upgrade
+while a finished Job of the release still exists, as Kubernetes does (a Job's pod template is immutable).
 """
 
 from __future__ import annotations
