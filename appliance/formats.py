@@ -135,7 +135,7 @@ class OutputFormat:
 # -- the records -------------------------------------------------------------------------------
 
 _VBOX_SATA = ControllerChoice(20, "AHCI", "sataController0", "SATA Controller", "ahci")
-_VBOX_NIC = NicChoice(None, "e1000 (Intel PRO/1000) or virtio_net, per virtualbox.nic_type")
+_VBOX_NIC = NicChoice(None, "e1000 or virtio_net")
 
 VIRTUALBOX_OVA = OutputFormat(
     name="virtualbox-ova",
@@ -146,9 +146,10 @@ VIRTUALBOX_OVA = OutputFormat(
     hypervisors=("VirtualBox 6.1 and later",),
     how_to_import="VirtualBox: File > Import Appliance, or `VBoxManage import <name>-<version>.ova`.",
     ovf=OvfProfile(
-        version="ovf10", manifest_digest="SHA256", system_type="virtualbox-2.2", controller=_VBOX_SATA,
+        version="ovf10", manifest_digest="SHA1", system_type="virtualbox-2.2", controller=_VBOX_SATA,
         nic=_VBOX_NIC, vbox_machine=True, vboxmanage_flag="--ovf10",
     ),
+    notes=("SHA-1 manifest: what DSP0243 1.x prescribes and what `VBoxManage export --ovf10` writes.",),
 )
 
 VIRTUALBOX_OVA_OVF20 = OutputFormat(
