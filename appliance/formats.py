@@ -87,6 +87,7 @@ class OvfProfile:
     vmware_os_type: str | None = None  # vmw:osType on the OperatingSystemSection (VMware readers)
     network_name: str = "NAT"  # the logical network the NIC is on (an importer maps it to one of its own)
     memory_units: str = "MegaBytes"  # rasd:AllocationUnits of the memory item, as the target's own exports say
+    system_name: bool = False  # write VirtualSystem/Name (VMware's exports do; vSphere and virt-v2v read it)
 
     @property
     def namespace(self) -> str:
@@ -200,7 +201,7 @@ VMWARE_OVA = OutputFormat(
         version="ovf10", manifest_digest="SHA256", system_type="vmx-14",
         controller=ControllerChoice(20, "vmware.sata.ahci", "sataController0", "SATA Controller", "ahci"),
         nic=NicChoice("VmxNet3", "vmxnet3"), vbox_machine=False, vmware_os_type="debian10_64Guest",
-        network_name="VM Network", memory_units="byte * 2^20",
+        network_name="VM Network", memory_units="byte * 2^20", system_name=True,
     ),
     notes=(
         "Same sealed disk as the VirtualBox OVA: every imported copy makes its own secrets on its first boot.",
