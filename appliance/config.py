@@ -947,6 +947,20 @@ def _cross_checks(data: Mapping[str, Any], sources: _Sources) -> list[ConfigProb
                     sources.of(f"provision.timeouts.{name}"), f"provision.timeouts.{name}",
                     "must be a whole number of seconds between 10 and 86400", value, has_value=True,
                 ))
+    out = data.get("output") if isinstance(data.get("output"), Mapping) else {}
+    assert isinstance(out, Mapping)
+    formats = out.get("formats")
+    if data.get("provider") == "virtualbox" and isinstance(formats, list):
+        # VirtualBox's exporter writes only its own OVAs, and the provider does not expose the VM's disk
+        # for the others (appliance/export/extra.py): say so before the build, not after hours of it.
+        known = [FORMATS[f] for f in formats if isinstance(f, str) and f in FORMATS]
+        if len(known) > 1 or any(f.ovf is None or f.ovf.vboxmanage_flag is None for f in known):
+            problems.append(ConfigProblem(
+                sources.of("output.formats"), "output.formats",
+                "with provider virtualbox only one format, written by VirtualBox's exporter, can be built "
+                "(virtualbox-ova or virtualbox-ova-ovf20); the others need provider libvirt", formats,
+                has_value=True,
+            ))
     return problems
 
 
