@@ -70,6 +70,7 @@ class NicChoice:
 
     subtype: str | None
     guest_driver: str  # the Debian 12 kernel driver (docs)
+    qemu_device: str = "e1000"  # the QEMU device the verify boot gives the copy: the NIC this format describes
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,8 @@ VMWARE_OVA = OutputFormat(
     ovf=OvfProfile(
         version="ovf10", manifest_digest="SHA256", system_type="vmx-14",
         controller=ControllerChoice(20, "vmware.sata.ahci", "sataController0", "SATA Controller", "ahci"),
-        nic=NicChoice("VmxNet3", "vmxnet3"), vbox_machine=False, vmware_os_type="debian10_64Guest",
+        nic=NicChoice("VmxNet3", "vmxnet3", qemu_device="vmxnet3"), vbox_machine=False,
+        vmware_os_type="debian10_64Guest",
         network_name="VM Network", memory_units="byte * 2^20", system_name=True,
     ),
     notes=(
