@@ -11,8 +11,9 @@ the verifier and the docs one by one:
   flag (``OvfProfile.vboxmanage_flag``; formats VirtualBox cannot write have none);
 - the verifier (``appliance.verify_ova``) reads ``OvfProfile.manifest_digests`` (what a manifest
   of this OVF version may hold) through ``manifest_digests_for``;
-- the docs (docs/formats.md) are checked against ``title``, ``hypervisors`` and ``how_to_import``
-  by ``tests/unit/test_formats.py``.
+- the docs: the table and the import notes at the top of docs/formats.md are generated from
+  ``title``, ``hypervisors``, ``how_to_import``, ``notes`` and the profiles (``invoke docs``;
+  ``tests/unit/test_formats.py`` fails when the committed page is not current).
 
 Two kinds of records:
 
@@ -207,7 +208,9 @@ VMWARE_OVA = OutputFormat(
     ),
     notes=(
         "Same sealed disk as the VirtualBox OVA: every imported copy makes its own secrets on its first boot.",
-        "No NAT port forwards: the VM gets an address on the port group; open http://<its address>:30080.",
+        "No NAT port forwards: the VM takes an address on its port group, so, as with bridged networking, build "
+        "with `csghub.domain` set to a name that reaches that address (docs/networking.md): CSGHub sends the "
+        "browser to the names it was installed with.",
         "SHA-256 manifest in an OVF 1.0 package (ovftool's default; vSphere 7+ refuses SHA-1). COT 2.2.1 checks "
         "every OVF 1.x manifest with SHA-1 whatever the line says, and logs the digests as 'tampered'.",
     ),
