@@ -26,6 +26,7 @@ from appliance import receipt
 from appliance.config import ApplianceConfig, public_dump
 from appliance.digest import sha256_file
 from appliance.errors import ApplianceError, Cancelled, HostFileError, UsageError, VagrantError, VerifyError
+from appliance.formats import FORMATS
 from appliance.guest import NEED_IMAGE_SET
 from appliance.log import StageStatus, StepTiming, human_size, log, timestamp
 from appliance.scripts import PROVISION_DIR, declared_needs, discover_scripts, final_steps
@@ -63,7 +64,7 @@ class BuildContext:
 
     @property
     def ova_name(self) -> str:
-        return f"{self.cfg.output.name}-{self.cfg.appliance_version}.ova"
+        return self.cfg.output.primary_ova.file_name(f"{self.cfg.output.name}-{self.cfg.appliance_version}")
 
     @functools.cached_property
     def provider(self) -> Provider:
@@ -254,7 +255,8 @@ def stage_export(ctx: BuildContext) -> StageOutcome:
     staged = Path(ctx.state.staged_ova) if ctx.state.staged_ova else None
     current = export_digest(ctx.cfg)
     if (staged is not None and staged.is_file() and ctx.state.sealed and "export" in ctx.state.completed
-            and ctx.state.export_digest == current):
+            and ctx.state.export_digest == current
+            and all(Path(extra["path"]).is_file() for extra in ctx.state.staged_formats)):
         return StageOutcome.skipped(f"{staged.name} already exported from this sealed VM with these settings")
     ctx.staging_dir.mkdir(parents=True, exist_ok=True)
     exported = ctx.provider.export(ctx.staging_dir)
@@ -263,7 +265,13 @@ def stage_export(ctx: BuildContext) -> StageOutcome:
     result = exported.ova
     ctx.state.staged_ova = str(result.path)
     ctx.state.staged_ova_sha256 = result.sha256
-    return StageOutcome.done(f"{result.path.name}: {human_size(result.size)}")
+    from appliance.export.extra import write_extra_formats
+
+    # The other formats of output.formats, from the disk the export was made from.
+    extras = write_extra_formats(ctx.cfg, exported.disk, ctx.staging_dir, ctx.provider.name)
+    ctx.state.staged_formats = [{"format": e.format, "path": str(e.path), "sha256": e.sha256} for e in extras]
+    return StageOutcome.done(", ".join([f"{result.path.name}: {human_size(result.size)}",
+                                        *(e.path.name for e in extras)]))
 
 
 def stage_verify(ctx: BuildContext) -> StageOutcome:
@@ -275,10 +283,20 @@ def stage_verify(ctx: BuildContext) -> StageOutcome:
         return StageOutcome.skipped("this OVA was verified already")
     staged = Path(ctx.state.staged_ova)
     report = verify_ova(staged, boot=ctx.options.boot_check, cfg=ctx.cfg)
+    # The other OVA formats: the same structural check (their disk is the one just booted). Their
+    # digests go into the report the receipt signs, so publish knows what was verified.
+    formats: dict[str, Any] = {}
+    for extra in ctx.state.staged_formats:
+        path = Path(extra["path"])
+        if FORMATS[extra["format"]].kind == "ova":
+            checks = verify_ova(path, boot=False, cfg=ctx.cfg).as_dict()["checks"]
+        else:
+            checks = {}
+        formats[extra["format"]] = {"file": path.name, "sha256": sha256_file(path), "checks": checks}
     # What was verified is the file as it is now: hash it again rather than trust state.json's digest.
     ctx.state.staged_ova_sha256 = sha256_file(staged)
     ctx.state.verified_sha256 = ctx.state.staged_ova_sha256
-    ctx.state.verify_report = report.as_dict()
+    ctx.state.verify_report = report.as_dict() | ({"formats": formats} if formats else {})
     ctx.state.verify_receipt = receipt.issue(ctx.state.verified_sha256, ctx.state.export_digest,
                                              ctx.state.verify_report)
     return StageOutcome.done()
@@ -332,18 +350,42 @@ def stage_publish(ctx: BuildContext) -> StageOutcome:
     recheck_staged(ctx, staged)
     from appliance.publish import PublishedFile, check_free_space, publish_set
 
+    extras = _verified_extras(ctx)
+    for extra_path, _ in extras:
+        if not ctx.options.force and (dist / extra_path.name).exists():
+            raise UsageError(f"{dist / extra_path.name} exists already; pass --force to replace it "
+                             "(nothing was overwritten)")
     build_report(ctx, final)  # any error in the report's making before a byte is copied
-    check_free_space(dist, staged.stat().st_size + 2**20, f"publishing {final.name}")
-    # All three or none: an OVA never sits beside the digest or report of another build. The report is
-    # made last, once the OVA and its digest are written: it records publish as done, with its time so
+    check_free_space(dist, staged.stat().st_size + sum(p.stat().st_size for p, _ in extras) + 2**20,
+                     f"publishing {final.name}")
+    # All or none: an OVA never sits beside the digest or report of another build. The report is
+    # made last, once the OVAs and their digests are written: it records publish as done, with its time so
     # far, which is true whenever anyone can read it (the set appears whole or not at all).
     publish_set(dist, [
         PublishedFile(final.name, source=staged, sha256=ctx.state.staged_ova_sha256),
         PublishedFile(digest_file.name, data=f"{ctx.state.staged_ova_sha256}  {final.name}\n".encode()),
+        *(f for path, digest in extras for f in (
+            PublishedFile(path.name, source=path, sha256=digest),
+            PublishedFile(path.name + ".sha256", data=f"{digest}  {path.name}\n".encode()))),
         PublishedFile("build-report.json", produce=lambda: (json.dumps(
             build_report(ctx, final, publishing=True), indent=2) + "\n").encode()),
     ])
     return StageOutcome.done(f"published {final}")
+
+
+def _verified_extras(ctx: BuildContext) -> list[tuple[Path, str]]:
+    """The staged extra formats with the digests verify recorded (under its receipt); each OVA rechecked."""
+    verified = (ctx.state.verify_report or {}).get("formats") or {}
+    out = []
+    for extra in ctx.state.staged_formats:
+        path, listed = Path(extra["path"]), verified.get(extra["format"])
+        if not isinstance(listed, dict) or listed.get("sha256") != extra["sha256"]:
+            raise UsageError(f"{path.name} ({extra['format']}) has not passed verification; nothing was published",
+                             hint="run `invoke build-ova` (without --only publish): it verifies every format")
+        if FORMATS[extra["format"]].kind == "ova":
+            recheck_staged(ctx, path)
+        out.append((path, extra["sha256"]))
+    return out
 
 
 def _image_report(ctx: BuildContext) -> dict[str, Any] | None:
@@ -376,6 +418,9 @@ def build_report(ctx: BuildContext, final: Path, *, publishing: bool = False) ->
                 # Which checks ran: says so when OVF schema validation could not run.
                 "verification": ctx.state.verify_report or None},
         "disk": {"path": str(disk) if disk else "", "size_bytes": disk_bytes},
+        # The other formats of output.formats, each published beside its .sha256.
+        "formats": [{"format": e["format"], "file": Path(e["path"]).name, "sha256": e["sha256"],
+                     "size_bytes": Path(e["path"]).stat().st_size} for e in ctx.state.staged_formats],
         "versions": {"k3s": ctx.cfg.k3s.version if ctx.cfg.stack_enabled else None,
                      "csghub_chart": ctx.cfg.csghub.chart_version if ctx.cfg.stack_enabled else None,
                      "images": ctx.state.images},

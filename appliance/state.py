@@ -92,7 +92,7 @@ def export_digest(cfg: ApplianceConfig) -> str:
         except OSError:
             eula = "unreadable"  # the export itself reports the problem
     return _digest({"disk": config_digest(cfg), "settings": data, "eula_sha256": eula,
-                    "ova_name": f"{cfg.output.name}-{cfg.appliance_version}.ova"})
+                    "ova_name": cfg.output.primary_ova.file_name(f"{cfg.output.name}-{cfg.appliance_version}")})
 
 
 @dataclass
@@ -111,6 +111,8 @@ class BuildState:
     disk_image: str = ""
     staged_ova: str = ""
     staged_ova_sha256: str = ""
+    # The formats beyond the first OVA (output.formats): {"format", "path", "sha256"} each.
+    staged_formats: list[dict[str, str]] = field(default_factory=list)
     verified_sha256: str = ""
     verify_report: dict[str, Any] = field(default_factory=dict)  # what verify checked (schema run or not)
     # HMAC over (verified_sha256, export_digest, verify_report) under a key outside build/

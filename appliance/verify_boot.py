@@ -304,7 +304,8 @@ def choose_accelerator(driver: str) -> tuple[str, str]:
 
 @contextmanager
 def _qemu_vm(
-    overlay: Path, forwards: dict[int, int], work: Path, cpus: int, memory_mb: int, nonce: str, accel: str
+    overlay: Path, forwards: dict[int, int], work: Path, cpus: int, memory_mb: int, nonce: str, accel: str,
+    nic: str = "e1000",
 ) -> Iterator[QemuGuest]:
     """Start QEMU (our child, stopped by its PID on every way out); yields the running guest.
 
@@ -329,12 +330,12 @@ def _qemu_vm(
         "-qmp", f"unix:{qmp_path},server=on,wait=off",
         # This boot's nonce, for the first-boot proof (read-only firmware data in the guest).
         "-smbios", f"type=11,value={NONCE_OEM_KEY}={nonce}",
-        # SATA (AHCI) and an Intel E1000, as the OVA describes: a guest that boots here has the
-        # drivers VirtualBox's hardware needs.
+        # SATA (AHCI) and the NIC the OVA describes (an Intel E1000 for VirtualBox, VMXNET3 for VMware:
+        # ``nic``): a guest that boots here has the drivers the target's hardware needs.
         "-device", "ahci,id=ahci",
         "-drive", f"if=none,id=disk0,file={overlay},format=qcow2",
         "-device", "ide-hd,drive=disk0,bus=ahci.0",
-        "-netdev", f"user,id=net0,restrict=on,{hostfwd}", "-device", "e1000,netdev=net0",
+        "-netdev", f"user,id=net0,restrict=on,{hostfwd}", "-device", f"{nic},netdev=net0",
     ]
     process = start_background(argv, qemu_log)
     guest = QemuGuest(process, Qmp(qmp_path), qemu_log, accel, console, time.monotonic())
@@ -396,6 +397,7 @@ def boot_check(
     nonce: str | None = None,
     overlay: Path | None = None,
     driver: str = "auto",
+    nic: str = "e1000",
 ) -> BootReport:
     """Boot ``vmdk`` through a qcow2 overlay, wait for SSH, log in; check HTTP when ``http_port`` is set.
 
@@ -408,6 +410,7 @@ def boot_check(
     the boot wrote: tests use it to boot one copy twice).
 
     ``driver`` is ``libvirt.driver``: ``kvm``, ``qemu`` (TCG) or ``auto`` (the host probe decides).
+    ``nic`` is the QEMU NIC device (the format record's ``NicChoice.qemu_device``: ``e1000``, ``vmxnet3``).
     A copy that stops running (QEMU exited, the guest paused or crashed) fails the check at once
     with QEMU's reason (``GuestStopped``); under ``auto``, a copy that stopped under KVM is booted
     once more under TCG, and the probe's cached answer is corrected for the rest of this host boot.
@@ -427,7 +430,7 @@ def boot_check(
                 report = _boot_once(vmdk, work, overlay, accel, login=login, http_port=http_port,
                                   http_host=http_host, http_path=http_path, http_if_stack=http_if_stack,
                                   ready_command=ready_command, cpus=cpus, memory_mb=memory_mb, timeout=timeout,
-                                  nonce=nonce)
+                                  nonce=nonce, nic=nic)
                 report.accelerator, report.kvm_failure = accel, kvm_failure
                 return report
             except GuestStopped as exc:
@@ -444,7 +447,7 @@ def boot_check(
 def _boot_once(
     vmdk: Path, work: Path, overlay: Path | None, accel: str, *, login: BootLogin, http_port: int | None,
     http_host: str | None, http_path: str, http_if_stack: bool, ready_command: str, cpus: int, memory_mb: int,
-    timeout: float, nonce: str,
+    timeout: float, nonce: str, nic: str = "e1000",
 ) -> BootReport:
     if overlay is None:
         overlay = work / "overlay.qcow2"
@@ -458,7 +461,7 @@ def _boot_once(
         forwards[http_host_port] = http_port
     started = time.monotonic()
     deadline = started + timeout
-    with _qemu_vm(overlay, forwards, work, cpus, memory_mb, nonce, accel) as guest:
+    with _qemu_vm(overlay, forwards, work, cpus, memory_mb, nonce, accel, nic) as guest:
         return check_booted_copy(ssh_port, http_host_port, guest.console, login=login, ready_command=ready_command,
                                  started=started, deadline=deadline, nonce=nonce, http_host=http_host,
                                  http_path=http_path, http_if_stack=http_if_stack, watch=guest.check)
