@@ -49,7 +49,7 @@ class FakeProvider(Provider):
         self.calls.append(("after_halt", project))
 
     def export(self, dest_dir: Path) -> Exported:
-        from appliance.export.libvirt import export_libvirt
+        from appliance.providers.libvirt.export import export_libvirt
 
         self.calls.append(("export", dest_dir))
         if self.disk is None:

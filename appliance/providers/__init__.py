@@ -8,8 +8,8 @@ from __future__ import annotations
 from appliance.config import ApplianceConfig
 from appliance.errors import UsageError
 from appliance.providers.base import Exported, Provider, require
-from appliance.providers.libvirt import LibvirtProvider
-from appliance.providers.virtualbox import VirtualBoxProvider
+from appliance.providers.libvirt.provider import LibvirtProvider
+from appliance.providers.virtualbox.provider import VirtualBoxProvider
 
 PROVIDERS: dict[str, type[Provider]] = {p.name: p for p in (LibvirtProvider, VirtualBoxProvider)}
 

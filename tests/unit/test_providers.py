@@ -20,8 +20,8 @@ from appliance.doctor import Check
 from appliance.errors import UsageError
 from appliance.pipeline import BuildContext, BuildOptions, stage_export, stage_halt
 from appliance.providers import PROVIDERS, Provider, boot_backend_for, provider_for
-from appliance.providers.libvirt import LibvirtProvider
-from appliance.providers.virtualbox import VirtualBoxProvider
+from appliance.providers.libvirt.provider import LibvirtProvider
+from appliance.providers.virtualbox.provider import VirtualBoxProvider
 from appliance.render import render_text
 from appliance.state import BuildState
 from tests.fake_provider import FakeProvider

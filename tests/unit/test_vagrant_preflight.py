@@ -1,7 +1,7 @@
 """Preflight errors that need the real tools but no running service: libvirt unreachable, box missing.
 
 The preflight before ``vagrant up`` and ``invoke doctor`` share one libvirt check
-(``appliance.providers.libvirt``): both are exercised here against the same unreachable socket.
+(``appliance.providers.libvirt.provider``): both are exercised here against the same unreachable socket.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from appliance.config import load_config
 from appliance.doctor import collect_checks
 from appliance.errors import PrerequisiteMissing, VagrantError
 from appliance.providers import provider_for
-from appliance.providers.libvirt import domain_name
+from appliance.providers.libvirt.provider import domain_name
 from appliance.run import which
 
 

@@ -77,7 +77,7 @@ def import_ova(vbox: VBoxSession) -> Iterator[Callable[..., dict[str, str]]]:
 
     Every VM imported through it is unregistered and deleted when the test ends.
     """
-    from appliance.export.virtualbox import parse_machinereadable
+    from appliance.providers.virtualbox.export import parse_machinereadable
 
     imported: list[str] = []
 

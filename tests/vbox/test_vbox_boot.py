@@ -49,7 +49,7 @@ def test_the_verify_vm_carries_this_boots_nonce_in_its_oem_strings(
     """The first-boot proof on VirtualBox: the real VBoxManage takes the nonce as the VM's
     ``DmiOEMVBoxRev`` (the SMBIOS type 11 string the guest reads, as under QEMU), the OVA's own
     forwards give way to the check's loopback ones, and the console goes to a file."""
-    from appliance.export.virtualbox import nat_rules, vm_info
+    from appliance.providers.virtualbox.export import nat_rules, vm_info
     from appliance.vboxboot import nonce_extradata_key, prepare_verify_vm
     from appliance.verify_boot import NONCE_OEM_KEY, new_boot_nonce
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.export.virtualbox import parse_machinereadable
+from appliance.providers.virtualbox.export import parse_machinereadable
 from appliance.vboxchroot import VBoxSession
 from appliance.verify_ova import check_structure
 from appliance.verify_vmdk import raw_content_digest, walk_stream_vmdk

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from appliance.config import ApplianceConfig
-from appliance.export.virtualbox import nat_rules
+from appliance.providers.virtualbox.export import nat_rules
 from appliance.providers import provider_for
 from appliance.vboxchroot import VBoxSession
 from appliance.verify import verify_ova

@@ -20,7 +20,7 @@ import pytest
 
 from appliance.config import ApplianceConfig
 from appliance.export.ova import write_ova
-from appliance.export.virtualbox import export_argv
+from appliance.providers.virtualbox.export import export_argv
 from appliance.vboxchroot import VBoxSession
 
 pytestmark = pytest.mark.vbox

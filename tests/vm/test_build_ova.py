@@ -37,7 +37,7 @@ import pytest
 import yaml
 
 from appliance.config import ApplianceConfig, public_dump
-from appliance.providers.libvirt import domain_name
+from appliance.providers.libvirt.provider import domain_name
 from appliance.run import run
 from appliance.state import BuildState
 from tests.vm.conftest import LibvirtEnv

@@ -22,7 +22,7 @@ import pytest
 from appliance import hostprobe, libvirtd, vagrant
 from appliance.config import ApplianceConfig
 from appliance.errors import GuestStopped
-from appliance.providers.libvirt import domain_name
+from appliance.providers.libvirt.provider import domain_name
 from appliance.run import run
 
 pytestmark = pytest.mark.vm

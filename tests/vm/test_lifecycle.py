@@ -16,7 +16,7 @@ import pytest
 from appliance import vagrant
 from appliance.config import ApplianceConfig
 from appliance.errors import VagrantError
-from appliance.providers.libvirt import domain_name
+from appliance.providers.libvirt.provider import domain_name
 from appliance.ssh import RemoteSession
 
 if TYPE_CHECKING:

@@ -5,7 +5,7 @@ qemu-img, virsh, libvirtd, libvirt answering at ``libvirt.uri``, the vagrant-lib
 and whether KVM really accelerates (``appliance.hostprobe``). The storage pool is not a check:
 the preflight makes sure it exists and runs (``ensure_storage_pool``, an explicit action that
 says what it changed). The disk is the domain's only hard disk; the OVA is written by our own
-writer (``appliance.export.libvirt``). The verify stage boots a copy under QEMU.
+writer (``appliance.providers.libvirt.export``). The verify stage boots a copy under QEMU.
 """
 
 from __future__ import annotations
@@ -270,12 +270,12 @@ class LibvirtProvider(Provider):
 
     def disk(self) -> Path:
         """The file behind the domain's only hard disk."""
-        from appliance.export.libvirt import find_domain_disk
+        from appliance.providers.libvirt.export import find_domain_disk
 
         return find_domain_disk(self.cfg.libvirt.uri, domain_name(self.cfg))
 
     def export(self, dest_dir: Path) -> Exported:
-        from appliance.export.libvirt import export_libvirt
+        from appliance.providers.libvirt.export import export_libvirt
 
         disk = self.disk()
         return Exported(export_libvirt(self.cfg, disk, dest_dir), disk)

@@ -3,7 +3,7 @@
 Host checks: VBoxManage, its kernel driver, whether this Vagrant drives this VirtualBox line,
 and qemu-img (``verify-ova`` reads the exported disk with it on every host). No driver to
 resolve, no preflight beyond Vagrant's own. VirtualBox exports the VM itself
-(``appliance.export.virtualbox``) and the verify stage boots the OVA in VirtualBox
+(``appliance.providers.virtualbox.export``) and the verify stage boots the OVA in VirtualBox
 (``appliance.vboxboot``). The base box is Vagrant's VirtualBox format with our own OVF.
 """
 
@@ -69,7 +69,7 @@ class VirtualBoxProvider(Provider):
         return None
 
     def export(self, dest_dir: Path) -> Exported:
-        from appliance.export.virtualbox import export_virtualbox
+        from appliance.providers.virtualbox.export import export_virtualbox
 
         return Exported(export_virtualbox(self.cfg, dest_dir))
 
