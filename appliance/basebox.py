@@ -41,7 +41,7 @@ from appliance.log import human_size, log
 from appliance.run import run, which
 
 if TYPE_CHECKING:  # pragma: no cover
-    from appliance.providers import Provider
+    from appliance.providers.base import Provider
 
 # Bump when the packaging below changes in a way the inputs do not show.
 BOX_FORMAT_VERSION = 1
@@ -370,7 +370,7 @@ def ensure_base_box(cfg: ApplianceConfig) -> BoxCheck:
 def box_provider(cfg: ApplianceConfig) -> Provider:
     """The provider the box is for: the configured one (``auto`` resolved as ``invoke up`` would)."""
     from appliance.config import resolve_provider
-    from appliance.providers import provider_for
+    from appliance.providers.registry import provider_for
 
     return provider_for(resolve_provider(cfg)[0])
 
@@ -460,7 +460,7 @@ KERNEL_DIR_SUFFIX = ".kernel"
 
 @dataclass(frozen=True)
 class BoxKernel:
-    """The kernel and initramfs inside a cached libvirt base box (``appliance.hostprobe`` boots them)."""
+    """The kernel and initramfs inside a cached libvirt base box (the KVM probe, ``providers.libvirt.hostprobe``)."""
 
     vmlinuz: Path
     initrd: Path

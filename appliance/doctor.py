@@ -174,7 +174,7 @@ def check_image_cache(cfg: ApplianceConfig) -> list[Check]:
 
 def collect_checks(cfg: ApplianceConfig) -> list[Check]:
     """Every check for ``cfg.provider`` (already resolved from ``auto``): the provider's own among them."""
-    from appliance.providers import provider_for
+    from appliance.providers.registry import provider_for
 
     provider = provider_for(cfg)
     probes: list[Callable[[], list[Check]]] = [

@@ -31,7 +31,7 @@ from appliance.scripts import discover_scripts
 from appliance.state import BuildState, config_digest, export_digest
 
 if TYPE_CHECKING:  # pragma: no cover
-    from appliance.providers import Provider
+    from appliance.providers.base import Provider
     from appliance.ssh import SSHEndpoint
 
 OnError = Literal["keep", "destroy"]
@@ -67,7 +67,7 @@ class BuildContext:
     @functools.cached_property
     def provider(self) -> Provider:
         """The provider, built once from the configuration (tests assign a fake before the stages run)."""
-        from appliance.providers import provider_for
+        from appliance.providers.registry import provider_for
 
         return provider_for(self.cfg)
 

@@ -91,7 +91,7 @@ def render_text(
     provision_dir: Path = PROVISION_DIR,
 ) -> str:
     """The Vagrantfile text for ``cfg`` as it would be written into ``output_dir``."""
-    from appliance.providers import provider_for
+    from appliance.providers.registry import provider_for
 
     # The provider block's inputs come from the provider (an unresolved `auto` provider is refused there).
     facts = provider_for(cfg).vagrantfile_inputs(libvirt_driver)
@@ -151,7 +151,7 @@ def render_vagrantfile(
     """Write the Vagrantfile for ``cfg`` to ``output`` (atomically) and return its path.
 
     ``libvirt_driver`` is the resolved driver when ``cfg.libvirt.driver`` is ``auto``
-    (see ``appliance.hostprobe``); an unresolved ``auto`` is refused. Use
+    (see ``appliance.providers.libvirt.hostprobe``); an unresolved ``auto`` is refused. Use
     ``appliance.vagrant.render``, which resolves it and adds the pinned uploads.
     """
     path = Path(output)

@@ -312,7 +312,7 @@ def _hint_for(output: str, phase: str | None, *, timed_out: bool) -> str | None:
     if re.search(r"box '[^']+' could not be found|could not be found or\s+could not be accessed", output):
         return "build and add the base box first: `invoke base-box`"
     if "Error while connecting to Libvirt" in output or "Failed to connect socket" in output:
-        from appliance.libvirtd import start_hint
+        from appliance.providers.libvirt.libvirtd import start_hint
 
         return start_hint()
     if "provider 'libvirt' could not be found" in output:
@@ -332,7 +332,7 @@ def _hint_for(output: str, phase: str | None, *, timed_out: bool) -> str | None:
 def _provider(cfg: ApplianceConfig, provider: Provider | None) -> Provider:
     if provider is not None:
         return provider
-    from appliance.providers import provider_for
+    from appliance.providers.registry import provider_for
 
     return provider_for(cfg)
 
@@ -375,7 +375,7 @@ def render(cfg: ApplianceConfig, output: str | Path | None = None, *,
     """Write the Vagrantfile: the one render behind ``invoke render``, ``invoke up`` and the build.
 
     It always carries what ``vagrant up`` needs to give the same VM as the build: the driver
-    the provider resolves (libvirt ``auto`` probed by ``appliance.hostprobe``, never guessed as
+    the provider resolves (libvirt ``auto`` probed by ``appliance.providers.libvirt.hostprobe``, never guessed as
     ``kvm`` on a host where KVM hangs guests), and the pinned artifacts and manifests the k3s
     and CSGHub steps read (``ArtifactError`` pointing at ``invoke fetch`` when the cache lacks
     one, rather than a Vagrantfile that fails at the k3s step). ``output`` (a file or
@@ -477,7 +477,7 @@ def up(
     except GuestStopped as exc:
         if not provider.can_fall_back(driver):
             raise
-        from appliance.hostprobe import record_kvm_failure
+        from appliance.providers.libvirt.hostprobe import record_kvm_failure
 
         record_kvm_failure(exc.reason)
         log.warning(f"KVM could not run {cfg.vm.name} ({exc.reason}); removing it and booting it again under TCG "
@@ -485,7 +485,7 @@ def up(
         destroy(cfg, provider=provider)
         # The domain is defined anew from a Vagrantfile that names TCG, whatever the probe's cache says.
         tcg = cfg.model_copy(update={"libvirt": cfg.libvirt.model_copy(update={"driver": "qemu"})})
-        from appliance.providers import provider_for
+        from appliance.providers.registry import provider_for
 
         render(tcg, provider=provider_for(tcg))
         forget_host_key(known_hosts_path(cfg))

@@ -90,7 +90,7 @@ def verify_ova(
     ``boot_with`` is ``qemu`` (the extracted disk under QEMU, no route out; ``driver`` as
     ``libvirt.driver``: ``kvm``, ``qemu`` for TCG, ``auto`` for KVM if it works, else TCG) or
     ``virtualbox`` (the OVA imported into a temporary VirtualBox VM, see
-    ``appliance.vboxboot``).
+    ``appliance.providers.virtualbox.boot``).
 
     With ``cfg`` and no ``login``, the boot check's login and HTTP port come from the
     configuration (see :func:`boot_access`), and so do its CPUs (at most the host's) and memory.
@@ -112,7 +112,7 @@ def verify_ova(
         boot_timeout = cfg.vm.verify_timeout
         cpus, memory_mb = min(cfg.vm.cpus, os.cpu_count() or 1), cfg.vm.memory_mb
         driver = cfg.libvirt.driver
-        from appliance.providers import boot_backend_for
+        from appliance.providers.registry import boot_backend_for
 
         boot_with = boot_backend_for(cfg)
     _require_regular_ova(path)
@@ -138,7 +138,7 @@ def verify_ova(
                 raise VerifyError(f"{path}: boot check expects one disk, found {len(disks)}")
             with log.step(f"boot a fresh copy ({boot_with})"):
                 if boot_with == "virtualbox":
-                    from appliance.vboxboot import import_size, virtualbox_boot_check
+                    from appliance.providers.virtualbox.boot import import_size, virtualbox_boot_check
 
                     # VirtualBox imports the OVA itself: the disk copied out for the structural
                     # check has served; what the import will write is measured from it, then it goes.
@@ -230,7 +230,7 @@ def verify_from_config(
     and report say why.
     """
     from appliance.artifacts import ensure_ovf_schemas
-    from appliance.providers import boot_backend_for
+    from appliance.providers.registry import boot_backend_for
 
     _require_regular_ova(path)
     login, http_port = boot_access(cfg, ssh_key=ssh_key, http=http) if boot else (None, None)

@@ -116,7 +116,7 @@ class Graph:
             nexts = sorted(w for w in self.edges[path[-1]] if w in members)
             back = [w for w in nexts if w in seen]
             if back:
-                return path[path.index(back[0]):] + [back[0]]
+                return [*path[path.index(back[0]):], back[0]]
             path.append(nexts[0])
             seen.add(nexts[0])
 

@@ -146,8 +146,8 @@ def imported(output: str) -> bool:
 
 
 def test_full_build_serves_the_portal(release_host: None, tmp_path: Path) -> None:
-    from appliance.providers.virtualbox.export import unregister_and_delete
     from appliance.images import read_image_list
+    from appliance.providers.virtualbox.export import unregister_and_delete
 
     work = tmp_path / "work"
     work.mkdir()

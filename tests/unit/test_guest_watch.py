@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import GuestStopped
-from appliance.hostprobe import qemu_failure_lines
+from appliance.providers.libvirt.hostprobe import qemu_failure_lines
 from appliance.providers.libvirt.provider import domain_log_reason, parse_domstate
 from appliance.run import Terminated, process_alive, run, termination_as_interrupt
 from appliance.vagrant import qemu_start_failure

@@ -19,8 +19,9 @@ from appliance.config import ApplianceConfig, load_config
 from appliance.doctor import Check
 from appliance.errors import UsageError
 from appliance.pipeline import BuildContext, BuildOptions, stage_export, stage_halt
-from appliance.providers import PROVIDERS, Provider, boot_backend_for, provider_for
+from appliance.providers.base import Provider
 from appliance.providers.libvirt.provider import LibvirtProvider
+from appliance.providers.registry import PROVIDERS, boot_backend_for, provider_for
 from appliance.providers.virtualbox.provider import VirtualBoxProvider
 from appliance.render import render_text
 from appliance.state import BuildState

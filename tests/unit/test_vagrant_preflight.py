@@ -14,8 +14,8 @@ from appliance import vagrant
 from appliance.config import load_config
 from appliance.doctor import collect_checks
 from appliance.errors import PrerequisiteMissing, VagrantError
-from appliance.providers import provider_for
 from appliance.providers.libvirt.provider import domain_name
+from appliance.providers.registry import provider_for
 from appliance.run import which
 
 

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from appliance import hostprobe, vagrant
+from appliance import vagrant
 from appliance.artifacts import guest_uploads
 from appliance.config import ApplianceConfig, guest_environment, load_config
 from appliance.errors import ArtifactError
+from appliance.providers.libvirt import hostprobe
 from appliance.scripts import GUEST_PROVISION_DIR, discover_scripts
 from appliance.steps import pinned_uploads, step_inputs
 

@@ -182,8 +182,8 @@ def test_a_copy_that_stops_fails_the_boot_check_at_once(tmp_path: Path, monkeypa
     """The VirtualBox boot watches the VM's state at every poll: an abort fails now, not at the deadline."""
     import time
 
-    from appliance import vboxboot
     from appliance.errors import GuestStopped
+    from appliance.providers.virtualbox import boot as vboxboot
     from appliance.verify_boot import SSHLogin, check_booted_copy, free_loopback_port, wait_http
 
     console = tmp_path / "console.log"

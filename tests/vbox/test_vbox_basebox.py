@@ -13,10 +13,10 @@ import pytest
 
 from appliance.basebox import KEY_NAME, VBOX_BOX_DISK, add_box, installed_versions
 from appliance.config import ApplianceConfig
+from appliance.providers.registry import provider_for
+from appliance.providers.virtualbox.chroot import VBoxSession
 from appliance.providers.virtualbox.export import nat_rules
-from appliance.providers import provider_for
 from appliance.run import run
-from appliance.vboxchroot import VBoxSession
 
 pytestmark = pytest.mark.vbox
 

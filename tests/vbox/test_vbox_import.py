@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from appliance.providers.virtualbox.chroot import VBoxSession
 from appliance.providers.virtualbox.export import nat_rules
-from appliance.vboxchroot import VBoxSession
 
 pytestmark = pytest.mark.vbox
 

@@ -19,8 +19,8 @@ import pytest
 
 from appliance.config import ApplianceConfig
 from appliance.errors import ExportError
+from appliance.providers.virtualbox.chroot import VBoxSession
 from appliance.providers.virtualbox.export import export_virtualbox, nat_rules, unregister_and_delete, vm_info
-from appliance.vboxchroot import VBoxSession
 
 pytestmark = pytest.mark.vbox
 
@@ -70,7 +70,7 @@ def _create_vm(vbox: VBoxSession, name: str, folder: Path) -> Path:
 def test_unregister_waits_for_a_named_session_and_deletes(vbox: VBoxSession, vboxmanage_on_path: Path,
                                                           hold_session: Callable[..., subprocess.Popen[str]],
                                                           vm_name: str, tmp_path: Path) -> None:
-    from appliance.vboxboot import why_stopped
+    from appliance.providers.virtualbox.boot import why_stopped
 
     vm_dir = _create_vm(vbox, vm_name, tmp_path / "vms")
     assert why_stopped(vm_name) == "VirtualBox reports it 'poweroff'"  # the verify boot's watch: not running

@@ -15,7 +15,7 @@ Fixtures other VM tests reuse:
     this session's tests left behind: domains named ``<vm_prefix>*``, the network, the pool
     and its directory.
     To let libvirtd start on a host without libvirt-daemon-system (like this one) it first
-    runs the product's own one-time preparation (``appliance.libvirtd.prepare_host``, what
+    runs the product's own one-time preparation (``appliance.providers.libvirt.libvirtd.prepare_host``, what
     that package would make: /var/log/libvirt/qemu, the ``libvirt-qemu`` system user, which
     libvirtd 9 resolves even when qemu.conf names another user), and, only when no
     /etc/libvirt/qemu.conf exists, writes one that runs QEMU as root (removed again at the end).
@@ -58,7 +58,7 @@ from pathlib import Path
 import pytest
 
 from appliance.config import ApplianceConfig, load_config
-from appliance.libvirtd import LIBVIRT_SOCKET, VIRTLOGD_SOCKET, socket_answers
+from appliance.providers.libvirt.libvirtd import LIBVIRT_SOCKET, VIRTLOGD_SOCKET, socket_answers
 from appliance.run import run, which
 
 URI = "qemu:///system"
@@ -160,7 +160,7 @@ class _Daemons:
 
     def _start(self, program: str, sock: Path, started: list[list[object]]) -> None:
         from appliance.errors import PrerequisiteMissing
-        from appliance.libvirtd import start_daemon
+        from appliance.providers.libvirt.libvirtd import start_daemon
 
         try:
             started.append([program, start_daemon(program, sock, SHARED_STATE / f"{program}.pid",
@@ -176,7 +176,7 @@ class _Daemons:
             state: dict[str, object] = {"started": [], "wrote_qemu_conf": False}
             # What libvirt-daemon-system would have set up (the product's own one-time preparation,
             # as `up` does it); libvirtd refuses to start without it.
-            from appliance.libvirtd import prepare_host
+            from appliance.providers.libvirt.libvirtd import prepare_host
 
             prepare_host()
             if not QEMU_CONF.exists():

@@ -144,7 +144,7 @@ def _hand_libvirtd_to_the_product(libvirt_env: LibvirtEnv) -> tuple[str, float]:
 
 def _adopt_what_the_product_started(libvirt_env: LibvirtEnv, since: float) -> list[list[object]]:
     """The daemons the build started (its pid files, written after ``since``), handed to the fixture to stop."""
-    from appliance.libvirtd import PID_DIR
+    from appliance.providers.libvirt.libvirtd import PID_DIR
 
     started: list[list[object]] = []
     for program in ("virtlogd", "libvirtd"):

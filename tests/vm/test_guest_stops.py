@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from appliance import hostprobe, libvirtd, vagrant
+from appliance import vagrant
 from appliance.config import ApplianceConfig
 from appliance.errors import GuestStopped
+from appliance.providers.libvirt import hostprobe, libvirtd
 from appliance.providers.libvirt.provider import domain_name
 from appliance.run import run
 

@@ -21,7 +21,7 @@ import yaml
 
 from appliance import vagrant
 from appliance.config import ApplianceConfig, public_dump
-from appliance.providers import provider_for
+from appliance.providers.registry import provider_for
 from appliance.run import run
 from appliance.steps import DEFAULT_STATE_DIR, PlannedStep, ProvisionReport, provision_vagrant_vm
 

@@ -2,7 +2,7 @@
 
 Host checks (shared by ``invoke doctor`` and the preflight before ``vagrant up``): QEMU,
 qemu-img, virsh, libvirtd, libvirt answering at ``libvirt.uri``, the vagrant-libvirt plugin,
-and whether KVM really accelerates (``appliance.hostprobe``). The storage pool is not a check:
+and whether KVM really accelerates (``appliance.providers.libvirt.hostprobe``). The storage pool is not a check:
 the preflight makes sure it exists and runs (``ensure_storage_pool``, an explicit action that
 says what it changed). The disk is the domain's only hard disk; the OVA is written by our own
 writer (``appliance.providers.libvirt.export``). The verify stage boots a copy under QEMU.
@@ -16,9 +16,9 @@ from pathlib import Path
 from appliance.config import ApplianceConfig
 from appliance.doctor import Check, tool_check
 from appliance.errors import GuestStopped, PrerequisiteMissing, UsageError, VagrantError
-from appliance.libvirtd import QEMU_LOG_DIR
 from appliance.log import log
 from appliance.providers.base import Exported, Provider, require
+from appliance.providers.libvirt.libvirtd import QEMU_LOG_DIR
 from appliance.run import run, which
 
 APT = "apt-get install --no-install-recommends "
@@ -49,7 +49,7 @@ def parse_domstate(text: str) -> tuple[str, str]:
 
 def domain_log_reason(domain: str, log_dir: Path = QEMU_LOG_DIR) -> str:
     """Why the domain's QEMU stopped, from libvirt's log of its latest start (``<log_dir>/<domain>.log``)."""
-    from appliance.hostprobe import domain_failure_lines
+    from appliance.providers.libvirt.hostprobe import domain_failure_lines
 
     lines = domain_failure_lines(domain, log_dir)
     path = log_dir / f"{domain}.log"
@@ -112,14 +112,14 @@ def reachable_check(cfg: ApplianceConfig) -> Check:
     if probe.ok:
         return Check("libvirt", "ok", f"reachable at {uri}")
     why = " ".join(probe.tail("stderr", 2)) or "no answer"
-    from appliance.libvirtd import start_hint
+    from appliance.providers.libvirt.libvirtd import start_hint
 
     return Check("libvirt", "fail", f"not reachable at {uri}: {why}", start_hint(uri))
 
 
 def kvm_user_check(cfg: ApplianceConfig) -> Check:
     """Can the user libvirt runs QEMU as open /dev/kvm? (Root probing KVM proves nothing about that user.)"""
-    from appliance.libvirtd import kvm_access, qemu_user
+    from appliance.providers.libvirt.libvirtd import kvm_access, qemu_user
 
     access = kvm_access(qemu_user())
     name = f"/dev/kvm for libvirt's QEMU user ({access.user})"
@@ -149,7 +149,7 @@ def plugin_check() -> Check:
 def acceleration_check(cfg: ApplianceConfig) -> Check:
     if cfg.libvirt.driver == "qemu":
         return Check("acceleration", "ok", "driver qemu (TCG emulation) chosen in config")
-    from appliance.hostprobe import detect_libvirt_driver
+    from appliance.providers.libvirt.hostprobe import detect_libvirt_driver
 
     driver, why = detect_libvirt_driver(uri=cfg.libvirt.uri, machine_type=cfg.libvirt.machine_type)
     if driver == "kvm":
@@ -211,7 +211,7 @@ class LibvirtProvider(Provider):
         return check_libvirt(self.cfg)
 
     def resolve_driver(self) -> str | None:
-        from appliance.hostprobe import resolve_libvirt_driver
+        from appliance.providers.libvirt.hostprobe import resolve_libvirt_driver
 
         return resolve_libvirt_driver(self.cfg.libvirt.driver, uri=self.cfg.libvirt.uri,
                                       machine_type=self.cfg.libvirt.machine_type)
@@ -237,12 +237,12 @@ class LibvirtProvider(Provider):
         require([virsh_check, lambda: reachable_check(self.cfg)])
 
     def start_services(self) -> None:
-        from appliance.libvirtd import ensure_running
+        from appliance.providers.libvirt.libvirtd import ensure_running
 
         ensure_running(self.cfg.libvirt.uri)  # root without systemd: starts libvirtd itself, and says so
 
     def preflight(self) -> None:
-        from appliance.libvirtd import ensure_running
+        from appliance.providers.libvirt.libvirtd import ensure_running
 
         require([virsh_check])
         ensure_running(self.cfg.libvirt.uri)  # root without systemd: starts libvirtd itself, and says so
@@ -264,7 +264,7 @@ class LibvirtProvider(Provider):
 
     def after_halt(self, project: Path) -> None:
         # vagrant-libvirt's `ssh -L` forwards outlive a VM that powered itself off (the seal).
-        from appliance import forwards
+        from appliance.providers.libvirt import forwards
 
         forwards.clear(self.cfg, project)
 

@@ -4,7 +4,7 @@ Host checks: VBoxManage, its kernel driver, whether this Vagrant drives this Vir
 and qemu-img (``verify-ova`` reads the exported disk with it on every host). No driver to
 resolve, no preflight beyond Vagrant's own. VirtualBox exports the VM itself
 (``appliance.providers.virtualbox.export``) and the verify stage boots the OVA in VirtualBox
-(``appliance.vboxboot``). The base box is Vagrant's VirtualBox format with our own OVF.
+(``appliance.providers.virtualbox.boot``). The base box is Vagrant's VirtualBox format with our own OVF.
 """
 
 from __future__ import annotations

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from appliance.errors import CommandFailed, ExportError, GuestStopped, PrerequisiteMissing, VerifyError
-from appliance.providers.virtualbox.export import nat_rules, unregister_and_delete, vboxmanage, vm_info
 from appliance.log import human_size, log
+from appliance.providers.virtualbox.export import nat_rules, unregister_and_delete, vboxmanage, vm_info
 from appliance.run import run
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from appliance.errors import ApplianceError
-from appliance.libvirtd import QEMU_LOG_DIR
 from appliance.log import log
+from appliance.providers.libvirt.libvirtd import QEMU_LOG_DIR
 from appliance.run import run, which
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -248,7 +248,7 @@ def detect_libvirt_driver(*, refresh: bool = False, cache_dir: Path | None = Non
             pass
     if which("qemu-system-x86_64") is None:
         return "qemu", "qemu-system-x86_64 is not installed, so KVM cannot be tested"
-    from appliance.libvirtd import kvm_access, qemu_user
+    from appliance.providers.libvirt.libvirtd import kvm_access, qemu_user
 
     access = kvm_access(qemu_user())
     if not access.allowed and os.path.exists("/dev/kvm"):

@@ -206,7 +206,8 @@ def start_hint(uri: str = SYSTEM_URI) -> str:
     if uri != SYSTEM_URI:
         return f"start the libvirt instance {uri} answers for"
     return (f"run `{sudo}invoke up` (as root it starts libvirtd itself), or start it: "
-            f"`{sudo}python3 -m appliance.libvirtd prepare && {sudo}virtlogd -d && {sudo}libvirtd -d`")
+            f"`{sudo}python3 -m appliance.providers.libvirt.libvirtd prepare && {sudo}virtlogd -d && "
+            f"{sudo}libvirtd -d`")
 
 
 def ensure_running(uri: str) -> bool:
@@ -225,9 +226,9 @@ def ensure_running(uri: str) -> bool:
 
 
 def main(argv: list[str]) -> int:
-    """``python3 -m appliance.libvirtd prepare``: the one-time preparation, for scripts/setup.sh."""
+    """``python3 -m appliance.providers.libvirt.libvirtd prepare``: the one-time preparation, for scripts/setup.sh."""
     if argv != ["prepare"]:
-        print("usage: python3 -m appliance.libvirtd prepare", file=sys.stderr)
+        print("usage: python3 -m appliance.providers.libvirt.libvirtd prepare", file=sys.stderr)
         return 2
     prepare_host()
     return 0

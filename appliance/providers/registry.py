@@ -1,0 +1,28 @@
+"""Which provider a resolved configuration names: ``provider_for``, and the boot backend of ``verify-ova``."""
+
+from __future__ import annotations
+
+from appliance.config import ApplianceConfig
+from appliance.errors import UsageError
+from appliance.providers.base import Provider
+from appliance.providers.libvirt.provider import LibvirtProvider
+from appliance.providers.virtualbox.provider import VirtualBoxProvider
+
+PROVIDERS: dict[str, type[Provider]] = {p.name: p for p in (LibvirtProvider, VirtualBoxProvider)}
+
+
+def provider_for(cfg: ApplianceConfig) -> Provider:
+    """The provider of a resolved configuration (``auto`` must be resolved first: ``config.resolve_provider``)."""
+    kind = PROVIDERS.get(cfg.provider)
+    if kind is None:
+        raise UsageError(
+            f"provider {cfg.provider!r} is not resolved: resolve 'auto' first ({' or '.join(sorted(PROVIDERS))})"
+        )
+    return kind(cfg)
+
+
+def boot_backend_for(cfg: ApplianceConfig) -> str:
+    """How ``verify-ova`` boots a copy for this configuration; an unresolved ``auto`` boots under QEMU,
+    which needs no hypervisor beyond QEMU itself (``verify-ova`` does not probe for VirtualBox)."""
+    kind = PROVIDERS.get(cfg.provider, LibvirtProvider)
+    return kind.boot_backend
