@@ -46,7 +46,7 @@ INTERNET_HOSTS = [("github.com", 443), ("charts.opencsg.com", 443), ("registry-1
 
 def virtualbox_missing() -> str | None:
     """Why VirtualBox cannot run VMs here, or None: VBoxManage, then its kernel driver (as doctor checks it)."""
-    from appliance.providers.virtualbox.provider import vbox_driver_missing
+    from appliance.providers.virtualbox.hostprobe import vbox_driver_missing
 
     vbox = shutil.which("VBoxManage") or shutil.which("vboxmanage")
     if vbox is None:

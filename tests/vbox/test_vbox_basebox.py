@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from appliance.basebox import KEY_NAME, VBOX_BOX_DISK, add_box, installed_versions
+from appliance.basebox import KEY_NAME, add_box, installed_versions
 from appliance.config import ApplianceConfig
 from appliance.providers.registry import provider_for
+from appliance.providers.virtualbox.box import VBOX_BOX_DISK
 from appliance.providers.virtualbox.chroot import VBoxSession
 from appliance.providers.virtualbox.export import nat_rules
 from appliance.run import run

@@ -122,7 +122,8 @@ def test_export_waits_for_an_unnamed_session(vbox: VBoxSession, vboxmanage_on_pa
 
 def test_doctor_says_the_driver_is_missing_here(vboxmanage_on_path: Path) -> None:
     """`VBoxManage list hostinfo` answers without the driver; the check looks at the driver's device."""
-    from appliance.providers.virtualbox.provider import VBOXDRV, check_virtualbox
+    from appliance.providers.virtualbox.hostprobe import VBOXDRV
+    from appliance.providers.virtualbox.provider import check_virtualbox
 
     if VBOXDRV.exists():
         pytest.skip(f"this host has VirtualBox's kernel driver ({VBOXDRV})")

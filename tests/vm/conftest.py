@@ -59,6 +59,7 @@ import pytest
 
 from appliance.config import ApplianceConfig, load_config
 from appliance.providers.libvirt.libvirtd import LIBVIRT_SOCKET, VIRTLOGD_SOCKET, socket_answers
+from appliance.providers.registry import provider_for
 from appliance.run import run, which
 
 URI = "qemu:///system"
@@ -312,7 +313,7 @@ def base_box(libvirt_env: LibvirtEnv, tmp_path_factory: pytest.TempPathFactory) 
 
     cfg = load_config(None, [], "libvirt", cwd=tmp_path_factory.mktemp("basebox"))
     try:
-        return build_base_box(cfg)
+        return build_base_box(cfg, provider_for(cfg))
     except PrerequisiteMissing as exc:
         pytest.skip(f"cannot build the base box here: {exc}")
 

@@ -31,6 +31,26 @@ LIBVIRT_SOCKET = Path("/run/libvirt/libvirt-sock")
 VIRTLOGD_SOCKET = Path("/run/libvirt/virtlogd-sock")
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
 QEMU_LOG_DIR = Path("/var/log/libvirt/qemu")
+
+
+# -- what `virsh domstate --reason` says ----------------------------------------------------------
+
+# States in which a domain is still on its way up (libvirt 9: tools/virsh-domain-monitor.c).
+STARTING = {("paused", "starting up"), ("paused", "booting"), ("paused", "migration"), ("paused", "snapshot")}
+# States a domain that ran is in once it no longer runs its guest.
+STOPPED = ("paused", "shut off", "crashed", "pmsuspended")
+
+
+def parse_domstate(text: str) -> tuple[str, str]:
+    """``("paused", "crashed")`` from ``virsh domstate --reason`` output ``paused (crashed)``."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    m = re.fullmatch(r"(.+?)\s*\((.*)\)", line)
+    return (m.group(1).strip(), m.group(2).strip()) if m else (line, "")
+
+
+def has_stopped(state: str, reason: str) -> bool:
+    """Whether a domain in this state no longer runs its guest (a paused domain still starting up does)."""
+    return state in STOPPED and (state, reason) not in STARTING
 # Debian builds libvirt with --with-qemu-user=libvirt-qemu: QEMU runs as this user unless qemu.conf says otherwise.
 DEFAULT_QEMU_USER = "libvirt-qemu"
 KVM_DEVICE = Path("/dev/kvm")
