@@ -33,10 +33,13 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from appliance.basebox import KEY_NAME, cache_dir
 from appliance.config import ApplianceConfig
 from appliance.errors import UsageError, VerifyError
 from appliance.inputs import describe, open_regular
 from appliance.log import log
+from appliance.providers.registry import boot_backend_for
+from appliance.providers.virtualbox.boot import import_size, virtualbox_boot_check
 from appliance.verify_boot import BootLogin, BootReport, ConsoleLogin, SSHLogin, boot_check
 from appliance.verify_ova import NO_SCHEMA_DIR, check_structure
 
@@ -112,8 +115,6 @@ def verify_ova(
         boot_timeout = cfg.vm.verify_timeout
         cpus, memory_mb = min(cfg.vm.cpus, os.cpu_count() or 1), cfg.vm.memory_mb
         driver = cfg.libvirt.driver
-        from appliance.providers.registry import boot_backend_for
-
         boot_with = boot_backend_for(cfg)
     _require_regular_ova(path)
     if boot and login is None:
@@ -138,8 +139,6 @@ def verify_ova(
                 raise VerifyError(f"{path}: boot check expects one disk, found {len(disks)}")
             with log.step(f"boot a fresh copy ({boot_with})"):
                 if boot_with == "virtualbox":
-                    from appliance.providers.virtualbox.boot import import_size, virtualbox_boot_check
-
                     # VirtualBox imports the OVA itself: the disk copied out for the structural
                     # check has served; what the import will write is measured from it, then it goes.
                     disk = next(iter(disks.values()))
@@ -203,8 +202,6 @@ def boot_access(
         return ConsoleLogin(), http_port
     key = ssh_key or cfg.ssh.private_key
     if not key:
-        from appliance.basebox import KEY_NAME, cache_dir
-
         key = str(cache_dir() / "keys" / KEY_NAME)
     key_file = Path(key).expanduser()
     if ssh_key:
@@ -230,7 +227,6 @@ def verify_from_config(
     and report say why.
     """
     from appliance.artifacts import ensure_ovf_schemas
-    from appliance.providers.registry import boot_backend_for
 
     _require_regular_ova(path)
     login, http_port = boot_access(cfg, ssh_key=ssh_key, http=http) if boot else (None, None)
