@@ -16,7 +16,7 @@ from invoke import task
 from invoke.context import Context
 from invoke.exceptions import Exit
 
-from appliance.config import ApplianceConfig, load_config, resolve_provider
+from appliance.config import ApplianceConfig, load_config
 from appliance.errors import ApplianceError
 from appliance.log import debugging, log
 from appliance.run import Terminated, termination_as_interrupt
@@ -71,6 +71,8 @@ def config_from_flags(
     config: str | None, set_: list[str] | None, provider: str | None, *, resolve: bool = True,
     skip_steps: list[str] | None = None,
 ) -> ApplianceConfig:
+    from appliance.providers.registry import resolve_provider
+
     cfg = load_config(config, set_ or [], provider, skip_steps=skip_steps or ())
     if resolve:
         cfg, why = resolve_provider(cfg)
