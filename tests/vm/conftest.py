@@ -32,9 +32,10 @@ Fixtures other VM tests reuse:
     8 GB disk, k3s/CSGHub steps skipped, no port forwards, boot timeout 300 s, build dir
     under the test's tmp_path. ``name`` becomes part of ``vm.name``
     (``csghub-vmtest-<session token>-<name>``, so parallel sessions never collide; use
-    ``appliance.providers.libvirt.domain_name(cfg)`` for the libvirt domain);
-    extra ``--set`` expressions override anything. Boot it with ``appliance.vagrant.up(cfg,
-    render_first=True)`` and always ``destroy(cfg)`` in a ``finally`` (the session teardown
+    ``appliance.providers.libvirt.provider.domain_name(cfg)`` for the libvirt domain);
+    extra ``--set`` expressions override anything. Boot it with ``appliance.vm.up(cfg,
+    provider_for(cfg), render_first=True)`` and always ``vm.destroy(cfg, provider_for(cfg))`` in a
+    ``finally`` (the session teardown
     removes leftovers anyway). Boots under TCG take ~40-60 s: keep them few.
 """
 
