@@ -16,7 +16,7 @@ from invoke import task
 from invoke.context import Context
 from invoke.exceptions import Exit
 
-from appliance.config import ApplianceConfig, load_config, resolve_provider
+from appliance.config import ApplianceConfig, load_config
 from appliance.errors import ApplianceError
 from appliance.log import debugging, log
 from appliance.run import Terminated, termination_as_interrupt
@@ -71,6 +71,8 @@ def config_from_flags(
     config: str | None, set_: list[str] | None, provider: str | None, *, resolve: bool = True,
     skip_steps: list[str] | None = None,
 ) -> ApplianceConfig:
+    from appliance.providers.registry import resolve_provider
+
     cfg = load_config(config, set_ or [], provider, skip_steps=skip_steps or ())
     if resolve:
         cfg, why = resolve_provider(cfg)
@@ -93,9 +95,11 @@ def config(c: Context, config: str | None = None, set_: list[str] | None = None,
 def render(c: Context, config: str | None = None, set_: list[str] | None = None, provider: str | None = None,
            output: str | None = None, debug: bool = False) -> None:
     """Render the Vagrantfile for the configured provider (pinned artifacts must be fetched)."""
-    from appliance.vagrant import render as render_project
+    from appliance.providers.registry import provider_for
+    from appliance.vm import render as render_project
 
-    rendered = render_project(config_from_flags(config, set_, provider), output)
+    cfg = config_from_flags(config, set_, provider)
+    rendered = render_project(cfg, provider_for(cfg), output)
     log.success(f"wrote {rendered.path}; boot it with `vagrant up` in {rendered.path.parent}")
 
 
@@ -152,27 +156,32 @@ def base_box(c: Context, config: str | None = None, set_: list[str] | None = Non
              security_mirror: str = "http://deb.debian.org/debian-security", debug: bool = False) -> None:
     """Build the minimal Debian 12 base box (vm.box) from the Debian archive and add it to Vagrant (cached)."""
     from appliance.basebox import build_base_box
+    from appliance.providers.registry import provider_for
 
-    build_base_box(config_from_flags(config, set_, provider, resolve=False), force=force, mirror=mirror,
-                   security_mirror=security_mirror)
+    cfg = config_from_flags(config, set_, provider)
+    build_base_box(cfg, provider_for(cfg), force=force, mirror=mirror, security_mirror=security_mirror)
 
 
 @cli_task(help={"provision": "Also run Vagrant's shell provisioners (default: boot only)."})
 def up(c: Context, config: str | None = None, set_: list[str] | None = None, provider: str | None = None,
        provision: bool = False, debug: bool = False) -> None:
     """Render the Vagrantfile into build/vm and boot the VM with Vagrant (building the base box when missing)."""
-    from appliance.vagrant import up as vagrant_up
+    from appliance.providers.registry import provider_for
+    from appliance.vm import up as vm_up
 
-    vagrant_up(config_from_flags(config, set_, provider), provision=provision, render_first=True, build_box=True)
+    cfg = config_from_flags(config, set_, provider)
+    vm_up(cfg, provider_for(cfg), provision=provision, render_first=True, build_box=True)
 
 
 @cli_task(help={"force": "Power the VM off instead of shutting it down cleanly."})
 def halt(c: Context, config: str | None = None, set_: list[str] | None = None, provider: str | None = None,
          force: bool = False, debug: bool = False) -> None:
     """Shut the build VM down (vagrant halt)."""
-    from appliance.vagrant import halt as vagrant_halt
+    from appliance.providers.registry import provider_for
+    from appliance.vm import halt as vm_halt
 
-    vagrant_halt(config_from_flags(config, set_, provider), force=force)
+    cfg = config_from_flags(config, set_, provider)
+    vm_halt(cfg, provider_for(cfg), force=force)
 
 
 @cli_task()
@@ -188,9 +197,11 @@ def destroy(c: Context, config: str | None = None, set_: list[str] | None = None
 def status(c: Context, config: str | None = None, set_: list[str] | None = None, provider: str | None = None,
            debug: bool = False) -> None:
     """Print the build VM's state (vagrant status --machine-readable)."""
-    from appliance.vagrant import status as vagrant_status
+    from appliance.providers.registry import provider_for
+    from appliance.vm import status as vm_status
 
-    st = vagrant_status(config_from_flags(config, set_, provider))
+    cfg = config_from_flags(config, set_, provider)
+    st = vm_status(cfg, provider_for(cfg))
     print(f"{st.name}\t{st.state}\t{st.provider}")
 
 
@@ -293,9 +304,11 @@ def provision(c: Context, config: str | None = None, set_: list[str] | None = No
               only: str | None = None, from_: str | None = None, force: bool = False, list_: bool = False,
               skip: str = "", debug: bool = False) -> None:
     """Provision the running VM over SSH: run the steps that changed or never ran; resume after a failure."""
-    from appliance.steps import Options, provision_vagrant_vm
+    from appliance.providers.registry import provider_for
+    from appliance.steps import Options
+    from appliance.vm import provision as provision_vm
 
     names = [n.strip() for n in skip.split(",") if n.strip()]
     cfg = config_from_flags(config, set_, provider, skip_steps=names)
     options = Options(only=only, from_step=from_, force=force, skip=tuple(names))
-    provision_vagrant_vm(cfg, options, list_plan=list_)
+    provision_vm(cfg, provider_for(cfg), options, list_plan=list_)

@@ -1,12 +1,10 @@
 """Base-box stage: a minimal Debian box built from the Debian archive, added to Vagrant.
 
-``build_base_box(cfg)`` makes a bootable raw disk (``appliance.image``), packages it for the
-configured provider and adds it to Vagrant as ``cfg.vm.box``: the vagrant-libvirt format
-(box.img qcow2), or Vagrant's VirtualBox format (box.ovf + streamOptimized VMDK, the OVF from
-our own writer, so VirtualBox imports it with the same safe settings as the appliance). The
-VirtualBox box's disk already has the capacity ``vm.disk_gb`` (a sparse VMDK costs only its
-data): Vagrant's VirtualBox provider cannot grow a disk without its experimental ``disks``
-feature, and the guest grows its root filesystem to the disk on boot. It is cached: the box
+``build_base_box(cfg, provider)`` makes a bootable raw disk (``appliance.image``), has the
+provider package it (``Provider.package_box``: ``providers/libvirt/box.py`` writes the
+vagrant-libvirt format, box.img qcow2; ``providers/virtualbox/box.py`` Vagrant's VirtualBox
+format, box.ovf + streamOptimized VMDK with the disk already sized ``vm.disk_gb``) and adds it
+to Vagrant as ``cfg.vm.box``; the guest grows its root filesystem to the disk on boot. It is cached: the box
 file is kept under ``$XDG_CACHE_HOME/csghub-appliance/basebox`` keyed by a hash of every
 input (suite, mirrors, package list, the customize hook and the files it installs, the
 build's SSH key, disk size, this module's format version); a second call with nothing
@@ -39,9 +37,10 @@ from appliance.errors import PrerequisiteMissing, VagrantError
 from appliance.image import CUSTOMIZE_FILES, ImageSpec, build_raw_disk, remove_tree
 from appliance.log import human_size, log
 from appliance.run import run, which
+from appliance.vagrant import Vagrant, box_list
 
 if TYPE_CHECKING:  # pragma: no cover
-    from appliance.providers import Provider
+    from appliance.providers.base import Provider
 
 # Bump when the packaging below changes in a way the inputs do not show.
 BOX_FORMAT_VERSION = 1
@@ -54,22 +53,11 @@ DEFAULT_SECURITY_MIRROR = "http://deb.debian.org/debian-security"
 BOX_DISK_GB = 4
 BOX_HOSTNAME = "debian12"
 KEY_NAME = "vagrant_ed25519"
-PROVIDER = "libvirt"
-VBOX_BOX_DISK = "box-disk001.vmdk"
+# Beside a cached box: its kernel and initramfs, taken out for the KVM probe (providers/libvirt/box.py).
+KERNEL_DIR_SUFFIX = ".kernel"
 # Copying a box of a few hundred MB into ~/.vagrant.d (and, for libvirt, nothing more).
 BOX_ADD_TIMEOUT = 1800
 
-_BOX_VAGRANTFILE = """\
-# Embedded in the csghub base box: log in with the key made for this box's build.
-Vagrant.configure('2') do |config|
-  config.ssh.private_key_path = [File.join(File.dirname(__FILE__), '{key}')]
-  config.ssh.insert_key = false
-  config.vm.provider :libvirt do |lv|
-    lv.disk_bus = 'virtio'
-    lv.nic_model_type = 'virtio'
-  end
-end
-"""
 
 
 @dataclass(frozen=True)
@@ -147,16 +135,7 @@ def box_version(built_at: datetime) -> str:
     return f"12.{built_at:%Y%m%d}.{int(built_at.strftime('%H%M%S'))}"
 
 
-_VIRTUALBOX_BOX_VAGRANTFILE = """\
-# Embedded in the csghub base box: log in with the key made for this box's build.
-Vagrant.configure('2') do |config|
-  config.ssh.private_key_path = [File.join(File.dirname(__FILE__), '{key}')]
-  config.ssh.insert_key = false
-end
-"""
-
-
-def _write_box(box_file: Path, members: list[tuple[str, bytes | Path, int]]) -> None:
+def write_box(box_file: Path, members: list[tuple[str, bytes | Path, int]]) -> None:
     """A box is a tar; written next to ``box_file`` and renamed into place (no half box on failure).
 
     The box holds the build's private key: it is written 0600 from the first byte, under a temporary name of its
@@ -173,65 +152,6 @@ def _write_box(box_file: Path, members: list[tuple[str, bytes | Path, int]]) -> 
         raise
 
 
-def package_virtualbox_box(raw_disk: Path, box_file: Path, *, key: Path, info: dict[str, object],
-                           cfg: ApplianceConfig, disk_bytes: int) -> None:
-    """Package ``raw_disk`` as a Vagrant VirtualBox box: box.ovf, its VMDK, metadata.json, Vagrantfile.
-
-    The disk gets the capacity ``disk_bytes`` (the raw file is extended sparsely first); the
-    OVF is ours (``appliance.export.ovf``) for a small VM without port forwards: Vagrant sets
-    CPUs, memory and forwards itself at ``vagrant up``.
-    """
-    from appliance.export.ova import convert_to_stream_vmdk
-    from appliance.export.ovf import DiskFacts, ovf_descriptor
-
-    if disk_bytes < raw_disk.stat().st_size:
-        raise ValueError(f"box disk of {disk_bytes} bytes is smaller than the image ({raw_disk.stat().st_size})")
-    with raw_disk.open("r+b") as f:
-        f.truncate(disk_bytes)  # sparse: no data written
-    work = raw_disk.parent
-    vmdk = work / VBOX_BOX_DISK
-    convert_to_stream_vmdk(raw_disk, "raw", vmdk)
-    box_cfg = cfg.model_copy(update={
-        "vm": cfg.vm.model_copy(update={"name": f"{BOX_HOSTNAME}-base", "cpus": 2, "memory_mb": 2048}),
-        "network": cfg.network.model_copy(update={"forwarded_ports": []}),
-        "output": cfg.output.model_copy(update={"description": "Minimal Debian 12 base box (csghub-appliance)",
-                                                "eula_file": ""}),
-    })
-    disk = DiskFacts(href=VBOX_BOX_DISK, file_size=vmdk.stat().st_size, capacity=disk_bytes,
-                     sha256=sha256_file(vmdk))
-    ovf = ovf_descriptor(box_cfg, disk, ovf_format="ovf10")
-    metadata = {"provider": "virtualbox"}
-    _write_box(box_file, [
-        ("metadata.json", json.dumps(metadata, indent=2).encode() + b"\n", 0o644),
-        ("Vagrantfile", _VIRTUALBOX_BOX_VAGRANTFILE.format(key=KEY_NAME).encode(), 0o644),
-        ("info.json", json.dumps(info, indent=2, sort_keys=True).encode() + b"\n", 0o644),
-        (KEY_NAME, key, 0o600),
-        ("box.ovf", ovf, 0o644),
-        (VBOX_BOX_DISK, vmdk, 0o644),
-    ])
-    vmdk.unlink()
-
-
-def package_libvirt_box(raw_disk: Path, box_file: Path, *, key: Path, info: dict[str, object]) -> None:
-    """Package ``raw_disk`` as a vagrant-libvirt box (box.img qcow2 + metadata.json + Vagrantfile).
-
-    Written next to ``box_file`` and renamed into place, so a failed run leaves no half box.
-    """
-    work = raw_disk.parent
-    qcow2 = work / "box.img"
-    run(["qemu-img", "convert", "-q", "-c", "-f", "raw", "-O", "qcow2", str(raw_disk), str(qcow2)])
-    metadata = {"provider": PROVIDER, "format": "qcow2", "virtual_size": BOX_DISK_GB}
-    members: list[tuple[str, bytes | Path, int]] = [
-        ("metadata.json", json.dumps(metadata, indent=2).encode() + b"\n", 0o644),
-        ("Vagrantfile", _BOX_VAGRANTFILE.format(key=KEY_NAME).encode(), 0o644),
-        ("info.json", json.dumps(info, indent=2, sort_keys=True).encode() + b"\n", 0o644),
-        (KEY_NAME, key, 0o600),
-        ("box.img", qcow2, 0o644),
-    ]
-    _write_box(box_file, members)
-    qcow2.unlink()
-
-
 def _add_members(tar: tarfile.TarFile, members: list[tuple[str, bytes | Path, int]]) -> None:
     for name, content, mode in members:
         if isinstance(content, Path):
@@ -245,17 +165,13 @@ def _add_members(tar: tarfile.TarFile, members: list[tuple[str, bytes | Path, in
             tar.addfile(ti, io.BytesIO(content))
 
 
-def installed_versions(name: str, provider: str = PROVIDER) -> list[str]:
+def installed_versions(name: str, provider: str) -> list[str]:
     """Versions of box ``name`` for ``provider`` that Vagrant has, from ``vagrant box list``."""
-    from appliance.vagrant import box_list
-
     return [b.version for b in box_list() if (b.name, b.provider) == (name, provider)]
 
 
 def prune_boxes(name: str, provider: str) -> None:
     """Remove older versions of the box unless a VM still uses one (a failure only warns: they are dead weight)."""
-    from appliance.vagrant import Vagrant
-
     try:
         Vagrant().run("box", "prune", "--name", name, "--provider", provider, "--force", "--keep-active-boxes",
                       show=True)
@@ -263,7 +179,7 @@ def prune_boxes(name: str, provider: str) -> None:
         log.warning(f"could not prune older versions of {name}: {exc.message.splitlines()[0]}")
 
 
-def add_box(box_file: Path, *, name: str, version: str, workdir: Path, provider: str = PROVIDER) -> None:
+def add_box(box_file: Path, *, name: str, version: str, workdir: Path, provider: str) -> None:
     """Add the box to Vagrant through a local catalog, so it carries ``version``."""
     catalog = workdir / "catalog.json"
     catalog.write_text(
@@ -288,8 +204,6 @@ def add_box(box_file: Path, *, name: str, version: str, workdir: Path, provider:
             indent=2,
         )
     )
-    from appliance.vagrant import Vagrant
-
     try:
         Vagrant().run("box", "add", "--force", "--provider", provider, str(catalog), show=True,
                       timeout=BOX_ADD_TIMEOUT)
@@ -308,6 +222,7 @@ def _remove_stale_workdirs(root: Path) -> None:
 
 def build_base_box(
     cfg: ApplianceConfig,
+    provider: Provider,
     *,
     force: bool = False,
     mirror: str = DEFAULT_MIRROR,
@@ -325,7 +240,6 @@ def build_base_box(
         raise PrerequisiteMissing(
             "qemu-img is not installed", hint="apt-get install -y --no-install-recommends qemu-utils"
         )
-    provider = box_provider(cfg)
     root = cache or cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     # One build at a time per cache: a second caller waits, then finds the box built.
@@ -346,7 +260,7 @@ class BoxCheck:
     note: str
 
 
-def ensure_base_box(cfg: ApplianceConfig) -> BoxCheck:
+def ensure_base_box(cfg: ApplianceConfig, provider: Provider) -> BoxCheck:
     """The build's first need, from nothing: Vagrant has ``vm.box`` for the configured provider.
 
     Present: nothing is done. Missing and ours (``csghub/debian12``): ``build_base_box`` makes
@@ -354,25 +268,14 @@ def ensure_base_box(cfg: ApplianceConfig) -> BoxCheck:
     before, else from the Debian archive). Missing and not ours: nothing is done here; ``up``
     says how to get it.
     """
-    from appliance.vagrant import box_list
-
-    provider = box_provider(cfg)
     have = [b for b in box_list() if b.name == cfg.vm.box and (b.provider or provider.name) == provider.name]
     if have:
         return BoxCheck(False, f"Vagrant has {cfg.vm.box} {have[-1].version} ({provider.name})")
     if cfg.vm.box != BUILT_BOX:
         return BoxCheck(False, f"vm.box {cfg.vm.box} is not built by this tool: `vagrant box add` it")
-    box = build_base_box(cfg)
+    box = build_base_box(cfg, provider)
     how = "built from the Debian archive" if box.built else f"taken from the cache ({box.box_file})"
     return BoxCheck(True, f"{box.name} {box.version} ({box.provider}) {how} and added to Vagrant")
-
-
-def box_provider(cfg: ApplianceConfig) -> Provider:
-    """The provider the box is for: the configured one (``auto`` resolved as ``invoke up`` would)."""
-    from appliance.config import resolve_provider
-    from appliance.providers import provider_for
-
-    return provider_for(resolve_provider(cfg)[0])
 
 
 def _build_locked(
@@ -451,59 +354,3 @@ def _build_locked(
         name=name, version=version, provider=kind, box_file=box_file, private_key=key,
         size_bytes=size, inputs_sha256=digest, built=built, added=added,
     )
-
-
-# -- the box's own kernel, for the KVM probe ------------------------------------------------------
-
-KERNEL_DIR_SUFFIX = ".kernel"
-
-
-@dataclass(frozen=True)
-class BoxKernel:
-    """The kernel and initramfs inside a cached libvirt base box (``appliance.hostprobe`` boots them)."""
-
-    vmlinuz: Path
-    initrd: Path
-
-
-def box_kernel(root: Path | None = None) -> BoxKernel | None:
-    """The kernel and initramfs of the newest cached libvirt box, taken out of its disk once and kept
-    beside it (``<box>.kernel/``); None when no box is cached (or the tools to read it are missing)."""
-    boxes = sorted(((root or cache_dir()) / PROVIDER).glob("*.box"), key=lambda p: p.stat().st_mtime)
-    if not boxes:
-        return None
-    box = boxes[-1]
-    folder = box.with_suffix(KERNEL_DIR_SUFFIX)
-    kernel = BoxKernel(folder / "vmlinuz", folder / "initrd.img")
-    if kernel.vmlinuz.is_file() and kernel.initrd.is_file():
-        return kernel
-    if which("debugfs") is None or which("qemu-img") is None:
-        return None
-    with tempfile.TemporaryDirectory(prefix="box-kernel-", dir=box.parent) as tmp:
-        work = Path(tmp)
-        with tarfile.open(box) as tar:
-            tar.extract("box.img", work, filter="data")
-        raw = work / "disk.raw"
-        run(["qemu-img", "convert", "-O", "raw", str(work / "box.img"), str(raw)], timeout=600)
-        (work / "box.img").unlink()
-        # The root filesystem starts 1 MiB into the disk (appliance.image); debugfs reads it there, unmounted.
-        from appliance.image import PARTITION_OFFSET
-
-        device = f"{raw}?offset={PARTITION_OFFSET}"
-        listing = run(["debugfs", "-R", "ls -p /boot", device], timeout=120).stdout
-        names = [f.split("/")[5] for f in listing.splitlines() if f.count("/") >= 6]
-        vmlinuz = sorted(n for n in names if n.startswith("vmlinuz-"))
-        initrd = sorted(n for n in names if n.startswith("initrd.img-"))
-        if not vmlinuz or not initrd:
-            log.debug(f"no kernel in {box}'s /boot: {names}")
-            return None
-        out = work / "out"
-        out.mkdir()
-        for name, target in ((vmlinuz[-1], "vmlinuz"), (initrd[-1], "initrd.img")):
-            run(["debugfs", "-R", f"dump /boot/{name} {out / target}", device], timeout=120)
-        for part in out.iterdir():
-            part.chmod(0o644)  # libvirt's QEMU user reads them
-        out.chmod(0o755)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(out, folder)
-    return kernel

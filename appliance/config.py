@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import shutil
 import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -659,7 +658,7 @@ def load_config(
     """Build the configuration from its layers. Raises ``ConfigError`` listing every problem.
 
     ``config_file=None`` reads ``appliance.yaml`` from ``cwd`` when it exists. The provider
-    stays as configured (possibly ``auto``); see :func:`resolve_provider`.
+    stays as configured (possibly ``auto``); see ``providers.registry.resolve_provider``.
     ``skip_steps`` are the steps the command line skips (``--skip``, ``--only``): they join
     ``provision.skip`` before validation, so skipping on the command line and in the config
     mean the same to every rule. ``step_names`` are the steps that exist (default: the scripts
@@ -1022,23 +1021,7 @@ def _check_paths(data: Mapping[str, Any], sources: _Sources) -> list[ConfigProbl
 _PATH_EXAMPLES = {"output.dir": "dist", "output.build_dir": "build", "artifacts.cache_dir": "~/.cache/csghub"}
 
 
-# -- provider resolution and derived views ---------------------------------------------------
-
-
-def detect_provider() -> tuple[Literal["virtualbox", "libvirt"], str]:
-    """``auto``: VirtualBox where VBoxManage is installed, else libvirt. Returns the choice and why."""
-    found = shutil.which("VBoxManage") or shutil.which("vboxmanage")
-    if found:
-        return "virtualbox", f"VBoxManage found at {found}"
-    return "libvirt", "VBoxManage not found on PATH"
-
-
-def resolve_provider(cfg: ApplianceConfig) -> tuple[ApplianceConfig, str | None]:
-    """Replace ``provider: auto`` by the detected provider. Returns the config and the reason (or None)."""
-    if cfg.provider != "auto":
-        return cfg, None
-    chosen, why = detect_provider()
-    return cfg.model_copy(update={"provider": chosen}), f"provider auto -> {chosen} ({why})"
+# -- derived views -------------------------------------------------------------------------------
 
 
 def public_dump(cfg: ApplianceConfig) -> dict[str, Any]:

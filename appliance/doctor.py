@@ -7,57 +7,24 @@ fails, the command that fixes it. The build cannot run if any check fails.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from rich.table import Table
 
+from appliance.checks import Check, tool_check, version_tuple
 from appliance.config import BUILT_BOX, ApplianceConfig
 from appliance.errors import PrerequisiteMissing
 from appliance.log import log
+from appliance.providers.registry import provider_for
 from appliance.run import run, which
+from appliance.vagrant import MIN_VAGRANT
 
-MIN_VAGRANT = (2, 2, 19)
-# The first Vagrant release whose VirtualBox provider drives each VirtualBox line (Vagrant's
-# CHANGELOG: "provider/virtualbox: Add support for VirtualBox 7.0" in 2.3.2, 7.1 in 2.4.2, 7.2 in
-# 2.4.9). Older lines are covered by MIN_VAGRANT. A Vagrant refuses any VirtualBox line it does not
-# list ("a version of VirtualBox installed that is not supported by this version of Vagrant").
-VAGRANT_FOR_VIRTUALBOX: dict[tuple[int, int], tuple[int, int, int]] = {
-    (7, 0): (2, 3, 2),
-    (7, 1): (2, 4, 2),
-    (7, 2): (2, 4, 9),
-}
-OLDEST_VIRTUALBOX = (6, 1)
-HASHICORP_VAGRANT = "https://developer.hashicorp.com/vagrant/install"
 # Rough working space a build needs on the host besides the VM disk's real use: the box,
 # the exported VMDK and the OVA (the stack adds its images and artifacts).
 WORKSPACE_GB_BASE = 6
 WORKSPACE_GB_STACK = 40
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    verdict: str  # "ok", "warn" or "fail"
-    found: str
-    fix: str = ""
-
-
-def _version(text: str) -> tuple[int, ...]:
-    m = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
-    return tuple(int(g) for g in m.groups() if g is not None) if m else ()
-
-
-def tool_check(name: str, program: str, fix: str, version_args: tuple[str, ...] = ("--version",)) -> Check:
-    path = which(program)
-    if path is None:
-        return Check(name, "fail", f"{program} not found on PATH", fix)
-    result = run([path, *version_args], check=False, timeout=60)
-    first = (result.stdout or result.stderr).strip().splitlines()
-    return Check(name, "ok" if result.ok else "warn", f"{path}: {first[0] if first else 'no version output'}", "")
 
 
 def check_vagrant() -> list[Check]:
@@ -66,47 +33,11 @@ def check_vagrant() -> list[Check]:
         return [Check("vagrant", "fail", "not found", "apt-get install --no-install-recommends vagrant "
                       "(or HashiCorp's package: https://developer.hashicorp.com/vagrant/install)")]
     res = run([path, "--version"], check=False, timeout=120)
-    ver = _version(res.stdout)
+    ver = version_tuple(res.stdout)
     if not ver or ver < MIN_VAGRANT:
         return [Check("vagrant", "fail", res.stdout.strip() or res.stderr.strip(),
                       f"Vagrant >= {'.'.join(map(str, MIN_VAGRANT))} is needed")]
     return [Check("vagrant", "ok", res.stdout.strip())]
-
-
-def vagrant_drives_virtualbox(vagrant: tuple[int, ...], virtualbox: tuple[int, ...]) -> Check:
-    """Can this Vagrant drive this VirtualBox? Pure: versions in, verdict out (tested as data)."""
-    name = "Vagrant supports this VirtualBox"
-    v_text, vb_text = ".".join(map(str, vagrant)), ".".join(map(str, virtualbox))
-    if len(virtualbox) < 2 or len(vagrant) < 2:
-        return Check(name, "warn", f"cannot tell (Vagrant {v_text or '?'}, VirtualBox {vb_text or '?'})")
-    line = (virtualbox[0], virtualbox[1])
-    if line < OLDEST_VIRTUALBOX:
-        return Check(name, "fail", f"VirtualBox {vb_text} is older than {'.'.join(map(str, OLDEST_VIRTUALBOX))}",
-                     "install VirtualBox 7: https://www.virtualbox.org/wiki/Downloads")
-    newest = max(VAGRANT_FOR_VIRTUALBOX)
-    if line > newest:
-        needed = VAGRANT_FOR_VIRTUALBOX[newest]
-        return Check(name, "warn",
-                     f"VirtualBox {vb_text} is newer than any line this tool knows a Vagrant for "
-                     f"(newest known: {newest[0]}.{newest[1]}, from Vagrant {'.'.join(map(str, needed))})",
-                     f"check Vagrant's CHANGELOG for VirtualBox {line[0]}.{line[1]} support, or install "
-                     f"VirtualBox {newest[0]}.{newest[1]}")
-    needed = VAGRANT_FOR_VIRTUALBOX.get(line, MIN_VAGRANT)
-    if tuple(vagrant) >= needed:
-        return Check(name, "ok", f"Vagrant {v_text} drives VirtualBox {vb_text}")
-    need_text = ".".join(map(str, needed))
-    return Check(name, "fail",
-                 f"Vagrant {v_text} refuses VirtualBox {vb_text}: VirtualBox {line[0]}.{line[1]} needs Vagrant >= "
-                 f"{need_text}",
-                 f"install HashiCorp's Vagrant {need_text} or newer ({HASHICORP_VAGRANT}); Debian's vagrant package "
-                 "(2.3.x) drives VirtualBox up to 7.0 only")
-
-
-def command_version(argv: list[str]) -> tuple[int, ...]:
-    if which(argv[0]) is None:
-        return ()
-    res = run(argv, check=False, timeout=120)
-    return _version(res.stdout) if res.ok else ()
 
 
 def check_base_box_tools(cfg: ApplianceConfig) -> list[Check]:
@@ -177,8 +108,6 @@ def check_image_cache(cfg: ApplianceConfig) -> list[Check]:
 
 def collect_checks(cfg: ApplianceConfig) -> list[Check]:
     """Every check for ``cfg.provider`` (already resolved from ``auto``): the provider's own among them."""
-    from appliance.providers import provider_for
-
     provider = provider_for(cfg)
     probes: list[Callable[[], list[Check]]] = [
         check_vagrant, provider.host_checks, lambda: check_base_box_tools(cfg), lambda: check_resources(cfg),

@@ -7,7 +7,7 @@ the verifier and the docs one by one:
 - the OVA writer (``appliance.export.ovf`` / ``ova``) reads the OVF version and namespace, the
   hardware family, the controller and NIC items, the disk format URI, whether to write
   VirtualBox's ``vbox:Machine`` section and the manifest's digest from ``OutputFormat.ovf``;
-- the VirtualBox exporter (``appliance.export.virtualbox``) reads the ``VBoxManage export``
+- the VirtualBox exporter (``appliance.providers.virtualbox.export``) reads the ``VBoxManage export``
   flag (``OvfProfile.vboxmanage_flag``; formats VirtualBox cannot write have none);
 - the verifier (``appliance.verify_ova``) reads ``OvfProfile.manifest_digests`` (what a manifest
   of this OVF version may hold) through ``manifest_digests_for``;

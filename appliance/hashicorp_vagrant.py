@@ -111,7 +111,7 @@ def install(release: Release = PINNED, *, base: str = RELEASES, dest: Path = INS
 def decide(virtualbox: tuple[int, ...], vagrant: tuple[int, ...]) -> str:
     """Why HashiCorp's Vagrant is to be installed here ("" when not): VirtualBox 7.1 or newer that the
     Vagrant on PATH (none, or Debian's) cannot drive. Versions in, decision out (tested as data)."""
-    from appliance.doctor import vagrant_drives_virtualbox
+    from appliance.providers.virtualbox.hostprobe import vagrant_drives_virtualbox
 
     if len(virtualbox) < 2 or (virtualbox[0], virtualbox[1]) < (7, 1):
         return ""
@@ -133,7 +133,7 @@ def main(argv: list[str]) -> int:
         return 2
     base = argv[1] if len(argv) == 2 else os.environ.get("CSGHUB_HASHICORP_RELEASES", RELEASES)
     if argv[0] == "ensure":
-        from appliance.doctor import command_version
+        from appliance.checks import command_version
 
         why = decide(command_version(["VBoxManage", "--version"]), command_version(["vagrant", "--version"]))
         if not why:

@@ -22,18 +22,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from appliance import receipt
+from appliance import receipt, vm
 from appliance.config import ApplianceConfig, public_dump
 from appliance.digest import sha256_file
 from appliance.errors import ApplianceError, Cancelled, HostFileError, UsageError, VagrantError, VerifyError
 from appliance.formats import FORMATS
 from appliance.guest import NEED_IMAGE_SET
 from appliance.log import StageStatus, StepTiming, human_size, log, timestamp
+from appliance.providers.registry import provider_for
 from appliance.scripts import PROVISION_DIR, declared_needs, discover_scripts, final_steps
 from appliance.state import BuildState, config_digest, export_digest
+from appliance.vagrant import project_dir
 
 if TYPE_CHECKING:  # pragma: no cover
-    from appliance.providers import Provider
+    from appliance.providers.base import Provider
     from appliance.ssh import SSHEndpoint
 
 OnError = Literal["keep", "destroy"]
@@ -69,8 +71,6 @@ class BuildContext:
     @functools.cached_property
     def provider(self) -> Provider:
         """The provider, built once from the configuration (tests assign a fake before the stages run)."""
-        from appliance.providers import provider_for
-
         return provider_for(self.cfg)
 
 
@@ -129,11 +129,9 @@ def stage_fetch(ctx: BuildContext) -> StageOutcome:
 
 
 def stage_render(ctx: BuildContext) -> StageOutcome:
-    from appliance import vagrant
-
     # libvirt as root without systemd: started here, so the KVM probe can boot the box's kernel through it.
     ctx.provider.start_services()
-    rendered = vagrant.render(ctx.cfg, provider=ctx.provider)
+    rendered = vm.render(ctx.cfg, ctx.provider)
     if rendered.libvirt_driver is not None:
         ctx.state.libvirt_driver = rendered.libvirt_driver
     return StageOutcome.done(f"wrote {rendered.path}")
@@ -144,20 +142,18 @@ def stage_base_box(ctx: BuildContext) -> StageOutcome:
         return StageOutcome.skipped("the VM is sealed already; it needs no box")
     from appliance.basebox import ensure_base_box
 
-    box = ensure_base_box(ctx.cfg)
+    box = ensure_base_box(ctx.cfg, ctx.provider)
     return StageOutcome.done(box.note) if box.added else StageOutcome.skipped(box.note)
 
 
 def stage_up(ctx: BuildContext) -> StageOutcome:
     if ctx.state.sealed:
         return StageOutcome.skipped("the VM is already sealed; it is exported as it is")
-    from appliance import vagrant
-
     if ctx.state.seal_started:
         # An interrupted seal: the VM may already lack the build's key or per-copy state. While it
         # still runs, the seal step is simply run again; booting it again is never safe.
-        if vagrant.status(ctx.cfg, provider=ctx.provider).running:
-            ctx.endpoint = vagrant.ssh_config(ctx.cfg, provider=ctx.provider)
+        if vm.status(ctx.cfg, ctx.provider).running:
+            ctx.endpoint = vm.ssh_config(ctx.cfg, ctx.provider)
             return StageOutcome.skipped("the seal was interrupted and the VM still runs; the seal step runs again")
         from appliance.errors import VMSealed
 
@@ -166,10 +162,10 @@ def stage_up(ctx: BuildContext) -> StageOutcome:
             "first boot inside the build VM, so the build cannot resume",
             hint="run `invoke destroy` (it removes the VM and build state), then `invoke build-ova` again",
         )
-    vagrant.up(ctx.cfg, provider=ctx.provider)
+    vm.boot(ctx.cfg, ctx.provider)  # not sealed: the stage's own state said so just now
     # `up` may have fallen back from KVM to TCG: the report says what the VM really runs under.
-    ctx.state.libvirt_driver = vagrant.rendered_driver(ctx.cfg) or ctx.state.libvirt_driver
-    ctx.endpoint = vagrant.ssh_config(ctx.cfg, provider=ctx.provider)
+    ctx.state.libvirt_driver = vm.rendered_driver(ctx.cfg, ctx.provider) or ctx.state.libvirt_driver
+    ctx.endpoint = vm.ssh_config(ctx.cfg, ctx.provider)
     return StageOutcome.done()
 
 
@@ -177,9 +173,7 @@ def _provision(ctx: BuildContext, *, only: str | None, skip: Sequence[str]) -> N
     from appliance.steps import Options, pinned_uploads, provision
 
     if ctx.endpoint is None:
-        from appliance import vagrant
-
-        ctx.endpoint = vagrant.ssh_config(ctx.cfg, provider=ctx.provider)
+        ctx.endpoint = vm.ssh_config(ctx.cfg, ctx.provider)
     uploads = pinned_uploads(ctx.cfg) if only is None else []
     provision(ctx.cfg, ctx.endpoint, Options(only=only, skip=tuple(skip)), uploads=uploads)
 
@@ -232,22 +226,20 @@ SEAL_POWEROFF_WAIT = 120  # seconds; the seal step powers the VM off a few secon
 
 
 def stage_halt(ctx: BuildContext) -> StageOutcome:
-    from appliance import vagrant
-
     if not ctx.state.sealed:
-        vagrant.halt(ctx.cfg, provider=ctx.provider)
+        vm.halt(ctx.cfg, ctx.provider)
         return StageOutcome.done()
     # A sealed VM no longer lets the build in, so a graceful `vagrant halt` (over SSH) cannot work:
     # the seal step powers the VM off itself. Wait for that; force it off only if it does not come.
     deadline = time.monotonic() + SEAL_POWEROFF_WAIT
-    while vagrant.status(ctx.cfg, provider=ctx.provider).running:
+    while vm.status(ctx.cfg, ctx.provider).running:
         if time.monotonic() > deadline:
             log.warning(f"the sealed VM did not power itself off within {SEAL_POWEROFF_WAIT} s; forcing it off")
-            vagrant.halt(ctx.cfg, force=True, provider=ctx.provider)
+            vm.halt(ctx.cfg, ctx.provider, force=True)
             return StageOutcome.done("forced off")
         time.sleep(3)
     # Vagrant did not halt it, so whatever Vagrant ends at a halt (vagrant-libvirt's forwards) still runs.
-    ctx.provider.after_halt(vagrant.project_dir(ctx.cfg))
+    ctx.provider.after_halt(project_dir(ctx.cfg))
     return StageOutcome.done("the sealed VM powered itself off")
 
 
@@ -587,9 +579,7 @@ def destroy_build(cfg: ApplianceConfig) -> None:
 
     Published artifacts in the output directory are kept.
     """
-    from appliance import vagrant
-
-    vagrant.destroy(cfg)
+    vm.destroy(cfg, provider_for(cfg))
     BuildState.path_for(cfg.build_dir).unlink(missing_ok=True)
     staging = cfg.build_dir / "staging"
     if staging.is_dir():

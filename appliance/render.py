@@ -9,7 +9,7 @@ Each step's shell provisioner runs the step under ``provision/files/common/run-s
 with the variables the step declares and its marker, computed here by the same function
 the SSH runner uses (``appliance.steps.step_inputs``): a VM provisioned by ``vagrant up``
 carries the markers ``invoke provision`` expects. Callers render through
-``appliance.vagrant.render``, which resolves libvirt driver ``auto`` and adds the uploads.
+``appliance.vm.render``, which resolves libvirt driver ``auto`` and adds the uploads.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import yaml
 
 from appliance.config import PROJECT_ROOT, ApplianceConfig
 from appliance.guest import guest_environment
+from appliance.providers.registry import provider_for
 from appliance.scripts import GUEST_PROVISION_DIR, PROVISION_DIR, PROVISION_DIR_VARIABLE, selected_scripts
 
 TEMPLATE = PROJECT_ROOT / "Vagrantfile.j2"
@@ -93,8 +94,6 @@ def render_text(
     provision_dir: Path = PROVISION_DIR,
 ) -> str:
     """The Vagrantfile text for ``cfg`` as it would be written into ``output_dir``."""
-    from appliance.providers import provider_for
-
     # The provider block's inputs come from the provider (an unresolved `auto` provider is refused there).
     facts = provider_for(cfg).vagrantfile_inputs(libvirt_driver)
     context: dict[str, Any] = {
@@ -164,8 +163,8 @@ def render_vagrantfile(
     """Write the Vagrantfile for ``cfg`` to ``output`` (atomically) and return its path.
 
     ``libvirt_driver`` is the resolved driver when ``cfg.libvirt.driver`` is ``auto``
-    (see ``appliance.hostprobe``); an unresolved ``auto`` is refused. Use
-    ``appliance.vagrant.render``, which resolves it and adds the pinned uploads.
+    (see ``appliance.providers.libvirt.hostprobe``); an unresolved ``auto`` is refused. Use
+    ``appliance.vm.render``, which resolves it and adds the pinned uploads.
     """
     path = Path(output)
     if path.is_dir():

@@ -625,15 +625,10 @@ def _summarize(report: ProvisionReport) -> None:
 
 
 def provision_vagrant_vm(
-    cfg: ApplianceConfig, options: Options = Options(), *, list_plan: bool = False,
+    cfg: ApplianceConfig, endpoint: SSHEndpoint, options: Options = Options(), *, list_plan: bool = False,
 ) -> ProvisionReport | list[PlannedStep]:
-    """``invoke provision``: find the running VM through ``vagrant ssh-config``, then show the
-    plan (``list_plan``) or provision it."""
-    from appliance import vagrant
-    from appliance.state import refuse_if_sealed
-
-    refuse_if_sealed(cfg, "provision the VM")
-    endpoint = vagrant.ssh_config(cfg)
+    """``invoke provision`` on the running VM at ``endpoint`` (``appliance.vm.provision`` finds it):
+    show the plan (``list_plan``) or provision it."""
     uploads = pinned_uploads(cfg, options.skip)
     if list_plan:
         steps = plan(cfg, endpoint, options, uploads=uploads)

@@ -1,20 +1,16 @@
-"""Up stage: drive the rendered Vagrantfile with Vagrant, on whichever provider the config names.
+"""The Vagrant command line, run one way and read one way; it knows no provider.
 
-The build's Vagrant project is ``cfg.build_dir / "vm"`` (``project_dir``), for every task:
-``render`` writes the Vagrantfile there (the one render: the driver the provider resolves,
-pinned uploads included), ``up`` boots the VM from it. What differs between providers
-(environment, preflight, clean-up after a halt) the ``appliance.providers.Provider`` says.
-
-Vagrant is called one way: ``Vagrant.run`` builds the argv and runs it through
-``appliance.run.run`` (lines streamed and captured, a timeout, the child interrupted with the
-caller on Ctrl-C, every command logged under ``--debug``); a failure becomes a ``VagrantError``
-naming the command with the tail of its stderr and a hint. python-vagrant's public API can do
-none of the three (no timeout, stderr not captured, only ``up`` streams, through a generator
-that must be consumed), so it is not used (docs/architecture.md).
+``Vagrant.run`` builds the argv and runs it through ``appliance.run.run`` (lines streamed and
+captured, a timeout, the child interrupted with the caller on Ctrl-C, every command logged under
+``--debug``); a failure becomes a ``VagrantError`` naming the command with the tail of its stderr
+and a hint (generic ones here; the caller adds its provider's through ``hint``). python-vagrant's
+public API can do none of the three (no timeout, stderr not captured, only ``up`` streams, through
+a generator that must be consumed), so it is not used (docs/architecture.md).
 
 Output is read with one parser of ``--machine-readable`` lines (``status``, ``box list``,
 ``plugin list``), and ``vagrant ssh-config`` with ``paramiko.SSHConfig``, which keeps every
-``IdentityFile`` line.
+``IdentityFile`` line. What the build does with Vagrant (render, up, halt, destroy: the VM's
+lifecycle, for a given provider) is ``appliance.vm``.
 """
 
 from __future__ import annotations
@@ -23,18 +19,14 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import paramiko
 
-from appliance.config import BUILT_BOX, ApplianceConfig
+from appliance.config import ApplianceConfig
 from appliance.errors import CommandFailed, GuestStopped, PrerequisiteMissing, VagrantError
 from appliance.log import log
 from appliance.run import CommandResult, run, which
-from appliance.ssh import SSHEndpoint, forget_host_key, known_hosts_path
-
-if TYPE_CHECKING:  # pragma: no cover
-    from appliance.providers.base import Provider
+from appliance.ssh import SSHEndpoint
 
 VAGRANT_ENV = {
     # Nothing beyond the Debian archive is reachable from build hosts like ours: no phoning home.
@@ -43,6 +35,8 @@ VAGRANT_ENV = {
     "VAGRANT_NO_COLOR": "1",
 }
 MACHINE = "default"
+# The oldest Vagrant this tool drives (a provider may need a newer one: providers.virtualbox.hostprobe).
+MIN_VAGRANT = (2, 2, 19)
 # States in which `vagrant up` (re)starts the machine.
 STARTABLE_STATES = {"not_created", "poweroff", "shutoff", "running"}
 # Time beyond vm.boot_timeout that `up` may take: uploading the box image, creating the domain.
@@ -50,6 +44,8 @@ UP_MARGIN_SECONDS = 600
 STDERR_TAIL = 15
 # Bound for the quick queries (status, ssh-config, box and plugin lists): Vagrant starts in seconds.
 QUERY_TIMEOUT = 300
+# What a failed command's output means for one provider: (output, phase) -> hint or None.
+FailureHint = Callable[[str, "str | None", bool], "str | None"]
 
 
 # -- parsing (pure functions, unit-tested on captured output) ---------------------------------------
@@ -203,10 +199,13 @@ class Vagrant:
     """The one way this tool runs Vagrant: argv through ``appliance.run.run``, in one project directory.
 
     ``root`` is the Vagrant project (``None``: commands that need none, such as ``box add``);
-    ``env`` adds to :data:`VAGRANT_ENV` (the provider's variables).
+    ``env`` adds to :data:`VAGRANT_ENV` (the provider's variables); ``hint`` says what a failure's
+    output (stderr and stdout) means beyond the generic hints, given the phase and whether it timed out
+    (the provider's).
     """
 
-    def __init__(self, root: Path | None = None, env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, root: Path | None = None, env: Mapping[str, str] | None = None,
+                 hint: FailureHint | None = None) -> None:
         executable = which("vagrant")
         if executable is None:
             raise PrerequisiteMissing("vagrant is not installed",
@@ -214,6 +213,7 @@ class Vagrant:
         self.executable = executable
         self.root = root
         self.env = {**VAGRANT_ENV, **(env or {})}
+        self.hint = hint
 
     def run(self, *args: str, show: bool = False, timeout: float | None = QUERY_TIMEOUT,
             on_line: Callable[[str, str], None] | None = None,
@@ -237,7 +237,7 @@ class Vagrant:
         except CommandFailed as exc:
             # Named as a user would say it: `vagrant box add`, `vagrant up` (no flags, machine or paths).
             words = [a for a in args[:2] if not a.startswith("-") and a != MACHINE and "/" not in a]
-            raise _failure(" ".join(words), exc, phase=phase() if phase else None) from None
+            raise _failure(" ".join(words), exc, phase=phase() if phase else None, hint=self.hint) from None
 
 
 def plugins() -> dict[str, str]:
@@ -283,7 +283,8 @@ def project_dir(cfg: ApplianceConfig) -> Path:
 _BACKTRACE_FRAME = re.compile(r"^\s+from /\S+:\d+:in ")
 
 
-def _failure(subcommand: str, exc: CommandFailed, *, phase: str | None = None) -> VagrantError:
+def _failure(subcommand: str, exc: CommandFailed, *, phase: str | None = None,
+             hint: FailureHint | None = None) -> VagrantError:
     """A ``VagrantError`` naming the Vagrant command and showing the tail of its stderr, with a hint."""
     result = exc.result
     stderr = result.stderr + "\n" + result.stdout
@@ -304,274 +305,14 @@ def _failure(subcommand: str, exc: CommandFailed, *, phase: str | None = None) -
     message = f"`vagrant {subcommand}` failed ({what})"
     if tail:
         message += f"\n  last lines of its {source}:\n" + "\n".join(f"    {ln}" for ln in tail)
-    hint = _hint_for(stderr, phase, timed_out=result.timed_out)
-    return VagrantError(message, hint=hint)
+    said = ((hint(stderr, phase, result.timed_out) if hint else None)
+            or _hint_for(stderr, phase, timed_out=result.timed_out))
+    return VagrantError(message, hint=said)
 
 
 def _hint_for(output: str, phase: str | None, *, timed_out: bool) -> str | None:
     if re.search(r"box '[^']+' could not be found|could not be found or\s+could not be accessed", output):
         return "build and add the base box first: `invoke base-box`"
-    if "Error while connecting to Libvirt" in output or "Failed to connect socket" in output:
-        from appliance.libvirtd import start_hint
-
-        return start_hint()
-    if "provider 'libvirt' could not be found" in output:
-        return "install the plugin: `apt-get install -y --no-install-recommends vagrant-libvirt`"
-    if "already taken" in output:
-        return "a libvirt domain with this name exists outside this project: `virsh undefine NAME` or set vm.name"
     if timed_out or "Timed out while waiting for the machine to boot" in output:
-        where = {
-            "creating domain": "libvirt did not finish creating the domain (check `virsh list --all`)",
-            "waiting for IP": "the guest got no DHCP lease on the management network (is dnsmasq installed?)",
-            "waiting for SSH": "the guest has an address but SSH does not answer (watch it: `virsh console DOMAIN`)",
-        }.get(phase or "", "")
-        return (where + "; " if where else "") + "raise vm.boot_timeout, or `invoke destroy` and retry"
+        return "raise vm.boot_timeout, or `invoke destroy` and retry"
     return None
-
-
-def _provider(cfg: ApplianceConfig, provider: Provider | None) -> Provider:
-    if provider is not None:
-        return provider
-    from appliance.providers import provider_for
-
-    return provider_for(cfg)
-
-
-def _project(cfg: ApplianceConfig, provider: Provider) -> Vagrant:
-    """The Vagrant client for the build's project directory (made if missing)."""
-    root = project_dir(cfg)
-    client = Vagrant(root, provider.vagrant_env())
-    root.mkdir(parents=True, exist_ok=True)
-    return client
-
-
-def check_box(cfg: ApplianceConfig, provider_name: str) -> None:
-    """Vagrant has the box ``vm.box`` for this provider; else an error saying how to get it."""
-    boxes = box_list()
-    if not any(b.name == cfg.vm.box and (b.provider or provider_name) == provider_name for b in boxes):
-        have = ", ".join(sorted({f"{b.name} ({b.provider})" for b in boxes})) or "none"
-        version = f" --box-version {cfg.vm.box_version}" if cfg.vm.box_version else ""
-        build = (f"`invoke base-box --provider {provider_name}`" if cfg.vm.box == BUILT_BOX
-                 else f"`vagrant box add {cfg.vm.box}{version} --provider {provider_name}`")
-        raise VagrantError(
-            f"Vagrant has no box {cfg.vm.box!r} for provider {provider_name} (boxes here: {have})",
-            hint=f"get it with {build}",
-        )
-
-
-# -- the lifecycle --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RenderedProject:
-    """A written Vagrantfile and the hypervisor driver the provider resolved for it (``None``: VirtualBox)."""
-
-    path: Path
-    libvirt_driver: str | None
-
-
-def render(cfg: ApplianceConfig, output: str | Path | None = None, *,
-           provider: Provider | None = None) -> RenderedProject:
-    """Write the Vagrantfile: the one render behind ``invoke render``, ``invoke up`` and the build.
-
-    It always carries what ``vagrant up`` needs to give the same VM as the build: the driver
-    the provider resolves (libvirt ``auto`` probed by ``appliance.hostprobe``, never guessed as
-    ``kvm`` on a host where KVM hangs guests), and the pinned artifacts and manifests the k3s
-    and CSGHub steps read (``ArtifactError`` pointing at ``invoke fetch`` when the cache lacks
-    one, rather than a Vagrantfile that fails at the k3s step). ``output`` (a file or
-    directory) defaults to the project directory, where the other tasks look for the VM.
-    """
-    from appliance.render import pinned_render_uploads, render_vagrantfile
-
-    driver = _provider(cfg, provider).resolve_driver()
-    uploads = pinned_render_uploads(cfg)
-    target = project_dir(cfg) / "Vagrantfile" if output is None else output
-    path = render_vagrantfile(cfg, target, libvirt_driver=driver, uploads=uploads)
-    return RenderedProject(path, driver)
-
-
-def _ensure_project(cfg: ApplianceConfig, provider: Provider) -> None:
-    if not (project_dir(cfg) / "Vagrantfile").exists():
-        render(cfg, provider=provider)
-
-
-def _has_machine(cfg: ApplianceConfig) -> bool:
-    """Whether Vagrant recorded a machine in the project (``.vagrant/machines/<name>/<provider>/id``)."""
-    return any((project_dir(cfg) / ".vagrant" / "machines" / MACHINE).glob("*/id"))
-
-
-def status(cfg: ApplianceConfig, *, provider: Provider | None = None) -> MachineState:
-    """The build VM's state, from ``vagrant status --machine-readable``."""
-    provider = _provider(cfg, provider)
-    provider.check_reachable()
-    if not (project_dir(cfg) / "Vagrantfile").exists() and not _has_machine(cfg):
-        # Nothing rendered, nothing created: no need for a Vagrantfile (rendering one needs the artifacts).
-        return MachineState(MACHINE, "not_created", provider.name)
-    _ensure_project(cfg, provider)
-    out = _project(cfg, provider).run("status", "--machine-readable", MACHINE).stdout
-    machines = parse_status(out)
-    if not machines:
-        raise VagrantError("`vagrant status --machine-readable` listed no machine", hint="run `invoke render`")
-    return machines[0]
-
-
-def up(
-    cfg: ApplianceConfig, *, provision: bool = False, timeout: float | None = None, render_first: bool = False,
-    provider: Provider | None = None, build_box: bool = False,
-) -> MachineState:
-    """Boot the VM from the project's Vagrantfile; a running VM is left as it is.
-
-    ``render_first`` (re-)renders the Vagrantfile first (``invoke up``); otherwise it is
-    rendered only when missing (the build pipeline renders it in its own stage). ``build_box``
-    (``invoke up``) builds the base box first when a new VM needs it and Vagrant lacks it (the
-    pipeline has its own ``base-box`` stage).
-
-    Raises ``VMSealed`` when the VM is sealed (or its seal started) and ``VagrantError`` for a
-    VM in a state ``up`` cannot handle, a missing box, or a
-    boot that does not finish within ``timeout`` (default: vm.boot_timeout plus a margin
-    for creating the disk and domain); the error names the phase it was in.
-
-    While Vagrant waits, the provider's watch checks the VM every few seconds: a VM that stopped
-    running (libvirt: paused, crashed, shut off) raises ``GuestStopped`` with the reason from
-    the hypervisor's log at once. Under libvirt driver ``auto``, a VM that KVM could not run is
-    removed and booted once more under TCG, loudly, and the probe's cache is corrected.
-    """
-    from appliance.state import refuse_if_sealed
-
-    refuse_if_sealed(cfg, "boot the VM")  # a sealed disk's next boot is the appliance's first boot
-    provider = _provider(cfg, provider)
-    provider.preflight()
-    if build_box and not _has_machine(cfg):
-        # Before the render: the KVM probe boots this box's kernel.
-        from appliance.basebox import ensure_base_box
-
-        log.info(f"base box: {ensure_base_box(cfg).note}")
-    if render_first:
-        render(cfg, provider=provider)
-    else:
-        _ensure_project(cfg, provider)
-    current = status(cfg, provider=provider)
-    if current.running:
-        log.info(f"ok: {cfg.vm.name} is already running")
-        return current
-    if current.state not in STARTABLE_STATES:
-        raise VagrantError(
-            f"the VM {cfg.vm.name} exists in state {current.state!r}, which `up` does not resume",
-            hint="`invoke destroy` and `invoke up` again (or resume it with `vagrant resume` in "
-            f"{project_dir(cfg)})",
-        )
-    if not current.exists:
-        # A new VM has new host keys: forget whatever an earlier VM of this build presented.
-        forget_host_key(known_hosts_path(cfg))
-        check_box(cfg, provider.name)
-        provider.before_create()
-    driver = rendered_driver(cfg)
-    limit = timeout if timeout is not None else cfg.vm.boot_timeout + UP_MARGIN_SECONDS
-    try:
-        _run_up(cfg, provider, driver, provision=provision, limit=limit)
-    except GuestStopped as exc:
-        if not provider.can_fall_back(driver):
-            raise
-        from appliance.hostprobe import record_kvm_failure
-
-        record_kvm_failure(exc.reason)
-        log.warning(f"KVM could not run {cfg.vm.name} ({exc.reason}); removing it and booting it again under TCG "
-                    "emulation (slower); TCG is used for every boot on this host until it restarts")
-        destroy(cfg, provider=provider)
-        # The domain is defined anew from a Vagrantfile that names TCG, whatever the probe's cache says.
-        tcg = cfg.model_copy(update={"libvirt": cfg.libvirt.model_copy(update={"driver": "qemu"})})
-        from appliance.providers import provider_for
-
-        render(tcg, provider=provider_for(tcg))
-        forget_host_key(known_hosts_path(cfg))
-        _run_up(cfg, provider, rendered_driver(cfg), provision=provision, limit=limit)
-    final = status(cfg, provider=provider)
-    if not final.running:
-        raise VagrantError(f"`vagrant up` finished but {cfg.vm.name} is {final.state!r}, not running")
-    return final
-
-
-_QEMU_ERROR = re.compile(r"(KVM internal error.*|Could not access KVM kernel module.*|qemu-system-\S+: .*)")
-
-
-def qemu_start_failure(message: str) -> str:
-    """QEMU's own lines inside a failed ``vagrant up`` (vagrant-libvirt wraps them in a Ruby error), or ""."""
-    found = []
-    for line in message.splitlines():
-        m = _QEMU_ERROR.search(line)
-        if m:
-            found.append(re.sub(r"\s*\(Libvirt::Error\)\s*$", "", m.group(1)).strip())
-    return "; ".join(dict.fromkeys(found))
-
-
-def _run_up(cfg: ApplianceConfig, provider: Provider, driver: str | None, *, provision: bool, limit: float) -> None:
-    """One ``vagrant up``, watched: a VM that stops running (or a KVM that cannot start it) is ``GuestStopped``."""
-    phase = ["starting vagrant"]
-
-    def watch(_stream: str, line: str) -> None:
-        new = detect_phase(line, phase[0])
-        if new != phase[0]:
-            phase[0] = new
-            log.debug(f"up: phase {new}")
-
-    with log.step(f"vagrant up {cfg.vm.name} ({provider.name}{', ' + driver if driver else ''})"):
-        try:
-            _project(cfg, provider).run(
-                "up", MACHINE, "--provision" if provision else "--no-provision", f"--provider={provider.name}",
-                show=True, timeout=limit, on_line=watch, phase=lambda: phase[0], watchdog=provider.guest_watch(driver),
-            )
-        except VagrantError as exc:
-            # QEMU died as libvirt started it under KVM (vagrant-libvirt shows it inside a Ruby error).
-            why = qemu_start_failure(exc.message) if driver == "kvm" else ""
-            if why:
-                raise GuestStopped(f"{exc.message}\n  KVM could not start {cfg.vm.name}: {why}",
-                                   reason=why, accelerator="kvm",
-                                   hint="set libvirt.driver=qemu (TCG), or auto to let the tool fall back; "
-                                        "`invoke doctor` shows whether libvirt's QEMU user can open /dev/kvm") from None
-            raise
-
-
-def rendered_driver(cfg: ApplianceConfig) -> str | None:
-    """The libvirt driver the project's Vagrantfile names (``lv.driver = "kvm"``), or None (none, or VirtualBox)."""
-    try:
-        text = (project_dir(cfg) / "Vagrantfile").read_text()
-    except OSError:
-        return None
-    found = re.search(r"^\s*lv\.driver = ['\"](\w+)['\"]", text, re.M)
-    return found.group(1) if found else None
-
-
-def halt(cfg: ApplianceConfig, *, force: bool = False, provider: Provider | None = None) -> MachineState:
-    """Shut the VM down (clean ACPI shutdown unless ``force``); nothing to do when it is off or absent."""
-    provider = _provider(cfg, provider)
-    current = status(cfg, provider=provider)
-    if current.stopped or not current.exists:
-        log.info(f"ok: {cfg.vm.name} is {current.state}, nothing to halt")
-        provider.after_halt(project_dir(cfg))  # the VM may have powered itself off (seal)
-        return current
-    with log.step(f"vagrant halt {cfg.vm.name}"):
-        _project(cfg, provider).run("halt", MACHINE, *(["--force"] if force else []), show=True,
-                                    timeout=cfg.vm.boot_timeout)
-    final = status(cfg, provider=provider)
-    if not final.running:
-        provider.after_halt(project_dir(cfg))
-    return final
-
-
-def destroy(cfg: ApplianceConfig, *, provider: Provider | None = None) -> None:
-    """Remove the VM and its disks; nothing to do when it does not exist."""
-    provider = _provider(cfg, provider)
-    current = status(cfg, provider=provider)
-    if not current.exists:
-        log.info(f"ok: {cfg.vm.name} does not exist, nothing to destroy")
-        return
-    with log.step(f"vagrant destroy {cfg.vm.name}"):
-        _project(cfg, provider).run("destroy", "--force", MACHINE, show=True, timeout=cfg.vm.boot_timeout)
-    forget_host_key(known_hosts_path(cfg))
-
-
-def ssh_config(cfg: ApplianceConfig, *, provider: Provider | None = None) -> SSHEndpoint:
-    """Host, port, user and every identity file of the running VM, from ``vagrant ssh-config``."""
-    provider = _provider(cfg, provider)
-    _ensure_project(cfg, provider)
-    return parse_ssh_config(_project(cfg, provider).run("ssh-config", MACHINE).stdout, MACHINE)

@@ -33,10 +33,13 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from appliance.basebox import KEY_NAME, cache_dir
 from appliance.config import ApplianceConfig
 from appliance.errors import UsageError, VerifyError
 from appliance.inputs import describe, open_regular
 from appliance.log import log
+from appliance.providers.registry import boot_backend_for
+from appliance.providers.virtualbox.boot import import_size, virtualbox_boot_check
 from appliance.scripts import seals
 from appliance.verify_boot import BootLogin, BootReport, ConsoleLogin, SSHLogin, boot_check
 from appliance.verify_ova import NO_SCHEMA_DIR, check_structure
@@ -99,7 +102,7 @@ def verify_ova(
     ``boot_with`` is ``qemu`` (the extracted disk under QEMU, no route out; ``driver`` as
     ``libvirt.driver``: ``kvm``, ``qemu`` for TCG, ``auto`` for KVM if it works, else TCG) or
     ``virtualbox`` (the OVA imported into a temporary VirtualBox VM, see
-    ``appliance.vboxboot``). ``nic``: the QEMU NIC device of the boot (default: the one the
+    ``appliance.providers.virtualbox.boot``). ``nic``: the QEMU NIC device of the boot (default: the one the
     configuration's first OVA format describes, ``e1000`` without a configuration).
 
     With ``cfg`` and no ``login``, the boot check's login and HTTP port come from the
@@ -122,8 +125,6 @@ def verify_ova(
         boot_timeout = cfg.vm.verify_timeout
         cpus, memory_mb = min(cfg.vm.cpus, os.cpu_count() or 1), cfg.vm.memory_mb
         driver = cfg.libvirt.driver
-        from appliance.providers import boot_backend_for
-
         boot_with = boot_backend_for(cfg)
     _require_regular_ova(path)
     if boot and login is None:
@@ -148,8 +149,6 @@ def verify_ova(
                 raise VerifyError(f"{path}: boot check expects one disk, found {len(disks)}")
             with log.step(f"boot a fresh copy ({boot_with})"):
                 if boot_with == "virtualbox":
-                    from appliance.vboxboot import import_size, virtualbox_boot_check
-
                     # VirtualBox imports the OVA itself: the disk copied out for the structural
                     # check has served; what the import will write is measured from it, then it goes.
                     disk = next(iter(disks.values()))
@@ -213,8 +212,6 @@ def boot_access(
         return ConsoleLogin(), http_port
     key = ssh_key or cfg.ssh.private_key
     if not key:
-        from appliance.basebox import KEY_NAME, cache_dir
-
         key = str(cache_dir() / "keys" / KEY_NAME)
     key_file = Path(key).expanduser()
     if ssh_key:
@@ -240,7 +237,6 @@ def verify_from_config(
     and report say why.
     """
     from appliance.artifacts import ensure_ovf_schemas
-    from appliance.providers import boot_backend_for
 
     _require_regular_ova(path)
     login, http_port = boot_access(cfg, ssh_key=ssh_key, http=http) if boot else (None, None)

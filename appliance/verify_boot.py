@@ -43,8 +43,8 @@ from typing import Any
 import paramiko
 
 from appliance.errors import GuestStopped, PrerequisiteMissing, UsageError, VerifyError
-from appliance.hostprobe import qemu_failure_lines
 from appliance.log import log
+from appliance.providers.libvirt.hostprobe import detect_libvirt_driver, qemu_failure_lines, record_kvm_failure
 from appliance.run import run, start_background, stop_processes, which
 
 # The SMBIOS OEM string (type 11) that carries the boot nonce; read in the guest from
@@ -296,8 +296,6 @@ def choose_accelerator(driver: str) -> tuple[str, str]:
         return "kvm", "libvirt.driver is kvm"
     if driver == "qemu":
         return "tcg", "libvirt.driver is qemu"
-    from appliance.hostprobe import detect_libvirt_driver
-
     probed, why = detect_libvirt_driver()
     return ("kvm" if probed == "kvm" else "tcg"), why
 
@@ -436,8 +434,6 @@ def boot_check(
             except GuestStopped as exc:
                 if not (driver == "auto" and accel == "kvm"):
                     raise
-                from appliance.hostprobe import record_kvm_failure
-
                 record_kvm_failure(exc.reason)
                 log.warning(f"KVM could not run the copy ({exc.reason}); booting it again under TCG emulation "
                             "(slower), and TCG is used for every boot on this host until it restarts")

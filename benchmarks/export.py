@@ -51,7 +51,7 @@ from appliance.log import log  # noqa: E402
 from appliance.run import run  # noqa: E402
 
 if TYPE_CHECKING:
-    from appliance.vboxchroot import VBoxSession
+    from appliance.providers.virtualbox.chroot import VBoxSession
 
 FILE_SOURCES = ("/usr/bin", "/usr/share", "/usr/include", "/usr/lib")
 
@@ -219,7 +219,7 @@ def report(ours: str, base: str, best: dict[str, tuple[float, float, int]], *, t
 def start_vbox(work: Path) -> VBoxSession | None:
     """A VirtualBox session in the ``vbox`` tier's chroot, or None (said why) where it cannot run."""
     try:
-        from appliance.vboxchroot import VBoxSession, ensure_chroot
+        from appliance.providers.virtualbox.chroot import VBoxSession, ensure_chroot
 
         session = VBoxSession(ensure_chroot(), work / "vbox-session", [work])
         session.start()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """VirtualBox's OVA import, repeated: how often it fails on our OVA against VirtualBox's own export.
 
-Runs the real VirtualBox 7.2 in the cached chroot (``appliance.vboxchroot``), imports each OVA
+Runs the real VirtualBox 7.2 in the cached chroot (``appliance.providers.virtualbox.chroot``), imports each OVA
 ``--runs`` times (import, then unregister and delete), and prints the failures of each and
 their difference. The baseline is ``tests/data/vbox/vbox-ovf10.ova``, which VirtualBox itself
 exported. Our OVA is written by ``appliance.export.ova.write_ova`` from an awkward 100 MiB disk
@@ -29,8 +29,8 @@ sys.path[:0] = [str(ROOT)]
 
 from appliance.config import load_config  # noqa: E402
 from appliance.export.ova import write_ova  # noqa: E402
+from appliance.providers.virtualbox.chroot import VBoxSession, ensure_chroot  # noqa: E402
 from appliance.run import stop_processes  # noqa: E402
-from appliance.vboxchroot import VBoxSession, ensure_chroot  # noqa: E402
 from tests.disks import write_awkward_disk  # noqa: E402
 
 BASELINE = ROOT / "tests" / "data" / "vbox" / "vbox-ovf10.ova"

@@ -78,7 +78,7 @@ PY="${PYTHON:-python3}"
 
 if [ ! -d "$SYSTEMD_DIR" ]; then
   # What libvirt-daemon-system's postinst would make (log folder, libvirt-qemu user in kvm).
-  $SUDO "$PY" -m appliance.libvirtd prepare
+  $SUDO "$PY" -m appliance.providers.libvirt.libvirtd prepare
 fi
 # Where VirtualBox 7.1+ is installed and the Vagrant on PATH cannot drive it: HashiCorp's Vagrant of a
 # pinned version into /usr/local/bin, checked against the pin and HashiCorp's SHA256SUMS (a no-op elsewhere).

@@ -12,8 +12,8 @@ import json
 import tarfile
 from pathlib import Path
 
+from appliance.checks import Check
 from appliance.config import ApplianceConfig
-from appliance.doctor import Check
 from appliance.providers.base import Exported, Provider
 
 
@@ -25,6 +25,7 @@ class FakeProvider(Provider):
         super().__init__(cfg)
         self.disk = disk
         self.calls: list[tuple[str, object]] = []
+        self.machines: dict[str, str] = {}  # machine id -> state, as the hypervisor would answer
 
     def host_checks(self) -> list[Check]:
         self.calls.append(("host_checks", None))
@@ -45,11 +46,19 @@ class FakeProvider(Provider):
     def before_create(self) -> None:
         self.calls.append(("before_create", None))
 
+    def machine_state(self, machine_id: str) -> str:
+        self.calls.append(("machine_state", machine_id))
+        return self.machines.get(machine_id, "not_created")
+
+    def remove_machine(self, machine_id: str, record: Path) -> None:
+        self.calls.append(("remove_machine", machine_id))
+        self.machines.pop(machine_id, None)
+
     def after_halt(self, project: Path) -> None:
         self.calls.append(("after_halt", project))
 
     def export(self, dest_dir: Path) -> Exported:
-        from appliance.export.libvirt import export_libvirt
+        from appliance.providers.libvirt.export import export_libvirt
 
         self.calls.append(("export", dest_dir))
         if self.disk is None:

@@ -1,33 +1,5 @@
-"""The provider seam (``base.Provider``) and its two implementations; ``provider_for`` picks one.
+"""The hypervisors behind one interface: ``base.Provider``, one folder per provider (``libvirt/``,
+``virtualbox/``), and ``registry.provider_for``, which picks one for a resolved configuration.
 
 Nothing outside this package branches on the provider's name: ask the provider instead.
 """
-
-from __future__ import annotations
-
-from appliance.config import ApplianceConfig
-from appliance.errors import UsageError
-from appliance.providers.base import Exported, Provider, require
-from appliance.providers.libvirt import LibvirtProvider
-from appliance.providers.virtualbox import VirtualBoxProvider
-
-PROVIDERS: dict[str, type[Provider]] = {p.name: p for p in (LibvirtProvider, VirtualBoxProvider)}
-
-__all__ = ["PROVIDERS", "Exported", "Provider", "boot_backend_for", "provider_for", "require"]
-
-
-def provider_for(cfg: ApplianceConfig) -> Provider:
-    """The provider of a resolved configuration (``auto`` must be resolved first: ``config.resolve_provider``)."""
-    kind = PROVIDERS.get(cfg.provider)
-    if kind is None:
-        raise UsageError(
-            f"provider {cfg.provider!r} is not resolved: resolve 'auto' first ({' or '.join(sorted(PROVIDERS))})"
-        )
-    return kind(cfg)
-
-
-def boot_backend_for(cfg: ApplianceConfig) -> str:
-    """How ``verify-ova`` boots a copy for this configuration; an unresolved ``auto`` boots under QEMU,
-    which needs no hypervisor beyond QEMU itself (``verify-ova`` does not probe for VirtualBox)."""
-    kind = PROVIDERS.get(cfg.provider, LibvirtProvider)
-    return kind.boot_backend

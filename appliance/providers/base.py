@@ -1,27 +1,28 @@
 """The provider seam: what differs between VirtualBox and libvirt/QEMU, behind one interface.
 
-A ``Provider`` is built once from the resolved configuration (``appliance.providers.provider_for``)
+A ``Provider`` is built once from the resolved configuration (``providers.registry.provider_for``)
 and answers every provider question the rest of the tool has: the host checks ``invoke doctor``
 shows, the libvirt driver (resolved on the host, never guessed), the Vagrant project facts
 (environment, Vagrant's provider name, the Vagrantfile provider block's inputs), the preflight
 before ``vagrant up``, the clean-up after the VM stops, where the disk is and how it becomes an
 OVA, how the box is packaged, and which backend boots a copy in the verify stage. Vagrant itself
-is driven the same way for both (``appliance.vagrant``); only these facts differ.
+is driven the same way for both (``appliance.vm`` through ``appliance.vagrant``); only these
+facts differ.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from appliance.errors import GuestStopped, PrerequisiteMissing
+from appliance.errors import GuestStopped
 
 if TYPE_CHECKING:  # pragma: no cover
+    from appliance.checks import Check
     from appliance.config import ApplianceConfig
-    from appliance.doctor import Check
     from appliance.export.ova import OvaResult
 
 
@@ -31,17 +32,6 @@ class Exported:
 
     ova: OvaResult
     disk: Path | None = None
-
-
-def require(probes: Iterable[Callable[[], Check]]) -> None:
-    """Run doctor checks in order; the first that fails becomes ``PrerequisiteMissing`` (its fix as the hint).
-
-    The pre-``up`` preflight and ``invoke doctor`` share the checks this way: one probe, two uses.
-    """
-    for probe in probes:
-        check = probe()
-        if check.verdict == "fail":
-            raise PrerequisiteMissing(f"{check.name}: {check.found}", hint=check.fix or None)
 
 
 class Provider(ABC):
@@ -70,7 +60,7 @@ class Provider(ABC):
         return {}
 
     def vagrantfile_inputs(self, driver: str | None) -> dict[str, str]:
-        """The values ``Vagrantfile.j2`` reads for the provider block (rendered by ``appliance.vagrant.render``)."""
+        """The values ``Vagrantfile.j2`` reads for the provider block (rendered by ``appliance.vm.render``)."""
         chosen = driver or self.cfg.libvirt.driver
         cpu_mode = self.cfg.libvirt.cpu_mode
         if cpu_mode == "auto":
@@ -101,6 +91,35 @@ class Provider(ABC):
     def can_fall_back(self, driver: str | None) -> bool:
         """Whether a VM that stopped under ``driver`` is booted once more without hardware acceleration."""
         return False
+
+    def fall_back(self, reason: str) -> Provider:
+        """After ``can_fall_back``: remember that acceleration failed (``reason``) and return the provider for
+        the configuration that boots without it."""
+        return self
+
+    def failure_hint(self, output: str, phase: str | None, timed_out: bool) -> str | None:
+        """What a failed Vagrant command's output (stderr and stdout) means for this provider, or None."""
+        return None
+
+    def start_failure(self, message: str, driver: str | None) -> str:
+        """The hypervisor's own reason inside a failed ``vagrant up`` that a retry without acceleration
+        may cure ("": none)."""
+        return ""
+
+    def rendered_driver(self, vagrantfile: Path) -> str | None:
+        """The hypervisor driver a rendered Vagrantfile names (``None``: none, or no such file)."""
+        return None
+
+    @abstractmethod
+    def machine_state(self, machine_id: str) -> str:
+        """The state of the VM Vagrant recorded under ``machine_id``, asked of the hypervisor itself, in
+        Vagrant's words (``not_created`` when it is gone): for a project whose Vagrantfile is missing."""
+
+    @abstractmethod
+    def remove_machine(self, machine_id: str, record: Path) -> None:
+        """Stop and remove the VM Vagrant recorded under ``machine_id`` and its disks, without Vagrant
+        (whose commands need the Vagrantfile): ``invoke destroy`` of a project whose Vagrantfile is missing.
+        ``record`` is Vagrant's folder for the machine (``.vagrant/machines/<name>/<provider>``)."""
 
     def after_halt(self, project: Path) -> None:
         """After the VM stopped (halted by Vagrant or powered off by itself): release what outlived it."""

@@ -46,7 +46,7 @@ INTERNET_HOSTS = [("github.com", 443), ("charts.opencsg.com", 443), ("registry-1
 
 def virtualbox_missing() -> str | None:
     """Why VirtualBox cannot run VMs here, or None: VBoxManage, then its kernel driver (as doctor checks it)."""
-    from appliance.providers.virtualbox import vbox_driver_missing
+    from appliance.providers.virtualbox.hostprobe import vbox_driver_missing
 
     vbox = shutil.which("VBoxManage") or shutil.which("vboxmanage")
     if vbox is None:
@@ -158,8 +158,8 @@ def imported(output: str) -> bool:
 
 
 def test_full_build_serves_the_portal(release_host: None, tmp_path: Path) -> None:
-    from appliance.export.virtualbox import unregister_and_delete
     from appliance.images import read_image_list
+    from appliance.providers.virtualbox.export import unregister_and_delete
 
     work = tmp_path / "work"
     work.mkdir()

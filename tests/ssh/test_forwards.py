@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from sshd_server import SSHServer
 
-from appliance import forwards
 from appliance.config import load_config
-from appliance.providers.libvirt import LibvirtProvider
+from appliance.providers.libvirt import forwards
+from appliance.providers.libvirt.provider import LibvirtProvider
 
 
 def _free_port() -> int:

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from appliance import basebox, image
-from appliance.basebox import box_version, inputs_digest, make_spec, package_libvirt_box
+from appliance.basebox import box_version, inputs_digest, make_spec
 from appliance.config import ApplianceConfig
 from appliance.image import PARTITION_OFFSET, _copy_sparse, master_boot_record
+from appliance.providers.libvirt.box import package_libvirt_box
 from appliance.run import run, which
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyForTestsOnlyxxxxxxxxxxxxxxxxxxxxxxxx test"
@@ -168,8 +169,8 @@ def test_removing_a_work_tree_never_deletes_through_a_leftover_mount(tmp_path: P
 
 
 def test_box_digest_per_provider(tmp_path: Path) -> None:
-    from appliance.basebox import box_provider
     from appliance.config import load_config
+    from appliance.providers.registry import provider_for as box_provider
 
     def cfg(provider: str, *sets: str) -> ApplianceConfig:
         return load_config(None, ["vm.cpus=2", "vm.memory_mb=2048", "provision.skip=[k3s, csghub]", *sets],

@@ -56,7 +56,7 @@ VERSION_CASES = [
 @pytest.mark.parametrize(("vagrant", "vbox", "verdict", "mentions"), VERSION_CASES)
 def test_vagrant_virtualbox_versions(vagrant: tuple[int, ...], vbox: tuple[int, ...], verdict: str,
                                      mentions: str) -> None:
-    from appliance.doctor import vagrant_drives_virtualbox
+    from appliance.providers.virtualbox.hostprobe import vagrant_drives_virtualbox
 
     check = vagrant_drives_virtualbox(vagrant, vbox)
     assert check.verdict == verdict, check

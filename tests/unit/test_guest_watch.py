@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import GuestStopped
-from appliance.hostprobe import qemu_failure_lines
-from appliance.providers.libvirt import domain_log_reason, parse_domstate
+from appliance.providers.libvirt.hostprobe import qemu_failure_lines
+from appliance.providers.libvirt.libvirtd import parse_domstate
+from appliance.providers.libvirt.provider import domain_log_reason, qemu_start_failure
 from appliance.run import Terminated, process_alive, run, termination_as_interrupt
-from appliance.vagrant import qemu_start_failure
 
 
 def test_the_watchdog_interrupts_the_command_and_raises_its_error() -> None:

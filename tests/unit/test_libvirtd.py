@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance import libvirtd
-from appliance.libvirtd import kvm_access, may_open_rw, may_start_daemons, qemu_user, start_hint
+from appliance.providers.libvirt import libvirtd
+from appliance.providers.libvirt.libvirtd import kvm_access, may_open_rw, may_start_daemons, qemu_user, start_hint
 
 
 @pytest.mark.parametrize(("mode", "owner", "group", "uid", "groups", "allowed"), [

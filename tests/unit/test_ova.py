@@ -20,8 +20,8 @@ import pytest
 from appliance.config import ApplianceConfig
 from appliance.errors import ExportError
 from appliance.export import ova as ova_module
-from appliance.export.libvirt import export_libvirt, find_domain_disk, parse_domblklist
 from appliance.export.ova import USTAR_MAX_SIZE, manifest_text, ustar_header, write_ova
+from appliance.providers.libvirt.export import export_libvirt, find_domain_disk, parse_domblklist
 from appliance.run import run
 from appliance.verify_ova import scan_tar
 

@@ -64,7 +64,7 @@ def test_render_refuses_unresolved_provider() -> None:
 
 
 def test_render_refuses_an_unresolved_libvirt_driver() -> None:
-    # `auto` must be probed (appliance.hostprobe via appliance.vagrant.render), never guessed as kvm.
+    # `auto` must be probed (appliance.providers.libvirt.hostprobe via appliance.vagrant.render), never guessed as kvm.
     with pytest.raises(UsageError, match="cannot render libvirt driver 'auto'"):
         render_text(_cfg("libvirt"), output_dir=PROJECT_ROOT)
     assert "lv.driver = 'kvm'" in render_text(_cfg("libvirt", "libvirt.driver=kvm"), output_dir=PROJECT_ROOT)

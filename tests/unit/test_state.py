@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from appliance import vm
 from appliance.config import ApplianceConfig, load_config
 from appliance.errors import StateError, VagrantError, VMSealed
 from appliance.pipeline import STAGE_NAMES, STAGES, BuildContext, Stage, StageOutcome, build_ova
+from appliance.providers.registry import provider_for
 from appliance.state import NOT_DISK_CONTENT, NOT_EXPORTED, BuildState, config_digest, export_digest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -210,7 +212,7 @@ def test_output_change_reexports(tmp_path: Path) -> None:
 
 def test_interrupted_seal_is_recorded_and_never_resumed_as_unsealed(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from appliance import vagrant
+    from appliance import vm
     from appliance.errors import Cancelled
 
     with pytest.raises(Cancelled):
@@ -222,28 +224,28 @@ def test_interrupted_seal_is_recorded_and_never_resumed_as_unsealed(tmp_path: Pa
     class Off:
         running = False
 
-    monkeypatch.setattr(vagrant, "status", lambda cfg, **kw: Off())
+    monkeypatch.setattr(vm, "status", lambda cfg, provider: Off())
     booted: list[object] = []
-    monkeypatch.setattr(vagrant, "up", lambda *a, **k: booted.append(a))
+    monkeypatch.setattr(vm, "boot", lambda *a, **k: booted.append(a))
+    monkeypatch.setattr(vm, "up", lambda *a, **k: booted.append(a))
     with pytest.raises(VMSealed, match="seal step was interrupted") as info:
         build_ova(_cfg(tmp_path), stages=Recorder().stages())
     assert "invoke destroy" in str(info.value) and not booted
 
 
 def test_up_and_provision_refuse_a_sealed_vm(tmp_path: Path) -> None:
-    from appliance.steps import provision_vagrant_vm
-    from appliance.vagrant import up
+    from appliance.vm import provision, up
 
     cfg = _cfg(tmp_path)
     BuildState(sealed=True).save(cfg.build_dir)
-    for action in (lambda: up(cfg, render_first=True), lambda: provision_vagrant_vm(cfg)):
+    for action in (lambda: up(cfg, provider_for(cfg), render_first=True), lambda: provision(cfg, provider_for(cfg))):
         with pytest.raises(VMSealed) as info:
             action()
         assert "invoke destroy" in str(info.value) and "invoke build-ova" in str(info.value)
     assert not (cfg.build_dir / "vm").exists(), "nothing was rendered or started"
     BuildState(seal_started=True).save(cfg.build_dir)
     with pytest.raises(VMSealed, match="was being sealed") as info:
-        up(cfg)
+        up(cfg, provider_for(cfg))
     # An interrupted seal is not exported as it is: the build reruns the seal while the VM runs.
     assert "runs the seal step again" in str(info.value) and "exports the sealed VM" not in str(info.value)
 
@@ -268,7 +270,7 @@ def test_state_json_holds_seal_started(tmp_path: Path) -> None:
 def test_provision_only_seal_records_the_seal_like_the_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`invoke provision --only seal` left state.json saying "not sealed": `invoke up` then booted the sealed
     VM and its first boot ran inside the build VM. The guest part is stood in for; the books are real."""
-    from appliance import steps, vagrant
+    from appliance import steps
 
     cfg = _cfg(tmp_path)
     seen: list[tuple[bool, bool]] = []
@@ -280,20 +282,20 @@ def test_provision_only_seal_records_the_seal_like_the_build(tmp_path: Path, mon
             raise KeyboardInterrupt
         return "sealed"
 
-    monkeypatch.setattr(vagrant, "ssh_config", lambda cfg, **kw: object())
+    monkeypatch.setattr(vm, "ssh_config", lambda cfg, provider: object())
     monkeypatch.setattr(steps, "pinned_uploads", lambda cfg, skip=(): [])
     monkeypatch.setattr(steps, "provision", guest_step)
-    assert steps.provision_vagrant_vm(cfg, steps.Options(only="firstboot")) == "sealed"
+    assert vm.provision(cfg, provider_for(cfg), steps.Options(only="firstboot")) == "sealed"
     assert seen == [(False, False)] and not BuildState.load(cfg.build_dir).seal_begun, "other steps keep no books"
     with pytest.raises(KeyboardInterrupt):
-        steps.provision_vagrant_vm(cfg, steps.Options(only="seal"))
+        vm.provision(cfg, provider_for(cfg), steps.Options(only="seal"))
     state = BuildState.load(cfg.build_dir)
     assert seen[1] == (True, False) and state.seal_started and not state.sealed
     with pytest.raises(VMSealed, match="was being sealed"):
-        vagrant.up(cfg)
+        vm.up(cfg, provider_for(cfg))
     BuildState().save(cfg.build_dir)
-    assert steps.provision_vagrant_vm(cfg, steps.Options(only="seal")) == "sealed"
+    assert vm.provision(cfg, provider_for(cfg), steps.Options(only="seal")) == "sealed"
     state = BuildState.load(cfg.build_dir)
     assert state.sealed and state.config_digest == config_digest(cfg)
     with pytest.raises(VMSealed, match="the build VM is sealed"):
-        vagrant.up(cfg)
+        vm.up(cfg, provider_for(cfg))

@@ -7,8 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from appliance import hostprobe, libvirtd
-from appliance.hostprobe import ProbeRun, decide_driver, detect_libvirt_driver, resolve_libvirt_driver, run_payload
+from appliance.providers.libvirt import hostprobe, libvirtd
+from appliance.providers.libvirt.hostprobe import (
+    ProbeRun,
+    decide_driver,
+    detect_libvirt_driver,
+    resolve_libvirt_driver,
+    run_payload,
+)
 from appliance.run import which
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import CommandFailed, VagrantError
+from appliance.providers.libvirt.provider import failure_hint as libvirt_failure_hint
 from appliance.run import CommandResult
 from appliance.vagrant import (
     Box,
@@ -185,7 +186,7 @@ def test_failure_names_the_command_and_shows_the_stderr_tail() -> None:
     ],
 )
 def test_known_failures_get_a_hint(stderr: str, hint_part: str) -> None:
-    hint = _failure("up", _failed(stderr)).hint
+    hint = _failure("up", _failed(stderr), hint=libvirt_failure_hint).hint
     assert hint is not None and hint_part in hint
 
 
@@ -198,7 +199,7 @@ def test_known_failures_get_a_hint(stderr: str, hint_part: str) -> None:
     ],
 )
 def test_a_timed_out_up_names_its_phase(phase: str, advice: str) -> None:
-    exc = _failure("up", _failed("", timed_out=True, rc=-9), phase=phase)
+    exc = _failure("up", _failed("", timed_out=True, rc=-9), phase=phase, hint=libvirt_failure_hint)
     assert f"timed out after 12 s while {phase}" in exc.message
     assert exc.hint is not None and advice in exc.hint and "vm.boot_timeout" in exc.hint
 

@@ -1,7 +1,7 @@
 """Preflight errors that need the real tools but no running service: libvirt unreachable, box missing.
 
 The preflight before ``vagrant up`` and ``invoke doctor`` share one libvirt check
-(``appliance.providers.libvirt``): both are exercised here against the same unreachable socket.
+(``appliance.providers.libvirt.provider``): both are exercised here against the same unreachable socket.
 """
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from appliance import vagrant
+from appliance import vagrant, vm
 from appliance.config import load_config
 from appliance.doctor import collect_checks
 from appliance.errors import PrerequisiteMissing, VagrantError
-from appliance.providers import provider_for
-from appliance.providers.libvirt import domain_name
+from appliance.providers.libvirt.provider import domain_name
+from appliance.providers.registry import provider_for
 from appliance.run import which
 
 
@@ -40,7 +40,7 @@ def test_up_stops_at_the_preflight_before_touching_the_project(tmp_path: Path) -
     cfg = load_config(None, [f"libvirt.uri=qemu+unix:///system?socket={tmp_path}/no-libvirt-sock",
                              f"output.build_dir={tmp_path / 'build'}"], "libvirt", cwd=tmp_path)
     with pytest.raises(PrerequisiteMissing, match="not reachable"):
-        vagrant.up(cfg)
+        vm.up(cfg, provider_for(cfg))
     assert not vagrant.project_dir(cfg).exists()
 
 
@@ -48,7 +48,7 @@ def test_up_stops_at_the_preflight_before_touching_the_project(tmp_path: Path) -
 def test_a_missing_box_names_the_box_and_how_to_get_it(tmp_path: Path) -> None:
     cfg = load_config(None, ["vm.box=csghub/no-such-box", f"output.build_dir={tmp_path}"], "libvirt", cwd=tmp_path)
     with pytest.raises(VagrantError) as err:
-        vagrant.check_box(cfg, "libvirt")
+        vm.check_box(cfg, "libvirt")
     assert "Vagrant has no box 'csghub/no-such-box' for provider libvirt" in err.value.message
     assert err.value.hint == "get it with `vagrant box add csghub/no-such-box --provider libvirt`"
 
@@ -59,7 +59,7 @@ def test_the_default_box_points_at_invoke_base_box(tmp_path: Path, monkeypatch: 
     monkeypatch.setenv("VAGRANT_HOME", str(tmp_path / "vagrant.d"))
     cfg = load_config(None, [f"output.build_dir={tmp_path}"], "libvirt", cwd=tmp_path)
     with pytest.raises(VagrantError) as err:
-        vagrant.check_box(cfg, "libvirt")
+        vm.check_box(cfg, "libvirt")
     assert "(boxes here: none)" in err.value.message
     assert err.value.hint == "get it with `invoke base-box --provider libvirt`"
 

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from appliance import hostprobe, vagrant
+from appliance import vagrant, vm
 from appliance.config import ApplianceConfig, load_config
 from appliance.errors import ArtifactError
 from appliance.guest import guest_environment
 from appliance.needs import guest_uploads
+from appliance.providers.libvirt import hostprobe
+from appliance.providers.registry import provider_for
 from appliance.scripts import GUEST_PROVISION_DIR, discover_scripts
 from appliance.steps import digests_by_need, pinned_uploads, step_inputs
 
@@ -49,7 +51,7 @@ def test_missing_artifacts_are_refused_with_a_pointer_to_invoke_fetch(
 ) -> None:
     cfg = _cfg(tmp_path)
     with pytest.raises(ArtifactError) as err:
-        vagrant.render(cfg)
+        vm.render(cfg, provider_for(cfg))
     assert "not in the artifact cache" in err.value.message and str(tmp_path / "cache") in err.value.message
     assert err.value.hint is not None and "invoke fetch" in err.value.hint
     assert not (vagrant.project_dir(cfg) / "Vagrantfile").exists(), "no Vagrantfile that fails at the k3s step"
@@ -75,7 +77,7 @@ def test_render_probes_auto_and_carries_uploads_and_the_runners_markers(
         if not local.exists():
             local.parent.mkdir(parents=True, exist_ok=True)
             local.write_bytes(b"artifact " + local.name.encode())
-    rendered = vagrant.render(cfg)
+    rendered = vm.render(cfg, provider_for(cfg))
     assert rendered.path == vagrant.project_dir(cfg) / "Vagrantfile"
     assert rendered.libvirt_driver == "qemu" and probe_says_qemu == ["probe"]
     text = rendered.path.read_text()
@@ -112,7 +114,7 @@ def test_render_probes_auto_and_carries_uploads_and_the_runners_markers(
 
 def test_render_to_another_place_and_a_configured_driver(tmp_path: Path, probe_says_qemu: list[str]) -> None:
     cfg = _cfg(tmp_path, "provision.skip={k3s,csghub}", "libvirt.driver=kvm")
-    rendered = vagrant.render(cfg, tmp_path / "elsewhere" / "Vagrantfile")
+    rendered = vm.render(cfg, provider_for(cfg), tmp_path / "elsewhere" / "Vagrantfile")
     assert rendered.path == tmp_path / "elsewhere" / "Vagrantfile"
     assert "lv.driver = 'kvm'" in rendered.path.read_text()
     assert probe_says_qemu == [], "a configured driver is not probed"
@@ -121,7 +123,7 @@ def test_render_to_another_place_and_a_configured_driver(tmp_path: Path, probe_s
 
 def test_status_of_a_project_never_rendered_needs_no_vagrantfile(tmp_path: Path) -> None:
     cfg = load_config(None, [f"output.build_dir={tmp_path / 'build'}", "provider=virtualbox"], cwd=tmp_path)
-    assert vagrant.status(cfg).state == "not_created"
+    assert vm.status(cfg, provider_for(cfg)).state == "not_created"
     assert not (vagrant.project_dir(cfg) / "Vagrantfile").exists()
 
 

@@ -16,8 +16,8 @@ import pytest
 
 from appliance.config import ApplianceConfig
 from appliance.errors import CommandFailed, ExportError, PrerequisiteMissing
-from appliance.export import virtualbox as vbox
-from appliance.export.virtualbox import export_argv, export_virtualbox, nat_rules, parse_machinereadable
+from appliance.providers.virtualbox import export as vbox
+from appliance.providers.virtualbox.export import export_argv, export_virtualbox, nat_rules, parse_machinereadable
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "vbox"
 
@@ -136,7 +136,7 @@ def test_removing_a_vm_virtualbox_cannot_describe_is_no_silent_success(
 ) -> None:
     """Only "no such VM" means there is nothing to remove; any other showvminfo failure is reported."""
     from appliance.errors import ExportError
-    from appliance.export.virtualbox import unregister_and_delete
+    from appliance.providers.virtualbox.export import unregister_and_delete
 
     unregister_and_delete("no-such-vm")  # never imported: nothing to do
     monkeypatch.setenv("FAKE_VBOX_FAIL", "showvminfo")
@@ -182,8 +182,8 @@ def test_a_copy_that_stops_fails_the_boot_check_at_once(tmp_path: Path, monkeypa
     """The VirtualBox boot watches the VM's state at every poll: an abort fails now, not at the deadline."""
     import time
 
-    from appliance import vboxboot
     from appliance.errors import GuestStopped
+    from appliance.providers.virtualbox import boot as vboxboot
     from appliance.verify_boot import SSHLogin, check_booted_copy, free_loopback_port, wait_http
 
     console = tmp_path / "console.log"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance import vboxchroot
 from appliance.errors import PrerequisiteMissing
+from appliance.providers.virtualbox import chroot as vboxchroot
 
 
 def test_mount_script_quotes_every_path() -> None:

@@ -1,6 +1,6 @@
 """Fixtures for the ``vbox`` tier: the real VirtualBox 7.2 (Debian sid/contrib) in a cached chroot.
 
-``vbox`` (session) -> ``appliance.vboxchroot.VBoxSession``
+``vbox`` (session) -> ``appliance.providers.virtualbox.chroot.VBoxSession``
     ``vbox.manage(*args, check=True, timeout=600)`` runs ``VBoxManage args...`` in the chroot and
     returns the ``subprocess.CompletedProcess[str]`` (``VBoxCommandFailed`` on a non-zero exit
     when ``check``); ``vbox.python(code)`` runs the chroot's python3, where ``vboxapi`` imports.
@@ -32,7 +32,7 @@ import pytest
 
 from appliance.config import PROJECT_ROOT
 from appliance.errors import PrerequisiteMissing
-from appliance.vboxchroot import VBoxSession, ensure_chroot
+from appliance.providers.virtualbox.chroot import VBoxSession, ensure_chroot
 
 SHARED = (PROJECT_ROOT / ".." / "shared").resolve()
 
@@ -77,7 +77,7 @@ def import_ova(vbox: VBoxSession) -> Iterator[Callable[..., dict[str, str]]]:
 
     Every VM imported through it is unregistered and deleted when the test ends.
     """
-    from appliance.export.virtualbox import parse_machinereadable
+    from appliance.providers.virtualbox.export import parse_machinereadable
 
     imported: list[str] = []
 

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from appliance.basebox import KEY_NAME, VBOX_BOX_DISK, add_box, installed_versions
+from appliance.basebox import KEY_NAME, add_box, installed_versions
 from appliance.config import ApplianceConfig
-from appliance.export.virtualbox import nat_rules
-from appliance.providers import provider_for
+from appliance.providers.registry import provider_for
+from appliance.providers.virtualbox.box import VBOX_BOX_DISK
+from appliance.providers.virtualbox.chroot import VBoxSession
+from appliance.providers.virtualbox.export import nat_rules
 from appliance.run import run
-from appliance.vboxchroot import VBoxSession
 
 pytestmark = pytest.mark.vbox
 
@@ -58,7 +59,7 @@ def test_box_ovf_imports_with_expected_hardware_and_disk_size(
     done = vbox.manage("import", str(unpacked / "box.ovf"), "--vsys", "0", "--vmname", vm_name)
     assert "Successfully imported the appliance." in done.stdout
     try:
-        from appliance.export.virtualbox import parse_machinereadable
+        from appliance.providers.virtualbox.export import parse_machinereadable
 
         info = parse_machinereadable(vbox.manage("showvminfo", vm_name, "--machinereadable").stdout)
         assert info["storagecontrollertype0"] == "IntelAhci" and info["SATA-0-0"].endswith(".vmdk")

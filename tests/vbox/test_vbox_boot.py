@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import PrerequisiteMissing
-from appliance.vboxchroot import VBoxSession
+from appliance.providers.virtualbox.chroot import VBoxSession
 from appliance.verify import SSHLogin, verify_ova
 
 pytestmark = pytest.mark.vbox
@@ -49,8 +49,8 @@ def test_the_verify_vm_carries_this_boots_nonce_in_its_oem_strings(
     """The first-boot proof on VirtualBox: the real VBoxManage takes the nonce as the VM's
     ``DmiOEMVBoxRev`` (the SMBIOS type 11 string the guest reads, as under QEMU), the OVA's own
     forwards give way to the check's loopback ones, and the console goes to a file."""
-    from appliance.export.virtualbox import nat_rules, vm_info
-    from appliance.vboxboot import nonce_extradata_key, prepare_verify_vm
+    from appliance.providers.virtualbox.boot import nonce_extradata_key, prepare_verify_vm
+    from appliance.providers.virtualbox.export import nat_rules, vm_info
     from appliance.verify_boot import NONCE_OEM_KEY, new_boot_nonce
 
     info = import_ova(built_ova, vm_name)
@@ -69,7 +69,7 @@ def test_the_verify_vm_carries_this_boots_nonce_in_its_oem_strings(
 
 
 def test_the_nonce_goes_to_the_efi_firmware_when_the_vm_boots_efi() -> None:
-    from appliance.vboxboot import nonce_extradata_key
+    from appliance.providers.virtualbox.boot import nonce_extradata_key
 
     assert nonce_extradata_key({"firmware": "EFI64"}) == "VBoxInternal/Devices/efi/0/Config/DmiOEMVBoxRev"
     assert nonce_extradata_key({"firmware": "BIOS"}) == "VBoxInternal/Devices/pcbios/0/Config/DmiOEMVBoxRev"

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.export.virtualbox import parse_machinereadable
-from appliance.vboxchroot import VBoxSession
+from appliance.providers.virtualbox.chroot import VBoxSession
+from appliance.providers.virtualbox.export import parse_machinereadable
 from appliance.verify_ova import check_structure
 from appliance.verify_vmdk import raw_content_digest, walk_stream_vmdk
 from tests.unit.conftest import ovf_schema_dir, ovf_schema_mirror  # noqa: F401 (fixtures)

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from appliance.checks import version_tuple as _version
 from appliance.config import load_config
-from appliance.doctor import _version, collect_checks
+from appliance.doctor import collect_checks
 from appliance.run import run
 
 pytestmark = pytest.mark.vbox

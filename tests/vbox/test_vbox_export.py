@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from appliance.config import ApplianceConfig
-from appliance.export.virtualbox import nat_rules
-from appliance.providers import provider_for
-from appliance.vboxchroot import VBoxSession
+from appliance.providers.registry import provider_for
+from appliance.providers.virtualbox.chroot import VBoxSession
+from appliance.providers.virtualbox.export import nat_rules
 from appliance.verify import verify_ova
 
 pytestmark = pytest.mark.vbox

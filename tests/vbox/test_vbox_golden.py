@@ -20,8 +20,8 @@ import pytest
 
 from appliance.config import ApplianceConfig
 from appliance.export.ova import write_ova
-from appliance.export.virtualbox import export_argv
-from appliance.vboxchroot import VBoxSession
+from appliance.providers.virtualbox.chroot import VBoxSession
+from appliance.providers.virtualbox.export import export_argv
 
 pytestmark = pytest.mark.vbox
 

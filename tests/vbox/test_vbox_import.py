@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.export.virtualbox import nat_rules
-from appliance.vboxchroot import VBoxSession
+from appliance.providers.virtualbox.chroot import VBoxSession
+from appliance.providers.virtualbox.export import nat_rules
 
 pytestmark = pytest.mark.vbox
 
@@ -51,7 +51,7 @@ def test_our_ova_imports(vbox: VBoxSession, built_ova: Path,
 def test_parser_reads_real_showvminfo_with_awkward_values(
         vbox: VBoxSession, built_ova: Path, import_ova: Callable[..., dict[str, str]], vm_name: str) -> None:
     """The showvminfo parser against VirtualBox's real printer (the unit tests' sample is hand-written)."""
-    from appliance.export.virtualbox import parse_machinereadable
+    from appliance.providers.virtualbox.export import parse_machinereadable
 
     import_ova(built_ova, vm_name)
     description = 'CSGHub "build" VM\nsecond line, with a backslash \\ in it'

@@ -19,8 +19,8 @@ import pytest
 
 from appliance.config import ApplianceConfig
 from appliance.errors import ExportError
-from appliance.export.virtualbox import export_virtualbox, nat_rules, unregister_and_delete, vm_info
-from appliance.vboxchroot import VBoxSession
+from appliance.providers.virtualbox.chroot import VBoxSession
+from appliance.providers.virtualbox.export import export_virtualbox, nat_rules, unregister_and_delete, vm_info
 
 pytestmark = pytest.mark.vbox
 
@@ -70,7 +70,7 @@ def _create_vm(vbox: VBoxSession, name: str, folder: Path) -> Path:
 def test_unregister_waits_for_a_named_session_and_deletes(vbox: VBoxSession, vboxmanage_on_path: Path,
                                                           hold_session: Callable[..., subprocess.Popen[str]],
                                                           vm_name: str, tmp_path: Path) -> None:
-    from appliance.vboxboot import why_stopped
+    from appliance.providers.virtualbox.boot import why_stopped
 
     vm_dir = _create_vm(vbox, vm_name, tmp_path / "vms")
     assert why_stopped(vm_name) == "VirtualBox reports it 'poweroff'"  # the verify boot's watch: not running
@@ -122,7 +122,8 @@ def test_export_waits_for_an_unnamed_session(vbox: VBoxSession, vboxmanage_on_pa
 
 def test_doctor_says_the_driver_is_missing_here(vboxmanage_on_path: Path) -> None:
     """`VBoxManage list hostinfo` answers without the driver; the check looks at the driver's device."""
-    from appliance.providers.virtualbox import VBOXDRV, check_virtualbox
+    from appliance.providers.virtualbox.hostprobe import VBOXDRV
+    from appliance.providers.virtualbox.provider import check_virtualbox
 
     if VBOXDRV.exists():
         pytest.skip(f"this host has VirtualBox's kernel driver ({VBOXDRV})")

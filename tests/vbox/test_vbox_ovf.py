@@ -14,9 +14,9 @@ import pytest
 
 from appliance.config import ApplianceConfig
 from appliance.export.ova import write_ova
-from appliance.export.virtualbox import nat_rules, parse_machinereadable
+from appliance.providers.virtualbox.chroot import VBoxSession
+from appliance.providers.virtualbox.export import nat_rules, parse_machinereadable
 from appliance.run import run
-from appliance.vboxchroot import VBoxSession
 
 pytestmark = pytest.mark.vbox
 

@@ -16,7 +16,7 @@ from appliance.config import ApplianceConfig
 from appliance.export.ova import write_ova
 from appliance.formats import VMWARE_OVA
 from appliance.run import run
-from appliance.vboxchroot import VBoxSession
+from appliance.providers.virtualbox.chroot import VBoxSession
 
 pytestmark = pytest.mark.vbox
 

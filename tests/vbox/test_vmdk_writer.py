@@ -17,8 +17,8 @@ import pytest
 from appliance.config import ApplianceConfig
 from appliance.export.ova import write_ova
 from appliance.export.vmdk import write_stream_vmdk
+from appliance.providers.virtualbox.chroot import VBoxSession
 from appliance.run import run
-from appliance.vboxchroot import VBoxSession
 from tests.disks import write_awkward_disk
 
 pytestmark = pytest.mark.vbox

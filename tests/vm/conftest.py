@@ -15,7 +15,7 @@ Fixtures other VM tests reuse:
     this session's tests left behind: domains named ``<vm_prefix>*``, the network, the pool
     and its directory.
     To let libvirtd start on a host without libvirt-daemon-system (like this one) it first
-    runs the product's own one-time preparation (``appliance.libvirtd.prepare_host``, what
+    runs the product's own one-time preparation (``appliance.providers.libvirt.libvirtd.prepare_host``, what
     that package would make: /var/log/libvirt/qemu, the ``libvirt-qemu`` system user, which
     libvirtd 9 resolves even when qemu.conf names another user), and, only when no
     /etc/libvirt/qemu.conf exists, writes one that runs QEMU as root (removed again at the end).
@@ -32,9 +32,10 @@ Fixtures other VM tests reuse:
     8 GB disk, k3s/CSGHub steps skipped, no port forwards, boot timeout 300 s, build dir
     under the test's tmp_path. ``name`` becomes part of ``vm.name``
     (``csghub-vmtest-<session token>-<name>``, so parallel sessions never collide; use
-    ``appliance.providers.libvirt.domain_name(cfg)`` for the libvirt domain);
-    extra ``--set`` expressions override anything. Boot it with ``appliance.vagrant.up(cfg,
-    render_first=True)`` and always ``destroy(cfg)`` in a ``finally`` (the session teardown
+    ``appliance.providers.libvirt.provider.domain_name(cfg)`` for the libvirt domain);
+    extra ``--set`` expressions override anything. Boot it with ``appliance.vm.up(cfg,
+    provider_for(cfg), render_first=True)`` and always ``vm.destroy(cfg, provider_for(cfg))`` in a
+    ``finally`` (the session teardown
     removes leftovers anyway). Boots under TCG take ~40-60 s: keep them few.
 """
 
@@ -58,7 +59,8 @@ from pathlib import Path
 import pytest
 
 from appliance.config import ApplianceConfig, load_config
-from appliance.libvirtd import LIBVIRT_SOCKET, VIRTLOGD_SOCKET, socket_answers
+from appliance.providers.libvirt.libvirtd import LIBVIRT_SOCKET, VIRTLOGD_SOCKET, socket_answers
+from appliance.providers.registry import provider_for
 from appliance.run import run, which
 
 URI = "qemu:///system"
@@ -160,7 +162,7 @@ class _Daemons:
 
     def _start(self, program: str, sock: Path, started: list[list[object]]) -> None:
         from appliance.errors import PrerequisiteMissing
-        from appliance.libvirtd import start_daemon
+        from appliance.providers.libvirt.libvirtd import start_daemon
 
         try:
             started.append([program, start_daemon(program, sock, SHARED_STATE / f"{program}.pid",
@@ -176,7 +178,7 @@ class _Daemons:
             state: dict[str, object] = {"started": [], "wrote_qemu_conf": False}
             # What libvirt-daemon-system would have set up (the product's own one-time preparation,
             # as `up` does it); libvirtd refuses to start without it.
-            from appliance.libvirtd import prepare_host
+            from appliance.providers.libvirt.libvirtd import prepare_host
 
             prepare_host()
             if not QEMU_CONF.exists():
@@ -312,7 +314,7 @@ def base_box(libvirt_env: LibvirtEnv, tmp_path_factory: pytest.TempPathFactory) 
 
     cfg = load_config(None, [], "libvirt", cwd=tmp_path_factory.mktemp("basebox"))
     try:
-        return build_base_box(cfg)
+        return build_base_box(cfg, provider_for(cfg))
     except PrerequisiteMissing as exc:
         pytest.skip(f"cannot build the base box here: {exc}")
 

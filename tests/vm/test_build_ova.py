@@ -37,7 +37,7 @@ import pytest
 import yaml
 
 from appliance.config import ApplianceConfig, public_dump
-from appliance.providers.libvirt import domain_name
+from appliance.providers.libvirt.provider import domain_name
 from appliance.run import run
 from appliance.state import BuildState
 from tests.vm.conftest import LibvirtEnv
@@ -144,7 +144,7 @@ def _hand_libvirtd_to_the_product(libvirt_env: LibvirtEnv) -> tuple[str, float]:
 
 def _adopt_what_the_product_started(libvirt_env: LibvirtEnv, since: float) -> list[list[object]]:
     """The daemons the build started (its pid files, written after ``since``), handed to the fixture to stop."""
-    from appliance.libvirtd import PID_DIR
+    from appliance.providers.libvirt.libvirtd import PID_DIR
 
     started: list[list[object]] = []
     for program in ("virtlogd", "libvirtd"):

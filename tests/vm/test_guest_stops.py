@@ -19,10 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from appliance import hostprobe, libvirtd, vagrant
+from appliance import vm
 from appliance.config import ApplianceConfig
 from appliance.errors import GuestStopped
-from appliance.providers.libvirt import domain_name
+from appliance.providers.libvirt import hostprobe, libvirtd
+from appliance.providers.libvirt.provider import domain_name
+from appliance.providers.registry import provider_for
 from appliance.run import run
 
 pytestmark = pytest.mark.vm
@@ -49,7 +51,7 @@ def test_a_suspended_domain_fails_up_within_a_minute(base_box: object, vm_config
     suspender.start()
     try:
         with pytest.raises(GuestStopped) as err:
-            vagrant.up(cfg, render_first=True)
+            vm.up(cfg, provider_for(cfg), render_first=True)
         failed = time.monotonic()
         suspender.join()
         assert suspended, "the domain never ran"
@@ -57,7 +59,7 @@ def test_a_suspended_domain_fails_up_within_a_minute(base_box: object, vm_config
         assert f"the libvirt domain {domain} stopped running under qemu: paused (user)" in err.value.message
     finally:
         suspender.join()
-        vagrant.destroy(cfg)
+        vm.destroy(cfg, provider_for(cfg))
 
 
 def test_auto_boots_again_under_tcg_when_kvm_cannot_run_the_guest(
@@ -69,8 +71,8 @@ def test_auto_boots_again_under_tcg_when_kvm_cannot_run_the_guest(
     cfg = vm_config("fallback", "libvirt.driver=auto")
     try:
         started = time.monotonic()
-        assert vagrant.up(cfg, render_first=True).running
-        driver = vagrant.rendered_driver(cfg)
+        assert vm.up(cfg, provider_for(cfg), render_first=True).running
+        driver = vm.rendered_driver(cfg, provider_for(cfg))
         if driver == "kvm":
             assert json.loads(cache.read_text())["driver"] == "kvm"  # KVM really runs guests on this host
         else:
@@ -79,13 +81,13 @@ def test_auto_boots_again_under_tcg_when_kvm_cannot_run_the_guest(
             assert recorded["driver"] == "qemu" and recorded["reason"].startswith("a real guest stopped under KVM")
         print(f"up with driver {driver} in {time.monotonic() - started:.0f} s")
     finally:
-        vagrant.destroy(cfg)
+        vm.destroy(cfg, provider_for(cfg))
 
 
 def test_the_probes_choice_boots_the_box_kernel_to_userspace_through_libvirt(
     base_box: object, libvirt_env: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from appliance.basebox import box_kernel
+    from appliance.providers.libvirt.box import box_kernel
 
     monkeypatch.setattr(hostprobe, "_probe_cache_dir", lambda: tmp_path)
     driver, why = hostprobe.detect_libvirt_driver(refresh=True, uri=URI)

@@ -1,50 +1,57 @@
 """The VM lifecycle on a real VM: base box -> render -> up -> SSH -> halt -> destroy, nothing left.
 
-One boot (TCG, ~40-60 s plus the box upload into the pool). While the VM runs, the
+One boot (TCG, ~40-60 s plus the box upload into the pool). The halted VM is then reported and
+removed by the real ``invoke status`` / ``invoke destroy`` with its Vagrantfile gone. While the VM runs, the
 "VM exists in another state" error is checked by pausing it with virsh, and the missing-box
 error by a second config naming a box Vagrant does not have (no boot needed for either).
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+import yaml
 
-from appliance import vagrant
-from appliance.config import ApplianceConfig
+from appliance import vagrant, vm
+from appliance.config import ApplianceConfig, public_dump
 from appliance.errors import VagrantError
-from appliance.providers.libvirt import domain_name
+from appliance.providers.libvirt.provider import domain_name
+from appliance.providers.registry import provider_for
 from appliance.ssh import RemoteSession
 
 if TYPE_CHECKING:
     from tests.vm.conftest import LibvirtEnv
 
 pytestmark = pytest.mark.vm
+ROOT = Path(__file__).resolve().parents[2]
 
 UP_TIMEOUT = 900  # seconds for `vagrant up`, box upload included; TCG boots take ~40-60 s
 
 
 def test_up_ssh_halt_destroy_leaves_nothing_behind(
-    libvirt_env: LibvirtEnv, base_box: object, vm_config: Callable[..., ApplianceConfig]
+    libvirt_env: LibvirtEnv, base_box: object, vm_config: Callable[..., ApplianceConfig], tmp_path: Path
 ) -> None:
     cfg = vm_config("lifecycle")
     domain = domain_name(cfg)
-    vagrantfile = vagrant.render(cfg).path
+    vagrantfile = vm.render(cfg, provider_for(cfg)).path
     assert vagrantfile == cfg.build_dir / "vm" / "Vagrantfile"
     text = vagrantfile.read_text()
     assert "config.vm.box = 'csghub/debian12'" in text
     assert f"lv.storage_pool_name = '{libvirt_env.pool}'" in text
-    assert vagrant.status(cfg).state == "not_created"
+    assert vm.status(cfg, provider_for(cfg)).state == "not_created"
 
     try:
-        state = vagrant.up(cfg, timeout=UP_TIMEOUT)
+        state = vm.up(cfg, provider_for(cfg), timeout=UP_TIMEOUT)
         assert state.running and state.provider == "libvirt"
         assert domain in libvirt_env.domains()
 
-        endpoint = vagrant.ssh_config(cfg)
+        endpoint = vm.ssh_config(cfg, provider_for(cfg))
         assert endpoint.user == "vagrant"
         assert endpoint.host in _network_hosts(libvirt_env.network_cidr)
         assert endpoint.identity_files, "vagrant ssh-config listed no IdentityFile"
@@ -68,17 +75,29 @@ def test_up_ssh_halt_destroy_leaves_nothing_behind(
         libvirt_env.virsh("suspend", domain)
         try:
             with pytest.raises(VagrantError, match="state 'paused'") as err:
-                vagrant.up(cfg, timeout=UP_TIMEOUT)
+                vm.up(cfg, provider_for(cfg), timeout=UP_TIMEOUT)
             assert "invoke destroy" in str(err.value)
         finally:
             libvirt_env.virsh("resume", domain)
 
-        assert vagrant.halt(cfg).stopped
-        assert vagrant.status(cfg).state == "shutoff"
-    finally:
-        vagrant.destroy(cfg)
+        assert vm.halt(cfg, provider_for(cfg)).stopped
+        assert vm.status(cfg, provider_for(cfg)).state == "shutoff"
 
-    assert vagrant.status(cfg).state == "not_created"
+        # The Vagrantfile is gone (and no artifacts were ever fetched: rendering one again would need
+        # them): `invoke status` and `invoke destroy` still report and remove the VM Vagrant recorded.
+        vagrantfile.unlink()
+        config_file = tmp_path / "appliance.yaml"
+        config_file.write_text(yaml.safe_dump(public_dump(cfg), sort_keys=False))
+        status = _invoke("status", config_file, tmp_path)
+        assert status.stdout.strip().split("\t") == ["default", "shutoff", "libvirt"], status.stderr
+        _invoke("destroy", config_file, tmp_path)
+        assert domain not in libvirt_env.domains()
+        assert not (cfg.build_dir / "vm" / "Vagrantfile").exists(), "nothing was rendered"
+        assert _invoke("status", config_file, tmp_path).stdout.strip().split("\t")[1] == "not_created"
+    finally:
+        vm.destroy(cfg, provider_for(cfg))
+
+    assert vm.status(cfg, provider_for(cfg)).state == "not_created"
     assert domain not in libvirt_env.domains()
     assert not [v for v in libvirt_env.volumes() if v.startswith(domain)], libvirt_env.volumes()
     assert libvirt_env.network not in libvirt_env.networks()
@@ -86,12 +105,22 @@ def test_up_ssh_halt_destroy_leaves_nothing_behind(
     assert all("vagrant_box_image" in v for v in libvirt_env.volumes())
 
 
+def _invoke(task: str, config_file: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """The real ``invoke TASK``, with an empty artifact cache."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "empty-cache"), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "invoke", task, "--config", str(config_file), "--provider", "libvirt"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "invoke fetch" not in proc.stdout + proc.stderr
+    return proc
+
+
 def test_up_without_the_box_says_how_to_get_it(
     libvirt_env: LibvirtEnv, vm_config: Callable[..., ApplianceConfig]
 ) -> None:
     cfg = vm_config("nobox", "vm.box=csghub/no-such-box")
     with pytest.raises(VagrantError) as err:
-        vagrant.up(cfg, timeout=UP_TIMEOUT, render_first=True)
+        vm.up(cfg, provider_for(cfg), timeout=UP_TIMEOUT, render_first=True)
     assert "no box 'csghub/no-such-box'" in err.value.message
     assert err.value.hint is not None and "vagrant box add csghub/no-such-box" in err.value.hint
     assert domain_name(cfg) not in libvirt_env.domains()
@@ -110,7 +139,7 @@ def test_up_refuses_a_domain_of_the_same_name_from_outside_the_project(
     libvirt_env.virsh("define", str(xml))
     try:
         with pytest.raises(VagrantError) as err:
-            vagrant.up(cfg, timeout=UP_TIMEOUT, render_first=True)
+            vm.up(cfg, provider_for(cfg), timeout=UP_TIMEOUT, render_first=True)
         assert f"a libvirt domain named '{domain}' already exists (shut off)" in err.value.message
         assert err.value.hint is not None and f"virsh undefine {domain}" in err.value.hint
     finally:
@@ -128,15 +157,15 @@ def test_up_that_runs_out_of_time_names_its_phase(
     domain = domain_name(cfg)
     try:
         with pytest.raises(VagrantError) as err:
-            vagrant.up(cfg, timeout=25, render_first=True)
+            vm.up(cfg, provider_for(cfg), timeout=25, render_first=True)
         message = err.value.message
         assert message.startswith("`vagrant up` failed (timed out after 25 s while ")
         phase = message.split(" while ", 1)[1].split(")", 1)[0]
         assert phase in {name for _, name in vagrant.PHASES} - {"provisioning"}, message
         assert err.value.hint is not None and "vm.boot_timeout" in err.value.hint
     finally:
-        if vagrant.status(cfg).exists:
-            vagrant.destroy(cfg)
+        if vm.status(cfg, provider_for(cfg)).exists:
+            vm.destroy(cfg, provider_for(cfg))
         # Killed mid-way, Vagrant may not have recorded the domain yet: remove it by name.
         if domain in libvirt_env.domains():
             libvirt_env.virsh("destroy", domain, check=False)
@@ -154,6 +183,6 @@ def test_halt_and_destroy_of_a_vm_that_does_not_exist_change_nothing(
     libvirt_env: LibvirtEnv, vm_config: Callable[..., ApplianceConfig], tmp_path: Path
 ) -> None:
     cfg = vm_config("absent")
-    assert vagrant.halt(cfg).state == "not_created"
-    vagrant.destroy(cfg)
-    assert vagrant.status(cfg).state == "not_created"
+    assert vm.halt(cfg, provider_for(cfg)).state == "not_created"
+    vm.destroy(cfg, provider_for(cfg))
+    assert vm.status(cfg, provider_for(cfg)).state == "not_created"

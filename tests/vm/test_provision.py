@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 
-from appliance import vagrant
+from appliance import vm as lifecycle
 from appliance.config import PROJECT_ROOT, ApplianceConfig, load_config
+from appliance.providers.registry import provider_for
 from appliance.scripts import GUEST_PROVISION_DIR
 from appliance.ssh import RemoteSession
 from appliance.steps import DEFAULT_STATE_DIR, Options, Provisioner
@@ -104,12 +105,12 @@ def vm(libvirt_env: Any, base_box: object, tmp_path_factory: pytest.TempPathFact
     (scripts / "20-reboot.sh").write_text(REBOOT)
     cfg = make_cfg()
     try:
-        vagrant.up(cfg, timeout=UP_TIMEOUT, render_first=True)
-        endpoint = vagrant.ssh_config(cfg)
+        lifecycle.up(cfg, provider_for(cfg), timeout=UP_TIMEOUT, render_first=True)
+        endpoint = lifecycle.ssh_config(cfg, provider_for(cfg))
         with RemoteSession.from_config(cfg, endpoint) as session:
             yield ProvisionedVM(make_cfg, session, scripts)
     finally:
-        vagrant.destroy(cfg)
+        lifecycle.destroy(cfg, provider_for(cfg))
 
 
 def test_first_provisioning_applies_base_settings_and_survives_a_reboot(vm: ProvisionedVM) -> None:

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from appliance import vagrant
+from appliance import vagrant, vm
 from appliance.config import ApplianceConfig, public_dump
-from appliance.providers import provider_for
+from appliance.providers.registry import provider_for
 from appliance.run import run
-from appliance.steps import DEFAULT_STATE_DIR, PlannedStep, ProvisionReport, provision_vagrant_vm
+from appliance.steps import DEFAULT_STATE_DIR, PlannedStep, ProvisionReport
 
 pytestmark = pytest.mark.vm
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,7 +31,7 @@ UP_TIMEOUT = 1200  # box upload, a TCG boot and the base and firstboot steps
 
 
 def _plan(cfg: ApplianceConfig) -> dict[str, tuple[bool, str]]:
-    steps = provision_vagrant_vm(cfg, list_plan=True)
+    steps = vm.provision(cfg, provider_for(cfg), list_plan=True)
     assert isinstance(steps, list)
     return {p.name: (p.run, p.reason) for p in steps if isinstance(p, PlannedStep)}
 
@@ -60,7 +60,7 @@ def test_render_then_plain_vagrant_up_leaves_the_markers_invoke_provision_expect
         assert up.ok, up.stdout[-4000:] + up.stderr[-4000:]
         assert "Running provisioner: base (shell)" in up.stdout and "Running provisioner: firstboot" in up.stdout
 
-        endpoint = vagrant.ssh_config(cfg)
+        endpoint = vm.ssh_config(cfg, provider_for(cfg))
         from appliance.ssh import RemoteSession
 
         with RemoteSession.from_config(cfg, endpoint) as session:
@@ -85,7 +85,7 @@ def test_render_then_plain_vagrant_up_leaves_the_markers_invoke_provision_expect
             "firstboot": (False, "done, inputs unchanged"),
             "seal": (False, "final step (seals the VM): runs only when named with --only, as the seal stage does"),
         }
-        report = provision_vagrant_vm(cfg)
+        report = vm.provision(cfg, provider_for(cfg))
         assert isinstance(report, ProvisionReport)
         assert {s.name: s.outcome for s in report.steps} == dict.fromkeys(plan, "skipped")
 
@@ -97,4 +97,4 @@ def test_render_then_plain_vagrant_up_leaves_the_markers_invoke_provision_expect
         assert plan["base"] == (False, "done, inputs unchanged")
         assert plan["firstboot"] == (True, "inputs changed: env:CSGHUB_DOMAIN")
     finally:
-        vagrant.destroy(cfg)
+        vm.destroy(cfg, provider_for(cfg))

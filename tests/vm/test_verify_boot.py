@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from appliance import hostprobe
 from appliance.config import load_config
 from appliance.errors import GuestStopped, VerifyError
 from appliance.export.ova import write_ova
+from appliance.providers.libvirt import hostprobe
 from appliance.run import process_alive
 from appliance.verify import SSHLogin, boot_check, verify_ova
 from appliance.verify_boot import Qmp

@@ -2,10 +2,12 @@
 
 Host checks (shared by ``invoke doctor`` and the preflight before ``vagrant up``): QEMU,
 qemu-img, virsh, libvirtd, libvirt answering at ``libvirt.uri``, the vagrant-libvirt plugin,
-and whether KVM really accelerates (``appliance.hostprobe``). The storage pool is not a check:
-the preflight makes sure it exists and runs (``ensure_storage_pool``, an explicit action that
-says what it changed). The disk is the domain's only hard disk; the OVA is written by our own
-writer (``appliance.export.libvirt``). The verify stage boots a copy under QEMU.
+and whether KVM really accelerates (``hostprobe`` beside this module). The storage pool is not a
+check: the preflight makes sure it exists and runs (``ensure_storage_pool``, an explicit action
+that says what it changed). The disk is the domain's only hard disk; the OVA is written by our
+own writer (``export`` beside this module). The verify stage boots a copy under QEMU. What
+vagrant-libvirt's errors mean (``failure_hint``) and how a VM is removed without Vagrant
+(``remove_machine``) are here too.
 """
 
 from __future__ import annotations
@@ -13,13 +15,17 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from appliance.checks import Check, require, tool_check
 from appliance.config import ApplianceConfig
-from appliance.doctor import Check, tool_check
 from appliance.errors import GuestStopped, PrerequisiteMissing, UsageError, VagrantError
-from appliance.libvirtd import QEMU_LOG_DIR
 from appliance.log import log
-from appliance.providers.base import Exported, Provider, require
+from appliance.providers.base import Exported, Provider
+from appliance.providers.libvirt import forwards, hostprobe, libvirtd
+from appliance.providers.libvirt.box import package_libvirt_box
+from appliance.providers.libvirt.export import export_libvirt, find_domain_disk
+from appliance.providers.libvirt.libvirtd import QEMU_LOG_DIR, has_stopped, parse_domstate
 from appliance.run import run, which
+from appliance.vagrant import MACHINE, plugins, project_dir
 
 APT = "apt-get install --no-install-recommends "
 PLUGIN = "vagrant-libvirt"
@@ -28,30 +34,14 @@ DEFAULT_POOL_DIR = "/var/lib/libvirt/images"
 
 def domain_name(cfg: ApplianceConfig) -> str:
     """The libvirt domain of the build VM: Vagrantfile.j2 sets the prefix ``<vm.name>_``, the machine is ``default``."""
-    from appliance.vagrant import MACHINE
-
     return f"{cfg.vm.name}_{MACHINE}"
 
 
 # -- watching a booting domain --------------------------------------------------------------------
 
-# `virsh domstate --reason` states in which a domain is still on its way up (libvirt 9:
-# tools/virsh-domain-monitor.c); a domain is "shut off" before Vagrant starts it.
-_STARTING = {("paused", "starting up"), ("paused", "booting"), ("paused", "migration"), ("paused", "snapshot")}
-
-
-def parse_domstate(text: str) -> tuple[str, str]:
-    """``("paused", "crashed")`` from ``virsh domstate --reason`` output ``paused (crashed)``."""
-    line = text.strip().splitlines()[0] if text.strip() else ""
-    m = re.fullmatch(r"(.+?)\s*\((.*)\)", line)
-    return (m.group(1).strip(), m.group(2).strip()) if m else (line, "")
-
-
 def domain_log_reason(domain: str, log_dir: Path = QEMU_LOG_DIR) -> str:
     """Why the domain's QEMU stopped, from libvirt's log of its latest start (``<log_dir>/<domain>.log``)."""
-    from appliance.hostprobe import domain_failure_lines
-
-    lines = domain_failure_lines(domain, log_dir)
+    lines = hostprobe.domain_failure_lines(domain, log_dir)
     path = log_dir / f"{domain}.log"
     if lines is None:
         return f"no log at {path}"
@@ -78,10 +68,8 @@ class DomainWatch:
         if state == "running":
             self.seen_running = True
             return None
-        if (state, reason) in _STARTING or (state == "shut off" and not self.seen_running):
-            return None
-        if state not in ("paused", "shut off", "crashed", "pmsuspended"):
-            return None  # running, or "blocked" (waiting on I/O): alive
+        if not has_stopped(state, reason) or (state == "shut off" and not self.seen_running):
+            return None  # alive ("blocked": waiting on I/O), still starting, or not started yet
         why = domain_log_reason(self.domain, self.log_dir)
         return GuestStopped(
             f"the libvirt domain {self.domain} stopped running under {self.driver}: {state} ({reason}): {why}",
@@ -112,16 +100,12 @@ def reachable_check(cfg: ApplianceConfig) -> Check:
     if probe.ok:
         return Check("libvirt", "ok", f"reachable at {uri}")
     why = " ".join(probe.tail("stderr", 2)) or "no answer"
-    from appliance.libvirtd import start_hint
-
-    return Check("libvirt", "fail", f"not reachable at {uri}: {why}", start_hint(uri))
+    return Check("libvirt", "fail", f"not reachable at {uri}: {why}", libvirtd.start_hint(uri))
 
 
 def kvm_user_check(cfg: ApplianceConfig) -> Check:
     """Can the user libvirt runs QEMU as open /dev/kvm? (Root probing KVM proves nothing about that user.)"""
-    from appliance.libvirtd import kvm_access, qemu_user
-
-    access = kvm_access(qemu_user())
+    access = libvirtd.kvm_access(libvirtd.qemu_user())
     name = f"/dev/kvm for libvirt's QEMU user ({access.user})"
     if access.allowed:
         return Check(name, "ok", access.detail)
@@ -134,8 +118,6 @@ def kvm_user_check(cfg: ApplianceConfig) -> Check:
 
 def plugin_check() -> Check:
     """Is the vagrant-libvirt plugin installed (``vagrant plugin list``)?"""
-    from appliance.vagrant import plugins
-
     try:
         installed = plugins()
     except (PrerequisiteMissing, VagrantError) as exc:
@@ -149,9 +131,7 @@ def plugin_check() -> Check:
 def acceleration_check(cfg: ApplianceConfig) -> Check:
     if cfg.libvirt.driver == "qemu":
         return Check("acceleration", "ok", "driver qemu (TCG emulation) chosen in config")
-    from appliance.hostprobe import detect_libvirt_driver
-
-    driver, why = detect_libvirt_driver(uri=cfg.libvirt.uri, machine_type=cfg.libvirt.machine_type)
+    driver, why = hostprobe.detect_libvirt_driver(uri=cfg.libvirt.uri, machine_type=cfg.libvirt.machine_type)
     if driver == "kvm":
         return Check("acceleration", "ok", f"KVM works ({why})")
     verdict = "fail" if cfg.libvirt.driver == "kvm" else "warn"
@@ -203,6 +183,47 @@ def ensure_storage_pool(cfg: ApplianceConfig) -> None:
     log.info(f"changed: created libvirt storage pool {pool} in {DEFAULT_POOL_DIR}")
 
 
+# -- what Vagrant's output means here ---------------------------------------------------------------
+
+# vagrant-libvirt's phases (appliance.vagrant.PHASES) that a timeout leaves it in, and where to look.
+_PHASE_ADVICE = {
+    "creating domain": "libvirt did not finish creating the domain (check `virsh list --all`)",
+    "waiting for IP": "the guest got no DHCP lease on the management network (is dnsmasq installed?)",
+    "waiting for SSH": "the guest has an address but SSH does not answer (watch it: `virsh console DOMAIN`)",
+}
+
+
+def failure_hint(output: str, phase: str | None, timed_out: bool) -> str | None:
+    """What a failed Vagrant command's output means under vagrant-libvirt (None: nothing known)."""
+    if "Error while connecting to Libvirt" in output or "Failed to connect socket" in output:
+        return libvirtd.start_hint()
+    if "provider 'libvirt' could not be found" in output:
+        return f"install the plugin: `apt-get install -y --no-install-recommends {PLUGIN}`"
+    if "already taken" in output:
+        return "a libvirt domain with this name exists outside this project: `virsh undefine NAME` or set vm.name"
+    if (timed_out or "Timed out while waiting for the machine to boot" in output) and phase in _PHASE_ADVICE:
+        return f"{_PHASE_ADVICE[phase]}; raise vm.boot_timeout, or `invoke destroy` and retry"
+    return None
+
+
+_QEMU_ERROR = re.compile(r"(KVM internal error.*|Could not access KVM kernel module.*|qemu-system-\S+: .*)")
+
+
+def qemu_start_failure(message: str) -> str:
+    """QEMU's own lines inside a failed ``vagrant up`` (vagrant-libvirt wraps them in a Ruby error), or ""."""
+    found = []
+    for line in message.splitlines():
+        m = _QEMU_ERROR.search(line)
+        if m:
+            found.append(re.sub(r"\s*\(Libvirt::Error\)\s*$", "", m.group(1)).strip())
+    return "; ".join(dict.fromkeys(found))
+
+
+# vagrant-libvirt's words for virsh's domain states: it reports fog-libvirt's state names with "-"
+# as "_" (shutoff, shutting_down, ...), where virsh prints "shut off", "in shutdown".
+_VAGRANT_STATE = {"shut off": "shutoff", "in shutdown": "shutting_down", "no state": "nostate"}
+
+
 class LibvirtProvider(Provider):
     name = "libvirt"
     boot_backend = "qemu"
@@ -211,9 +232,7 @@ class LibvirtProvider(Provider):
         return check_libvirt(self.cfg)
 
     def resolve_driver(self) -> str | None:
-        from appliance.hostprobe import resolve_libvirt_driver
-
-        return resolve_libvirt_driver(self.cfg.libvirt.driver, uri=self.cfg.libvirt.uri,
+        return hostprobe.resolve_libvirt_driver(self.cfg.libvirt.driver, uri=self.cfg.libvirt.uri,
                                       machine_type=self.cfg.libvirt.machine_type)
 
     def vagrant_env(self) -> dict[str, str]:
@@ -225,27 +244,28 @@ class LibvirtProvider(Provider):
     def can_fall_back(self, driver: str | None) -> bool:
         return self.cfg.libvirt.driver == "auto" and driver == "kvm"
 
+    def fall_back(self, reason: str) -> LibvirtProvider:
+        hostprobe.record_kvm_failure(reason)  # the probe's cached answer is TCG from now on
+        return LibvirtProvider(self.cfg.model_copy(
+            update={"libvirt": self.cfg.libvirt.model_copy(update={"driver": "qemu"})}))
+
     def vagrantfile_inputs(self, driver: str | None) -> dict[str, str]:
         inputs = super().vagrantfile_inputs(driver)
         if inputs["libvirt_driver"] not in ("kvm", "qemu"):
             # Guessing `kvm` hangs guests on hosts whose /dev/kvm does not accelerate (hostprobe).
             raise UsageError(f"cannot render libvirt driver {inputs['libvirt_driver']!r}: resolve 'auto' first "
-                             "(appliance.vagrant.render does)")
+                             "(appliance.vm.render does)")
         return inputs
 
     def check_reachable(self) -> None:
         require([virsh_check, lambda: reachable_check(self.cfg)])
 
     def start_services(self) -> None:
-        from appliance.libvirtd import ensure_running
-
-        ensure_running(self.cfg.libvirt.uri)  # root without systemd: starts libvirtd itself, and says so
+        libvirtd.ensure_running(self.cfg.libvirt.uri)  # root without systemd: starts libvirtd itself, and says so
 
     def preflight(self) -> None:
-        from appliance.libvirtd import ensure_running
-
         require([virsh_check])
-        ensure_running(self.cfg.libvirt.uri)  # root without systemd: starts libvirtd itself, and says so
+        libvirtd.ensure_running(self.cfg.libvirt.uri)  # root without systemd: starts libvirtd itself, and says so
         require([lambda: reachable_check(self.cfg), plugin_check])
         ensure_storage_pool(self.cfg)
 
@@ -253,8 +273,6 @@ class LibvirtProvider(Provider):
         domain = domain_name(self.cfg)
         found = run(["virsh", "-c", self.cfg.libvirt.uri, "domstate", domain], check=False, timeout=30)
         if found.ok:
-            from appliance.vagrant import project_dir
-
             raise VagrantError(
                 f"a libvirt domain named {domain!r} already exists ({found.stdout.strip()}) but is not this "
                 f"project's VM ({project_dir(self.cfg)})",
@@ -262,25 +280,57 @@ class LibvirtProvider(Provider):
                 "or set vm.name",
             )
 
+    def failure_hint(self, output: str, phase: str | None, timed_out: bool) -> str | None:
+        return failure_hint(output, phase, timed_out)
+
+    def start_failure(self, message: str, driver: str | None) -> str:
+        # QEMU died as libvirt started it under KVM (vagrant-libvirt shows it inside a Ruby error).
+        return qemu_start_failure(message) if driver == "kvm" else ""
+
+    def rendered_driver(self, vagrantfile: Path) -> str | None:
+        try:
+            text = vagrantfile.read_text()
+        except OSError:
+            return None
+        found = re.search(r"^\s*lv\.driver = ['\"](\w+)['\"]", text, re.M)
+        return found.group(1) if found else None
+
+    def machine_state(self, machine_id: str) -> str:
+        probe = run(["virsh", "-c", self.cfg.libvirt.uri, "domstate", machine_id], check=False, timeout=30)
+        if not probe.ok:
+            return "not_created"
+        state, _ = parse_domstate(probe.stdout)
+        return _VAGRANT_STATE.get(state, state.replace(" ", "_"))
+
+    def remove_machine(self, machine_id: str, record: Path) -> None:
+        uri = self.cfg.libvirt.uri
+        if self.machine_state(machine_id) != "not_created":
+            run(["virsh", "-c", uri, "destroy", machine_id], check=False, timeout=60)  # fails when it is off: fine
+            run(["virsh", "-c", uri, "undefine", machine_id, "--remove-all-storage"], timeout=120)
+        # As `vagrant destroy` does (vagrant-libvirt 0.11.2, action/destroy_networks.rb): the networks it
+        # made for this machine (UUIDs in `created_networks`) go too, unless another domain still uses one.
+        try:
+            created = (record / "created_networks").read_text().split()
+        except OSError:
+            created = []
+        for network in created:
+            xml = run(["virsh", "-c", uri, "net-dumpxml", network], check=False, timeout=30)
+            if not xml.ok or re.search(r"<network[^>]*\sconnections=", xml.stdout):
+                continue  # gone already, or still in use
+            run(["virsh", "-c", uri, "net-destroy", network], check=False, timeout=60)  # fails when inactive
+            run(["virsh", "-c", uri, "net-undefine", network], timeout=60)
+
     def after_halt(self, project: Path) -> None:
         # vagrant-libvirt's `ssh -L` forwards outlive a VM that powered itself off (the seal).
-        from appliance import forwards
-
         forwards.clear(self.cfg, project)
 
     def disk(self) -> Path:
         """The file behind the domain's only hard disk."""
-        from appliance.export.libvirt import find_domain_disk
-
         return find_domain_disk(self.cfg.libvirt.uri, domain_name(self.cfg))
 
     def export(self, dest_dir: Path) -> Exported:
-        from appliance.export.libvirt import export_libvirt
-
         disk = self.disk()
         return Exported(export_libvirt(self.cfg, disk, dest_dir), disk)
 
     def package_box(self, raw_disk: Path, box_file: Path, *, key: Path, info: dict[str, object]) -> None:
-        from appliance.basebox import package_libvirt_box
-
         package_libvirt_box(raw_disk, box_file, key=key, info=info)

@@ -30,15 +30,20 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from appliance.errors import CommandFailed, ExportError, GuestStopped, PrerequisiteMissing, VerifyError
-from appliance.export.virtualbox import nat_rules, unregister_and_delete, vboxmanage, vm_info
 from appliance.log import human_size, log
+from appliance.providers.virtualbox.export import nat_rules, unregister_and_delete, vboxmanage, vm_info
 from appliance.run import run
-
-if TYPE_CHECKING:  # pragma: no cover
-    from appliance.verify_boot import BootLogin, BootReport
+from appliance.verify_boot import (
+    NONCE_OEM_KEY,
+    BootLogin,
+    BootReport,
+    check_booted_copy,
+    console_tail,
+    free_loopback_port,
+    new_boot_nonce,
+)
 
 START_TIMEOUT = 180.0
 
@@ -64,8 +69,6 @@ def virtualbox_boot_check(
     ``import_bytes``: what the imported disk takes (:func:`import_size`); the work folder must have
     that much room, checked before VirtualBox starts writing.
     """
-    from appliance.verify_boot import check_booted_copy, new_boot_nonce
-
     nonce = nonce or new_boot_nonce()
     vbm = vboxmanage()
     vm = f"csghub-verify-{uuid.uuid4().hex[:10]}"
@@ -134,8 +137,6 @@ RUNNING_STATES = ("starting", "running")
 def stopped_guest(vm: str, console: Path) -> GuestStopped | None:
     """The boot check's watch (``verify_boot.GuestWatch``): ``GuestStopped`` with VirtualBox's reason and
     the console's tail once ``vm`` no longer runs (an abort fails the check at once), else None."""
-    from appliance.verify_boot import console_tail
-
     reason = why_stopped(vm)
     if reason is None:
         return None
@@ -166,18 +167,15 @@ def prepare_verify_vm(vm: str, console: Path, nonce: str, *, http_port: int | No
     """Ready an imported VM for the boot check: only our loopback forwards (SSH, and HTTP when
     asked), the serial console into ``console``, and this boot's nonce in its SMBIOS OEM strings.
     Returns the host ports (SSH, HTTP or None)."""
-    from appliance.verify_boot import NONCE_OEM_KEY
-    from appliance.verify_boot import free_loopback_port as _free_loopback_port
-
     vbm = vboxmanage()
     info = vm_info(vm)
     for rule in nat_rules(info):
         run([vbm, "modifyvm", vm, "--natpf1", "delete", rule.name])
-    ssh_port = _free_loopback_port()
+    ssh_port = free_loopback_port()
     run([vbm, "modifyvm", vm, "--natpf1", f"verify-ssh,tcp,127.0.0.1,{ssh_port},,22"])
     http_host_port = None
     if http_port is not None:
-        http_host_port = _free_loopback_port()
+        http_host_port = free_loopback_port()
         run([vbm, "modifyvm", vm, "--natpf1", f"verify-http,tcp,127.0.0.1,{http_host_port},,{http_port}"])
     run([vbm, "modifyvm", vm, "--uart1", "0x3F8", "4", "--uartmode1", "file", str(console)])
     # "string:" keeps VirtualBox from reading the value as a number.

@@ -3,43 +3,23 @@
 Host checks: VBoxManage, its kernel driver, whether this Vagrant drives this VirtualBox line,
 and qemu-img (``verify-ova`` reads the exported disk with it on every host). No driver to
 resolve, no preflight beyond Vagrant's own. VirtualBox exports the VM itself
-(``appliance.export.virtualbox``) and the verify stage boots the OVA in VirtualBox
-(``appliance.vboxboot``). The base box is Vagrant's VirtualBox format with our own OVF.
+(``appliance.providers.virtualbox.export``) and the verify stage boots the OVA in VirtualBox
+(``appliance.providers.virtualbox.boot``). The base box is Vagrant's VirtualBox format with our own OVF.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import stat
 import sys
 from pathlib import Path
 
-from appliance.doctor import Check, command_version, tool_check, vagrant_drives_virtualbox
+from appliance.checks import Check, command_version, tool_check
+from appliance.errors import CommandFailed
 from appliance.providers.base import Exported, Provider
-from appliance.run import run
-
-VBOXDRV = Path("/dev/vboxdrv")
-
-
-def vbox_driver_missing(device: Path = VBOXDRV) -> str | None:
-    """Why VirtualBox cannot run VMs on this host for want of its kernel driver, or None.
-
-    On Linux the driver is the ``vboxdrv`` module, whose character device VirtualBox opens to run
-    any VM. ``VBoxManage list hostinfo`` is no test: it exits 0 without the driver. Other systems
-    load the driver with VirtualBox itself and show no such device: there VBoxManage answers
-    ``list hostinfo`` only when its service starts.
-    """
-    if sys.platform.startswith("linux"):
-        try:
-            mode = device.stat().st_mode
-        except OSError:
-            return f"missing: {device} does not exist (the vboxdrv kernel module is not loaded)"
-        if not stat.S_ISCHR(mode):
-            return f"missing: {device} is not a character device"
-        return None
-    res = run(["VBoxManage", "list", "hostinfo"], check=False, timeout=60)
-    return None if res.ok else "VBoxManage list hostinfo failed: " + res.stderr.strip()[:200]
+from appliance.providers.virtualbox.box import package_virtualbox_box
+from appliance.providers.virtualbox.export import export_virtualbox, not_registered, unregister_and_delete, vm_info
+from appliance.providers.virtualbox.hostprobe import VBOXDRV, vagrant_drives_virtualbox, vbox_driver_missing
 
 
 def check_virtualbox() -> list[Check]:
@@ -69,8 +49,6 @@ class VirtualBoxProvider(Provider):
         return None
 
     def export(self, dest_dir: Path) -> Exported:
-        from appliance.export.virtualbox import export_virtualbox
-
         return Exported(export_virtualbox(self.cfg, dest_dir))
 
     def box_digest(self, image_digest: str) -> str:
@@ -81,7 +59,17 @@ class VirtualBoxProvider(Provider):
         return hashlib.sha256(json.dumps([image_digest, extra], sort_keys=True).encode()).hexdigest()
 
     def package_box(self, raw_disk: Path, box_file: Path, *, key: Path, info: dict[str, object]) -> None:
-        from appliance.basebox import package_virtualbox_box
-
         package_virtualbox_box(raw_disk, box_file, key=key, info=info, cfg=self.cfg,
                                disk_bytes=self.cfg.vm.disk_gb * 1024**3)
+
+    def machine_state(self, machine_id: str) -> str:
+        try:
+            info = vm_info(machine_id)
+        except CommandFailed as exc:
+            if not_registered(exc.result):
+                return "not_created"
+            raise
+        return info.get("VMState", "unknown")
+
+    def remove_machine(self, machine_id: str, record: Path) -> None:
+        unregister_and_delete(machine_id)

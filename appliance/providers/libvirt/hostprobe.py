@@ -29,15 +29,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from appliance.errors import ApplianceError
-from appliance.libvirtd import QEMU_LOG_DIR
 from appliance.log import log
+from appliance.providers.libvirt import libvirtd
+from appliance.providers.libvirt.box import BoxKernel, box_kernel
+from appliance.providers.libvirt.libvirtd import QEMU_LOG_DIR, has_stopped, parse_domstate
 from appliance.run import run, which
-
-if TYPE_CHECKING:  # pragma: no cover
-    from appliance.basebox import BoxKernel
 
 # mov al, 0x31 ; out 0xf4, al ; hlt ; jmp $-1  -> QEMU exits with (0x31 << 1) | 1 = 99.
 _PAYLOAD = bytes([0xB0, 0x31, 0xE6, 0xF4, 0xF4, 0xEB, 0xFD]).ljust(510, b"\0") + b"\x55\xaa"
@@ -203,10 +201,10 @@ def _wait_for_power_off(uri: str, name: str, timeout: float) -> str:
         state = run(["virsh", "-c", uri, "domstate", "--reason", name], check=False, timeout=30)
         if not state.ok:
             return ""  # gone: a transient domain disappears when it powers off
-        text = state.stdout.strip()
-        if text.startswith(("paused", "crashed", "shut off")) and "starting up" not in text:
+        status, reason = parse_domstate(state.stdout)
+        if has_stopped(status, reason):
             why = "; ".join(domain_failure_lines(name) or [])
-            return f"the guest stopped: {text}" + (f": {why}" if why else "")
+            return f"the guest stopped: {status} ({reason})" + (f": {why}" if why else "")
         time.sleep(0.5)
     return f"it did not power off within {timeout:.0f} s (the guest hangs)"
 
@@ -248,9 +246,7 @@ def detect_libvirt_driver(*, refresh: bool = False, cache_dir: Path | None = Non
             pass
     if which("qemu-system-x86_64") is None:
         return "qemu", "qemu-system-x86_64 is not installed, so KVM cannot be tested"
-    from appliance.libvirtd import kvm_access, qemu_user
-
-    access = kvm_access(qemu_user())
+    access = libvirtd.kvm_access(libvirtd.qemu_user())
     if not access.allowed and os.path.exists("/dev/kvm"):
         # libvirt starts QEMU as this user: that root could run the payload would prove nothing.
         return "qemu", f"libvirt runs QEMU as {access.user}, which cannot open /dev/kvm ({access.detail})"
@@ -278,8 +274,6 @@ def _kernel_probe_inputs(uri: str) -> BoxKernel | None:
     """The box kernel, when the kernel probe can run here: a cached box, virsh, libvirt answering at ``uri``."""
     if which("virsh") is None:
         return None
-    from appliance.basebox import box_kernel
-
     try:
         kernel = box_kernel()
     except (OSError, ApplianceError) as exc:

@@ -31,6 +31,26 @@ LIBVIRT_SOCKET = Path("/run/libvirt/libvirt-sock")
 VIRTLOGD_SOCKET = Path("/run/libvirt/virtlogd-sock")
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
 QEMU_LOG_DIR = Path("/var/log/libvirt/qemu")
+
+
+# -- what `virsh domstate --reason` says ----------------------------------------------------------
+
+# States in which a domain is still on its way up (libvirt 9: tools/virsh-domain-monitor.c).
+STARTING = {("paused", "starting up"), ("paused", "booting"), ("paused", "migration"), ("paused", "snapshot")}
+# States a domain that ran is in once it no longer runs its guest.
+STOPPED = ("paused", "shut off", "crashed", "pmsuspended")
+
+
+def parse_domstate(text: str) -> tuple[str, str]:
+    """``("paused", "crashed")`` from ``virsh domstate --reason`` output ``paused (crashed)``."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    m = re.fullmatch(r"(.+?)\s*\((.*)\)", line)
+    return (m.group(1).strip(), m.group(2).strip()) if m else (line, "")
+
+
+def has_stopped(state: str, reason: str) -> bool:
+    """Whether a domain in this state no longer runs its guest (a paused domain still starting up does)."""
+    return state in STOPPED and (state, reason) not in STARTING
 # Debian builds libvirt with --with-qemu-user=libvirt-qemu: QEMU runs as this user unless qemu.conf says otherwise.
 DEFAULT_QEMU_USER = "libvirt-qemu"
 KVM_DEVICE = Path("/dev/kvm")
@@ -206,7 +226,8 @@ def start_hint(uri: str = SYSTEM_URI) -> str:
     if uri != SYSTEM_URI:
         return f"start the libvirt instance {uri} answers for"
     return (f"run `{sudo}invoke up` (as root it starts libvirtd itself), or start it: "
-            f"`{sudo}python3 -m appliance.libvirtd prepare && {sudo}virtlogd -d && {sudo}libvirtd -d`")
+            f"`{sudo}python3 -m appliance.providers.libvirt.libvirtd prepare && {sudo}virtlogd -d && "
+            f"{sudo}libvirtd -d`")
 
 
 def ensure_running(uri: str) -> bool:
@@ -225,9 +246,9 @@ def ensure_running(uri: str) -> bool:
 
 
 def main(argv: list[str]) -> int:
-    """``python3 -m appliance.libvirtd prepare``: the one-time preparation, for scripts/setup.sh."""
+    """``python3 -m appliance.providers.libvirt.libvirtd prepare``: the one-time preparation, for scripts/setup.sh."""
     if argv != ["prepare"]:
-        print("usage: python3 -m appliance.libvirtd prepare", file=sys.stderr)
+        print("usage: python3 -m appliance.providers.libvirt.libvirtd prepare", file=sys.stderr)
         return 2
     prepare_host()
     return 0

@@ -1,0 +1,1 @@
+"""libvirt/QEMU through vagrant-libvirt: the provider class (``provider``), its export (``export``)."""

@@ -1,0 +1,1 @@
+"""VirtualBox: the provider class (``provider``), its export through VBoxManage (``export``)."""
