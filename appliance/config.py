@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from appliance import safeyaml
+from appliance.chart_credentials import chart_credential_findings
 from appliance.errors import ConfigError, ConfigProblem
 from appliance.formats import DEFAULT_FORMATS, FORMATS, OutputFormat
 from appliance.inputs import describe, read_regular
@@ -719,9 +720,8 @@ def load_config(
 
 
 def _chart_credentials(data: Mapping[str, Any], sources: _Sources) -> list[ConfigProblem]:
-    """Credentials in csghub.values: refused when inside the appliance, warned about when outside (appliance.values)."""
+    """Credentials in csghub.values: refused when inside the appliance, warned about when outside."""
     from appliance.log import log
-    from appliance.values import chart_credential_findings  # values imports this module
 
     csghub = data.get("csghub")
     refused, warned = chart_credential_findings(csghub.get("values") if isinstance(csghub, Mapping) else None)

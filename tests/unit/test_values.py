@@ -174,7 +174,7 @@ def test_values_written_atomically(tmp_path: Path, capsys: pytest.CaptureFixture
 ])
 def test_chart_credentials_are_refused_inside_and_warned_outside(values: dict[str, Any], refused: list[str],
                                                                  warned: list[str]) -> None:
-    from appliance.values import chart_credential_findings
+    from appliance.chart_credentials import chart_credential_findings
 
     got_refused, got_warned = chart_credential_findings(values)
     assert [k for k, _ in got_refused] == [f"csghub.values.{k}" for k in refused]
@@ -210,7 +210,7 @@ def test_env_credential_table_covers_what_the_chart_sets(helm_bin: Path,
                                                          make_cfg: Callable[..., ApplianceConfig]) -> None:
     """Every credential-named variable the chart renders (ConfigMap/Secret keys, container env, both editions) is
     one `<...>.environments.<NAME>` may not set: the table in appliance/values.py cannot fall behind the chart."""
-    from appliance.values import CHART_ENV_CREDENTIALS, ENV_CREDENTIAL_NAME, ENV_NOT_A_CREDENTIAL
+    from appliance.chart_credentials import CHART_ENV_CREDENTIALS, ENV_CREDENTIAL_NAME, ENV_NOT_A_CREDENTIAL
     from tests.chart import render_chart
 
     rendered: set[str] = set()
