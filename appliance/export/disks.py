@@ -1,0 +1,142 @@
+"""The appliance's disk on its own, for hypervisors that take a disk rather than an OVA: qcow2 and VHDX.
+
+``convert_disk(ova, fmt, dest)`` reads the disk inside the verified OVA (its streamOptimized VMDK
+member, in place: nothing is extracted) and writes it with ``qemu-img convert`` in ``fmt``, under a
+temporary name in the destination folder, renamed into place only when complete. The disk is the
+same bytes the OVA carries, sealed, so each copy made from it has its own first boot.
+
+Per format (``DISK_FORMATS``):
+
+- **qcow2** (KVM/libvirt, Proxmox, OpenStack): version 3 (``compat=1.1``, read by every QEMU
+  since 1.1) and compressed with zlib. The file is a download: compression makes it about the
+  size of the OVA's VMDK instead of the guest's used bytes. Every reader takes compressed
+  clusters (QEMU decompresses on read and writes new data uncompressed); Proxmox's ``qm
+  importdisk`` and OpenStack's image conversion rewrite the disk into their storage anyway.
+  zlib, not zstd: zstd-compressed qcow2 needs QEMU 5.1 or newer to read.
+- **VHDX** (Hyper-V, Generation 1: the disk boots through its MBR and extlinux, BIOS only):
+  dynamic (grows as the guest writes), with 1 MiB blocks, the block size Microsoft recommends
+  for Linux guests on dynamic VHDX (the 32 MiB default would allocate a whole block for each
+  scattered write). VHDX has no compression.
+
+``disk_member(ova)`` names the VMDK inside the OVA and ``ova_disk_spec`` says it to qemu-img as a
+``json:`` filename (the raw driver's ``offset``/``size`` window over the OVA file), so a convert or
+compare reads the OVA's own bytes. ``appliance.verify_disk`` reads the result back with ``qemu-img
+check`` and ``qemu-img compare`` against that same member, then boots it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.digest import sha256_file
+from appliance.errors import ExportError
+from appliance.log import human_size, log
+from appliance.run import run
+
+
+@dataclass(frozen=True)
+class DiskFormat:
+    """One disk output format: how qemu-img writes it and what the verify boot gives it."""
+
+    name: str  # its name in output.formats
+    qemu_format: str  # qemu-img's name for it (-O, -f)
+    suffix: str  # the published file's suffix
+    options: tuple[str, ...]  # qemu-img convert -o
+    compressed: bool  # qemu-img convert -c
+    boot_hardware: str  # appliance.verify_boot.BOOT_HARDWARE: what its hypervisor gives the guest
+    platforms: str  # who imports it (logs, docs)
+
+
+DISK_FORMATS: dict[str, DiskFormat] = {
+    "qcow2": DiskFormat("qcow2", "qcow2", ".qcow2", ("compat=1.1", "compression_type=zlib"), compressed=True,
+                        boot_hardware="virtio", platforms="KVM/libvirt, Proxmox VE, OpenStack"),
+    "vhdx": DiskFormat("vhdx", "vhdx", ".vhdx", ("subformat=dynamic", "block_size=1M"), compressed=False,
+                       boot_hardware="ide", platforms="Hyper-V (Generation 1)"),
+}
+
+
+@dataclass(frozen=True)
+class DiskResult:
+    """A written disk: where it is, its format, digest, size and virtual size."""
+
+    path: Path
+    format: DiskFormat
+    sha256: str
+    size: int
+    virtual_size: int
+
+
+@dataclass(frozen=True)
+class OvaDisk:
+    """The VMDK member of an OVA: its name and where its bytes are in the OVA file."""
+
+    ova: Path
+    name: str
+    offset: int
+    size: int
+
+
+def disk_member(ova: Path) -> OvaDisk:
+    """The only ``.vmdk`` member of ``ova`` (one disk per appliance)."""
+    try:
+        with tarfile.open(ova, "r:") as tar:
+            disks = [m for m in tar.getmembers() if m.isreg() and m.name.lower().endswith(".vmdk")]
+    except (OSError, tarfile.TarError) as exc:
+        raise ExportError(f"cannot read the disk of {ova}: {exc}") from None
+    if len(disks) != 1:
+        raise ExportError(f"{ova} holds {len(disks)} VMDK disks; a disk format is written from exactly one")
+    return OvaDisk(ova, disks[0].name, disks[0].offset_data, disks[0].size)
+
+
+def ova_disk_spec(disk: OvaDisk) -> str:
+    """qemu-img's name for the VMDK inside the OVA: the vmdk driver over a raw window of the OVA file."""
+    return "json:" + json.dumps({
+        "driver": "vmdk",
+        "file": {"driver": "raw", "offset": disk.offset, "size": disk.size,
+                 "file": {"driver": "file", "filename": str(disk.ova.resolve())}},
+    })
+
+
+def format_for(name: str) -> DiskFormat:
+    try:
+        return DISK_FORMATS[name]
+    except KeyError:
+        raise ExportError(f"disk format {name!r}: allowed are {', '.join(DISK_FORMATS)}") from None
+
+
+def convert_argv(source: str, fmt: DiskFormat, target: Path) -> list[str]:
+    """The ``qemu-img convert`` command that writes ``source`` (a VMDK) as ``fmt``."""
+    return ["qemu-img", "convert", "-f", "vmdk", "-O", fmt.qemu_format, *(["-c"] if fmt.compressed else []),
+            "-o", ",".join(fmt.options), source, str(target)]
+
+
+def virtual_size(path: Path, qemu_format: str) -> int:
+    info = json.loads(run(["qemu-img", "info", "--output=json", "-f", qemu_format, str(path)]).stdout)
+    return int(info["virtual-size"])
+
+
+def convert_disk(ova: Path, fmt: DiskFormat, dest: Path) -> DiskResult:
+    """Write the disk inside ``ova`` to ``dest`` as ``fmt``; the file appears only when complete."""
+    disk = disk_member(ova)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        with log.step(f"write {dest.name} ({fmt.name}, for {fmt.platforms}) from {disk.name}"):
+            run(convert_argv(ova_disk_spec(disk), fmt, tmp), timeout=3600,
+                hint="qemu-img (qemu-utils) writes the disk formats; is the disk folder full?")
+            size = virtual_size(tmp, fmt.qemu_format)
+            digest = sha256_file(tmp)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    result = DiskResult(dest, fmt, digest, dest.stat().st_size, size)
+    log.info(f"{dest.name}: {human_size(result.size)} (virtual {human_size(size)})")
+    return result

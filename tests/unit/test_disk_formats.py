@@ -1,0 +1,205 @@
+"""qcow2 and VHDX written from the OVA's disk, read back by qemu-img (info, check, compare).
+
+The OVA is the session's ``built_ova`` (our writer, from a 64 MiB qcow2 with data in three
+places); each format is written from the VMDK inside it, read in place. Damaged, foreign and
+hostile disks are refused with one line each. The boot of each format is in
+``tests/vm/test_disk_formats_boot.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from appliance.errors import ExportError, UsageError, VerifyError
+from appliance.export.disks import DISK_FORMATS, convert_argv, convert_disk, disk_member, format_for, ova_disk_spec
+from appliance.run import run
+from appliance.verify_boot import SSHLogin, boot_check
+from appliance.verify_disk import check_disk, verify_disk
+
+
+def _info(path: Path, fmt: str) -> dict[str, object]:
+    info: dict[str, object] = json.loads(run(["qemu-img", "info", "--output=json", "-f", fmt, str(path)]).stdout)
+    return info
+
+
+@pytest.fixture(scope="module")
+def disks(built_ova: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Each format written once from the session's OVA."""
+    written = {}
+    for fmt in DISK_FORMATS.values():
+        dest = tmp_path_factory.mktemp(fmt.name) / f"csghub-test{fmt.suffix}"
+        result = convert_disk(built_ova, fmt, dest)
+        assert result.path == dest and result.size == dest.stat().st_size
+        assert result.virtual_size == 64 << 20
+        written[fmt.name] = dest
+    return written
+
+
+@pytest.fixture(params=sorted(DISK_FORMATS))
+def written(request: pytest.FixtureRequest, disks: dict[str, Path]) -> Path:
+    return disks[request.param]
+
+
+def _fmt(path: Path) -> str:
+    return path.suffix.lstrip(".")
+
+
+def test_the_disk_member_is_found_in_place(built_ova: Path) -> None:
+    disk = disk_member(built_ova)
+    assert disk.name == "csghub-test-disk001.vmdk"
+    with built_ova.open("rb") as f:  # a streamOptimized VMDK starts with its sparse header's magic
+        f.seek(disk.offset)
+        assert f.read(4) == b"KDMV"
+    assert _info_spec(ova_disk_spec(disk))["format"] == "vmdk"
+
+
+def _info_spec(spec: str) -> dict[str, object]:
+    info: dict[str, object] = json.loads(run(["qemu-img", "info", "--output=json", spec]).stdout)
+    return info
+
+
+def test_qemu_img_reads_each_format_whole_and_identical_to_the_ova_disk(written: Path, built_ova: Path) -> None:
+    fmt = format_for(_fmt(written))
+    checks = dict(check_disk(written, fmt, built_ova))
+    assert checks["qemu-img compare"] == f"identical to the disk in {built_ova.name}"
+    assert checks["qemu-img check"] == "no errors"
+    # And by hand, as a user would: qemu-img check exits 0, compare says identical.
+    run(["qemu-img", "check", "-f", fmt.qemu_format, str(written)])
+    extracted = written.parent / "disk.vmdk"
+    with tarfile.open(built_ova) as tar:
+        src = tar.extractfile(disk_member(built_ova).name)
+        assert src is not None
+        with src, extracted.open("wb") as out:
+            shutil.copyfileobj(src, out)
+    compared = run(["qemu-img", "compare", "-f", "vmdk", "-F", fmt.qemu_format, str(extracted), str(written)])
+    assert "Images are identical." in compared.stdout
+    extracted.unlink()
+
+
+def test_qcow2_is_version_3_and_zlib_compressed(disks: dict[str, Path]) -> None:
+    written = disks["qcow2"]
+    info = _info(written, "qcow2")
+    data = info["format-specific"]["data"]  # type: ignore[index]
+    assert data["compat"] == "1.1" and data["compression-type"] == "zlib"
+    assert "compressed clusters" in run(["qemu-img", "check", "-f", "qcow2", str(written)]).stdout
+    assert "backing-filename" not in info
+
+
+def test_vhdx_is_dynamic_with_1_mib_blocks(disks: dict[str, Path]) -> None:
+    written = disks["vhdx"]
+    head = written.read_bytes()[:8]
+    assert head == b"vhdxfile"  # the VHDX file type identifier (MS-VHDX 2.2.1)
+    info = _info(written, "vhdx")
+    assert info["cluster-size"] == 1 << 20
+    # dynamic: the 64 MiB disk holds 6.5 MiB of data; only written blocks take space
+    assert written.stat().st_size < 32 << 20
+
+
+def test_the_convert_command_per_format() -> None:
+    assert convert_argv("in", DISK_FORMATS["qcow2"], Path("out")) == [
+        "qemu-img", "convert", "-f", "vmdk", "-O", "qcow2", "-c", "-o", "compat=1.1,compression_type=zlib",
+        "in", "out"]
+    assert convert_argv("in", DISK_FORMATS["vhdx"], Path("out")) == [
+        "qemu-img", "convert", "-f", "vmdk", "-O", "vhdx", "-o", "subformat=dynamic,block_size=1M", "in", "out"]
+
+
+def test_an_unknown_format_is_named_with_the_allowed_ones() -> None:
+    with pytest.raises(ExportError, match=r"disk format 'vmdk2': allowed are qcow2, vhdx"):
+        format_for("vmdk2")
+
+
+def test_a_failed_convert_leaves_no_file(built_ova: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "out" / "x.qcow2"
+    broken = tmp_path / "broken.ova"
+    data = bytearray(built_ova.read_bytes())
+    disk = disk_member(built_ova)
+    data[disk.offset:disk.offset + 4] = b"XXXX"  # the VMDK's magic gone: qemu-img cannot read it
+    broken.write_bytes(bytes(data))
+    with pytest.raises(Exception):  # noqa: B017 - CommandFailed from qemu-img; what matters is below
+        convert_disk(broken, DISK_FORMATS["qcow2"], dest)
+    assert list(dest.parent.iterdir()) == []
+
+
+def test_an_ova_without_one_disk_is_refused(tmp_path: Path) -> None:
+    ova = tmp_path / "nodisk.ova"
+    (tmp_path / "a.ovf").write_text("<Envelope/>")
+    with tarfile.open(ova, "w", format=tarfile.USTAR_FORMAT) as tar:
+        tar.add(tmp_path / "a.ovf", arcname="a.ovf")
+    with pytest.raises(ExportError, match="holds 0 VMDK disks"):
+        disk_member(ova)
+
+
+# -- hostile or damaged disks: one line each -----------------------------------------------------
+
+
+def test_a_disk_of_other_content_fails_compare(built_ova: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other.qcow2"
+    run(["qemu-img", "convert", "-O", "qcow2", ova_disk_spec(disk_member(built_ova)), str(other)])
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x77 20M 4k", str(other)])
+    with pytest.raises(VerifyError) as err:
+        check_disk(other, DISK_FORMATS["qcow2"], built_ova)
+    assert "qemu-img compare with the disk in csghub-test.ova exited 1" in err.value.reasons[0]
+
+
+def test_a_qcow2_with_a_backing_file_is_refused(built_ova: Path, tmp_path: Path, disks: dict[str, Path]) -> None:
+    written = disks["qcow2"]
+    overlay = tmp_path / "overlay.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(written), str(overlay)])
+    with pytest.raises(VerifyError) as err:
+        check_disk(overlay, DISK_FORMATS["qcow2"], built_ova)
+    assert any("names a backing file" in r for r in err.value.reasons)
+
+
+def test_a_qcow2_with_an_external_data_file_is_refused(built_ova: Path, tmp_path: Path) -> None:
+    disk = tmp_path / "split.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={tmp_path / 'data.raw'}", str(disk), "64M"])
+    with pytest.raises(VerifyError) as err:
+        check_disk(disk, DISK_FORMATS["qcow2"], built_ova)
+    assert any("its data lives in another file" in r for r in err.value.reasons)
+
+
+def test_a_raw_file_named_qcow2_is_refused(built_ova: Path, tmp_path: Path) -> None:
+    fake = tmp_path / "fake.qcow2"
+    run(["qemu-img", "convert", "-O", "raw", ova_disk_spec(disk_member(built_ova)), str(fake)])
+    with pytest.raises(VerifyError, match="is not a readable qcow2 disk"):
+        check_disk(fake, DISK_FORMATS["qcow2"], built_ova)
+
+
+def test_a_damaged_vhdx_is_refused(built_ova: Path, tmp_path: Path, disks: dict[str, Path]) -> None:
+    written = disks["vhdx"]
+    damaged = tmp_path / "damaged.vhdx"
+    data = bytearray(written.read_bytes())
+    data[64 * 1024:64 * 1024 + 4] = b"\0\0\0\0"  # the first header's signature ("head") gone
+    data[128 * 1024:128 * 1024 + 4] = b"\0\0\0\0"  # and the second's
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(VerifyError, match="is not a readable vhdx disk"):
+        check_disk(damaged, DISK_FORMATS["vhdx"], built_ova)
+
+
+def test_a_disk_of_another_size_is_refused(built_ova: Path, tmp_path: Path) -> None:
+    bigger = tmp_path / "bigger.qcow2"
+    run(["qemu-img", "convert", "-O", "qcow2", ova_disk_spec(disk_member(built_ova)), str(bigger)])
+    run(["qemu-img", "resize", "-q", "-f", "qcow2", str(bigger), "128M"])
+    with pytest.raises(VerifyError) as err:
+        check_disk(bigger, DISK_FORMATS["qcow2"], built_ova)
+    assert err.value.reasons == [f"virtual size {128 << 20} bytes, the OVA's disk has {64 << 20}"]
+
+
+def test_verify_disk_without_boot_reports_its_checks(written: Path, built_ova: Path) -> None:
+    report = verify_disk(written, format_for(_fmt(written)), reference=built_ova, boot=False)
+    assert [name for name, _ in report.checks] == ["qemu-img info", "qemu-img check", "qemu-img compare"]
+    assert report.as_dict()["boot"] is None
+
+
+def test_the_boot_check_names_the_allowed_formats_and_hardware(tmp_path: Path) -> None:
+    key = tmp_path / "key"
+    key.write_text("x")
+    with pytest.raises(UsageError, match="disk format 'raw': allowed are vmdk, qcow2, vhdx"):
+        boot_check(tmp_path / "d", login=SSHLogin("u", key), disk_format="raw", driver="qemu")
+    with pytest.raises(UsageError, match="hardware 'scsi': allowed are sata, virtio, ide"):
+        boot_check(tmp_path / "d", login=SSHLogin("u", key), hardware="scsi", driver="qemu")
