@@ -140,3 +140,52 @@ def convert_disk(ova: Path, fmt: DiskFormat, dest: Path) -> DiskResult:
     result = DiskResult(dest, fmt, digest, dest.stat().st_size, size)
     log.info(f"{dest.name}: {human_size(result.size)} (virtual {human_size(size)})")
     return result
+
+
+# -- the qcow2's sidecar: a libvirt domain ---------------------------------------------------------
+
+LIBVIRT_IMAGE_DIR = "/var/lib/libvirt/images"
+
+
+def libvirt_domain_xml(name: str, disk_file: str, *, cpus: int, memory_mb: int) -> str:
+    """A libvirt domain for the qcow2 (``virsh define``), the hardware the verify boot proved.
+
+    BIOS boot (the disk's MBR and extlinux: no UEFI loader), a virtio disk and NIC on libvirt's
+    ``default`` network, a serial console (``virsh console`` shows the first boot's login line)
+    and a VNC display. The disk is expected in libvirt's image folder; the docs say to copy it
+    there, or to edit the ``source`` path. Every value goes through ElementTree (escaped).
+    """
+    import xml.etree.ElementTree as ET
+
+    domain = ET.Element("domain", type="kvm")
+    ET.SubElement(domain, "name").text = name
+    ET.SubElement(domain, "memory", unit="MiB").text = str(memory_mb)
+    ET.SubElement(domain, "vcpu").text = str(cpus)
+    os_ = ET.SubElement(domain, "os")
+    ET.SubElement(os_, "type", arch="x86_64", machine="q35").text = "hvm"
+    ET.SubElement(os_, "boot", dev="hd")
+    features = ET.SubElement(domain, "features")
+    ET.SubElement(features, "acpi")
+    ET.SubElement(features, "apic")
+    ET.SubElement(domain, "cpu", mode="host-model")
+    ET.SubElement(domain, "on_poweroff").text = "destroy"
+    ET.SubElement(domain, "on_reboot").text = "restart"
+    devices = ET.SubElement(domain, "devices")
+    disk = ET.SubElement(devices, "disk", type="file", device="disk")
+    ET.SubElement(disk, "driver", name="qemu", type="qcow2", discard="unmap")
+    ET.SubElement(disk, "source", file=f"{LIBVIRT_IMAGE_DIR}/{disk_file}")
+    ET.SubElement(disk, "target", dev="vda", bus="virtio")
+    nic = ET.SubElement(devices, "interface", type="network")
+    ET.SubElement(nic, "source", network="default")
+    ET.SubElement(nic, "model", type="virtio")
+    serial = ET.SubElement(devices, "serial", type="pty")
+    ET.SubElement(serial, "target", port="0")
+    console = ET.SubElement(devices, "console", type="pty")
+    ET.SubElement(console, "target", type="serial", port="0")
+    ET.SubElement(devices, "graphics", type="vnc", listen="127.0.0.1")
+    # Entropy from the host: the first boot makes the copy's keys and passwords.
+    rng = ET.SubElement(devices, "rng", model="virtio")
+    ET.SubElement(rng, "backend", model="random").text = "/dev/urandom"
+    ET.indent(domain)
+    return ET.tostring(domain, encoding="unicode") + "\n"
+

@@ -84,7 +84,7 @@ def test_qemu_img_reads_each_format_whole_and_identical_to_the_ova_disk(written:
 def test_qcow2_is_version_3_and_zlib_compressed(disks: dict[str, Path]) -> None:
     written = disks["qcow2"]
     info = _info(written, "qcow2")
-    data = info["format-specific"]["data"]  # type: ignore[index]
+    data = info["format-specific"]["data"]
     assert data["compat"] == "1.1" and data["compression-type"] == "zlib"
     assert "compressed clusters" in run(["qemu-img", "check", "-f", "qcow2", str(written)]).stdout
     assert "backing-filename" not in info
@@ -203,3 +203,38 @@ def test_the_boot_check_names_the_allowed_formats_and_hardware(tmp_path: Path) -
         boot_check(tmp_path / "d", login=SSHLogin("u", key), disk_format="raw", driver="qemu")
     with pytest.raises(UsageError, match="hardware 'scsi': allowed are sata, virtio, ide"):
         boot_check(tmp_path / "d", login=SSHLogin("u", key), hardware="scsi", driver="qemu")
+
+
+# -- the qcow2's libvirt domain ---------------------------------------------------------------------
+
+
+def test_the_libvirt_domain_passes_libvirts_own_schema_and_reads_back(tmp_path: Path) -> None:
+    import xml.etree.ElementTree as ET
+
+    from appliance.export.disks import libvirt_domain_xml
+
+    xml = tmp_path / "csghub-1.2.xml"
+    xml.write_text(libvirt_domain_xml("csghub-1.2", "csghub-1.2.qcow2", cpus=6, memory_mb=12288))
+    # libvirt's test driver: `define --validate` checks the XML against libvirt's domain RNG schema
+    # (what virt-xml-validate checks), then libvirt's parser reads it; dumpxml is libvirt's reading.
+    out = run(["virsh", "-c", "test:///default", f"define --validate {xml}; dumpxml csghub-1.2"]).stdout
+    dumped = ET.fromstring(out[out.index("<domain"):])
+    assert dumped.findtext("name") == "csghub-1.2" and dumped.findtext("vcpu") == "6"
+    assert dumped.find("memory").text == str(12288 * 1024)
+    disk = dumped.find("devices/disk")
+    assert disk is not None
+    assert disk.find("source").get("file") == "/var/lib/libvirt/images/csghub-1.2.qcow2"
+    assert disk.find("driver").get("type") == "qcow2" and disk.find("target").get("bus") == "virtio"
+    assert dumped.find("devices/interface/model").get("type") == "virtio"
+    assert dumped.find("os/loader") is None  # BIOS: the disk boots through its MBR
+
+
+def test_the_libvirt_domain_escapes_what_it_is_given(tmp_path: Path) -> None:
+    import xml.etree.ElementTree as ET
+
+    from appliance.export.disks import libvirt_domain_xml
+
+    text = libvirt_domain_xml('a<b>&"c', "d'&<e>.qcow2", cpus=1, memory_mb=512)
+    parsed = ET.fromstring(text)
+    assert parsed.findtext("name") == 'a<b>&"c'
+    assert parsed.find("devices/disk/source").get("file") == "/var/lib/libvirt/images/d'&<e>.qcow2"
