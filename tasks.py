@@ -110,10 +110,11 @@ def doctor(c: Context, config: str | None = None, set_: list[str] | None = None,
 
 @cli_task()
 def docs(c: Context, debug: bool = False) -> None:
-    """Regenerate docs/configuration.md from the config models."""
-    from appliance.reference import write_reference
+    """Regenerate docs/configuration.md from the config models and the formats table of docs/formats.md."""
+    from appliance.reference import write_formats_reference, write_reference
 
     log.success(f"wrote {write_reference()}")
+    log.success(f"wrote {write_formats_reference()}")
 
 
 @cli_task(help={

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from appliance import safeyaml
 from appliance.errors import ConfigError, ConfigProblem
+from appliance.formats import DEFAULT_FORMATS, FORMATS, OutputFormat
 from appliance.inputs import describe, read_regular
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -399,8 +400,13 @@ class OutputSettings(_Section):
         description="Appliance version (empty: the CSGHub chart version).",
         json_schema_extra=_env("APPLIANCE_VERSION"),
     )
-    ovf_format: Literal["ovf10", "ovf20"] = Field(
-        "ovf10", description="OVF 1.0 (VirtualBox's default) or OVF 2.0."
+    formats: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_FORMATS),
+        description=(
+            "Output formats to write, by name (each one file: see docs/formats.md): "
+            + ", ".join(f"`{name}` ({fmt.title})" for name, fmt in FORMATS.items())
+            + ". The first OVA in the list is the one `verify` boots."
+        ),
     )
     product: str = Field("CSGHub", max_length=200, description="OVF product name.")
     vendor: str = Field("OpenCSG", max_length=200, description="OVF vendor.")
@@ -414,6 +420,22 @@ class OutputSettings(_Section):
         description="OVF annotation shown at import.",
     )
     eula_file: str = Field("", description="Text file shown as the licence at import (empty: none).")
+    @field_validator("formats")
+    @classmethod
+    def _known_formats(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError(f"must name at least one output format (allowed: {', '.join(FORMATS)})")
+        unknown = [name for name in value if name not in FORMATS]
+        if unknown:
+            raise ValueError(f"unknown output format {unknown[0]!r} (allowed: {', '.join(FORMATS)})")
+        twice = sorted({name for name in value if value.count(name) > 1})
+        if twice:
+            raise ValueError(f"lists {twice[0]!r} twice; each format is written once")
+        if not any(FORMATS[name].kind == "ova" for name in value):
+            raise ValueError("must hold an OVA format (the build verifies and boots an OVA): "
+                             + ", ".join(n for n, f in FORMATS.items() if f.kind == "ova"))
+        return value
+
     vmdk_writer: Literal["parallel", "qemu-img"] = Field(
         "parallel",
         description=(
@@ -429,6 +451,16 @@ class OutputSettings(_Section):
     vmdk_workers: int = Field(
         0, ge=0, le=1024, description="Compression threads of the parallel VMDK writer (0: every available core)."
     )
+
+    @property
+    def output_formats(self) -> tuple[OutputFormat, ...]:
+        """The records of ``formats``, in the order given."""
+        return tuple(FORMATS[name] for name in self.formats)
+
+    @property
+    def primary_ova(self) -> OutputFormat:
+        """The first OVA format listed: the one the provider exports, `verify` boots and `publish` names."""
+        return next(fmt for fmt in self.output_formats if fmt.kind == "ova")
 
 
 class ApplianceConfig(_Section):
@@ -791,6 +823,10 @@ def _translate(exc: ValidationError, sources: _Sources) -> list[ConfigProblem]:
         loc = [p for p in err["loc"] if isinstance(p, (str, int))]
         key = _dotted(loc)
         kind = err["type"]
+        if kind == "extra_forbidden" and key == "output.ovf_format":
+            out.append(ConfigProblem(sources.of(key), key, "replaced by output.formats: write "
+                                     "`formats: [virtualbox-ova]` (OVF 1.0) or `[virtualbox-ova-ovf20]` (OVF 2.0)"))
+            continue
         if kind == "extra_forbidden":
             owner = _model_at(loc[:-1])
             allowed = ", ".join(owner.model_fields) if owner is not None else ""

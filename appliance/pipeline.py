@@ -62,7 +62,7 @@ class BuildContext:
 
     @property
     def ova_name(self) -> str:
-        return f"{self.cfg.output.name}-{self.cfg.appliance_version}.ova"
+        return self.cfg.output.primary_ova.file_name(f"{self.cfg.output.name}-{self.cfg.appliance_version}")
 
     @functools.cached_property
     def provider(self) -> Provider:

@@ -14,8 +14,12 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from appliance.config import PROJECT_ROOT, ApplianceConfig
+from appliance.formats import FORMATS
 
 REFERENCE_PATH = PROJECT_ROOT / "docs" / "configuration.md"
+FORMATS_PATH = PROJECT_ROOT / "docs" / "formats.md"
+FORMATS_BEGIN = "<!-- formats table: generated from appliance/formats.py by `invoke docs` -->"
+FORMATS_END = "<!-- end of the generated formats table -->"
 
 HEADER = """# Configuration reference
 
@@ -87,4 +91,38 @@ def config_reference() -> str:
 def write_reference(path: Path = REFERENCE_PATH) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(config_reference(), encoding="utf-8")
+    return path
+
+
+def formats_table() -> str:
+    """The table of output formats in docs/formats.md, from the records in ``appliance.formats``."""
+    lines = [FORMATS_BEGIN, "",
+             "| `output.formats` name | file | what | imported by | OVF | hardware family | controller | NIC "
+             "| manifest |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for fmt in FORMATS.values():
+        file_name = fmt.file_name("<name>-<version>")
+        if fmt.ovf is not None:
+            p = fmt.ovf
+            nic = f"`{p.nic.subtype}`" if p.nic.subtype else "per `virtualbox.nic_type`"
+            ovf = (f"{p.version_text} | `{p.system_type}` | `{p.controller.subtype}` ({p.controller.guest_driver}) "
+                   f"| {nic} ({p.nic.guest_driver}) | {p.manifest_digest}")
+        else:
+            ovf = "- | - | - | - | -"
+        lines.append(f"| `{fmt.name}` | `{file_name}` | {fmt.title} | {', '.join(fmt.hypervisors)} | {ovf} |")
+    lines += ["", FORMATS_END]
+    return "\n".join(lines)
+
+
+def formats_reference(current: str) -> str:
+    """``current`` (docs/formats.md) with its generated table replaced by today's."""
+    head, sep, rest = current.partition(FORMATS_BEGIN)
+    _, sep2, tail = rest.partition(FORMATS_END)
+    if not sep or not sep2:
+        raise ValueError(f"{FORMATS_PATH} lacks the markers of the generated table")
+    return head + formats_table() + tail
+
+
+def write_formats_reference(path: Path = FORMATS_PATH) -> Path:
+    path.write_text(formats_reference(path.read_text(encoding="utf-8")), encoding="utf-8")
     return path

@@ -91,7 +91,7 @@ def export_digest(cfg: ApplianceConfig) -> str:
         except OSError:
             eula = "unreadable"  # the export itself reports the problem
     return _digest({"disk": config_digest(cfg), "settings": data, "eula_sha256": eula,
-                    "ova_name": f"{cfg.output.name}-{cfg.appliance_version}.ova"})
+                    "ova_name": cfg.output.primary_ova.file_name(f"{cfg.output.name}-{cfg.appliance_version}")})
 
 
 @dataclass

@@ -42,7 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.errors import PrerequisiteMissing
-from appliance.export.ovf import STREAM_OPTIMIZED, DescriptorFacts, read_descriptor, schema_errors
+from appliance.export.ovf import DescriptorFacts, read_descriptor, schema_errors
+from appliance.formats import STREAM_OPTIMIZED, manifest_digests_for
 from appliance.inputs import describe, open_regular
 from appliance.log import log
 from appliance.run import run
@@ -402,6 +403,13 @@ def _check(f: io.BufferedReader, st: os.stat_result, path: Path, work: Path, res
                     # VirtualBox imports with an empty manifest and checks nothing (i_readManifestFile:
                     # "the file could be empty, in which case fDigestTypes is set to 0").
                     findings.add(f"manifest {mf_name} is empty; it must list a digest of every member")
+    if facts is not None:
+        # What the format records allow beside this OVF version (appliance.formats).
+        allowed = manifest_digests_for(facts.ovf_format)
+        for name, (algo, _) in manifest.items():
+            if algo not in allowed:
+                findings.add(f"manifest digest {algo} of {name!r} is not one an OVF {facts.ovf_format} reader takes "
+                             f"(allowed: {', '.join(allowed)})")
     for name in by_name:
         if name != mf_name and name not in manifest:
             findings.add(f"tar member {name!r} has no digest in the manifest")

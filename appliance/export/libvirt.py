@@ -80,6 +80,7 @@ def export_libvirt(
                 f"domain {domain!r} is {state!r}; export needs it shut off",
                 hint="halt the VM first (vagrant halt), so the disk is consistent",
             )
-    dest = Path(dest_dir) / f"{cfg.output.name}-{cfg.appliance_version}.ova"
-    log.info(f"exporting {disk_path} to {dest} ({cfg.output.ovf_format})")
-    return write_ova(Path(disk_path), cfg, dest)
+    fmt = cfg.output.primary_ova
+    dest = Path(dest_dir) / fmt.file_name(f"{cfg.output.name}-{cfg.appliance_version}")
+    log.info(f"exporting {disk_path} to {dest} ({fmt.name})")
+    return write_ova(Path(disk_path), cfg, dest, output_format=fmt)

@@ -3,8 +3,9 @@
 ``write_ova(disk_image, cfg, dest)`` writes the disk (qcow2 or raw) as a streamOptimized VMDK with
 the parallel writer (``appliance.export.vmdk``) straight into its place in the archive, or, where
 that writer cannot read the disk or ``output.vmdk_writer`` says so, with ``qemu-img`` into a work
-file; writes the descriptor (``appliance.export.ovf``) and a manifest of ``SHA256(name)= hex``
-lines, and packs them into ``dest`` in the order OVF readers need: the ``.ovf`` first, the ``.mf``
+file; writes the descriptor (``appliance.export.ovf``) and a manifest of ``SHA1(name)= hex`` or
+``SHA256(name)= hex`` lines (the digest the format's record names: OVF 1.x prescribes SHA-1, OVF 2.0
+SHA-256), and packs them into ``dest`` in the order OVF readers need: the ``.ovf`` first, the ``.mf``
 right after it, then the files in ``References`` order.
 
 The tar headers are plain POSIX ustar. A member of 8 GiB or more does not fit ustar's 11-digit
@@ -33,8 +34,9 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from appliance.digest import sha256_file
 from appliance.errors import CommandFailed, ExportError
-from appliance.export.ovf import DiskFacts, OvfFormat, ovf_descriptor
+from appliance.export.ovf import DiskFacts, output_format_for, ovf_descriptor
 from appliance.export.vmdk import SourceLayout, UnsupportedSource, max_vmdk_size, source_layout, write_stream_vmdk
+from appliance.formats import ManifestDigest, OutputFormat, OvfFormat
 from appliance.log import human_size, log
 from appliance.run import run
 
@@ -58,6 +60,7 @@ class OvaResult:
     members: tuple[str, ...]
     disk: DiskFacts
     ovf_format: OvfFormat
+    output_format: str = "virtualbox-ova"  # the record's name (appliance.formats)
 
 
 # -- tar headers ---------------------------------------------------------------------------------
@@ -170,9 +173,17 @@ def convert_to_stream_vmdk(source: Path, source_format: str, target: Path) -> No
     )
 
 
-def manifest_text(entries: Iterable[tuple[str, str]]) -> bytes:
-    """Manifest lines ``SHA256(name)= hex`` (the form VirtualBox and ovftool write), LF-terminated."""
-    return "".join(f"SHA256({name})= {hexdigest}\n" for name, hexdigest in entries).encode("ascii")
+_HASHLIB_NAME: dict[ManifestDigest, str] = {"SHA1": "sha1", "SHA256": "sha256", "SHA512": "sha512"}
+
+
+def member_digest(algorithm: ManifestDigest, data: bytes) -> str:
+    """Hex digest of ``data`` with the manifest's ``algorithm``."""
+    return hashlib.new(_HASHLIB_NAME[algorithm], data).hexdigest()
+
+
+def manifest_text(entries: Iterable[tuple[str, str]], algorithm: ManifestDigest = "SHA256") -> bytes:
+    """Manifest lines ``<ALG>(name)= hex`` (the form ovftool and OpenSSL write), LF-terminated."""
+    return "".join(f"{algorithm}({name})= {hexdigest}\n" for name, hexdigest in entries).encode("ascii")
 
 
 def _source_date_epoch() -> int:
@@ -189,11 +200,15 @@ def write_ova(
     cfg: ApplianceConfig,
     dest: Path,
     *,
+    output_format: OutputFormat | None = None,
     ovf_format: OvfFormat | None = None,
-    include_vbox_machine: bool = True,
+    include_vbox_machine: bool | None = None,
     mtime: int | None = None,
 ) -> OvaResult:
     """Turn ``disk_image`` (qcow2 or raw) into the OVA ``dest`` plus ``dest.sha256``.
+
+    ``output_format`` is the OVA format's record (``appliance.formats``); ``ovf_format`` is short
+    for the VirtualBox OVA of that OVF version; neither: the configuration's first OVA format.
 
     ``mtime`` stamps the tar members (default: ``$SOURCE_DATE_EPOCH``, else the build time, as
     VirtualBox's own exports do; set the variable for a layout that does not depend on the clock).
@@ -203,7 +218,9 @@ def write_ova(
         raise ExportError(f"OVA destination {str(dest)!r} must end in .ova")
     if not disk_image.is_file():
         raise ExportError(f"disk image {str(disk_image)!r} does not exist or is not a file")
-    fmt: OvfFormat = ovf_format or cfg.output.ovf_format
+    record = output_format_for(cfg, output_format, ovf_format)
+    assert record.ovf is not None  # output_format_for returns OVA formats only
+    fmt, algorithm = record.ovf.version, record.ovf.manifest_digest
     stamp = _source_date_epoch() if mtime is None else mtime
 
     try:
@@ -235,19 +252,34 @@ def write_ova(
 
     layout = _parallel_layout(disk_image, cfg)
 
+    def manifest_for(ovf: bytes, disk: DiskFacts) -> bytes:
+        return manifest_text([(names[0], member_digest(algorithm, ovf)), (names[2], disk_digest(disk))],
+                             algorithm)
+
     def head(disk: DiskFacts) -> tuple[bytes, bytes]:
-        ovf = ovf_descriptor(cfg, disk, ovf_format=fmt, include_vbox_machine=include_vbox_machine)
-        return ovf, manifest_text([(names[0], hashlib.sha256(ovf).hexdigest()), (names[2], disk.sha256)])
+        ovf = ovf_descriptor(cfg, disk, output_format=record, include_vbox_machine=include_vbox_machine)
+        return ovf, manifest_for(ovf, disk)
+
+    def disk_digest(disk: DiskFacts) -> str:
+        # The VMDK is hashed once, as it is written: SHA-256 always (the disk UUIDs derive from it),
+        # and the manifest's own digest when that is another one.
+        if algorithm == "SHA256":
+            return disk.sha256
+        if algorithm == "SHA1":
+            return disk.sha1 or "0" * 40  # "0"s only while sizing the room for the head
+        raise ExportError(f"the OVA writer does not write {algorithm} manifests (SHA1 or SHA256)")
 
     try:
         if layout is not None:
-            disk, size = _pack_streaming(layout, cfg, names, capacity, head, partial, stamp)
+            disk, size = _pack_streaming(layout, cfg, names, capacity, head, manifest_for, partial, stamp,
+                                         sha1=algorithm == "SHA1")
             with log.step(f"hash {dest.name}"):
                 digest = sha256_file(partial)
         else:
             with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.work-") as work:
                 disk, digest, size = _pack_from_qemu_img(
-                    disk_image, source_format, Path(work), names, capacity, head, partial, stamp
+                    disk_image, source_format, Path(work), names, capacity, head, partial, stamp,
+                    sha1=algorithm == "SHA1",
                 )
         with sha_partial.open("x", encoding="ascii") as fh:
             fh.write(f"{digest}  {dest.name}\n")
@@ -260,7 +292,7 @@ def write_ova(
     log.success(f"wrote {dest} ({human_size(size)}, sha256 {digest[:16]}...)")
     return OvaResult(
         path=dest, sha256=digest, size=size, sha256_file=sha_file,
-        members=names, disk=disk, ovf_format=fmt,
+        members=names, disk=disk, ovf_format=fmt, output_format=record.name,
     )
 
 
@@ -285,8 +317,11 @@ def _pack_streaming(
     names: tuple[str, str, str],
     capacity: int,
     head: Callable[[DiskFacts], tuple[bytes, bytes]],
+    manifest_for: Callable[[bytes, DiskFacts], bytes],
     partial: Path,
     stamp: int,
+    *,
+    sha1: bool = False,
 ) -> tuple[DiskFacts, int]:
     """Write the VMDK straight into its place in the tar, then the descriptor and manifest before it.
 
@@ -311,12 +346,13 @@ def _pack_streaming(
                          + ", ".join(Path(layout.files[d]).name for d in layout.compressed_files)
                          + " with qemu-img first")
             vmdk = write_stream_vmdk(layout, raw, name=disk_name, level=level, workers=workers,
-                                     scratch=partial.parent)
-        disk = DiskFacts(href=disk_name, file_size=vmdk.size, capacity=capacity, sha256=vmdk.sha256)
+                                     scratch=partial.parent, sha1=sha1)
+        disk = DiskFacts(href=disk_name, file_size=vmdk.size, capacity=capacity, sha256=vmdk.sha256,
+                         sha1=vmdk.sha1)
         ovf, manifest = head(disk)
         if _blocks(len(ovf)) < ovf_room:
             ovf += b"\n" * (ovf_room - BLOCK + 1 - len(ovf))
-            manifest = manifest_text([(ovf_name, hashlib.sha256(ovf).hexdigest()), (disk_name, disk.sha256)])
+            manifest = manifest_for(ovf, disk)
         if _blocks(len(ovf)) != ovf_room or _blocks(len(manifest)) != mf_room:
             raise ExportError(  # cannot happen: the bound has the most digits
                 f"descriptor ({len(ovf)} bytes) or manifest ({len(manifest)}) outgrew the room reserved for them"
@@ -345,6 +381,8 @@ def _pack_from_qemu_img(
     head: Callable[[DiskFacts], tuple[bytes, bytes]],
     partial: Path,
     stamp: int,
+    *,
+    sha1: bool = False,
 ) -> tuple[DiskFacts, str, int]:
     """qemu-img writes the VMDK to a work file; it is hashed, then copied into the archive."""
     ovf_name, mf_name, disk_name = names
@@ -352,7 +390,8 @@ def _pack_from_qemu_img(
     with log.step(f"convert {disk_image.name} ({source_format}) to a streamOptimized VMDK with qemu-img"):
         convert_to_stream_vmdk(disk_image, source_format, vmdk)
     vmdk_size = vmdk.stat().st_size
-    disk = DiskFacts(href=disk_name, file_size=vmdk_size, capacity=capacity, sha256=sha256_file(vmdk))
+    disk = DiskFacts(href=disk_name, file_size=vmdk_size, capacity=capacity, sha256=sha256_file(vmdk),
+                     sha1=_sha1_file(vmdk) if sha1 else "")
     ovf, manifest = head(disk)
     with log.step(f"pack {partial.name.removeprefix('.').removesuffix('.partial')}"):
         with partial.open("xb") as raw:
@@ -364,6 +403,14 @@ def _pack_from_qemu_img(
             raw.flush()
             os.fsync(raw.fileno())
     return disk, w.digest.hexdigest(), w.size
+
+
+def _sha1_file(path: Path) -> str:
+    digest = hashlib.sha1()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _blocks(size: int) -> int:

@@ -32,19 +32,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 from xml.etree import ElementTree as ET
 from xml.sax.saxutils import escape
 
 from appliance.errors import ExportError, PrerequisiteMissing
+from appliance.formats import NS_OVF, SCHEMA_SET, OutputFormat, OvfFormat, OvfProfile, virtualbox_ova
 from appliance.inputs import describe, open_regular
 
 if TYPE_CHECKING:  # pragma: no cover
     from appliance.config import ApplianceConfig
 
-OvfFormat = Literal["ovf10", "ovf20"]
-
-NS_OVF = {"ovf10": "http://schemas.dmtf.org/ovf/envelope/1", "ovf20": "http://schemas.dmtf.org/ovf/envelope/2"}
 NS_RASD = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData"
 NS_VSSD = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_VirtualSystemSettingData"
 # OVF 2.0 only. VirtualBox writes these two with a ".xsd" suffix, which no schema knows; we use
@@ -53,14 +51,14 @@ NS_SASD = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_StorageAllocati
 NS_EPASD = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_EthernetPortAllocationSettingData"
 NS_XSI = "http://www.w3.org/2001/XMLSchema-instance"
 NS_VBOX = "http://www.virtualbox.org/ovf/machine"
-
-STREAM_OPTIMIZED = "http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized"
+NS_VMW = "http://www.vmware.com/schema/ovf"
 DISK_ID = "vmdisk1"
 FILE_ID = "file1"
 NETWORK_NAME = "NAT"
 # CIM operating system id 96 is "Debian 64-Bit"; VirtualBox maps it to its own type Debian_64.
 CIM_OS_DEBIAN_64 = "96"
 VBOX_OS_TYPE = "Debian_64"
+DEBIAN_DESCRIPTION = "Debian GNU/Linux 12 (64-bit)"
 VBOX_SETTINGS_VERSION = "1.15-linux"
 # Names the deterministic UUIDs (disk, machine) are derived from.
 _UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/OpenCSGs/csghub/appliance")
@@ -79,6 +77,7 @@ class DiskFacts:
     file_size: int
     capacity: int
     sha256: str
+    sha1: str = ""  # when the manifest names SHA-1 (OVF 1.x formats); the UUIDs derive from sha256
 
     @property
     def uuid(self) -> str:
@@ -133,30 +132,55 @@ def _check_text(what: str, text: str) -> str:
 # -- the descriptor --------------------------------------------------------------------------
 
 
+def output_format_for(
+    cfg: ApplianceConfig, output_format: OutputFormat | None = None, ovf_format: OvfFormat | None = None
+) -> OutputFormat:
+    """The OVA format to write: ``output_format``, else the VirtualBox OVA of ``ovf_format``, else the
+    configuration's first OVA format (``output.formats``)."""
+    if output_format is not None:
+        if output_format.ovf is None:
+            raise ExportError(f"output format {output_format.name!r} is not an OVA format")
+        return output_format
+    if ovf_format is not None:
+        if ovf_format not in NS_OVF:
+            raise ExportError(f"unknown OVF format {ovf_format!r}", hint="use ovf10 or ovf20")
+        return virtualbox_ova(ovf_format)
+    return cfg.output.primary_ova
+
+
 def ovf_descriptor(
     cfg: ApplianceConfig,
     disk: DiskFacts,
     *,
+    output_format: OutputFormat | None = None,
     ovf_format: OvfFormat | None = None,
-    include_vbox_machine: bool = True,
+    include_vbox_machine: bool | None = None,
 ) -> bytes:
-    """The ``.ovf`` for ``cfg`` and ``disk``: UTF-8 bytes, identical for identical inputs."""
-    fmt: OvfFormat = ovf_format or cfg.output.ovf_format
-    if fmt not in NS_OVF:
-        raise ExportError(f"unknown OVF format {fmt!r}", hint="use ovf10 or ovf20")
+    """The ``.ovf`` for ``cfg`` and ``disk``: UTF-8 bytes, identical for identical inputs.
+
+    ``output_format`` (a record of ``appliance.formats``) says how; ``ovf_format`` is short for the
+    VirtualBox OVA of that OVF version; neither: the configuration's first OVA format.
+    ``include_vbox_machine`` overrides the record's choice (tests).
+    """
+    profile: OvfProfile = output_format_for(cfg, output_format, ovf_format).ovf  # type: ignore[assignment]
+    fmt = profile.version
     ovf2 = fmt == "ovf20"
+    vbox = profile.vbox_machine if include_vbox_machine is None else include_vbox_machine
     eula = _eula_text(cfg)
 
     env = _Node("Envelope", [
-        ("ovf:version", "2.0" if ovf2 else "1.0"),
+        ("ovf:version", profile.version_text),
         ("xml:lang", "en-US"),
         ("xmlns", NS_OVF[fmt]),
         ("xmlns:ovf", NS_OVF[fmt]),
         ("xmlns:rasd", NS_RASD),
         ("xmlns:vssd", NS_VSSD),
         ("xmlns:xsi", NS_XSI),
-        ("xmlns:vbox", NS_VBOX),
     ])
+    if profile.vbox_machine:
+        env.attrs.append(("xmlns:vbox", NS_VBOX))
+    if profile.vmware_os_type:
+        env.attrs.append(("xmlns:vmw", NS_VMW))
     if ovf2:
         env.attrs += [("xmlns:epasd", NS_EPASD), ("xmlns:sasd", NS_SASD)]
 
@@ -165,13 +189,15 @@ def ovf_descriptor(
 
     disks = env.add("DiskSection")
     disks.add("Info", "List of the virtual disks used in the package")
-    disks.add("Disk", **{
+    disk_attrs = {
         "ovf:capacity": str(disk.capacity),
         "ovf:diskId": DISK_ID,
         "ovf:fileRef": FILE_ID,
-        "ovf:format": STREAM_OPTIMIZED,
-        "vbox:uuid": disk.uuid,
-    })
+        "ovf:format": profile.disk_format_uri,
+    }
+    if profile.vbox_machine:
+        disk_attrs["vbox:uuid"] = disk.uuid
+    disks.add("Disk", **disk_attrs)
 
     nets = env.add("NetworkSection")
     nets.add("Info", "Logical networks used in the package")
@@ -205,14 +231,20 @@ def ovf_descriptor(
         eula_section.add("Info", "License agreement for the virtual system")
         eula_section.add("License", eula)
 
-    os_section = vs.add("OperatingSystemSection", ovf_id=CIM_OS_DEBIAN_64)
+    os_attrs = {"ovf:id": CIM_OS_DEBIAN_64}
+    if profile.vmware_os_type:
+        os_attrs["vmw:osType"] = profile.vmware_os_type
+    os_section = vs.add("OperatingSystemSection", **os_attrs)
     os_section.add("Info", "The kind of installed guest operating system")
-    os_section.add("Description", VBOX_OS_TYPE)
-    os_section.add("vbox:OSType", VBOX_OS_TYPE, ovf_required="false")
+    if profile.vbox_machine:
+        os_section.add("Description", VBOX_OS_TYPE)
+        os_section.add("vbox:OSType", VBOX_OS_TYPE, ovf_required="false")
+    else:
+        os_section.add("Description", DEBIAN_DESCRIPTION)
 
-    _virtual_hardware(vs.add("VirtualHardwareSection"), cfg, ovf2=ovf2)
+    _virtual_hardware(vs.add("VirtualHardwareSection"), cfg, profile)
 
-    if include_vbox_machine:
+    if vbox:
         _vbox_machine(vs, cfg, disk)
 
     text = '<?xml version="1.0"?>\n' + "\n".join(env.serialize()) + "\n"
@@ -240,14 +272,18 @@ def _eula_text(cfg: ApplianceConfig) -> str | None:
     return _check_text("output.eula_file", text)
 
 
-def _virtual_hardware(hw: _Node, cfg: ApplianceConfig, *, ovf2: bool) -> None:
-    """Items as VirtualBox writes them: rasd fields in alphabetical order, InstanceIDs from 1."""
+def _virtual_hardware(hw: _Node, cfg: ApplianceConfig, profile: OvfProfile) -> None:
+    """Items as VirtualBox writes them: rasd fields in alphabetical order, InstanceIDs from 1.
+
+    The hardware family, controller and NIC come from the format's record (``profile``).
+    """
+    ovf2 = profile.version == "ovf20"
     hw.add("Info", "Virtual hardware requirements for a virtual machine")
     system = hw.add("System")
     system.add("vssd:ElementName", "Virtual Hardware Family")
     system.add("vssd:InstanceID", "0")
     system.add("vssd:VirtualSystemIdentifier", cfg.vm.name)
-    system.add("vssd:VirtualSystemType", "virtualbox-2.2")
+    system.add("vssd:VirtualSystemType", profile.system_type)
 
     def item(element: str, prefix: str, fields: dict[str, str | int]) -> None:
         node = hw.add(element)
@@ -264,9 +300,10 @@ def _virtual_hardware(hw: _Node, cfg: ApplianceConfig, *, ovf2: bool) -> None:
     item("Item", "rasd", {"AllocationUnits": "MegaBytes", "Caption": mem_caption,
                           "Description": "Memory Size", "ElementName": mem_caption, "InstanceID": 2,
                           "ResourceType": 4, "VirtualQuantity": mem})
-    item("Item", "rasd", {"Address": 0, "Caption": "sataController0", "Description": "SATA Controller",
-                          "ElementName": "sataController0", "InstanceID": 3, "ResourceSubType": "AHCI",
-                          "ResourceType": 20})
+    ctl = profile.controller
+    item("Item", "rasd", {"Address": 0, "Caption": ctl.element_name, "Description": ctl.description,
+                          "ElementName": ctl.element_name, "InstanceID": 3, "ResourceSubType": ctl.subtype,
+                          "ResourceType": ctl.resource_type})
     disk_fields: dict[str, str | int] = {
         "AddressOnParent": 0, "Caption": "disk1", "Description": "Disk Image", "ElementName": "disk1",
         "HostResource": f"ovf:/disk/{DISK_ID}", "InstanceID": 4, "Parent": 3, "ResourceType": 17,
@@ -276,7 +313,7 @@ def _virtual_hardware(hw: _Node, cfg: ApplianceConfig, *, ovf2: bool) -> None:
         "AutomaticAllocation": "true", "Caption": nic_caption, "Connection": NETWORK_NAME,
         "ElementName": nic_caption, "InstanceID": 5, "ResourceType": 10,
     }
-    subtype = _NIC_SUBTYPE[cfg.virtualbox.nic_type]
+    subtype = profile.nic.subtype if profile.nic.subtype is not None else _NIC_SUBTYPE[cfg.virtualbox.nic_type]
     if subtype:
         nic_fields["ResourceSubType"] = subtype
     if ovf2:
@@ -446,7 +483,7 @@ def read_descriptor(data: bytes) -> DescriptorFacts:
             _bounded_int("ovf:populatedSize", populated, MAX_CAPACITY)
         disks.append((d.get(f"{{{ns}}}diskId", ""), d.get(f"{{{ns}}}fileRef", ""), cap,
                       d.get(f"{{{ns}}}format", "")))
-    return DescriptorFacts(fmt, tuple(files), tuple(disks),  # type: ignore[arg-type]
+    return DescriptorFacts(fmt, tuple(files), tuple(disks),
                            tuple(importer_ambiguities(root, ns)))
 
 
@@ -572,7 +609,6 @@ def _attribute_problems(element: ET.Element, ns: str, allowed: set[str], extra: 
 
 # -- schema validation ---------------------------------------------------------------------------
 
-_SCHEMA_SUBDIR = {"ovf10": "ovf1", "ovf20": "ovf2"}
 
 # Declares vbox:Machine as one more OVF Section whose content after Info is not checked: the
 # DMTF schema has no wildcard where VirtualBox puts it (see ../shared/ovf/README.md).
@@ -609,7 +645,7 @@ def ovf_schema(ovf_format: OvfFormat, schema_dir: Path | None = None) -> Any:
             "no folder of DMTF OVF schemas was given",
             hint="`invoke fetch` puts the pinned schemas in the cache (appliance.artifacts.fetch_ovf_schemas)",
         )
-    folder = (schema_dir / _SCHEMA_SUBDIR[ovf_format]).resolve()
+    folder = (schema_dir / SCHEMA_SET[ovf_format]).resolve()
     main = next(folder.glob("dsp8023_*.xsd"))
 
     def to_local(uri: str) -> str:

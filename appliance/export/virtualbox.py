@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING
 from appliance.digest import sha256_file
 from appliance.errors import CommandFailed, ExportError, PrerequisiteMissing
 from appliance.export.ova import OvaResult
-from appliance.export.ovf import DiskFacts, OvfFormat, read_descriptor
+from appliance.export.ovf import DiskFacts, output_format_for, read_descriptor
+from appliance.formats import OutputFormat, OvfFormat
 from appliance.log import human_size, log
 from appliance.run import CommandResult, run, which
 
@@ -40,7 +41,6 @@ if TYPE_CHECKING:  # pragma: no cover
 EXPORTABLE_STATES = ("poweroff", "aborted")
 # States that do not end by themselves: no point in waiting for them.
 _RUNNING_STATES = ("running", "paused", "gurumeditation", "saved", "teleported")
-_FORMAT_FLAG = {"ovf10": "--ovf10", "ovf20": "--ovf20"}
 
 
 # -- VBoxManage showvminfo --machinereadable --------------------------------------------------------
@@ -264,12 +264,23 @@ def unregister_and_delete(vm: str, *, lock_wait: float = LOCK_WAIT) -> None:
 # -- export ---------------------------------------------------------------------------------------
 
 
+def _vbox_format(cfg: ApplianceConfig, ovf_format: OvfFormat | None) -> tuple[OutputFormat, str]:
+    """The OVA format to export and its ``VBoxManage export`` flag (from the format's record)."""
+    record = output_format_for(cfg, None, ovf_format)
+    flag = record.ovf.vboxmanage_flag if record.ovf is not None else None
+    if flag is None:
+        raise ExportError(f"VirtualBox's exporter cannot write the {record.name} format",
+                          hint="with provider virtualbox, list virtualbox-ova or virtualbox-ova-ovf20 first in "
+                               "output.formats, or build with --provider libvirt")
+    return record, flag
+
+
 def export_argv(cfg: ApplianceConfig, vm: str, output: Path, ovf_format: OvfFormat | None = None) -> list[str]:
     """The ``VBoxManage export`` command line for ``vm`` -> ``output`` (flags per VBoxManage's manual)."""
-    fmt = ovf_format or cfg.output.ovf_format
+    _, flag = _vbox_format(cfg, ovf_format)
     out = cfg.output
     argv = [
-        vboxmanage(), "export", vm, f"--output={output}", _FORMAT_FLAG[fmt],
+        vboxmanage(), "export", vm, f"--output={output}", flag,
         "--manifest", "--options=nomacsbutnat",
         "--vsys=0",
         f"--product={out.product}", f"--producturl={out.product_url}",
@@ -357,7 +368,9 @@ def export_virtualbox(
     ``vm`` defaults to ``cfg.vm.name``, the name Vagrantfile.j2 gives the VirtualBox VM.
     """
     vm = vm or cfg.vm.name
-    fmt: OvfFormat = ovf_format or cfg.output.ovf_format
+    record, _ = _vbox_format(cfg, ovf_format)
+    assert record.ovf is not None
+    fmt: OvfFormat = record.ovf.version
     state = vm_info(vm).get("VMState", "unknown")
     if state not in _RUNNING_STATES:
         # A VM that has just powered itself off (the seal step) may still be held by its VM
@@ -371,13 +384,14 @@ def export_virtualbox(
         log.info(f"NAT: {change}")
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
-    final = dest_dir / f"{cfg.output.name}-{cfg.appliance_version}.ova"
+    final = dest_dir / record.file_name(f"{cfg.output.name}-{cfg.appliance_version}")
     # VirtualBox names the members after the output file, so the temporary OVA keeps the final
     # name inside a temporary folder, and is moved out when complete.
     with tempfile.TemporaryDirectory(dir=dest_dir, prefix=f".{final.name}.work-") as work:
         staged = Path(work) / final.name
         with log.step(f"export {vm} with VBoxManage ({fmt})"):
-            run(export_argv(cfg, vm, staged, fmt), stream=True, hint="is the VM halted and its disk readable?")
+            run(export_argv(cfg, vm, staged, ovf_format=fmt), stream=True,
+                hint="is the VM halted and its disk readable?")
         if not staged.is_file():
             raise ExportError(f"VirtualBox reported success but wrote no {staged.name}")
         result = _describe(staged, fmt)
@@ -388,4 +402,4 @@ def export_virtualbox(
     log.success(f"wrote {final} ({human_size(result.size)})")
     return OvaResult(path=final, sha256=result.sha256, size=result.size,
                      sha256_file=final.with_name(final.name + ".sha256"), members=result.members,
-                     disk=result.disk, ovf_format=fmt)
+                     disk=result.disk, ovf_format=fmt, output_format=record.name)

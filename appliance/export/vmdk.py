@@ -150,6 +150,7 @@ class VmdkResult:
     workers: int
     level: int
     compressor: str
+    sha1: str = ""  # also computed when asked (``sha1=True``): an OVF 1.x manifest's digest
 
 
 def default_workers() -> int:
@@ -403,14 +404,17 @@ def max_vmdk_size(layout: SourceLayout, name: str) -> int:
 class _Out:
     """Sequential output that counts and hashes every byte."""
 
-    def __init__(self, out: _Writable) -> None:
+    def __init__(self, out: _Writable, *, sha1: bool = False) -> None:
         self.out = out
         self.digest = hashlib.sha256()
+        self.sha1 = hashlib.sha1() if sha1 else None
         self.pos = 0
 
     def write(self, data: bytes) -> None:
         self.out.write(data)
         self.digest.update(data)
+        if self.sha1 is not None:
+            self.sha1.update(data)
         self.pos += len(data)
 
 
@@ -422,13 +426,15 @@ def write_stream_vmdk(
     level: int = 6,
     workers: int = 0,
     scratch: Path | None = None,
+    sha1: bool = False,
 ) -> VmdkResult:
     """Write ``source`` as a streamOptimized VMDK to ``out`` (written strictly in order).
 
     ``name`` is the file name the descriptor's extent line gives (the VMDK's own name);
     ``level`` the compression level (1-9); ``workers`` the compression threads (0: every core);
     ``scratch`` the folder for decompressed copies of compressed qcow2 images (default: the
-    system's temporary folder), removed when done.
+    system's temporary folder), removed when done; ``sha1`` hashes the output with SHA-1 as well
+    (``VmdkResult.sha1``), for a manifest that names SHA-1 (OVF 1.x).
     """
     if level not in COMPRESSION_LEVELS:
         raise ExportError(f"VMDK compression level {level} is not allowed (1-9)")
@@ -437,18 +443,19 @@ def write_stream_vmdk(
     layout = source if isinstance(source, SourceLayout) else source_layout(Path(source))
     if layout.compressed_files:
         with tempfile.TemporaryDirectory(prefix=".vmdk-scratch-", dir=scratch) as tmp:
-            return _write(decompressed(layout, Path(tmp)), out, name=name, level=level, workers=workers)
-    return _write(layout, out, name=name, level=level, workers=workers)
+            return _write(decompressed(layout, Path(tmp)), out, name=name, level=level, workers=workers, sha1=sha1)
+    return _write(layout, out, name=name, level=level, workers=workers, sha1=sha1)
 
 
-def _write(layout: SourceLayout, out: _Writable, *, name: str, level: int, workers: int) -> VmdkResult:
+def _write(layout: SourceLayout, out: _Writable, *, name: str, level: int, workers: int,
+           sha1: bool = False) -> VmdkResult:
     threads = workers or default_workers()
     capacity = layout.virtual_size // SECTOR
     descriptor = descriptor_text(name, capacity)
     desc_sectors = -(-len(descriptor) // SECTOR)
     gd_entries = -(-capacity // (GT_ENTRIES * GRAIN_SECTORS))
 
-    w = _Out(out)
+    w = _Out(out, sha1=sha1)
     w.write(_header(capacity, desc_sectors, GD_AT_END))
     w.write(descriptor.ljust((_overhead(desc_sectors) - 1) * SECTOR, b"\0"))
 
@@ -516,4 +523,5 @@ def _write(layout: SourceLayout, out: _Writable, *, name: str, level: int, worke
     return VmdkResult(
         size=w.pos, sha256=w.digest.hexdigest(), capacity=layout.virtual_size,
         grains=grains, grain_tables=tables, workers=threads, level=level, compressor=COMPRESSOR,
+        sha1=w.sha1.hexdigest() if w.sha1 is not None else "",
     )

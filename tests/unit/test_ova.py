@@ -84,7 +84,7 @@ def test_raw_disk_and_ovf20(tmp_path: Path, make_cfg: Callable[..., ApplianceCon
         f.truncate(8 * 2**20)
         f.seek(2**20)
         f.write(b"\x42" * 65536)
-    result = write_ova(raw, make_cfg("output.ovf_format=ovf20"), tmp_path / "out" / "raw-disk.ova")
+    result = write_ova(raw, make_cfg("output.formats={virtualbox-ova-ovf20}"), tmp_path / "out" / "raw-disk.ova")
     assert result.ovf_format == "ovf20"
     assert result.disk.capacity == 8 * 2**20
     assert result.size == result.path.stat().st_size

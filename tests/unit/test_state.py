@@ -135,7 +135,7 @@ def test_what_shapes_the_disk_changes_both_digests(tmp_path: Path, change: str) 
 
 
 @pytest.mark.parametrize("change", [
-    "output.product=Other", "output.vendor=Someone", "output.ovf_format=ovf20", "output.description=New",
+    "output.product=Other", "output.vendor=Someone", "output.formats={virtualbox-ova-ovf20}", "output.description=New",
     "vm.cpus=6", "vm.memory_mb=32768", "virtualbox.nic_type=virtio",
 ])
 def test_what_only_the_export_writes_changes_only_the_export_digest(tmp_path: Path, change: str) -> None:

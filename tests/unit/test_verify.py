@@ -92,7 +92,7 @@ def test_a_sound_ova_passes_every_check(built_ova: Path, ovf_schema_dir: Path) -
 
 def test_an_ovf20_ova_passes(tmp_path: Path, small_disk: Path, make_cfg: Callable[..., ApplianceConfig],
                              ovf_schema_dir: Path) -> None:
-    result = write_ova(small_disk, make_cfg("output.ovf_format=ovf20"), tmp_path / "two.ova")
+    result = write_ova(small_disk, make_cfg("output.formats={virtualbox-ova-ovf20}"), tmp_path / "two.ova")
     assert verify_ova(result.path, boot=False, schema_dir=ovf_schema_dir).ovf_format == "ovf20"
 
 

@@ -116,7 +116,8 @@ def test_descriptor_matches_virtualboxs_own_export(
         make_cfg: Callable[..., ApplianceConfig], import_ova: Callable[..., dict[str, str]], vm_name: str) -> None:
     eula = tmp_path / "EULA.txt"
     eula.write_text("Licence text.\nSecond line.\n")
-    cfg = make_cfg(f"vm.name={vm_name}", f"output.ovf_format={fmt}", f"output.eula_file={eula}",
+    formats = "output.formats={virtualbox-ova" + ("" if fmt == "ovf10" else "-ovf20") + "}"
+    cfg = make_cfg(f"vm.name={vm_name}", formats, f"output.eula_file={eula}",
                    f"vm.cpus={cpus}", "provision.skip=[k3s, csghub]")
     ours = write_ova(small_disk, cfg, tmp_path / "ours" / "csghub.ova").path
     mine_info = import_ova(ours, vm_name, "--eula", "accept")

@@ -30,19 +30,19 @@ class Variant:
 
 VARIANTS = [
     Variant("defaults-ovf10", ()),
-    Variant("ovf20-virtio-vboxsvga", ("output.ovf_format=ovf20", "virtualbox.nic_type=virtio",
+    Variant("ovf20-virtio-vboxsvga", ("output.formats={virtualbox-ova-ovf20}", "virtualbox.nic_type=virtio",
                                       "virtualbox.graphics_controller=vboxsvga")),
     Variant("ovf10-82543GC-vboxvga-no-localhost", ("virtualbox.nic_type=82543GC",
                                                    "virtualbox.graphics_controller=vboxvga",
                                                    "virtualbox.nat_localhost_reachable=false", "vm.cpus=3",
                                                    "vm.memory_mb=3072")),
     Variant("ovf20-82545EM-no-graphics-udp", (
-        "output.ovf_format=ovf20", "virtualbox.nic_type=82545EM", "virtualbox.graphics_controller=none",
+        "output.formats={virtualbox-ova-ovf20}", "virtualbox.nic_type=82545EM", "virtualbox.graphics_controller=none",
         "network.forwarded_ports=[{name: web, guest: 80, host: 8080}, "
         "{name: dns, guest: 53, host: 5353, protocol: udp}]")),
     Variant("ovf10-no-forwards", ("network.forwarded_ports=[]",)),
     Variant("ovf10-without-vbox-machine", (), include_vbox_machine=False),
-    Variant("ovf20-without-vbox-machine", ("output.ovf_format=ovf20",), include_vbox_machine=False),
+    Variant("ovf20-without-vbox-machine", ("output.formats={virtualbox-ova-ovf20}",), include_vbox_machine=False),
 ]
 
 _NIC = {"82540EM": "82540EM", "82543GC": "82543GC", "82545EM": "82545EM", "virtio": "virtio"}

@@ -1,0 +1,203 @@
+"""The output formats, as data: one frozen record per format the build can write.
+
+A record holds everything the code around it needs to know about a format, so that adding a
+format means adding one record here (and its tests), not editing the writer, the manifest,
+the verifier and the docs one by one:
+
+- the OVA writer (``appliance.export.ovf`` / ``ova``) reads the OVF version and namespace, the
+  hardware family, the controller and NIC items, the disk format URI, whether to write
+  VirtualBox's ``vbox:Machine`` section and the manifest's digest from ``OutputFormat.ovf``;
+- the VirtualBox exporter (``appliance.export.virtualbox``) reads the ``VBoxManage export``
+  flag (``OvfProfile.vboxmanage_flag``; formats VirtualBox cannot write have none);
+- the verifier (``appliance.verify_ova``) reads ``OvfProfile.manifest_digests`` (what a manifest
+  of this OVF version may hold) through ``manifest_digests_for``;
+- the docs (docs/formats.md) are checked against ``title``, ``hypervisors`` and ``how_to_import``
+  by ``tests/unit/test_formats.py``.
+
+Two kinds of records:
+
+- ``kind="ova"``: an OVA (tar of ``.ovf``, ``.mf``, streamOptimized VMDK); ``ovf`` says how.
+- ``kind="disk"``: a bare disk image plus an optional sidecar file (e.g. a libvirt domain XML or
+  a settings note); ``disk`` says how (``DiskProfile``: the ``qemu-img`` output format and its
+  options, the sidecar's suffix). Such a format registers with ``register(OutputFormat(name=...,
+  kind="disk", suffix=".qcow2", disk=DiskProfile(qemu_format="qcow2", ...), ...))``.
+
+``output.formats`` (appliance.config) lists the names to build; its default is the VirtualBox
+OVA alone. This module imports nothing from the rest of the package, so everything may use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+OvfFormat = Literal["ovf10", "ovf20"]  # the OVF version of a descriptor (1.x or 2.x envelope)
+ManifestDigest = Literal["SHA1", "SHA256", "SHA512"]
+FormatKind = Literal["ova", "disk"]
+
+NS_OVF: dict[OvfFormat, str] = {
+    "ovf10": "http://schemas.dmtf.org/ovf/envelope/1",
+    "ovf20": "http://schemas.dmtf.org/ovf/envelope/2",
+}
+OVF_VERSION_TEXT: dict[OvfFormat, str] = {"ovf10": "1.0", "ovf20": "2.0"}
+# Subfolder of the pinned DMTF schemas (appliance.artifacts.OVF_SCHEMA_SETS) for each version.
+SCHEMA_SET: dict[OvfFormat, str] = {"ovf10": "ovf1", "ovf20": "ovf2"}
+# What the DMTF spec asks of a manifest (DSP0243 1.1.0 clause 5.1: SHA-1 digests; 2.0.x: SHA-256,
+# SHA-1 no longer listed), and what real readers take beyond it: VirtualBox reads SHA1, SHA256 and
+# SHA512 in either version, VMware's ovftool writes SHA256 in OVF 1.0 packages by default.
+MANIFEST_DIGESTS_READ: dict[OvfFormat, tuple[ManifestDigest, ...]] = {
+    "ovf10": ("SHA1", "SHA256", "SHA512"),
+    "ovf20": ("SHA1", "SHA256", "SHA512"),
+}
+
+STREAM_OPTIMIZED = "http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized"
+
+
+@dataclass(frozen=True)
+class ControllerChoice:
+    """The disk controller item: CIM resource type and the subtype string importers map."""
+
+    resource_type: int  # 20 = other storage device (SATA), 6 = parallel SCSI HBA
+    subtype: str  # "AHCI" (VirtualBox), "vmware.sata.ahci" (VMware), "VirtualSCSI", "lsilogicsas"
+    element_name: str  # rasd:ElementName / Caption, as the writing tool names it
+    description: str
+    guest_driver: str  # the Debian 12 kernel driver that runs it (docs)
+
+
+@dataclass(frozen=True)
+class NicChoice:
+    """The NIC item's subtype; ``None``: VirtualBox's ``virtualbox.nic_type`` setting decides."""
+
+    subtype: str | None
+    guest_driver: str  # the Debian 12 kernel driver (docs)
+
+
+@dataclass(frozen=True)
+class OvfProfile:
+    """How an OVA of this format is written and what a reader of it may expect."""
+
+    version: OvfFormat
+    manifest_digest: ManifestDigest  # the one the writer uses
+    system_type: str  # vssd:VirtualSystemType, the "virtual hardware family"
+    controller: ControllerChoice
+    nic: NicChoice
+    vbox_machine: bool  # write VirtualBox's own vbox:Machine section (NAT forwards, no VRDE/audio)
+    disk_format_uri: str = STREAM_OPTIMIZED
+    vboxmanage_flag: str | None = None  # `VBoxManage export` writes this format with it; None: it cannot
+    vmware_os_type: str | None = None  # vmw:osType on the OperatingSystemSection (VMware readers)
+
+    @property
+    def namespace(self) -> str:
+        return NS_OVF[self.version]
+
+    @property
+    def version_text(self) -> str:
+        return OVF_VERSION_TEXT[self.version]
+
+    @property
+    def schema_set(self) -> str:
+        return SCHEMA_SET[self.version]
+
+
+@dataclass(frozen=True)
+class DiskProfile:
+    """How a bare-disk format is written: ``qemu-img convert -O <qemu_format> -o <options>``."""
+
+    qemu_format: str
+    qemu_options: tuple[str, ...] = ()
+    sidecar_suffix: str | None = None  # e.g. ".xml" for a libvirt domain, None: no sidecar
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """One output format: what it is, who imports it, and how it is written."""
+
+    name: str  # the spelling in `output.formats`
+    kind: FormatKind
+    suffix: str  # file suffix, ".ova", ".qcow2", ...
+    tag: str  # between the stem and the suffix, so formats sharing a suffix get distinct files
+    title: str  # docs/formats.md heading
+    hypervisors: tuple[str, ...]  # who imports it (docs)
+    how_to_import: str  # one paragraph for docs/formats.md
+    ovf: OvfProfile | None = None  # kind "ova"
+    disk: DiskProfile | None = None  # kind "disk"
+    notes: tuple[str, ...] = field(default=())  # docs: further facts about the choices
+
+    def __post_init__(self) -> None:
+        if (self.kind == "ova") != (self.ovf is not None) or (self.kind == "disk") != (self.disk is not None):
+            raise ValueError(f"format {self.name!r}: kind {self.kind!r} needs exactly its own profile")
+
+    def file_name(self, stem: str) -> str:
+        """The artifact's file name for ``<name>-<version>`` = ``stem``."""
+        return f"{stem}{self.tag}{self.suffix}"
+
+
+# -- the records -------------------------------------------------------------------------------
+
+_VBOX_SATA = ControllerChoice(20, "AHCI", "sataController0", "SATA Controller", "ahci")
+_VBOX_NIC = NicChoice(None, "e1000 (Intel PRO/1000) or virtio_net, per virtualbox.nic_type")
+
+VIRTUALBOX_OVA = OutputFormat(
+    name="virtualbox-ova",
+    kind="ova",
+    suffix=".ova",
+    tag="",
+    title="VirtualBox OVA (OVF 1.0)",
+    hypervisors=("VirtualBox 6.1 and later",),
+    how_to_import="VirtualBox: File > Import Appliance, or `VBoxManage import <name>-<version>.ova`.",
+    ovf=OvfProfile(
+        version="ovf10", manifest_digest="SHA256", system_type="virtualbox-2.2", controller=_VBOX_SATA,
+        nic=_VBOX_NIC, vbox_machine=True, vboxmanage_flag="--ovf10",
+    ),
+)
+
+VIRTUALBOX_OVA_OVF20 = OutputFormat(
+    name="virtualbox-ova-ovf20",
+    kind="ova",
+    suffix=".ova",
+    tag="-ovf20",
+    title="VirtualBox OVA (OVF 2.0)",
+    hypervisors=("VirtualBox 6.1 and later",),
+    how_to_import="VirtualBox: File > Import Appliance, or `VBoxManage import <name>-<version>-ovf20.ova`.",
+    ovf=OvfProfile(
+        version="ovf20", manifest_digest="SHA256", system_type="virtualbox-2.2", controller=_VBOX_SATA,
+        nic=_VBOX_NIC, vbox_machine=True, vboxmanage_flag="--ovf20",
+    ),
+    notes=("SHA-256 manifest: what DSP0243 2.0 prescribes and what `VBoxManage export --ovf20` writes.",),
+)
+
+FORMATS: dict[str, OutputFormat] = {}
+
+
+def register(fmt: OutputFormat) -> OutputFormat:
+    """Add ``fmt`` to the known formats (its name must be new); returns it."""
+    if fmt.name in FORMATS:
+        raise ValueError(f"output format {fmt.name!r} is registered twice")
+    if any(other.file_name("x") == fmt.file_name("x") for other in FORMATS.values()):
+        raise ValueError(f"output format {fmt.name!r} would write the same file name as another format")
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+for _record in (VIRTUALBOX_OVA, VIRTUALBOX_OVA_OVF20):
+    register(_record)
+
+DEFAULT_FORMATS = (VIRTUALBOX_OVA.name,)
+
+
+def get_format(name: str) -> OutputFormat:
+    """The record named ``name``; ``KeyError`` with the allowed names otherwise."""
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise KeyError(f"unknown output format {name!r} (allowed: {', '.join(FORMATS)})") from None
+
+
+def virtualbox_ova(version: OvfFormat) -> OutputFormat:
+    """The VirtualBox OVA record of OVF ``version`` (``ovf10`` / ``ovf20``)."""
+    return VIRTUALBOX_OVA if version == "ovf10" else VIRTUALBOX_OVA_OVF20
+
+
+def manifest_digests_for(version: OvfFormat) -> tuple[ManifestDigest, ...]:
+    """Digest names a manifest beside an OVF ``version`` descriptor may use (the verifier's rule)."""
+    return MANIFEST_DIGESTS_READ[version]
