@@ -18,14 +18,21 @@ hardware (``DiskFormat.boot_hardware``) and proves the copy's first boot, as for
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from appliance.digest import sha256_file
 from appliance.errors import VerifyError
-from appliance.export.disks import DiskFormat, disk_member, ova_disk_spec
+from appliance.export.disks import disk_member, disk_profile, ova_disk_spec
+from appliance.formats import FORMATS, OutputFormat
 from appliance.log import log
 from appliance.run import run
 from appliance.verify_boot import BootLogin, BootReport, boot_check
+
+if TYPE_CHECKING:  # pragma: no cover
+    from appliance.config import ApplianceConfig
 
 
 @dataclass
@@ -45,17 +52,18 @@ class DiskVerifyReport:
         return {"format": self.format, "checks": dict(self.checks), "boot": boot}
 
 
-def check_disk(path: Path, fmt: DiskFormat, reference: Path) -> list[tuple[str, str]]:
+def check_disk(path: Path, fmt: OutputFormat, reference: Path) -> list[tuple[str, str]]:
     """qemu-img's reading of ``path`` as ``fmt``, compared with the disk inside the OVA ``reference``."""
+    qemu_format = disk_profile(fmt).qemu_format
     findings: list[str] = []
     checks: list[tuple[str, str]] = []
-    info_run = run(["qemu-img", "info", "--output=json", "-f", fmt.qemu_format, str(path)], check=False)
+    info_run = run(["qemu-img", "info", "--output=json", "-f", qemu_format, str(path)], check=False)
     if not info_run.ok:
         raise VerifyError(f"{path} is not a readable {fmt.name} disk",
                           [" ".join(info_run.tail("stderr", 3)) or f"qemu-img info exited {info_run.returncode}"])
     info = json.loads(info_run.stdout)
-    if info.get("format") != fmt.qemu_format:
-        findings.append(f"qemu-img reads it as {info.get('format')!r}, not {fmt.qemu_format!r}")
+    if info.get("format") != qemu_format:
+        findings.append(f"qemu-img reads it as {info.get('format')!r}, not {qemu_format!r}")
     if info.get("backing-filename") or info.get("full-backing-filename"):
         findings.append(f"it names a backing file ({info.get('backing-filename')!r}); a published disk stands alone")
     data_file = (info.get("format-specific") or {}).get("data", {}).get("data-file")
@@ -67,16 +75,16 @@ def check_disk(path: Path, fmt: DiskFormat, reference: Path) -> list[tuple[str, 
         findings.append(f"virtual size {info.get('virtual-size')} bytes, the OVA's disk has {expected}")
     if findings:
         raise VerifyError(f"{path} failed verification", findings)
-    checks.append(("qemu-img info", f"{fmt.qemu_format}, standalone, {expected} bytes virtual"))
+    checks.append(("qemu-img info", f"{qemu_format}, standalone, {expected} bytes virtual"))
     # qemu-img check: 0 = clean; 2 = corruptions, 3 = leaked clusters, 1/63 = could not check.
-    checked = run(["qemu-img", "check", "-f", fmt.qemu_format, str(path)], check=False)
+    checked = run(["qemu-img", "check", "-f", qemu_format, str(path)], check=False)
     if not checked.ok:
         raise VerifyError(f"{path} failed verification",
                           [f"qemu-img check exited {checked.returncode}: "
                            + " ".join(checked.tail("stdout", 3) + checked.tail("stderr", 3))])
     checks.append(("qemu-img check", "no errors"))
     # qemu-img compare: 0 = identical, 1 = different, 2 = could not compare.
-    compared = run(["qemu-img", "compare", "-F", fmt.qemu_format, source, str(path)], check=False)
+    compared = run(["qemu-img", "compare", "-F", qemu_format, source, str(path)], check=False)
     if not compared.ok:
         raise VerifyError(f"{path} failed verification",
                           [f"qemu-img compare with the disk in {reference.name} exited {compared.returncode}: "
@@ -87,7 +95,7 @@ def check_disk(path: Path, fmt: DiskFormat, reference: Path) -> list[tuple[str, 
 
 def verify_disk(
     path: Path,
-    fmt: DiskFormat,
+    fmt: OutputFormat,
     *,
     reference: Path,
     boot: bool = True,
@@ -97,6 +105,7 @@ def verify_disk(
     memory_mb: int = 2048,
     driver: str = "auto",
     work_dir: Path | None = None,
+    ready_command: str = "systemctl is-system-running --wait || true",
 ) -> DiskVerifyReport:
     """Check ``path`` against the OVA ``reference``, then (``boot``) boot a fresh copy to its first-boot proof."""
     report = DiskVerifyReport(path=path, format=fmt.name)
@@ -106,11 +115,40 @@ def verify_disk(
     if boot:
         if login is None:
             raise VerifyError(f"{path}: the boot check needs a login")
-        with log.step(f"boot a fresh copy of {path.name} ({fmt.platforms} hardware)"):
-            report.boot = boot_check(path, login=login, disk_format=fmt.qemu_format, hardware=fmt.boot_hardware,
+        with log.step(f"boot a fresh copy of {path.name} (the hardware of {', '.join(fmt.hypervisors)})"):
+            disk = disk_profile(fmt)
+            report.boot = boot_check(path, login=login, disk_format=disk.qemu_format, hardware=disk.boot_hardware,
                                      timeout=boot_timeout, cpus=cpus, memory_mb=memory_mb, driver=driver,
-                                     work_dir=work_dir)
+                                     work_dir=work_dir, ready_command=ready_command)
         report.checks.append(("first boot", "proved by this boot's nonce" if report.boot.first_boot_proved
                               else "not checked: an unsealed image entered with a key"))
         report.checks.append(("boot", "checked"))
     return report
+
+
+def verify_staged_disks(
+    cfg: ApplianceConfig, ova: Path, staged: list[dict[str, str]], *, boot: bool = True
+) -> dict[str, dict[str, object]]:
+    """The verify stage's part for the disk formats: each staged disk checked and (``boot``) booted.
+
+    Returns, per format, what verify saw, with the digests of the disk and its sidecar as they are
+    now: the build state's receipt covers this report, and publish copies only these bytes.
+    """
+    from appliance.verify import boot_access
+
+    login = boot_access(cfg, http=False)[0] if boot else None
+    verified: dict[str, dict[str, object]] = {}
+    for entry in staged:
+        fmt = FORMATS[entry["format"]]
+        path = Path(entry["path"])
+        report = verify_disk(path, fmt, reference=ova, boot=boot, login=login, boot_timeout=cfg.vm.verify_timeout,
+                             cpus=min(cfg.vm.cpus, os.cpu_count() or 1), memory_mb=cfg.vm.memory_mb,
+                             driver=cfg.libvirt.driver)
+        sidecar = Path(entry["sidecar"]) if entry.get("sidecar") else None
+        verified[fmt.name] = {
+            "file": path.name, "sha256": sha256_file(path),
+            "sidecar": sidecar.name if sidecar else None,
+            "sidecar_sha256": sha256_file(sidecar) if sidecar else None,
+            **report.as_dict(),
+        }
+    return verified

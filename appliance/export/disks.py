@@ -5,7 +5,7 @@ member, in place: nothing is extracted) and writes it with ``qemu-img convert`` 
 temporary name in the destination folder, renamed into place only when complete. The disk is the
 same bytes the OVA carries, sealed, so each copy made from it has its own first boot.
 
-Per format (``DISK_FORMATS``):
+Per format (the ``kind="disk"`` records of ``appliance.formats``):
 
 - **qcow2** (KVM/libvirt, Proxmox, OpenStack): version 3 (``compat=1.1``, read by every QEMU
   since 1.1) and compressed with zlib. The file is a download: compression makes it about the
@@ -32,32 +32,27 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from appliance.digest import sha256_file
 from appliance.errors import ExportError
+from appliance.formats import FORMATS, DiskProfile, OutputFormat
 from appliance.log import human_size, log
 from appliance.run import run
 
-
-@dataclass(frozen=True)
-class DiskFormat:
-    """One disk output format: how qemu-img writes it and what the verify boot gives it."""
-
-    name: str  # its name in output.formats
-    qemu_format: str  # qemu-img's name for it (-O, -f)
-    suffix: str  # the published file's suffix
-    options: tuple[str, ...]  # qemu-img convert -o
-    compressed: bool  # qemu-img convert -c
-    boot_hardware: str  # appliance.verify_boot.BOOT_HARDWARE: what its hypervisor gives the guest
-    platforms: str  # who imports it (logs, docs)
+if TYPE_CHECKING:  # pragma: no cover
+    from appliance.config import ApplianceConfig
 
 
-DISK_FORMATS: dict[str, DiskFormat] = {
-    "qcow2": DiskFormat("qcow2", "qcow2", ".qcow2", ("compat=1.1", "compression_type=zlib"), compressed=True,
-                        boot_hardware="virtio", platforms="KVM/libvirt, Proxmox VE, OpenStack"),
-    "vhdx": DiskFormat("vhdx", "vhdx", ".vhdx", ("subformat=dynamic", "block_size=1M"), compressed=False,
-                       boot_hardware="ide", platforms="Hyper-V (Generation 1)"),
-}
+def disk_formats() -> dict[str, OutputFormat]:
+    """The registered bare-disk formats (``kind="disk"`` in ``appliance.formats``), by name."""
+    return {name: fmt for name, fmt in FORMATS.items() if fmt.kind == "disk"}
+
+
+def disk_profile(fmt: OutputFormat) -> DiskProfile:
+    if fmt.disk is None:
+        raise ExportError(f"output format {fmt.name!r} is not a disk format")
+    return fmt.disk
 
 
 @dataclass(frozen=True)
@@ -65,7 +60,7 @@ class DiskResult:
     """A written disk: where it is, its format, digest, size and virtual size."""
 
     path: Path
-    format: DiskFormat
+    format: OutputFormat
     sha256: str
     size: int
     virtual_size: int
@@ -102,17 +97,19 @@ def ova_disk_spec(disk: OvaDisk) -> str:
     })
 
 
-def format_for(name: str) -> DiskFormat:
+def format_for(name: str) -> OutputFormat:
+    formats = disk_formats()
     try:
-        return DISK_FORMATS[name]
+        return formats[name]
     except KeyError:
-        raise ExportError(f"disk format {name!r}: allowed are {', '.join(DISK_FORMATS)}") from None
+        raise ExportError(f"disk format {name!r}: allowed are {', '.join(formats)}") from None
 
 
-def convert_argv(source: str, fmt: DiskFormat, target: Path) -> list[str]:
+def convert_argv(source: str, fmt: OutputFormat, target: Path) -> list[str]:
     """The ``qemu-img convert`` command that writes ``source`` (a VMDK) as ``fmt``."""
-    return ["qemu-img", "convert", "-f", "vmdk", "-O", fmt.qemu_format, *(["-c"] if fmt.compressed else []),
-            "-o", ",".join(fmt.options), source, str(target)]
+    disk = disk_profile(fmt)
+    return ["qemu-img", "convert", "-f", "vmdk", "-O", disk.qemu_format, *(["-c"] if disk.compressed else []),
+            *(["-o", ",".join(disk.qemu_options)] if disk.qemu_options else []), source, str(target)]
 
 
 def virtual_size(path: Path, qemu_format: str) -> int:
@@ -120,7 +117,7 @@ def virtual_size(path: Path, qemu_format: str) -> int:
     return int(info["virtual-size"])
 
 
-def convert_disk(ova: Path, fmt: DiskFormat, dest: Path) -> DiskResult:
+def convert_disk(ova: Path, fmt: OutputFormat, dest: Path) -> DiskResult:
     """Write the disk inside ``ova`` to ``dest`` as ``fmt``; the file appears only when complete."""
     disk = disk_member(ova)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -128,10 +125,10 @@ def convert_disk(ova: Path, fmt: DiskFormat, dest: Path) -> DiskResult:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        with log.step(f"write {dest.name} ({fmt.name}, for {fmt.platforms}) from {disk.name}"):
+        with log.step(f"write {dest.name} ({fmt.name}, for {', '.join(fmt.hypervisors)}) from {disk.name}"):
             run(convert_argv(ova_disk_spec(disk), fmt, tmp), timeout=3600,
                 hint="qemu-img (qemu-utils) writes the disk formats; is the disk folder full?")
-            size = virtual_size(tmp, fmt.qemu_format)
+            size = virtual_size(tmp, disk_profile(fmt).qemu_format)
             digest = sha256_file(tmp)
             os.chmod(tmp, 0o644)
             os.replace(tmp, dest)
@@ -189,3 +186,38 @@ def libvirt_domain_xml(name: str, disk_file: str, *, cpus: int, memory_mb: int) 
     ET.indent(domain)
     return ET.tostring(domain, encoding="unicode") + "\n"
 
+
+
+# -- the build's export stage: every disk format listed in output.formats ----------------------------
+
+
+def sidecar_text(fmt: OutputFormat, stem: str, disk_file: str, *, cpus: int, memory_mb: int) -> str | None:
+    """The sidecar file a disk format ships beside its disk (``DiskProfile.sidecar_suffix``), or None."""
+    suffix = disk_profile(fmt).sidecar_suffix
+    if suffix is None:
+        return None
+    if suffix == ".xml":
+        return libvirt_domain_xml(stem, disk_file, cpus=cpus, memory_mb=memory_mb)
+    raise ExportError(f"output format {fmt.name!r}: no writer for a {suffix!r} sidecar")
+
+
+def write_disk_formats(cfg: ApplianceConfig, ova: Path, folder: Path) -> list[dict[str, str]]:
+    """Write each disk format of ``output.formats`` from the disk inside ``ova`` into ``folder``.
+
+    Returns what the build state records per disk: ``format``, ``path``, ``sha256`` and ``sidecar``
+    (its path, or ``""``).
+    """
+    stem = f"{cfg.output.name}-{cfg.appliance_version}"
+    staged: list[dict[str, str]] = []
+    for fmt in cfg.output.output_formats:
+        if fmt.kind != "disk":
+            continue
+        result = convert_disk(ova, fmt, folder / fmt.file_name(stem))
+        sidecar = ""
+        text = sidecar_text(fmt, stem, result.path.name, cpus=cfg.vm.cpus, memory_mb=cfg.vm.memory_mb)
+        if text is not None:
+            side = folder / f"{stem}{fmt.tag}{disk_profile(fmt).sidecar_suffix}"
+            side.write_text(text, encoding="utf-8")
+            sidecar = str(side)
+        staged.append({"format": fmt.name, "path": str(result.path), "sha256": result.sha256, "sidecar": sidecar})
+    return staged

@@ -15,11 +15,22 @@ from pathlib import Path
 
 import pytest
 
+from appliance.config import ApplianceConfig, load_config
 from appliance.errors import ExportError, UsageError, VerifyError
-from appliance.export.disks import DISK_FORMATS, convert_argv, convert_disk, disk_member, format_for, ova_disk_spec
+from appliance.export.disks import (
+    convert_argv,
+    convert_disk,
+    disk_formats,
+    disk_member,
+    format_for,
+    ova_disk_spec,
+)
+from appliance.formats import FORMATS
+from appliance.pipeline import BuildContext, BuildOptions, stage_publish
 from appliance.run import run
 from appliance.verify_boot import SSHLogin, boot_check
 from appliance.verify_disk import check_disk, verify_disk
+from tests.staged import stage_verified_ova
 
 
 def _info(path: Path, fmt: str) -> dict[str, object]:
@@ -31,7 +42,7 @@ def _info(path: Path, fmt: str) -> dict[str, object]:
 def disks(built_ova: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Each format written once from the session's OVA."""
     written = {}
-    for fmt in DISK_FORMATS.values():
+    for fmt in disk_formats().values():
         dest = tmp_path_factory.mktemp(fmt.name) / f"csghub-test{fmt.suffix}"
         result = convert_disk(built_ova, fmt, dest)
         assert result.path == dest and result.size == dest.stat().st_size
@@ -40,7 +51,7 @@ def disks(built_ova: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     return written
 
 
-@pytest.fixture(params=sorted(DISK_FORMATS))
+@pytest.fixture(params=sorted(disk_formats()))
 def written(request: pytest.FixtureRequest, disks: dict[str, Path]) -> Path:
     return disks[request.param]
 
@@ -69,14 +80,14 @@ def test_qemu_img_reads_each_format_whole_and_identical_to_the_ova_disk(written:
     assert checks["qemu-img compare"] == f"identical to the disk in {built_ova.name}"
     assert checks["qemu-img check"] == "no errors"
     # And by hand, as a user would: qemu-img check exits 0, compare says identical.
-    run(["qemu-img", "check", "-f", fmt.qemu_format, str(written)])
+    run(["qemu-img", "check", "-f", _fmt(written), str(written)])
     extracted = written.parent / "disk.vmdk"
     with tarfile.open(built_ova) as tar:
         src = tar.extractfile(disk_member(built_ova).name)
         assert src is not None
         with src, extracted.open("wb") as out:
             shutil.copyfileobj(src, out)
-    compared = run(["qemu-img", "compare", "-f", "vmdk", "-F", fmt.qemu_format, str(extracted), str(written)])
+    compared = run(["qemu-img", "compare", "-f", "vmdk", "-F", _fmt(written), str(extracted), str(written)])
     assert "Images are identical." in compared.stdout
     extracted.unlink()
 
@@ -101,10 +112,10 @@ def test_vhdx_is_dynamic_with_1_mib_blocks(disks: dict[str, Path]) -> None:
 
 
 def test_the_convert_command_per_format() -> None:
-    assert convert_argv("in", DISK_FORMATS["qcow2"], Path("out")) == [
+    assert convert_argv("in", FORMATS["qcow2"], Path("out")) == [
         "qemu-img", "convert", "-f", "vmdk", "-O", "qcow2", "-c", "-o", "compat=1.1,compression_type=zlib",
         "in", "out"]
-    assert convert_argv("in", DISK_FORMATS["vhdx"], Path("out")) == [
+    assert convert_argv("in", FORMATS["vhdx"], Path("out")) == [
         "qemu-img", "convert", "-f", "vmdk", "-O", "vhdx", "-o", "subformat=dynamic,block_size=1M", "in", "out"]
 
 
@@ -121,7 +132,7 @@ def test_a_failed_convert_leaves_no_file(built_ova: Path, tmp_path: Path) -> Non
     data[disk.offset:disk.offset + 4] = b"XXXX"  # the VMDK's magic gone: qemu-img cannot read it
     broken.write_bytes(bytes(data))
     with pytest.raises(Exception):  # noqa: B017 - CommandFailed from qemu-img; what matters is below
-        convert_disk(broken, DISK_FORMATS["qcow2"], dest)
+        convert_disk(broken, FORMATS["qcow2"], dest)
     assert list(dest.parent.iterdir()) == []
 
 
@@ -142,7 +153,7 @@ def test_a_disk_of_other_content_fails_compare(built_ova: Path, tmp_path: Path) 
     run(["qemu-img", "convert", "-O", "qcow2", ova_disk_spec(disk_member(built_ova)), str(other)])
     run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x77 20M 4k", str(other)])
     with pytest.raises(VerifyError) as err:
-        check_disk(other, DISK_FORMATS["qcow2"], built_ova)
+        check_disk(other, FORMATS["qcow2"], built_ova)
     assert "qemu-img compare with the disk in csghub-test.ova exited 1" in err.value.reasons[0]
 
 
@@ -151,7 +162,7 @@ def test_a_qcow2_with_a_backing_file_is_refused(built_ova: Path, tmp_path: Path,
     overlay = tmp_path / "overlay.qcow2"
     run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(written), str(overlay)])
     with pytest.raises(VerifyError) as err:
-        check_disk(overlay, DISK_FORMATS["qcow2"], built_ova)
+        check_disk(overlay, FORMATS["qcow2"], built_ova)
     assert any("names a backing file" in r for r in err.value.reasons)
 
 
@@ -159,7 +170,7 @@ def test_a_qcow2_with_an_external_data_file_is_refused(built_ova: Path, tmp_path
     disk = tmp_path / "split.qcow2"
     run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={tmp_path / 'data.raw'}", str(disk), "64M"])
     with pytest.raises(VerifyError) as err:
-        check_disk(disk, DISK_FORMATS["qcow2"], built_ova)
+        check_disk(disk, FORMATS["qcow2"], built_ova)
     assert any("its data lives in another file" in r for r in err.value.reasons)
 
 
@@ -167,7 +178,7 @@ def test_a_raw_file_named_qcow2_is_refused(built_ova: Path, tmp_path: Path) -> N
     fake = tmp_path / "fake.qcow2"
     run(["qemu-img", "convert", "-O", "raw", ova_disk_spec(disk_member(built_ova)), str(fake)])
     with pytest.raises(VerifyError, match="is not a readable qcow2 disk"):
-        check_disk(fake, DISK_FORMATS["qcow2"], built_ova)
+        check_disk(fake, FORMATS["qcow2"], built_ova)
 
 
 def test_a_damaged_vhdx_is_refused(built_ova: Path, tmp_path: Path, disks: dict[str, Path]) -> None:
@@ -178,7 +189,7 @@ def test_a_damaged_vhdx_is_refused(built_ova: Path, tmp_path: Path, disks: dict[
     data[128 * 1024:128 * 1024 + 4] = b"\0\0\0\0"  # and the second's
     damaged.write_bytes(bytes(data))
     with pytest.raises(VerifyError, match="is not a readable vhdx disk"):
-        check_disk(damaged, DISK_FORMATS["vhdx"], built_ova)
+        check_disk(damaged, FORMATS["vhdx"], built_ova)
 
 
 def test_a_disk_of_another_size_is_refused(built_ova: Path, tmp_path: Path) -> None:
@@ -186,7 +197,7 @@ def test_a_disk_of_another_size_is_refused(built_ova: Path, tmp_path: Path) -> N
     run(["qemu-img", "convert", "-O", "qcow2", ova_disk_spec(disk_member(built_ova)), str(bigger)])
     run(["qemu-img", "resize", "-q", "-f", "qcow2", str(bigger), "128M"])
     with pytest.raises(VerifyError) as err:
-        check_disk(bigger, DISK_FORMATS["qcow2"], built_ova)
+        check_disk(bigger, FORMATS["qcow2"], built_ova)
     assert err.value.reasons == [f"virtual size {128 << 20} bytes, the OVA's disk has {64 << 20}"]
 
 
@@ -238,3 +249,93 @@ def test_the_libvirt_domain_escapes_what_it_is_given(tmp_path: Path) -> None:
     parsed = ET.fromstring(text)
     assert parsed.findtext("name") == 'a<b>&"c'
     assert parsed.find("devices/disk/source").get("file") == "/var/lib/libvirt/images/d'&<e>.qcow2"
+
+
+# -- in the build: export writes them, verify checks them, publish ships them ------------------------
+
+
+def _build_cfg(tmp_path: Path, formats: str = "[virtualbox-ova, qcow2, vhdx]") -> ApplianceConfig:
+    return load_config(None, ["provider=libvirt", f"output.build_dir={tmp_path / 'build'}",
+                              f"output.dir={tmp_path / 'dist'}", "output.version=3.1", f"output.formats={formats}",
+                              "vm.cpus=4", "vm.memory_mb=8192"], cwd=tmp_path)
+
+
+def _staged_build(tmp_path: Path, cfg: ApplianceConfig) -> BuildContext:
+    """A staged OVA and its disk formats as export and verify (without the boot) leave them."""
+    from appliance import receipt
+    from appliance.export.disks import write_disk_formats
+    from appliance.verify_disk import verify_staged_disks
+
+    state = stage_verified_ova(cfg, tmp_path / "build" / "staging" / "csghub-3.1.ova", size=3 << 20)
+    ova = Path(state.staged_ova)
+    state.staged_disks = write_disk_formats(cfg, ova, ova.parent)
+    state.verify_report["disks"] = verify_staged_disks(cfg, ova, state.staged_disks, boot=False)
+    state.verify_receipt = receipt.issue(state.verified_sha256, state.export_digest, state.verify_report)
+    return BuildContext(cfg=cfg, options=BuildOptions(), state=state)
+
+
+def test_the_build_writes_verifies_and_publishes_each_listed_format(tmp_path: Path) -> None:
+    cfg = _build_cfg(tmp_path)
+    ctx = _staged_build(tmp_path, cfg)
+    assert [(d["format"], Path(d["path"]).name, Path(d["sidecar"]).name if d["sidecar"] else "")
+            for d in ctx.state.staged_disks] == [("qcow2", "csghub-3.1.qcow2", "csghub-3.1.xml"),
+                                                 ("vhdx", "csghub-3.1.vhdx", "")]
+    stage_publish(ctx)
+    dist = tmp_path / "dist"
+    assert sorted(p.name for p in dist.iterdir()) == [
+        "build-report.json", "csghub-3.1.ova", "csghub-3.1.ova.sha256", "csghub-3.1.qcow2",
+        "csghub-3.1.qcow2.sha256", "csghub-3.1.vhdx", "csghub-3.1.vhdx.sha256", "csghub-3.1.xml"]
+    for name in ("csghub-3.1.ova", "csghub-3.1.qcow2", "csghub-3.1.vhdx"):
+        run(["sha256sum", "-c", f"{name}.sha256"], cwd=dist)
+    # The published disks are what qemu-img compares equal to the published OVA's disk.
+    for name in ("qcow2", "vhdx"):
+        assert dict(check_disk(dist / f"csghub-3.1.{name}", FORMATS[name], dist / "csghub-3.1.ova"))
+    domain = (dist / "csghub-3.1.xml").read_text()
+    assert "<name>csghub-3.1</name>" in domain and "<vcpu>4</vcpu>" in domain and "csghub-3.1.qcow2" in domain
+    report = json.loads((dist / "build-report.json").read_text())
+    listed = {d["format"]: d for d in report["disks"]}
+    assert listed["qcow2"]["file"] == "csghub-3.1.qcow2" and listed["qcow2"]["sidecar"] == "csghub-3.1.xml"
+    assert listed["vhdx"]["sha256"] == (dist / "csghub-3.1.vhdx.sha256").read_text().split()[0]
+    assert listed["vhdx"]["verification"]["checks"]["qemu-img compare"].startswith("identical")
+    assert report["config"]["output"]["formats"] == ["virtualbox-ova", "qcow2", "vhdx"]
+
+
+def test_a_disk_changed_after_verify_is_not_published(tmp_path: Path) -> None:
+    from appliance.errors import HostFileError
+
+    ctx = _staged_build(tmp_path, _build_cfg(tmp_path, "[virtualbox-ova, vhdx]"))
+    vhdx = Path(ctx.state.staged_disks[0]["path"])
+    with vhdx.open("r+b") as f:
+        f.seek(-1, 2)
+        f.write(b"\x01")
+    with pytest.raises(HostFileError, match="changed since it was verified"):
+        stage_publish(ctx)
+    assert not any((tmp_path / "dist").iterdir())
+
+
+def test_a_disk_verify_never_saw_is_not_published(tmp_path: Path) -> None:
+    from appliance import receipt
+
+    ctx = _staged_build(tmp_path, _build_cfg(tmp_path, "[virtualbox-ova, qcow2]"))
+    del ctx.state.verify_report["disks"]["qcow2"]
+    ctx.state.verify_receipt = receipt.issue(ctx.state.verified_sha256, ctx.state.export_digest,
+                                             ctx.state.verify_report)
+    with pytest.raises(UsageError, match=r"csghub-3\.1\.qcow2 has not passed verification"):
+        stage_publish(ctx)
+
+
+def test_publish_refuses_to_overwrite_a_disk_without_force(tmp_path: Path) -> None:
+    ctx = _staged_build(tmp_path, _build_cfg(tmp_path, "[virtualbox-ova, qcow2]"))
+    (tmp_path / "dist").mkdir()
+    (tmp_path / "dist" / "csghub-3.1.qcow2").write_bytes(b"precious")
+    with pytest.raises(UsageError, match=r"csghub-3\.1\.qcow2 exists already; pass --force"):
+        stage_publish(ctx)
+    assert (tmp_path / "dist" / "csghub-3.1.qcow2").read_bytes() == b"precious"
+
+
+def test_output_formats_takes_the_disk_formats_but_still_needs_an_ova(tmp_path: Path) -> None:
+    from appliance.errors import ConfigError
+
+    assert _build_cfg(tmp_path, "[qcow2, virtualbox-ova]").output.primary_ova.name == "virtualbox-ova"
+    with pytest.raises(ConfigError, match="must hold an OVA format"):
+        _build_cfg(tmp_path, "[qcow2, vhdx]")
