@@ -85,6 +85,8 @@ class OvfProfile:
     disk_format_uri: str = STREAM_OPTIMIZED
     vboxmanage_flag: str | None = None  # `VBoxManage export` writes this format with it; None: it cannot
     vmware_os_type: str | None = None  # vmw:osType on the OperatingSystemSection (VMware readers)
+    network_name: str = "NAT"  # the logical network the NIC is on (an importer maps it to one of its own)
+    memory_units: str = "MegaBytes"  # rasd:AllocationUnits of the memory item, as the target's own exports say
 
     @property
     def namespace(self) -> str:
@@ -138,7 +140,7 @@ class OutputFormat:
 # -- the records -------------------------------------------------------------------------------
 
 _VBOX_SATA = ControllerChoice(20, "AHCI", "sataController0", "SATA Controller", "ahci")
-_VBOX_NIC = NicChoice(None, "e1000 (Intel PRO/1000) or virtio_net, per virtualbox.nic_type")
+_VBOX_NIC = NicChoice(None, "e1000 or virtio_net")
 
 VIRTUALBOX_OVA = OutputFormat(
     name="virtualbox-ova",
@@ -149,9 +151,10 @@ VIRTUALBOX_OVA = OutputFormat(
     hypervisors=("VirtualBox 6.1 and later",),
     how_to_import="VirtualBox: File > Import Appliance, or `VBoxManage import <name>-<version>.ova`.",
     ovf=OvfProfile(
-        version="ovf10", manifest_digest="SHA256", system_type="virtualbox-2.2", controller=_VBOX_SATA,
+        version="ovf10", manifest_digest="SHA1", system_type="virtualbox-2.2", controller=_VBOX_SATA,
         nic=_VBOX_NIC, vbox_machine=True, vboxmanage_flag="--ovf10",
     ),
+    notes=("SHA-1 manifest: what DSP0243 1.x prescribes and what `VBoxManage export --ovf10` writes.",),
 )
 
 VIRTUALBOX_OVA_OVF20 = OutputFormat(
@@ -167,6 +170,47 @@ VIRTUALBOX_OVA_OVF20 = OutputFormat(
         nic=_VBOX_NIC, vbox_machine=True, vboxmanage_flag="--ovf20",
     ),
     notes=("SHA-256 manifest: what DSP0243 2.0 prescribes and what `VBoxManage export --ovf20` writes.",),
+)
+
+# VMware vSphere (ESXi 6.7 and later), VMware Workstation/Fusion. Chosen from VMware's own OVF 1.0
+# exports (../shared/ovf/samples/vmware-ovf10-*, ovftool 4.3) and what Debian 12's kernel drives:
+# - OVF 1.0: vSphere's importer takes 1.0 (Workstation/Fusion refuse OVF 2.0 elements without --lax);
+# - vmx-14: ESXi 6.7's hardware version, deployable on every ESXi from 6.7 up (a vmx-NN runs on its ESXi
+#   and every later one); Debian 12 needs nothing newer (vmx-13/ESXi 6.5 would do too, but 6.5's vCenter
+#   refuses SHA256 manifests, see below);
+# - SATA AHCI (`vmware.sata.ahci`, as ovftool writes it): Debian's `ahci` driver, in every initramfs, the
+#   same controller the VirtualBox OVA boots from; PVSCSI would need `vmw_pvscsi` in the initramfs and is
+#   not read by VirtualBox's importer;
+# - VMXNET3 (`VmxNet3`): Debian's `vmxnet3` driver (in the kernel since 2.6.32); the guest configures
+#   every Ethernet interface by DHCP whatever its name, so the NIC's name (ens192 on ESXi) does not matter;
+# - SHA256 manifest: vSphere 7 and later refuse SHA1 manifests; ESXi/vCenter 6.7 take SHA256 (ovftool 4.x
+#   writes SHA256 by default).
+VMWARE_OVA = OutputFormat(
+    name="vmware-ova",
+    kind="ova",
+    suffix=".ova",
+    tag="-vmware",
+    title="VMware OVA (OVF 1.0, vmx-14)",
+    hypervisors=("VMware vSphere/ESXi 6.7 and later", "VMware Workstation 15+ / Fusion 11+"),
+    how_to_import=(
+        "vSphere Client: right-click a host or cluster > Deploy OVF Template > Local file > "
+        "`<name>-<version>-vmware.ova`, map the network `VM Network` to a port group; or "
+        "`ovftool --net:\"VM Network=<port group>\" <name>-<version>-vmware.ova "
+        "vi://<user>@<vcenter>/<datacenter>/host/<cluster>`. "
+        "Workstation/Fusion: File > Open."
+    ),
+    ovf=OvfProfile(
+        version="ovf10", manifest_digest="SHA256", system_type="vmx-14",
+        controller=ControllerChoice(20, "vmware.sata.ahci", "sataController0", "SATA Controller", "ahci"),
+        nic=NicChoice("VmxNet3", "vmxnet3"), vbox_machine=False, vmware_os_type="debian10_64Guest",
+        network_name="VM Network", memory_units="byte * 2^20",
+    ),
+    notes=(
+        "Same sealed disk as the VirtualBox OVA: every imported copy makes its own secrets on its first boot.",
+        "No NAT port forwards: the VM gets an address on the port group; open http://<its address>:30080.",
+        "SHA-256 manifest in an OVF 1.0 package (ovftool's default; vSphere 7+ refuses SHA-1). COT 2.2.1 checks "
+        "every OVF 1.x manifest with SHA-1 whatever the line says, and logs the digests as 'tampered'.",
+    ),
 )
 
 # Bare disks, written from the disk inside the verified OVA (appliance/export/disks.py; docs/formats.md
@@ -212,7 +256,7 @@ def register(fmt: OutputFormat) -> OutputFormat:
     return fmt
 
 
-for _record in (VIRTUALBOX_OVA, VIRTUALBOX_OVA_OVF20, QCOW2, VHDX):
+for _record in (VIRTUALBOX_OVA, VIRTUALBOX_OVA_OVF20, VMWARE_OVA, QCOW2, VHDX):
     register(_record)
 
 DEFAULT_FORMATS = (VIRTUALBOX_OVA.name,)

@@ -26,13 +26,13 @@ from appliance import receipt
 from appliance.config import ApplianceConfig, public_dump
 from appliance.digest import sha256_file
 from appliance.errors import ApplianceError, Cancelled, HostFileError, UsageError, VagrantError, VerifyError
+from appliance.formats import FORMATS
 from appliance.log import StageStatus, human_size, log
 from appliance.scripts import discover_scripts
 from appliance.state import BuildState, config_digest, export_digest
 
 if TYPE_CHECKING:  # pragma: no cover
     from appliance.providers import Provider
-    from appliance.publish import PublishedFile
     from appliance.ssh import SSHEndpoint
 
 OnError = Literal["keep", "destroy"]
@@ -245,9 +245,9 @@ def stage_halt(ctx: BuildContext) -> StageOutcome:
 def stage_export(ctx: BuildContext) -> StageOutcome:
     staged = Path(ctx.state.staged_ova) if ctx.state.staged_ova else None
     current = export_digest(ctx.cfg)
-    disks_there = all(Path(d["path"]).is_file() for d in ctx.state.staged_disks)
-    if (staged is not None and staged.is_file() and disks_there and ctx.state.sealed
-            and "export" in ctx.state.completed and ctx.state.export_digest == current):
+    if (staged is not None and staged.is_file() and ctx.state.sealed and "export" in ctx.state.completed
+            and ctx.state.export_digest == current
+            and all(Path(extra["path"]).is_file() for extra in ctx.state.staged_formats)):
         return StageOutcome.skipped(f"{staged.name} already exported from this sealed VM with these settings")
     ctx.staging_dir.mkdir(parents=True, exist_ok=True)
     exported = ctx.provider.export(ctx.staging_dir)
@@ -256,13 +256,15 @@ def stage_export(ctx: BuildContext) -> StageOutcome:
     result = exported.ova
     ctx.state.staged_ova = str(result.path)
     ctx.state.staged_ova_sha256 = result.sha256
-    ctx.state.staged_disks = []
-    # The disk formats (qcow2, VHDX...) are written from the disk inside the OVA: the same bytes.
-    from appliance.export.disks import write_disk_formats
+    from appliance.export.extra import write_extra_formats
 
-    ctx.state.staged_disks = write_disk_formats(ctx.cfg, result.path, ctx.staging_dir)
-    written = "".join(f", {Path(d['path']).name}" for d in ctx.state.staged_disks)
-    return StageOutcome.done(f"{result.path.name}: {human_size(result.size)}{written}")
+    # The other formats of output.formats: OVAs from the disk the export was made from, disk formats
+    # (qcow2, VHDX) from the disk inside the OVA just written.
+    extras = write_extra_formats(ctx.cfg, exported.disk, ctx.staging_dir, ctx.provider.name, ova=result.path)
+    ctx.state.staged_formats = [{"format": e.format, "path": str(e.path), "sha256": e.sha256,
+                                 **({"sidecar": str(e.sidecar)} if e.sidecar else {})} for e in extras]
+    return StageOutcome.done(", ".join([f"{result.path.name}: {human_size(result.size)}",
+                                        *(e.path.name for e in extras)]))
 
 
 def stage_verify(ctx: BuildContext) -> StageOutcome:
@@ -274,17 +276,24 @@ def stage_verify(ctx: BuildContext) -> StageOutcome:
         return StageOutcome.skipped("this OVA was verified already")
     staged = Path(ctx.state.staged_ova)
     report = verify_ova(staged, boot=ctx.options.boot_check, cfg=ctx.cfg)
-    verified = report.as_dict()
-    if ctx.state.staged_disks:
-        from appliance.verify_disk import verify_staged_disks
+    # The other OVA formats: the same structural check (their disk is the one just booted). The disk
+    # formats: qemu-img's reading compared with the OVA's disk, then a boot of their own on their
+    # hypervisor's hardware. Their digests go into the report the receipt signs, so publish knows
+    # what was verified.
+    formats: dict[str, Any] = {}
+    for extra in ctx.state.staged_formats:
+        path = Path(extra["path"])
+        if FORMATS[extra["format"]].kind == "ova":
+            checks = verify_ova(path, boot=False, cfg=ctx.cfg).as_dict()["checks"]
+            formats[extra["format"]] = {"file": path.name, "sha256": sha256_file(path), "checks": checks}
+        else:
+            from appliance.verify_disk import verify_staged_disk
 
-        # Each disk format: read back by qemu-img against the OVA's disk, then booted (QEMU).
-        verified["disks"] = verify_staged_disks(ctx.cfg, staged, ctx.state.staged_disks,
-                                                boot=ctx.options.boot_check)
+            formats[extra["format"]] = verify_staged_disk(ctx.cfg, staged, extra, boot=ctx.options.boot_check)
     # What was verified is the file as it is now: hash it again rather than trust state.json's digest.
     ctx.state.staged_ova_sha256 = sha256_file(staged)
     ctx.state.verified_sha256 = ctx.state.staged_ova_sha256
-    ctx.state.verify_report = verified
+    ctx.state.verify_report = report.as_dict() | ({"formats": formats} if formats else {})
     ctx.state.verify_receipt = receipt.issue(ctx.state.verified_sha256, ctx.state.export_digest,
                                              ctx.state.verify_report)
     return StageOutcome.done()
@@ -327,56 +336,79 @@ def stage_publish(ctx: BuildContext) -> StageOutcome:
     dist.mkdir(parents=True, exist_ok=True)
     final = dist / ctx.ova_name
     digest_file = dist / (ctx.ova_name + ".sha256")
+    if final.exists() and not ctx.options.force:
+        raise UsageError(f"{final} exists already; pass --force to replace it (nothing was overwritten)")
     verified = verified_by_this_tool(ctx.state)
     if not verified and "verify" not in ctx.options.skip:
         claimed = ctx.state.verified_sha256 and ctx.state.verified_sha256 == ctx.state.staged_ova_sha256
         raise UsageError("the staged OVA has not passed verification; it is not published" + (
             " (state.json says it did, but carries no receipt of this tool's verify stage for it)" if claimed
             else ""), hint="run `invoke build-ova` (without --only publish): it verifies the staged OVA")
-    disk_files = _disk_files(ctx, verified)
-    for name in [final.name, *(f.name for f in disk_files)]:
-        if (dist / name).exists() and not ctx.options.force:
-            raise UsageError(f"{dist / name} exists already; pass --force to replace it (nothing was overwritten)")
     recheck_staged(ctx, staged)
     from appliance.publish import PublishedFile, check_free_space, publish_set
 
+    extras = _verified_extras(ctx)
+    sidecars = _verified_sidecars(ctx)
+    for extra_path, _ in [*extras, *sidecars]:
+        if not ctx.options.force and (dist / extra_path.name).exists():
+            raise UsageError(f"{dist / extra_path.name} exists already; pass --force to replace it "
+                             "(nothing was overwritten)")
     report = build_report(ctx, final)
-    needed = staged.stat().st_size + sum(f.source.stat().st_size for f in disk_files if f.source) + 2**20
-    check_free_space(dist, needed, f"publishing {final.name}")
-    # All or none: an OVA or disk never sits beside the digest or report of another build.
+    check_free_space(dist, staged.stat().st_size + sum(p.stat().st_size for p, _ in [*extras, *sidecars]) + 2**20,
+                     f"publishing {final.name}")
+    # All or none: an OVA never sits beside the digest or report of another build.
     publish_set(dist, [
         PublishedFile(final.name, source=staged, sha256=ctx.state.staged_ova_sha256),
         PublishedFile(digest_file.name, data=f"{ctx.state.staged_ova_sha256}  {final.name}\n".encode()),
-        *disk_files,
+        *(f for path, digest in extras for f in (
+            PublishedFile(path.name, source=path, sha256=digest),
+            PublishedFile(path.name + ".sha256", data=f"{digest}  {path.name}\n".encode()))),
+        *(PublishedFile(path.name, source=path, sha256=digest) for path, digest in sidecars),
         PublishedFile("build-report.json", data=(json.dumps(report, indent=2) + "\n").encode()),
     ])
-    return StageOutcome.done(f"published {final}" + "".join(f", {f.name}" for f in disk_files
-                                                              if f.source is not None))
+    return StageOutcome.done(f"published {final}" + "".join(f", {p.name}" for p, _ in [*extras, *sidecars]))
 
 
-def _disk_files(ctx: BuildContext, verified: bool) -> list[PublishedFile]:
-    """The staged disk formats as published files (disk, its ``.sha256``, its sidecar), each bound to
-    the digest the verify stage saw (its report is under the receipt); without a verification
-    (``--skip verify``) to the digest the export recorded."""
-    from appliance.publish import PublishedFile
+def _verified_extras(ctx: BuildContext) -> list[tuple[Path, str]]:
+    """The staged extra formats with the digests verify recorded (under its receipt); each OVA rechecked."""
+    verified = (ctx.state.verify_report or {}).get("formats") or {}
+    out = []
+    for extra in ctx.state.staged_formats:
+        path, listed = Path(extra["path"]), verified.get(extra["format"])
+        if not isinstance(listed, dict) or listed.get("sha256") != extra["sha256"]:
+            raise UsageError(f"{path.name} ({extra['format']}) has not passed verification; nothing was published",
+                             hint="run `invoke build-ova` (without --only publish): it verifies every format")
+        if FORMATS[extra["format"]].kind == "ova":
+            recheck_staged(ctx, path)
+        out.append((path, extra["sha256"]))
+    return out
 
-    seen = ctx.state.verify_report.get("disks") if verified else None
-    files: list[PublishedFile] = []
-    for entry in ctx.state.staged_disks:
-        path, sidecar = Path(entry["path"]), entry.get("sidecar", "")
-        digest, sidecar_digest = entry["sha256"], None
-        if isinstance(seen, dict):
-            facts = seen.get(entry["format"])
-            if not isinstance(facts, dict):
-                raise UsageError(f"the staged {path.name} has not passed verification; nothing was published",
-                                 hint="run `invoke build-ova` (without --only publish): it verifies the staged disks")
-            digest, sidecar_digest = str(facts["sha256"]), facts.get("sidecar_sha256")
-        files.append(PublishedFile(path.name, source=path, sha256=digest))
-        files.append(PublishedFile(path.name + ".sha256", data=f"{digest}  {path.name}\n".encode()))
-        if sidecar:
-            files.append(PublishedFile(Path(sidecar).name, source=Path(sidecar),
-                                       sha256=str(sidecar_digest) if sidecar_digest else None))
-    return files
+
+def _verified_sidecars(ctx: BuildContext) -> list[tuple[Path, str]]:
+    """The disk formats' sidecars (the qcow2's libvirt domain) with the digests verify recorded."""
+    verified = (ctx.state.verify_report or {}).get("formats") or {}
+    out = []
+    for extra in ctx.state.staged_formats:
+        if not extra.get("sidecar"):
+            continue
+        path, listed = Path(extra["sidecar"]), verified.get(extra["format"]) or {}
+        digest = listed.get("sidecar_sha256") if isinstance(listed, dict) else None
+        if not isinstance(digest, str):
+            raise UsageError(f"{path.name} ({extra['format']}) has not passed verification; nothing was published",
+                             hint="run `invoke build-ova` (without --only publish): it verifies every format")
+        out.append((path, digest))
+    return out
+
+
+def _format_report(ctx: BuildContext, extra: dict[str, str]) -> dict[str, Any]:
+    seen = ((ctx.state.verify_report or {}).get("formats") or {}).get(extra["format"]) or {}
+    entry: dict[str, Any] = {"format": extra["format"], "file": Path(extra["path"]).name, "sha256": extra["sha256"],
+                             "size_bytes": Path(extra["path"]).stat().st_size}
+    if extra.get("sidecar"):
+        entry["sidecar"] = Path(extra["sidecar"]).name
+    if FORMATS[extra["format"]].kind == "disk":  # what verify saw: qemu-img's checks and the boot
+        entry["verification"] = {"checks": seen.get("checks"), "boot": seen.get("boot")} if seen else None
+    return entry
 
 
 def _image_report(ctx: BuildContext) -> dict[str, Any] | None:
@@ -398,8 +430,8 @@ def build_report(ctx: BuildContext, final: Path) -> dict[str, Any]:
                 # Which checks ran: says so when OVF schema validation could not run.
                 "verification": ctx.state.verify_report or None},
         "disk": {"path": str(disk) if disk else "", "size_bytes": disk_bytes},
-        # The disk formats published beside the OVA (output.formats), each with what verify saw.
-        "disks": [_disk_report(ctx, entry) for entry in ctx.state.staged_disks],
+        # The other formats of output.formats, each published beside its .sha256.
+        "formats": [_format_report(ctx, e) for e in ctx.state.staged_formats],
         "versions": {"k3s": ctx.cfg.k3s.version if ctx.cfg.stack_enabled else None,
                      "csghub_chart": ctx.cfg.csghub.chart_version if ctx.cfg.stack_enabled else None,
                      "images": ctx.state.images},
@@ -414,14 +446,6 @@ def build_report(ctx: BuildContext, final: Path) -> dict[str, Any]:
         # The configuration holds no secrets by design: every secret is made on the appliance's first boot.
         "config": public_dump(ctx.cfg),
     }
-
-
-def _disk_report(ctx: BuildContext, entry: dict[str, str]) -> dict[str, Any]:
-    path = Path(entry["path"])
-    seen = ctx.state.verify_report.get("disks", {}).get(entry["format"]) or {}
-    return {"format": entry["format"], "file": path.name, "sha256": entry["sha256"],
-            "size_bytes": path.stat().st_size, "sidecar": Path(entry["sidecar"]).name if entry.get("sidecar") else None,
-            "verification": {"checks": seen.get("checks"), "boot": seen.get("boot")} if seen else None}
 
 
 STAGES: list[Stage] = [

@@ -110,9 +110,9 @@ class BuildState:
     disk_image: str = ""
     staged_ova: str = ""
     staged_ova_sha256: str = ""
-    # The disk formats of output.formats written beside the OVA (appliance.export.disks): per disk
-    # its format, path, sha256 and sidecar path ("" when none).
-    staged_disks: list[dict[str, str]] = field(default_factory=list)
+    # The formats beyond the first OVA (output.formats): {"format", "path", "sha256"} each, and
+    # "sidecar" (its path, "" when none) for a disk format (appliance.export.disks).
+    staged_formats: list[dict[str, str]] = field(default_factory=list)
     verified_sha256: str = ""
     verify_report: dict[str, Any] = field(default_factory=dict)  # what verify checked (schema run or not)
     # HMAC over (verified_sha256, export_digest, verify_report) under a key outside build/

@@ -126,29 +126,26 @@ def verify_disk(
     return report
 
 
-def verify_staged_disks(
-    cfg: ApplianceConfig, ova: Path, staged: list[dict[str, str]], *, boot: bool = True
-) -> dict[str, dict[str, object]]:
-    """The verify stage's part for the disk formats: each staged disk checked and (``boot``) booted.
+def verify_staged_disk(
+    cfg: ApplianceConfig, ova: Path, staged: dict[str, str], *, boot: bool = True
+) -> dict[str, object]:
+    """The verify stage's part for one staged disk format (``BuildState.staged_formats`` entry): checked
+    against ``ova``'s disk and (``boot``) booted, as the configuration says (login, CPUs, memory, driver).
 
-    Returns, per format, what verify saw, with the digests of the disk and its sidecar as they are
-    now: the build state's receipt covers this report, and publish copies only these bytes.
+    Returns what verify saw, with the digests of the disk and its sidecar as they are now: the build
+    state's receipt covers this report, and publish copies only these bytes.
     """
     from appliance.verify import boot_access
 
     login = boot_access(cfg, http=False)[0] if boot else None
-    verified: dict[str, dict[str, object]] = {}
-    for entry in staged:
-        fmt = FORMATS[entry["format"]]
-        path = Path(entry["path"])
-        report = verify_disk(path, fmt, reference=ova, boot=boot, login=login, boot_timeout=cfg.vm.verify_timeout,
-                             cpus=min(cfg.vm.cpus, os.cpu_count() or 1), memory_mb=cfg.vm.memory_mb,
-                             driver=cfg.libvirt.driver)
-        sidecar = Path(entry["sidecar"]) if entry.get("sidecar") else None
-        verified[fmt.name] = {
-            "file": path.name, "sha256": sha256_file(path),
-            "sidecar": sidecar.name if sidecar else None,
-            "sidecar_sha256": sha256_file(sidecar) if sidecar else None,
-            **report.as_dict(),
-        }
-    return verified
+    fmt = FORMATS[staged["format"]]
+    path = Path(staged["path"])
+    report = verify_disk(path, fmt, reference=ova, boot=boot, login=login, boot_timeout=cfg.vm.verify_timeout,
+                         cpus=min(cfg.vm.cpus, os.cpu_count() or 1), memory_mb=cfg.vm.memory_mb,
+                         driver=cfg.libvirt.driver)
+    sidecar = Path(staged["sidecar"]) if staged.get("sidecar") else None
+    return {
+        "file": path.name, "sha256": sha256_file(path),
+        "sidecar": sidecar.name if sidecar else None, "sidecar_sha256": sha256_file(sidecar) if sidecar else None,
+        **report.as_dict(),
+    }

@@ -188,7 +188,7 @@ def libvirt_domain_xml(name: str, disk_file: str, *, cpus: int, memory_mb: int) 
 
 
 
-# -- the build's export stage: every disk format listed in output.formats ----------------------------
+# -- the build's export stage (appliance.export.extra) ----------------------------------------------
 
 
 def sidecar_text(fmt: OutputFormat, stem: str, disk_file: str, *, cpus: int, memory_mb: int) -> str | None:
@@ -201,23 +201,17 @@ def sidecar_text(fmt: OutputFormat, stem: str, disk_file: str, *, cpus: int, mem
     raise ExportError(f"output format {fmt.name!r}: no writer for a {suffix!r} sidecar")
 
 
-def write_disk_formats(cfg: ApplianceConfig, ova: Path, folder: Path) -> list[dict[str, str]]:
-    """Write each disk format of ``output.formats`` from the disk inside ``ova`` into ``folder``.
-
-    Returns what the build state records per disk: ``format``, ``path``, ``sha256`` and ``sidecar``
-    (its path, or ``""``).
-    """
+def write_disk_format(
+    cfg: ApplianceConfig, fmt: OutputFormat, ova: Path, folder: Path
+) -> tuple[DiskResult, Path | None]:
+    """Write ``fmt`` from the disk inside ``ova`` into ``folder`` as ``<name>-<version><tag><suffix>``, and
+    its sidecar (``<name>-<version><tag><sidecar_suffix>``) when the record has one; returns both."""
     stem = f"{cfg.output.name}-{cfg.appliance_version}"
-    staged: list[dict[str, str]] = []
-    for fmt in cfg.output.output_formats:
-        if fmt.kind != "disk":
-            continue
-        result = convert_disk(ova, fmt, folder / fmt.file_name(stem))
-        sidecar = ""
-        text = sidecar_text(fmt, stem, result.path.name, cpus=cfg.vm.cpus, memory_mb=cfg.vm.memory_mb)
-        if text is not None:
-            side = folder / f"{stem}{fmt.tag}{disk_profile(fmt).sidecar_suffix}"
-            side.write_text(text, encoding="utf-8")
-            sidecar = str(side)
-        staged.append({"format": fmt.name, "path": str(result.path), "sha256": result.sha256, "sidecar": sidecar})
-    return staged
+    result = convert_disk(ova, fmt, folder / fmt.file_name(stem))
+    text = sidecar_text(fmt, stem, result.path.name, cpus=cfg.vm.cpus, memory_mb=cfg.vm.memory_mb)
+    if text is None:
+        return result, None
+    sidecar = folder / f"{stem}{fmt.tag}{disk_profile(fmt).sidecar_suffix}"
+    sidecar.write_text(text, encoding="utf-8")
+    sidecar.chmod(0o644)
+    return result, sidecar

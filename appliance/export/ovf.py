@@ -5,8 +5,9 @@ system: CPUs and memory from ``cfg.vm``, a SATA (AHCI) controller holding the di
 PRO/1000 NIC on NAT, and the product, annotation and licence sections from ``cfg.output``.
 The layout follows what ``VBoxManage export`` produces (element and section order, namespace
 prefixes, the Item fields and their alphabetical order, the Info texts), so VirtualBox imports
-it as if it had written it (checked against VirtualBox 7.2 in the vbox test tier). VMware is
-not a target: see docs/export.md.
+it as if it had written it (checked against VirtualBox 7.2 in the vbox test tier). The hardware
+family, controller, NIC, network name and VirtualBox's own section come from the output format's
+record (``appliance.formats``): the VMware OVA uses VMware's spellings (docs/formats.md).
 
 NAT port forwards have no place in standard OVF: VirtualBox keeps them only in its own
 ``vbox:Machine`` section (a copy of its settings-file format). Without that section an
@@ -54,7 +55,6 @@ NS_VBOX = "http://www.virtualbox.org/ovf/machine"
 NS_VMW = "http://www.vmware.com/schema/ovf"
 DISK_ID = "vmdisk1"
 FILE_ID = "file1"
-NETWORK_NAME = "NAT"
 # CIM operating system id 96 is "Debian 64-Bit"; VirtualBox maps it to its own type Debian_64.
 CIM_OS_DEBIAN_64 = "96"
 VBOX_OS_TYPE = "Debian_64"
@@ -201,7 +201,7 @@ def ovf_descriptor(
 
     nets = env.add("NetworkSection")
     nets.add("Info", "Logical networks used in the package")
-    net = nets.add("Network", ovf_name=NETWORK_NAME)
+    net = nets.add("Network", ovf_name=profile.network_name)
     net.add("Description", "Logical network used by this appliance.")
 
     name = cfg.vm.name
@@ -297,7 +297,7 @@ def _virtual_hardware(hw: _Node, cfg: ApplianceConfig, profile: OvfProfile) -> N
                           "ElementName": cpu_caption, "InstanceID": 1, "ResourceType": 3,
                           "VirtualQuantity": cpus})
     mem_caption = f"{mem} MB of memory"
-    item("Item", "rasd", {"AllocationUnits": "MegaBytes", "Caption": mem_caption,
+    item("Item", "rasd", {"AllocationUnits": profile.memory_units, "Caption": mem_caption,
                           "Description": "Memory Size", "ElementName": mem_caption, "InstanceID": 2,
                           "ResourceType": 4, "VirtualQuantity": mem})
     ctl = profile.controller
@@ -308,9 +308,9 @@ def _virtual_hardware(hw: _Node, cfg: ApplianceConfig, profile: OvfProfile) -> N
         "AddressOnParent": 0, "Caption": "disk1", "Description": "Disk Image", "ElementName": "disk1",
         "HostResource": f"ovf:/disk/{DISK_ID}", "InstanceID": 4, "Parent": 3, "ResourceType": 17,
     }
-    nic_caption = f"Ethernet adapter on '{NETWORK_NAME}'"
+    nic_caption = f"Ethernet adapter on '{profile.network_name}'"
     nic_fields: dict[str, str | int] = {
-        "AutomaticAllocation": "true", "Caption": nic_caption, "Connection": NETWORK_NAME,
+        "AutomaticAllocation": "true", "Caption": nic_caption, "Connection": profile.network_name,
         "ElementName": nic_caption, "InstanceID": 5, "ResourceType": 10,
     }
     subtype = profile.nic.subtype if profile.nic.subtype is not None else _NIC_SUBTYPE[cfg.virtualbox.nic_type]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from appliance.config import ApplianceConfig, load_config
-from appliance.errors import ExportError, UsageError, VerifyError
+from appliance.errors import ConfigError, ExportError, HostFileError, UsageError, VerifyError
 from appliance.export.disks import (
     convert_argv,
     convert_disk,
@@ -25,12 +25,14 @@ from appliance.export.disks import (
     format_for,
     ova_disk_spec,
 )
+from appliance.export.extra import write_extra_formats
 from appliance.formats import FORMATS
-from appliance.pipeline import BuildContext, BuildOptions, stage_publish
+from appliance.pipeline import BuildContext, BuildOptions, stage_export, stage_publish, stage_verify
 from appliance.run import run
+from appliance.state import BuildState, export_digest
 from appliance.verify_boot import SSHLogin, boot_check
 from appliance.verify_disk import check_disk, verify_disk
-from tests.staged import stage_verified_ova
+from tests.fake_provider import FakeProvider
 
 
 def _info(path: Path, fmt: str) -> dict[str, object]:
@@ -254,32 +256,32 @@ def test_the_libvirt_domain_escapes_what_it_is_given(tmp_path: Path) -> None:
 # -- in the build: export writes them, verify checks them, publish ships them ------------------------
 
 
-def _build_cfg(tmp_path: Path, formats: str = "[virtualbox-ova, qcow2, vhdx]") -> ApplianceConfig:
-    return load_config(None, ["provider=libvirt", f"output.build_dir={tmp_path / 'build'}",
-                              f"output.dir={tmp_path / 'dist'}", "output.version=3.1", f"output.formats={formats}",
-                              "vm.cpus=4", "vm.memory_mb=8192"], cwd=tmp_path)
+def _build_cfg(tmp_path: Path, formats: str = "{virtualbox-ova,qcow2,vhdx}") -> ApplianceConfig:
+    return load_config(None, ["provider=libvirt", "provision.skip=[k3s, csghub]",
+                              f"output.build_dir={tmp_path / 'build'}", f"output.dir={tmp_path / 'dist'}",
+                              "output.version=3.1", f"output.formats={formats}", "vm.cpus=4", "vm.memory_mb=8192"],
+                             cwd=tmp_path)
 
 
-def _staged_build(tmp_path: Path, cfg: ApplianceConfig) -> BuildContext:
-    """A staged OVA and its disk formats as export and verify (without the boot) leave them."""
-    from appliance import receipt
-    from appliance.export.disks import write_disk_formats
-    from appliance.verify_disk import verify_staged_disks
-
-    state = stage_verified_ova(cfg, tmp_path / "build" / "staging" / "csghub-3.1.ova", size=3 << 20)
-    ova = Path(state.staged_ova)
-    state.staged_disks = write_disk_formats(cfg, ova, ova.parent)
-    state.verify_report["disks"] = verify_staged_disks(cfg, ova, state.staged_disks, boot=False)
-    state.verify_receipt = receipt.issue(state.verified_sha256, state.export_digest, state.verify_report)
-    return BuildContext(cfg=cfg, options=BuildOptions(), state=state)
+def _verified_build(tmp_path: Path, small_disk: Path, formats: str = "{virtualbox-ova,qcow2,vhdx}") -> BuildContext:
+    """export and verify (without the boot: the VM tier boots them) run for real with the fake provider."""
+    cfg = _build_cfg(tmp_path, formats)
+    ctx = BuildContext(cfg=cfg, options=BuildOptions(boot_check=False),
+                       state=BuildState(export_digest=export_digest(cfg), sealed=True))
+    ctx.provider = FakeProvider(cfg, disk=small_disk)
+    stage_export(ctx)
+    stage_verify(ctx)
+    return ctx
 
 
-def test_the_build_writes_verifies_and_publishes_each_listed_format(tmp_path: Path) -> None:
-    cfg = _build_cfg(tmp_path)
-    ctx = _staged_build(tmp_path, cfg)
-    assert [(d["format"], Path(d["path"]).name, Path(d["sidecar"]).name if d["sidecar"] else "")
-            for d in ctx.state.staged_disks] == [("qcow2", "csghub-3.1.qcow2", "csghub-3.1.xml"),
-                                                 ("vhdx", "csghub-3.1.vhdx", "")]
+def test_the_build_writes_verifies_and_publishes_each_listed_format(tmp_path: Path, small_disk: Path) -> None:
+    ctx = _verified_build(tmp_path, small_disk)
+    assert [(e["format"], Path(e["path"]).name, Path(e.get("sidecar", "-")).name)
+            for e in ctx.state.staged_formats] == [("qcow2", "csghub-3.1.qcow2", "csghub-3.1.xml"),
+                                                   ("vhdx", "csghub-3.1.vhdx", "-")]
+    seen = ctx.state.verify_report["formats"]
+    assert seen["qcow2"]["checks"]["qemu-img compare"] == "identical to the disk in csghub-3.1.ova"
+    assert seen["vhdx"]["checks"]["qemu-img check"] == "no errors" and seen["vhdx"]["boot"] is None
     stage_publish(ctx)
     dist = tmp_path / "dist"
     assert sorted(p.name for p in dist.iterdir()) == [
@@ -293,18 +295,16 @@ def test_the_build_writes_verifies_and_publishes_each_listed_format(tmp_path: Pa
     domain = (dist / "csghub-3.1.xml").read_text()
     assert "<name>csghub-3.1</name>" in domain and "<vcpu>4</vcpu>" in domain and "csghub-3.1.qcow2" in domain
     report = json.loads((dist / "build-report.json").read_text())
-    listed = {d["format"]: d for d in report["disks"]}
+    listed = {d["format"]: d for d in report["formats"]}
     assert listed["qcow2"]["file"] == "csghub-3.1.qcow2" and listed["qcow2"]["sidecar"] == "csghub-3.1.xml"
     assert listed["vhdx"]["sha256"] == (dist / "csghub-3.1.vhdx.sha256").read_text().split()[0]
     assert listed["vhdx"]["verification"]["checks"]["qemu-img compare"].startswith("identical")
     assert report["config"]["output"]["formats"] == ["virtualbox-ova", "qcow2", "vhdx"]
 
 
-def test_a_disk_changed_after_verify_is_not_published(tmp_path: Path) -> None:
-    from appliance.errors import HostFileError
-
-    ctx = _staged_build(tmp_path, _build_cfg(tmp_path, "[virtualbox-ova, vhdx]"))
-    vhdx = Path(ctx.state.staged_disks[0]["path"])
+def test_a_disk_changed_after_verify_is_not_published(tmp_path: Path, small_disk: Path) -> None:
+    ctx = _verified_build(tmp_path, small_disk, "{virtualbox-ova,vhdx}")
+    vhdx = Path(ctx.state.staged_formats[0]["path"])
     with vhdx.open("r+b") as f:
         f.seek(-1, 2)
         f.write(b"\x01")
@@ -313,29 +313,34 @@ def test_a_disk_changed_after_verify_is_not_published(tmp_path: Path) -> None:
     assert not any((tmp_path / "dist").iterdir())
 
 
-def test_a_disk_verify_never_saw_is_not_published(tmp_path: Path) -> None:
-    from appliance import receipt
-
-    ctx = _staged_build(tmp_path, _build_cfg(tmp_path, "[virtualbox-ova, qcow2]"))
-    del ctx.state.verify_report["disks"]["qcow2"]
-    ctx.state.verify_receipt = receipt.issue(ctx.state.verified_sha256, ctx.state.export_digest,
-                                             ctx.state.verify_report)
-    with pytest.raises(UsageError, match=r"csghub-3\.1\.qcow2 has not passed verification"):
+def test_a_sidecar_changed_after_verify_is_not_published(tmp_path: Path, small_disk: Path) -> None:
+    ctx = _verified_build(tmp_path, small_disk, "{virtualbox-ova,qcow2}")
+    sidecar = Path(ctx.state.staged_formats[0]["sidecar"])
+    sidecar.write_text(sidecar.read_text().replace("/var/lib/libvirt/images/", "/etc/"))
+    with pytest.raises(HostFileError, match="changed since it was verified"):
         stage_publish(ctx)
+    assert not any((tmp_path / "dist").iterdir())
 
 
-def test_publish_refuses_to_overwrite_a_disk_without_force(tmp_path: Path) -> None:
-    ctx = _staged_build(tmp_path, _build_cfg(tmp_path, "[virtualbox-ova, qcow2]"))
+def test_publish_refuses_to_overwrite_a_disk_without_force(tmp_path: Path, small_disk: Path) -> None:
+    ctx = _verified_build(tmp_path, small_disk, "{virtualbox-ova,qcow2}")
     (tmp_path / "dist").mkdir()
-    (tmp_path / "dist" / "csghub-3.1.qcow2").write_bytes(b"precious")
-    with pytest.raises(UsageError, match=r"csghub-3\.1\.qcow2 exists already; pass --force"):
+    (tmp_path / "dist" / "csghub-3.1.xml").write_bytes(b"precious")
+    with pytest.raises(UsageError, match=r"csghub-3\.1\.xml exists already; pass --force"):
         stage_publish(ctx)
-    assert (tmp_path / "dist" / "csghub-3.1.qcow2").read_bytes() == b"precious"
+    assert (tmp_path / "dist" / "csghub-3.1.xml").read_bytes() == b"precious"
+
+
+def test_the_disk_formats_need_no_provider_disk(tmp_path: Path, built_ova: Path) -> None:
+    """VirtualBox's export exposes no disk: the disk formats come from the OVA, so they are written anyway."""
+    cfg = _build_cfg(tmp_path, "{virtualbox-ova,qcow2}")
+    written = write_extra_formats(cfg, None, tmp_path, "virtualbox", ova=built_ova)
+    assert [(w.format, w.path.name, w.sidecar.name if w.sidecar else None) for w in written] == [
+        ("qcow2", "csghub-3.1.qcow2", "csghub-3.1.xml")]
+    assert dict(check_disk(written[0].path, FORMATS["qcow2"], built_ova))
 
 
 def test_output_formats_takes_the_disk_formats_but_still_needs_an_ova(tmp_path: Path) -> None:
-    from appliance.errors import ConfigError
-
-    assert _build_cfg(tmp_path, "[qcow2, virtualbox-ova]").output.primary_ova.name == "virtualbox-ova"
+    assert _build_cfg(tmp_path, "{qcow2,virtualbox-ova}").output.primary_ova.name == "virtualbox-ova"
     with pytest.raises(ConfigError, match="must hold an OVA format"):
-        _build_cfg(tmp_path, "[qcow2, vhdx]")
+        _build_cfg(tmp_path, "{qcow2,vhdx}")

@@ -11,6 +11,7 @@ from appliance.formats import (
     OutputFormat,
     get_format,
     register,
+    virtualbox_ova,
 )
 from appliance.reference import FORMATS_PATH, formats_reference
 
@@ -32,6 +33,12 @@ def test_the_default_is_the_virtualbox_ova_alone() -> None:
     fmt = get_format("virtualbox-ova")
     assert fmt.file_name("csghub-2.4.0") == "csghub-2.4.0.ova"
     assert fmt.ovf is not None and fmt.ovf.version == "ovf10" and fmt.ovf.vboxmanage_flag == "--ovf10"
+
+
+def test_each_ovf_version_gets_the_manifest_digest_its_spec_prescribes() -> None:
+    # DSP0243 1.x: SHA-1; 2.0: SHA-256 (VirtualBox's exporter does the same).
+    assert virtualbox_ova("ovf10").ovf.manifest_digest == "SHA1"  # type: ignore[union-attr]
+    assert virtualbox_ova("ovf20").ovf.manifest_digest == "SHA256"  # type: ignore[union-attr]
 
 
 def test_file_names_never_collide() -> None:

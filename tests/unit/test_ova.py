@@ -34,14 +34,15 @@ def test_members_in_ovf_mf_references_order(built_ova: Path) -> None:
     assert tar_list(built_ova) == ["csghub-test.ovf", "csghub-test.mf", "csghub-test-disk001.vmdk"]
 
 
-def test_manifest_digests_match_what_sha256sum_computes(built_ova: Path, tmp_path: Path) -> None:
+def test_ovf10_manifest_is_sha1_as_sha1sum_computes(built_ova: Path, tmp_path: Path) -> None:
+    # OVF 1.x prescribes SHA-1 manifests (DSP0243 1.1.0, 5.1); VirtualBox's own --ovf10 export writes them.
     run(["tar", "-xf", str(built_ova), "-C", str(tmp_path)])
     manifest = (tmp_path / "csghub-test.mf").read_text()
     lines = manifest.splitlines()
     assert manifest.endswith("\n") and len(lines) == 2
     for line, name in zip(lines, ["csghub-test.ovf", "csghub-test-disk001.vmdk"], strict=True):
-        digest = run(["sha256sum", str(tmp_path / name)]).stdout.split()[0]
-        assert line == f"SHA256({name})= {digest}"
+        digest = run(["sha1sum", str(tmp_path / name)]).stdout.split()[0]
+        assert line == f"SHA1({name})= {digest}"
 
 
 def test_sha256_file_matches_the_ova(built_ova: Path) -> None:
@@ -90,7 +91,13 @@ def test_raw_disk_and_ovf20(tmp_path: Path, make_cfg: Callable[..., ApplianceCon
     assert result.size == result.path.stat().st_size
     with tarfile.open(result.path) as tar:
         ovf = tar.extractfile("raw-disk.ovf")
-        assert ovf is not None and b'ovf:version="2.0"' in ovf.read()
+        assert ovf is not None
+        ovf_bytes = ovf.read()
+        assert b'ovf:version="2.0"' in ovf_bytes
+        mf = tar.extractfile("raw-disk.mf")
+        assert mf is not None
+        # OVF 2.0 prescribes SHA-256 (DSP0243 2.0); VirtualBox's --ovf20 export writes it too.
+        assert mf.read().decode().splitlines()[0] == f"SHA256(raw-disk.ovf)= {hashlib.sha256(ovf_bytes).hexdigest()}"
 
 
 def test_unsupported_disk_is_refused_and_nothing_is_left(

@@ -46,7 +46,7 @@ def pack(dest: Path, members: list[tuple[str, bytes]]) -> Path:
 
 
 def remanifest(members: dict[str, bytes], *names: str) -> bytes:
-    return manifest_text([(n, hashlib.sha256(members[n]).hexdigest()) for n in names])
+    return manifest_text([(n, hashlib.sha1(members[n]).hexdigest()) for n in names], "SHA1")
 
 
 def reasons_for(path: Path, schema_dir: Path) -> list[str]:
@@ -101,13 +101,13 @@ def test_one_flipped_byte_in_the_disk_is_refused(copy: Path, ovf_schema_dir: Pat
         disk = tar.getmember(VMDK)
     flip_byte(copy, disk.offset_data + disk.size // 2)
     reasons = reasons_for(copy, ovf_schema_dir)
-    assert f"{VMDK}: SHA256 digest differs from the manifest (damaged or altered)" in reasons
+    assert f"{VMDK}: SHA1 digest differs from the manifest (damaged or altered)" in reasons
 
 
 def test_one_flipped_byte_in_the_descriptor_is_refused(copy: Path, ovf_schema_dir: Path) -> None:
     flip_byte(copy, offset_of(copy, b"Meta-information"))
     reasons = reasons_for(copy, ovf_schema_dir)
-    assert f"{OVF}: SHA256 digest differs from the manifest (damaged or altered)" in reasons
+    assert f"{OVF}: SHA1 digest differs from the manifest (damaged or altered)" in reasons
 
 
 def test_one_flipped_byte_in_a_header_is_refused(copy: Path, ovf_schema_dir: Path) -> None:
@@ -176,7 +176,7 @@ def test_unlisted_extra_member_and_unlisted_digest_are_refused(copy: Path, ovf_s
 
 def test_malformed_manifest_is_refused(copy: Path, ovf_schema_dir: Path) -> None:
     m = members_of(copy)
-    bad_mf = m[MF].replace(b"SHA256(", b"SHA-256(", 1)  # ("SHA256 (" is VirtualBox's spelling: valid)
+    bad_mf = m[MF].replace(b"SHA1(", b"SHA-1(", 1)  # ("SHA1 (" is VirtualBox's spelling: valid)
     pack(copy, [(OVF, m[OVF]), (MF, bad_mf), (VMDK, m[VMDK])])
     reasons = reasons_for(copy, ovf_schema_dir)
     assert any(r.startswith("manifest line 1 is not 'SHA256(name)= hex'") for r in reasons)
@@ -213,8 +213,8 @@ def test_every_problem_is_reported_at_once(copy: Path, ovf_schema_dir: Path) -> 
     pack(copy, [(OVF, broken_ovf), (MF, m[MF]), (VMDK, m[VMDK][:-1] + b"\x01"), ("extra", b"")])
     reasons = reasons_for(copy, ovf_schema_dir)
     assert any("breaks the OVF schema" in r for r in reasons)
-    assert f"{OVF}: SHA256 digest differs from the manifest (damaged or altered)" in reasons
-    assert f"{VMDK}: SHA256 digest differs from the manifest (damaged or altered)" in reasons
+    assert f"{OVF}: SHA1 digest differs from the manifest (damaged or altered)" in reasons
+    assert f"{VMDK}: SHA1 digest differs from the manifest (damaged or altered)" in reasons
     assert "tar member 'extra' is not listed in the descriptor's References" in reasons
 
 

@@ -946,7 +946,7 @@ def parts(built_ova: Path, small_disk: Path, make_cfg: Callable[..., ApplianceCo
           tmp_path_factory: pytest.TempPathFactory) -> Parts:
     with tarfile.open(built_ova) as tar:
         got = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
-    two = write_ova(small_disk, make_cfg("output.ovf_format=ovf20"),
+    two = write_ova(small_disk, make_cfg("output.formats={virtualbox-ova-ovf20}"),
                     tmp_path_factory.mktemp("ovf20") / "csghub-test.ova")
     with tarfile.open(two.path) as tar:
         got20 = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
