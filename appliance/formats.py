@@ -11,8 +11,9 @@ the verifier and the docs one by one:
   flag (``OvfProfile.vboxmanage_flag``; formats VirtualBox cannot write have none);
 - the verifier (``appliance.verify_ova``) reads ``OvfProfile.manifest_digests`` (what a manifest
   of this OVF version may hold) through ``manifest_digests_for``;
-- the docs (docs/formats.md) are checked against ``title``, ``hypervisors`` and ``how_to_import``
-  by ``tests/unit/test_formats.py``.
+- the docs: the table and the import notes at the top of docs/formats.md are generated from
+  ``title``, ``hypervisors``, ``how_to_import``, ``notes`` and the profiles (``invoke docs``;
+  ``tests/unit/test_formats.py`` fails when the committed page is not current).
 
 Two kinds of records:
 
@@ -70,6 +71,7 @@ class NicChoice:
 
     subtype: str | None
     guest_driver: str  # the Debian 12 kernel driver (docs)
+    qemu_device: str = "e1000"  # the QEMU device the verify boot gives the copy: the NIC this format describes
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class OvfProfile:
     vmware_os_type: str | None = None  # vmw:osType on the OperatingSystemSection (VMware readers)
     network_name: str = "NAT"  # the logical network the NIC is on (an importer maps it to one of its own)
     memory_units: str = "MegaBytes"  # rasd:AllocationUnits of the memory item, as the target's own exports say
+    system_name: bool = False  # write VirtualSystem/Name (VMware's exports do; vSphere and virt-v2v read it)
 
     @property
     def namespace(self) -> str:
@@ -202,12 +205,15 @@ VMWARE_OVA = OutputFormat(
     ovf=OvfProfile(
         version="ovf10", manifest_digest="SHA256", system_type="vmx-14",
         controller=ControllerChoice(20, "vmware.sata.ahci", "sataController0", "SATA Controller", "ahci"),
-        nic=NicChoice("VmxNet3", "vmxnet3"), vbox_machine=False, vmware_os_type="debian10_64Guest",
-        network_name="VM Network", memory_units="byte * 2^20",
+        nic=NicChoice("VmxNet3", "vmxnet3", qemu_device="vmxnet3"), vbox_machine=False,
+        vmware_os_type="debian10_64Guest",
+        network_name="VM Network", memory_units="byte * 2^20", system_name=True,
     ),
     notes=(
         "Same sealed disk as the VirtualBox OVA: every imported copy makes its own secrets on its first boot.",
-        "No NAT port forwards: the VM gets an address on the port group; open http://<its address>:30080.",
+        "No NAT port forwards: the VM takes an address on its port group, so, as with bridged networking, build "
+        "with `csghub.domain` set to a name that reaches that address (docs/networking.md): CSGHub sends the "
+        "browser to the names it was installed with.",
         "SHA-256 manifest in an OVF 1.0 package (ovftool's default; vSphere 7+ refuses SHA-1). COT 2.2.1 checks "
         "every OVF 1.x manifest with SHA-1 whatever the line says, and logs the digests as 'tampered'.",
     ),

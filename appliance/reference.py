@@ -110,6 +110,9 @@ def formats_table() -> str:
         else:
             ovf = "- | - | - | - | -"
         lines.append(f"| `{fmt.name}` | `{file_name}` | {fmt.title} | {', '.join(fmt.hypervisors)} | {ovf} |")
+    lines += ["", "How to import each, and what else to know:", ""]
+    for fmt in FORMATS.values():
+        lines.append(f"- `{fmt.name}`: {fmt.how_to_import}" + "".join(f" {note}" for note in fmt.notes))
     lines += ["", FORMATS_END]
     return "\n".join(lines)
 

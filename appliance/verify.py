@@ -67,6 +67,13 @@ class VerifyReport:
         return {"ovf_format": self.ovf_format, "checks": dict(self.checks), "boot": boot}
 
 
+def _nic_of(cfg: ApplianceConfig | None) -> str:
+    """The QEMU NIC of the configuration's first OVA format (its record's ``qemu_device``); E1000 without one."""
+    if cfg is None or cfg.output.primary_ova.ovf is None:
+        return "e1000"
+    return cfg.output.primary_ova.ovf.nic.qemu_device
+
+
 def verify_ova(
     path: Path,
     *,
@@ -84,13 +91,15 @@ def verify_ova(
     memory_mb: int = 2048,
     boot_with: str = "qemu",
     driver: str = "auto",
+    nic: str | None = None,
 ) -> VerifyReport:
     """Check ``path`` structurally (all failures at once), then boot a copy unless ``boot=False``.
 
     ``boot_with`` is ``qemu`` (the extracted disk under QEMU, no route out; ``driver`` as
     ``libvirt.driver``: ``kvm``, ``qemu`` for TCG, ``auto`` for KVM if it works, else TCG) or
     ``virtualbox`` (the OVA imported into a temporary VirtualBox VM, see
-    ``appliance.vboxboot``).
+    ``appliance.vboxboot``). ``nic``: the QEMU NIC device of the boot (default: the one the
+    configuration's first OVA format describes, ``e1000`` without a configuration).
 
     With ``cfg`` and no ``login``, the boot check's login and HTTP port come from the
     configuration (see :func:`boot_access`), and so do its CPUs (at most the host's) and memory.
@@ -153,7 +162,7 @@ def verify_ova(
                     report.boot = boot_check(next(iter(disks.values())), login=login, http_port=http_port,
                                              http_host=http_host, http_if_stack=http_if_stack,
                                              timeout=boot_timeout, work_dir=work, cpus=cpus, memory_mb=memory_mb,
-                                             driver=driver)
+                                             driver=driver, nic=nic or _nic_of(cfg))
             if report.boot.first_boot_proved:
                 proof = "proved by this boot's nonce"
             else:

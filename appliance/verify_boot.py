@@ -334,7 +334,7 @@ def choose_accelerator(driver: str) -> tuple[str, str]:
 @contextmanager
 def _qemu_vm(
     overlay: Path, forwards: dict[int, int], work: Path, cpus: int, memory_mb: int, nonce: str, accel: str,
-    hardware: BootHardware = BOOT_HARDWARE["sata"],
+    hardware: BootHardware = BOOT_HARDWARE["sata"], nic: str | None = None,
 ) -> Iterator[QemuGuest]:
     """Start QEMU (our child, stopped by its PID on every way out); yields the running guest.
 
@@ -359,12 +359,13 @@ def _qemu_vm(
         "-qmp", f"unix:{qmp_path},server=on,wait=off",
         # This boot's nonce, for the first-boot proof (read-only firmware data in the guest).
         "-smbios", f"type=11,value={NONCE_OEM_KEY}={nonce}",
-        # The target hypervisor's disk controller and NIC: a guest that boots here has the drivers
-        # that hardware needs.
+        # The target hypervisor's disk controller and NIC (``nic``, when given: the NIC the OVA describes,
+        # an Intel E1000 for VirtualBox, VMXNET3 for VMware): a guest that boots here has the drivers that
+        # hardware needs.
         *hardware.controller,
         "-drive", f"if=none,id=disk0,file={overlay},format=qcow2",
         "-device", hardware.disk_device,
-        "-netdev", f"user,id=net0,restrict=on,{hostfwd}", "-device", f"{hardware.nic_device},netdev=net0",
+        "-netdev", f"user,id=net0,restrict=on,{hostfwd}", "-device", f"{nic or hardware.nic_device},netdev=net0",
     ]
     process = start_background(argv, qemu_log)
     guest = QemuGuest(process, Qmp(qmp_path), qemu_log, accel, console, time.monotonic())
@@ -428,6 +429,7 @@ def boot_check(
     driver: str = "auto",
     disk_format: str = "vmdk",
     hardware: str = "sata",
+    nic: str | None = None,
 ) -> BootReport:
     """Boot ``disk`` through a qcow2 overlay, wait for SSH, log in; check HTTP when ``http_port`` is set.
 
@@ -442,6 +444,8 @@ def boot_check(
     the boot wrote: tests use it to boot one copy twice).
 
     ``driver`` is ``libvirt.driver``: ``kvm``, ``qemu`` (TCG) or ``auto`` (the host probe decides).
+    ``nic`` is the QEMU NIC device (the format record's ``NicChoice.qemu_device``: ``e1000``, ``vmxnet3``);
+    without it, the ``hardware``'s own NIC.
     A copy that stops running (QEMU exited, the guest paused or crashed) fails the check at once
     with QEMU's reason (``GuestStopped``); under ``auto``, a copy that stopped under KVM is booted
     once more under TCG, and the probe's cached answer is corrected for the rest of this host boot.
@@ -465,7 +469,7 @@ def boot_check(
                 report = _boot_once(disk, disk_format, BOOT_HARDWARE[hardware], work, overlay, accel,
                                     login=login, http_port=http_port, http_host=http_host, http_path=http_path,
                                     http_if_stack=http_if_stack, ready_command=ready_command, cpus=cpus,
-                                    memory_mb=memory_mb, timeout=timeout, nonce=nonce)
+                                    memory_mb=memory_mb, timeout=timeout, nonce=nonce, nic=nic)
                 report.accelerator, report.kvm_failure = accel, kvm_failure
                 return report
             except GuestStopped as exc:
@@ -483,7 +487,7 @@ def _boot_once(
     disk: Path, disk_format: str, hardware: BootHardware, work: Path, overlay: Path | None, accel: str, *,
     login: BootLogin, http_port: int | None,
     http_host: str | None, http_path: str, http_if_stack: bool, ready_command: str, cpus: int, memory_mb: int,
-    timeout: float, nonce: str,
+    timeout: float, nonce: str, nic: str | None = None,
 ) -> BootReport:
     if overlay is None:
         overlay = work / "overlay.qcow2"
@@ -497,8 +501,8 @@ def _boot_once(
         forwards[http_host_port] = http_port
     started = time.monotonic()
     deadline = started + timeout
-    log.info(f"booting on {hardware.why}")
-    with _qemu_vm(overlay, forwards, work, cpus, memory_mb, nonce, accel, hardware) as guest:
+    log.info(f"booting on {hardware.why}" + (f" (NIC: {nic})" if nic and nic != hardware.nic_device else ""))
+    with _qemu_vm(overlay, forwards, work, cpus, memory_mb, nonce, accel, hardware, nic) as guest:
         return check_booted_copy(ssh_port, http_host_port, guest.console, login=login, ready_command=ready_command,
                                  started=started, deadline=deadline, nonce=nonce, http_host=http_host,
                                  http_path=http_path, http_if_stack=http_if_stack, watch=guest.check)

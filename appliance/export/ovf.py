@@ -207,6 +207,8 @@ def ovf_descriptor(
     name = cfg.vm.name
     vs = env.add("VirtualSystem", ovf_id=name)
     vs.add("Info", "A virtual machine")
+    if profile.system_name:
+        vs.add("Name", name)
 
     out = cfg.output
     # Like VirtualBox: the section only when something is set, and only the fields that are.

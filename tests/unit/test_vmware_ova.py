@@ -61,6 +61,7 @@ def test_hardware_is_spelled_as_vmwares_own_exports_spell_it(
         assert value in data, value
         assert value in samples, value
     assert 'vmw:osType="debian10_64Guest"' in data
+    assert "<Name>csghub-appliance</Name>" in data and re.search(r"<Name>[^<]+</Name>", samples)
     assert '<Network ovf:name="VM Network">' in data and "<rasd:Connection>VM Network</rasd:Connection>" in data
 
 
