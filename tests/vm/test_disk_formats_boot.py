@@ -10,9 +10,10 @@ with the one-time password its first boot printed beside this boot's nonce. QEMU
 the sealed image's initramfs holds hv_vmbus/hv_storvsc/hv_netvsc (and the other formats' drivers) is read
 from the image itself (debugfs, about 5 s).
 
-Two boots under TCG. Measured on the 2-core host with other VM tests running (load 15): 303 s (qcow2) and
-214 s (VHDX) per test, convert, qemu-img checks and boot together; the OVA write adds about 40 s to the
-shared ``sealed`` fixture, which ``test_seal_firstboot`` builds anyway (alone, this module builds it: ~390 s).
+Two boots under TCG. Measured on the 2-core host (load about 4): 126 s (qcow2) and 104 s (VHDX) per test,
+convert, qemu-img checks and boot together, 3 s for the initramfs; with other VM tests running (load 15) 303 s
+and 214 s. The OVA write adds about 40 s to the shared ``sealed`` fixture, which ``test_seal_firstboot``
+builds anyway (alone, this module builds it: 210-390 s).
 """
 
 from __future__ import annotations
