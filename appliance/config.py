@@ -937,13 +937,15 @@ def _cross_checks(data: Mapping[str, Any], sources: _Sources) -> list[ConfigProb
     formats = out.get("formats")
     if data.get("provider") == "virtualbox" and isinstance(formats, list):
         # VirtualBox's exporter writes only its own OVAs, and the provider does not expose the VM's disk
-        # for the others (appliance/export/extra.py): say so before the build, not after hours of it.
-        known = [FORMATS[f] for f in formats if isinstance(f, str) and f in FORMATS]
-        if len(known) > 1 or any(f.ovf is None or f.ovf.vboxmanage_flag is None for f in known):
+        # for the other OVAs (appliance/export/extra.py): say so before the build, not after hours of it.
+        # The disk formats (qcow2, VHDX) are written from the exported OVA's disk: any provider.
+        ovas = [FORMATS[f] for f in formats if isinstance(f, str) and f in FORMATS and FORMATS[f].kind == "ova"]
+        if len(ovas) > 1 or any(f.ovf is None or f.ovf.vboxmanage_flag is None for f in ovas):
             problems.append(ConfigProblem(
                 sources.of("output.formats"), "output.formats",
-                "with provider virtualbox only one format, written by VirtualBox's exporter, can be built "
-                "(virtualbox-ova or virtualbox-ova-ovf20); the others need provider libvirt", formats,
+                "with provider virtualbox only one OVA, written by VirtualBox's exporter, can be built "
+                "(virtualbox-ova or virtualbox-ova-ovf20; the disk formats qcow2 and vhdx may be added); the "
+                "other OVAs need provider libvirt", formats,
                 has_value=True,
             ))
     return problems

@@ -106,11 +106,14 @@ class OvfProfile:
 
 @dataclass(frozen=True)
 class DiskProfile:
-    """How a bare-disk format is written: ``qemu-img convert -O <qemu_format> -o <options>``."""
+    """How a bare-disk format is written: ``qemu-img convert -O <qemu_format> [-c] -o <options>``
+    (``appliance.export.disks``), and what the verify boot gives it (``appliance.verify_boot``)."""
 
     qemu_format: str
     qemu_options: tuple[str, ...] = ()
     sidecar_suffix: str | None = None  # e.g. ".xml" for a libvirt domain, None: no sidecar
+    compressed: bool = False  # qemu-img convert -c
+    boot_hardware: str = "virtio"  # a name in appliance.verify_boot.BOOT_HARDWARE: its hypervisor's devices
 
 
 @dataclass(frozen=True)
@@ -216,6 +219,36 @@ VMWARE_OVA = OutputFormat(
     ),
 )
 
+# Bare disks, written from the disk inside the verified OVA (appliance/export/disks.py; docs/formats.md
+# says why each option).
+QCOW2 = OutputFormat(
+    name="qcow2",
+    kind="disk",
+    suffix=".qcow2",
+    tag="",
+    title="qcow2 disk (BIOS, virtio) and libvirt domain",
+    hypervisors=("KVM/libvirt", "Proxmox VE", "OpenStack"),
+    how_to_import="libvirt: `virsh define <name>-<version>.xml`; Proxmox: `qm importdisk`; OpenStack: "
+                  "`openstack image create --disk-format qcow2` (docs/formats.md#qcow2).",
+    disk=DiskProfile(qemu_format="qcow2", qemu_options=("compat=1.1", "compression_type=zlib"),
+                     sidecar_suffix=".xml", compressed=True, boot_hardware="virtio"),
+    notes=("qcow2 v3, zlib-compressed: a download about the OVA's size, readable by every QEMU since 1.1.",),
+)
+
+VHDX = OutputFormat(
+    name="vhdx",
+    kind="disk",
+    suffix=".vhdx",
+    tag="",
+    title="VHDX disk (Hyper-V Generation 1)",
+    hypervisors=("Hyper-V (Windows Server 2012 and later, Windows 8 and later)",),
+    how_to_import="Hyper-V: `New-VM -Generation 1 -VHDPath <name>-<version>.vhdx`, Dynamic Memory off "
+                  "(docs/formats.md#vhdx).",
+    disk=DiskProfile(qemu_format="vhdx", qemu_options=("subformat=dynamic", "block_size=1M"),
+                     boot_hardware="ide"),
+    notes=("Dynamic, 1 MiB blocks (Microsoft's advice for Linux guests); Generation 1: the disk boots by BIOS.",),
+)
+
 FORMATS: dict[str, OutputFormat] = {}
 
 
@@ -229,7 +262,7 @@ def register(fmt: OutputFormat) -> OutputFormat:
     return fmt
 
 
-for _record in (VIRTUALBOX_OVA, VIRTUALBOX_OVA_OVF20, VMWARE_OVA):
+for _record in (VIRTUALBOX_OVA, VIRTUALBOX_OVA_OVF20, VMWARE_OVA, QCOW2, VHDX):
     register(_record)
 
 DEFAULT_FORMATS = (VIRTUALBOX_OVA.name,)

@@ -259,9 +259,11 @@ def stage_export(ctx: BuildContext) -> StageOutcome:
     ctx.state.staged_ova_sha256 = result.sha256
     from appliance.export.extra import write_extra_formats
 
-    # The other formats of output.formats, from the disk the export was made from.
-    extras = write_extra_formats(ctx.cfg, exported.disk, ctx.staging_dir, ctx.provider.name)
-    ctx.state.staged_formats = [{"format": e.format, "path": str(e.path), "sha256": e.sha256} for e in extras]
+    # The other formats of output.formats: OVAs from the disk the export was made from, disk formats
+    # (qcow2, VHDX) from the disk inside the OVA just written.
+    extras = write_extra_formats(ctx.cfg, exported.disk, ctx.staging_dir, ctx.provider.name, ova=result.path)
+    ctx.state.staged_formats = [{"format": e.format, "path": str(e.path), "sha256": e.sha256,
+                                 **({"sidecar": str(e.sidecar)} if e.sidecar else {})} for e in extras]
     return StageOutcome.done(", ".join([f"{result.path.name}: {human_size(result.size)}",
                                         *(e.path.name for e in extras)]))
 
@@ -275,16 +277,20 @@ def stage_verify(ctx: BuildContext) -> StageOutcome:
         return StageOutcome.skipped("this OVA was verified already")
     staged = Path(ctx.state.staged_ova)
     report = verify_ova(staged, boot=ctx.options.boot_check, cfg=ctx.cfg)
-    # The other OVA formats: the same structural check (their disk is the one just booted). Their
-    # digests go into the report the receipt signs, so publish knows what was verified.
+    # The other OVA formats: the same structural check (their disk is the one just booted). The disk
+    # formats: qemu-img's reading compared with the OVA's disk, then a boot of their own on their
+    # hypervisor's hardware. Their digests go into the report the receipt signs, so publish knows
+    # what was verified.
     formats: dict[str, Any] = {}
     for extra in ctx.state.staged_formats:
         path = Path(extra["path"])
         if FORMATS[extra["format"]].kind == "ova":
             checks = verify_ova(path, boot=False, cfg=ctx.cfg).as_dict()["checks"]
+            formats[extra["format"]] = {"file": path.name, "sha256": sha256_file(path), "checks": checks}
         else:
-            checks = {}
-        formats[extra["format"]] = {"file": path.name, "sha256": sha256_file(path), "checks": checks}
+            from appliance.verify_disk import verify_staged_disk
+
+            formats[extra["format"]] = verify_staged_disk(ctx.cfg, staged, extra, boot=ctx.options.boot_check)
     # What was verified is the file as it is now: hash it again rather than trust state.json's digest.
     ctx.state.staged_ova_sha256 = sha256_file(staged)
     ctx.state.verified_sha256 = ctx.state.staged_ova_sha256
@@ -343,12 +349,13 @@ def stage_publish(ctx: BuildContext) -> StageOutcome:
     from appliance.publish import PublishedFile, check_free_space, publish_set
 
     extras = _verified_extras(ctx)
-    for extra_path, _ in extras:
+    sidecars = _verified_sidecars(ctx)
+    for extra_path, _ in [*extras, *sidecars]:
         if not ctx.options.force and (dist / extra_path.name).exists():
             raise UsageError(f"{dist / extra_path.name} exists already; pass --force to replace it "
                              "(nothing was overwritten)")
     build_report(ctx, final)  # any error in the report's making before a byte is copied
-    check_free_space(dist, staged.stat().st_size + sum(p.stat().st_size for p, _ in extras) + 2**20,
+    check_free_space(dist, staged.stat().st_size + sum(p.stat().st_size for p, _ in [*extras, *sidecars]) + 2**20,
                      f"publishing {final.name}")
     # All or none: an OVA never sits beside the digest or report of another build. The report is
     # made last, once the OVAs and their digests are written: it records publish as done, with its time so
@@ -359,10 +366,11 @@ def stage_publish(ctx: BuildContext) -> StageOutcome:
         *(f for path, digest in extras for f in (
             PublishedFile(path.name, source=path, sha256=digest),
             PublishedFile(path.name + ".sha256", data=f"{digest}  {path.name}\n".encode()))),
+        *(PublishedFile(path.name, source=path, sha256=digest) for path, digest in sidecars),
         PublishedFile("build-report.json", produce=lambda: (json.dumps(
             build_report(ctx, final, publishing=True), indent=2) + "\n").encode()),
     ])
-    return StageOutcome.done(f"published {final}")
+    return StageOutcome.done(f"published {final}" + "".join(f", {p.name}" for p, _ in [*extras, *sidecars]))
 
 
 def _verified_extras(ctx: BuildContext) -> list[tuple[Path, str]]:
@@ -378,6 +386,33 @@ def _verified_extras(ctx: BuildContext) -> list[tuple[Path, str]]:
             recheck_staged(ctx, path)
         out.append((path, extra["sha256"]))
     return out
+
+
+def _verified_sidecars(ctx: BuildContext) -> list[tuple[Path, str]]:
+    """The disk formats' sidecars (the qcow2's libvirt domain) with the digests verify recorded."""
+    verified = (ctx.state.verify_report or {}).get("formats") or {}
+    out = []
+    for extra in ctx.state.staged_formats:
+        if not extra.get("sidecar"):
+            continue
+        path, listed = Path(extra["sidecar"]), verified.get(extra["format"]) or {}
+        digest = listed.get("sidecar_sha256") if isinstance(listed, dict) else None
+        if not isinstance(digest, str):
+            raise UsageError(f"{path.name} ({extra['format']}) has not passed verification; nothing was published",
+                             hint="run `invoke build-ova` (without --only publish): it verifies every format")
+        out.append((path, digest))
+    return out
+
+
+def _format_report(ctx: BuildContext, extra: dict[str, str]) -> dict[str, Any]:
+    seen = ((ctx.state.verify_report or {}).get("formats") or {}).get(extra["format"]) or {}
+    entry: dict[str, Any] = {"format": extra["format"], "file": Path(extra["path"]).name, "sha256": extra["sha256"],
+                             "size_bytes": Path(extra["path"]).stat().st_size}
+    if extra.get("sidecar"):
+        entry["sidecar"] = Path(extra["sidecar"]).name
+    if FORMATS[extra["format"]].kind == "disk":  # what verify saw: qemu-img's checks and the boot
+        entry["verification"] = {"checks": seen.get("checks"), "boot": seen.get("boot")} if seen else None
+    return entry
 
 
 def _image_report(ctx: BuildContext) -> dict[str, Any] | None:
@@ -411,8 +446,7 @@ def build_report(ctx: BuildContext, final: Path, *, publishing: bool = False) ->
                 "verification": ctx.state.verify_report or None},
         "disk": {"path": str(disk) if disk else "", "size_bytes": disk_bytes},
         # The other formats of output.formats, each published beside its .sha256.
-        "formats": [{"format": e["format"], "file": Path(e["path"]).name, "sha256": e["sha256"],
-                     "size_bytes": Path(e["path"]).stat().st_size} for e in ctx.state.staged_formats],
+        "formats": [_format_report(ctx, e) for e in ctx.state.staged_formats],
         "versions": {"k3s": ctx.cfg.k3s.version if ctx.cfg.stack_enabled else None,
                      "csghub_chart": ctx.cfg.csghub.chart_version if ctx.cfg.stack_enabled else None,
                      "images": ctx.state.images},

@@ -111,7 +111,8 @@ class BuildState:
     disk_image: str = ""
     staged_ova: str = ""
     staged_ova_sha256: str = ""
-    # The formats beyond the first OVA (output.formats): {"format", "path", "sha256"} each.
+    # The formats beyond the first OVA (output.formats): {"format", "path", "sha256"} each, and
+    # "sidecar" (its path, "" when none) for a disk format (appliance.export.disks).
     staged_formats: list[dict[str, str]] = field(default_factory=list)
     verified_sha256: str = ""
     verify_report: dict[str, Any] = field(default_factory=dict)  # what verify checked (schema run or not)

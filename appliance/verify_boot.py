@@ -1,8 +1,9 @@
 """The boot check: a fresh copy of a verified disk boots, proves it is its first boot, and answers.
 
-``boot_check(vmdk, login=...)`` boots the disk under QEMU (TCG) through a qcow2 overlay (the
-disk is only read), with the serial console captured to a file, and logs in over a loopback
-SSH forward:
+``boot_check(disk, login=...)`` boots the disk (the OVA's VMDK, or a published qcow2 or VHDX:
+``disk_format``) under QEMU (TCG) through a qcow2 overlay (the disk is only read), on the
+hardware its target hypervisor gives it (``hardware``: see ``BOOT_HARDWARE``), with the serial
+console captured to a file, and logs in over a loopback SSH forward:
 
 - a sealed image (``ConsoleLogin``) is entered the way its owner would: with the one-time
   password its first boot prints on the serial console. The verifier hands the guest a fresh
@@ -57,6 +58,34 @@ _QUIET_SSH_LOG = "appliance.verify.paramiko"
 # folder or the verifier's memory. A real boot writes well under 1 MiB there.
 MAX_CONSOLE_BYTES = 32 << 20
 CONSOLE_TAIL_BYTES = 64 << 10
+# The formats a boot check reads (the overlay's ``-F``): the OVA's disk and the published disks.
+BOOT_DISK_FORMATS = ("vmdk", "qcow2", "vhdx")
+
+
+@dataclass(frozen=True)
+class BootHardware:
+    """The disk controller and NIC a copy boots on, as QEMU devices: what its hypervisor gives it."""
+
+    controller: tuple[str, ...]  # extra QEMU arguments that add the disk's controller
+    disk_device: str  # the ``-device`` of the disk (its drive is ``disk0``)
+    nic_device: str  # the ``-device`` model of the NIC
+    why: str
+
+
+BOOT_HARDWARE: dict[str, BootHardware] = {
+    # The OVA: SATA (AHCI) and an Intel E1000, as its OVF describes (VirtualBox's hardware).
+    "sata": BootHardware(("-device", "ahci,id=ahci"), "ide-hd,drive=disk0,bus=ahci.0", "e1000",
+                         "SATA (AHCI) and an E1000, as the OVA describes"),
+    # qcow2: what KVM gives a Linux guest by default (virt-install and OpenStack: virtio-blk;
+    # Proxmox's Linux default is virtio-scsi, the same virtio drivers) and virtio-net.
+    "virtio": BootHardware((), "virtio-blk-pci,drive=disk0", "virtio-net-pci",
+                           "virtio disk and NIC, as KVM, Proxmox and OpenStack give them"),
+    # VHDX: a Hyper-V Generation 1 VM boots from its IDE controller (PIIX, as QEMU's pc machine has);
+    # its "Legacy Network Adapter" is a DEC 21140, QEMU's tulip. (Hyper-V's synthetic devices,
+    # hv_storvsc and hv_netvsc, need VMBus, which QEMU does not offer: see docs/formats.md.)
+    "ide": BootHardware((), "ide-hd,drive=disk0,bus=ide.0", "tulip",
+                        "IDE disk and a DEC 21140 NIC, as a Hyper-V Generation 1 VM boots"),
+}
 
 
 @dataclass
@@ -303,7 +332,7 @@ def choose_accelerator(driver: str) -> tuple[str, str]:
 @contextmanager
 def _qemu_vm(
     overlay: Path, forwards: dict[int, int], work: Path, cpus: int, memory_mb: int, nonce: str, accel: str,
-    nic: str = "e1000",
+    hardware: BootHardware = BOOT_HARDWARE["sata"], nic: str | None = None,
 ) -> Iterator[QemuGuest]:
     """Start QEMU (our child, stopped by its PID on every way out); yields the running guest.
 
@@ -328,12 +357,13 @@ def _qemu_vm(
         "-qmp", f"unix:{qmp_path},server=on,wait=off",
         # This boot's nonce, for the first-boot proof (read-only firmware data in the guest).
         "-smbios", f"type=11,value={NONCE_OEM_KEY}={nonce}",
-        # SATA (AHCI) and the NIC the OVA describes (an Intel E1000 for VirtualBox, VMXNET3 for VMware:
-        # ``nic``): a guest that boots here has the drivers the target's hardware needs.
-        "-device", "ahci,id=ahci",
+        # The target hypervisor's disk controller and NIC (``nic``, when given: the NIC the OVA describes,
+        # an Intel E1000 for VirtualBox, VMXNET3 for VMware): a guest that boots here has the drivers that
+        # hardware needs.
+        *hardware.controller,
         "-drive", f"if=none,id=disk0,file={overlay},format=qcow2",
-        "-device", "ide-hd,drive=disk0,bus=ahci.0",
-        "-netdev", f"user,id=net0,restrict=on,{hostfwd}", "-device", f"{nic},netdev=net0",
+        "-device", hardware.disk_device,
+        "-netdev", f"user,id=net0,restrict=on,{hostfwd}", "-device", f"{nic or hardware.nic_device},netdev=net0",
     ]
     process = start_background(argv, qemu_log)
     guest = QemuGuest(process, Qmp(qmp_path), qemu_log, accel, console, time.monotonic())
@@ -380,7 +410,7 @@ def console_tail(console: Path, lines: int = 20) -> str:
 
 
 def boot_check(
-    vmdk: Path,
+    disk: Path,
     *,
     login: BootLogin,
     http_port: int | None = None,
@@ -395,20 +425,25 @@ def boot_check(
     nonce: str | None = None,
     overlay: Path | None = None,
     driver: str = "auto",
-    nic: str = "e1000",
+    disk_format: str = "vmdk",
+    hardware: str = "sata",
+    nic: str | None = None,
 ) -> BootReport:
-    """Boot ``vmdk`` through a qcow2 overlay, wait for SSH, log in; check HTTP when ``http_port`` is set.
+    """Boot ``disk`` through a qcow2 overlay, wait for SSH, log in; check HTTP when ``http_port`` is set.
 
     ``http_port`` is the guest port (e.g. the CSGHub NodePort); it is forwarded from a free
     loopback port. ``http_host`` is the ``Host`` header to send: CSGHub's gateway routes by
     host name, so a request without the appliance's own name is answered 404. With
     ``http_if_stack`` the HTTP check is skipped when the image's status line says the stack is
-    not installed. ``vmdk`` is only read. ``nonce`` (default: a fresh one) is this boot's nonce.
-    ``overlay``: boot this existing qcow2 overlay of ``vmdk`` instead of a fresh one (it keeps what
+    not installed. ``disk`` is only read; ``disk_format`` is its format as qemu-img names it (``vmdk``,
+    ``qcow2``, ``vhdx``), never guessed from its bytes. ``hardware`` names its ``BOOT_HARDWARE``.
+    ``nonce`` (default: a fresh one) is this boot's nonce.
+    ``overlay``: boot this existing qcow2 overlay of ``disk`` instead of a fresh one (it keeps what
     the boot wrote: tests use it to boot one copy twice).
 
     ``driver`` is ``libvirt.driver``: ``kvm``, ``qemu`` (TCG) or ``auto`` (the host probe decides).
-    ``nic`` is the QEMU NIC device (the format record's ``NicChoice.qemu_device``: ``e1000``, ``vmxnet3``).
+    ``nic`` is the QEMU NIC device (the format record's ``NicChoice.qemu_device``: ``e1000``, ``vmxnet3``);
+    without it, the ``hardware``'s own NIC.
     A copy that stops running (QEMU exited, the guest paused or crashed) fails the check at once
     with QEMU's reason (``GuestStopped``); under ``auto``, a copy that stopped under KVM is booted
     once more under TCG, and the probe's cached answer is corrected for the rest of this host boot.
@@ -417,6 +452,10 @@ def boot_check(
         raise UsageError(f"SSH key {str(login.key_file)!r} does not exist")
     if driver not in ("auto", "kvm", "qemu"):
         raise UsageError(f"libvirt.driver {driver!r}: allowed values are auto, kvm and qemu")
+    if disk_format not in BOOT_DISK_FORMATS:
+        raise UsageError(f"boot check: disk format {disk_format!r}: allowed are {', '.join(BOOT_DISK_FORMATS)}")
+    if hardware not in BOOT_HARDWARE:
+        raise UsageError(f"boot check: hardware {hardware!r}: allowed are {', '.join(BOOT_HARDWARE)}")
     nonce = nonce or new_boot_nonce()
     accel, why = choose_accelerator(driver)
     kvm_failure = ""
@@ -425,10 +464,10 @@ def boot_check(
         while True:
             log.info(f"boot check under {accel.upper()} ({why})")
             try:
-                report = _boot_once(vmdk, work, overlay, accel, login=login, http_port=http_port,
-                                  http_host=http_host, http_path=http_path, http_if_stack=http_if_stack,
-                                  ready_command=ready_command, cpus=cpus, memory_mb=memory_mb, timeout=timeout,
-                                  nonce=nonce, nic=nic)
+                report = _boot_once(disk, disk_format, BOOT_HARDWARE[hardware], work, overlay, accel,
+                                    login=login, http_port=http_port, http_host=http_host, http_path=http_path,
+                                    http_if_stack=http_if_stack, ready_command=ready_command, cpus=cpus,
+                                    memory_mb=memory_mb, timeout=timeout, nonce=nonce, nic=nic)
                 report.accelerator, report.kvm_failure = accel, kvm_failure
                 return report
             except GuestStopped as exc:
@@ -441,14 +480,15 @@ def boot_check(
 
 
 def _boot_once(
-    vmdk: Path, work: Path, overlay: Path | None, accel: str, *, login: BootLogin, http_port: int | None,
+    disk: Path, disk_format: str, hardware: BootHardware, work: Path, overlay: Path | None, accel: str, *,
+    login: BootLogin, http_port: int | None,
     http_host: str | None, http_path: str, http_if_stack: bool, ready_command: str, cpus: int, memory_mb: int,
-    timeout: float, nonce: str, nic: str = "e1000",
+    timeout: float, nonce: str, nic: str | None = None,
 ) -> BootReport:
     if overlay is None:
         overlay = work / "overlay.qcow2"
         overlay.unlink(missing_ok=True)  # a retry boots a fresh copy too
-        run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "vmdk", "-b", str(vmdk.resolve()), str(overlay)])
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", disk_format, "-b", str(disk.resolve()), str(overlay)])
     ssh_port = free_loopback_port()
     forwards = {ssh_port: 22}
     http_host_port = None
@@ -457,7 +497,8 @@ def _boot_once(
         forwards[http_host_port] = http_port
     started = time.monotonic()
     deadline = started + timeout
-    with _qemu_vm(overlay, forwards, work, cpus, memory_mb, nonce, accel, nic) as guest:
+    log.info(f"booting on {hardware.why}" + (f" (NIC: {nic})" if nic and nic != hardware.nic_device else ""))
+    with _qemu_vm(overlay, forwards, work, cpus, memory_mb, nonce, accel, hardware, nic) as guest:
         return check_booted_copy(ssh_port, http_host_port, guest.console, login=login, ready_command=ready_command,
                                  started=started, deadline=deadline, nonce=nonce, http_host=http_host,
                                  http_path=http_path, http_if_stack=http_if_stack, watch=guest.check)

@@ -24,7 +24,8 @@ def test_committed_formats_table_is_current() -> None:
 def test_every_format_has_its_own_section_in_the_docs() -> None:
     text = FORMATS_PATH.read_text()
     for name in FORMATS:
-        assert f"## {name}" in text or f", {name}" in text, f"docs/formats.md has no section for {name}"
+        # a heading may spell the format as its owners do ("## VHDX" for `vhdx`)
+        assert f"## {name}" in text.lower() or f", {name}" in text, f"docs/formats.md has no section for {name}"
 
 
 def test_the_default_is_the_virtualbox_ova_alone() -> None:

@@ -15,8 +15,8 @@ import pytest
 from appliance.config import ApplianceConfig
 from appliance.export.ova import write_ova
 from appliance.formats import VMWARE_OVA
-from appliance.run import run
 from appliance.providers.virtualbox.chroot import VBoxSession
+from appliance.run import run
 
 pytestmark = pytest.mark.vbox
 

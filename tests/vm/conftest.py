@@ -55,6 +55,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -317,6 +318,15 @@ def base_box(libvirt_env: LibvirtEnv, tmp_path_factory: pytest.TempPathFactory) 
         return build_base_box(cfg, provider_for(cfg))
     except PrerequisiteMissing as exc:
         pytest.skip(f"cannot build the base box here: {exc}")
+
+
+@pytest.fixture(scope="session")
+def sealed(base_box: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One sealed build VM per session (tests/vm/test_seal_firstboot.py builds it): its copies boot in
+    test_seal_firstboot, and its disk is published as each disk format in test_disk_formats_boot."""
+    from tests.vm.test_seal_firstboot import build_sealed
+
+    return build_sealed(base_box, tmp_path_factory)
 
 
 @pytest.fixture

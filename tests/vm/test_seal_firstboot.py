@@ -273,8 +273,8 @@ def _stream_vmdk(source: Path, target: Path, *, force_share: bool) -> int:
     return target.stat().st_size
 
 
-@pytest.fixture(scope="module")
-def sealed(base_box: Any, tmp_path_factory: pytest.TempPathFactory) -> SealedBuild:
+def build_sealed(base_box: Any, tmp_path_factory: pytest.TempPathFactory) -> SealedBuild:
+    """The ``sealed`` fixture's build (tests/vm/conftest.py: once per session, shared with the disk-format boots)."""
     if shutil.which("qemu-system-x86_64") is None or shutil.which("qemu-img") is None:
         pytest.skip("QEMU (qemu-system-x86, qemu-utils) is not installed")
     from appliance.steps import Options, provision
