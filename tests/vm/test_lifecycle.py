@@ -1,19 +1,22 @@
 """The VM lifecycle on a real VM: base box -> render -> up -> SSH -> halt -> destroy, nothing left.
 
-One boot (TCG, ~40-60 s plus the box upload into the pool). While the VM runs, the
+One boot (TCG, ~40-60 s plus the box upload into the pool), made under ``libvirt.driver=auto``
+with the KVM probe's answer set to KVM (what this host's probe says): where KVM cannot run the
+guest (this host), `up` removes it and boots it once more under TCG. While the VM runs, the
 "VM exists in another state" error is checked by pausing it with virsh, and the missing-box
 error by a second config naming a box Vagrant does not have (no boot needed for either).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
-from appliance import vagrant
+from appliance import hostprobe, vagrant
 from appliance.config import ApplianceConfig
 from appliance.errors import VagrantError
 from appliance.providers.libvirt import domain_name
@@ -28,14 +31,22 @@ UP_TIMEOUT = 900  # seconds for `vagrant up`, box upload included; TCG boots tak
 
 
 def test_up_ssh_halt_destroy_leaves_nothing_behind(
-    libvirt_env: LibvirtEnv, base_box: object, vm_config: Callable[..., ApplianceConfig]
+    libvirt_env: LibvirtEnv, base_box: object, vm_config: Callable[..., ApplianceConfig], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    cfg = vm_config("lifecycle")
+    # The probe's answer, as on a host whose probe says KVM (this one's payload runs under KVM), kept in this
+    # test's folder: under driver auto the Vagrantfile names KVM, and a guest KVM cannot run is booted again
+    # under TCG (one boot serves this check and the lifecycle's).
+    monkeypatch.setattr(hostprobe, "_probe_cache_dir", lambda: tmp_path)
+    cache = tmp_path / hostprobe.CACHE_NAME
+    cache.write_text(json.dumps({"boot_id": hostprobe.boot_id(), "driver": "kvm", "reason": "set by the test"}))
+    cfg = vm_config("lifecycle", "libvirt.driver=auto")
     domain = domain_name(cfg)
     vagrantfile = vagrant.render(cfg).path
     assert vagrantfile == cfg.build_dir / "vm" / "Vagrantfile"
     text = vagrantfile.read_text()
     assert "config.vm.box = 'csghub/debian12'" in text
+    assert "lv.driver = 'kvm'" in text  # the probe's (cached) answer
     assert f"lv.storage_pool_name = '{libvirt_env.pool}'" in text
     assert vagrant.status(cfg).state == "not_created"
 
@@ -43,6 +54,13 @@ def test_up_ssh_halt_destroy_leaves_nothing_behind(
         state = vagrant.up(cfg, timeout=UP_TIMEOUT)
         assert state.running and state.provider == "libvirt"
         assert domain in libvirt_env.domains()
+        driver = vagrant.rendered_driver(cfg)
+        if driver == "kvm":
+            assert json.loads(cache.read_text())["driver"] == "kvm"  # KVM really runs guests on this host
+        else:  # KVM could not run it: removed, booted again under TCG, and the probe now answers TCG
+            assert driver == "qemu"
+            recorded = json.loads(cache.read_text())
+            assert recorded["driver"] == "qemu" and recorded["reason"].startswith("a real guest stopped under KVM")
 
         endpoint = vagrant.ssh_config(cfg)
         assert endpoint.user == "vagrant"
