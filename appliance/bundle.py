@@ -35,8 +35,11 @@ class BundleError(ApplianceError):
 
 
 def _files(root: Path) -> list[Path]:
+    """The cache's finished files: no ``.part``, no bundle staging, no image copy still under way
+    (``images/fetching``: its blobs join the store only when the image is complete)."""
     return sorted(p for p in root.rglob("*")
-                  if p.is_file() and not p.is_symlink() and not p.name.endswith(".part") and ".bundle-" not in str(p))
+                  if p.is_file() and not p.is_symlink() and not p.name.endswith(".part") and ".bundle-" not in str(p)
+                  and p.relative_to(root).parts[:2] != ("images", "fetching") and p.name != ".lock")
 
 
 def write_bundle(cfg: ApplianceConfig, path: Path) -> int:

@@ -27,9 +27,12 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tarfile
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,7 @@ from appliance.log import human_size, log
 
 PLATFORM = ("linux", "amd64")
 LOCK_WORKERS = 4
+FETCH_WORKERS = 4  # skopeo copies at once: enough to hide registry round trips, few enough for a laptop's link
 GUEST_IMAGE_ARCHIVE = "/var/cache/csghub-appliance/images/images.tar"
 MANIFEST_TYPES = {
     "application/vnd.oci.image.manifest.v1+json",
@@ -248,42 +252,128 @@ def image_size(store: Path, digest: str) -> int:
     return _blob(store, digest).stat().st_size + sum(int(d["size"]) for d in _referenced(store, digest))
 
 
+def staging_dir(store: Path) -> Path:
+    """Where each image's copy is made before its blobs join the store (``<cache>/images/fetching``)."""
+    return store.parent / "fetching"
+
+
+@contextmanager
+def _store_lock(store: Path) -> Iterator[None]:
+    """Hold the store's lock (``flock`` on ``<store>/.lock``, and a thread lock for this process's workers)
+    while its index changes or its blobs are added or dropped: another fetch (thread or process) then never
+    reads a half-updated ``index.json``, nor drops a blob whose image is not listed yet."""
+    import fcntl
+
+    with _THREAD_LOCK:
+        store.mkdir(parents=True, exist_ok=True)
+        with open(store / ".lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+_THREAD_LOCK = threading.Lock()
+
+
+class _Claims:
+    """The blobs the running copies are downloading: an image that needs one of them waits for that copy to
+    finish and then takes the blob from the store, so that a layer several images share crosses the
+    network once per fetch even when those images are fetched at the same time. Claims are taken all at
+    once, after waiting, while holding none: no copy waits for one that waits for it."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._busy: set[str] = set()
+
+    @contextmanager
+    def taking(self, store: Path, digests: Sequence[str]) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._busy.intersection(digests))
+            mine = {d for d in digests if not _blob(store, d).is_file()}
+            self._busy |= mine
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy -= mine
+                self._cond.notify_all()
+
+
 def _copy_manifest(cfg: ApplianceConfig, store: Path, name: str, source: str, raw: bytes, digest: str,
-                   run: Runner) -> None:
-    """skopeo copies one manifest's blobs into the layout (checking each layer's digest as it writes it,
-    reusing blobs already there); the registry's manifest and config are kept as served."""
-    scratch = "fetching-" + hashlib.sha256(name.encode()).hexdigest()[:16]
-    run(["copy", "--quiet", *_tls_args(cfg, "--src-cert-dir"), source, f"oci:{store}:{scratch}"])
-    index = _read_index(store)
-    index["manifests"] = [m for m in index.get("manifests") or []
-                          if (m.get("annotations") or {}).get(REF_NAME) != scratch]
-    write_atomic(store / "index.json", json.dumps(index, indent=1) + "\n")
-    write_atomic(_blob(store, digest), raw)
+                   run: Runner, claims: _Claims) -> None:
+    """skopeo copies one manifest's blobs into a layout of this image's own (checking each layer's digest as
+    it writes it); the blobs the manifest names then move into the store by digest. The registry's manifest
+    and config are kept as served.
+
+    Why not straight into the store: skopeo's OCI layout writer keeps the layout's ``index.json`` as it read
+    it when the copy started and writes it back whole when the copy ends, with no lock (containers/image v5
+    ``oci/layout/oci_dest.go``: ``newImageDestination`` reads it, ``Commit`` writes it), so parallel copies
+    into one layout can lose each other's entries. Each copy gets its own layout instead,
+    seeded with hard links to the blobs the store already holds (skopeo reuses a blob whose file exists,
+    ``TryReusingBlob``): a layer shared with an image fetched earlier is not downloaded again. The folder is
+    named after the image, so an interrupted copy resumes with the blobs it finished.
+    """
+    doc = json.loads(raw)
+    wanted = [doc["config"], *(doc.get("layers") or [])]
+    with claims.taking(store, [d["digest"] for d in doc.get("layers") or []]):
+        _copy_claimed(cfg, store, name, source, raw, digest, run, wanted)
+
+
+def _copy_claimed(cfg: ApplianceConfig, store: Path, name: str, source: str, raw: bytes, digest: str,
+                  run: Runner, wanted: list[dict[str, Any]]) -> None:
+    doc = json.loads(raw)
+    scratch = staging_dir(store) / hashlib.sha256(f"{name} {digest}".encode()).hexdigest()[:20]
+    (scratch / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+    for d in wanted:
+        have, seed = _blob(store, d["digest"]), _blob(scratch, d["digest"])
+        if have.is_file() and not seed.exists():
+            try:
+                os.link(have, seed)
+            except OSError:
+                pass  # another file system or no hard links: skopeo downloads it again
+    run(["copy", "--quiet", *_tls_args(cfg, "--src-cert-dir"), source, f"oci:{scratch}:image"])
     # skopeo's OCI layout takes OCI manifests only: it converted a Docker v2 image, and with it the config
-    # blob. Layers are the same bytes; the registry's own config is fetched as it is and checked after.
-    config = json.loads(raw)["config"]
-    if not _blob(store, config["digest"]).is_file():
-        write_atomic(_blob(store, config["digest"]),
+    # blob. Layers are the same bytes; the registry's own config is fetched as it is (checked after).
+    config = doc["config"]
+    if not _blob(scratch, config["digest"]).is_file() and not _blob(store, config["digest"]).is_file():
+        write_atomic(_blob(scratch, config["digest"]),
                      run(["inspect", "--config", "--raw", *_tls_args(cfg, "--cert-dir"), source]))
+    with _store_lock(store):
+        (store / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+        for d in wanted:
+            found = _blob(scratch, d["digest"])
+            if found.is_file() and not _blob(store, d["digest"]).is_file():
+                os.replace(found, _blob(store, d["digest"]))
+        write_atomic(_blob(store, digest), raw)
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _set_entry(store: Path, name: str, raw: bytes, digest: str) -> None:
     """Point ``name`` in the layout's index at the manifest the registry served (not skopeo's conversion)."""
-    _blob(store, digest).parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(_blob(store, digest), raw)
-    index = _read_index(store)
-    media = json.loads(raw).get("mediaType") or "application/vnd.oci.image.manifest.v1+json"
-    kept = [m for m in index.get("manifests") or [] if (m.get("annotations") or {}).get(REF_NAME) != name]
-    kept.append({"mediaType": media, "digest": digest, "size": len(raw), "annotations": {REF_NAME: name}})
-    index["manifests"] = sorted(kept, key=lambda m: m["annotations"][REF_NAME])
-    write_atomic(store / "index.json", json.dumps(index, indent=1) + "\n")
+    with _store_lock(store):
+        _blob(store, digest).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(_blob(store, digest), raw)
+        index = _read_index(store)
+        media = json.loads(raw).get("mediaType") or "application/vnd.oci.image.manifest.v1+json"
+        kept = [m for m in index.get("manifests") or [] if (m.get("annotations") or {}).get(REF_NAME) != name]
+        kept.append({"mediaType": media, "digest": digest, "size": len(raw), "annotations": {REF_NAME: name}})
+        index["manifests"] = sorted(kept, key=lambda m: m["annotations"][REF_NAME])
+        index.setdefault("schemaVersion", 2)
+        write_atomic(store / "index.json", json.dumps(index, indent=1) + "\n")
+        layout = store / "oci-layout"
+        if not layout.is_file():
+            write_atomic(layout, '{"imageLayoutVersion":"1.0.0"}')
 
 
-def fetch_image(cfg: ApplianceConfig, store: Path, name: str, digest: str, skopeo: Runner | None = None) -> CachedImage:
+def fetch_image(cfg: ApplianceConfig, store: Path, name: str, digest: str, skopeo: Runner | None = None,
+                claims: _Claims | None = None) -> CachedImage:
     """Fetch one pinned image into the cache (or find it there); every blob checked against its digest."""
     if cached(store, name, digest):
         return CachedImage(name, digest, image_size(store, digest), fetched=False)
     run = skopeo or (lambda argv: _skopeo(argv, what=f"fetching {name}"))
+    claims = claims or _Claims()
     source = f"docker://{source_repository(cfg, name)}@{digest}"
     raw = run(["inspect", "--raw", *_tls_args(cfg, "--cert-dir"), source])
     served = "sha256:" + hashlib.sha256(raw).hexdigest()
@@ -302,10 +392,10 @@ def fetch_image(cfg: ApplianceConfig, store: Path, name: str, digest: str, skope
         child_raw = run(["inspect", "--raw", *_tls_args(cfg, "--cert-dir"), child_source])
         if "sha256:" + hashlib.sha256(child_raw).hexdigest() != platform_digest:
             raise ImageFetchError(f"{name}: the registry served other bytes for {platform_digest} (linux/amd64)")
-        _copy_manifest(cfg, store, name, child_source, child_raw, platform_digest, run)
+        _copy_manifest(cfg, store, name, child_source, child_raw, platform_digest, run, claims)
         write_atomic(_blob(store, digest), raw)
     else:
-        _copy_manifest(cfg, store, name, source, raw, digest, run)
+        _copy_manifest(cfg, store, name, source, raw, digest, run, claims)
     _set_entry(store, name, raw, digest)
     bad = [d["digest"] for d in _referenced(store, digest) if not _verify_blob(store, d["digest"])]
     if bad:
@@ -317,25 +407,47 @@ def fetch_image(cfg: ApplianceConfig, store: Path, name: str, digest: str, skope
 
 
 def fetch_images(cfg: ApplianceConfig, pinned: Sequence[tuple[str, str | None]],
-                 skopeo: Runner | None = None) -> list[CachedImage]:
-    """Fetch the image set (``(name, digest)`` from ``images.txt``) into the cache; all must be pinned."""
+                 skopeo: Runner | None = None, *, workers: int = FETCH_WORKERS) -> list[CachedImage]:
+    """Fetch the image set (``(name, digest)`` from ``images.txt``) into the cache; all must be pinned.
+
+    Up to ``workers`` images at once (a skopeo process each, each into its own layout: see
+    :func:`_copy_manifest`); the result is in the order of ``pinned``. When one image fails, the others
+    already started finish (their blobs stay for the next run) and the first failure is raised."""
+    from concurrent.futures import ThreadPoolExecutor
+
     unpinned = [name for name, digest in pinned if not digest]
     if unpinned:
         raise ImageFetchError(f"{len(unpinned)} image(s) of the set have no digest in the version lock: "
                               f"{', '.join(unpinned[:5])}{' ...' if len(unpinned) > 5 else ''}",
                               hint="run `invoke lock --images` on a host that reaches the registries")
     store = image_store(cfg)
-    done: list[CachedImage] = []
     started = time.monotonic()
-    for number, (name, digest) in enumerate(pinned, 1):
+    progress = {"done": 0, "bytes": 0}
+    progress_lock = threading.Lock()
+    claims = _Claims()
+
+    def one(item: tuple[str, str | None]) -> CachedImage:
+        name, digest = item
         assert digest is not None
-        image = fetch_image(cfg, store, name, digest, skopeo)
-        verb = "fetched" if image.fetched else "cached"
-        log.info(f"image {number}/{len(pinned)} {verb}: {name} ({human_size(image.size)})")
-        done.append(image)
+        image = fetch_image(cfg, store, name, digest, skopeo, claims)
+        with progress_lock:
+            progress["done"] += 1
+            progress["bytes"] += image.size
+            verb = "fetched" if image.fetched else "cached"
+            log.info(f"image {progress['done']}/{len(pinned)} {verb}: {name} ({human_size(image.size)}; "
+                     f"{human_size(progress['bytes'])} so far)")
+        return image
+
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(pinned) or 1))) as pool:
+        futures = [pool.submit(one, item) for item in pinned]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            raise errors[0]  # type: ignore[misc]
+        done = [f.result() for f in futures]
     fetched = [i for i in done if i.fetched]
     if fetched:
-        _drop_unreferenced(store)
+        with _store_lock(store):
+            _drop_unreferenced(store)
     log.success(f"images: {len(done)} in the cache ({len(fetched)} fetched, {human_size(store_size(store, done))} "
                 f"in the blob store, {human_size(sum(i.size for i in done))} as separate images) in "
                 f"{time.monotonic() - started:.1f} s")

@@ -51,6 +51,7 @@ class StepTiming:
     ended: str = ""
     seconds: float = 0.0
     outcome: TimingOutcome = "running"
+    clock: float = field(default_factory=time.monotonic, repr=False)  # when it started (monotonic)
 
 
 @dataclass
@@ -110,7 +111,7 @@ class Logger:
             self.timings.append(timing)
         self.console.print("  " * self.depth + f"[bold cyan]▶ {escape(title)}[/]")
         self.depth += 1
-        start = time.monotonic()
+        start = timing.clock
         try:
             yield timing
         except KeyboardInterrupt:
@@ -144,6 +145,11 @@ def human_size(size: float) -> str:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def timestamp() -> str:
+    """Now, as the build report writes times (UTC, ISO 8601, to the second)."""
+    return _now()
 
 
 log = Logger()

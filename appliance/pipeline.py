@@ -26,7 +26,7 @@ from appliance import receipt
 from appliance.config import ApplianceConfig, public_dump
 from appliance.digest import sha256_file
 from appliance.errors import ApplianceError, Cancelled, HostFileError, UsageError, VagrantError, VerifyError
-from appliance.log import StageStatus, human_size, log
+from appliance.log import StageStatus, StepTiming, human_size, log, timestamp
 from appliance.scripts import discover_scripts
 from appliance.state import BuildState, config_digest, export_digest
 
@@ -323,13 +323,16 @@ def stage_publish(ctx: BuildContext) -> StageOutcome:
     recheck_staged(ctx, staged)
     from appliance.publish import PublishedFile, check_free_space, publish_set
 
-    report = build_report(ctx, final)
+    build_report(ctx, final)  # any error in the report's making before a byte is copied
     check_free_space(dist, staged.stat().st_size + 2**20, f"publishing {final.name}")
-    # All three or none: an OVA never sits beside the digest or report of another build.
+    # All three or none: an OVA never sits beside the digest or report of another build. The report is
+    # made last, once the OVA and its digest are written: it records publish as done, with its time so
+    # far, which is true whenever anyone can read it (the set appears whole or not at all).
     publish_set(dist, [
         PublishedFile(final.name, source=staged, sha256=ctx.state.staged_ova_sha256),
         PublishedFile(digest_file.name, data=f"{ctx.state.staged_ova_sha256}  {final.name}\n".encode()),
-        PublishedFile("build-report.json", data=(json.dumps(report, indent=2) + "\n").encode()),
+        PublishedFile("build-report.json", produce=lambda: (json.dumps(
+            build_report(ctx, final, publishing=True), indent=2) + "\n").encode()),
     ])
     return StageOutcome.done(f"published {final}")
 
@@ -342,7 +345,18 @@ def _image_report(ctx: BuildContext) -> dict[str, Any] | None:
     return report_images(ctx.cfg, ctx.state.images)
 
 
-def build_report(ctx: BuildContext, final: Path) -> dict[str, Any]:
+def _stage_entry(timing: StepTiming, publishing: bool) -> dict[str, Any]:
+    """A stage as the report lists it. Made during publish, the step still running (publish itself, its
+    last act being to write this report) is recorded as ``ok`` up to now: the report is only ever seen
+    inside a published set."""
+    if publishing and timing.outcome == "running":
+        return {"name": timing.name, "start": timing.started, "end": timestamp(), "outcome": "ok",
+                "seconds": round(time.monotonic() - timing.clock, 3)}
+    return {"name": timing.name, "start": timing.started, "end": timing.ended, "seconds": timing.seconds,
+            "outcome": timing.outcome}
+
+
+def build_report(ctx: BuildContext, final: Path, *, publishing: bool = False) -> dict[str, Any]:
     staged = Path(ctx.state.staged_ova)
     disk = Path(ctx.state.disk_image) if ctx.state.disk_image else None
     disk_bytes = disk.stat().st_size if disk is not None and disk.exists() else None
@@ -360,10 +374,7 @@ def build_report(ctx: BuildContext, final: Path) -> dict[str, Any]:
         "images": _image_report(ctx),
         "provider": ctx.cfg.provider,
         "libvirt_driver": ctx.state.libvirt_driver or None,
-        "stages": [
-            {"name": t.name, "start": t.started, "end": t.ended, "seconds": t.seconds, "outcome": t.outcome}
-            for t in log.timings
-        ],
+        "stages": [_stage_entry(t, publishing) for t in log.timings],
         # The configuration holds no secrets by design: every secret is made on the appliance's first boot.
         "config": public_dump(ctx.cfg),
     }

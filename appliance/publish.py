@@ -16,7 +16,7 @@ import os
 import signal
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -36,6 +36,9 @@ class PublishedFile:
     source: Path | None = None  # a file to copy...
     data: bytes | None = None  # ...or bytes to write
     sha256: str | None = None  # what the copy must hash to (the digest published beside it)
+    # ...or bytes made when their turn comes, after the files before them are written in full (the build
+    # report, so that it can say how the copy of the OVA went)
+    produce: Callable[[], bytes] | None = None
 
 
 def publish_set(folder: Path, files: Sequence[PublishedFile]) -> list[Path]:
@@ -73,6 +76,9 @@ def publish_set(folder: Path, files: Sequence[PublishedFile]) -> list[Path]:
 
 
 def _fill(out: BinaryIO, f: PublishedFile) -> None:
+    if f.produce is not None:
+        out.write(f.produce())
+        return
     if f.source is None:
         out.write(f.data or b"")
         return

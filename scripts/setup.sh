@@ -70,6 +70,8 @@ if ! command -v npm >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends npm
 fi
 bash scripts/install-helm.sh
+# containerd 2.x (as k3s embeds it) for the image-archive tests: Debian sid's package, unpacked, not installed.
+$SUDO bash scripts/install-containerd2.sh
 
 PY="${PYTHON:-python3}"
 "$PY" -m pip install -q --disable-pip-version-check -e '.[test]'

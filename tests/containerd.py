@@ -52,8 +52,9 @@ def docker_archive(path: Path, repo_tags: list[str], payload: bytes = b"csghub-a
 class Containerd:
     """One private containerd daemon."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, bin_dir: Path | None = None) -> None:
         self.base = base
+        self.bin_dir = bin_dir  # where containerd and ctr are (default: PATH)
         self.socket = base / "containerd.sock"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -68,7 +69,7 @@ class Containerd:
             f'  address = "{self.socket}"\n'
         )
         with open(self.base / "containerd.log", "wb") as log:  # the daemon keeps its own copy of the fd
-            self.process = subprocess.Popen(["containerd", "--config", str(config)], stdout=log, stderr=log,
+            self.process = subprocess.Popen([self._tool("containerd"), "--config", str(config)], stdout=log, stderr=log,
                                             stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -80,8 +81,15 @@ class Containerd:
         self.stop()
         raise RuntimeError("containerd did not answer on its socket within 30 s")
 
+    def _tool(self, name: str) -> str:
+        return str(self.bin_dir / name) if self.bin_dir else name
+
+    def version(self) -> str:
+        return subprocess.run([self._tool("containerd"), "--version"], capture_output=True, text=True,
+                              timeout=30, check=True).stdout.split()[2]
+
     def ctr(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["ctr", "--address", str(self.socket), "--namespace", "k8s.io", *args],
+        return subprocess.run([self._tool("ctr"), "--address", str(self.socket), "--namespace", "k8s.io", *args],
                               capture_output=True, text=True, timeout=120, check=check)
 
     def import_archive(self, archive: Path) -> None:

@@ -495,3 +495,102 @@ def test_a_damaged_build_digest_record_is_refused_naming_the_file(tmp_path: Path
     path.write_text(content)
     with pytest.raises(ImageError, match=r"image-digests\.json"):
         build_resolved_digests(cfg)
+
+
+def test_a_parallel_fetch_stores_every_image_and_downloads_each_layer_once_and_resumes(
+        tmp_path: Path, registry: tuple[Registry, dict[str, Any]]) -> None:
+    """Six images sharing a base layer, fetched four at a time into the one store: every image listed with
+    its blobs verified, the shared layer and each own layer downloaded once (the registry's access log),
+    the config blobs once per image at most; an image whose copy fails leaves the others cached, and the
+    next fetch downloads only what that image still lacks."""
+    from appliance.imagecache import _skopeo, staging_dir
+
+    reg, facts = registry
+    names = [f"docker.io/par/img{i}:1" for i in range(6)]
+    own_layers = {}
+    for i, name in enumerate(names):
+        manifest, blobs = image_blobs([SHARED, {f"own/{i}": f"image {i}\n".encode()}])
+        reg.push_layout(write_layout(tmp_path / f"img{i}", manifest, blobs), f"par/img{i}:1")
+        own_layers[name] = blobs[3].digest
+    cfg = _cfg(tmp_path, reg)
+    lock_path = _lock(tmp_path)
+    lock_images(cfg, names, lock_path)
+    pins = locked_image_digests(read_lock(lock_path), cfg.csghub.chart_version)
+    pinned: list[tuple[str, str | None]] = [(n, pins[n]) for n in names]
+
+    failing = names[4]
+
+    def copy_fails_for_one(argv: Any) -> bytes:
+        if argv[0] == "copy" and "/par/img4@" in " ".join(argv):
+            raise ImageFetchError(f"fetching {failing}: the link dropped (test)")
+        return _skopeo(argv, what="test")
+
+    start = reg.log_size()
+    with pytest.raises(ImageFetchError, match="the link dropped"):
+        fetch_images(cfg, pinned, skopeo=copy_fails_for_one, workers=4)
+    first = reg.blob_downloads(start)
+    assert missing_images(cfg, pinned) == [failing]
+    shared = facts["shared_layer"].digest
+    assert first.count(shared) == 1, first
+    assert sorted(d for d in first if d in own_layers.values()) == sorted(
+        d for n, d in own_layers.items() if n != failing)  # each once; the failed image's never
+
+    start = reg.log_size()
+    again = fetch_images(cfg, pinned, workers=4)
+    assert [(i.name, i.fetched) for i in again] == [(n, n == failing) for n in names]
+    second = reg.blob_downloads(start)
+    assert [d for d in second if d == shared or d in own_layers.values()] == [own_layers[failing]]
+    store = image_store(cfg)
+    index = json.loads((store / "index.json").read_text())
+    assert sorted(m["annotations"]["org.opencontainers.image.ref.name"] for m in index["manifests"]) == sorted(names)
+    for path in (store / "blobs" / "sha256").iterdir():
+        import hashlib
+
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name  # no blob torn by a parallel writer
+    assert not list(staging_dir(store).glob("*/blobs/sha256/*"))  # the finished copies' folders are gone
+
+
+CONTAINERD2_DIR = Path(os.environ.get("APPLIANCE_CONTAINERD2_DIR")
+                       or "/var/cache/csghub-appliance/containerd2/root/usr/bin")
+
+
+def test_the_archive_imported_into_containerd_2_as_k3s_ships_it(
+        tmp_path: Path, registry: tuple[Registry, dict[str, Any]]) -> None:
+    """k3s v1.3x embeds containerd 2.x; Debian 12's is 1.6. scripts/install-containerd2.sh unpacks Debian
+    sid's containerd 2.x (no install, no chroot): our archive, with an image named by its multi-arch index
+    whose arm64 manifest the archive does not carry, imported as the csghub step imports it
+    (``k3s ctr images import --platform linux/amd64``, provision/30-csghub.sh), gives exactly the set's names
+    and digests; imported with every platform (as k3s imports its agent images folder:
+    pkg/agent/containerd/containerd.go, ``WithAllPlatforms(true)``) it is refused, which is why the build
+    uploads the archive for the step to import rather than into that folder."""
+    if not (CONTAINERD2_DIR / "containerd").is_file():
+        why = f"no containerd 2.x at {CONTAINERD2_DIR} (scripts/install-containerd2.sh unpacks Debian sid's)"
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    if os.geteuid() != 0:
+        pytest.skip("containerd needs root")
+    reg, facts = registry
+    cfg = _cfg(tmp_path, reg)
+    lock_path = _lock(tmp_path)
+    lock_images(cfg, [PORTAL, REDIS, TOOL, by_index(facts)], lock_path)
+    pinned = [(n, d) for n, d in _pins(cfg, lock_path, by_index(facts)) if d]
+    fetch_images(cfg, pinned)
+    archive = tmp_path / "images.tar"
+    write_archive(image_store(cfg), pinned, archive)
+    daemon = Containerd(tmp_path / "containerd2", CONTAINERD2_DIR)
+    daemon.base.mkdir()
+    daemon.start()
+    try:
+        assert daemon.version().startswith("2."), daemon.version()
+        daemon.ctr("images", "import", "--platform", "linux/amd64", str(archive))
+        listed = daemon.ctr("images", "ls").stdout.splitlines()[1:]
+        assert sorted((line.split()[0], line.split()[2]) for line in listed) == sorted(pinned)
+        daemon.ctr("images", "rm", *daemon.names())
+        index = json.loads((image_store(cfg) / "blobs" / "sha256" / facts["index"].split(":")[1]).read_bytes())
+        (arm64,) = [m["digest"] for m in index["manifests"] if m["platform"]["architecture"] == "arm64"]
+        every = daemon.ctr("images", "import", "--all-platforms", str(archive), check=False)
+        assert every.returncode != 0 and f"{arm64}: not found" in every.stderr, every.stderr
+        assert daemon.names() == []
+    finally:
+        daemon.stop()

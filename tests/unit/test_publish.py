@@ -332,3 +332,25 @@ def test_cli_publish_to_a_full_disk_exits_1_naming_the_space(tmpfs: Callable[[in
     assert f"not enough space in {dist}" in proc.stderr and "Traceback" not in proc.stderr
     assert _listing(dist) == []
     assert BuildState.load(cfg.build_dir).last_failure.startswith("publish: not enough space")
+
+
+def test_the_report_records_publish_as_done_with_the_copy_in_its_time(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The report is written by the publish stage: it used to list that stage as "running". It is made once
+    the OVA and its digest are written, and records publish as ok with the time the copy took."""
+    cfg = _cfg(tmp_path, tmp_path / "dist")
+    real_fill = publish._fill
+    slow = 0.4
+
+    def slow_copy(out: object, f: PublishedFile) -> None:
+        if f.source is not None:  # the OVA: a slow disk
+            time.sleep(slow)
+        real_fill(out, f)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(publish, "_fill", slow_copy)
+    _publish_only(cfg, _stage_an_ova(cfg, 4096))
+    report = json.loads((cfg.dist_dir / "build-report.json").read_text())
+    assert all(stage["outcome"] != "running" for stage in report["stages"]), report["stages"]
+    entry = report["stages"][-1]
+    assert entry["name"].startswith("publish") and entry["outcome"] == "ok", entry
+    assert entry["seconds"] >= slow and entry["end"] >= entry["start"], entry
