@@ -80,5 +80,25 @@ def render_chart(helm: Path, values: Mapping[str, Any] | None = None, *, values_
     return [doc for doc in yaml.safe_load_all(proc.stdout) if isinstance(doc, dict)]
 
 
+_RENDERED: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+
+
+def render_chart_once(helm: Path, values: Mapping[str, Any], *, chart: Path = CHART_DIR) -> list[dict[str, Any]]:
+    """``render_chart(helm, values)``, with helm run once per session for each distinct (helm, chart, values).
+
+    For tests that read what the chart makes of our values (several render the very same values: the default
+    config of each edition). The values are ours and deterministic, so the same input is the same render; each
+    caller gets its own deep copy to change at will. A test that compares two renders of the same values (to see
+    what the chart randomises) must call ``render_chart`` itself.
+    """
+    import copy
+    import json
+
+    key = (str(helm), str(chart), json.dumps(values, sort_keys=True, default=str))
+    if key not in _RENDERED:
+        _RENDERED[key] = render_chart(helm, values, chart=chart)
+    return copy.deepcopy(_RENDERED[key])
+
+
 def objects_of_kind(objects: list[dict[str, Any]], kind: str) -> Iterator[dict[str, Any]]:
     return (obj for obj in objects if obj.get("kind") == kind)

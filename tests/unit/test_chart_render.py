@@ -7,12 +7,12 @@ from pathlib import Path
 
 from appliance.config import ApplianceConfig
 from appliance.values import generate_values
-from tests.chart import objects_of_kind, render_chart
+from tests.chart import objects_of_kind, render_chart_once
 
 
 def test_real_chart_renders_with_our_values(helm_bin: Path, make_cfg: Callable[..., ApplianceConfig]) -> None:
     cfg = make_cfg("provision.skip=[]", "vm.cpus=4", "vm.memory_mb=8192")
-    objects = render_chart(helm_bin, generate_values(cfg))
+    objects = render_chart_once(helm_bin, generate_values(cfg))
     deployments = {obj["metadata"]["name"] for obj in objects_of_kind(objects, "Deployment")}
     # The portal and the server are CSGHub's own templates: a render without them means the values broke the chart.
     assert {"csghub-portal", "csghub-server"} <= deployments

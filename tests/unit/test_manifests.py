@@ -129,11 +129,11 @@ def test_redis_policy_selects_the_charts_redis_and_admits_its_clients(
         edition: str, helm_bin: Path, make_cfg: Callable[..., ApplianceConfig]) -> None:
     """Against a real render: the policy selects exactly the pods of the Redis StatefulSet (and its Service), and
     every workload that connects to csghub-redis runs in the namespace it admits; the users' Spaces do not."""
-    from tests.chart import render_chart
+    from tests.chart import render_chart_once
 
     cfg = make_cfg("provision.skip=[]", "vm.cpus=4", "vm.memory_mb=8192", f"csghub.edition={edition}")
     policy = render_manifests(cfg)["csghub-redis-policy.yaml"]
-    objects = render_chart(helm_bin, generate_values(cfg))
+    objects = render_chart_once(helm_bin, generate_values(cfg))
     selector = policy["spec"]["podSelector"]["matchLabels"]
 
     def selected(labels: dict[str, str]) -> bool:

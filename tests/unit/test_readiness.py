@@ -27,7 +27,7 @@ from appliance.config import PROJECT_ROOT, load_config
 from appliance.guest import guest_environment
 from appliance.manifests import manifest_yaml, render_manifests
 from appliance.values import generate_values
-from tests.chart import objects_of_kind, render_chart
+from tests.chart import objects_of_kind, render_chart_once
 from tests.csghub_stand_in import Gateway
 from tests.unit.test_manifests_scripts import (  # noqa: F401  (fixtures)
     ADMIN,
@@ -639,7 +639,7 @@ def test_a_failed_job_stays_failed_after_kubernetes_deletes_it(tmp_path: Path, s
 
 def _render(helm: Path, *sets: str) -> list[dict[str, Any]]:
     cfg = load_config(None, ["provision.skip=[]", "vm.cpus=4", "vm.memory_mb=8192", *sets], "libvirt")
-    return render_chart(helm, generate_values(cfg))
+    return render_chart_once(helm, generate_values(cfg))
 
 
 def _named(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:

@@ -211,12 +211,12 @@ def test_env_credential_table_covers_what_the_chart_sets(helm_bin: Path,
     """Every credential-named variable the chart renders (ConfigMap/Secret keys, container env, both editions) is
     one `<...>.environments.<NAME>` may not set: the table in appliance/values.py cannot fall behind the chart."""
     from appliance.chart_credentials import CHART_ENV_CREDENTIALS, ENV_CREDENTIAL_NAME, ENV_NOT_A_CREDENTIAL
-    from tests.chart import render_chart
+    from tests.chart import render_chart_once
 
     rendered: set[str] = set()
     for edition in ("ce", "ee"):
         cfg = make_cfg("provision.skip=[]", "vm.cpus=4", "vm.memory_mb=8192", f"csghub.edition={edition}")
-        for obj in render_chart(helm_bin, generate_values(cfg)):
+        for obj in render_chart_once(helm_bin, generate_values(cfg)):
             names = list(obj.get("data") or {}) if obj["kind"] in ("ConfigMap", "Secret") else []
             pod = ((obj.get("spec") or {}).get("template") or {}).get("spec") or {}
             for container in (pod.get("containers") or []) + (pod.get("initContainers") or []):

@@ -1,13 +1,16 @@
 """The VM lifecycle on a real VM: base box -> render -> up -> SSH -> halt -> destroy, nothing left.
 
-One boot (TCG, ~40-60 s plus the box upload into the pool). The halted VM is then reported and
-removed by the real ``invoke status`` / ``invoke destroy`` with its Vagrantfile gone. While the VM runs, the
+One boot (TCG, ~40-60 s plus the box upload into the pool), made under ``libvirt.driver=auto``
+with the KVM probe's answer set to KVM (what this host's probe says): where KVM cannot run the
+guest (this host), `up` removes it and boots it once more under TCG. The halted VM is then reported
+and removed by the real ``invoke status`` / ``invoke destroy`` with its Vagrantfile gone. While the VM runs, the
 "VM exists in another state" error is checked by pausing it with virsh, and the missing-box
 error by a second config naming a box Vagrant does not have (no boot needed for either).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -21,6 +24,7 @@ import yaml
 from appliance import vagrant, vm
 from appliance.config import ApplianceConfig, public_dump
 from appliance.errors import VagrantError
+from appliance.providers.libvirt import hostprobe
 from appliance.providers.libvirt.provider import domain_name
 from appliance.providers.registry import provider_for
 from appliance.ssh import RemoteSession
@@ -35,14 +39,22 @@ UP_TIMEOUT = 900  # seconds for `vagrant up`, box upload included; TCG boots tak
 
 
 def test_up_ssh_halt_destroy_leaves_nothing_behind(
-    libvirt_env: LibvirtEnv, base_box: object, vm_config: Callable[..., ApplianceConfig], tmp_path: Path
+    libvirt_env: LibvirtEnv, base_box: object, vm_config: Callable[..., ApplianceConfig], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    cfg = vm_config("lifecycle")
+    # The probe's answer, as on a host whose probe says KVM (this one's payload runs under KVM), kept in this
+    # test's folder: under driver auto the Vagrantfile names KVM, and a guest KVM cannot run is booted again
+    # under TCG (one boot serves this check and the lifecycle's).
+    monkeypatch.setattr(hostprobe, "_probe_cache_dir", lambda: tmp_path)
+    cache = tmp_path / hostprobe.CACHE_NAME
+    cache.write_text(json.dumps({"boot_id": hostprobe.boot_id(), "driver": "kvm", "reason": "set by the test"}))
+    cfg = vm_config("lifecycle", "libvirt.driver=auto")
     domain = domain_name(cfg)
     vagrantfile = vm.render(cfg, provider_for(cfg)).path
     assert vagrantfile == cfg.build_dir / "vm" / "Vagrantfile"
     text = vagrantfile.read_text()
     assert "config.vm.box = 'csghub/debian12'" in text
+    assert "lv.driver = 'kvm'" in text  # the probe's (cached) answer
     assert f"lv.storage_pool_name = '{libvirt_env.pool}'" in text
     assert vm.status(cfg, provider_for(cfg)).state == "not_created"
 
@@ -50,6 +62,13 @@ def test_up_ssh_halt_destroy_leaves_nothing_behind(
         state = vm.up(cfg, provider_for(cfg), timeout=UP_TIMEOUT)
         assert state.running and state.provider == "libvirt"
         assert domain in libvirt_env.domains()
+        driver = vm.rendered_driver(cfg, provider_for(cfg))
+        if driver == "kvm":
+            assert json.loads(cache.read_text())["driver"] == "kvm"  # KVM really runs guests on this host
+        else:  # KVM could not run it: removed, booted again under TCG, and the probe now answers TCG
+            assert driver == "qemu"
+            recorded = json.loads(cache.read_text())
+            assert recorded["driver"] == "qemu" and recorded["reason"].startswith("a real guest stopped under KVM")
 
         endpoint = vm.ssh_config(cfg, provider_for(cfg))
         assert endpoint.user == "vagrant"

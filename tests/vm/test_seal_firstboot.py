@@ -7,11 +7,13 @@ after the ``seal`` step. Two copies of the sealed export then boot, each through
 qcow2 overlay, with VirtualBox-like hardware (AHCI disk, e1000 NIC, user-mode NAT giving
 10.0.2.15):
 
-- copy A boots twice: first boot, then a reboot on which the first-boot service must not run;
+- copy A boots three times: first boot (with a verifier's boot nonce), then a reboot on which the
+  first-boot service must not run, then through the verifier's own boot check with a new nonce,
+  which must refuse it (its login line carries the first boot's nonce, not this boot's);
 - copy B has its power cut in the middle of first boot (test-only SMBIOS hook, see
   ``test_hook_poweroff_at`` in csghub-firstboot), then boots again and must finish.
 
-Five QEMU boots in all, one after the other (2 cores here), each bounded by a deadline.
+Six QEMU boots in all, one after the other (2 cores here), each bounded by a deadline.
 """
 
 from __future__ import annotations
@@ -240,6 +242,7 @@ class CopyFacts:
     second_boot: dict[str, str] = field(default_factory=dict)
     power_cut_exit_seconds: float = 0.0
     reconfigure: list[tuple[str, str, str]] = field(default_factory=list)  # (arguments, output, status after)
+    refused_boot: list[str] = field(default_factory=list)  # the verifier's boot check of a later boot: its reasons
     secret_modes: str = ""  # `stat -c '%a %U %n'` of the CSGHub credential files
     secret_sums: str = ""  # `sha256sum` of them
     secrets_env: str = ""
@@ -387,11 +390,17 @@ def _first_boot_facts(build: SealedBuild, vm: Qemu, facts: CopyFacts, *, reconfi
     vm.wait_exit(POWEROFF_TIMEOUT)
 
 
+FIRST_NONCE, LATER_NONCE = "1" * 32, "2" * 32  # boot nonces, as the verifier passes them (SMBIOS OEM string)
+
+
 @pytest.fixture(scope="module")
 def copy_a(sealed: SealedBuild) -> CopyFacts:
+    from appliance.errors import VerifyError
+    from appliance.verify_boot import NONCE_OEM_KEY, ConsoleLogin, boot_check
+
     facts = CopyFacts()
     disk = _overlay(sealed, "copy-a")
-    first = Qemu(disk, sealed.work / "copy-a-boot1.log", virtio=False)
+    first = Qemu(disk, sealed.work / "copy-a-boot1.log", virtio=False, smbios=f"{NONCE_OEM_KEY}={FIRST_NONCE}")
     with booted(first):
         _first_boot_facts(sealed, first, facts, reconfigure=True)
     facts.boots.append(first.console())
@@ -411,6 +420,12 @@ def copy_a(sealed: SealedBuild) -> CopyFacts:
             login.run("systemctl poweroff", sudo=True, check=False)
         second.wait_exit(POWEROFF_TIMEOUT)
     facts.boots.append(second.console())
+    # What the verifier sees of an image whose first boot already ran (a sealed build VM booted again): refused.
+    try:
+        boot_check(sealed.sealed_vmdk, login=ConsoleLogin(), overlay=disk, timeout=BOOT_TIMEOUT, memory_mb=MEMORY_MB,
+                   work_dir=sealed.work, nonce=LATER_NONCE, driver="qemu")
+    except VerifyError as err:
+        facts.refused_boot = [err.message, *err.reasons]
     return facts
 
 
@@ -495,6 +510,15 @@ def test_first_boot_runs_once(copy_a: CopyFacts) -> None:
     assert "making this copy's own keys" not in facts["journal"]
     assert (facts["password"], facts["host_key"], facts["machine_id"]) == (
         copy_a.password, copy_a.host_key, copy_a.machine_id)
+
+
+def test_a_later_boot_fails_the_verifiers_first_boot_proof(copy_a: CopyFacts) -> None:
+    first, second = copy_a.boots
+    assert f"firstboot={FIRST_NONCE}" in first  # the first boot recorded the nonce of the boot that ran it
+    assert f"firstboot={FIRST_NONCE}" in second  # and a later boot still shows that one
+    assert copy_a.refused_boot, "the verifier accepted a copy whose first boot had already run"
+    assert "first boot already ran before this boot" in copy_a.refused_boot[0]
+    assert f"first-boot nonce {FIRST_NONCE!r}, not this boot's {LATER_NONCE!r}" in copy_a.refused_boot[1]
 
 
 def test_power_cut_mid_first_boot_is_finished_next_boot(copy_b: CopyFacts) -> None:
