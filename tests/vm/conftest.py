@@ -312,6 +312,9 @@ def libvirt_env() -> Iterator[LibvirtEnv]:
         daemons.release()
 
 
+BOX_PROVIDER = "libvirt"  # the VM tier's boxes: basebox.py keeps each under its provider's name
+
+
 @pytest.fixture(scope="session")
 def base_box_donors() -> list[Path]:
     """Base-box cache folders (``$XDG_CACHE_HOME/csghub-appliance/basebox``) that tests of this session built
@@ -325,27 +328,27 @@ def _take_donated_box(donors: list[Path], cache: Path) -> None:
     The key is an input of the box (its digest names the box file), so the pair is taken whole or not at all;
     ``build_base_box`` then finds the box for its inputs and only adds it to Vagrant, as on any later run.
     """
-    from appliance.basebox import KEY_NAME, PROVIDER
+    from appliance.basebox import KEY_NAME
 
     cache.mkdir(parents=True, exist_ok=True)
     with (cache / "build.lock").open("w") as lock:  # build_base_box's lock: no build of this cache meanwhile
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (cache / "keys" / KEY_NAME).exists() and not any((cache / PROVIDER).glob("*.box")):
+        if not (cache / "keys" / KEY_NAME).exists() and not any((cache / BOX_PROVIDER).glob("*.box")):
             _copy_first_whole_box(donors, cache)
 
 
 def _copy_first_whole_box(donors: list[Path], cache: Path) -> None:
-    from appliance.basebox import KEY_NAME, PROVIDER
+    from appliance.basebox import KEY_NAME
 
     for donor in donors:
         key = donor / "keys" / KEY_NAME
-        boxes = sorted((donor / PROVIDER).glob("*.box"))
+        boxes = sorted((donor / BOX_PROVIDER).glob("*.box"))
         if not (key.is_file() and key.with_suffix(".pub").is_file() and len(boxes) == 1
                 and boxes[0].with_suffix(".json").is_file()):
             continue
-        (cache / PROVIDER).mkdir(parents=True, exist_ok=True)
+        (cache / BOX_PROVIDER).mkdir(parents=True, exist_ok=True)
         for box_part in (boxes[0], boxes[0].with_suffix(".json")):
-            shutil.copy2(box_part, cache / PROVIDER / box_part.name)
+            shutil.copy2(box_part, cache / BOX_PROVIDER / box_part.name)
         shutil.copytree(donor / "keys", cache / "keys")
         return
 
