@@ -195,7 +195,7 @@ echo "ok: Helm release $NAMESPACE/csghub deployed (chart $CSGHUB_CHART_VERSION)"
 # --- the readiness gate ----------------------------------------------------------------------
 # The same gate every copy runs at each boot (csghub-ready): every Job of the release complete,
 # every workload and KnativeServing ready, the portal and csghub-server's API through the gateway,
-# the admin's sign-in through CSGHub's OAuth flow, git SSH, the registry with this copy's
+# the admin's sign-in through CSGHub's OAuth flow, a clone over SSH, the registry with this copy's
 # credentials; it also points k3s at CSGHub's registry (registries.yaml, which 90-seal.sh removes
 # again: the credentials are the build's).
 GATE_RETRY_HINT="re-run the build (it resumes at the csghub step)"
@@ -214,7 +214,7 @@ if [[ "$GATE_VERDICT" != ready ]]; then
     "${KC[@]}" get pods -A --field-selector=status.phase!=Running,status.phase!=Succeeded >&2 || true
     die "CSGHub is not ready: $GATE_VERDICT"
 fi
-echo "ok: CSGHub is ready: jobs, workloads, Knative, portal, csghub-server's API, the admin's OAuth sign-in, git SSH and the registry with this copy's credentials all answer"
+echo "ok: CSGHub is ready: jobs, workloads, Knative, portal, csghub-server's API, the admin's OAuth sign-in (and csghub-server's callback), a clone over SSH and the registry with this copy's credentials all answer"
 login_host=$(gate_casdoor_host)
 
 # --- no drift: every image the running cluster names is in the set ---------------------------------

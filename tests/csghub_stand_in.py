@@ -20,9 +20,23 @@ does at the version the chart deploys. Each answer below names the upstream file
   ``Docker-Distribution-API-Version: registry/2.0`` (registry/handlers/app.go ``apiBase``); blob uploads,
   manifests and pulls as ``StandIn.registry_call`` says, checked against the real registry (Debian's
   docker-registry, distribution 2.8) in tests/unit/test_registry_probe.py.
-- gitlab-sshd (``GitSshdBanner``): greets ``SSH-2.0-GitLab-SSHD`` (gitlab-shell
-  internal/sshd/server_config.go, ``ServerVersion``; read in the stored copy, not at the exact
-  version CSGHub ships).
+- csghub-server v2.4.0-ce's sign-in and the APIs the git probe uses (``<domain>/api``, and
+  ``csghub-server`` as gitlab-shell reaches it): ``GET /api/v1/callback/casdoor?code=&state=casdoor``
+  exchanges the code at Casdoor's token endpoint with the client secret *csghub-server* holds
+  (``server_client_secret``) and answers 302 to ``<external>/server/callback?jwt=<HS256 JWT>``, or 302 to
+  ``<external>/errors/server-error?error_code=500&error_message=failed to signin: ...`` (csghub-server
+  user/handler/user.go ``Casdoor``, user/component/user.go ``Signin``, the proxy in api/router/api.go; the
+  JWT's claims ``uuid``/``current_user``, common/types/jwt.go; the oauth2 error text is golang.org/x/oauth2's
+  ``RetrieveError``). A ``Bearer`` JWT signed with ``hub_jwt_key`` authenticates (api/middleware/authenticator.go
+  ``isValidJWTToken``; else 401); ``POST /api/v1/user/:username/ssh_keys`` ``{"name", "content"}`` and
+  ``DELETE /api/v1/user/:username/ssh_key/:name`` (api/handler/sshkey.go, ``UserMatch``: the path's user must be
+  the JWT's); ``POST /api/v1/models`` ``{"namespace", "name", "private"}`` makes a bare repository,
+  ``DELETE /api/v1/models/:namespace/:name`` removes it (api/router/api.go); ``GET
+  /api/v4/internal/authorized_keys?key=`` answers ``{"id", "key"}`` only with a ``Gitlab-Shell-Api-Request``
+  JWT signed with ``gitaly_jwt_secret`` (api/middleware/gitlab_shell_jwt.go: 401 ``{"error": ...}`` otherwise;
+  api/handler/internal.go ``GetAuthorizedKeys``: 500 for an unknown key).
+- gitlab-sshd (``GitlabSshd``, below): a real OpenSSH sshd that lets a key in only when csghub-server's internal
+  API names it, and serves ``git upload-pack``.
 - Casdoor v3.62.0 (``casdoor.<domain>``): ``POST /api/login`` with ``type: "code"`` and the query
   ``clientId``, ``responseType``, ``redirectUri``, ``scope``, ``state`` (controllers/auth.go
   ``Login``/``HandleLoggedIn``, object/token_oauth_util.go ``CheckOAuthLogin``/``GetOAuthCode``);
@@ -37,6 +51,11 @@ does at the version the chart deploys. Each answer below names the upstream file
   request's ``redirect_uri`` is not the code's (controllers/token.go of Casdoor's main line reads it; not
   confirmed at v3.62.0).
 
+``GitlabSshd`` is a real OpenSSH sshd that authenticates keys as gitlab-shell does: its
+AuthorizedKeysCommand (tests/data/gitlab_shell_keys.py) asks csghub-server's internal API with a JWT signed
+by the secret gitlab-shell holds, and the key's forced command (tests/data/gitlab_shell_command.py) runs a
+real ``git upload-pack`` on the bare repository csghub-server made.
+
 The lockout here lasts ``frozen_seconds`` (upstream: minutes) so a test can wait it out; the
 message still counts minutes, rounded up, as upstream prints them.
 """
@@ -44,15 +63,20 @@ message still counts minutes, rounded up, as upstream prints them.
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import math
 import secrets
+import shutil
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 import bcrypt
 from cryptography.hazmat.primitives import hashes, serialization
@@ -89,6 +113,30 @@ def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
+def hs256_jwt(key: bytes, claims: dict[str, Any]) -> str:
+    """An HS256 JWT (what golang-jwt makes for csghub-server's login tokens and gitlab-shell's API requests)."""
+    header = _b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    signing_input = f"{header}.{_b64url(json.dumps(claims).encode())}"
+    return f"{signing_input}.{_b64url(hmac.new(key, signing_input.encode(), hashlib.sha256).digest())}"
+
+
+def hs256_claims(key: bytes, token: str) -> dict[str, Any] | None:
+    """The claims of ``token`` when it is an HS256 JWT signed with ``key`` and not expired, else None."""
+    try:
+        head, payload, signature = token.split(".")
+        header = json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        given = base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    wanted = hmac.new(key, f"{head}.{payload}".encode(), hashlib.sha256).digest()
+    if header.get("alg") != "HS256" or not hmac.compare_digest(given, wanted) or not isinstance(claims, dict):
+        return None
+    if "exp" in claims and float(claims["exp"]) < time.time():
+        return None
+    return claims
+
+
 @dataclass
 class StandIn:
     """What the copy's services hold (each may be set to disagree with what the cluster tells the gate)."""
@@ -103,6 +151,15 @@ class StandIn:
     htpasswd: str  # the registry's htpasswd file (one "user:bcrypt" line)
     failed_signin_limit: int = 5
     frozen_seconds: float = 15 * 60
+    # csghub-server's own configuration: the Casdoor client secret it exchanges codes with (None: Casdoor's),
+    # the key of the JWTs it issues at sign-in (config.JWT.SigningKey), and the key gitlab-shell's and Gitaly's
+    # JWTs must be signed with (config.GitalyServer.JWTSecret, STARHUB_SERVER_GITALY_JWT_SECRET).
+    server_client_secret: str | None = None
+    hub_jwt_key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    gitaly_jwt_secret: str = field(default_factory=lambda: secrets.token_hex(16))
+    external: str = ""  # the copy's URL base (where the callback redirects)
+    repos_root: Path | None = None  # where csghub-server's (Gitaly's) repositories live, bare
+    ssh_keys: dict[int, tuple[str, str, str]] = field(default_factory=dict)  # id -> (user, name, content)
     # Casdoor's per-user state and issued codes.
     wrong_times: int = 0
     last_wrong: float = 0.0
@@ -159,8 +216,11 @@ class StandIn:
         if form.get("client_id") != self.client_id or form.get("client_secret") != self.client_secret:
             return 401, {"error": "invalid_client", "error_description":
                          "client_secret is invalid for application: [admin/CSGHub], token.CodeChallenge: empty"}
-        # Newer Casdoor (controllers/token.go reads redirect_uri) checks it against the code's, as RFC 6749 4.1.3 asks.
-        if form.get("redirect_uri", "") != self.code_redirects.pop(code, ""):
+        # Casdoor's main line (controllers/token.go reads redirect_uri) checks it against the code's when the request
+        # carries one, as RFC 6749 4.1.3 asks; v3.62.0 reads no redirect_uri there (controllers/token.go,
+        # object/token_oauth.go at that tag), and csghub-server's SDK exchange sends none.
+        expected = self.code_redirects.pop(code, "")
+        if form.get("redirect_uri") and form["redirect_uri"] != expected:
             return 400, {"error": "invalid_grant", "error_description": "redirect_uri does not match"}
         header = {"alg": "RS256", "kid": "csghub-cert", "typ": "JWT"}
         now = int(time.time())
@@ -171,6 +231,68 @@ class StandIn:
         token = f"{signing_input}.{_b64url(signature)}"
         return 200, {"access_token": token, "id_token": token, "refresh_token": token, "token_type": "Bearer",
                      "expires_in": 3600, "scope": "read"}
+
+    # -- csghub-server ---------------------------------------------------------------------------
+
+    def callback(self, query: dict[str, str]) -> str:
+        """Where ``GET /api/v1/callback/casdoor`` redirects (302): the portal with a JWT, or the error page."""
+        secret = self.client_secret if self.server_client_secret is None else self.server_client_secret
+        code, answer = self.casdoor_token({"grant_type": "authorization_code", "client_id": self.client_id,
+                                           "client_secret": secret, "code": query.get("code", "")})
+        if code != 200:
+            message = (f"failed to signin: failed to get token from casdoor,error:oauth2: "
+                       f"\"{answer['error']}\" \"{answer['error_description']}\"")
+            return f"{self.external}/errors/server-error?error_code=500&error_message={quote(message, safe='')}"
+        now = int(time.time())
+        token = hs256_jwt(self.hub_jwt_key, {"uuid": f"uuid-{self.admin_user}", "current_user": self.admin_user,
+                                             "exp": now + 3600, "iat": now})
+        return f"{self.external}/server/callback?jwt={token}"
+
+    def current_user(self, authorization: str | None) -> str | None:
+        if not authorization or not authorization.startswith("Bearer "):
+            return None
+        claims = hs256_claims(self.hub_jwt_key, authorization[len("Bearer "):])
+        return None if claims is None else str(claims.get("current_user", "")) or None
+
+    def server_call(self, method: str, path: str, user: str | None, body: bytes) -> tuple[int, dict[str, Any]]:
+        """An authenticated user's call to csghub-server's API (the routes the git probe uses)."""
+        if user is None:
+            return 401, {"msg": "invalid authorization header"}
+        parts = path.strip("/").split("/")  # api v1 ...
+        form = json.loads(body or b"{}")
+        if parts[2:3] == ["user"] and len(parts) >= 5:
+            if parts[3] != user:  # UserMatch
+                return 401, {"msg": "user not match"}
+            if method == "POST" and parts[4] == "ssh_keys":
+                key_id = max(self.ssh_keys, default=0) + 1
+                self.ssh_keys[key_id] = (user, str(form.get("name", "")), str(form.get("content", "")).strip())
+                return 200, {"msg": "OK", "data": {"id": key_id, "name": form.get("name")}}
+            if method == "DELETE" and parts[4] == "ssh_key" and len(parts) == 6:
+                for key_id, (owner, name, _) in list(self.ssh_keys.items()):
+                    if owner == user and name == parts[5]:
+                        del self.ssh_keys[key_id]
+                return 200, {"msg": "OK", "data": None}
+        if parts[2:3] == ["models"] and self.repos_root is not None:
+            if method == "POST" and len(parts) == 3:
+                repo = self.repos_root / "models" / str(form.get("namespace")) / f"{form.get('name')}.git"
+                if repo.exists():
+                    return 400, {"msg": "repository already exists"}
+                repo.parent.mkdir(parents=True, exist_ok=True)
+                subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(repo)], check=True)
+                return 200, {"msg": "OK", "data": {"path": f"{form.get('namespace')}/{form.get('name')}"}}
+            if method == "DELETE" and len(parts) == 5:
+                shutil.rmtree(self.repos_root / "models" / parts[3] / f"{parts[4]}.git", ignore_errors=True)
+                return 200, {"msg": "OK", "data": None}
+        return 404, {"msg": "404 page not found"}
+
+    def authorized_key(self, api_request: str | None, key: str) -> tuple[int, dict[str, Any]]:
+        """``GET /api/v4/internal/authorized_keys?key=`` as gitlab-shell asks it."""
+        if not api_request or hs256_claims(self.gitaly_jwt_secret.encode(), api_request) is None:
+            return 401, {"error": "invilid JWT token,token signature is invalid: signature is invalid"}
+        for key_id, (_, _, content) in self.ssh_keys.items():
+            if content.split()[1:2] == [key]:
+                return 200, {"id": key_id, "key": content}
+        return 500, {"msg": "ssh key not found"}
 
     # -- distribution -------------------------------------------------------------------------
 
@@ -277,11 +399,19 @@ class _Handler(BaseHTTPRequestHandler):
                                                       "detail": None}]},
                                     {"WWW-Authenticate": f'Basic realm="{REGISTRY_REALM}"',
                                      "Docker-Distribution-API-Version": "registry/2.0"})
+            elif url.path.startswith("/api/v4/internal/"):
+                self.internal(url.path, query)
             elif url.path.startswith("/api/"):
                 if method == "GET" and url.path == "/api/v1/models":
                     self.reply_json(200, {"msg": "OK", "data": []})
+                elif method == "GET" and url.path == "/api/v1/callback/casdoor":
+                    self.reply(302, headers={"Location": stand_in.callback(query)})
                 else:
-                    self.reply_json(404, {"msg": "404 page not found"})
+                    length = int(self.headers.get("Content-Length") or 0)
+                    code, answer = stand_in.server_call(method, url.path,
+                                                        stand_in.current_user(self.headers.get("Authorization")),
+                                                        self.rfile.read(length) if length else b"")
+                    self.reply_json(code, answer)
             elif url.path == "/":
                 self.reply(200, b"<!doctype html><title>CSGHub</title>", {"Content-Type": "text/html"})
             else:
@@ -300,8 +430,20 @@ class _Handler(BaseHTTPRequestHandler):
                 self.reply_json(code, answer, headers)
             else:
                 self.reply(200, b"<!doctype html><title>Casdoor</title>", {"Content-Type": "text/html"})
+        elif host == "csghub-server":  # the Service gitlab-shell calls (chart: gitlab_url), not the gateway
+            if url.path.startswith("/api/v4/internal/"):
+                self.internal(url.path, query)
+            else:
+                self.reply_json(404, {"msg": "404 page not found"})
         else:
             self.reply(404)
+
+    def internal(self, path: str, query: dict[str, str]) -> None:
+        if path == "/api/v4/internal/authorized_keys":
+            self.reply_json(*self.server.stand_in.authorized_key(self.headers.get("Gitlab-Shell-Api-Request"),
+                                                                 query.get("key", "")))
+        else:
+            self.reply_json(404, {"msg": "404 page not found"})
 
     def do_GET(self) -> None:
         self._route("GET")
@@ -311,6 +453,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_PUT(self) -> None:
         self._route("PUT")
+
+    def do_DELETE(self) -> None:
+        self._route("DELETE")
 
 
 class _Server(ThreadingHTTPServer):
@@ -334,31 +479,61 @@ class Gateway:
         self.thread.join(timeout=10)
 
 
-class GitSshdBanner:
-    """A TCP listener that greets as gitlab-shell's gitlab-sshd does (``SSH-2.0-GitLab-SSHD``, the
-    ServerVersion in gitlab-shell internal/sshd/server_config.go) and closes; the gate reads only that line."""
+GITLAB_SHELL_KEYS = Path(__file__).resolve().parent / "data" / "gitlab_shell_keys.py"
+GITLAB_SHELL_COMMAND = Path(__file__).resolve().parent / "data" / "gitlab_shell_command.py"
 
-    def __init__(self) -> None:
-        import socket
 
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.port = int(self.sock.getsockname()[1])
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+class GitlabSshd:
+    """gitlab-sshd behind the git SSH NodePort, as a real OpenSSH sshd on a free loopback port.
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                conn.sendall(b"SSH-2.0-GitLab-SSHD\r\n")
+    gitlab-shell (chart 2.4.0 templates/gitlab-shell/configmap.yaml: ``gitlab_url`` is csghub-server's Service,
+    ``secret`` the internal API's JWT key, which secrets.sh makes per copy) finds the user of a key by asking
+    csghub-server ``GET /api/v4/internal/authorized_keys?key=`` with a ``Gitlab-Shell-Api-Request`` JWT (gitlab-shell
+    internal/gitlabnet/client.go, HS256, issuer "gitlab-shell"; read in the stored copy of gitlab-shell's main line,
+    not at CSGHub's fork's version). Here sshd's AuthorizedKeysCommand does the same (``secret`` is what this
+    gitlab-shell holds), and the key's forced command runs ``git upload-pack`` on csghub-server's bare repository.
+    The login user is the current one (root here; gitlab-sshd's is ``git``: the gate's GATE_GIT_SSH_USER)."""
+
+    def __init__(self, directory: Path, stand_in: StandIn, gateway_port: int, secret: str) -> None:
+        import os
+        import pwd
+
+        from tests.ssh.sshd_server import SSHServer, _free_port, _keygen
+
+        directory.mkdir(parents=True, exist_ok=True)
+        repos = directory / "repositories"
+        repos.mkdir(exist_ok=True)
+        stand_in.repos_root = repos
+        self.config = directory / "gitlab-shell.json"
+        self.write_config(gateway_port, secret, repos)
+        _keygen(directory / "host_ed25519", "ed25519")
+        config = self.config
+
+        class _Server(SSHServer):
+            def write_config(self) -> None:
+                self.config_file.write_text("\n".join([
+                    f"Port {self.port}", "ListenAddress 127.0.0.1", f"HostKey {self.host_key}",
+                    f"PidFile {self.directory / 'sshd.pid'}", "AuthorizedKeysFile none",
+                    f"AuthorizedKeysCommand {GITLAB_SHELL_KEYS} {config} %t %k", "AuthorizedKeysCommandUser root",
+                    "PermitRootLogin prohibit-password", "PasswordAuthentication no",
+                    "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no", "UseDNS no",
+                    "LogLevel VERBOSE", "",
+                ]))
+
+        self.server = _Server(directory=directory, port=_free_port(), user=pwd.getpwuid(os.getuid()).pw_name,
+                              ed25519_key=directory / "unused", rsa_key=directory / "unused",
+                              host_key=directory / "host_ed25519")
+        self.server.start()
+        self.port = self.server.port
+        self.user = self.server.user
+
+    def write_config(self, gateway_port: int, secret: str, repos: Path) -> None:
+        self.config.write_text(json.dumps({
+            "gitlab_url": f"http://127.0.0.1:{gateway_port}", "host": "csghub-server:8080", "secret": secret,
+            "repositories": str(repos), "command": str(GITLAB_SHELL_COMMAND)}))
 
     def stop(self) -> None:
-        self.sock.close()
+        self.server.stop()
 
 
 @dataclass(frozen=True)
@@ -392,7 +567,8 @@ class Copy:
         """Services that agree with this copy."""
         return StandIn(domain=self.domain, admin_user=self.admin_user, admin_password=self.admin_password,
                        client_id=self.client_id, client_secret=self.client_secret, redirect_uris=[self.redirect_uri],
-                       signing_key=self.signing_key, htpasswd=htpasswd_line(self.registry_user, self.registry_password))
+                       signing_key=self.signing_key, htpasswd=htpasswd_line(self.registry_user, self.registry_password),
+                       external=self.external)
 
     def cluster_state(self) -> dict[str, list[str]]:
         """The k3s stand-in's state files (tests/data/fake_k3s.py) for this copy's Secrets and ConfigMaps."""

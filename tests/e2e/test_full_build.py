@@ -106,6 +106,18 @@ def http_status(url: str, host_header: str, timeout: float = 10) -> int:
         return 0
 
 
+def port_taken(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something on this machine already listens on ``host:port`` (binding it fails). Checked before the
+    imported copy starts: an answer there is then the copy's (VirtualBox's NAT forward binds that port), not
+    another service's that happened to hold it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def wait_for_status(url: str, host_header: str, wanted: int, deadline: float, poll: float = 15) -> int:
     """Poll until ``url`` answers ``wanted``; the last status seen (``wanted`` unless the deadline passed)."""
     status = http_status(url, host_header)
@@ -178,11 +190,13 @@ def test_full_build_serves_the_portal(release_host: None, tmp_path: Path) -> Non
         result = run([vbox, "import", str(ovas[0]), "--vsys", "0", "--vmname", name, "--eula", "accept",
                       "--basefolder", str(work / "vms")], timeout=3600)
         assert imported(result.stdout), result.stdout + result.stderr
-        run([vbox, "startvm", name, "--type", "headless"], timeout=300)
         cfg = load_config(None, sets)
         names = chart_hostnames(generate_values(cfg))
         port = cfg.http_port()
         assert port is not None
+        assert not port_taken(port.host), (f"127.0.0.1:{port.host} is in use before the imported copy starts: "
+                                           "its answers would not be CSGHub's; free the port and run again")
+        run([vbox, "startvm", name, "--type", "headless"], timeout=300)
         # First boot makes this copy's secrets and brings the stack up from local images.
         deadline = time.monotonic() + FIRST_BOOT_TIMEOUT
         url = f"http://127.0.0.1:{port.host}/"

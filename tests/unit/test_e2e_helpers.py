@@ -18,6 +18,7 @@ from tests.e2e.test_full_build import (
     http_status,
     imported,
     invoke_argv,
+    port_taken,
     report_problems,
     virtualbox_missing,
     wait_for_status,
@@ -132,3 +133,19 @@ def test_virtualbox_gate_names_what_is_missing(tmp_path: Path, monkeypatch: pyte
     (tmp_path / "VBoxManage").chmod(0o755)
     assert virtualbox_missing() == ("VirtualBox's kernel driver: missing: /dev/vboxdrv does not exist (the vboxdrv "
                                     "kernel module is not loaded)")
+
+
+def test_port_taken_sees_a_listener_on_the_forwarded_port() -> None:
+    """Before the imported copy starts, its HTTP port must be free: else another service would answer the asserts."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = int(listener.getsockname()[1])
+        assert port_taken(port)
+    assert not port_taken(port)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as wildcard:  # a service on every address holds it too
+        wildcard.bind(("0.0.0.0", 0))
+        wildcard.listen(1)
+        assert port_taken(int(wildcard.getsockname()[1]))

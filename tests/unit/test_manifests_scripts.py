@@ -10,6 +10,7 @@ is the e2e test's job (tests/e2e/test_full_build.py).
 from __future__ import annotations
 
 import os
+import pwd
 import shlex
 import shutil
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from appliance.manifests import manifest_yaml, render_manifests
 from appliance.run import run
 from appliance.values import generate_values
 from tests.chart import CHART_DIR
-from tests.csghub_stand_in import Gateway, GitSshdBanner, make_copy
+from tests.csghub_stand_in import Gateway, GitlabSshd, make_copy
 
 LIB = PROJECT_ROOT / "provision" / "files" / "csghub" / "lib.sh"
 K3S_STEP = PROJECT_ROOT / "provision" / "20-k3s.sh"
@@ -132,6 +133,8 @@ REGISTRY = ("registry", "registry-pw-1")
 # This copy's credentials (Secrets and ConfigMaps the k3s stand-in serves); the gateway stand-in's
 # services agree with them unless a test makes one differ.
 COPY = make_copy(ADMIN[1], REGISTRY[1])
+# The gitlab-sshd stand-in's login user (a real sshd takes only real users; gitlab-sshd's is "git").
+GIT_SSH_USER = pwd.getpwuid(os.getuid()).pw_name
 
 
 @pytest.fixture
@@ -150,20 +153,33 @@ def gateway(stand_in: Gateway) -> int:
     return stand_in.port
 
 
-@pytest.fixture(scope="module")
-def git_sshd() -> Iterator[int]:
-    """gitlab-sshd's greeting behind the git SSH NodePort (the gate reads its banner)."""
-    banner = GitSshdBanner()
+@pytest.fixture
+def gitlab_sshd(stand_in: Gateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GitlabSshd]:
+    """gitlab-sshd behind the git SSH NodePort: a real sshd that asks the stand-in's csghub-server whose key it is
+    (with the internal API's JWT, signed with the secret csghub-server holds unless a test changes it) and serves
+    a real ``git upload-pack`` (tests/csghub_stand_in.py)."""
+    if os.geteuid() != 0 or not shutil.which("git"):
+        pytest.skip("the gitlab-sshd stand-in needs root (sshd's AuthorizedKeysCommandUser) and git")
     try:
-        yield banner.port
+        sshd = GitlabSshd(tmp_path_factory.mktemp("gitlab-sshd"), stand_in.stand_in, stand_in.port,
+                          stand_in.stand_in.gitaly_jwt_secret)
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    try:
+        yield sshd
     finally:
-        banner.stop()
+        sshd.stop()
+
+
+@pytest.fixture
+def git_sshd(gitlab_sshd: GitlabSshd) -> int:
+    return gitlab_sshd.port
 
 
 @pytest.fixture(scope="module")
 def git_sshd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A real OpenSSH server: the build's read-back of the image record talks to it as to the guest, and
-    the gate's banner probe reads it (tests/unit/test_readiness.py)."""
+    the tests that need a plain sshd use it."""
     import sys
 
     sys.path.insert(0, str(PROJECT_ROOT / "tests" / "ssh"))
@@ -227,6 +243,7 @@ done
         "PROVISION_DIR": str(PROJECT_ROOT / "provision"), "ARTIFACT_DIR": str(art), "MANIFEST_DIR": str(art),
         "CSGHUB_CHART_VERSION": "2.4.0", "CSGHUB_DOMAIN": "csghub.localhost", "CSGHUB_HTTP_PORT": str(port),
         "K3S_NODE_IP": "127.0.0.1", "CSGHUB_POLL_SECONDS": "1", "CSGHUB_GIT_SSH_PORT": str(git_port),
+        "GATE_GIT_SSH_USER": GIT_SSH_USER,
         # The gate's files, kept out of the host's /etc and /run.
         "CSGHUB_READINESS": str(tmp_path / "readiness"), "K3S_REGISTRIES": str(tmp_path / "registries.yaml"),
         "GATE_HOSTS_FILE": str(tmp_path / "hosts"), "FAKE_HOST_STATE": str(tmp_path / "host"),
@@ -283,11 +300,12 @@ def test_csghub_step_runs_and_second_run_changes_nothing(tmp_path: Path, gateway
     # The gate: progress while the StatefulSet starts, then every check passed.
     # 13 checks: API, release, 3 Jobs, 2 workloads, KnativeServing, portal, csghub-server's API, the
     # admin's OAuth sign-in (held back until the workloads are ready: Casdoor locks accounts after
-    # failed sign-ins), git SSH, registry with credentials.
-    assert "progress: starting (11/13): waiting for statefulset csghub/csghub-postgresql" in out1
+    # failed sign-ins), a clone over SSH (it needs the sign-in's JWT), registry with credentials.
+    assert "progress: starting (10/13): waiting for statefulset csghub/csghub-postgresql" in out1
     assert "progress: ready" in out1
     assert ("ok: CSGHub is ready: jobs, workloads, Knative, portal, csghub-server's API, the admin's OAuth "
-            "sign-in, git SSH and the registry with this copy's credentials all answer") in out1
+            "sign-in (and csghub-server's callback), a clone over SSH and the registry with this copy's credentials "
+            "all answer") in out1
     assert (tmp_path / "readiness").read_text() == "ready\n"
     # registries.yaml with the credentials the cluster holds; k3s restarted to read it, once.
     registries = yaml.safe_load((tmp_path / "registries.yaml").read_text())
@@ -402,7 +420,8 @@ def test_csghub_step_checks_digests_the_version_lock_pins(tmp_path: Path, gatewa
     assert "1 image(s) differ from the version lock" in err
 
 
-def test_a_pinned_build_records_its_images_and_passes(tmp_path: Path, gateway: int, git_sshd_server: Any) -> None:
+def test_a_pinned_build_records_its_images_and_passes(tmp_path: Path, gateway: int, git_sshd: int,
+                                                       git_sshd_server: Any) -> None:
     """`invoke lock` pinned digests for the stand-in images: images.txt carries `NAME DIGEST` lines, the
     guest step accepts them, and the build host's read-back (over a real SSH session) passes."""
     import hashlib
@@ -425,7 +444,7 @@ def test_a_pinned_build_records_its_images_and_passes(tmp_path: Path, gateway: i
     fake_state(tmp_path, workloads=["Deployment csghub/csghub-portal 1 1"],
                httproutes=["csghub.localhost", "casdoor.csghub.localhost"],
                pod_images=["opencsghq/csghub-portal:v2.4.0-ce"], store=[kept], **GATE_STATE)
-    ((rc, out, err),) = csghub_step_in_namespace(tmp_path, gateway, 1, listed.splitlines(), git_sshd_server.port,
+    ((rc, out, err),) = csghub_step_in_namespace(tmp_path, gateway, 1, listed.splitlines(), git_sshd,
                                                  archive)
     assert rc == 0, out + err
     assert "ok: all 3 images of the declared set are stored and pinned" in out

@@ -3,10 +3,10 @@
 The gate's decisions are pure bash functions: canned facts in, one status line out, and each failure must give the
 right line. The names the gate relies on (Jobs, Secrets and their keys, Casdoor's organization and application, the
 registry route and its auth, the git SSH listener) are checked against the real chart 2.4.0 rendered by a real helm.
-The probes run against real components where they run here (OpenSSH for the git banner, curl against a loopback HTTP
-server for the gateway). csghub-reconfigure runs for real in a private mount namespace against the k3s stand-in
-(tests/data/fake_k3s.py), whose helm-controller rejects an upgrade while a finished Job of the release still exists,
-as Kubernetes does (a Job's pod template is immutable).
+The probes run against real components where they run here (a real OpenSSH sshd and `git upload-pack` behind the
+gitlab-sshd stand-in, curl against a loopback HTTP server for the gateway). csghub-reconfigure runs for real in a
+private mount namespace against the k3s stand-in (tests/data/fake_k3s.py), whose helm-controller rejects an upgrade
+while a finished Job of the release still exists, as Kubernetes does (a Job's pod template is immutable).
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ from tests.csghub_stand_in import Gateway
 from tests.unit.test_manifests_scripts import (  # noqa: F401  (fixtures)
     ADMIN,
     COPY,
+    GIT_SSH_USER,
     gateway,
     git_sshd,
-    git_sshd_server,
+    gitlab_sshd,
     stand_in,
 )
 
@@ -65,12 +66,16 @@ UP = ["api up", "release deployed", "job csghub/csghub-server-migrate complete",
       "workload Deployment csghub/csghub-portal ready", "workload StatefulSet csghub/csghub-postgresql ready"]
 # In the order gate_facts gives them.
 ENDPOINTS = ["knative knative-serving/knative-serving ready", "portal 200", "server 200 OK", "login ok",
-             "gitssh SSH-2.0-GitLab-SSHD", "registry 200 - pushed"]
+             "gitssh ok", "registry 200 - pushed"]
 RETRY = "; then sudo csghub-status --retry"
 
 
 def test_everything_answering_is_ready() -> None:
     assert verdict(*UP, *ENDPOINTS) == "ready"
+    # The admin changed the password after a sign-in proved here: no sign-in, so no key to clone with; no fault.
+    facts = _without("login", "login changed")
+    facts[facts.index("gitssh ok")] = "gitssh skipped"
+    assert verdict(*facts) == "ready"
     # Knative left out of this build (no CRD): no knative fact, nothing to wait for.
     assert verdict(*UP, *ENDPOINTS[1:]) == "ready"
 
@@ -108,7 +113,12 @@ def _without(prefix: str, *replacement: str) -> list[str]:
          "starting (12/13): waiting for the admin's sign-in through CSGHub's OAuth flow (Casdoor has locked the admin "
          "after failed sign-ins (You have entered the wrong password or code too many times, please wait for 15 "
          "minutes and try again))"),
-        (_without("gitssh", "gitssh -"), "starting (12/13): waiting for git over SSH (no SSH banner)"),
+        (_without("gitssh", "gitssh down"),
+         "starting (12/13): waiting for a clone over SSH (after the admin's sign-in)"),
+        (_without("gitssh",
+                  "gitssh waiting git over SSH: ssh: connect to host 10.0.2.15 port 30022: Connection refused"),
+         "starting (12/13): waiting for a clone over SSH (git over SSH: ssh: connect to host 10.0.2.15 port 30022: "
+         "Connection refused)"),
         # Not CSGHub's registry (or not through the gateway), or an auth scheme it does not use.
         (_without("registry", "registry 404 -"),
          "starting (12/13): waiting for the registry's /v2/ with this copy's credentials (HTTP 404)"),
@@ -122,7 +132,7 @@ def _without(prefix: str, *replacement: str) -> list[str]:
          "starting (13/13): waiting for pulling image opencsghq/csghub-server:v2.4.0-ce for csghub/csghub-server-0"),
     ],
     ids=["api", "release", "job", "workload", "knative", "knative-none", "portal", "portal-302", "server", "login",
-         "lockout", "gitssh", "registry-404", "registry-bearer", "registry-push", "pull"],
+         "lockout", "gitssh", "gitssh-no-answer", "registry-404", "registry-bearer", "registry-push", "pull"],
 )
 def test_pending_checks_say_starting_with_counts(facts: list[str], line: str) -> None:
     assert verdict(*facts) == line
@@ -157,8 +167,11 @@ def test_pending_checks_say_starting_with_counts(facts: list[str], line: str) ->
         ([*UP[:5], "workload StatefulSet csghub/csghub-postgresql waiting", "expired yes"],
          "failed: statefulset csghub/csghub-postgresql not ready in time — "
          "sudo k3s kubectl -n csghub describe statefulset csghub-postgresql" + RETRY),
-        ([*_without("gitssh", "gitssh -"), "expired yes"],
-         "failed: git over SSH (no SSH banner) not ready in time — "
+        (_without("gitssh", "gitssh refused gitlab-shell did not let in the admin's SSH key"),
+         "failed: a clone over SSH failed: gitlab-shell did not let in the admin's SSH key — "
+         "sudo k3s kubectl -n csghub logs deploy/csghub-gitlab-shell" + RETRY),
+        ([*_without("gitssh", "gitssh waiting no answer"), "expired yes"],
+         "failed: a clone over SSH (no answer) not ready in time — "
          "sudo k3s kubectl -n csghub logs deploy/csghub-gitlab-shell" + RETRY),
         ([*_without("knative", "knative knative-serving/knative-serving waiting"), "expired yes"],
          "failed: KnativeServing knative-serving/knative-serving to report Ready not ready in time — "
@@ -166,7 +179,7 @@ def test_pending_checks_say_starting_with_counts(facts: list[str], line: str) ->
         (["api down", "expired yes"],
          "failed: the cluster API not ready in time — sudo systemctl status k3s; sudo journalctl -u k3s" + RETRY),
     ],
-    ids=["release", "job", "login", "registry", "registry-push", "image-offline", "deadline-workload",
+    ids=["release", "job", "login", "registry", "registry-push", "image-offline", "deadline-workload", "gitssh",
          "deadline-gitssh",
          "deadline-knative", "deadline-api"],
 )
@@ -302,6 +315,39 @@ def test_url_helpers() -> None:
     assert bash("url_encode 'http://a:1/b c?d=e&f'").stdout == "http%3A%2F%2Fa%3A1%2Fb%20c%3Fd%3De%26f"
 
 
+def test_callback_and_git_outcomes() -> None:
+    """Where csghub-server's callback redirected, and how the upload-pack exchange ended, read as upstream answers
+    them (redirects as csghub-server v2.4.0-ce user/handler/user.go builds them)."""
+    from tests.csghub_stand_in import hs256_jwt
+
+    jwt = hs256_jwt(b"k", {"current_user": "root", "uuid": "u-1"})
+    assert bash(f"callback_outcome 'http://csghub.localhost:30080/server/callback?jwt={jwt}'").stdout == f"jwt {jwt}\n"
+    assert bash(f"jwt_claim current_user {jwt}").stdout.strip() == "root"
+    refused = ("http://x/errors/server-error?error_code=500&error_message=failed+to+signin%3A+failed+to+get+token+from"
+               "+casdoor%2Cerror%3Aoauth2%3A+%22invalid_client%22+%22client_secret+is+invalid%22")
+    out = bash(f"callback_outcome {shlex.quote(refused)}").stdout
+    assert out.startswith("refused csghub-server's own sign-in (its callback /api/v1/callback/casdoor) was refused by "
+                          "Casdoor: csghub-server holds another client secret"), out
+    assert out.rstrip().endswith('failed to signin: failed to get token from casdoor,error:oauth2: "invalid_client" '
+                                 '"client_secret is invalid"'), out
+    transient = "http://x/errors/server-error?error_code=500&error_message=failed%20to%20signin%3A%20db%20down"
+    assert bash(f"callback_outcome {shlex.quote(transient)}").stdout == (
+        "waiting csghub-server's callback: failed to signin: db down\n")
+    assert bash("callback_outcome ''").stdout.startswith("waiting csghub-server's callback")
+    assert bash("callback_outcome 'http://x/?jwt=not-a-jwt'").stdout.startswith("waiting")
+    # A percent sign, a backslash and a plus decode as themselves, nothing else is interpreted.
+    assert bash("url_decode 'a%25b%5Cn+c'").stdout == "a%b\\n c"
+    assert bash("url_decode 'x\\ty'").stdout == "x\\ty"
+    assert bash("git_outcome 0", "").stdout.strip() == "ok"
+    assert bash("git_outcome 255", "git@10.0.2.15: Permission denied (publickey).\n").stdout.startswith(
+        "refused gitlab-shell did not let in the admin's SSH key")
+    assert bash("git_outcome 1", "remote: The project you were looking for could not be found.\n").stdout.startswith(
+        "refused git over SSH let the admin in but found no repository csghub-appliance-readiness")
+    assert bash("git_outcome 255", "ssh: connect to host 10.0.2.15 port 30022: Connection refused\n").stdout == (
+        "waiting git over SSH: ssh: connect to host 10.0.2.15 port 30022: Connection refused\n")
+    assert bash("git_outcome 124", "").stdout == "waiting git over SSH: exit 124\n"
+
+
 def test_remembered_job_failures_outlive_the_job() -> None:
     facts = "job csghub/a complete\njob csghub/b running\n"
     out = bash("with_remembered_failures $'csghub/c\\ncsghub/b'", facts).stdout.splitlines()
@@ -368,15 +414,8 @@ def test_sync_registries_writes_once_and_restarts_k3s_only_on_change(tmp_path: P
 
 
 def probe_env(port: int, git_port: int = 1) -> dict[str, str]:
-    return {"CSGHUB_HTTP_PORT": str(port), "K3S_NODE_IP": "127.0.0.1", "CSGHUB_GIT_SSH_PORT": str(git_port)}
-
-
-def test_ssh_banner_probe_reads_a_real_sshd_and_the_gitlab_sshd_stand_in(git_sshd_server: Any,  # noqa: F811
-                                                                         git_sshd: int) -> None:  # noqa: F811
-    assert bash("gate_ssh_banner", env=probe_env(1, git_sshd_server.port)).stdout.startswith("SSH-2.0-OpenSSH")
-    assert bash("gate_ssh_banner", env=probe_env(1, git_sshd)).stdout.strip() == "SSH-2.0-GitLab-SSHD"
-    # Nothing listening: no banner, promptly.
-    assert bash("gate_ssh_banner", env=probe_env(1, 1)).stdout.strip() == "-"
+    return {"CSGHUB_HTTP_PORT": str(port), "K3S_NODE_IP": "127.0.0.1", "CSGHUB_GIT_SSH_PORT": str(git_port),
+            "GATE_GIT_SSH_USER": GIT_SSH_USER}
 
 
 def test_the_gateway_stand_in_routes_as_envoy_and_the_portal_do(gateway: int) -> None:  # noqa: F811
@@ -425,6 +464,17 @@ def test_a_correct_copy_is_ready(tmp_path: Path, stand_in: Gateway, git_sshd: in
     assert ("POST", "casdoor.csghub.localhost", "/api/login/oauth/access_token") in asked
     assert ("GET", "csghub.localhost", "/v2/") in asked
     assert ("GET", "csghub.localhost", "/api/v1/models") in asked
+    # csghub-server's own callback signed the admin in; with its JWT a throwaway key was registered, a repository
+    # made, its refs read over SSH (gitlab-sshd asked csghub-server's internal API whose key it was), both deleted.
+    assert ("GET", "csghub.localhost", "/api/v1/callback/casdoor") in asked
+    user = COPY.admin_user
+    assert ("POST", "csghub.localhost", f"/api/v1/user/{user}/ssh_keys") in asked
+    assert ("GET", "csghub-server", "/api/v4/internal/authorized_keys") in asked
+    deleted_key = [p for m, h, p in asked if m == "DELETE" and p.startswith(f"/api/v1/user/{user}/ssh_key/")]
+    assert len(deleted_key) == 1 and deleted_key[0].rsplit("/", 1)[1].startswith("csghub-appliance-readiness-")
+    assert ("DELETE", "csghub.localhost", f"/api/v1/models/{user}/csghub-appliance-readiness") in asked
+    assert stand_in.stand_in.ssh_keys == {}
+    assert stand_in.stand_in.repos_root is not None and not any(stand_in.stand_in.repos_root.rglob("*.git"))
 
 
 def test_the_probes_go_to_the_node_not_through_a_proxy_or_curlrc(tmp_path: Path, stand_in: Gateway,  # noqa: F811
@@ -482,6 +532,13 @@ def test_the_probes_go_to_the_node_not_through_a_proxy_or_curlrc(tmp_path: Path,
                            "(Secret csghub-casdoor-init) was refused: password or code is incorrect"),
         ("htpasswd", "failed: the registry refused this copy's credentials (Secret csghub-registry: its htpasswd "
                      "does not take REGISTRY_PASSWORD)"),
+        ("server_client_secret", "failed: the admin's sign-in through CSGHub's OAuth flow failed: csghub-server's "
+                                 "own sign-in (its callback /api/v1/callback/casdoor) was refused by Casdoor: "
+                                 "csghub-server holds another client secret than Casdoor's application CSGHub"),
+        ("gitaly_jwt_secret", "failed: a clone over SSH failed: gitlab-shell did not let in the admin's SSH key "
+                              "registered through CSGHub's API: it could not look the key up in csghub-server's "
+                              "internal API (its JWT secret, gitaly.applianceJwtSecret in gitlab-shell's config.yml, "
+                              "differs from csghub-server's STARHUB_SERVER_GITALY_JWT_SECRET)"),
     ],
 )
 def test_a_copy_whose_services_disagree_fails_naming_what(tmp_path: Path, stand_in: Gateway,  # noqa: F811
@@ -500,11 +557,18 @@ def test_a_copy_whose_services_disagree_fails_naming_what(tmp_path: Path, stand_
         services.signing_key = new_signing_key()  # the chart's fixed key, say, while csghub-server has this copy's
     elif mismatch == "admin_password":
         services.admin_password = "another-password"
+    elif mismatch == "server_client_secret":
+        services.server_client_secret = "csghub-servers-stale-secret"  # Casdoor's and the ConfigMap's agree
+    elif mismatch == "gitaly_jwt_secret":
+        services.gitaly_jwt_secret = "csghub-servers-own-secret"  # gitlab-shell signs with this copy's
     else:
         services.htpasswd = htpasswd_line(COPY.registry_user, "another-password")
     line = gate_line(tmp_path, stand_in.port, git_sshd)
     assert line.startswith(named), line
     assert line.endswith("; then sudo csghub-status --retry")
+    # Whatever failed, the throwaway key and repository are gone again.
+    assert services.ssh_keys == {}
+    assert services.repos_root is not None and not any(services.repos_root.rglob("*.git"))
 
 
 def test_a_password_the_admin_changed_after_a_proved_sign_in_is_no_failure(
@@ -844,7 +908,7 @@ def test_a_copys_gate_ends_ready_or_failed(tmp_path: Path, gateway: int, git_ssh
     for name, content in {**GATE_STATE, **extra}.items():
         (state / name).write_text("".join(f"{x}\n" for x in content))
     (etc / "appliance.env").write_text(f"CSGHUB_HTTP_PORT={gateway}\nK3S_NODE_IP=127.0.0.1\n"
-                                       f"CSGHUB_GIT_SSH_PORT={git_sshd}\n")
+                                       f"CSGHUB_GIT_SSH_PORT={git_sshd}\nGATE_GIT_SSH_USER={GIT_SSH_USER}\n")
     (tmp_path / "hosts").write_text("127.0.0.1 localhost\n")
     fakebin = tmp_path / "fakebin"
     fakebin.mkdir()

@@ -177,7 +177,10 @@ def test_recomputed_derivations_match_a_real_render(helm_bin: Path,
     hours = {t.strftime("%Y%m%d%H") for t in (before, after)}
     secrets = {o["metadata"]["name"]: o["data"] for o in objects_of_kind(objects, "Secret")}
     core = next(o["data"] for o in objects_of_kind(objects, "ConfigMap") if o["metadata"]["name"] == "csghub-core")
-    decode = lambda v: base64.b64decode(v).decode()  # noqa: E731
+
+    def decode(value: str) -> str:
+        return base64.b64decode(value).decode()
+
     assert decode(secrets["csghub-postgresql"]["POSTGRES_PASSWORD"]) in {
         chart_random_password("csghub", m) for m in minutes}
     assert decode(secrets["csghub-minio"]["MINIO_ROOT_PASSWORD"]) in {

@@ -15,12 +15,16 @@
 #     ConfigMap), and the token's signature checked against the certificate csghub-server checks
 #     tokens with (Secret csghub-casdoor-certs);
 #   - the registry lets this copy's credentials in (GET /v2/ with Secret csghub-registry: 200);
-#   - the git SSH port answers with an SSH banner (not yet a clone: see docs/first-boot.md).
+#     then a second code exchanged by csghub-server's own callback (/api/v1/callback/casdoor), which
+#     must redirect with CSGHub's JWT;
+#   - a clone over SSH works: a throwaway key registered for the admin through CSGHub's API (with that
+#     JWT), `git ls-remote` of a model repository made for it, both deleted after.
 # A lockout or any answer that may change is "starting"; only a definite refusal is "failed".
 # It also points k3s's containerd at CSGHub's own registry (registries.yaml with this copy's
 # credentials, read from Secret csghub-registry), so spaces CSGHub builds can start.
 #
-# Sourced, never executed. Needs bash, curl, openssl and `k3s kubectl` only (no Python on the guest).
+# Sourced, never executed. Needs bash, curl, openssl, ssh, ssh-keygen, git and `k3s kubectl` only (no
+# Python on the guest).
 # The decisions are pure functions (facts on stdin, one status line out) that
 # tests/unit/test_readiness.py runs on the build host with canned facts; the probes around
 # them only collect facts.
@@ -350,7 +354,9 @@ gate_hint() {
 #   login ok|changed|waiting WHY|refused WHAT|down   the admin's sign-in through CSGHub's OAuth flow
 #                                  ("changed": proved on this copy before, refused now: the admin
 #                                  changed the password, which CSGHub lets them do)
-#   gitssh BANNER|-                first line the git SSH port sent
+#   gitssh ok|skipped|waiting WHY|refused WHAT|down  git's ref listing over SSH with a key registered
+#                                  through CSGHub's API ("down": no sign-in to register it with;
+#                                  "skipped": the sign-in is "changed", see login)
 #   registry CODE CHALLENGE PUSH...  GET /v2/ with this copy's credentials: status and WWW-Authenticate
 #                                  scheme, then the push and pull of a test image: pushed | refused STEP |
 #                                  waiting STEP STATUS (- when /v2/ did not answer 200)
@@ -454,11 +460,12 @@ gate_verdict() {
                 ;;
             gitssh)
                 total=$((total + 1))
-                if [[ "$a" == SSH-* ]]; then
-                    done_count=$((done_count + 1))
-                else
-                    _gate_pend gitssh "" "git over SSH (no SSH banner)"
-                fi
+                case "$a" in
+                    ok | skipped) done_count=$((done_count + 1)) ;;
+                    refused) _gate_fail gitssh "" "a clone over SSH failed: ${line#gitssh refused }" ;;
+                    waiting) _gate_pend gitssh "" "a clone over SSH (${line#gitssh waiting })" ;;
+                    *) _gate_pend gitssh "" "a clone over SSH (after the admin's sign-in)" ;;
+                esac
                 ;;
             registry)
                 total=$((total + 1))
@@ -721,14 +728,15 @@ _gate_casdoor_post() {
         --resolve "$1:$CSGHUB_HTTP_PORT:$K3S_NODE_IP" "http://$1:$CSGHUB_HTTP_PORT$2" 2>/dev/null || printf '\n000'
 }
 
-# gate_login_fact CASDOOR_HOST -> "login ok|waiting WHY|refused WHAT|down": the admin signs in as
-# the portal's sign-in does (Casdoor's /api/login, type "code", with the client id and redirect URI
+# gate_login_fact CASDOOR_HOST DOMAIN -> "login ok|waiting WHY|refused WHAT|down": the admin signs in
+# as the portal's sign-in does (Casdoor's /api/login, type "code", with the client id and redirect URI
 # of CSGHUB_PORTAL_LOGIN_URL), the code is exchanged at Casdoor's token endpoint with
 # csghub-server's client secret, and the token must be signed by the certificate csghub-server
-# checks tokens with.
+# checks tokens with; then a second code goes to csghub-server's own callback, which must answer
+# with CSGHub's JWT (kept in _GATE_HUB_JWT for the git probe).
 gate_login_fact() {
     local user pass login_url client_id redirect secret cert_b64 body answer code outcome token dir query client_id_q redirect_q
-    local fingerprint="" record=""
+    local fingerprint="" record="" location
     user=$(gate_secret_value "$GATE_CASDOOR_SECRET" INIT_ADMIN_USER)
     pass=$(gate_secret_value "$GATE_CASDOOR_SECRET" INIT_ADMIN_PASSWORD)
     # The admin may change the password the Secret holds (CSGHub's profile page, Casdoor's admin
@@ -741,6 +749,7 @@ gate_login_fact() {
         fingerprint=${fingerprint%% *}
         record=$(cat "$GATE_SIGNIN_RECORD" 2>/dev/null || true)
         if [[ "$record" == "changed $fingerprint" ]]; then
+            _GATE_LOGIN_CHANGED=yes
             echo "login changed"
             return 0
         fi
@@ -771,6 +780,7 @@ gate_login_fact() {
     if [[ "$outcome" == "password "* ]]; then
         if [[ -n "$fingerprint" && "$record" == "proved $fingerprint" ]]; then
             _gate_signin_record "changed $fingerprint"
+            _GATE_LOGIN_CHANGED=yes
             echo "login changed"
         else
             echo "login refused ${outcome#password }"
@@ -798,13 +808,70 @@ gate_login_fact() {
         return 0
     }
     base64 -d <<<"$cert_b64" >"$dir/cert.pem" 2>/dev/null || true
-    if jwt_signed_by "$token" "$dir/cert.pem"; then
-        [[ -z "$fingerprint" || "$record" == "proved $fingerprint" ]] || _gate_signin_record "proved $fingerprint"
-        echo "login ok"
-    else
+    if ! jwt_signed_by "$token" "$dir/cert.pem"; then
+        rm -rf "$dir"
         echo "login refused Casdoor's token is not signed by the certificate csghub-server checks tokens with (Secret $GATE_CASDOOR_CERTS_SECRET, tls.crt)"
+        return 0
     fi
     rm -rf "$dir"
+    [[ -z "$fingerprint" || "$record" == "proved $fingerprint" ]] || _gate_signin_record "proved $fingerprint"
+    # Then the sign-in a browser finishes: a second code, exchanged by csghub-server's own callback with the
+    # secret csghub-server holds (a code is good once). Its JWT is what the git probe uses CSGHub's API with.
+    body=$(casdoor_code_login_body "$user" "$pass") || true # it made the same body above
+    answer=$(_gate_casdoor_post "$1" "/api/login?$query" <<<"$body")
+    outcome=$(casdoor_code_outcome <<<"${answer%$'\n'*}")
+    if [[ "${answer##*$'\n'}" != 200 || "$outcome" != "code "* ]]; then
+        echo "login waiting a second sign-in for csghub-server's callback (${outcome#* })"
+        return 0
+    fi
+    location=$(gate_callback_location "$2" "${outcome#code }")
+    outcome=$(callback_outcome "$location")
+    if [[ "$outcome" == "jwt "* ]]; then
+        _GATE_HUB_JWT=${outcome#jwt }
+        echo "login ok"
+    else
+        echo "login $outcome"
+    fi
+}
+
+# gate_callback_location DOMAIN CODE -> the Location csghub-server's OAuth callback answers with (not followed),
+# or nothing.
+gate_callback_location() {
+    local headers status
+    headers=$(_gate_curl -sS -o /dev/null -D - --max-time 30 --resolve "$1:$CSGHUB_HTTP_PORT:$K3S_NODE_IP" \
+        "http://$1:$CSGHUB_HTTP_PORT/api/v1/callback/casdoor?code=$(url_encode "$2")&state=casdoor" 2>/dev/null |
+        tr -d '\r') || true
+    status=$(_gate_status <<<"$headers")
+    if [[ "$status" == 302 ]]; then _gate_header Location <<<"$headers"; fi
+}
+
+# url_decode TEXT -> TEXT with %XX and + decoded (a backslash in TEXT stays one).
+url_decode() {
+    local s=${1//+/ }
+    s=${s//\\/\\\\}
+    printf '%b' "${s//%/\\x}"
+}
+
+# callback_outcome LOCATION < nothing -> "jwt TOKEN" | "refused WHAT" | "waiting WHY": where csghub-server's
+# GET /api/v1/callback/casdoor sent the browser (csghub-server v2.4.0-ce user/handler/user.go Casdoor: 302 to
+# the portal with ?jwt=, or to its error page with error_message="failed to signin: ..."; user/component/user.go
+# Signin: the code exchanged by Casdoor's SDK, oauth2's error text). invalid_client there means csghub-server
+# holds another client secret than Casdoor's application (its environment, from ConfigMap csghub-core when the
+# pod started).
+callback_outcome() {
+    local jwt message
+    jwt=$(url_query_value jwt "$1")
+    message=$(url_query_value error_message "$1")
+    message=$(url_decode "$message")
+    if [[ "$jwt" =~ ^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$ ]]; then
+        echo "jwt $jwt"
+    elif [[ "$message" == *invalid_client* ]]; then
+        echo "refused csghub-server's own sign-in (its callback /api/v1/callback/casdoor) was refused by Casdoor: csghub-server holds another client secret than Casdoor's application CSGHub (STARHUB_SERVER_CASDOOR_CLIENT_SECRET as csghub-server loaded it): $message"
+    elif [[ -n "$message" ]]; then
+        echo "waiting csghub-server's callback: $message"
+    else
+        echo "waiting csghub-server's callback (/api/v1/callback/casdoor) sent no JWT"
+    fi
 }
 
 # _gate_signin_record LINE: replace GATE_SIGNIN_RECORD's content with LINE (root only).
@@ -815,13 +882,120 @@ _gate_signin_record() {
     fi
 }
 
-# gate_ssh_banner -> the first line the git SSH port sends, or "-".
-gate_ssh_banner() {
-    local line
-    # shellcheck disable=SC2016  # the inner script expands its own positional parameters
-    line=$(timeout 10 bash -c 'exec 3<>"/dev/tcp/$1/$2"; IFS= read -r line <&3; printf "%s" "$line"' \
-        _ "$K3S_NODE_IP" "${CSGHUB_GIT_SSH_PORT:-30022}" 2>/dev/null | tr -d '\r') || true
-    echo "${line:--}"
+# The repository the git probe clones, made for the admin through CSGHub's API and deleted after.
+GATE_GIT_REPO=csghub-appliance-readiness
+# The SSH user of CSGHub's clone URLs (gitlab-sshd's, chart 2.4.0 templates/gitlab-shell/configmap.yaml).
+GATE_GIT_SSH_USER=${GATE_GIT_SSH_USER:-git}
+
+# _gate_hub_call METHOD PATH [BODY_FILE] -> the HTTP status of an API call to csghub-server through the
+# gateway as the signed-in admin (the JWT goes in a curl config on stdin, never on a command line).
+_gate_hub_call() {
+    local -a args=(-sS -o /dev/null -w '%{http_code}' --max-time 30 -X "$1" -K -
+        --resolve "$GATE_DOMAIN:$CSGHUB_HTTP_PORT:$K3S_NODE_IP")
+    [[ -z "${3:-}" ]] || args+=(-H 'Content-Type: application/json' --data-binary "@$3")
+    printf 'header = "Authorization: Bearer %s"\n' "$_GATE_HUB_JWT" |
+        _gate_curl "${args[@]}" "http://$GATE_DOMAIN:$CSGHUB_HTTP_PORT$2" 2>/dev/null || true
+}
+
+# jwt_claim NAME TOKEN -> the string claim NAME of a JWT's payload (not verified: the gate only reads
+# which user csghub-server signed in).
+jwt_claim() {
+    local payload
+    IFS=. read -r _ payload _ <<<"$2"
+    payload=$(b64url_decode "$payload") || return 0
+    json_field "$1" <<<"$payload"
+}
+
+# git_outcome EXIT_STATUS < ssh's stderr from the upload-pack exchange -> "ok" | "refused WHAT" | "waiting WHY".
+git_outcome() {
+    local err
+    err=$(cat)
+    if [[ "$1" == 0 ]]; then
+        echo ok
+    elif [[ "$err" == *"Permission denied (publickey"* ]]; then
+        echo "refused gitlab-shell did not let in the admin's SSH key registered through CSGHub's API: it could not look the key up in csghub-server's internal API (its JWT secret, gitaly.applianceJwtSecret in gitlab-shell's config.yml, differs from csghub-server's STARHUB_SERVER_GITALY_JWT_SECRET)"
+    elif [[ "$err" == *"could not be found"* || "$err" == *"does not appear to be a git repository"* ]]; then
+        echo "refused git over SSH let the admin in but found no repository $GATE_GIT_REPO just made through CSGHub's API (gitlab-shell and csghub-server disagree on where repositories live, or Gitaly lost it)"
+    else
+        err=$(head -n1 <<<"$err")
+        echo "waiting git over SSH: ${err:-exit $1}"
+    fi
+}
+
+# gate_git_fact DOMAIN -> "gitssh ok|skipped|waiting WHY|refused WHAT|down": what a user does to clone over SSH. A
+# throwaway key (made in a private temporary folder, removed after) is registered for the admin through
+# CSGHub's API (POST /api/v1/user/USER/ssh_keys, csghub-server v2.4.0-ce api/handler/sshkey.go) with the JWT of
+# the admin's sign-in; a private model repository is made (POST /api/v1/models); its refs are read over SSH
+# at the git NodePort as `git ls-remote` reads them, where gitlab-sshd asks csghub-server's internal API
+# whose key it is (with the internal API's JWT); then the repository and the key are deleted again.
+gate_git_fact() {
+    local user dir key_name rc=0 outcome code key_json pub user_json repo_json first
+    GATE_DOMAIN=$1
+    # The admin changed the password after a sign-in proved on this copy: the gate cannot sign in to
+    # register a key, and does not hold that against the copy (as for the sign-in itself).
+    if [[ "${_GATE_LOGIN_CHANGED:-}" == yes ]]; then
+        echo "gitssh skipped"
+        return 0
+    fi
+    if [[ -z "${_GATE_HUB_JWT:-}" ]]; then
+        echo "gitssh down"
+        return 0
+    fi
+    user=$(jwt_claim current_user "$_GATE_HUB_JWT")
+    [[ "$user" =~ ^[A-Za-z0-9_.-]+$ ]] || {
+        echo "gitssh waiting csghub-server's sign-in named no user"
+        return 0
+    }
+    dir=$(mktemp -d) || {
+        echo "gitssh waiting no temporary folder"
+        return 0
+    }
+    key_name=$(od -An -N6 -tx1 /dev/urandom) || key_name=$RANDOM$RANDOM
+    key_name=$GATE_GIT_REPO-${key_name//[[:space:]]/}
+    if ! ssh-keygen -q -t ed25519 -N '' -C "$key_name" -f "$dir/key" </dev/null >/dev/null 2>&1; then
+        rm -rf "$dir"
+        echo "gitssh waiting ssh-keygen failed"
+        return 0
+    fi
+    # Every value here is made by the gate or checked above: json_string cannot refuse one.
+    key_json=$(json_string "$key_name") || true
+    pub=$(<"$dir/key.pub")
+    pub=$(json_string "$pub") || true
+    printf '{"name":%s,"content":%s}' "$key_json" "$pub" >"$dir/key.json"
+    user_json=$(json_string "$user") || true
+    repo_json=$(json_string "$GATE_GIT_REPO") || true
+    printf '{"namespace":%s,"name":%s,"nickname":%s,"private":true,"license":"apache-2.0"}' \
+        "$user_json" "$repo_json" "$repo_json" >"$dir/repo.json"
+    code=$(_gate_hub_call POST "/api/v1/user/$user/ssh_keys" "$dir/key.json")
+    if [[ "$code" != 200 ]]; then
+        rm -rf "$dir"
+        if [[ "$code" == 401 ]]; then
+            echo "gitssh refused csghub-server did not take the JWT its own sign-in gave (HTTP 401 registering an SSH key)"
+        else
+            echo "gitssh waiting CSGHub's API answered HTTP $code registering an SSH key"
+        fi
+        return 0
+    fi
+    # A repository left from an interrupted run answers "exists" here; it is cloned and deleted all the same.
+    _gate_hub_call POST /api/v1/models "$dir/repo.json" >/dev/null
+    # What `git ls-remote` sends over SSH (git's protocol v0): upload-pack on the clone path, which answers with
+    # its refs as pkt-lines; the flush packet "0000" ends the exchange. No git needed on the node.
+    printf '0000' >"$dir/flush"
+    timeout 60 ssh -F /dev/null -i "$dir/key" -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=no \
+        -o UserKnownHostsFile=/dev/null -o ConnectTimeout=10 -o LogLevel=ERROR -p "${CSGHUB_GIT_SSH_PORT:-30022}" \
+        -- "$GATE_GIT_SSH_USER@$K3S_NODE_IP" "git-upload-pack '/models/$user/$GATE_GIT_REPO.git'" \
+        <"$dir/flush" >"$dir/refs" 2>"$dir/git.err" || rc=$?
+    # The first pkt-line: four hex digits of length and an object id, or only the flush packet (no refs yet).
+    first=$(head -c 44 "$dir/refs") || first=""
+    if ((rc == 0)) && ! [[ "$first" =~ ^([0-9a-f]{4}[0-9a-f]{40}|0000)$ ]]; then
+        rc=1
+        echo "upload-pack sent no refs" >>"$dir/git.err"
+    fi
+    outcome=$(git_outcome "$rc" <"$dir/git.err")
+    _gate_hub_call DELETE "/api/v1/models/$user/$GATE_GIT_REPO" >/dev/null
+    _gate_hub_call DELETE "/api/v1/user/$user/ssh_key/$key_name" >/dev/null
+    rm -rf "$dir"
+    echo "gitssh $outcome"
 }
 
 # gate_casdoor_host: the login service's host name, from its HTTPRoute.
@@ -834,7 +1008,7 @@ gate_casdoor_host() {
 # login is tried only once every job and workload is done: Casdoor locks an account after
 # repeated failed logins, and a half-started stack would only produce noise.
 gate_facts() {
-    local domain=$1 release jobs workloads casdoor portal banner failed_seen recorded
+    local domain=$1 release jobs workloads casdoor portal failed_seen recorded
     if ! _gate_kc get --raw /readyz >/dev/null 2>&1; then
         echo "api down"
         return 0
@@ -883,10 +1057,9 @@ gate_facts() {
     if [[ -z "$workloads" || -z "$casdoor" ]] || grep -qE '^(job .* (running|failed)|workload .* waiting)$' <<<"$jobs"$'\n'"$workloads"; then
         echo "login down"
     else
-        gate_login_fact "$casdoor"
+        gate_login_fact "$casdoor" "$domain"
     fi
-    banner=$(gate_ssh_banner)
-    echo "gitssh $banner"
+    gate_git_fact "$domain"
     gate_registry_fact "$domain"
 }
 
