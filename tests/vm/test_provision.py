@@ -273,7 +273,7 @@ def test_csghub_step_completes_with_the_guests_network_cut_and_pulls_nothing(
     from appliance.upload import upload_file
     from appliance.values import generate_values
     from tests.chart import CHART_DIR, helm_binary
-    from tests.csghub_stand_in import Gateway, GitSshdBanner, make_copy
+    from tests.csghub_stand_in import Gateway, GitlabSshd, make_copy
     from tests.registry import Registry, image_blobs, registry_missing, write_layout
 
     started = time.monotonic()
@@ -283,7 +283,7 @@ def test_csghub_step_completes_with_the_guests_network_cut_and_pulls_nothing(
                       "vm.disk_gb=200",
                       f"network.forwarded_ports=[{{name: http, guest: {GATE_HTTP_PORT}, host: 30080}}, "
                       f"{{name: git-ssh, guest: {GATE_GIT_SSH_PORT}, host: 30022}}]",
-                      "provision.timeouts={csghub: 600}")  # a gate that never passes fails here, not in 90 min
+                      "provision.timeouts={csghub: 300}")  # a gate that never passes fails here, not in 90 min
     helm = helm_binary()
     assert helm is not None and CHART_DIR.is_dir(), "helm and the vendored chart 2.4.0 are needed (scripts/setup.sh)"
     assert registry_missing() is None, registry_missing()
@@ -358,7 +358,10 @@ def test_csghub_step_completes_with_the_guests_network_cut_and_pulls_nothing(
                 f"printf '#!/bin/sh\\nFAKE_K3S_STATE={STAND_IN_STATE} exec {STAND_IN_DIR}/python/usr/bin/python3.11 "
                 f"{STAND_IN_DIR}/fake_k3s.py \"$@\"\\n' > /usr/local/bin/k3s; chmod 0755 /usr/local/bin/k3s"
             )
-            gateway, git_sshd = Gateway(copy.stand_in()), GitSshdBanner()
+            gateway = Gateway(copy.stand_in())
+            # gitlab-sshd: a real sshd that asks the stand-in's csghub-server whose key it is and serves git.
+            git_sshd = GitlabSshd(tmp_path / "gitlab-sshd", gateway.stand_in, gateway.port,
+                                  gateway.stand_in.gitaly_jwt_secret)
             _forward_to_host(vm.session, {GATE_HTTP_PORT: gateway.port, GATE_GIT_SSH_PORT: git_sshd.port})
 
             scripts = tmp_path / "provision"
