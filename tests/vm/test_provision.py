@@ -11,6 +11,7 @@ guest's outbound network cut, the real csghub step against the k3s stand-in: it 
 from __future__ import annotations
 
 import contextlib
+import getpass
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -369,6 +370,14 @@ def test_csghub_step_completes_with_the_guests_network_cut_and_pulls_nothing(
             shutil.copy(PROJECT_ROOT / "provision" / "30-csghub.sh", scripts / "30-csghub.sh")
             for support in ("common", "csghub"):
                 shutil.copytree(PROJECT_ROOT / "provision" / "files" / support, scripts / "files" / support)
+            # The gate clones over SSH as gitlab-sshd's user `git`; the stand-in is a real OpenSSH sshd on
+            # this host, which logs in real users only, so the gate's copy here logs in as the test's own
+            # user (the unit tier sets GATE_GIT_SSH_USER the same way; the step runner passes no such knob).
+            gate = scripts / "files" / "common" / "readiness.sh"
+            default = "GATE_GIT_SSH_USER=${GATE_GIT_SSH_USER:-git}"
+            assert default in gate.read_text()
+            as_tester = f"GATE_GIT_SSH_USER=${{GATE_GIT_SSH_USER:-{getpass.getuser()}}}"
+            gate.write_text(gate.read_text().replace(default, as_tester))
             step_started = time.monotonic()
             report = Provisioner(cfg, vm.session, directory=scripts, uploads=uploads).run(Options())
             step_seconds = time.monotonic() - step_started
