@@ -40,9 +40,9 @@ def registry_missing() -> str | None:
     return None
 
 
-def _free_port() -> int:
+def _free_port(address: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((address, 0))
         return int(sock.getsockname()[1])
 
 
@@ -114,15 +114,17 @@ class Registry:
 
     ``tls=False`` serves plain HTTP (as the chart's in-cluster registry does behind its gateway);
     ``htpasswd_hash`` is the user's htpasswd hash as the caller made it (default: bcrypt here), and
-    ``realm`` the basic-auth realm announced."""
+    ``realm`` the basic-auth realm announced. ``address`` is the IPv4 address it listens on (and its
+    certificate names): loopback unless a test VM must reach it (the libvirt network's host address)."""
 
     def __init__(self, base: Path, user: str | None = None, password: str | None = None, *, tls: bool = True,
-                 htpasswd_hash: str | None = None, realm: str = "test") -> None:
+                 htpasswd_hash: str | None = None, realm: str = "test", address: str = "127.0.0.1") -> None:
         self.base = base
         self.user, self.password = user, password
         self.tls, self.htpasswd_hash, self.realm = tls, htpasswd_hash, realm
-        self.port = _free_port()
-        self.host = f"127.0.0.1:{self.port}"
+        self.address = address
+        self.port = _free_port(address)
+        self.host = f"{address}:{self.port}"
         self.storage = base / "storage"
         self.ca_dir = base / "ca"  # skopeo --*-cert-dir: ca.crt
         self.process: subprocess.Popen[bytes] | None = None
@@ -132,11 +134,11 @@ class Registry:
         ca_key, ca_crt = self.base / "ca.key", self.ca_dir / "ca.crt"
         key, csr, crt = self.base / "server.key", self.base / "server.csr", self.base / "server.crt"
         ext = self.base / "ext.cnf"
-        ext.write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+        ext.write_text(f"subjectAltName=IP:{self.address}\nbasicConstraints=CA:FALSE\n")
         run = [
             ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test CA",
              "-keyout", str(ca_key), "-out", str(ca_crt)],
-            ["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", str(key),
+            ["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={self.address}", "-keyout", str(key),
              "-out", str(csr)],
             ["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key),
              "-CAcreateserial", "-days", "2", "-extfile", str(ext), "-out", str(crt)],
@@ -161,7 +163,7 @@ class Registry:
         config.write_text(
             "version: 0.1\nlog:\n  level: info\n"
             f"storage:\n  filesystem:\n    rootdirectory: {self.storage}\n  delete:\n    enabled: true\n"
-            f"http:\n  addr: 127.0.0.1:{self.port}\n" + tls + auth
+            f"http:\n  addr: {self.address}:{self.port}\n" + tls + auth
         )
         with open(self.base / "registry.log", "wb") as log:
             self.process = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log, stderr=log,
@@ -171,7 +173,7 @@ class Registry:
             if self.process.poll() is not None:
                 raise RuntimeError(f"docker-registry exited: {(self.base / 'registry.log').read_text()[-2000:]}")
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                socket.create_connection((self.address, self.port), timeout=1).close()
                 return
             except OSError:
                 time.sleep(0.1)
