@@ -209,8 +209,9 @@ def test_credentials_come_from_the_auth_file_and_appear_nowhere(tmp_path: Path, 
                 assert secret.encode() not in path.read_bytes(), path
 
 
-def test_the_archive_imported_into_containerd_holds_exactly_the_set(
-        tmp_path: Path, registry: tuple[Registry, dict[str, Any]], containerd: Containerd) -> None:
+def _archive_of_a_set(tmp_path: Path, registry: tuple[Registry, dict[str, Any]]
+                      ) -> tuple[ApplianceConfig, list[tuple[str, str]], Path]:
+    """Lock and fetch four images (one named by its multi-arch index) and write the archive the build uploads."""
     reg, facts = registry
     cfg = _cfg(tmp_path, reg)
     lock_path = _lock(tmp_path)
@@ -219,6 +220,12 @@ def test_the_archive_imported_into_containerd_holds_exactly_the_set(
     fetch_images(cfg, pinned)
     archive = tmp_path / "images.tar"
     write_archive(image_store(cfg), pinned, archive)
+    return cfg, pinned, archive
+
+
+def test_the_archive_imported_into_containerd_holds_exactly_the_set(
+        tmp_path: Path, registry: tuple[Registry, dict[str, Any]], containerd: Containerd) -> None:
+    _, pinned, archive = _archive_of_a_set(tmp_path, registry)
     started = time.monotonic()
     # What the csghub step runs (k3s ctr), unpacking.
     containerd.ctr("images", "import", "--platform", "linux/amd64", str(archive))
@@ -570,14 +577,7 @@ def test_the_archive_imported_into_containerd_2_as_k3s_ships_it(
         pytest.skip(why)
     if os.geteuid() != 0:
         pytest.skip("containerd needs root")
-    reg, facts = registry
-    cfg = _cfg(tmp_path, reg)
-    lock_path = _lock(tmp_path)
-    lock_images(cfg, [PORTAL, REDIS, TOOL, by_index(facts)], lock_path)
-    pinned = [(n, d) for n, d in _pins(cfg, lock_path, by_index(facts)) if d]
-    fetch_images(cfg, pinned)
-    archive = tmp_path / "images.tar"
-    write_archive(image_store(cfg), pinned, archive)
+    cfg, pinned, archive = _archive_of_a_set(tmp_path, registry)
     daemon = Containerd(tmp_path / "containerd2", CONTAINERD2_DIR)
     daemon.base.mkdir()
     daemon.start()
@@ -587,7 +587,7 @@ def test_the_archive_imported_into_containerd_2_as_k3s_ships_it(
         listed = daemon.ctr("images", "ls").stdout.splitlines()[1:]
         assert sorted((line.split()[0], line.split()[2]) for line in listed) == sorted(pinned)
         daemon.ctr("images", "rm", *daemon.names())
-        index = json.loads((image_store(cfg) / "blobs" / "sha256" / facts["index"].split(":")[1]).read_bytes())
+        index = json.loads((image_store(cfg) / "blobs" / "sha256" / registry[1]["index"].split(":")[1]).read_bytes())
         (arm64,) = [m["digest"] for m in index["manifests"] if m["platform"]["architecture"] == "arm64"]
         every = daemon.ctr("images", "import", "--all-platforms", str(archive), check=False)
         assert every.returncode != 0 and f"{arm64}: not found" in every.stderr, every.stderr

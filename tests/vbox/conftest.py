@@ -15,6 +15,9 @@
 ``vboxmanage_on_path`` (function) -> Path of a ``VBoxManage`` wrapper put first on PATH, so the
     project's own code (``export_virtualbox``, verify) runs the real VirtualBox unchanged.
 
+``assert_disk_reads_back(vbox, info, source, work)``: the imported VM's first SATA disk, cloned to raw, is
+``source`` byte for byte (``qemu-img compare``).
+
 ``vm_name`` (function) -> a VM name unique to the test; ``make_cfg``, ``small_disk``,
 ``built_ova``: like tests/unit's (a 64 MiB disk with data in three places, its OVF 1.0 OVA).
 """
@@ -33,6 +36,7 @@ import pytest
 from appliance.config import PROJECT_ROOT
 from appliance.errors import PrerequisiteMissing
 from appliance.providers.virtualbox.chroot import VBoxSession, ensure_chroot
+from appliance.run import run
 
 SHARED = (PROJECT_ROOT / ".." / "shared").resolve()
 
@@ -91,3 +95,14 @@ def import_ova(vbox: VBoxSession) -> Iterator[Callable[..., dict[str, str]]]:
     yield do_import
     for name in imported:
         vbox.manage("unregistervm", name, "--delete", check=False)
+
+
+def assert_disk_reads_back(vbox: VBoxSession, info: dict[str, str], source: Path, work: Path) -> None:
+    """The imported VM's first SATA disk holds ``source`` (qcow2) byte for byte: cloned to raw by VirtualBox,
+    compared by ``qemu-img compare`` (exit 1, a failed run, on any differing byte)."""
+    raw = work / "readback.raw"
+    vbox.manage("clonemedium", "disk", info["SATA-ImageUUID-0-0"], str(raw), "--format", "RAW")
+    try:
+        run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(source), str(raw)])
+    finally:
+        vbox.manage("closemedium", "disk", str(raw), check=False)

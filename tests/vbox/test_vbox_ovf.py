@@ -16,7 +16,7 @@ from appliance.config import ApplianceConfig
 from appliance.export.ova import write_ova
 from appliance.providers.virtualbox.chroot import VBoxSession
 from appliance.providers.virtualbox.export import nat_rules, parse_machinereadable
-from appliance.run import run
+from tests.vbox.conftest import assert_disk_reads_back
 
 pytestmark = pytest.mark.vbox
 
@@ -119,10 +119,4 @@ def test_two_imports_of_one_ova_coexist(vbox: VBoxSession, built_ova: Path,
 def test_imported_disk_reads_back_identical(vbox: VBoxSession, built_ova: Path, small_disk: Path, tmp_path: Path,
                                             import_ova: Callable[..., dict[str, str]], vm_name: str) -> None:
     info = import_ova(built_ova, vm_name)
-    raw = tmp_path / "readback.raw"
-    vbox.manage("clonemedium", "disk", info["SATA-ImageUUID-0-0"], str(raw), "--format", "RAW")
-    try:
-        # qemu-img compare: identical contents (exit 0); a differing byte would exit 1.
-        run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(small_disk), str(raw)])
-    finally:
-        vbox.manage("closemedium", "disk", str(raw), check=False)
+    assert_disk_reads_back(vbox, info, small_disk, tmp_path)

@@ -16,7 +16,7 @@ from appliance.config import ApplianceConfig
 from appliance.export.ova import write_ova
 from appliance.formats import VMWARE_OVA
 from appliance.providers.virtualbox.chroot import VBoxSession
-from appliance.run import run
+from tests.vbox.conftest import assert_disk_reads_back
 
 pytestmark = pytest.mark.vbox
 
@@ -38,10 +38,5 @@ def test_vmware_ova_imports_into_virtualbox_with_its_hardware_and_disk(
     assert info["nictype1"] == "82540EM"
     assert info["vrde"] == "off"
 
-    raw = tmp_path / "readback.raw"
-    vbox.manage("clonemedium", "disk", info["SATA-ImageUUID-0-0"], str(raw), "--format", "RAW")
-    try:
-        # The same sealed disk as the VirtualBox OVA: byte for byte the source (qemu-img compare exits 1 otherwise).
-        run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(small_disk), str(raw)])
-    finally:
-        vbox.manage("closemedium", "disk", str(raw), check=False)
+    # The same sealed disk as the VirtualBox OVA, byte for byte.
+    assert_disk_reads_back(vbox, info, small_disk, tmp_path)
