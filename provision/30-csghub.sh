@@ -215,6 +215,11 @@ if [[ "$GATE_VERDICT" != ready ]]; then
     "${KC[@]}" get pods -A --field-selector=status.phase!=Running,status.phase!=Succeeded >&2 || true
     die "CSGHub is not ready: $GATE_VERDICT"
 fi
+# What the clone probe made on CSGHub and could not delete would be in every copy made from this build.
+if [[ -s "$GATE_GIT_LEFTOVERS" ]]; then
+    leftovers=$(paste -sd ';' "$GATE_GIT_LEFTOVERS") || leftovers="(unreadable: $GATE_GIT_LEFTOVERS)"
+    die "the readiness gate's clone probe could not delete from CSGHub (every copy would hold it): $leftovers"
+fi
 echo "ok: CSGHub is ready: jobs, workloads, Knative, portal, csghub-server's API, the admin's OAuth sign-in (and csghub-server's callback), a clone over SSH and the registry with this copy's credentials all answer"
 login_host=$(gate_casdoor_host)
 

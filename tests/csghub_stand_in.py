@@ -28,9 +28,12 @@ does at the version the chart deploys. Each answer below names the upstream file
   user/handler/user.go ``Casdoor``, user/component/user.go ``Signin``, the proxy in api/router/api.go; the
   JWT's claims ``uuid``/``current_user``, common/types/jwt.go; the oauth2 error text is golang.org/x/oauth2's
   ``RetrieveError``). A ``Bearer`` JWT signed with ``hub_jwt_key`` authenticates (api/middleware/authenticator.go
-  ``isValidJWTToken``; else 401); ``POST /api/v1/user/:username/ssh_keys`` ``{"name", "content"}`` and
+  ``isValidJWTToken``; else 401); ``GET /api/v1/user/:username/ssh_keys``
+  (``{"data": [{"id", "name", "content", ...}]}``),
+  ``POST /api/v1/user/:username/ssh_keys`` ``{"name", "content"}`` and
   ``DELETE /api/v1/user/:username/ssh_key/:name`` (api/handler/sshkey.go, ``UserMatch``: the path's user must be
-  the JWT's); ``POST /api/v1/models`` ``{"namespace", "name", "private"}`` makes a bare repository,
+  the JWT's); ``POST /api/v1/models`` ``{"namespace", "name", "private"}`` makes a bare repository (400 when it exists,
+  api/handler/model.go ``Create``: ``BadRequestWithExt``),
   ``DELETE /api/v1/models/:namespace/:name`` removes it (api/router/api.go); ``GET
   /api/v4/internal/authorized_keys?key=`` answers ``{"id", "key"}`` only with a ``Gitlab-Shell-Api-Request``
   JWT signed with ``gitaly_jwt_secret`` (api/middleware/gitlab_shell_jwt.go: 401 ``{"error": ...}`` otherwise;
@@ -160,6 +163,8 @@ class StandIn:
     external: str = ""  # the copy's URL base (where the callback redirects)
     repos_root: Path | None = None  # where csghub-server's (Gitaly's) repositories live, bare
     ssh_keys: dict[int, tuple[str, str, str]] = field(default_factory=dict)  # id -> (user, name, content)
+    key_deletes_fail: bool = False  # DELETE .../ssh_key/:name answers 500 (its database call failing, say)
+    repo_creates_fail: bool = False  # POST /api/v1/models answers 500 (Gitaly not answering, say)
     # Casdoor's per-user state and issued codes.
     wrong_times: int = 0
     last_wrong: float = 0.0
@@ -263,17 +268,27 @@ class StandIn:
         if parts[2:3] == ["user"] and len(parts) >= 5:
             if parts[3] != user:  # UserMatch
                 return 401, {"msg": "user not match"}
+            if method == "GET" and parts[4] == "ssh_keys" and len(parts) == 5:
+                # api/handler/sshkey.go Index: httpbase.OK with the user's database.SSHKey rows
+                # (builder/store/database/ssh_key.go: "id", "git_id", "name", "content", "user_id", ...).
+                return 200, {"msg": "OK", "data": [
+                    {"id": key_id, "git_id": key_id, "name": name, "content": content, "user_id": 1}
+                    for key_id, (owner, name, content) in sorted(self.ssh_keys.items()) if owner == user]}
             if method == "POST" and parts[4] == "ssh_keys":
                 key_id = max(self.ssh_keys, default=0) + 1
                 self.ssh_keys[key_id] = (user, str(form.get("name", "")), str(form.get("content", "")).strip())
                 return 200, {"msg": "OK", "data": {"id": key_id, "name": form.get("name")}}
             if method == "DELETE" and parts[4] == "ssh_key" and len(parts) == 6:
+                if self.key_deletes_fail:
+                    return 500, {"msg": "failed to delete ssh key"}
                 for key_id, (owner, name, _) in list(self.ssh_keys.items()):
                     if owner == user and name == parts[5]:
                         del self.ssh_keys[key_id]
                 return 200, {"msg": "OK", "data": None}
         if parts[2:3] == ["models"] and self.repos_root is not None:
             if method == "POST" and len(parts) == 3:
+                if self.repo_creates_fail:
+                    return 500, {"msg": "failed to create repository"}
                 repo = self.repos_root / "models" / str(form.get("namespace")) / f"{form.get('name')}.git"
                 if repo.exists():
                     return 400, {"msg": "repository already exists"}

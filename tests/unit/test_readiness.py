@@ -564,12 +564,87 @@ def test_a_copy_whose_services_disagree_fails_naming_what(tmp_path: Path, stand_
         services.gitaly_jwt_secret = "csghub-servers-own-secret"  # gitlab-shell signs with this copy's
     else:
         services.htpasswd = htpasswd_line(COPY.registry_user, "another-password")
-    line = gate_line(tmp_path, stand_in.port, git_sshd)
+    refusals = f"GATE_GIT_REFUSALS={tmp_path}/git-refusals;"
+    if mismatch == "gitaly_jwt_secret":
+        # gitlab-shell also refuses a key when its internal API call fails for a moment: definite only 3 polls in a row.
+        for poll in (1, 2):
+            line = gate_line(tmp_path, stand_in.port, git_sshd, extra=refusals)
+            assert line.startswith("starting") and f"({poll} of 3 polls in a row" in line, line
+    line = gate_line(tmp_path, stand_in.port, git_sshd, extra=refusals)
     assert line.startswith(named), line
     assert line.endswith("; then sudo csghub-status --retry")
     # Whatever failed, the throwaway key and repository are gone again.
     assert services.ssh_keys == {}
     assert services.repos_root is not None and not any(services.repos_root.rglob("*.git"))
+
+
+def test_the_clone_probe_removes_what_an_earlier_run_left_and_reports_what_it_cannot(
+        tmp_path: Path, stand_in: Gateway, git_sshd: int) -> None:  # noqa: F811
+    """A gate killed mid-probe leaves a key and a repository on CSGHub: the next probe deletes both. A DELETE that
+    fails is written down (the build fails on it, first boot warns), and a repository CSGHub could not make is
+    waiting, not a failure."""
+    services = stand_in.stand_in
+    user = COPY.admin_user
+    assert services.repos_root is not None
+    services.ssh_keys[7] = (user, "csghub-appliance-readiness-00aa11bb22cc", "ssh-ed25519 AAAAleft-by-a-killed-run")
+    services.ssh_keys[8] = (user, "the-admins-laptop", "ssh-ed25519 AAAAthe-admins-own")
+    (services.repos_root / "models" / user).mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", "--bare", str(services.repos_root / "models" / user
+                                                        / "csghub-appliance-readiness.git")], check=True)
+    leftovers = tmp_path / "git-leftovers"
+    extra = f"GATE_GIT_LEFTOVERS={leftovers};"
+    assert gate_line(tmp_path, stand_in.port, git_sshd, extra=extra) == "ready"
+    assert list(services.ssh_keys.values()) == [(user, "the-admins-laptop", "ssh-ed25519 AAAAthe-admins-own")]
+    assert not any(services.repos_root.rglob("*.git"))
+    assert leftovers.read_text() == ""
+
+    services.key_deletes_fail = True
+    assert gate_line(tmp_path, stand_in.port, git_sshd, extra=extra) == "ready"
+    left = leftovers.read_text()
+    assert left.startswith("the SSH key csghub-appliance-readiness-") and "(DELETE answered HTTP 500)" in left, left
+    assert len(services.ssh_keys) == 2
+
+    services.key_deletes_fail = False
+    services.repo_creates_fail = True
+    line = gate_line(tmp_path, stand_in.port, git_sshd, extra=extra)
+    assert line.startswith("starting") and "HTTP 500 making the repository" in line, line
+    assert list(services.ssh_keys.values()) == [(user, "the-admins-laptop", "ssh-ed25519 AAAAthe-admins-own")]
+    assert leftovers.read_text() == ""
+
+
+def test_the_gate_warns_of_what_the_clone_probe_left_and_starts_each_run_afresh(tmp_path: Path) -> None:
+    """What a probe could not delete is in the log when the gate ends (the build's csghub step then fails on the
+    file); a new run forgets an earlier run's refusals and leftovers."""
+    (tmp_path / "git-refusals").write_text("2\n")
+    (tmp_path / "git-leftovers").write_text("stale from an earlier run\n")
+    facts = "\\n".join([*UP, *ENDPOINTS])
+    left = "the SSH key k of admin (DELETE answered HTTP 500)"
+    out = bash(f'sync_registries() {{ :; }}; gate_facts() {{ [[ ! -e "$GATE_GIT_REFUSALS" ]] || echo "api down"; '
+               f'echo "{left}" >>"$GATE_GIT_LEFTOVERS"; printf "{facts}\\n"; }}; '
+               f'readiness_gate csghub.localhost 30 {tmp_path}/ready; echo "verdict=$GATE_VERDICT"').stdout
+    assert "verdict=ready" in out, out
+    assert f"warning: the clone probe could not delete from CSGHub: {left}\n" in out, out
+    assert (tmp_path / "git-leftovers").read_text() == f"{left}\n"
+
+
+def test_no_code_jwt_or_secret_is_on_a_command_line(tmp_path: Path, stand_in: Gateway,  # noqa: F811
+                                                    git_sshd: int) -> None:  # noqa: F811
+    """Every curl the gate runs is recorded (a wrapper first on PATH): none has the OAuth code, the JWT, or a
+    password or client secret in its argv, which any user on the node can read in ps."""
+    wrappers = tmp_path / "wrappers"
+    wrappers.mkdir()
+    argv = tmp_path / "argv"
+    real_curl = shutil.which("curl")
+    assert real_curl is not None
+    (wrappers / "curl").write_text(f'#!/bin/bash\nprintf "%s\\n" "$*" >>{argv}\nexec {real_curl} "$@"\n')
+    (wrappers / "curl").chmod(0o755)
+    line = gate_line(tmp_path, stand_in.port, git_sshd, extra=f"export PATH={wrappers}:$PATH;")
+    assert line == "ready"
+    lines = argv.read_text().splitlines()
+    assert len(lines) > 5 and any("/api/login" in li for li in lines)
+    secrets_ = [COPY.admin_password, COPY.registry_password, stand_in.stand_in.client_secret, "code=", "Bearer",
+                "jwt="]
+    assert [li for li in lines if any(s in li for s in secrets_)] == []
 
 
 def test_a_password_the_admin_changed_after_a_proved_sign_in_is_no_failure(

@@ -23,8 +23,8 @@
 # It also points k3s's containerd at CSGHub's own registry (registries.yaml with this copy's
 # credentials, read from Secret csghub-registry), so spaces CSGHub builds can start.
 #
-# Sourced, never executed. Needs bash, curl, openssl, ssh, ssh-keygen, git and `k3s kubectl` only (no
-# Python on the guest).
+# Sourced, never executed. Needs bash, curl, openssl, ssh, ssh-keygen and `k3s kubectl` only (no git:
+# the clone probe speaks git's protocol over ssh itself; no Python on the guest).
 # The decisions are pure functions (facts on stdin, one status line out) that
 # tests/unit/test_readiness.py runs on the build host with canned facts; the probes around
 # them only collect facts.
@@ -836,11 +836,13 @@ gate_login_fact() {
 
 # gate_callback_location DOMAIN CODE -> the Location csghub-server's OAuth callback answers with (not followed),
 # or nothing.
+# The URL (with the one-time code) goes in a curl config on stdin, never on a command line (ps shows those).
 gate_callback_location() {
     local headers status
-    headers=$(_gate_curl -sS -o /dev/null -D - --max-time 30 --resolve "$1:$CSGHUB_HTTP_PORT:$K3S_NODE_IP" \
-        "http://$1:$CSGHUB_HTTP_PORT/api/v1/callback/casdoor?code=$(url_encode "$2")&state=casdoor" 2>/dev/null |
-        tr -d '\r') || true
+    headers=$(printf 'url = "http://%s:%s/api/v1/callback/casdoor?code=%s&state=casdoor"\n' \
+        "$1" "$CSGHUB_HTTP_PORT" "$(url_encode "$2")" |
+        _gate_curl -sS -o /dev/null -D - --max-time 30 -K - --resolve "$1:$CSGHUB_HTTP_PORT:$K3S_NODE_IP" \
+            2>/dev/null | tr -d '\r') || true
     status=$(_gate_status <<<"$headers")
     if [[ "$status" == 302 ]]; then _gate_header Location <<<"$headers"; fi
 }
@@ -887,10 +889,10 @@ GATE_GIT_REPO=csghub-appliance-readiness
 # The SSH user of CSGHub's clone URLs (gitlab-sshd's, chart 2.4.0 templates/gitlab-shell/configmap.yaml).
 GATE_GIT_SSH_USER=${GATE_GIT_SSH_USER:-git}
 
-# _gate_hub_call METHOD PATH [BODY_FILE] -> the HTTP status of an API call to csghub-server through the
-# gateway as the signed-in admin (the JWT goes in a curl config on stdin, never on a command line).
+# _gate_hub_call METHOD PATH [BODY_FILE] [ANSWER_FILE] -> the HTTP status of an API call to csghub-server through
+# the gateway as the signed-in admin (the JWT goes in a curl config on stdin, never on a command line).
 _gate_hub_call() {
-    local -a args=(-sS -o /dev/null -w '%{http_code}' --max-time 30 -X "$1" -K -
+    local -a args=(-sS -o "${4:-/dev/null}" -w '%{http_code}' --max-time 30 -X "$1" -K -
         --resolve "$GATE_DOMAIN:$CSGHUB_HTTP_PORT:$K3S_NODE_IP")
     [[ -z "${3:-}" ]] || args+=(-H 'Content-Type: application/json' --data-binary "@$3")
     printf 'header = "Authorization: Bearer %s"\n' "$_GATE_HUB_JWT" |
@@ -922,14 +924,61 @@ git_outcome() {
     fi
 }
 
+# How many polls in a row gitlab-shell must refuse the admin's key before the gate calls it definite: gitlab-shell
+# also refuses a key when its call to csghub-server's internal API fails for a moment (issue 23).
+GATE_GIT_REFUSALS_TO_FAIL=${GATE_GIT_REFUSALS_TO_FAIL:-3}
+
+# _gate_git_refusal_count -> how many polls in a row gitlab-shell refused the key, this one counted (the count
+# lives in the file GATE_GIT_REFUSALS between polls, as the failed Jobs do; without it each refusal is the first).
+_gate_git_refusal_count() {
+    local n=0
+    if [[ -z "${GATE_GIT_REFUSALS:-}" ]]; then
+        echo 1
+        return 0
+    fi
+    n=$(cat "$GATE_GIT_REFUSALS" 2>/dev/null) || n=0
+    [[ "$n" =~ ^[0-9]+$ ]] || n=0
+    n=$((n + 1))
+    { mkdir -p "${GATE_GIT_REFUSALS%/*}" && printf '%s\n' "$n" >"$GATE_GIT_REFUSALS"; } 2>/dev/null || true
+    echo "$n"
+}
+
+# _gate_git_leftover WHAT: note that the probe could not delete WHAT from CSGHub (in the file GATE_GIT_LEFTOVERS,
+# which the build fails on and first boot logs as a warning).
+_gate_git_leftover() {
+    if [[ -n "${GATE_GIT_LEFTOVERS:-}" ]]; then
+        { mkdir -p "${GATE_GIT_LEFTOVERS%/*}" && printf '%s\n' "$1" >>"$GATE_GIT_LEFTOVERS"; } 2>/dev/null || true
+    fi
+    echo "warning: the clone probe could not delete $1" >&2
+}
+
+# _gate_git_cleanup: the probe's EXIT trap: delete the repository and the key it made (checking the answers),
+# and its folder, however the probe ends (finished, failed, or the gate killed mid-probe).
+_gate_git_cleanup() {
+    local code
+    if [[ -n "${_probe_repo:-}" ]]; then
+        code=$(_gate_hub_call DELETE "/api/v1/models/$_probe_user/$GATE_GIT_REPO")
+        [[ "$code" == 200 || "$code" == 204 ]] ||
+            _gate_git_leftover "the repository models/$_probe_user/$GATE_GIT_REPO (DELETE answered HTTP $code)"
+    fi
+    if [[ -n "${_probe_key:-}" ]]; then
+        code=$(_gate_hub_call DELETE "/api/v1/user/$_probe_user/ssh_key/$_probe_key")
+        [[ "$code" == 200 || "$code" == 204 ]] ||
+            _gate_git_leftover "the SSH key $_probe_key of $_probe_user (DELETE answered HTTP $code)"
+    fi
+    [[ -z "${_probe_dir:-}" ]] || rm -rf "$_probe_dir"
+}
+
 # gate_git_fact DOMAIN -> "gitssh ok|skipped|waiting WHY|refused WHAT|down": what a user does to clone over SSH. A
 # throwaway key (made in a private temporary folder, removed after) is registered for the admin through
 # CSGHub's API (POST /api/v1/user/USER/ssh_keys, csghub-server v2.4.0-ce api/handler/sshkey.go) with the JWT of
-# the admin's sign-in; a private model repository is made (POST /api/v1/models); its refs are read over SSH
-# at the git NodePort as `git ls-remote` reads them, where gitlab-sshd asks csghub-server's internal API
-# whose key it is (with the internal API's JWT); then the repository and the key are deleted again.
+# the admin's sign-in, after deleting any such key an earlier, interrupted run left (GET .../ssh_keys); a private
+# model repository is made (POST /api/v1/models); its refs are read over SSH at the git NodePort as
+# `git ls-remote` reads them, where gitlab-sshd asks csghub-server's internal API whose key it is (with the
+# internal API's JWT); then the repository and the key are deleted again, whatever happens (an EXIT trap).
+# gitlab-shell refusing the key counts as definite only GATE_GIT_REFUSALS_TO_FAIL polls in a row.
 gate_git_fact() {
-    local user dir key_name rc=0 outcome code key_json pub user_json repo_json first
+    local user outcome n
     GATE_DOMAIN=$1
     # The admin changed the password after a sign-in proved on this copy: the gate cannot sign in to
     # register a key, and does not hold that against the copy (as for the sign-in itself).
@@ -946,57 +995,100 @@ gate_git_fact() {
         echo "gitssh waiting csghub-server's sign-in named no user"
         return 0
     }
-    dir=$(mktemp -d) || {
-        echo "gitssh waiting no temporary folder"
-        return 0
+    [[ -z "${GATE_GIT_LEFTOVERS:-}" ]] || : >"$GATE_GIT_LEFTOVERS" 2>/dev/null || true
+    outcome=$(_gate_git_probe "$user")
+    if [[ "$outcome" == "refused gitlab-shell did not let in"* ]]; then
+        n=$(_gate_git_refusal_count)
+        if ((n < GATE_GIT_REFUSALS_TO_FAIL)); then
+            outcome="waiting gitlab-shell refused the admin's SSH key ($n of $GATE_GIT_REFUSALS_TO_FAIL polls in a row before the gate calls it definite)"
+        fi
+    elif [[ -n "${GATE_GIT_REFUSALS:-}" ]]; then
+        rm -f "$GATE_GIT_REFUSALS"
+    fi
+    echo "gitssh ${outcome:-waiting the clone probe was interrupted}"
+}
+
+# _gate_git_probe USER -> git_outcome's line, or "waiting WHY": the probe's body, in a subshell whose EXIT trap
+# deletes what it made.
+_gate_git_probe() (
+    local rc=0 outcome code key_json pub user_json repo_json first made stale
+    _probe_user=$1 _probe_dir="" _probe_key="" _probe_repo=""
+    trap _gate_git_cleanup EXIT
+    trap 'exit 143' TERM INT HUP
+    _probe_dir=$(mktemp -d) || {
+        echo "waiting no temporary folder"
+        exit 0
     }
-    key_name=$(od -An -N6 -tx1 /dev/urandom) || key_name=$RANDOM$RANDOM
-    key_name=$GATE_GIT_REPO-${key_name//[[:space:]]/}
-    if ! ssh-keygen -q -t ed25519 -N '' -C "$key_name" -f "$dir/key" </dev/null >/dev/null 2>&1; then
-        rm -rf "$dir"
-        echo "gitssh waiting ssh-keygen failed"
-        return 0
+    # Keys an earlier run left (the gate killed mid-probe, a DELETE that failed): csghub-server v2.4.0-ce
+    # api/router/api.go GET /user/:username/ssh_keys, api/handler/sshkey.go Index: {"data": [{"name", ...}]}.
+    code=$(_gate_hub_call GET "/api/v1/user/$_probe_user/ssh_keys" "" "$_probe_dir/keys.json")
+    if [[ "$code" != 200 ]]; then
+        echo "waiting CSGHub's API answered HTTP $code listing the admin's SSH keys"
+        exit 0
+    fi
+    grep -oE "\"name\": *\"$GATE_GIT_REPO-[0-9a-f]+\"" "$_probe_dir/keys.json" |
+        grep -oE "$GATE_GIT_REPO-[0-9a-f]+" >"$_probe_dir/stale" || true
+    while read -r stale; do
+        code=$(_gate_hub_call DELETE "/api/v1/user/$_probe_user/ssh_key/$stale" </dev/null)
+        [[ "$code" == 200 || "$code" == 204 ]] ||
+            _gate_git_leftover "the SSH key $stale of $_probe_user an earlier run left (DELETE answered HTTP $code)"
+    done <"$_probe_dir/stale"
+    stale=$(od -An -N6 -tx1 /dev/urandom) || stale=$RANDOM$RANDOM
+    stale=$GATE_GIT_REPO-${stale//[[:space:]]/}
+    if ! ssh-keygen -q -t ed25519 -N '' -C "$stale" -f "$_probe_dir/key" </dev/null >/dev/null 2>&1; then
+        echo "waiting ssh-keygen failed"
+        exit 0
     fi
     # Every value here is made by the gate or checked above: json_string cannot refuse one.
-    key_json=$(json_string "$key_name") || true
-    pub=$(<"$dir/key.pub")
+    key_json=$(json_string "$stale") || true
+    pub=$(<"$_probe_dir/key.pub")
     pub=$(json_string "$pub") || true
-    printf '{"name":%s,"content":%s}' "$key_json" "$pub" >"$dir/key.json"
-    user_json=$(json_string "$user") || true
+    printf '{"name":%s,"content":%s}' "$key_json" "$pub" >"$_probe_dir/key.json"
+    user_json=$(json_string "$_probe_user") || true
     repo_json=$(json_string "$GATE_GIT_REPO") || true
     printf '{"namespace":%s,"name":%s,"nickname":%s,"private":true,"license":"apache-2.0"}' \
-        "$user_json" "$repo_json" "$repo_json" >"$dir/repo.json"
-    code=$(_gate_hub_call POST "/api/v1/user/$user/ssh_keys" "$dir/key.json")
+        "$user_json" "$repo_json" "$repo_json" >"$_probe_dir/repo.json"
+    code=$(_gate_hub_call POST "/api/v1/user/$_probe_user/ssh_keys" "$_probe_dir/key.json")
     if [[ "$code" != 200 ]]; then
-        rm -rf "$dir"
         if [[ "$code" == 401 ]]; then
-            echo "gitssh refused csghub-server did not take the JWT its own sign-in gave (HTTP 401 registering an SSH key)"
+            echo "refused csghub-server did not take the JWT its own sign-in gave (HTTP 401 registering an SSH key)"
         else
-            echo "gitssh waiting CSGHub's API answered HTTP $code registering an SSH key"
+            echo "waiting CSGHub's API answered HTTP $code registering an SSH key"
         fi
-        return 0
+        exit 0
     fi
-    # A repository left from an interrupted run answers "exists" here; it is cloned and deleted all the same.
-    _gate_hub_call POST /api/v1/models "$dir/repo.json" >/dev/null
+    _probe_key=$stale
+    # csghub-server v2.4.0-ce api/handler/model.go Create answers 400 for a repository that exists (left by an
+    # interrupted run: cloned and deleted all the same); anything else but success may change: waiting.
+    made=$(_gate_hub_call POST /api/v1/models "$_probe_dir/repo.json")
+    case "$made" in
+        200 | 201 | 400 | 409) _probe_repo=yes ;;
+        *)
+            echo "waiting CSGHub's API answered HTTP $made making the repository $GATE_GIT_REPO"
+            exit 0
+            ;;
+    esac
     # What `git ls-remote` sends over SSH (git's protocol v0): upload-pack on the clone path, which answers with
     # its refs as pkt-lines; the flush packet "0000" ends the exchange. No git needed on the node.
-    printf '0000' >"$dir/flush"
-    timeout 60 ssh -F /dev/null -i "$dir/key" -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=no \
-        -o UserKnownHostsFile=/dev/null -o ConnectTimeout=10 -o LogLevel=ERROR -p "${CSGHUB_GIT_SSH_PORT:-30022}" \
-        -- "$GATE_GIT_SSH_USER@$K3S_NODE_IP" "git-upload-pack '/models/$user/$GATE_GIT_REPO.git'" \
-        <"$dir/flush" >"$dir/refs" 2>"$dir/git.err" || rc=$?
+    printf '0000' >"$_probe_dir/flush"
+    timeout 60 ssh -F /dev/null -i "$_probe_dir/key" -o IdentitiesOnly=yes -o BatchMode=yes \
+        -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ConnectTimeout=10 -o LogLevel=ERROR \
+        -p "${CSGHUB_GIT_SSH_PORT:-30022}" -- "$GATE_GIT_SSH_USER@$K3S_NODE_IP" \
+        "git-upload-pack '/models/$_probe_user/$GATE_GIT_REPO.git'" \
+        <"$_probe_dir/flush" >"$_probe_dir/refs" 2>"$_probe_dir/git.err" || rc=$?
     # The first pkt-line: four hex digits of length and an object id, or only the flush packet (no refs yet).
-    first=$(head -c 44 "$dir/refs") || first=""
+    first=$(head -c 44 "$_probe_dir/refs") || first=""
     if ((rc == 0)) && ! [[ "$first" =~ ^([0-9a-f]{4}[0-9a-f]{40}|0000)$ ]]; then
         rc=1
-        echo "upload-pack sent no refs" >>"$dir/git.err"
+        echo "upload-pack sent no refs" >>"$_probe_dir/git.err"
     fi
-    outcome=$(git_outcome "$rc" <"$dir/git.err")
-    _gate_hub_call DELETE "/api/v1/models/$user/$GATE_GIT_REPO" >/dev/null
-    _gate_hub_call DELETE "/api/v1/user/$user/ssh_key/$key_name" >/dev/null
-    rm -rf "$dir"
-    echo "gitssh $outcome"
-}
+    outcome=$(git_outcome "$rc" <"$_probe_dir/git.err")
+    # A create that did not say it made the repository, then no repository: not proof that git lost it.
+    if [[ "$made" != 20[01] && "$outcome" == "refused git over SSH let the admin in but found no repository"* ]]; then
+        outcome="waiting CSGHub's API answered HTTP $made making the repository $GATE_GIT_REPO, and git over SSH found none"
+    fi
+    echo "$outcome"
+)
 
 # gate_casdoor_host: the login service's host name, from its HTTPRoute.
 gate_casdoor_host() {
@@ -1108,10 +1200,14 @@ sync_registries() {
 # calls the function gate_on_change, if defined. Reports by GATE_VERDICT (the last status line:
 # "ready" or "failed: ..."), not by exit status; returns 0 either way.
 readiness_gate() {
-    local domain=$1 timeout=$2 state=$3 offline=${4:-} deadline facts verdict last="" last_print=0 registries=pending rc
+    local domain=$1 timeout=$2 state=$3 offline=${4:-} deadline facts verdict last="" last_print=0 registries=pending rc leftovers
     deadline=$((SECONDS + timeout))
     # Where the Jobs seen failed are remembered (beside the state file; delete_finished_jobs forgets them).
     GATE_FAILED_JOBS=${GATE_FAILED_JOBS:-${state%/*}/failed-jobs}
+    # The clone probe's refusals in a row and what it could not delete: each run of the gate starts afresh.
+    GATE_GIT_REFUSALS=${GATE_GIT_REFUSALS:-${state%/*}/git-refusals}
+    GATE_GIT_LEFTOVERS=${GATE_GIT_LEFTOVERS:-${state%/*}/git-leftovers}
+    rm -f "$GATE_GIT_REFUSALS" "$GATE_GIT_LEFTOVERS"
     while :; do
         facts=$(gate_facts "$domain" 2>/dev/null)
         if [[ "$registries" == pending && "$facts" == *"release deployed"* ]]; then
@@ -1136,7 +1232,13 @@ readiness_gate() {
         # shellcheck disable=SC2034  # read by the caller
         GATE_VERDICT=$verdict
         case "$verdict" in
-            ready | failed:*) return 0 ;;
+            ready | failed:*)
+                if [[ -s "$GATE_GIT_LEFTOVERS" ]]; then
+                    leftovers=$(paste -sd ';' "$GATE_GIT_LEFTOVERS") || leftovers=$GATE_GIT_LEFTOVERS
+                    echo "warning: the clone probe could not delete from CSGHub: $leftovers"
+                fi
+                return 0
+                ;;
             *) ;; # starting: wait
         esac
         sleep "${GATE_POLL_SECONDS:-10}"
