@@ -935,20 +935,25 @@ def _cross_checks(data: Mapping[str, Any], sources: _Sources) -> list[ConfigProb
     out = data.get("output") if isinstance(data.get("output"), Mapping) else {}
     assert isinstance(out, Mapping)
     formats = out.get("formats")
-    if data.get("provider") == "virtualbox" and isinstance(formats, list):
-        # VirtualBox's exporter writes only its own OVAs, and the provider does not expose the VM's disk
-        # for the other OVAs (appliance/export/extra.py): say so before the build, not after hours of it.
-        # The disk formats (qcow2, VHDX) are written from the exported OVA's disk: any provider.
-        ovas = [FORMATS[f] for f in formats if isinstance(f, str) and f in FORMATS and FORMATS[f].kind == "ova"]
-        if len(ovas) > 1 or any(f.ovf is None or f.ovf.vboxmanage_flag is None for f in ovas):
-            problems.append(ConfigProblem(
-                sources.of("output.formats"), "output.formats",
-                "with provider virtualbox only one OVA, written by VirtualBox's exporter, can be built "
-                "(virtualbox-ova or virtualbox-ova-ovf20; the disk formats qcow2 and vhdx may be added); the "
-                "other OVAs need provider libvirt", formats,
-                has_value=True,
-            ))
+    if isinstance(formats, list) and (why := provider_formats_problem(data.get("provider"), formats)):
+        problems.append(ConfigProblem(sources.of("output.formats"), "output.formats", why, formats, has_value=True))
     return problems
+
+
+def provider_formats_problem(provider: object, formats: Sequence[object]) -> str | None:
+    """Why ``formats`` cannot be built by ``provider`` (None if they can). Checked on the raw config for an
+    explicit provider and again by ``providers.registry.resolve_provider`` once ``auto`` is resolved."""
+    if provider != "virtualbox":
+        return None
+    # VirtualBox's exporter writes only its own OVAs, and the provider does not expose the VM's disk
+    # for the other OVAs (appliance/export/extra.py): say so before the build, not after hours of it.
+    # The disk formats (qcow2, VHDX) are written from the exported OVA's disk: any provider.
+    ovas = [FORMATS[f] for f in formats if isinstance(f, str) and f in FORMATS and FORMATS[f].kind == "ova"]
+    if len(ovas) > 1 or any(f.ovf is None or f.ovf.vboxmanage_flag is None for f in ovas):
+        return ("with provider virtualbox only one OVA, written by VirtualBox's exporter, can be built "
+                "(virtualbox-ova or virtualbox-ova-ovf20; the disk formats qcow2 and vhdx may be added); the "
+                "other OVAs need provider libvirt")
+    return None
 
 
 def _check_step_names(data: Mapping[str, Any], sources: _Sources, steps: Sequence[str]) -> list[ConfigProblem]:

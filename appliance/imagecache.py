@@ -412,7 +412,8 @@ def fetch_images(cfg: ApplianceConfig, pinned: Sequence[tuple[str, str | None]],
 
     Up to ``workers`` images at once (a skopeo process each, each into its own layout: see
     :func:`_copy_manifest`); the result is in the order of ``pinned``. When one image fails, the others
-    already started finish (their blobs stay for the next run) and the first failure is raised."""
+    already started finish (their blobs stay for the next run), none still queued starts, and the first
+    failure is raised."""
     from concurrent.futures import ThreadPoolExecutor
 
     unpinned = [name for name, digest in pinned if not digest]
@@ -425,11 +426,19 @@ def fetch_images(cfg: ApplianceConfig, pinned: Sequence[tuple[str, str | None]],
     progress = {"done": 0, "bytes": 0}
     progress_lock = threading.Lock()
     claims = _Claims()
+    # Set by the worker whose image failed, before it takes the next one: no queued image starts after it.
+    failed = threading.Event()
 
-    def one(item: tuple[str, str | None]) -> CachedImage:
+    def one(item: tuple[str, str | None]) -> CachedImage | None:
         name, digest = item
         assert digest is not None
-        image = fetch_image(cfg, store, name, digest, skopeo, claims)
+        if failed.is_set():
+            return None  # not started: another image failed first
+        try:
+            image = fetch_image(cfg, store, name, digest, skopeo, claims)
+        except BaseException:
+            failed.set()
+            raise
         with progress_lock:
             progress["done"] += 1
             progress["bytes"] += image.size
@@ -443,7 +452,7 @@ def fetch_images(cfg: ApplianceConfig, pinned: Sequence[tuple[str, str | None]],
         errors = [f.exception() for f in futures if f.exception() is not None]
         if errors:
             raise errors[0]  # type: ignore[misc]
-        done = [f.result() for f in futures]
+        done = [image for f in futures if (image := f.result()) is not None]
     fetched = [i for i in done if i.fetched]
     if fetched:
         with _store_lock(store):

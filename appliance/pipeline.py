@@ -262,8 +262,10 @@ def stage_export(ctx: BuildContext) -> StageOutcome:
     # The other formats of output.formats: OVAs from the disk the export was made from, disk formats
     # (qcow2, VHDX) from the disk inside the OVA just written.
     extras = write_extra_formats(ctx.cfg, exported.disk, ctx.staging_dir, ctx.provider.name, ova=result.path)
+    # The sidecar's digest too: `--skip verify` publishes what the export wrote, checked against these.
     ctx.state.staged_formats = [{"format": e.format, "path": str(e.path), "sha256": e.sha256,
-                                 **({"sidecar": str(e.sidecar)} if e.sidecar else {})} for e in extras]
+                                 **({"sidecar": str(e.sidecar), "sidecar_sha256": sha256_file(e.sidecar)}
+                                    if e.sidecar else {})} for e in extras]
     return StageOutcome.done(", ".join([f"{result.path.name}: {human_size(result.size)}",
                                         *(e.path.name for e in extras)]))
 
@@ -373,33 +375,49 @@ def stage_publish(ctx: BuildContext) -> StageOutcome:
     return StageOutcome.done(f"published {final}" + "".join(f", {p.name}" for p, _ in [*extras, *sidecars]))
 
 
+def _extra_verified(ctx: BuildContext, extra: dict[str, str]) -> bool:
+    """verify checked this extra format as it was staged, under a receipt that still holds."""
+    listed = ((ctx.state.verify_report or {}).get("formats") or {}).get(extra["format"])
+    return (verified_by_this_tool(ctx.state) and isinstance(listed, dict)
+            and listed.get("sha256") == extra["sha256"])
+
+
+def _not_verified(path: Path, fmt: str) -> UsageError:
+    return UsageError(f"{path.name} ({fmt}) has not passed verification; nothing was published",
+                      hint="run `invoke build-ova` (without --only publish): it verifies every format")
+
+
 def _verified_extras(ctx: BuildContext) -> list[tuple[Path, str]]:
-    """The staged extra formats with the digests verify recorded (under its receipt); each OVA rechecked."""
+    """The staged extra formats with the digests verify recorded (under its receipt); each OVA rechecked.
+    With ``--skip verify``, as for the first OVA: the digests the export recorded, published unverified."""
     verified = (ctx.state.verify_report or {}).get("formats") or {}
+    unverified_ok = "verify" in ctx.options.skip
     out = []
     for extra in ctx.state.staged_formats:
         path, listed = Path(extra["path"]), verified.get(extra["format"])
-        if not isinstance(listed, dict) or listed.get("sha256") != extra["sha256"]:
-            raise UsageError(f"{path.name} ({extra['format']}) has not passed verification; nothing was published",
-                             hint="run `invoke build-ova` (without --only publish): it verifies every format")
+        if not unverified_ok and (not isinstance(listed, dict) or listed.get("sha256") != extra["sha256"]):
+            raise _not_verified(path, extra["format"])
         if FORMATS[extra["format"]].kind == "ova":
             recheck_staged(ctx, path)
-        out.append((path, extra["sha256"]))
+        out.append((path, extra["sha256"]))  # publish_set copies it only while it hashes to this digest
     return out
 
 
 def _verified_sidecars(ctx: BuildContext) -> list[tuple[Path, str]]:
-    """The disk formats' sidecars (the qcow2's libvirt domain) with the digests verify recorded."""
+    """The disk formats' sidecars (the qcow2's libvirt domain) with the digests verify recorded
+    (with ``--skip verify``, the digests the export recorded)."""
     verified = (ctx.state.verify_report or {}).get("formats") or {}
+    unverified_ok = "verify" in ctx.options.skip
     out = []
     for extra in ctx.state.staged_formats:
         if not extra.get("sidecar"):
             continue
         path, listed = Path(extra["sidecar"]), verified.get(extra["format"]) or {}
         digest = listed.get("sidecar_sha256") if isinstance(listed, dict) else None
-        if not isinstance(digest, str):
-            raise UsageError(f"{path.name} ({extra['format']}) has not passed verification; nothing was published",
-                             hint="run `invoke build-ova` (without --only publish): it verifies every format")
+        if unverified_ok and not _extra_verified(ctx, extra):
+            digest = extra.get("sidecar_sha256")  # none in a state.json of an older export: refused below
+        if not isinstance(digest, str) or not digest:
+            raise _not_verified(path, extra["format"])
         out.append((path, digest))
     return out
 
@@ -407,7 +425,8 @@ def _verified_sidecars(ctx: BuildContext) -> list[tuple[Path, str]]:
 def _format_report(ctx: BuildContext, extra: dict[str, str]) -> dict[str, Any]:
     seen = ((ctx.state.verify_report or {}).get("formats") or {}).get(extra["format"]) or {}
     entry: dict[str, Any] = {"format": extra["format"], "file": Path(extra["path"]).name, "sha256": extra["sha256"],
-                             "size_bytes": Path(extra["path"]).stat().st_size}
+                             "size_bytes": Path(extra["path"]).stat().st_size,
+                             "verified": _extra_verified(ctx, extra)}
     if extra.get("sidecar"):
         entry["sidecar"] = Path(extra["sidecar"]).name
     if FORMATS[extra["format"]].kind == "disk":  # what verify saw: qemu-img's checks and the boot

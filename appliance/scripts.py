@@ -7,8 +7,8 @@ declare properties the runners honour:
 - ``# appliance: reboot-after`` - the guest is rebooted after the script succeeds (the
   Paramiko runner waits for it to come back; the Vagrantfile uses ``reboot: true``).
 - ``# appliance: timeout=SECONDS`` - default timeout for this step (config may override).
-- ``# appliance: files=DIR`` - a directory under ``provision/files/`` the script needs; it
-  is uploaded to ``$PROVISION_DIR/files/DIR`` before the script runs.
+- ``# appliance: files=DIR`` - a directory directly under ``provision/files/`` the script needs (one
+  folder name: no ``/``, no ``..``); it is uploaded to ``$PROVISION_DIR/files/DIR`` before the script runs.
 - ``# appliance: needs=NEED[,NEED...]`` - what the script reads from the host (the vocabulary is
   ``appliance.guest.NEEDS``: ``k3s-binary``, ``k3s-images``, ``chart``, ``manifests``,
   ``image-set``). The host fetches and installs each need on the guest before the script runs, and
@@ -49,6 +49,9 @@ GUEST_PROVISION_DIR = "/var/tmp/csghub-provision"
 _NAME = re.compile(r"^(\d{2})-([a-z0-9][a-z0-9-]*)\.sh$")
 _HEADER = re.compile(r"^#\s*appliance:\s*([a-z-]+)(?:=(\S*))?\s*$")
 _VARIABLE = re.compile(r"^[A-Z][A-Z0-9_]*$")
+# files=DIR: one folder directly under provision/files (no "/", no "." or ".."): `files=..` would upload
+# provision/ itself, `files=../..` the whole project.
+_FILES_FOLDER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 # Header keys: those that stand alone, and those that take a value.
 _FLAGS = ("final", "reboot-after", "stack")
 _VALUED = ("env", "files", "needs", "timeout")
@@ -133,10 +136,13 @@ def _check_header(path: Path, key: str, value: str | None) -> None:
         return
     # An empty env=/needs= list gets its own message (_declared_names).
     if key in _VALUED and value is not None and (value or key in ("env", "needs")):
-        if key != "timeout" or value.isdigit():
+        if (key != "timeout" or value.isdigit()) and (key != "files" or _FILES_FOLDER.match(value)):
             return
     if key == "timeout" and value:
         problem = f"`timeout` takes a whole number of seconds, not {value!r}"
+    elif key == "files" and value:
+        problem = (f"`files` takes the name of one folder under provision/files (letters, digits, - and _; "
+                   f"no / or ..), not {value!r}")
     elif key in _FLAGS:
         problem = f"`{key}` takes no value"
     elif key in _VALUED:

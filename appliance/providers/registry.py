@@ -6,8 +6,8 @@ from __future__ import annotations
 import shutil
 from typing import Literal
 
-from appliance.config import ApplianceConfig
-from appliance.errors import UsageError
+from appliance.config import ApplianceConfig, provider_formats_problem
+from appliance.errors import ConfigError, ConfigProblem, UsageError
 from appliance.providers.base import Provider
 from appliance.providers.libvirt.provider import LibvirtProvider
 from appliance.providers.virtualbox.provider import VirtualBoxProvider
@@ -41,8 +41,14 @@ def detect_provider() -> tuple[Literal["virtualbox", "libvirt"], str]:
 
 
 def resolve_provider(cfg: ApplianceConfig) -> tuple[ApplianceConfig, str | None]:
-    """Replace ``provider: auto`` by the detected provider. Returns the config and the reason (or None)."""
+    """Replace ``provider: auto`` by the detected provider. Returns the config and the reason (or None).
+
+    Raises ``ConfigError`` when the detected provider cannot build ``output.formats`` (the rule
+    ``load_config`` checks for an explicit provider): at once, not at the export hours later."""
     if cfg.provider != "auto":
         return cfg, None
     chosen, why = detect_provider()
+    if problem := provider_formats_problem(chosen, cfg.output.formats):
+        raise ConfigError([ConfigProblem(f"provider auto -> {chosen} ({why})", "output.formats", problem,
+                                         cfg.output.formats, has_value=True)])
     return cfg.model_copy(update={"provider": chosen}), f"provider auto -> {chosen} ({why})"

@@ -344,3 +344,27 @@ def test_output_formats_takes_the_disk_formats_but_still_needs_an_ova(tmp_path: 
     assert _build_cfg(tmp_path, "{qcow2,virtualbox-ova}").output.primary_ova.name == "virtualbox-ova"
     with pytest.raises(ConfigError, match="must hold an OVA format"):
         _build_cfg(tmp_path, "{qcow2,vhdx}")
+
+
+def test_skip_verify_publishes_disks_and_sidecars_unverified_but_never_changed(tmp_path: Path,
+                                                                               small_disk: Path) -> None:
+    """With `--skip verify` the disk and its sidecar publish against the digests their export recorded."""
+    cfg = _build_cfg(tmp_path, "{virtualbox-ova,qcow2}")
+    ctx = BuildContext(cfg=cfg, options=BuildOptions(skip=("verify",), boot_check=False),
+                       state=BuildState(export_digest=export_digest(cfg), sealed=True))
+    ctx.provider = FakeProvider(cfg, disk=small_disk)
+    stage_export(ctx)
+    sidecar = Path(ctx.state.staged_formats[0]["sidecar"])
+    domain = sidecar.read_text()
+    sidecar.write_text(domain.replace("/var/lib/libvirt/images/", "/etc/"))
+    with pytest.raises(HostFileError, match="changed since it was verified"):
+        stage_publish(ctx)
+    assert not any((tmp_path / "dist").iterdir())
+    sidecar.write_text(domain)
+    stage_publish(ctx)
+    dist = tmp_path / "dist"
+    assert (dist / "csghub-3.1.xml").read_text() == domain
+    run(["sha256sum", "-c", "csghub-3.1.qcow2.sha256"], cwd=dist)
+    report = json.loads((dist / "build-report.json").read_text())
+    assert report["ova"]["verified"] is False
+    assert [(f["format"], f["verified"], f["verification"]) for f in report["formats"]] == [("qcow2", False, None)]

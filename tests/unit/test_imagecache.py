@@ -285,6 +285,33 @@ def test_the_real_charts_image_set_goes_through_lock_and_fetch(tmp_path: Path, c
         reg.stop()
 
 
+def test_after_a_failed_image_no_queued_image_is_fetched(tmp_path: Path) -> None:
+    """Two workers: the first image fails while the second is being fetched (it then fails too); the two
+    queued behind them never reach the registry, and the first failure is the one raised."""
+    import threading
+
+    cfg = load_config(None, [f"artifacts.cache_dir={tmp_path}"], "libvirt", cwd=tmp_path)
+    names = [f"docker.io/q/img{i}:1" for i in range(4)]
+    pinned: list[tuple[str, str | None]] = [(n, "sha256:" + f"{i}" * 64) for i, n in enumerate(names)]
+    asked: list[str] = []
+    second_started, first_failed = threading.Event(), threading.Event()
+
+    def registry_down(argv: list[str]) -> bytes:
+        image = argv[-1].split("/q/")[1].split("@")[0]
+        asked.append(image)
+        if image == "img0":
+            second_started.wait(30)  # fails while img1 is being fetched
+            first_failed.set()
+            raise ImageFetchError("img0: the link dropped (test)")
+        second_started.set()
+        first_failed.wait(30)
+        raise ImageFetchError(f"{image}: the link dropped too (test)")
+
+    with pytest.raises(ImageFetchError, match="img0: the link dropped"):
+        fetch_images(cfg, pinned, skopeo=registry_down, workers=2)
+    assert sorted(asked) == ["img0", "img1"]
+
+
 def test_an_unpinned_set_is_refused_before_any_fetch(tmp_path: Path) -> None:
     cfg = load_config(None, [f"artifacts.cache_dir={tmp_path}"], "libvirt", cwd=tmp_path)
     with pytest.raises(ImageFetchError, match=r"1 image.*no digest in the version lock: docker\.io/library/redis:7"):
@@ -525,10 +552,10 @@ def test_a_parallel_fetch_stores_every_image_and_downloads_each_layer_once_and_r
     pins = locked_image_digests(read_lock(lock_path), cfg.csghub.chart_version)
     pinned: list[tuple[str, str | None]] = [(n, pins[n]) for n in names]
 
-    failing = names[4]
+    failing = names[5]  # the last: every other image has started when it fails (none queued is started after)
 
     def copy_fails_for_one(argv: Any) -> bytes:
-        if argv[0] == "copy" and "/par/img4@" in " ".join(argv):
+        if argv[0] == "copy" and "/par/img5@" in " ".join(argv):
             raise ImageFetchError(f"fetching {failing}: the link dropped (test)")
         return _skopeo(argv, what="test")
 

@@ -51,7 +51,7 @@ def test_every_listed_format_is_exported_verified_and_published(tmp_path: Path, 
     assert (dist / "csghub-9.9.9-vmware.ova.sha256").read_text() == f"{digest}  csghub-9.9.9-vmware.ova\n"
     report = json.loads((dist / "build-report.json").read_text())
     assert report["formats"] == [{"format": "vmware-ova", "file": vmware.name, "sha256": digest,
-                                  "size_bytes": vmware.stat().st_size}]
+                                  "size_bytes": vmware.stat().st_size, "verified": True}]
 
 
 def test_an_extra_format_altered_after_verify_publishes_nothing(tmp_path: Path, small_disk: Path) -> None:
@@ -79,3 +79,29 @@ def test_a_provider_without_its_disk_cannot_write_extra_formats(tmp_path: Path) 
     with pytest.raises(ExportError, match="lists vmware-ova, written from the VM's disk, which the virtualbox"):
         write_extra_formats(cfg, None, tmp_path, "virtualbox")
     assert write_extra_formats(_cfg(tmp_path), None, tmp_path, "virtualbox") == []
+
+
+def test_skip_verify_publishes_every_format_unverified_but_never_a_changed_one(tmp_path: Path,
+                                                                               small_disk: Path) -> None:
+    """`--skip verify` publishes the OVA with "verified": false; the extra formats go with it, each copied only
+    while it hashes to the digest its export recorded (and an extra OVA rechecked), each marked unverified."""
+    ctx = _exported(tmp_path, small_disk)
+    ctx.options = BuildOptions(skip=("verify",), boot_check=False)
+    vmware = Path(ctx.state.staged_formats[0]["path"])
+    original = vmware.read_bytes()
+    data = bytearray(original)
+    data[len(data) // 2] ^= 0xFF
+    vmware.write_bytes(bytes(data))
+    with pytest.raises(ApplianceError):
+        stage_publish(ctx)
+    assert not (tmp_path / "dist").exists() or not any((tmp_path / "dist").iterdir())
+
+    vmware.write_bytes(original)
+    stage_publish(ctx)
+    dist = tmp_path / "dist"
+    digest = hashlib.sha256(original).hexdigest()
+    assert (dist / vmware.name).read_bytes() == original
+    assert (dist / f"{vmware.name}.sha256").read_text() == f"{digest}  {vmware.name}\n"
+    report = json.loads((dist / "build-report.json").read_text())
+    assert report["ova"]["verified"] is False
+    assert [(f["format"], f["sha256"], f["verified"]) for f in report["formats"]] == [("vmware-ova", digest, False)]

@@ -143,3 +143,38 @@ def test_no_code_outside_the_providers_branches_on_the_providers_name() -> None:
         if branch.search(line)
     ]
     assert offenders == []
+
+
+def _fake_vboxmanage(tmp_path: Path) -> Path:
+    """A folder holding an executable named VBoxManage: all ``detect_provider`` looks for."""
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir(exist_ok=True)
+    tool = bin_dir / "VBoxManage"
+    tool.write_text("#!/bin/sh\nexit 0\n")
+    tool.chmod(0o755)
+    return bin_dir
+
+
+def test_auto_resolved_to_virtualbox_refuses_other_ovas_at_once(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """``provider: auto`` on a VirtualBox host meets the rule an explicit ``provider: virtualbox`` meets, through
+    ``config_from_flags``, the function every build task (build-ova, doctor, config) calls first."""
+    from appliance.errors import ConfigError
+    from tasks import config_from_flags
+
+    sets = [f"output.build_dir={tmp_path / 'build'}", f"output.dir={tmp_path / 'dist'}",
+            "output.formats=[vmware-ova]"]
+    monkeypatch.chdir(tmp_path)  # no appliance.yaml read from the project
+    monkeypatch.setenv("PATH", str(_fake_vboxmanage(tmp_path)))
+    with pytest.raises(ConfigError) as info:
+        config_from_flags(None, sets, None)
+    with pytest.raises(ConfigError) as explicit:
+        load_config(None, sets, "virtualbox", cwd=tmp_path)
+    lines = str(info.value).splitlines()
+    assert len(lines) == 2 and info.value.exit_code == 2
+    assert lines[1].startswith("  - provider auto -> virtualbox (VBoxManage found at ")
+    assert lines[1].endswith(str(explicit.value).splitlines()[1].split("output.formats = ", 1)[1])
+    # The VirtualBox OVA with a disk format beside it is still fine; and without VirtualBox, libvirt builds all.
+    assert config_from_flags(None, [*sets[:2], "output.formats=[virtualbox-ova,qcow2]"], None).provider == "virtualbox"
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert config_from_flags(None, sets, None).provider == "libvirt"

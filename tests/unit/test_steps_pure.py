@@ -126,6 +126,21 @@ def test_the_real_steps_declare_what_they_read() -> None:
         assert set(script.env) == used, f"{script.filename}: declares {sorted(script.env)}, uses {sorted(used)}"
 
 
+@pytest.mark.parametrize("value", ["..", "../..", "common/../..", "/etc", ".", ".hidden", "a/b"])
+def test_files_header_names_one_folder_under_provision_files(tmp_path: Path, value: str) -> None:
+    """`files=..` would upload provision/ itself and `files=../..` the whole project: refused at discovery."""
+    (tmp_path / "files" / "common").mkdir(parents=True)
+    _script(tmp_path, "10-good.sh", "files=common")
+    _script(tmp_path, "30-bad.sh", f"files={value}")
+    with pytest.raises(UsageError) as err:
+        discover_scripts(tmp_path)
+    assert str(err.value).splitlines()[0] == (
+        f"30-bad.sh: header line `# appliance: files={value}`: `files` takes the name of one folder under "
+        f"provision/files (letters, digits, - and _; no / or ..), not {value!r}")
+    (tmp_path / "30-bad.sh").unlink()
+    assert [s.files for s in discover_scripts(tmp_path)] == [("common",)]
+
+
 def test_missing_support_directory_is_a_usage_error(tmp_path: Path) -> None:
     _script(tmp_path, "10-web.sh", "files=nope")
     [script] = discover_scripts(tmp_path)

@@ -139,3 +139,29 @@ def test_invoke_status_and_destroy_need_no_artifacts(tmp_path: Path, task: str) 
         assert "nothing to destroy" in proc.stdout + proc.stderr
         assert not BuildState.path_for(build).exists(), "the build state went with the (absent) VM"
     assert not (build / "vm" / "Vagrantfile").exists()
+
+
+@pytest.mark.skipif(__import__("shutil").which("virsh") is None, reason="virsh (libvirt-clients) is not installed")
+def test_a_libvirt_that_does_not_answer_never_counts_as_no_vm(tmp_path: Path) -> None:
+    """Only libvirt's "no such domain" means not created (real virsh: its test driver, then a socket nobody
+    serves); any other failure stops the destroy before Vagrant's record of the VM is forgotten."""
+    from appliance.providers.libvirt.provider import LibvirtProvider, domain_missing
+
+    def at(uri: str) -> LibvirtProvider:  # the config takes qemu URIs only: swapped in behind validation
+        cfg = _cfg(tmp_path)
+        return LibvirtProvider(cfg.model_copy(update={"libvirt": cfg.libvirt.model_copy(update={"uri": uri})}))
+
+    assert at("test:///default").machine_state("test") == "running"  # the test driver's one domain
+    assert at("test:///default").machine_state("3f0c9b0e-1111-4a4a-9b9b-000000000001") == "not_created"
+    assert domain_missing("error: failed to get domain 'x'\nerror: Domain not found: no domain with matching uuid\n")
+    assert not domain_missing("error: failed to get domain 'x'\nerror: internal error: client socket is closed\n")
+
+    down = at(f"qemu+unix:///system?socket={tmp_path}/no-libvirt-sock")
+    with pytest.raises(VagrantError, match=r"libvirt did not say whether the domain .* exists .*failed to connect"):
+        down.machine_state("3f0c9b0e-1111-4a4a-9b9b-000000000001")
+    record = vm.project_dir(down.cfg) / ".vagrant" / "machines" / "default" / "libvirt"
+    record.mkdir(parents=True)
+    (record / "id").write_text("3f0c9b0e-1111-4a4a-9b9b-000000000001\n")
+    with pytest.raises(VagrantError, match="nothing was changed"):
+        vm._destroy(down.cfg, down)
+    assert (record / "id").is_file(), "Vagrant's record of a VM that may still exist is kept"

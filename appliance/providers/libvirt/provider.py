@@ -224,6 +224,15 @@ def qemu_start_failure(message: str) -> str:
 _VAGRANT_STATE = {"shut off": "shutoff", "in shutdown": "shutting_down", "no state": "nostate"}
 
 
+def domain_missing(virsh_stderr: str) -> bool:
+    """virsh failed only because no such domain is defined: every error line is virsh's
+    "failed to get domain 'x'" (tools/virsh-util.c, libvirt 9.0) or libvirt's VIR_ERR_NO_DOMAIN
+    "Domain not found: ..." (src/util/virerror.c); a connection error adds lines of its own."""
+    errors = [line for line in virsh_stderr.splitlines() if line.strip()]
+    return bool(errors) and all(
+        re.match(r"error: (failed to get domain '|Domain not found\b)", line.strip()) for line in errors)
+
+
 class LibvirtProvider(Provider):
     name = "libvirt"
     boot_backend = "qemu"
@@ -298,7 +307,15 @@ class LibvirtProvider(Provider):
     def machine_state(self, machine_id: str) -> str:
         probe = run(["virsh", "-c", self.cfg.libvirt.uri, "domstate", machine_id], check=False, timeout=30)
         if not probe.ok:
-            return "not_created"
+            if domain_missing(probe.stderr):
+                return "not_created"
+            # Any other failure (libvirtd restarting, a dropped connection, a timeout) says nothing of the
+            # domain: taken as "gone", a destroy would skip the undefine yet forget Vagrant's record of it.
+            detail = " ".join(probe.stderr.split()) or f"exit status {probe.returncode}"
+            raise VagrantError(f"libvirt did not say whether the domain {machine_id} exists "
+                               f"(virsh domstate: {detail}); nothing was changed",
+                               hint=f"check that libvirt answers at {self.cfg.libvirt.uri} "
+                                    "(`virsh list --all`), then run the command again")
         state, _ = parse_domstate(probe.stdout)
         return _VAGRANT_STATE.get(state, state.replace(" ", "_"))
 
