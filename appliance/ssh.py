@@ -744,5 +744,10 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, EOFError):
         return "the server closed the connection"
     text = str(exc) or type(exc).__name__
+    # Paramiko glues the cause onto its banner message ("...banner[Errno 104] Connection reset by peer"
+    # when the guest resets the connection rather than closing it): keep the two apart.
+    banner = "Error reading SSH protocol banner"
+    if text.startswith(banner) and len(text) > len(banner):
+        return f"{banner}: {text[len(banner):].strip()}"
     return text
 

@@ -44,5 +44,7 @@ def test_a_guest_not_answering_yet_is_one_retry_line_and_a_clear_error(tmp_path:
                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(PROJECT_ROOT)})
     output = proc.stdout + proc.stderr
     assert "gave up: cannot connect to root@127.0.0.1" in output and "after 4 attempts" in output, output
-    assert output.count("not answering yet (Error reading SSH protocol banner)") == 1, output
+    # The port closes (EOF) or, on a loaded host, resets the connection: one line either way.
+    assert output.count("not answering yet (Error reading SSH protocol banner") == 1, output
+    assert "banner[Errno" not in output, output
     assert "Traceback" not in output and "Exception (client)" not in output, output

@@ -23,6 +23,8 @@ import pytest
 
 from appliance import vm as lifecycle
 from appliance.config import PROJECT_ROOT, ApplianceConfig, load_config
+from appliance.guest import NEED_CHART, NEED_IMAGE_SET, NEED_MANIFESTS
+from appliance.needs import GuestUpload
 from appliance.providers.registry import provider_for
 from appliance.scripts import GUEST_PROVISION_DIR
 from appliance.ssh import RemoteSession
@@ -302,8 +304,10 @@ def test_csghub_step_completes_with_the_guests_network_cut_and_pulls_nothing(
     image_list.write_text("".join(f"{name} {manifest.digest}\n" for name in wanted))
     chart = tmp_path / "csghub-2.4.0.tgz"
     chart.write_bytes(b"chart archive")  # the k3s stand-in installs no chart; the step only places it
-    uploads = [(chart, f"{GUEST_ARTIFACT_DIR}/csghub-2.4.0.tgz"), *write_manifests(cfg),
-               (image_list, GUEST_IMAGE_LIST), (archive, GUEST_IMAGE_ARCHIVE)]
+    uploads = [GuestUpload(NEED_CHART, chart, f"{GUEST_ARTIFACT_DIR}/csghub-2.4.0.tgz"),
+               *(GuestUpload(NEED_MANIFESTS, local, guest) for local, guest in write_manifests(cfg)),
+               GuestUpload(NEED_IMAGE_SET, image_list, GUEST_IMAGE_LIST),
+               GuestUpload(NEED_IMAGE_SET, archive, GUEST_IMAGE_ARCHIVE)]
 
     # A real registry serving one of those images, on the libvirt network's host address (the guest's way out).
     network = ipaddress.ip_network(libvirt_env.network_cidr)
